@@ -1,0 +1,1 @@
+int pagecore_abi_version(void) { return 1; }
