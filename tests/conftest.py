@@ -1,0 +1,26 @@
+"""Shared test set-up: tests marked ``kvm`` skip, with the reason, where /dev/kvm cannot be used."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+def _kvm_unusable_reason() -> str | None:
+    path = "/dev/kvm"
+    if not os.path.exists(path):
+        return f"{path} does not exist (no KVM on this machine)"
+    if not os.access(path, os.R_OK | os.W_OK):
+        return f"{path} is not readable and writable by this user"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    reason = _kvm_unusable_reason()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=f"needs KVM: {reason}")
+    for item in items:
+        if "kvm" in item.keywords:
+            item.add_marker(skip)
