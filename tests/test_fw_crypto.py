@@ -1,0 +1,249 @@
+"""The firmware's AES-256-GCM (firmware/crypto): NIST vectors, OpenSSL cross-checks, refusal behaviour.
+
+The C sources are built at test time into a temp dir (nothing prebuilt is committed): the firmware objects
+with the guest's exact flags, a host shared library from the same sources for ctypes, and the NIST
+known-answer program. The key is in the test's hands here; the product never decrypts outside the MH.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import random
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+CRYPTO_DIR = Path(__file__).resolve().parent.parent / "firmware" / "crypto"
+PAGE = 4096
+PORTABLE, AESNI, VAES = 0, 1, 2
+LENGTHS = [0, 1, 15, 16, 17, 255, 257, 4095, 4096, 65536]
+GCM_MAX_TEXT = (1 << 36) - 32
+
+
+def _host_flags() -> set[str]:
+    return set(Path("/proc/cpuinfo").read_text().split())
+
+
+def _host_has_aesni() -> bool:
+    return {"aes", "pclmulqdq", "ssse3", "sse4_1"} <= _host_flags()
+
+
+def _host_has_vaes() -> bool:
+    return _host_has_aesni() and {"avx2", "vaes", "vpclmulqdq"} <= _host_flags()
+
+
+IMPL_PARAMS = [
+    pytest.param(PORTABLE, id="portable"),
+    pytest.param(AESNI, id="aesni",
+                 marks=pytest.mark.skipif(not _host_has_aesni(), reason="host CPU lacks AES-NI/PCLMULQDQ")),
+    pytest.param(VAES, id="vaes",
+                 marks=pytest.mark.skipif(not _host_has_vaes(), reason="host CPU lacks VAES/VPCLMUL/AVX2")),
+]
+
+
+@dataclass(frozen=True)
+class Build:
+    out: Path
+    lib: ctypes.CDLL
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """All prototypes in one table (c_char_p: read-only input, c_void_p: written)."""
+    cp, vp, sz, u32, u64 = ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint32, ctypes.c_uint64
+    table: dict[str, tuple[list[type], type | None]] = {
+        "cp_gcm_ctx_size": ([], sz),
+        "cp_gcm_init": ([vp, cp, u32], ctypes.c_int),
+        "cp_gcm_wipe": ([vp], None),
+        "cp_gcm_seal": ([vp, cp, cp, sz, cp, vp, sz, vp], ctypes.c_int),
+        "cp_gcm_open": ([vp, cp, cp, sz, cp, vp, sz, cp], ctypes.c_int),
+        "cp_gcm_nonce_seq_init": ([vp, u32, u64], None),
+        "cp_gcm_nonce_next": ([vp, vp], ctypes.c_int),
+        "cp_gcm_seal_pages": ([vp, vp, sz, cp, sz, cp, vp, vp, vp], sz),
+        "cp_gcm_open_pages": ([vp, sz, cp, cp, sz, cp, vp, cp, vp], sz),
+        "cp_gcm_pick_impl": ([u32], u32),
+        "cp_cpu_features_from_cpuid": ([u32, u32, u32, u64], u32),
+    }
+    for name, (args, res) in table.items():
+        fn = getattr(lib, name)
+        fn.argtypes = args
+        fn.restype = res
+    return lib
+
+
+@pytest.fixture(scope="session")
+def build(tmp_path_factory: pytest.TempPathFactory) -> Build:
+    if shutil.which("gcc") is None or shutil.which("make") is None:
+        pytest.fail("building firmware/crypto needs gcc and make on PATH")
+    out = tmp_path_factory.mktemp("cpgcm")
+    subprocess.run(["make", "-s", "-C", str(CRYPTO_DIR), f"O={out}", "objs", "lib", f"{out}/test_gcm"],
+                   check=True, capture_output=True, text=True)
+    return Build(out, _declare(ctypes.CDLL(str(out / "libcpgcm.so"))))
+
+
+class Gcm:
+    """One key in one implementation, driven through the library's C API."""
+
+    def __init__(self, build: Build, key: bytes, impl: int) -> None:
+        self.lib = build.lib
+        self.ctx = ctypes.create_string_buffer(self.lib.cp_gcm_ctx_size())
+        assert self.lib.cp_gcm_init(self.ctx, key, impl) == 0
+
+    def seal(self, iv: bytes, aad: bytes, plain: bytes) -> bytes:
+        out = ctypes.create_string_buffer(max(len(plain), 1))
+        tag = ctypes.create_string_buffer(16)
+        assert self.lib.cp_gcm_seal(self.ctx, iv, aad, len(aad), plain, out, len(plain), tag) == 0
+        return out.raw[: len(plain)] + tag.raw
+
+    def open_into(self, iv: bytes, aad: bytes, sealed: bytes, out: ctypes.Array[ctypes.c_char]) -> int:
+        body, tag = sealed[:-16], sealed[-16:]
+        return int(self.lib.cp_gcm_open(self.ctx, iv, aad, len(aad), body, out, len(body), tag))
+
+
+def test_nist_known_answers_program(build: Build) -> None:
+    run = subprocess.run([str(build.out / "test_gcm")], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.splitlines()[-1].startswith("ok:"), run.stdout
+    expected = 1 + _host_has_aesni() + _host_has_vaes()
+    assert f"x {expected} implementation(s)" in run.stdout, run.stdout
+
+
+def test_firmware_objects_need_nothing_from_libc(build: Build) -> None:
+    objects = sorted(build.out.glob("*.o"))
+    assert {o.name for o in objects} == {"gcm.o", "aes_portable.o", "gcm_aesni.o"}
+    undefined = subprocess.run(["nm", "-u", *map(str, objects)], capture_output=True, text=True, check=True)
+    defined = subprocess.run(["nm", "--defined-only", *map(str, objects)], capture_output=True, text=True,
+                             check=True)
+    provided = {line.split()[-1] for line in defined.stdout.splitlines() if line.count(" ") >= 2}
+    needed = {line.split()[-1] for line in undefined.stdout.splitlines() if line.strip().startswith("U ")}
+    assert needed <= provided, f"symbols the firmware would need from elsewhere: {needed - provided}"
+
+
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
+@pytest.mark.parametrize("length", LENGTHS)
+def test_matches_openssl_both_ways(build: Build, impl: int, length: int) -> None:
+    rng = random.Random(length * 2 + impl)
+    key, iv = rng.randbytes(32), rng.randbytes(12)
+    aad, plain = rng.randbytes(rng.choice([0, 1, 28, 100])), rng.randbytes(length)
+    ours = Gcm(build, key, impl).seal(iv, aad, plain)
+    theirs = AESGCM(key).encrypt(iv, plain, aad)
+    assert ours == theirs
+    assert AESGCM(key).decrypt(iv, ours, aad) == plain
+    out = ctypes.create_string_buffer(max(length, 1))
+    assert Gcm(build, key, impl).open_into(iv, aad, theirs, out) == 0
+    assert out.raw[:length] == plain
+
+
+@pytest.mark.parametrize("impl", IMPL_PARAMS[1:])
+def test_implementations_agree_bit_for_bit(build: Build, impl: int) -> None:
+    rng = random.Random(7)
+    key = rng.randbytes(32)
+    portable, fast = Gcm(build, key, PORTABLE), Gcm(build, key, impl)
+    for length in [*range(0, 300), 1000, 4096 + 7]:
+        iv, aad, plain = rng.randbytes(12), rng.randbytes(length % 41), rng.randbytes(length)
+        assert portable.seal(iv, aad, plain) == fast.seal(iv, aad, plain), f"length {length}"
+
+
+def _tamper(what: str, iv: bytes, aad: bytes, sealed: bytes) -> tuple[bytes, bytes, bytes]:
+    def flip(b: bytes, at: int) -> bytes:
+        return b[:at] + bytes([b[at] ^ 0x80]) + b[at + 1 :]
+
+    if what == "ciphertext":
+        return iv, aad, flip(sealed, 1234)
+    if what == "tag":
+        return iv, aad, flip(sealed, len(sealed) - 1)
+    if what == "aad":
+        return iv, flip(aad, 8), sealed
+    return flip(iv, 11), aad, sealed
+
+
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
+@pytest.mark.parametrize("what", ["ciphertext", "tag", "aad", "nonce"])
+def test_tampering_is_refused_and_nothing_is_written(build: Build, impl: int, what: str) -> None:
+    rng = random.Random(what)
+    key, iv, aad, plain = rng.randbytes(32), rng.randbytes(12), rng.randbytes(28), rng.randbytes(PAGE)
+    gcm = Gcm(build, key, impl)
+    sealed = gcm.seal(iv, aad, plain)
+    bad_iv, bad_aad, bad_sealed = _tamper(what, iv, aad, sealed)
+    out = ctypes.create_string_buffer(b"\xa5" * PAGE, PAGE)
+    assert gcm.open_into(bad_iv, bad_aad, bad_sealed, out) == -1
+    assert out.raw == b"\xa5" * PAGE
+    with pytest.raises(InvalidTag):  # OpenSSL agrees the tampering is real
+        AESGCM(key).decrypt(bad_iv, bad_sealed, bad_aad)
+    assert gcm.open_into(iv, aad, sealed, out) == 0 and out.raw == plain
+
+
+def test_refuses_an_uninitialised_or_wiped_context_and_oversized_text(build: Build) -> None:
+    lib = build.lib
+    ctx = ctypes.create_string_buffer(lib.cp_gcm_ctx_size())
+    out, tag = ctypes.create_string_buffer(16), ctypes.create_string_buffer(16)
+    assert lib.cp_gcm_seal(ctx, bytes(12), b"", 0, bytes(16), out, 16, tag) == -1
+    assert lib.cp_gcm_init(ctx, bytes(32), 99) == -1
+    assert lib.cp_gcm_init(ctx, bytes(32), PORTABLE) == 0
+    # Beyond the SP 800-38D limit the call fails before touching either buffer.
+    assert lib.cp_gcm_seal(ctx, bytes(12), b"", 0, bytes(16), out, GCM_MAX_TEXT + 1, tag) == -1
+    assert lib.cp_gcm_seal(ctx, bytes(12), b"", 0, bytes(16), out, 16, tag) == 0
+    lib.cp_gcm_wipe(ctx)
+    assert ctx.raw == bytes(len(ctx.raw))
+    assert lib.cp_gcm_open(ctx, bytes(12), b"", 0, out.raw, out, 16, tag.raw) == -1
+
+
+def _seq(lib: ctypes.CDLL, sender: int, first: int) -> ctypes.Array[ctypes.c_char]:
+    seq = ctypes.create_string_buffer(16)
+    lib.cp_gcm_nonce_seq_init(seq, sender, first)
+    return seq
+
+
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
+def test_page_batches_round_trip_and_refuse_page_by_page(build: Build, impl: int) -> None:
+    lib, n, aad_len = build.lib, 6, 28
+    key = os.urandom(32)
+    gcm = Gcm(build, key, impl)
+    plain, aad = os.urandom(n * PAGE), os.urandom(n * aad_len)
+    sealed = ctypes.create_string_buffer(n * PAGE)
+    ivs, tags = ctypes.create_string_buffer(12 * n), ctypes.create_string_buffer(16 * n)
+    seq = _seq(lib, 0xC0FFEE01, 41)
+    assert lib.cp_gcm_seal_pages(gcm.ctx, seq, n, aad, aad_len, plain, sealed, ivs, tags) == n
+    for i in range(n):
+        iv = ivs.raw[12 * i : 12 * i + 12]
+        assert iv == (0xC0FFEE01).to_bytes(4, "big") + (41 + i).to_bytes(8, "big")
+        ct = sealed.raw[PAGE * i : PAGE * (i + 1)] + tags.raw[16 * i : 16 * i + 16]
+        page_aad = aad[aad_len * i : aad_len * (i + 1)]
+        assert AESGCM(key).decrypt(iv, ct, page_aad) == plain[PAGE * i : PAGE * (i + 1)]
+    bad = bytearray(sealed.raw)
+    bad[3 * PAGE + 100] ^= 1
+    out = ctypes.create_string_buffer(b"\x5a" * (n * PAGE), n * PAGE)
+    status = (ctypes.c_int32 * n)()
+    assert lib.cp_gcm_open_pages(gcm.ctx, n, ivs.raw, aad, aad_len, bytes(bad), out, tags.raw, status) == 1
+    assert list(status) == [0, 0, 0, -1, 0, 0]
+    assert out.raw[3 * PAGE : 4 * PAGE] == b"\x5a" * PAGE
+    assert out.raw[: 3 * PAGE] == plain[: 3 * PAGE] and out.raw[4 * PAGE :] == plain[4 * PAGE :]
+
+
+def test_nonce_sequence_stops_instead_of_wrapping(build: Build) -> None:
+    lib = build.lib
+    gcm = Gcm(build, os.urandom(32), PORTABLE)
+    seq = _seq(lib, 7, (1 << 64) - 2)
+    sealed, ivs, tags = (ctypes.create_string_buffer(k) for k in (4 * PAGE, 48, 64))
+    zeros = bytes(4 * PAGE)
+    assert lib.cp_gcm_seal_pages(gcm.ctx, seq, 4, bytes(4 * 28), 28, zeros, sealed, ivs, tags) == 2
+    assert [ivs.raw[12 * i + 4 : 12 * i + 12] for i in range(2)] == [b"\xff" * 7 + b"\xfe", b"\xff" * 8]
+    iv = ctypes.create_string_buffer(12)
+    assert lib.cp_gcm_nonce_next(seq, iv) == -1
+
+
+def test_pick_impl_from_cpuid_words(build: Build) -> None:
+    lib = build.lib
+    leaf1 = 1 << 25 | 1 << 1 | 1 << 9 | 1 << 19  # AES, PCLMULQDQ, SSSE3, SSE4.1
+    leaf7_ebx, leaf7_ecx = 1 << 5, 1 << 9 | 1 << 10  # AVX2; VAES, VPCLMULQDQ
+    features = lib.cp_cpu_features_from_cpuid
+    assert lib.cp_gcm_pick_impl(features(leaf1, leaf7_ebx, leaf7_ecx, 0x7)) == VAES
+    assert lib.cp_gcm_pick_impl(features(leaf1, leaf7_ebx, leaf7_ecx, 0x3)) == AESNI  # YMM state off
+    assert lib.cp_gcm_pick_impl(features(leaf1, 0, leaf7_ecx, 0x7)) == AESNI
+    assert lib.cp_gcm_pick_impl(features(leaf1 & ~(1 << 25), leaf7_ebx, leaf7_ecx, 0x7)) == PORTABLE
+    assert lib.cp_gcm_pick_impl(0) == PORTABLE
