@@ -1,9 +1,197 @@
-"""Commands of this area are added to the root app by ``register``."""
+"""``confplan owner``: the guest owner's key broker as an offline tool (files in, files out).
+
+An owner runs these on their own machine; nothing here talks to the host. The files exchanged with the
+host use the encodings QEMU's sev-guest object and sev-inject-launch-secret take (base64).
+"""
 
 from __future__ import annotations
 
+import base64
+import binascii
+from pathlib import Path
+from typing import Annotated
+
+import pydantic
 import typer
+
+from confplan.errors import ConfplanError
+from confplan.sev import launch_crypto
+from confplan.sev.broker import KeyBroker, OwnerPolicy, parse_api
+from confplan.sev.certs import CertError, PlatformChain, SevCert
+from confplan.sev.secret_table import CONFPLAN_TRANSPORT_KEY_GUID
+from confplan.sev.statefile import write_private
+
+owner_app = typer.Typer(
+    help=(
+        "The guest owner's key broker, offline: set up keys and a policy, make a launch session for a "
+        "platform, and release the migration transport key to a launch whose measurement matches.\n\n"
+        "Typical flow: 'owner init' once; per launch 'owner session' (give the host godh.b64 and "
+        "session.b64), then 'owner release' with the host's measurement (give the host secret_header.b64 "
+        "and secret.b64)."
+    ),
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+
+OwnerDir = Annotated[Path, typer.Option("--owner-dir", help="The owner directory (owner.key, policy.json).")]
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise ConfplanError(f"cannot read {what} {path}: {err.strerror}", hint="check the path") from None
+
+
+def _read_blob(path: Path, length: int, what: str) -> bytes:
+    """A file holding exactly ``length`` bytes, raw, hex or base64 (QEMU's QMP gives base64)."""
+    raw = _read(path, what)
+    if len(raw) == length:
+        return raw
+    text = raw.strip()
+    for decode in (bytes.fromhex, base64.b64decode):
+        try:
+            value = decode(text.decode("ascii"))
+        except (ValueError, UnicodeDecodeError, binascii.Error):
+            continue
+        if len(value) == length:
+            return value
+    raise ConfplanError(
+        f"{path}: expected {what} of {length} bytes (raw, hex or base64), found {len(raw)} other bytes",
+        hint=f"pass the file holding the {what}",
+    )
+
+
+def _write_b64(out: Path, name: str, data: bytes) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    path.write_text(base64.b64encode(data).decode() + "\n")
+    return path
+
+
+def _parse_int(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise ConfplanError(f"{text!r} is not an integer (decimal or 0x hex)") from None
+
+
+def _parse_api_option(text: str, option: str) -> tuple[int, int]:
+    try:
+        return parse_api(text)
+    except ValueError as err:
+        raise ConfplanError(f"{option}: {err}", hint="write it like 1.40") from None
+
+
+@owner_app.command("init")
+def init_cmd(
+    owner_dir: OwnerDir,
+    allow_digest: Annotated[
+        list[str],
+        typer.Option("--allow-digest", help="An allowed SEV launch digest (64 hex digits); repeatable."),
+    ],
+    allow_policy: Annotated[
+        list[str], typer.Option("--allow-policy", help="An allowed guest policy word (e.g. 0x1); repeatable.")
+    ],
+    min_api: Annotated[str, typer.Option("--min-api", help="Lowest firmware API, MAJOR.MINOR.")] = "0.0",
+    min_build: Annotated[int, typer.Option("--min-build", help="Lowest firmware build at --min-api.")] = 0,
+    trust_ark: Annotated[
+        list[Path] | None,
+        typer.Option("--trust-ark", help="Pin this ARK certificate (0x824-byte SEV cert); repeatable."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing owner key.")] = False,
+) -> None:
+    """Create the owner key and policy.json in --owner-dir (once, before any launch)."""
+    _parse_api_option(min_api, "--min-api")
+    pins = []
+    for path in trust_ark or []:
+        try:
+            pins.append(SevCert.unpack(_read(path, "ARK certificate")).fingerprint())
+        except CertError as err:
+            raise ConfplanError(f"{path}: not an SEV certificate: {err}") from None
+    try:
+        policy = OwnerPolicy(
+            allowed_digests=allow_digest,
+            allowed_policies=[_parse_int(p) for p in allow_policy],
+            min_api=min_api,
+            min_build=min_build,
+            trusted_ark_sha256=pins,
+        )
+    except pydantic.ValidationError as err:
+        msg = str(err.errors()[0]["msg"]).removeprefix("Value error, ")
+        raise ConfplanError(msg, hint="check the --allow-digest values") from None
+    KeyBroker.init(owner_dir, policy, force=force)
+    typer.echo(f"wrote {owner_dir / 'owner.key'} (keep it private) and {owner_dir / 'policy.json'}")
+    if not pins:
+        typer.echo("note: no --trust-ark: any self-consistent platform chain will be accepted", err=True)
+
+
+@owner_app.command("digest")
+def digest_cmd(
+    blobs: Annotated[list[Path], typer.Argument(help="The blobs the VMM measures, in order.")],
+) -> None:
+    """Print the SEV launch digest of BLOBS (firmware image, boot parameters) for --allow-digest."""
+    data = []
+    for path in blobs:
+        blob = _read(path, "blob")
+        data.append(blob + b"\x00" * (-len(blob) % 16))  # the VMM pads each blob to 16 bytes
+    typer.echo(launch_crypto.sev_launch_digest(data).hex())
+
+
+@owner_app.command("session")
+def session_cmd(
+    owner_dir: OwnerDir,
+    platform_chain: Annotated[
+        Path, typer.Option("--platform-chain", help="The platform's PDH,PEK,OCA,CEK,ASK,ARK certificates.")
+    ],
+    policy: Annotated[str, typer.Option("--policy", help="The guest policy word for this launch.")],
+    out: Annotated[Path, typer.Option("--out", help="Directory for godh.b64, session.b64, session.state.")],
+) -> None:
+    """Make the GODH certificate and session blob for one launch on one platform."""
+    broker = KeyBroker.open(owner_dir)
+    try:
+        chain = PlatformChain.unpack(_read(platform_chain, "platform chain"))
+    except CertError as err:
+        hint = "export the chain from the platform again"
+        raise ConfplanError(f"{platform_chain}: {err}", hint=hint) from None
+    bundle = broker.new_session(chain, _parse_int(policy))
+    _write_b64(out, "godh.b64", bundle.godh_cert)
+    _write_b64(out, "session.b64", bundle.session_blob)
+    write_private(out / "session.state", bundle.state)
+    typer.echo(f"launch {bundle.launch_id}: give the host {out / 'godh.b64'} and {out / 'session.b64'}")
+
+
+@owner_app.command("release")
+def release_cmd(
+    owner_dir: OwnerDir,
+    session_state: Annotated[
+        Path, typer.Option("--session-state", help="session.state from 'owner session'.")
+    ],
+    measurement: Annotated[
+        Path, typer.Option("--measurement", help="LAUNCH_MEASURE output, 48 bytes (raw, hex or base64).")
+    ],
+    api: Annotated[str, typer.Option("--api", help="The platform's firmware API, MAJOR.MINOR.")],
+    build: Annotated[int, typer.Option("--build", help="The platform's firmware build.")],
+    transport_key: Annotated[
+        Path, typer.Option("--transport-key", help="The migration transport key, 32 bytes (raw or hex).")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Directory for secret_header.b64 and secret.b64.")],
+) -> None:
+    """Check a launch measurement against the policy; if it matches, wrap the transport key for it."""
+    broker = KeyBroker.open(owner_dir)
+    major, minor = _parse_api_option(api, "--api")
+    packet = broker.release(
+        _read(session_state, "session state"),
+        _read_blob(measurement, launch_crypto.MEASURE_LEN, "launch measurement"),
+        launch_crypto.PlatformVersion(major, minor, build),
+        {CONFPLAN_TRANSPORT_KEY_GUID: _read_blob(transport_key, 32, "transport key")},
+        where=session_state,
+    )
+    header = _write_b64(out, "secret_header.b64", packet.header())
+    secret = _write_b64(out, "secret.b64", packet.ciphertext)
+    typer.echo(f"measurement matches; give the host {header} and {secret}")
 
 
 def register(app: typer.Typer) -> None:
-    """Add this area's commands to the root app."""
+    """Add ``confplan owner ...`` to the root app."""
+    app.add_typer(owner_app, name="owner")
