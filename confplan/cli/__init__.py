@@ -1,8 +1,9 @@
 """The ``confplan`` command line: one module per area, each adding its commands to ``app``.
 
-Areas: ``plan_cmds`` (validate, schema), ``stage_cmds`` (apply, status), ``machine_cmds`` (launch, vmm), ``owner_cmds`` (the guest owner's
-key broker). ``main`` is the console-script entry: it turns a ``ConfplanError`` into a clean message and
-its exit code, and any other exception into a one-line internal error (exit 1), never a traceback.
+Areas: ``plan_cmds`` (validate, schema), ``stage_cmds`` (apply, status), ``machine_cmds`` (launch, vmm),
+``owner_cmds`` (the guest owner's key broker). ``main`` is the console-script entry: it turns a
+``ConfplanError`` into a clean message and its exit code, and any other exception into a one-line internal
+error (exit 1), never a traceback.
 """
 
 from __future__ import annotations
