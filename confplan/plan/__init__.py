@@ -1,0 +1,50 @@
+"""The migration plan: pydantic models, a loader that keeps line:column for every node, rules, JSON Schema.
+
+Entry points: ``load_plan(path)`` / ``load_plan_text(text, filename)`` return a frozen ``Plan`` or raise
+``PlanError`` whose ``diagnostics`` list every problem, compiler-style.
+"""
+
+from confplan.plan.diagnostics import Diagnostic, PlanError
+from confplan.plan.loader import load_plan, load_plan_text
+from confplan.plan.models import (
+    API_VERSION,
+    KIND,
+    STAGE_NAMES,
+    Checkpoint,
+    Endpoint,
+    Guest,
+    Helper,
+    Limits,
+    Metadata,
+    Plan,
+    PolicyFlags,
+    Sev,
+    StageName,
+    StageSpec,
+    Workload,
+)
+from confplan.plan.schema import plan_schema, schema_text
+
+__all__ = [
+    "API_VERSION",
+    "KIND",
+    "STAGE_NAMES",
+    "Checkpoint",
+    "Diagnostic",
+    "Endpoint",
+    "Guest",
+    "Helper",
+    "Limits",
+    "Metadata",
+    "Plan",
+    "PlanError",
+    "PolicyFlags",
+    "Sev",
+    "StageName",
+    "StageSpec",
+    "Workload",
+    "load_plan",
+    "load_plan_text",
+    "plan_schema",
+    "schema_text",
+]

@@ -1,0 +1,429 @@
+"""The plan's pydantic models (apiVersion confplan/v1, kind MigrationPlan).
+
+Types and single-field limits live here; rules that relate several fields live in ``rules.py`` so each can
+say why it exists. Every field carries a description: it ends up in the JSON Schema that editors show.
+Quantities are human strings parsed by ``units``; the models hold plain numbers (bytes, seconds, bytes/s).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Final, Literal, get_args
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from confplan.plan import units
+from confplan.sev.policy import encode_sev_policy, encode_snp_policy
+
+API_VERSION: Final = "confplan/v1"
+KIND: Final = "MigrationPlan"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+
+StageName = Literal[
+    "launch-source",
+    "provision-target",
+    "attest-target",
+    "start-incoming",
+    "precopy",
+    "stop-and-copy",
+    "verify",
+    "resume-target",
+    "cleanup-source",
+]
+STAGE_NAMES: tuple[StageName, ...] = get_args(StageName)
+Generation = Literal["sev", "sev-es", "sev-snp"]
+HelperMode = Literal["aux-vcpu", "mirror-vm"]
+
+# Tags of the policy union; the loader drops them from error locations (they are not YAML keys).
+POLICY_RAW_TAG = "raw-policy"
+POLICY_FLAGS_TAG = "flag-policy"
+UNION_TAGS = frozenset({POLICY_RAW_TAG, POLICY_FLAGS_TAG})
+
+
+def plan_error(kind: str, message: str) -> PydanticCustomError:
+    """A pydantic error whose message is ``message`` verbatim (templates would eat its braces)."""
+    return PydanticCustomError(kind, "{reason}", {"reason": message})
+
+
+def _unit_parser(parse: Callable[[object], float | None], *, positive: bool = False) -> BeforeValidator:
+    """Wrap a ``units`` parser so its ValueError becomes a clean pydantic error (no "Value error," prefix)."""
+
+    def validate(value: object) -> object:
+        try:
+            parsed = parse(value)
+        except ValueError as err:
+            raise plan_error("unit", str(err)) from None
+        if positive and parsed is not None and parsed <= 0:
+            raise plan_error("unit", f"must be greater than zero, got {value!r}")
+        return parsed
+
+    return BeforeValidator(validate)
+
+
+def _either(pattern: str, number: str) -> WithJsonSchema:
+    as_number = {"type": number, "exclusiveMinimum": 0}  # bytes, seconds or bytes/s
+    return WithJsonSchema({"anyOf": [as_number, {"type": "string", "pattern": pattern}]})
+
+
+Size = Annotated[int, _unit_parser(units.parse_size, positive=True), _either(units.SIZE_PATTERN, "integer")]
+Duration = Annotated[
+    float, _unit_parser(units.parse_duration, positive=True), _either(units.DURATION_PATTERN, "number")
+]
+Rate = Annotated[
+    float | None, _unit_parser(units.parse_rate, positive=True), _either(units.RATE_PATTERN, "number")
+]
+
+
+class _Model(BaseModel):
+    # strict: YAML "2" (a string) is not silently taken as the number 2.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class Metadata(_Model):
+    """Who this plan is: a name for logs, checkpoints and the migration's AEAD plan id."""
+
+    name: str = Field(
+        "plan",
+        pattern=NAME_PATTERN,
+        description="Plan name: letters, digits, '.', '_' and '-', at most 63. Default: the file's name.",
+    )
+    description: str = Field("", description="Free text for people reading the plan.")
+
+
+class Workload(_Model):
+    """What runs inside the guest while it migrates."""
+
+    kind: Literal["dirty-writer", "idle"] = Field(
+        "dirty-writer",
+        description="dirty-writer keeps writing pages (and checks them after migration); idle only halts.",
+    )
+    dirty_rate: Rate = Field(
+        "16MiB/s",  # a unit string: validate_default parses it
+        validate_default=True,
+        description="How fast dirty-writer dirties memory, e.g. 64MiB/s, or 'unlimited' (as fast as it can).",
+    )
+    shared_fraction: float = Field(
+        0.05, ge=0.0, le=1.0, description="Fraction of guest pages that are shared (unencrypted), 0 to 1."
+    )
+    seed: int = Field(
+        1, ge=0, description="Seed of the workload's page-choice generator, for repeatable runs."
+    )
+
+
+class Guest(_Model):
+    """The confidential guest to migrate."""
+
+    memory: Size = Field(
+        description="Guest RAM, e.g. 256MiB; a multiple of 2MiB (the guest maps 2MiB pages)."
+    )
+    vcpus: int = Field(1, ge=1, description="The guest's own vCPUs (aux vCPUs of the helper not counted).")
+    workload: Workload = Field(default_factory=Workload, description="The workload the guest runs.")
+
+
+class Helper(_Model):
+    """The in-guest migration helper (MH) that seals and opens private pages."""
+
+    mode: HelperMode = Field(
+        "aux-vcpu",
+        description=(
+            "aux-vcpu: the MH runs on extra vCPUs of the guest itself; "
+            "mirror-vm: on the vCPUs of a mirror VM sharing the guest's memory and encryption context."
+        ),
+    )
+    aux_vcpus: int = Field(
+        1,
+        ge=0,
+        description="MH vCPUs: aux vCPUs of the guest (aux-vcpu) or the mirror VM's vCPUs (mirror-vm).",
+    )
+    batch_pages: int = Field(
+        256, ge=1, le=4096, description="Pages the MH seals or opens per mailbox request (1 to 4096)."
+    )
+
+
+class PolicyFlags(_Model):
+    """The policy as named flags; unset flags take the defaults of the guest's generation."""
+
+    nodbg: bool | None = Field(None, description="SEV/SEV-ES: refuse debugging the guest. Default true.")
+    noks: bool | None = Field(
+        None, description="SEV/SEV-ES: refuse sharing keys with other guests. Default true."
+    )
+    es: bool | None = Field(
+        None,
+        description="SEV/SEV-ES: the guest needs SEV-ES. Default: true exactly when generation is sev-es.",
+    )
+    nosend: bool | None = Field(
+        None,
+        description="SEV/SEV-ES: forbid sending the guest elsewhere (migration is refused). Default false.",
+    )
+    domain: bool | None = Field(
+        None, description="SEV/SEV-ES: send only within the same domain. Default false."
+    )
+    sev: bool | None = Field(
+        None, description="SEV/SEV-ES: send only to SEV-capable platforms. Default false."
+    )
+    smt: bool | None = Field(None, description="SEV-SNP: SMT may be enabled on the host. Default true.")
+    migrate_ma: bool | None = Field(
+        None, description="SEV-SNP: a migration agent may be associated. Default false."
+    )
+    debug: bool | None = Field(None, description="SEV-SNP: debugging is allowed. Default false.")
+    single_socket: bool | None = Field(None, description="SEV-SNP: run on one socket only. Default false.")
+    api_major: int = Field(0, ge=0, le=255, description="Minimum firmware API major version (0 to 255).")
+    api_minor: int = Field(0, ge=0, le=255, description="Minimum firmware API minor version (0 to 255).")
+
+    def encode(self, generation: Generation) -> int:
+        """The policy word for ``generation`` (the other family's flags are ignored; rules refuse them)."""
+        if generation == "sev-snp":
+            return encode_snp_policy(
+                smt=_or(self.smt, True),
+                migrate_ma=_or(self.migrate_ma, False),
+                debug=_or(self.debug, False),
+                single_socket=_or(self.single_socket, False),
+                api_major=self.api_major,
+                api_minor=self.api_minor,
+            )
+        return encode_sev_policy(
+            nodbg=_or(self.nodbg, True),
+            noks=_or(self.noks, True),
+            es=_or(self.es, generation == "sev-es"),
+            nosend=_or(self.nosend, False),
+            domain=_or(self.domain, False),
+            sev=_or(self.sev, False),
+            api_major=self.api_major,
+            api_minor=self.api_minor,
+        )
+
+
+SEV_ONLY_FLAGS = ("nodbg", "noks", "es", "nosend", "domain", "sev")
+SNP_ONLY_FLAGS = ("smt", "migrate_ma", "debug", "single_socket")
+
+
+def _or(value: bool | None, default: bool) -> bool:
+    return default if value is None else value
+
+
+def _policy_tag(value: object) -> str | None:
+    if isinstance(value, PolicyFlags | dict):
+        return POLICY_FLAGS_TAG
+    if isinstance(value, int) and not isinstance(value, bool):
+        return POLICY_RAW_TAG
+    return None
+
+
+Policy = Annotated[
+    Annotated[int, Tag(POLICY_RAW_TAG), Field(ge=0, lt=1 << 64)]
+    | Annotated[PolicyFlags, Tag(POLICY_FLAGS_TAG)],
+    Discriminator(
+        _policy_tag,
+        custom_error_type="policy_type",
+        custom_error_message="must be a raw integer (e.g. 0x3) or a mapping of named flags ({nodbg: true})",
+    ),
+]
+
+
+class Sev(_Model):
+    """The confidential-computing generation and the guest owner's policy."""
+
+    generation: Generation = Field(
+        "sev", description="sev, sev-es or sev-snp; the secure processor is emulated on hosts without one."
+    )
+    policy: Policy = Field(
+        default_factory=PolicyFlags,
+        description="Guest policy: a raw integer (the word the secure processor gets) or named flags.",
+    )
+
+    @property
+    def policy_int(self) -> int:
+        """The policy word handed to the (emulated) secure processor."""
+        if isinstance(self.policy, PolicyFlags):
+            return self.policy.encode(self.generation)
+        return self.policy
+
+
+_TCP = re.compile(
+    r"^tcp://(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?):(?P<port>[0-9]{1,5})$"
+)
+
+
+class Endpoint(_Model):
+    """Where one side of the migration runs."""
+
+    host: str = Field(
+        "local",
+        description="'local' (a VMM child process on this machine) or tcp://HOST:PORT of a 'confplan agent'.",
+    )
+
+    @field_validator("host")
+    @classmethod
+    def _check_host(cls, value: str) -> str:
+        if value == "local":
+            return value
+        match = _TCP.match(value)
+        if match is None or not 1 <= int(match["port"]) <= 65535:
+            raise plan_error(
+                "endpoint",
+                f"{value!r} is not an endpoint; write 'local' or tcp://HOST:PORT with a port from 1 to 65535 "
+                "(e.g. tcp://10.0.0.2:4444)",
+            )
+        return value
+
+    @property
+    def is_local(self) -> bool:
+        return self.host == "local"
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """(host, port) of a remote agent (IPv6 without brackets, host lower-cased); None when local."""
+        match = _TCP.match(self.host)
+        if match is None:
+            return None
+        return match["host"].strip("[]").lower(), int(match["port"])
+
+
+class Limits(_Model):
+    """How long and how fast the migration may go."""
+
+    max_downtime: Duration = Field(
+        "300ms",
+        validate_default=True,
+        description="Longest pause of the guest's vCPUs in stop-and-copy, e.g. 50ms.",
+    )
+    completion_timeout_per_gib: Duration = Field(
+        "120s",
+        validate_default=True,
+        description="Time allowed for the whole migration per GiB of guest memory, e.g. 800s.",
+    )
+    bandwidth: Rate = Field(
+        "unlimited",
+        validate_default=True,
+        description="Cap on the page stream, e.g. 64MiB/s or 1Gbit/s, or 'unlimited'.",
+    )
+    max_precopy_rounds: int = Field(
+        30, ge=1, description="Precopy rounds before stop-and-copy is forced (or on_timeout applies)."
+    )
+    on_timeout: Literal["abort", "throttle"] = Field(
+        "abort",
+        description="When precopy does not converge: abort (the source keeps running) or throttle the guest.",
+    )
+
+
+class StageSpec(_Model):
+    """One stage of the plan: its name and optional parameters for it."""
+
+    name: StageName = Field(description="The stage to run.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Parameters handed to the stage.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_yaml(cls, data: Any) -> Any:
+        # YAML form: "precopy" or {precopy: {max_rounds: 5}}; {name:, params:} is the model's own form.
+        if isinstance(data, str):
+            return {"name": data}
+        model_form = isinstance(data, dict) and "name" in data and set(data) <= {"name", "params"}
+        if isinstance(data, StageSpec) or model_form:
+            return data
+        if not isinstance(data, dict) or len(data) != 1:
+            raise plan_error(
+                "stage_form", "a stage is a name or a one-key mapping: {precopy: {max_rounds: 5}}"
+            )
+        ((name, params),) = data.items()
+        if params is not None and not isinstance(params, dict):
+            example = f"{{{name}: {{key: value}}}}"
+            raise plan_error(
+                "stage_form", f"the parameters of stage {name!r} must be a mapping, e.g. {example}"
+            )
+        return {"name": name, "params": params or {}}
+
+
+_STAGE_SCHEMA = {
+    "anyOf": [
+        {"type": "string", "enum": list(STAGE_NAMES)},
+        {
+            "type": "object",
+            "propertyNames": {"enum": list(STAGE_NAMES)},
+            "additionalProperties": {"type": ["object", "null"]},
+            "minProperties": 1,
+            "maxProperties": 1,
+        },
+    ]
+}
+Stage = Annotated[StageSpec, WithJsonSchema(_STAGE_SCHEMA)]
+
+
+class Checkpoint(_Model):
+    """Where `confplan apply` records finished stages, so a rerun resumes."""
+
+    dir: Path = Field(
+        Path(".confplan/state"),
+        strict=False,
+        validate_default=True,
+        description="Checkpoint folder; relative paths are taken from the plan file's folder.",
+    )
+
+    @field_validator("dir")
+    @classmethod
+    def _relative_to_plan(cls, value: Path, info: ValidationInfo) -> Path:
+        base = (info.context or {}).get("base_dir")
+        if value.is_absolute() or base is None:
+            return value
+        return Path(base) / value
+
+
+class Plan(_Model):
+    """A confidential-VM live-migration plan."""
+
+    api_version: Literal["confplan/v1"] = Field(
+        API_VERSION, alias="apiVersion", description="Schema version of this plan: confplan/v1."
+    )
+    kind: Literal["MigrationPlan"] = Field(KIND, description="Document kind: MigrationPlan.")
+    metadata: Metadata = Field(default_factory=Metadata, description="Name and description of the plan.")
+    guest: Guest = Field(description="The guest: memory, vCPUs and workload.")
+    helper: Helper = Field(default_factory=Helper, description="The migration helper inside the guest.")
+    sev: Sev = Field(default_factory=Sev, description="Generation and policy of the confidential guest.")
+    source: Endpoint = Field(default_factory=Endpoint, description="Where the guest runs now.")
+    target: Endpoint = Field(default_factory=Endpoint, description="Where the guest will run.")
+    limits: Limits = Field(default_factory=Limits, description="Downtime, timeout and bandwidth limits.")
+    stages: list[Stage] = Field(
+        default_factory=lambda: [StageSpec(name=name) for name in STAGE_NAMES],
+        min_length=1,
+        description="Stages in the order they run: names, or {name: {params}} mappings.",
+    )
+    checkpoint: Checkpoint = Field(default_factory=Checkpoint, description="Where progress is recorded.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults_from_file(cls, data: Any, info: ValidationInfo) -> Any:
+        # Defaults that depend on the plan file: the name (its stem) and the checkpoint folder (beside it).
+        if not isinstance(data, dict):
+            return data
+        data = {"checkpoint": {}, **data}
+        stem = (info.context or {}).get("file_stem")
+        metadata = data.get("metadata", {})
+        if isinstance(stem, str) and re.match(NAME_PATTERN, stem) and isinstance(metadata, dict):
+            data["metadata"] = {"name": stem, **metadata}
+        return data
+
+    def stage_names(self) -> list[str]:
+        return [stage.name for stage in self.stages]
+
+    def plan_hash(self) -> str:
+        """Hex SHA-256 of the normalised plan: units parsed, policy as its word, checkpoint left out."""
+        normal = self.model_dump(mode="json", by_alias=True, exclude={"checkpoint"})
+        normal["sev"]["policy"] = self.sev.policy_int
+        text = json.dumps(normal, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()

@@ -1,0 +1,136 @@
+"""The plan models through the loader: example plans, defaults, derived values and the plan hash."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from confplan.plan import STAGE_NAMES, PlanError, load_plan, load_plan_text
+from confplan.sev.policy import SNP_RESERVED_ONE, SevPolicyFlag, SnpPolicyFlag
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((ROOT / "plans").glob("*.yaml"))
+
+
+def test_the_four_example_plans_exist() -> None:
+    names = {path.name for path in EXAMPLES}
+    assert {"quickstart.yaml", "two-host.yaml", "mirror-vm.yaml", "ci-smoke.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda path: path.name)
+def test_example_plans_are_valid(path: Path) -> None:
+    plan = load_plan(path)
+    assert plan.metadata.name == path.stem
+    assert plan.guest.memory % (2 << 20) == 0
+
+
+def test_example_plans_say_what_they_promise() -> None:
+    plans = {path.stem: load_plan(path) for path in EXAMPLES}
+    quick, remote, mirror = plans["quickstart"], plans["two-host"], plans["mirror-vm"]
+    assert quick.source.is_local and quick.target.is_local
+    assert quick.guest.memory == 256 << 20 and quick.limits.max_downtime == pytest.approx(0.05)
+    assert not remote.target.is_local and remote.target.address == ("10.0.0.2", 4444)
+    assert remote.sev.policy_int & SevPolicyFlag.ES
+    assert remote.limits.bandwidth == pytest.approx(125_000_000.0)
+    assert remote.stages[4].name == "precopy" and remote.stages[4].params == {"max_rounds": 20}
+    assert mirror.helper.mode == "mirror-vm" and mirror.sev.policy_int & SNP_RESERVED_ONE
+    assert plans["ci-smoke"].guest.memory <= 64 << 20
+
+
+def test_a_short_plan_gets_defaults_for_everything_but_memory(tmp_path: Path) -> None:
+    path = tmp_path / "short.yaml"
+    path.write_text("guest: {memory: 64MiB}\n")
+    plan = load_plan(path)
+    assert plan.api_version == "confplan/v1" and plan.kind == "MigrationPlan"
+    assert plan.metadata.name == "short"
+    assert [stage.name for stage in plan.stages] == list(STAGE_NAMES)
+    assert plan.helper.mode == "aux-vcpu" and plan.helper.aux_vcpus >= 1
+    assert plan.limits.bandwidth is None
+    assert plan.checkpoint.dir == tmp_path / ".confplan/state"
+
+
+def test_memory_is_the_one_required_field() -> None:
+    with pytest.raises(PlanError) as caught:
+        load_plan_text("helper: {mode: aux-vcpu}\n", "p.yaml")
+    assert [d.render() for d in caught.value.diagnostics] == ["p.yaml:1:1: guest: is required"]
+
+
+def test_checkpoint_dir_is_taken_from_the_plans_folder(tmp_path: Path) -> None:
+    relative = load_plan_text("guest: {memory: 2MiB}\ncheckpoint: {dir: state}\n", str(tmp_path / "a.yaml"))
+    absolute = load_plan_text("guest: {memory: 2MiB}\ncheckpoint: {dir: /var/x}\n", str(tmp_path / "a.yaml"))
+    assert relative.checkpoint.dir == tmp_path / "state"
+    assert absolute.checkpoint.dir == Path("/var/x")
+
+
+@pytest.mark.parametrize(
+    ("policy", "generation", "expected"),
+    [
+        ("{}", "sev", SevPolicyFlag.NODBG | SevPolicyFlag.NOKS),
+        ("{}", "sev-es", SevPolicyFlag.NODBG | SevPolicyFlag.NOKS | SevPolicyFlag.ES),
+        ("{nodbg: false, domain: true, api_major: 1, api_minor: 40}", "sev", 0x28010012),
+        ("{}", "sev-snp", SnpPolicyFlag.SMT | SNP_RESERVED_ONE),
+        ("{smt: false, single_socket: true, api_major: 1}", "sev-snp", 0x120100),
+        ("0x30001", "sev-snp", 0x30001),
+    ],
+)
+def test_policy_word(policy: str, generation: str, expected: int) -> None:
+    text = f"guest: {{memory: 2MiB}}\nsev: {{generation: {generation}, policy: {policy}}}\n"
+    assert load_plan_text(text, "p.yaml").sev.policy_int == expected
+
+
+def test_endpoint_addresses() -> None:
+    text = 'guest: {memory: 2MiB}\nsource: {host: "tcp://[::1]:7000"}\ntarget: {host: "tcp://Host-B:7001"}\n'
+    plan = load_plan_text(text, "p.yaml")
+    assert plan.source.address == ("::1", 7000)
+    assert plan.target.address == ("host-b", 7001)
+    assert load_plan_text("guest: {memory: 2MiB}\n", "p.yaml").target.address is None
+
+
+def test_plan_hash_is_of_the_normalised_plan(tmp_path: Path) -> None:
+    base = "guest: {memory: 256MiB}\nlimits: {max_downtime: 50ms}\nsev: {policy: {nodbg: true}}\n"
+    same = (
+        "# the same plan, written differently\n"
+        "guest:\n  memory: 268435456\nlimits:\n  max_downtime: 0.05\nsev:\n  policy: 0x3\n"
+        "checkpoint: {dir: elsewhere}\n"
+    )
+    other = base.replace("256MiB", "258MiB")
+    first = load_plan_text(base, str(tmp_path / "p.yaml")).plan_hash()
+    assert first == load_plan_text(same, str(tmp_path / "p.yaml")).plan_hash()
+    assert first != load_plan_text(other, str(tmp_path / "p.yaml")).plan_hash()
+    assert len(first) == 64 and int(first, 16) >= 0
+
+
+def test_plans_are_frozen() -> None:
+    plan = load_plan_text("guest: {memory: 2MiB}\n", "p.yaml")
+    with pytest.raises(ValueError, match="frozen"):
+        plan.guest.vcpus = 4  # type: ignore[misc]
+
+
+def test_yaml_anchors_and_merge_keys_work() -> None:
+    text = (
+        'source: &side {host: "tcp://a:1"}\ntarget: {<<: *side, host: "tcp://b:1"}\nguest: {memory: 2MiB}\n'
+    )
+    plan = load_plan_text(text, "p.yaml")
+    assert plan.source.address == ("a", 1) and plan.target.address == ("b", 1)  # own keys win over merged
+    text = "guest:\n  <<: {memory: 2MiB, vcpus: 3}\n  vcpus: 2\n"
+    assert load_plan_text(text, "p.yaml").guest.vcpus == 2
+
+
+def test_a_recursive_alias_is_an_error_not_a_hang() -> None:
+    with pytest.raises(PlanError) as caught:
+        load_plan_text("guest: &a {memory: 2MiB, workload: *a}\n", "p.yaml")
+    assert "nested too deeply" in caught.value.render()
+
+
+def test_many_errors_are_reported_together() -> None:
+    text = "guest: {memory: 3MiB, vcpus: 0}\nhelper: {aux_vcpus: 0, batch_pages: 0}\n"
+    with pytest.raises(PlanError) as caught:
+        load_plan_text(text, "p.yaml")
+    assert [d.field for d in caught.value.diagnostics] == [
+        "guest.memory",
+        "guest.vcpus",
+        "helper.aux_vcpus",
+        "helper.batch_pages",
+    ]
+    assert caught.value.exit_code == 2
