@@ -1,0 +1,273 @@
+"""One class per KVM file descriptor: ``Kvm`` (/dev/kvm), ``Vm``, ``Vcpu``.
+
+Each method is one ioctl on the fd its object owns; failures raise ``KvmError`` naming the ioctl. Every
+fd and mmap is closed by its owner (``close()`` or the context manager).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+from typing import Final
+
+from confplan.errors import EnvironmentProblem
+from confplan.kvm import structs as s
+from confplan.kvm._ioctl import KvmError, ioctl, ioctl_errno
+from confplan.kvm.stats import StatsFd
+
+DEFAULT_KVM_PATH: Final = "/dev/kvm"
+
+# Capabilities the VMM cannot run without, checked once and reported by name.
+REQUIRED_CAPS: Final = {
+    "KVM_CAP_USER_MEMORY": s.KVM_CAP_USER_MEMORY,
+    "KVM_CAP_EXT_CPUID": s.KVM_CAP_EXT_CPUID,
+    "KVM_CAP_IMMEDIATE_EXIT": s.KVM_CAP_IMMEDIATE_EXIT,
+    "KVM_CAP_XCRS": s.KVM_CAP_XCRS,
+}
+
+
+def open_kvm_fd(path: str = DEFAULT_KVM_PATH) -> int:
+    """Open the KVM device, or raise EnvironmentProblem saying what is wrong and what to do."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise EnvironmentProblem(
+            f"{path} does not exist: this machine offers no KVM",
+            hint="load the kvm module (a kernel with CONFIG_KVM) or run on a host with virtualization; "
+            "tests that need KVM are skipped here",
+        ) from None
+    except PermissionError:
+        raise EnvironmentProblem(
+            f"{path} is not readable and writable by this user",
+            hint=f"add the user to the group that owns {path} (often 'kvm') or run as root",
+        ) from None
+    except OSError as err:
+        raise EnvironmentProblem(
+            f"cannot open {path}: {err.strerror}", hint="check that KVM works here"
+        ) from None
+
+
+class Kvm:
+    """The system fd: API version, capabilities, supported CPUID, VM creation."""
+
+    def __init__(self, path: str = DEFAULT_KVM_PATH) -> None:
+        self.path = path
+        self.fd = open_kvm_fd(path)
+        try:
+            version = ioctl(self.fd, s.KVM_GET_API_VERSION, None, "KVM_GET_API_VERSION")
+            if version != s.KVM_API_VERSION:
+                raise EnvironmentProblem(
+                    f"{path} speaks KVM API {version}, confplan needs {s.KVM_API_VERSION}",
+                    hint="use a Linux kernel with the standard KVM API",
+                )
+            self.require(REQUIRED_CAPS)
+        except BaseException:
+            self.close()
+            raise
+
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION: 0 when the capability is absent, else its value."""
+        return ioctl(self.fd, s.KVM_CHECK_EXTENSION, cap, "KVM_CHECK_EXTENSION")
+
+    def require(self, caps: dict[str, int]) -> None:
+        """Raise EnvironmentProblem naming every capability in ``caps`` that this KVM lacks."""
+        missing = [name for name, cap in caps.items() if self.check_extension(cap) == 0]
+        if missing:
+            raise EnvironmentProblem(
+                f"{self.path} lacks {', '.join(missing)}", hint="use a newer kernel with these KVM features"
+            )
+
+    def vcpu_mmap_size(self) -> int:
+        """KVM_GET_VCPU_MMAP_SIZE: bytes of each vCPU's kvm_run mapping."""
+        return ioctl(self.fd, s.KVM_GET_VCPU_MMAP_SIZE, None, "KVM_GET_VCPU_MMAP_SIZE")
+
+    def supported_cpuid(self) -> s.KvmCpuid2:
+        """KVM_GET_SUPPORTED_CPUID: the CPUID leaves KVM can give a guest."""
+        cpuid = s.KvmCpuid2(nent=s.KVM_MAX_CPUID_ENTRIES)
+        ioctl(self.fd, s.KVM_GET_SUPPORTED_CPUID, cpuid, "KVM_GET_SUPPORTED_CPUID")
+        return cpuid
+
+    def create_vm(self) -> Vm:
+        """KVM_CREATE_VM (default VM type)."""
+        return Vm(self, ioctl(self.fd, s.KVM_CREATE_VM, 0, "KVM_CREATE_VM"))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Kvm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Vm:
+    """A VM fd: memslots, dirty log, vCPUs, VM capabilities, stats."""
+
+    def __init__(self, kvm: Kvm, fd: int) -> None:
+        self.kvm = kvm
+        self.fd = fd
+
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION on the VM (some answers depend on the VM)."""
+        return ioctl(self.fd, s.KVM_CHECK_EXTENSION, cap, "KVM_CHECK_EXTENSION")
+
+    def enable_cap(self, cap: int, *args: int) -> None:
+        """KVM_ENABLE_CAP with up to four arguments."""
+        req = s.KvmEnableCap(cap=cap)
+        for i, value in enumerate(args):
+            req.args[i] = value
+        ioctl(self.fd, s.KVM_ENABLE_CAP, req, f"KVM_ENABLE_CAP({cap})")
+
+    def set_user_memory_region(self, slot: int, gpa: int, size: int, host_addr: int, flags: int = 0) -> None:
+        """KVM_SET_USER_MEMORY_REGION: map ``size`` bytes at ``host_addr`` to guest ``gpa``."""
+        region = s.KvmUserspaceMemoryRegion(
+            slot=slot, flags=flags, guest_phys_addr=gpa, memory_size=size, userspace_addr=host_addr
+        )
+        ioctl(self.fd, s.KVM_SET_USER_MEMORY_REGION, region, "KVM_SET_USER_MEMORY_REGION")
+
+    def get_dirty_log(self, slot: int, bitmap_addr: int) -> None:
+        """KVM_GET_DIRTY_LOG: write the slot's dirty bitmap at ``bitmap_addr`` and clear it in KVM."""
+        log = s.KvmDirtyLog(slot=slot, dirty_bitmap=bitmap_addr)
+        ioctl(self.fd, s.KVM_GET_DIRTY_LOG, log, "KVM_GET_DIRTY_LOG")
+
+    def set_tss_addr(self, gpa: int) -> None:
+        """KVM_SET_TSS_ADDR: three pages KVM may use on VMX hosts (outside RAM and MMIO)."""
+        ioctl(self.fd, s.KVM_SET_TSS_ADDR, gpa, "KVM_SET_TSS_ADDR")
+
+    def create_vcpu(self, vcpu_id: int) -> Vcpu:
+        """KVM_CREATE_VCPU and the mmap of its kvm_run page."""
+        fd = ioctl(self.fd, s.KVM_CREATE_VCPU, vcpu_id, f"KVM_CREATE_VCPU({vcpu_id})")
+        return Vcpu(vcpu_id, fd, self.kvm.vcpu_mmap_size())
+
+    def stats(self) -> StatsFd:
+        """KVM_GET_STATS_FD for the VM."""
+        return StatsFd(ioctl(self.fd, s.KVM_GET_STATS_FD, None, "KVM_GET_STATS_FD"))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Vm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Vcpu:
+    """A vCPU fd and its kvm_run mapping (``run``: a KvmRun over the mmap)."""
+
+    def __init__(self, vcpu_id: int, fd: int, mmap_size: int) -> None:
+        self.id = vcpu_id
+        self.fd = fd
+        try:
+            self._mm: mmap.mmap | None = mmap.mmap(
+                fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
+            )
+        except OSError:
+            os.close(fd)
+            raise
+        # from_address, not from_buffer: a buffer export would keep the mmap from closing while any
+        # traceback still references the struct; nothing touches it after close (threads are joined).
+        anchor = ctypes.c_char.from_buffer(self._mm)
+        self._run_addr = ctypes.addressof(anchor)
+        del anchor
+        self.run_struct: s.KvmRun | None = s.KvmRun.from_address(self._run_addr)
+
+    @property
+    def run(self) -> s.KvmRun:
+        assert self.run_struct is not None, "vCPU is closed"
+        return self.run_struct
+
+    def run_once(self) -> int:
+        """KVM_RUN: 0 after an exit (see ``run.exit_reason``), ``-errno`` when interrupted or failed."""
+        return ioctl_errno(self.fd, s.KVM_RUN)
+
+    def get_regs(self) -> s.KvmRegs:
+        """KVM_GET_REGS."""
+        regs = s.KvmRegs()
+        ioctl(self.fd, s.KVM_GET_REGS, regs, "KVM_GET_REGS")
+        return regs
+
+    def set_regs(self, regs: s.KvmRegs) -> None:
+        """KVM_SET_REGS."""
+        ioctl(self.fd, s.KVM_SET_REGS, regs, "KVM_SET_REGS")
+
+    def get_sregs(self) -> s.KvmSregs:
+        """KVM_GET_SREGS."""
+        sregs = s.KvmSregs()
+        ioctl(self.fd, s.KVM_GET_SREGS, sregs, "KVM_GET_SREGS")
+        return sregs
+
+    def set_sregs(self, sregs: s.KvmSregs) -> None:
+        """KVM_SET_SREGS."""
+        ioctl(self.fd, s.KVM_SET_SREGS, sregs, "KVM_SET_SREGS")
+
+    def get_fpu(self) -> s.KvmFpu:
+        """KVM_GET_FPU."""
+        fpu = s.KvmFpu()
+        ioctl(self.fd, s.KVM_GET_FPU, fpu, "KVM_GET_FPU")
+        return fpu
+
+    def set_fpu(self, fpu: s.KvmFpu) -> None:
+        """KVM_SET_FPU."""
+        ioctl(self.fd, s.KVM_SET_FPU, fpu, "KVM_SET_FPU")
+
+    def get_xcrs(self) -> s.KvmXcrs:
+        """KVM_GET_XCRS."""
+        xcrs = s.KvmXcrs()
+        ioctl(self.fd, s.KVM_GET_XCRS, xcrs, "KVM_GET_XCRS")
+        return xcrs
+
+    def set_xcrs(self, xcrs: s.KvmXcrs) -> None:
+        """KVM_SET_XCRS."""
+        ioctl(self.fd, s.KVM_SET_XCRS, xcrs, "KVM_SET_XCRS")
+
+    def set_cpuid2(self, cpuid: s.KvmCpuid2) -> None:
+        """KVM_SET_CPUID2."""
+        ioctl(self.fd, s.KVM_SET_CPUID2, cpuid, "KVM_SET_CPUID2")
+
+    def get_msr(self, index: int) -> int:
+        """KVM_GET_MSRS for one MSR."""
+        msrs = s.KvmMsrs1(nmsrs=1)
+        msrs.entries[0].index = index
+        if ioctl(self.fd, s.KVM_GET_MSRS, msrs, f"KVM_GET_MSRS({index:#x})") != 1:
+            raise KvmError(errno.EINVAL, f"KVM_GET_MSRS({index:#x})")
+        return int(msrs.entries[0].data)
+
+    def set_msr(self, index: int, value: int) -> None:
+        """KVM_SET_MSRS for one MSR."""
+        msrs = s.KvmMsrs1(nmsrs=1)
+        msrs.entries[0].index = index
+        msrs.entries[0].data = value
+        if ioctl(self.fd, s.KVM_SET_MSRS, msrs, f"KVM_SET_MSRS({index:#x})") != 1:
+            raise KvmError(errno.EINVAL, f"KVM_SET_MSRS({index:#x})")
+
+    def tsc_khz(self) -> int:
+        """KVM_GET_TSC_KHZ: the guest TSC rate."""
+        return ioctl(self.fd, s.KVM_GET_TSC_KHZ, None, "KVM_GET_TSC_KHZ")
+
+    def stats(self) -> StatsFd:
+        """KVM_GET_STATS_FD for this vCPU."""
+        return StatsFd(ioctl(self.fd, s.KVM_GET_STATS_FD, None, "KVM_GET_STATS_FD"))
+
+    def close(self) -> None:
+        # The ctypes view must go before the mmap can close.
+        self.run_struct = None
+        if self._mm is not None:
+            self._mm.close()
+            self._mm = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def addressof(obj: ctypes.Structure | ctypes.Array[ctypes.c_uint64]) -> int:
+    """Host address of a ctypes object (for ioctls that take pointers inside structs)."""
+    return ctypes.addressof(obj)

@@ -1,0 +1,86 @@
+"""``MachineConfig``: everything the VMM needs to boot a guest, independent of the plan models."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from confplan.errors import ConfplanError
+from confplan.vmm import abi
+
+HelperMode = Literal["aux-vcpu", "mirror-vm", "none"]
+EncChannel = Literal["mmio", "hypercall"]
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    """One guest. ``dirty_rate`` is bytes/s, None = unlimited; ``shared_fraction`` of the workload's
+    pages is reported shared; ``mh_only`` boots only the helper vCPUs (a migration target)."""
+
+    memory: int = 64 * abi.MIB
+    vcpus: int = 1
+    aux_vcpus: int = 0
+    workload_kind: str = "dirty-writer"
+    dirty_rate: float | None = None
+    shared_fraction: float = 0.0
+    seed: int = 1
+    helper_mode: HelperMode = "aux-vcpu"
+    batch_pages: int = 64
+    mirror_vcpus: int = 1
+    mh_only: bool = False
+    enc_channel: EncChannel = "mmio"
+    dirty_logging: bool = True
+    watchdog_s: float | None = 10.0
+    console_echo: bool = False
+    console_log: str | None = None
+
+    def __post_init__(self) -> None:
+        self._check()
+
+    @property
+    def wl_kind(self) -> int:
+        return abi.WORKLOAD_KINDS[self.workload_kind]
+
+    @property
+    def mh_vcpus(self) -> int:
+        """Helper vCPUs that get a mailbox: the aux vCPUs, or the mirror VM's one vCPU."""
+        if self.helper_mode == "aux-vcpu":
+            return self.aux_vcpus
+        return self.mirror_vcpus if self.helper_mode == "mirror-vm" else 0
+
+    def _check(self) -> None:
+        where = "machine config"
+        if self.workload_kind not in abi.WORKLOAD_KINDS:
+            kinds = ", ".join(abi.WORKLOAD_KINDS)
+            raise ConfplanError(
+                f"{where}: unknown workload kind {self.workload_kind!r}", hint=f"use one of {kinds}"
+            )
+        if not self.vcpus >= 1 or self.vcpus + self.aux_vcpus > abi.MAX_VCPUS:
+            raise ConfplanError(
+                f"{where}: {self.vcpus} vCPUs + {self.aux_vcpus} aux vCPUs",
+                hint=f"use at least 1 vCPU and at most {abi.MAX_VCPUS} vCPUs in total",
+            )
+        if self.aux_vcpus > abi.MAX_MH_VCPUS:
+            raise ConfplanError(
+                f"{where}: {self.aux_vcpus} aux vCPUs", hint=f"use at most {abi.MAX_MH_VCPUS}"
+            )
+        if self.helper_mode != "aux-vcpu" and self.aux_vcpus:
+            raise ConfplanError(
+                f"{where}: aux_vcpus={self.aux_vcpus} with helper mode {self.helper_mode}",
+                hint="aux vCPUs exist only in helper mode aux-vcpu",
+            )
+        if self.memory % abi.HUGE or self.memory > abi.MAX_RAM:
+            raise ConfplanError(
+                f"{where}: memory {self.memory} bytes",
+                hint=f"use a multiple of 2 MiB, at most {abi.MAX_RAM // abi.MIB} MiB",
+            )
+        if not 0.0 <= self.shared_fraction <= 1.0:
+            raise ConfplanError(
+                f"{where}: shared_fraction {self.shared_fraction}", hint="use a value in [0, 1]"
+            )
+        if self.dirty_rate is not None and self.dirty_rate <= 0:
+            raise ConfplanError(
+                f"{where}: dirty_rate {self.dirty_rate}", hint="use a positive rate or unlimited"
+            )
+        if not 1 <= self.batch_pages <= 4096:
+            raise ConfplanError(f"{where}: batch_pages {self.batch_pages}", hint="use 1..4096")

@@ -1,0 +1,117 @@
+"""Put a fresh vCPU straight into 64-bit CPL3 at a firmware entry (kvm-here.md "A vCPU setup that runs
+CPL3 natively"): CS.DPL = 3 from the first instruction is what makes the guest run natively here."""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+from confplan.kvm import Vcpu
+from confplan.kvm import structs as s
+from confplan.vmm import abi, tables
+
+CR0 = 0x80050033  # PE MP ET NE WP AM PG
+CR4 = 0x40620  # PAE OSFXSR OSXMMEXCPT OSXSAVE
+EFER = 0xD01  # SCE LME LMA NXE
+RFLAGS = 0x202
+
+# (leaf, subleaf, register, bit) -> boot-params feature name
+_FEATURES = {
+    (1, 0, "ecx", 9): "ssse3",
+    (1, 0, "ecx", 19): "sse4.1",
+    (1, 0, "ecx", 25): "aes-ni",
+    (1, 0, "ecx", 1): "pclmulqdq",
+    (1, 0, "ecx", 28): "avx",
+    (7, 0, "ebx", 5): "avx2",
+    (7, 0, "ecx", 9): "vaes",
+    (7, 0, "ecx", 10): "vpclmulqdq",
+}
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    """What the VMM learnt from KVM_GET_SUPPORTED_CPUID: CPL3 code cannot rely on CPUID itself."""
+
+    features: int
+    vendor_amd: bool
+
+    @property
+    def has_avx(self) -> bool:
+        return bool(self.features & abi.FEATURE_BITS["avx"])
+
+    def names(self) -> list[str]:
+        return [name for name, bit in abi.FEATURE_BITS.items() if self.features & bit]
+
+
+def _leaf(cpuid: s.KvmCpuid2, function: int, index: int = 0) -> s.KvmCpuidEntry2 | None:
+    for i in range(cpuid.nent):
+        e: s.KvmCpuidEntry2 = cpuid.entries[i]
+        if e.function == function and e.index == index:
+            return e
+    return None
+
+
+def cpu_info(cpuid: s.KvmCpuid2) -> CpuInfo:
+    features = 0
+    for (leaf, sub, reg, bit), name in _FEATURES.items():
+        entry = _leaf(cpuid, leaf, sub)
+        if entry is not None and getattr(entry, reg) >> bit & 1:
+            features |= abi.FEATURE_BITS[name]
+    vendor = _leaf(cpuid, 0)
+    amd = vendor is not None and (vendor.ebx, vendor.edx, vendor.ecx) == (0x68747541, 0x69746E65, 0x444D4163)
+    return CpuInfo(features=features, vendor_amd=amd)
+
+
+def _cpuid_for(cpuid: s.KvmCpuid2, vcpu_id: int) -> s.KvmCpuid2:
+    own = s.KvmCpuid2.from_buffer_copy(cpuid)
+    leaf1 = _leaf(own, 1)
+    if leaf1 is not None:  # initial APIC id
+        leaf1.ebx = (leaf1.ebx & 0x00FFFFFF) | (vcpu_id << 24)
+    return own
+
+
+def _segment(selector: int, *, code: bool) -> s.KvmSegment:
+    return s.KvmSegment(
+        base=0, limit=0xFFFFFFFF, selector=selector, type=11 if code else 3, present=1,
+        dpl=selector & 3, db=0 if code else 1, s=1, l=1 if code else 0, g=1,
+    )  # fmt: skip
+
+
+def configure(
+    vcpu: Vcpu,
+    cpuid: s.KvmCpuid2,
+    info: CpuInfo,
+    *,
+    entry: int,
+    stack_top: int,
+    cr3: int,
+    arg: int,
+    nr_vcpus: int,
+) -> None:
+    """CPUID, then segments/control registers, then registers, FPU and XCR0 (SET_XCRS needs the CPUID
+    that advertises XSAVE, so CPUID goes first)."""
+    vcpu.set_cpuid2(_cpuid_for(cpuid, vcpu.id))
+    sregs = vcpu.get_sregs()
+    sregs.cs = _segment(tables.USER_CS, code=True)
+    for name in ("ds", "es", "fs", "gs", "ss"):
+        setattr(sregs, name, _segment(tables.USER_DS, code=False))
+    sregs.tr = s.KvmSegment(
+        base=abi.TSS_GPA + vcpu.id * abi.TSS_STRIDE, limit=tables.TSS_LIMIT,
+        selector=tables.tss_selector(vcpu.id), type=11, present=1, s=0,
+    )  # fmt: skip
+    sregs.ldt = s.KvmSegment(selector=0, type=2, present=1, unusable=1)
+    sregs.gdt.base, sregs.gdt.limit = abi.GDT_GPA, tables.gdt_limit(nr_vcpus)
+    sregs.idt.base, sregs.idt.limit = abi.IDT_GPA, 256 * 16 - 1
+    sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer = CR0, cr3, CR4, EFER
+    vcpu.set_sregs(sregs)
+    regs = s.KvmRegs(rip=entry, rsp=stack_top - 8, rdi=arg, rflags=RFLAGS)  # -8: SysV entry alignment
+    vcpu.set_regs(regs)
+    fpu = s.KvmFpu(fcw=0x37F, mxcsr=0x1F80)
+    vcpu.set_fpu(fpu)
+    xcrs = s.KvmXcrs(nr_xcrs=1)
+    xcrs.xcrs[0].xcr, xcrs.xcrs[0].value = 0, 7 if info.has_avx else 3  # x87|SSE(|AVX)
+    vcpu.set_xcrs(xcrs)
+
+
+def struct_bytes(obj: ctypes.Structure) -> bytes:
+    return bytes(memoryview(obj).cast("B"))

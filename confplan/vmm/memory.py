@@ -1,0 +1,73 @@
+"""Guest RAM backed by a memfd, so a second VM (the mirror VM) or process can map the same memory."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+from typing import TypeVar
+
+from confplan.errors import ConfplanError
+
+_T = TypeVar("_T", bound=ctypes.Structure)
+
+
+class GuestRam:
+    """``size`` bytes of guest RAM at GPA 0, from a memfd mapped shared into this process."""
+
+    def __init__(self, size: int, name: str = "confplan-ram") -> None:
+        self.size = size
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, size)
+            self._mm: mmap.mmap | None = mmap.mmap(
+                self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
+            )
+        except OSError:
+            os.close(self.fd)
+            raise
+        self._array: ctypes.Array[ctypes.c_char] | None = (ctypes.c_char * size).from_buffer(self._mm)
+        self.address = ctypes.addressof(self._array)
+
+    def _check(self, gpa: int, length: int) -> None:
+        if gpa < 0 or length < 0 or gpa + length > self.size:
+            raise ConfplanError(
+                f"guest range [{gpa:#x}, {gpa + length:#x}) is outside guest RAM (size {self.size:#x})"
+            )
+
+    def host_address(self, gpa: int, length: int = 1) -> int:
+        """Host virtual address of ``gpa`` (for C code: the page-transfer core)."""
+        self._check(gpa, length)
+        return self.address + gpa
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A zero-copy, writable view of guest bytes [gpa, gpa+length). Release it before ``close``."""
+        self._check(gpa, length)
+        assert self._mm is not None
+        return memoryview(self._mm)[gpa : gpa + length]
+
+    def read(self, gpa: int, length: int) -> bytes:
+        self._check(gpa, length)
+        return ctypes.string_at(self.address + gpa, length)
+
+    def write(self, gpa: int, data: bytes) -> None:
+        self._check(gpa, len(data))
+        ctypes.memmove(self.address + gpa, data, len(data))
+
+    def read_u64(self, gpa: int) -> int:
+        self._check(gpa, 8)
+        return int(ctypes.c_uint64.from_address(self.address + gpa).value)
+
+    def struct_at(self, cls: type[_T], gpa: int) -> _T:
+        """A ctypes struct living in guest RAM (reads and writes go straight to the guest)."""
+        self._check(gpa, ctypes.sizeof(cls))
+        return cls.from_address(self.address + gpa)
+
+    def close(self) -> None:
+        self._array = None
+        if self._mm is not None:
+            self._mm.close()
+            self._mm = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

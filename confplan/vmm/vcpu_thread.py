@@ -1,0 +1,219 @@
+"""One thread per vCPU: KVM_RUN (GIL released), exit dispatch, pause/resume, park/kick, stop.
+
+Interrupting a vCPU (pause, stop, watchdog) = set ``immediate_exit`` (covers the race where the thread is
+about to enter KVM_RUN) and send it ``KICK_SIGNAL`` (makes a running KVM_RUN return EINTR). The signal
+needs a handler, installed once from the main thread; without one only ``immediate_exit`` is used.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import signal
+import threading
+import time
+from collections.abc import Callable
+
+from confplan.kvm import KvmError, Vcpu
+from confplan.vmm.exits import GuestError, VcpuExit, decode
+
+KICK_SIGNAL = signal.SIGRTMIN + 2
+
+
+def _on_kick(signum: int, frame: object) -> None:
+    """Does nothing: the signal only has to interrupt KVM_RUN in the target thread."""
+
+
+def install_kick_handler() -> bool:
+    """Install the no-op handler (main thread only); True when a handler is in place."""
+    if signal.getsignal(KICK_SIGNAL) is _on_kick:
+        return True
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    signal.signal(KICK_SIGNAL, _on_kick)
+    return True
+
+
+class RunState(enum.Enum):
+    CREATED = "created"
+    RUNNING = "running"  # in or around KVM_RUN
+    PARKED = "parked"  # the guest asked to idle/sleep (doorbell); waiting for a kick
+    PAUSED = "paused"  # the VMM paused it
+    STOPPED = "stopped"
+
+
+Dispatch = Callable[["VcpuRunner", VcpuExit], None]
+
+
+class VcpuRunner:
+    """Runs one vCPU on its own thread. ``index`` is the KVM vCPU id; ``aux`` marks helper vCPUs."""
+
+    def __init__(
+        self,
+        vcpu: Vcpu,
+        *,
+        aux: bool,
+        dispatch: Dispatch,
+        on_error: Callable[[BaseException], None],
+        heartbeat: Callable[[], int] | None = None,
+    ) -> None:
+        self.vcpu = vcpu
+        self.index = vcpu.id
+        self.aux = aux
+        self._dispatch = dispatch
+        self._on_error = on_error
+        self.heartbeat = heartbeat
+        self.state = RunState.CREATED
+        self.exits = 0
+        self.last_progress = time.monotonic()
+        self._cond = threading.Condition()
+        self._pause_req = False
+        self._stop_req = False
+        self._kicked = False
+        self._stuck_for: float | None = None
+        self._pending_io = False
+        self._signal_ok = install_kick_handler()
+        self._thread = threading.Thread(target=self._main, name=f"vcpu{self.index}", daemon=True)
+
+    @property
+    def active(self) -> bool:
+        """Started, not paused (or being paused) and not stopped."""
+        return not (self._pause_req or self._stop_req) and self.state not in (
+            RunState.CREATED,
+            RunState.STOPPED,
+        )
+
+    # ---- control, from other threads ----
+    def start(self, paused: bool = False) -> None:
+        self._pause_req = paused
+        self._thread.start()
+
+    def pause(self, timeout: float = 5.0) -> None:
+        """Stop running guest code; return once the thread has parked in PAUSED (or stopped)."""
+        with self._cond:
+            self._pause_req = True
+            self._cond.notify_all()
+        self._interrupt()
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.state not in (RunState.PAUSED, RunState.STOPPED):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise GuestError(f"vCPU {self.index} did not pause within {timeout} s", vcpu=self.index)
+                self._cond.wait(left)
+
+    def resume(self) -> None:
+        with self._cond:
+            self._pause_req = False
+            self._cond.notify_all()
+
+    def kick(self) -> None:
+        """Wake the vCPU if it is parked on an idle/sleep doorbell."""
+        with self._cond:
+            self._kicked = True
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop_req = True
+            self._cond.notify_all()
+        self._interrupt()
+
+    def join(self, timeout: float) -> bool:
+        if self._thread.ident is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def declare_stuck(self, seconds: float) -> None:
+        """Watchdog: the guest made no progress; get it out of KVM_RUN and report where it was."""
+        self._stuck_for = seconds
+        self._interrupt()
+
+    def _interrupt(self) -> None:
+        run = self.vcpu.run_struct
+        if run is not None:
+            run.immediate_exit = 1
+        ident = self._thread.ident
+        if self._signal_ok and ident is not None and self._thread.is_alive():
+            signal.pthread_kill(ident, KICK_SIGNAL)
+
+    # ---- called on this vCPU's thread (by devices) ----
+    def park(self, timeout: float | None) -> None:
+        """Block until kicked, paused, stopped or ``timeout`` seconds passed (idle/sleep doorbells)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            self.state = RunState.PARKED
+            while not (self._kicked or self._pause_req or self._stop_req):
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                self._cond.wait(left)
+            self._kicked = False
+            self.state = RunState.RUNNING
+            self.last_progress = time.monotonic()
+
+    # ---- the loop ----
+    def _main(self) -> None:
+        try:
+            self._loop()
+        except BaseException as err:  # handed to the machine, which stops everything and re-raises
+            self._on_error(err)
+        finally:
+            with self._cond:
+                self.state = RunState.STOPPED
+                self._cond.notify_all()
+
+    def _loop(self) -> None:
+        run = self.vcpu.run
+        while True:
+            if self._stop_req or self._pause_req:
+                self._complete_pending_io()
+                if self._stop_req:
+                    return
+                self._wait_paused()
+                continue
+            self.state = RunState.RUNNING
+            ret = self.vcpu.run_once()
+            self.last_progress = time.monotonic()
+            if ret < 0:
+                run.immediate_exit = 0
+                if ret in (-errno.EINTR, -errno.EAGAIN):
+                    self._check_stuck()
+                    continue
+                raise KvmError(-ret, f"vCPU {self.index}: KVM_RUN")
+            self.exits += 1
+            self._pending_io = True
+            self._dispatch(self, decode(run))
+
+    def _complete_pending_io(self) -> None:
+        """KVM completes an MMIO/IO exit on the next KVM_RUN: do that (returning at once) before the
+        vCPU's state may be saved or the thread leaves."""
+        if not self._pending_io:
+            return
+        run = self.vcpu.run
+        run.immediate_exit = 1
+        self.vcpu.run_once()
+        run.immediate_exit = 0
+        self._pending_io = False
+
+    def _wait_paused(self) -> None:
+        with self._cond:
+            self.state = RunState.PAUSED
+            self._cond.notify_all()
+            while self._pause_req and not self._stop_req:
+                self._cond.wait()
+            self.state = RunState.RUNNING
+            self.last_progress = time.monotonic()
+
+    def _check_stuck(self) -> None:
+        if self._stuck_for is None:
+            return
+        regs, sregs = self.vcpu.get_regs(), self.vcpu.get_sregs()
+        raise GuestError(
+            f"vCPU {self.index} made no progress for {self._stuck_for:.1f} s (no exit, no heartbeat): "
+            f"stopped by the watchdog at RIP {regs.rip:#x} CPL {sregs.cs.selector & 3}",
+            vcpu=self.index,
+            rip=int(regs.rip),
+            hint="the guest is spinning without leaving KVM_RUN; look up the RIP in confplan-fw.sym",
+        )

@@ -1,0 +1,132 @@
+/* Exports the ABI header as absolute ELF symbols (ABI_*), so the VMM's mirror of it is checked against
+ * the firmware that was actually built (tests/test_firmware_abi.py reads them from confplan-fw.sym).
+ * The function is never called; only its asm directives matter. */
+#include <stddef.h>
+
+#include "confplan_abi.h"
+
+/* In three pieces: the asm operand printer only takes immediates that fit a signed 32-bit field. */
+#define SYM(name, value)                                                                        \
+    __asm__ volatile(".globl ABI_" #name "\n\t.set ABI_" #name ", (%c0 << 32) | (%c1 << 16) | %c2" \
+                     ::"i"((unsigned long)(value) >> 32), "i"(((unsigned long)(value) >> 16) & 0xffff), \
+                     "i"((unsigned long)(value) & 0xffff))
+#define OFF(prefix, type, field) SYM(prefix##_##field, offsetof(struct type, field))
+
+void cp_abi_export(void);
+
+void cp_abi_export(void)
+{
+    SYM(version, CP_ABI_VERSION);
+    SYM(gdt_gpa, CP_GDT_GPA);
+    SYM(idt_gpa, CP_IDT_GPA);
+    SYM(tss_gpa, CP_TSS_GPA);
+    SYM(tss_stride, CP_TSS_STRIDE);
+    SYM(boot_params_gpa, CP_BOOT_PARAMS_GPA);
+    SYM(pt_wl_gpa, CP_PT_WL_GPA);
+    SYM(pt_mh_gpa, CP_PT_MH_GPA);
+    SYM(kstack_gpa, CP_KSTACK_GPA);
+    SYM(kstack_size, CP_KSTACK_SIZE);
+    SYM(max_vcpus, CP_MAX_VCPUS);
+    SYM(fw_base, CP_FW_BASE);
+    SYM(mh_base, CP_MH_BASE);
+    SYM(mh_image_size, CP_MH_IMAGE_SIZE);
+    SYM(mh_stacks_gpa, CP_MH_STACKS_GPA);
+    SYM(mh_stack_size, CP_MH_STACK_SIZE);
+    SYM(max_mh_vcpus, CP_MAX_MH_VCPUS);
+    SYM(secret_gpa, CP_SECRET_GPA);
+    SYM(mailbox_gpa, CP_MAILBOX_GPA);
+    SYM(mailbox_slot_tag, CP_MAILBOX_SLOT_TAG);
+    SYM(mmio_base, CP_MMIO_BASE);
+    SYM(mmio_size, CP_MMIO_SIZE);
+    SYM(mmio_console, CP_MMIO_CONSOLE);
+    SYM(mmio_doorbell, CP_MMIO_DOORBELL);
+    SYM(mmio_encstatus, CP_MMIO_ENCSTATUS);
+    SYM(mmio_fault, CP_MMIO_FAULT);
+    SYM(mmio_mailbox, CP_MMIO_MAILBOX);
+    SYM(db_idle, CP_DB_IDLE);
+    SYM(db_sleep_ns, CP_DB_SLEEP_NS);
+    SYM(db_event, CP_DB_EVENT);
+    SYM(ev_wl_started, CP_EV_WL_STARTED);
+    SYM(ev_wl_filled, CP_EV_WL_FILLED);
+    SYM(ev_wl_cmd_done, CP_EV_WL_CMD_DONE);
+    SYM(ev_mh_ready, CP_EV_MH_READY);
+    SYM(enc_gpa, CP_ENC_GPA);
+    SYM(enc_npages, CP_ENC_NPAGES);
+    SYM(enc_attrs, CP_ENC_ATTRS);
+    SYM(map_gpa_range_encrypted, CP_MAP_GPA_RANGE_ENCRYPTED);
+    SYM(fault_vector, CP_FAULT_VECTOR);
+    SYM(fault_error, CP_FAULT_ERROR);
+    SYM(fault_rip, CP_FAULT_RIP);
+    SYM(fault_cs, CP_FAULT_CS);
+    SYM(fault_rsp, CP_FAULT_RSP);
+    SYM(fault_cr2, CP_FAULT_CR2);
+    SYM(fault_commit, CP_FAULT_COMMIT);
+    SYM(svc_vector, CP_SVC_VECTOR);
+    SYM(flag_mh_only, CP_BP_FLAG_MH_ONLY);
+    SYM(flag_enc_hypercall, CP_BP_FLAG_ENC_HYPERCALL);
+    SYM(flag_vendor_amd, CP_BP_FLAG_VENDOR_AMD);
+    SYM(wl_ctl_magic, CP_WL_CTL_MAGIC);
+    SYM(wl_cmd_check, CP_WL_CMD_CHECK);
+    SYM(wl_cmd_write_list, CP_WL_CMD_WRITE_LIST);
+    SYM(wl_list_max, CP_WL_LIST_MAX);
+    SYM(mailbox_magic, CP_MB_MAGIC);
+
+    SYM(bp_size, sizeof(struct cp_boot_params));
+    OFF(bp, cp_boot_params, magic);
+    OFF(bp, cp_boot_params, version);
+    OFF(bp, cp_boot_params, flags);
+    OFF(bp, cp_boot_params, ram_bytes);
+    OFF(bp, cp_boot_params, tsc_khz);
+    OFF(bp, cp_boot_params, cpu_features);
+    OFF(bp, cp_boot_params, nr_vcpus);
+    OFF(bp, cp_boot_params, mmio_console);
+    OFF(bp, cp_boot_params, mmio_doorbell);
+    OFF(bp, cp_boot_params, mmio_encstatus);
+    OFF(bp, cp_boot_params, mmio_fault);
+    OFF(bp, cp_boot_params, mmio_mailbox);
+    OFF(bp, cp_boot_params, mh_base);
+    OFF(bp, cp_boot_params, mh_size);
+    OFF(bp, cp_boot_params, secret_gpa);
+    OFF(bp, cp_boot_params, mailbox_gpa);
+    OFF(bp, cp_boot_params, mailbox_stride);
+    OFF(bp, cp_boot_params, mh_vcpus);
+    OFF(bp, cp_boot_params, batch_pages);
+    OFF(bp, cp_boot_params, wl_base);
+    OFF(bp, cp_boot_params, wl_size);
+    OFF(bp, cp_boot_params, wl_ctl_gpa);
+    OFF(bp, cp_boot_params, wl_stack_gpa);
+    OFF(bp, cp_boot_params, wl_stack_size);
+    OFF(bp, cp_boot_params, wl_ledger_gpa);
+    OFF(bp, cp_boot_params, wl_data_gpa);
+    OFF(bp, cp_boot_params, wl_data_pages);
+    OFF(bp, cp_boot_params, wl_kind);
+    OFF(bp, cp_boot_params, wl_shared_ppm);
+    OFF(bp, cp_boot_params, wl_rate_bps);
+    OFF(bp, cp_boot_params, wl_seed);
+    OFF(bp, cp_boot_params, cpu_table);
+
+    SYM(wlst_size, sizeof(struct cp_wl_vcpu_status));
+    OFF(wlst, cp_wl_vcpu_status, heartbeat);
+    OFF(wlst, cp_wl_vcpu_status, state);
+    OFF(wlst, cp_wl_vcpu_status, ack_seq);
+    OFF(wlst, cp_wl_vcpu_status, result);
+    OFF(wlst, cp_wl_vcpu_status, first_bad);
+    OFF(wlst, cp_wl_vcpu_status, pages_written);
+    OFF(wlst, cp_wl_vcpu_status, checked);
+
+    SYM(wlctl_size, sizeof(struct cp_wl_control));
+    OFF(wlctl, cp_wl_control, magic);
+    OFF(wlctl, cp_wl_control, cmd_seq);
+    OFF(wlctl, cp_wl_control, cmd);
+    OFF(wlctl, cp_wl_control, list_count);
+    OFF(wlctl, cp_wl_control, vcpu);
+    OFF(wlctl, cp_wl_control, list);
+
+    SYM(mb_size, sizeof(struct cp_mailbox_header));
+    OFF(mb, cp_mailbox_header, magic);
+    OFF(mb, cp_mailbox_header, state);
+    OFF(mb, cp_mailbox_header, mh_index);
+    OFF(mb, cp_mailbox_header, heartbeat);
+    OFF(mb, cp_mailbox_header, ping);
+    OFF(mb, cp_mailbox_header, pong);
+}

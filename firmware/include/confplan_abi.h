@@ -1,0 +1,188 @@
+/*
+ * confplan guest ABI: the one header shared by the firmware and the VMM.
+ *
+ * The VMM (confplan/vmm/layout.py, confplan/vmm/bootparams.py) mirrors these values; abi.c exports every
+ * one of them as an absolute ELF symbol (ABI_*), and tests/test_firmware_abi.py checks the Python side
+ * against those symbols. Change both sides together and bump CP_ABI_VERSION.
+ * Guest virtual == guest physical (identity mapping), so every GPA below is also a pointer.
+ */
+#ifndef CONFPLAN_ABI_H
+#define CONFPLAN_ABI_H
+
+#define CP_ABI_VERSION 1
+#define CP_PAGE_SIZE 0x1000
+
+/* ---- low area (first 2 MiB, mapped with 4 KiB pages) ---- */
+#define CP_GDT_GPA 0x1000
+#define CP_IDT_GPA 0x2000
+#define CP_TSS_GPA 0x3000          /* one TSS per vCPU, CP_TSS_STRIDE apart */
+#define CP_TSS_STRIDE 0x80
+#define CP_BOOT_PARAMS_GPA 0x4000  /* read-only for CPL3 */
+#define CP_PT_WL_GPA 0x10000       /* workload page tables: PML4, PDPT, PD0..PD3, PT(low 2 MiB) */
+#define CP_PT_MH_GPA 0x18000       /* helper page tables, same shape */
+#define CP_KSTACK_GPA 0x20000      /* CPL0 stacks, CP_KSTACK_SIZE each, one per vCPU */
+#define CP_KSTACK_SIZE 0x1000
+#define CP_MAX_VCPUS 32            /* workload + helper vCPUs together */
+#define CP_FW_BASE 0x180000        /* where confplan-fw.bin is loaded */
+
+/* ---- migration-helper (MH) area: never mapped in the workload's page tables ---- */
+#define CP_MH_BASE 0x200000
+#define CP_MH_IMAGE_SIZE 0x40000   /* MH code and data (incl. crypto) */
+#define CP_MH_STACKS_GPA 0x240000  /* CPL3 stacks of MH vCPUs */
+#define CP_MH_STACK_SIZE 0x4000
+#define CP_MAX_MH_VCPUS 16
+#define CP_SECRET_GPA 0x280000     /* launch secret / transport key page */
+#define CP_MAILBOX_GPA 0x281000    /* per MH vCPU: control page + data slots, bp.mailbox_stride apart */
+#define CP_MAILBOX_SLOT_TAG 64     /* bytes after each 4 KiB page in a data slot (tag, header) */
+
+/* ---- MMIO (no memslot behind it: every access exits to the VMM) ---- */
+#define CP_MMIO_BASE 0xE0000000
+#define CP_MMIO_SIZE 0x200000
+#define CP_MAX_RAM CP_MMIO_BASE
+#define CP_MMIO_CONSOLE (CP_MMIO_BASE + 0x0000)   /* +0: store gpa | len << 48 */
+#define CP_MMIO_DOORBELL (CP_MMIO_BASE + 0x1000)  /* vCPU services, CP_DB_* offsets */
+#define CP_MMIO_ENCSTATUS (CP_MMIO_BASE + 0x2000) /* KVM_HC_MAP_GPA_RANGE over MMIO, CP_ENC_* offsets */
+#define CP_MMIO_FAULT (CP_MMIO_BASE + 0x3000)     /* CPL0 fault report, CP_FAULT_* offsets */
+#define CP_MMIO_MAILBOX (CP_MMIO_BASE + 0x10000)  /* MH mailbox doorbells (next issue), 8 bytes each */
+
+#define CP_DB_IDLE 0x00     /* park this vCPU until the VMM kicks it */
+#define CP_DB_SLEEP_NS 0x08 /* park for at most the stored number of ns (or until kicked) */
+#define CP_DB_EVENT 0x10    /* store a CP_EV_* code: tells the VMM about progress */
+
+#define CP_EV_WL_STARTED 1
+#define CP_EV_WL_FILLED 2
+#define CP_EV_WL_CMD_DONE 3
+#define CP_EV_MH_READY 4
+
+#define CP_ENC_GPA 0x00
+#define CP_ENC_NPAGES 0x08
+#define CP_ENC_ATTRS 0x10 /* the store that commits the three values */
+#define CP_MAP_GPA_RANGE_ENCRYPTED 0x10 /* KVM_MAP_GPA_RANGE_ENCRYPTED; 0 = decrypted (shared) */
+
+#define CP_FAULT_VECTOR 0x00
+#define CP_FAULT_ERROR 0x08
+#define CP_FAULT_RIP 0x10
+#define CP_FAULT_CS 0x18
+#define CP_FAULT_RSP 0x20
+#define CP_FAULT_CR2 0x28
+#define CP_FAULT_COMMIT 0x30
+
+/* ---- CPL0 services (int 0x80, DPL 3): rax = service, args rbx, rcx, rdx like a KVM hypercall ---- */
+#define CP_SVC_VECTOR 0x80
+#define CP_SVC_MAP_GPA_RANGE 1
+#define CP_KVM_HC_MAP_GPA_RANGE 12
+
+/* ---- boot parameters ---- */
+#define CP_BP_MAGIC 0x31304f4f424e4643ULL /* "CFNBOO01" little-endian */
+#define CP_BP_FLAG_MH_ONLY 0x1            /* migration target: only MH vCPUs run */
+#define CP_BP_FLAG_ENC_HYPERCALL 0x2      /* report page encryption changes by hypercall, not MMIO */
+#define CP_BP_FLAG_VENDOR_AMD 0x4         /* use vmmcall (else vmcall) */
+
+#define CP_FEAT_SSSE3 (1u << 0)
+#define CP_FEAT_SSE41 (1u << 1)
+#define CP_FEAT_AESNI (1u << 2)
+#define CP_FEAT_PCLMULQDQ (1u << 3)
+#define CP_FEAT_AVX (1u << 4)
+#define CP_FEAT_AVX2 (1u << 5)
+#define CP_FEAT_VAES (1u << 6)
+#define CP_FEAT_VPCLMULQDQ (1u << 7)
+
+#define CP_WL_NONE 0
+#define CP_WL_DIRTY_WRITER 1 /* fill, then rewrite pages at the rate */
+#define CP_WL_QUIET 2        /* fill, then only serve commands */
+#define CP_WL_PROBE_MH 3     /* test: read the secret page (must fault: not mapped for the workload) */
+#define CP_WL_SPIN 4         /* test: loop forever with no exit and no heartbeat */
+
+/* ---- workload control page (at bp.wl_ctl_gpa) ---- */
+#define CP_WL_CTL_MAGIC 0x4c544357u /* "WCTL" */
+#define CP_WL_CMD_CHECK 1           /* verify own pages against the ledger */
+#define CP_WL_CMD_WRITE_LIST 2      /* rewrite the listed data pages (those in own partition) */
+#define CP_WL_LIST_MAX 1024
+#define CP_WL_ST_STARTING 1
+#define CP_WL_ST_FILLING 2
+#define CP_WL_ST_RUNNING 3
+#define CP_WL_ST_PARKED 4
+#define CP_CHECK_OK 1
+#define CP_CHECK_BAD 2
+#define CP_NO_PAGE 0xffffffffffffffffULL
+
+/* ---- MH mailbox control page header (the rest of the page belongs to the helper protocol) ---- */
+#define CP_MB_MAGIC 0x58424d43u /* "CMBX" */
+#define CP_MH_ST_READY 1
+
+#ifndef __ASSEMBLER__
+#include <stdint.h>
+
+struct cp_boot_params {
+    uint64_t magic;
+    uint32_t version;
+    uint32_t flags;
+    uint64_t ram_bytes;
+    uint64_t tsc_khz;
+    uint32_t cpu_features;
+    uint32_t nr_vcpus; /* the workload's vCPUs only: aux vCPUs are left out */
+    uint64_t mmio_console;
+    uint64_t mmio_doorbell;
+    uint64_t mmio_encstatus;
+    uint64_t mmio_fault;
+    uint64_t mmio_mailbox;
+    uint64_t mh_base;
+    uint64_t mh_size;
+    uint64_t secret_gpa;
+    uint64_t mailbox_gpa;
+    uint64_t mailbox_stride;
+    uint32_t mh_vcpus;
+    uint32_t batch_pages;
+    uint64_t wl_base;
+    uint64_t wl_size;
+    uint64_t wl_ctl_gpa;
+    uint64_t wl_stack_gpa;
+    uint64_t wl_stack_size;
+    uint64_t wl_ledger_gpa;
+    uint64_t wl_data_gpa;
+    uint64_t wl_data_pages;
+    uint32_t wl_kind;
+    uint32_t wl_shared_ppm;   /* fraction of pages reported shared, parts per million */
+    uint64_t wl_rate_bps;     /* bytes/s; 0 = unlimited */
+    uint64_t wl_seed;
+    uint32_t cpu_table[CP_MAX_VCPUS]; /* ids of the workload's vCPUs, nr_vcpus of them */
+};
+
+struct cp_wl_vcpu_status {
+    uint64_t heartbeat;
+    uint32_t state;
+    uint32_t ack_seq;
+    uint32_t result;
+    uint32_t pad0;
+    uint64_t first_bad;    /* data page index, CP_NO_PAGE when none */
+    uint64_t pages_written;
+    uint64_t checked;      /* pages verified by the last CHECK */
+    uint64_t pad1[2];
+};
+
+struct cp_wl_control {
+    uint32_t magic;
+    uint32_t cmd_seq; /* the VMM writes cmd and args first, then bumps cmd_seq */
+    uint32_t cmd;
+    uint32_t list_count;
+    uint64_t reserved[6];
+    struct cp_wl_vcpu_status vcpu[CP_MAX_VCPUS];
+    uint64_t list[CP_WL_LIST_MAX]; /* data page indices for CP_WL_CMD_WRITE_LIST */
+};
+
+struct cp_ledger_entry {
+    uint32_t seq;  /* 0 = never written */
+    uint32_t csum; /* cp_page_csum of the page content */
+};
+
+struct cp_mailbox_header {
+    uint32_t magic;
+    uint32_t state;
+    uint32_t mh_index;
+    uint32_t pad;
+    uint64_t heartbeat;
+    uint64_t ping; /* the VMM bumps ping and kicks; the helper copies it to pong */
+    uint64_t pong;
+};
+#endif /* __ASSEMBLER__ */
+#endif /* CONFPLAN_ABI_H */

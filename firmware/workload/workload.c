@@ -1,0 +1,165 @@
+/* The guest workload (CPL3, natively): kind dirty-writer fills its pages with pseudo-random content,
+ * then rewrites them at the plan's rate, keeping a ledger (sequence number + checksum per page) so it
+ * can verify all of its memory when the VMM asks. All state lives in guest RAM and registers, so a
+ * migrated copy continues from the restored memory and vCPU registers. */
+#include "cp_lib.h"
+
+struct wl {
+    volatile struct cp_wl_control *ctl;
+    volatile struct cp_wl_vcpu_status *st;
+    struct cp_ledger_entry *ledger;
+    uint8_t *data;
+    uint64_t seed;
+    uint64_t first, count; /* this vCPU's partition of the data pages */
+};
+
+void wl_entry(uint64_t idx) __attribute__((noreturn));
+
+static void write_page(struct wl *w, uint64_t p)
+{
+    struct cp_ledger_entry *e = &w->ledger[p];
+    uint32_t seq = e->seq + 1;
+    uint32_t csum = cp_page_fill((uint64_t *)(w->data + p * CP_PAGE_SIZE), w->seed, p, seq);
+    e->seq = seq;
+    e->csum = csum;
+    w->st->pages_written++;
+}
+
+static void check_pages(struct wl *w)
+{
+    uint64_t bad = CP_NO_PAGE;
+    for (uint64_t p = w->first; p < w->first + w->count; p++) {
+        const struct cp_ledger_entry *e = &w->ledger[p];
+        if (e->seq == 0 || cp_page_csum((const uint64_t *)(w->data + p * CP_PAGE_SIZE)) != e->csum) {
+            bad = p;
+            break;
+        }
+    }
+    w->st->first_bad = bad;
+    w->st->checked = bad == CP_NO_PAGE ? w->count : bad - w->first;
+    w->st->result = bad == CP_NO_PAGE ? CP_CHECK_OK : CP_CHECK_BAD;
+}
+
+static void write_list(struct wl *w)
+{
+    uint32_t n = w->ctl->list_count;
+    if (n > CP_WL_LIST_MAX)
+        n = CP_WL_LIST_MAX;
+    for (uint32_t i = 0; i < n; i++) {
+        uint64_t p = w->ctl->list[i];
+        if (p >= w->first && p < w->first + w->count)
+            write_page(w, p);
+    }
+    w->st->result = CP_CHECK_OK;
+}
+
+/* Serve a command the VMM posted (it writes cmd and args, then bumps cmd_seq). */
+static void poll_command(struct wl *w)
+{
+    uint32_t seq = w->ctl->cmd_seq;
+    if (seq == w->st->ack_seq)
+        return;
+    __asm__ volatile("" ::: "memory");
+    if (w->ctl->cmd == CP_WL_CMD_CHECK)
+        check_pages(w);
+    else if (w->ctl->cmd == CP_WL_CMD_WRITE_LIST)
+        write_list(w);
+    w->st->ack_seq = seq;
+    cp_event(CP_EV_WL_CMD_DONE);
+}
+
+static inline uint64_t next_rand(uint64_t *s)
+{
+    *s ^= *s << 13;
+    *s ^= *s >> 7;
+    *s ^= *s << 17;
+    return *s;
+}
+
+/* Rewrite random pages of the partition: unlimited, or paced by the TSC to rate bytes/s. */
+static void __attribute__((noreturn)) dirty_loop(struct wl *w, uint64_t idx)
+{
+    uint64_t rate = CP_BP->wl_rate_bps;
+    uint64_t tsc_per_us = CP_BP->tsc_khz / 1000 ? CP_BP->tsc_khz / 1000 : 1;
+    uint64_t tsc_per_page = rate ? CP_BP->tsc_khz * 1000 * CP_PAGE_SIZE / rate : 0;
+    uint64_t rnd = (w->seed ^ (idx + 1) * 0x9e3779b97f4a7c15ULL) | 1;
+    uint64_t t0 = cp_rdtsc(), done = 0;
+    for (;;) {
+        w->st->heartbeat++;
+        poll_command(w);
+        if (tsc_per_page == 0) {
+            for (int i = 0; i < 16; i++)
+                write_page(w, w->first + next_rand(&rnd) % w->count);
+            continue;
+        }
+        uint64_t elapsed = cp_rdtsc() - t0;
+        uint64_t due = elapsed / tsc_per_page;
+        if (done < due) {
+            uint64_t n = due - done > 64 ? 64 : due - done;
+            for (uint64_t i = 0; i < n; i++)
+                write_page(w, w->first + next_rand(&rnd) % w->count);
+            done += n;
+            continue;
+        }
+        uint64_t wait_ns = ((done + 1) * tsc_per_page - elapsed) * 1000 / tsc_per_us;
+        if (wait_ns > 200000)
+            cp_sleep_ns(wait_ns > 100000000 ? 100000000 : wait_ns);
+        else
+            cp_pause();
+    }
+}
+
+static void __attribute__((noreturn)) quiet_loop(struct wl *w)
+{
+    for (;;) {
+        w->st->heartbeat++;
+        poll_command(w);
+        cp_idle();
+    }
+}
+
+static void fill(struct wl *w)
+{
+    w->st->state = CP_WL_ST_FILLING;
+    for (uint64_t p = w->first; p < w->first + w->count; p++) {
+        write_page(w, p);
+        w->st->heartbeat++;
+    }
+    uint64_t shared = w->count * CP_BP->wl_shared_ppm / 1000000;
+    if (shared)
+        cp_map_gpa_range((uint64_t)(uintptr_t)(w->data + w->first * CP_PAGE_SIZE), shared, 0);
+}
+
+void wl_entry(uint64_t idx)
+{
+    struct wl w;
+    uint64_t n = CP_BP->wl_data_pages, nr = CP_BP->nr_vcpus;
+    w.ctl = (volatile struct cp_wl_control *)(uintptr_t)CP_BP->wl_ctl_gpa;
+    w.st = &w.ctl->vcpu[idx];
+    w.ledger = (struct cp_ledger_entry *)(uintptr_t)CP_BP->wl_ledger_gpa;
+    w.data = (uint8_t *)(uintptr_t)CP_BP->wl_data_gpa;
+    w.seed = CP_BP->wl_seed;
+    w.first = idx * n / nr;
+    w.count = (idx + 1) * n / nr - w.first;
+    w.st->state = CP_WL_ST_STARTING;
+    cp_event(CP_EV_WL_STARTED);
+    if (idx == 0)
+        cp_printf("workload: kind %u on %u vCPUs, %lu data pages", CP_BP->wl_kind, CP_BP->nr_vcpus, n);
+    if (CP_BP->wl_kind == CP_WL_PROBE_MH) {
+        volatile uint64_t *secret = (volatile uint64_t *)(uintptr_t)CP_BP->secret_gpa;
+        cp_printf("workload: reading the secret page: %lx", *secret); /* must fault first */
+    }
+    if (CP_BP->wl_kind == CP_WL_SPIN)
+        for (;;)
+            __asm__ volatile("" ::: "memory");
+    if (CP_BP->wl_kind == CP_WL_NONE || w.count == 0) {
+        w.st->state = CP_WL_ST_PARKED;
+        cp_park_forever();
+    }
+    fill(&w);
+    w.st->state = CP_WL_ST_RUNNING;
+    cp_event(CP_EV_WL_FILLED);
+    if (CP_BP->wl_kind == CP_WL_DIRTY_WRITER)
+        dirty_loop(&w, idx);
+    quiet_loop(&w);
+}

@@ -1,0 +1,162 @@
+"""Boot real guests on KVM: console, aux vCPUs, dirty log, encryption bitmap, pause, faults, watchdog,
+self-check and vCPU state. Small guests (32 MiB) keep the whole file to a few seconds."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from confplan.vmm import Machine, MachineConfig, abi
+from confplan.vmm.exits import GuestError, GuestFault
+from confplan.vmm.workload import page_csum, page_fill
+
+pytestmark = pytest.mark.kvm
+MEM = 32 * abi.MIB
+
+
+@pytest.fixture
+def quiet() -> Iterator[Machine]:
+    """A filled guest whose workload only serves commands: its memory changes only when asked."""
+    with Machine(MachineConfig(memory=MEM, workload_kind="quiet", aux_vcpus=1, shared_fraction=0.25)) as m:
+        m.start()
+        m.wait_workload(abi.EV_WL_FILLED, timeout=20)
+        m.wait_helpers_ready()
+        yield m
+
+
+def wait_error(m: Machine, timeout: float = 10.0) -> BaseException:
+    deadline = time.monotonic() + timeout
+    while m.error is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert m.error is not None, "the guest should have stopped with an error"
+    return m.error
+
+
+def test_boot_and_console() -> None:
+    lines: list[str] = []
+    with Machine(MachineConfig(memory=MEM, workload_kind="quiet"), echo=lines.append) as m:
+        m.start()
+        assert m.console.wait_for("workload: kind 2 on 1 vCPUs", timeout=10) is not None
+        m.wait_workload(abi.EV_WL_FILLED, timeout=20)
+        assert m.workload.progress().states == ["running"]
+        assert lines and lines[0].startswith("[vcpu0] workload:")
+
+
+def test_aux_vcpus_are_invisible_to_the_workload() -> None:
+    with Machine(MachineConfig(memory=64 * abi.MIB, vcpus=2, aux_vcpus=2, workload_kind="quiet")) as m:
+        m.start()
+        m.wait_workload(abi.EV_WL_FILLED, timeout=20)
+        m.wait_helpers_ready()
+        bp = m.ram.struct_at(abi.BootParams, abi.BOOT_PARAMS_GPA)
+        assert bp.nr_vcpus == 2 and list(bp.cpu_table[:3]) == [0, 1, 0]
+        assert m.console.wait_for("on 2 vCPUs", timeout=1) is not None
+        # the workload split its pages between its own two vCPUs only
+        written = [m.workload.status(i).pages_written for i in range(4)]
+        assert written[:2] == [len(m.layout.partition(0)), len(m.layout.partition(1))]
+        assert written[2:] == [0, 0]
+        assert [a.header.mh_index for a in m.aux] == [0, 1] and all(a.ready for a in m.aux)
+        assert m.console.wait_for("mh: helper vCPU 1 ready", timeout=1) is not None
+
+
+def test_dirty_log_reports_exactly_the_written_pages(quiet: Machine) -> None:
+    lay = quiet.layout
+    pages = [0, 1, 17, 500, lay.wl_data_pages - 1]
+    quiet.dirty_log.clear()
+    quiet.workload.write_pages(pages)
+    dirty = quiet.dirty_log.fetch()
+    first_data = lay.wl_data_gpa // abi.PAGE
+    assert dirty.pages(first_data, lay.npages) == [first_data + p for p in pages]
+    # Everything else written is bookkeeping: page-table A/D bits, the control page, stack, ledger.
+    ledger = {(lay.wl_ledger_gpa + 8 * p) // abi.PAGE for p in pages}
+    allowed = set(range(abi.PT_WL_GPA // abi.PAGE, abi.KSTACK_GPA // abi.PAGE)) | ledger
+    allowed |= set(range(lay.wl_ctl_gpa // abi.PAGE, lay.wl_ledger_gpa // abi.PAGE))
+    assert set(dirty.pages(0, first_data)) <= allowed
+    assert ledger <= set(dirty.pages(0, first_data))
+
+
+def test_encryption_bitmap_follows_the_guest_reports(quiet: Machine) -> None:
+    lay = quiet.layout
+    shared = lay.wl_data_pages * 250_000 // 1_000_000
+    first = lay.wl_data_gpa // abi.PAGE
+    enc = quiet.enc_bitmap
+    assert enc.shared_pages() == shared and enc.stats.reports == 1
+    assert not enc.is_private(first) and not enc.is_private(first + shared - 1)
+    assert enc.is_private(first + shared) and enc.is_private(first - 1) and enc.is_private(lay.npages - 1)
+
+
+def test_self_check_finds_a_corrupted_page(quiet: Machine) -> None:
+    lay = quiet.layout
+    result = quiet.workload.check()
+    assert result.ok and result.checked_pages == lay.wl_data_pages
+    page = 1234
+    content = quiet.ram.read(lay.data_page_gpa(page), abi.PAGE)
+    ledger = quiet.ram.struct_at(abi.LedgerEntry, lay.wl_ledger_gpa + 8 * page)
+    assert (ledger.seq, ledger.csum) == (1, page_csum(content))
+    assert content == page_fill(quiet.config.seed, page, 1)  # the firmware's generator, bit for bit
+    quiet.ram.write(lay.data_page_gpa(page) + 100, b"\xff")
+    result = quiet.workload.check()
+    assert not result.ok and result.first_bad_page == page and result.checked_pages == page
+
+
+def test_pause_all_vcpus_except_aux() -> None:
+    cfg = MachineConfig(memory=MEM, aux_vcpus=1, workload_kind="dirty-writer")  # unpaced
+    with Machine(cfg) as m:
+        m.start()
+        m.wait_workload(abi.EV_WL_FILLED, timeout=20)
+        m.wait_helpers_ready()
+        m.pause_all_vcpus_except_aux()
+        before = m.workload.progress().pages_written
+        m.dirty_log.clear()
+        assert m.aux[0].ping(), "the aux vCPU keeps serving while the guest is paused"
+        time.sleep(0.1)
+        dirty = m.dirty_log.fetch()
+        assert m.workload.progress().pages_written == before
+        assert dirty.pages(m.layout.wl_base // abi.PAGE, m.layout.npages) == []
+        assert dirty.pages(m.layout.mailbox_gpa(0) // abi.PAGE, m.layout.mh_end // abi.PAGE)  # the pong
+        m.resume_all_vcpus_except_aux()
+        deadline = time.monotonic() + 5
+        while m.workload.progress().pages_written == before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert m.workload.progress().pages_written > before
+        assert m.workload.check().ok
+
+
+def test_vcpu_state_round_trip(quiet: Machine) -> None:
+    quiet.pause_all_vcpus_except_aux()
+    saved = quiet.save_vcpu_states()
+    quiet.restore_vcpu_states(saved)
+    again = quiet.save_vcpu_states()
+    assert again[0].regs == saved[0].regs and again[0].sregs == saved[0].sregs
+    assert again[0].fpu == saved[0].fpu and again[0].xcrs == saved[0].xcrs
+    assert saved[0].tsc <= again[0].tsc
+    quiet.resume_all_vcpus_except_aux()
+    assert quiet.workload.check().ok
+
+
+def test_workload_touching_the_helper_area_faults_cleanly() -> None:
+    with Machine(MachineConfig(memory=MEM, workload_kind="probe-mh")) as m:
+        m.start()
+        err = wait_error(m)
+    assert isinstance(err, GuestFault)
+    assert err.vector == 14 and err.cr2 == abi.SECRET_GPA and err.cs & 3 == 3
+    assert "#PF page fault" in err.message and "RIP 0x" in err.message
+
+
+def test_watchdog_stops_a_spinning_guest() -> None:
+    with Machine(MachineConfig(memory=MEM, workload_kind="spin", watchdog_s=0.5)) as m:
+        m.start()
+        err = wait_error(m)
+        assert isinstance(err, GuestError) and "watchdog" in err.message
+        with pytest.raises(GuestError):
+            m.check()
+
+
+def test_mh_only_boot_keeps_the_guest_vcpus_paused() -> None:
+    cfg = MachineConfig(memory=MEM, aux_vcpus=1, workload_kind="dirty-writer", mh_only=True)
+    with Machine(cfg) as m:
+        m.start()
+        m.wait_helpers_ready()
+        assert m.console.wait_for("(mh_only)", timeout=5) is not None
+        assert m.events.count(0, abi.EV_WL_STARTED) == 0 and m.workload.progress().pages_written == 0
