@@ -1,9 +1,133 @@
-"""Commands of this area are added to the root app by ``register``."""
+"""Stage commands: ``confplan status PLAN`` shows the checkpoint of a plan's latest run.
+
+It reads the checkpoint only (no lock, nothing created), and says what the next ``confplan apply`` would
+do, using the same pure decision (``choose_run`` + ``plan_steps``) that apply uses.
+"""
 
 from __future__ import annotations
 
+import enum
+import json
+import time
+from typing import Annotated, Any
+
 import typer
+
+from confplan.plan import Plan, load_plan
+from confplan.stages.base import REGISTRY
+from confplan.stages.checkpoint import DB_NAME, CheckpointStore, RunRecord, StageRecord
+from confplan.stages.executor import RunChoice, Step, StepAction, choose_run, plan_steps
+from confplan.stages.observers import format_bytes
+
+
+class OutputFormat(enum.StrEnum):
+    TEXT = "text"
+    JSON = "json"
+
+
+def status(
+    plan_file: Annotated[str, typer.Argument(help="The plan file.", metavar="PLAN")],
+    output: Annotated[
+        OutputFormat, typer.Option("--output", "-o", help="text (a table) or json (for pipelines).")
+    ] = OutputFormat.TEXT,
+) -> None:
+    """Show the checkpoint of PLAN's latest run: each stage's status, duration, bytes and error."""
+    plan = load_plan(plan_file)
+    run, records = _read_checkpoint(plan)
+    choice = choose_run(run, plan.plan_hash())
+    policies = {name: cls.resume_policy() for name, cls in REGISTRY.items()}
+    steps = plan_steps(plan.stages, records if choice.resume else {}, policies=policies)
+    if output is OutputFormat.JSON:
+        typer.echo(json.dumps(_document(plan, plan_file, run, records, choice, steps), indent=2))
+        return
+    for line in _text(plan, run, records, choice, steps):
+        typer.echo(line)
+
+
+def _read_checkpoint(plan: Plan) -> tuple[RunRecord | None, dict[str, StageRecord]]:
+    if not (plan.checkpoint.dir / DB_NAME).exists():
+        return None, {}
+    with CheckpointStore.open(plan.checkpoint.dir, create=False) as store:
+        run = store.latest_run(plan.metadata.name)
+        return run, store.stage_records(run.run_id) if run is not None else {}
+
+
+def _document(
+    plan: Plan,
+    plan_file: str,
+    run: RunRecord | None,
+    records: dict[str, StageRecord],
+    choice: RunChoice,
+    steps: list[Step],
+) -> dict[str, Any]:
+    return {
+        "plan": {"file": plan_file, "name": plan.metadata.name, "hash": plan.plan_hash()},
+        "checkpoint": str(plan.checkpoint.dir / DB_NAME),
+        "run": run.to_json() if run is not None else None,
+        "stages": [record.to_json() for record in records.values()],
+        "next_apply": {**choice.to_json(), "steps": [step.to_json() for step in steps]},
+    }
+
+
+def _text(
+    plan: Plan,
+    run: RunRecord | None,
+    records: dict[str, StageRecord],
+    choice: RunChoice,
+    steps: list[Step],
+) -> list[str]:
+    lines = [f"plan {plan.metadata.name} (hash {plan.plan_hash()[:12]})"]
+    if run is None:
+        lines.append(f"no run recorded in {plan.checkpoint.dir / DB_NAME}: the plan has not been applied")
+        return lines
+    finished = f", finished {_when(run.finished)}" if run.finished else ""
+    lines.append(
+        f"run {run.run_id}: {run.outcome.value}, started {_when(run.started)}{finished}, "
+        f"attempt {run.attempts} (checkpoint {plan.checkpoint.dir / DB_NAME})"
+    )
+    lines.extend(_table(records))
+    lines.append(f"next apply: {_next(choice, steps)}")
+    return lines
+
+
+def _table(records: dict[str, StageRecord]) -> list[str]:
+    rows = [("STAGE", "STATUS", "DURATION", "SHARED", "SEALED", "ERROR")]
+    for record in records.values():
+        duration = f"{record.duration:.2f}s" if record.duration is not None else "-"
+        error = (record.error or "").strip().splitlines()
+        rows.append(
+            (
+                record.stage,
+                record.status.value,
+                duration,
+                format_bytes(record.bytes_shared) if record.bytes_shared else "-",
+                format_bytes(record.bytes_sealed) if record.bytes_sealed else "-",
+                error[0] if error else "",
+            )
+        )
+    widths = [max(len(row[column]) for row in rows) for column in range(5)]
+    # The error column is last and not padded: it is as long as it is.
+    return [
+        ("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, [*widths, 0], strict=True))).rstrip()
+        for row in rows
+    ]
+
+
+def _next(choice: RunChoice, steps: list[Step]) -> str:
+    if not choice.resume:
+        return choice.reason
+    first = next((step for step in steps if step.action is not StepAction.SKIP), None)
+    if first is None:
+        return "nothing to do: every stage is done"
+    if first.action is StepAction.BLOCKED:
+        return f"blocked: {first.reason} (check the guest, then `confplan apply --restart PLAN`)"
+    return f"resume at stage {first.stage} ({first.reason})"
+
+
+def _when(stamp: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp)) if stamp else "-"
 
 
 def register(app: typer.Typer) -> None:
     """Add this area's commands to the root app."""
+    app.command("status")(status)

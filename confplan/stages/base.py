@@ -1,0 +1,193 @@
+"""What a stage module provides, and what the executor hands it.
+
+A stage module defines one ``Stage`` subclass and registers it::
+
+    @register_stage
+    class Precopy(Stage):
+        name = "precopy"
+        policy = ResumePolicy(redo_from="start-incoming", reason="the target's received pages are gone")
+
+        def check(self, ctx): ...            # raise ConfplanError saying what is missing
+        def run(self, ctx) -> StageResult:  # idempotent: may run again after a failure or a crash
+            ...
+
+``run`` registers the undo of everything it sets up with ``ctx.add_teardown``; after a failure the executor
+runs every registered tear-down in reverse. Until resume-target has succeeded, tear-downs must leave the
+source guest running and intact (resume its vCPUs, close streams), never destroy it.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Final
+
+from confplan.errors import ConfplanError
+from confplan.plan import Plan, StageSpec
+from confplan.stages.checkpoint import StageRecord, StageStatus
+
+
+@dataclass(frozen=True)
+class ResumePolicy:
+    """What a later apply redoes when this stage did not finish.
+
+    ``redo_from``: the earliest stage to run again (None: this stage itself), because what this stage
+    needs from it did not survive the failure. ``unsafe_if_interrupted``: when set, a crash in the middle
+    of this stage (status still ``running``) is not resumed automatically; the text says why.
+    """
+
+    redo_from: str | None = None
+    reason: str = ""
+    unsafe_if_interrupted: str | None = None
+
+
+# The policy of each stage of the v1 pipeline (a stage class may override its own).
+DEFAULT_POLICIES: Final[Mapping[str, ResumePolicy]] = {
+    "precopy": ResumePolicy(
+        "start-incoming", "the target's partly received memory went with the failed stream"
+    ),
+    "stop-and-copy": ResumePolicy(
+        "start-incoming", "the target's state is incomplete after a failed final copy"
+    ),
+    "verify": ResumePolicy("start-incoming", "the target's memory cannot be trusted after a failed verify"),
+    "resume-target": ResumePolicy(
+        "start-incoming",
+        "the target did not resume, so it is loaded again from the intact source",
+        unsafe_if_interrupted=(
+            "resume-target was interrupted: the guest may already run on the target while the source "
+            "still holds it"
+        ),
+    ),
+}
+
+
+def policy_for(name: str, overrides: Mapping[str, ResumePolicy] | None = None) -> ResumePolicy:
+    if overrides is not None and name in overrides:
+        return overrides[name]
+    return DEFAULT_POLICIES.get(name, ResumePolicy())
+
+
+def stage_inputs(spec: StageSpec) -> str:
+    """Digest of what a stage's action depends on besides the plan (its name and parameters)."""
+    text = json.dumps({"stage": spec.name, "params": spec.params}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What a successful action reports; ``data`` must be JSON (a later apply's stages read it back)."""
+
+    bytes_shared: int = 0
+    bytes_sealed: int = 0
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Progress:
+    done: int
+    total: int | None = None
+    unit: str = ""
+    message: str = ""
+
+
+class TeardownWhen(enum.Enum):
+    ON_FAILURE = "on-failure"  # undo: only when the apply fails (resume the source's vCPUs, say)
+    ALWAYS = "always"  # release: also when the apply succeeds (close an RPC connection, say)
+
+
+@dataclass
+class Teardown:
+    """A registered undo; ``cancel`` it once a later stage has made it wrong to run."""
+
+    label: str
+    stage: str
+    action: Callable[[], None]
+    when: TeardownWhen
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class StageContext:
+    """What a stage sees: the plan, earlier stages' results, live objects, progress and tear-downs."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        run_id: int,
+        records: Mapping[str, StageRecord],
+        report_progress: Callable[[str, Progress], None],
+    ) -> None:
+        self.plan = plan
+        self.run_id = run_id
+        self.records: dict[str, StageRecord] = dict(records)
+        # Live objects one stage hands to later ones within this apply (RPC clients of the VMMs, say).
+        self.state: dict[str, Any] = {}
+        self.teardowns: list[Teardown] = []
+        self.current = ""
+        self._report_progress = report_progress
+
+    def result_of(self, stage: str) -> Mapping[str, Any]:
+        """The recorded result of an earlier stage; a ConfplanError when it has not succeeded."""
+        record = self.records.get(stage)
+        if record is None or record.status not in (StageStatus.DONE, StageStatus.SKIPPED):
+            status = "not run" if record is None else record.status.value
+            raise ConfplanError(
+                f"stage {self.current or '?'} needs the result of stage {stage}, which is {status}",
+                hint=f"list {stage} before {self.current or 'it'} in the plan's stages",
+            )
+        return record.result
+
+    def progress(self, done: int, total: int | None = None, *, unit: str = "", message: str = "") -> None:
+        self._report_progress(self.current, Progress(done, total, unit, message))
+
+    def add_teardown(
+        self, label: str, action: Callable[[], None], *, when: TeardownWhen = TeardownWhen.ON_FAILURE
+    ) -> Teardown:
+        teardown = Teardown(label, self.current, action, when)
+        self.teardowns.append(teardown)
+        return teardown
+
+
+class Stage:
+    """One stage: a precondition check, an idempotent action, a resume policy."""
+
+    name: ClassVar[str] = ""
+    policy: ClassVar[ResumePolicy | None] = None  # None: DEFAULT_POLICIES' entry for ``name``
+
+    def __init__(self, params: Mapping[str, Any]) -> None:
+        self.params = dict(params)
+
+    def check(self, ctx: StageContext) -> None:
+        """Raise ConfplanError naming what is missing before ``run`` may start. Default: nothing needed."""
+
+    def run(self, ctx: StageContext) -> StageResult:
+        raise NotImplementedError(f"stage {self.name} has no action")
+
+    def resume_safe(self, previous: StageRecord) -> bool:
+        """May a later apply skip this stage, done earlier as ``previous``? False when what it produced is
+        gone (the VMM it started has exited, say): then it runs again, and every stage after it."""
+        return True
+
+    @classmethod
+    def resume_policy(cls) -> ResumePolicy:
+        return cls.policy if cls.policy is not None else policy_for(cls.name)
+
+
+StageRegistry = dict[str, type[Stage]]
+REGISTRY: StageRegistry = {}
+
+
+def register_stage(cls: type[Stage], registry: StageRegistry | None = None) -> type[Stage]:
+    """Class decorator: make ``cls`` the action of stage ``cls.name``."""
+    target = REGISTRY if registry is None else registry
+    if not cls.name:
+        raise ValueError(f"{cls.__qualname__} has no stage name")
+    if cls.name in target and target[cls.name] is not cls:
+        raise ValueError(f"stage {cls.name} is already registered by {target[cls.name].__qualname__}")
+    target[cls.name] = cls
+    return cls
