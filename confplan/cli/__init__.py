@@ -1,10 +1,9 @@
 """The ``confplan`` command line: one module per area, each adding its commands to ``app``.
 
 Areas: ``plan_cmds`` (validate, schema), ``apply_cmds`` (apply, vmm, agent), ``stage_cmds`` (status),
-``machine_cmds`` (launch),
-``owner_cmds`` (the guest owner's key broker). ``main`` is the console-script entry: it turns a
-``ConfplanError`` into a clean message and its exit code, and any other exception into a one-line internal
-error (exit 1), never a traceback.
+``machine_cmds`` (launch), ``owner_cmds`` (the guest owner's key broker). ``main`` is the console-script
+entry: it turns a ``ConfplanError`` into a clean message and its exit code, and any other exception into a
+one-line internal error (exit 1), never a traceback.
 """
 
 from __future__ import annotations
