@@ -1,18 +1,22 @@
-"""Machine commands: ``confplan launch PLAN`` boots the plan's guest on the built-in VMM and shows what
-it is doing until Ctrl-C (or ``--duration``), then shuts it down cleanly."""
+"""Machine commands: ``confplan launch PLAN`` boots the plan's guest on the built-in VMM, through a
+measured SEV launch on the EMULATED secure processor by default, and shows what it is doing until Ctrl-C
+(or ``--duration``), then shuts it down cleanly."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from confplan.errors import ConfplanError
 from confplan.vmm import Machine, MachineConfig, abi
 
 
-def config_from_plan(plan: Any) -> MachineConfig:
+def config_from_plan(plan: Any, *, measured: bool = False, mh_only: bool = False) -> MachineConfig:
     """Map a ``confplan.plan`` Plan onto the VMM's config (the VMM itself never imports the plan)."""
     guest, helper = plan.guest, plan.helper
     mirror = helper.mode == "mirror-vm"
@@ -27,18 +31,58 @@ def config_from_plan(plan: Any) -> MachineConfig:
         dirty_rate=guest.workload.dirty_rate,
         shared_fraction=guest.workload.shared_fraction,
         seed=guest.workload.seed,
+        measured_launch=measured,
+        mh_only=mh_only,
     )
 
 
 def _status_line(m: Machine, dirty_pages: int, seconds: float) -> str:
     progress = m.workload.progress()
     rate = dirty_pages * abi.PAGE / max(seconds, 1e-9) / abi.MIB
-    aux = sum(a.ready for a in m.aux)
+    ready = sum(h.ready for h in m.helpers)
+    where = "mirror VM" if m.mirror is not None else "aux"
     exits = sum(r.exits for r in m.runners)
     return (
-        f"vCPUs {','.join(progress.states)} | aux ready {aux}/{len(m.aux)} | dirty {rate:8.1f} MiB/s | "
-        f"shared {m.enc_bitmap.shared_pages()} pages | written {progress.pages_written} | exits {exits}"
+        f"vCPUs {','.join(progress.states)} | {where} ready {ready}/{len(m.helpers)} | "
+        f"dirty {rate:8.1f} MiB/s | shared {m.enc_bitmap.shared_pages()} pages | "
+        f"written {progress.pages_written} | exits {exits}"
     )
+
+
+def _measured_launch(m: Machine, policy: int, psp_dir: Path) -> None:
+    """The owner's side runs in this process with throw-away keys whose policy allows exactly the digest
+    predicted from the plan: it shows the flow and the refusals, it proves nothing against this host."""
+    from confplan.sev import EmulatedSecureProcessor, KeyBroker, OwnerPolicy
+    from confplan.sev.broker import TRANSPORT_KEY_LEN
+    from confplan.sev.policy import sev_api_version
+    from confplan.vmm.sev_launch import expected_launch_digest, launch_with_broker
+
+    psp = EmulatedSecureProcessor.open(psp_dir)
+    digest = expected_launch_digest(m.config, m.firmware, m.host).hex()
+    major, minor = sev_api_version(policy)
+    with tempfile.TemporaryDirectory(prefix="confplan-owner-") as owner_dir:
+        owner = OwnerPolicy(allowed_digests=[digest], allowed_policies=[policy], min_api=f"{major}.{minor}")
+        broker = KeyBroker.init(Path(owner_dir), owner)
+        record = launch_with_broker(m, psp, broker, policy, os.urandom(TRANSPORT_KEY_LEN))
+    typer.echo(
+        f"measured launch on the EMULATED secure processor (keys in {psp.key_file}; not AMD hardware): "
+        f"policy {policy:#x}, firmware {record.version}"
+    )
+    typer.echo(f"  launch digest {record.digest} (predicted from the plan; the owner allowed it)")
+    typer.echo(f"  measurement {record.measurement.hex()}")
+    typer.echo(
+        f"  the owner's broker (temporary emulated owner keys) released a transport key into the secret "
+        f"page at {abi.SECRET_GPA:#x}; LAUNCH_FINISH done"
+    )
+
+
+def _launch_policy(plan: Any) -> int:
+    if plan.sev.generation == "sev-snp":
+        raise ConfplanError(
+            "the VMM's measured launch speaks the SEV/SEV-ES flow (LAUNCH_SECRET); this plan says sev-snp",
+            hint="use generation sev or sev-es for `confplan launch`, or pass --unmeasured",
+        )
+    return int(plan.sev.policy_int)
 
 
 def launch(
@@ -48,18 +92,40 @@ def launch(
     ] = None,
     interval: Annotated[float, typer.Option(help="Seconds between status lines.")] = 1.0,
     console: Annotated[bool, typer.Option(help="Show the guest's console lines.")] = True,
+    measured: Annotated[
+        bool,
+        typer.Option(
+            "--measured/--unmeasured",
+            help="Measured SEV launch with the plan's sev.policy on the EMULATED secure processor.",
+        ),
+    ] = True,
+    psp_dir: Annotated[
+        Path | None,
+        typer.Option(help="Folder for the emulated secure processor's keys (default: checkpoint.dir)."),
+    ] = None,
 ) -> None:
-    """Boot the plan's guest and show live what it does (vCPUs, aux vCPUs, dirty rate, shared pages)."""
+    """Boot the plan's guest and show live what it does (vCPUs, helper vCPUs, dirty rate, shared pages)."""
     from confplan.plan import load_plan
 
-    config = config_from_plan(load_plan(plan_path))
+    plan = load_plan(plan_path)
+    policy = _launch_policy(plan) if measured else None
+    config = config_from_plan(plan, measured=measured)
     echo = (lambda line: typer.echo(f"  {line}")) if console else None
     with Machine(config, echo=echo) as m:
         typer.echo(f"firmware {m.firmware.path} sha256 {m.firmware.sha256}")
+        helpers = (
+            f"mirror VM with {config.mirror_vcpus} vCPUs"
+            if config.helper_mode == "mirror-vm"
+            else f"{config.aux_vcpus} aux"
+        )
         typer.echo(
-            f"guest: {config.memory // abi.MIB} MiB, {config.vcpus} vCPUs + {config.aux_vcpus} aux, "
+            f"guest: {config.memory // abi.MIB} MiB, {config.vcpus} vCPUs + {helpers}, "
             f"workload {config.workload_kind}; Ctrl-C stops it"
         )
+        if m.mirror is not None:
+            typer.echo(f"mirror VM: {m.mirror.enc_context}")
+        if policy is not None:
+            _measured_launch(m, policy, psp_dir or plan.checkpoint.dir)
         m.start()
         _watch(m, duration, interval)
     typer.echo("guest shut down")

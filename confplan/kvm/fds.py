@@ -130,6 +130,12 @@ class Vm:
         )
         ioctl(self.fd, s.KVM_SET_USER_MEMORY_REGION, region, "KVM_SET_USER_MEMORY_REGION")
 
+    def copy_enc_context_from(self, source: Vm) -> None:
+        """KVM_ENABLE_CAP(KVM_CAP_VM_COPY_ENC_CONTEXT_FROM, source fd): make this VM a mirror sharing
+        ``source``'s memory-encryption context (SEV ASID). KVM accepts it only when ``source`` is an SEV
+        VM and this one has no vCPUs yet; otherwise ``KvmError`` (EINVAL for a plain source VM)."""
+        self.enable_cap(s.KVM_CAP_VM_COPY_ENC_CONTEXT_FROM, source.fd)
+
     def get_dirty_log(self, slot: int, bitmap_addr: int) -> None:
         """KVM_GET_DIRTY_LOG: write the slot's dirty bitmap at ``bitmap_addr`` and clear it in KVM."""
         log = s.KvmDirtyLog(slot=slot, dirty_bitmap=bitmap_addr)

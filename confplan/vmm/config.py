@@ -15,7 +15,10 @@ EncChannel = Literal["mmio", "hypercall"]
 @dataclass(frozen=True)
 class MachineConfig:
     """One guest. ``dirty_rate`` is bytes/s, None = unlimited; ``shared_fraction`` of the workload's
-    pages is reported shared; ``mh_only`` boots only the helper vCPUs (a migration target)."""
+    pages is reported shared; ``mh_only`` boots only the helper vCPUs (a migration target).
+    ``mirror_vcpus``: the mirror VM's vCPUs in helper mode mirror-vm. ``measured_launch``: the firmware and
+    boot parameters are placed by the secure processor's LAUNCH_UPDATE_DATA (``sev_launch``), and no vCPU
+    starts before LAUNCH_FINISH."""
 
     memory: int = 64 * abi.MIB
     vcpus: int = 1
@@ -29,6 +32,7 @@ class MachineConfig:
     mirror_vcpus: int = 1
     mh_only: bool = False
     enc_channel: EncChannel = "mmio"
+    measured_launch: bool = False
     dirty_logging: bool = True
     watchdog_s: float | None = 10.0
     console_echo: bool = False
@@ -43,7 +47,7 @@ class MachineConfig:
 
     @property
     def mh_vcpus(self) -> int:
-        """Helper vCPUs that get a mailbox: the aux vCPUs, or the mirror VM's one vCPU."""
+        """Helper vCPUs that get a mailbox: the aux vCPUs, or the mirror VM's vCPUs."""
         if self.helper_mode == "aux-vcpu":
             return self.aux_vcpus
         return self.mirror_vcpus if self.helper_mode == "mirror-vm" else 0
@@ -55,14 +59,18 @@ class MachineConfig:
             raise ConfplanError(
                 f"{where}: unknown workload kind {self.workload_kind!r}", hint=f"use one of {kinds}"
             )
-        if not self.vcpus >= 1 or self.vcpus + self.aux_vcpus > abi.MAX_VCPUS:
+        helpers = "mirror VM vCPUs" if self.helper_mode == "mirror-vm" else "aux vCPUs"
+        if not self.vcpus >= 1 or self.vcpus + self.mh_vcpus > abi.MAX_VCPUS:
             raise ConfplanError(
-                f"{where}: {self.vcpus} vCPUs + {self.aux_vcpus} aux vCPUs",
-                hint=f"use at least 1 vCPU and at most {abi.MAX_VCPUS} vCPUs in total",
+                f"{where}: {self.vcpus} vCPUs + {self.mh_vcpus} {helpers}",
+                hint=f"use at least 1 vCPU and at most {abi.MAX_VCPUS} vCPUs in total (helpers included)",
             )
-        if self.aux_vcpus > abi.MAX_MH_VCPUS:
+        if self.mh_vcpus > abi.MAX_MH_VCPUS:
+            raise ConfplanError(f"{where}: {self.mh_vcpus} {helpers}", hint=f"use at most {abi.MAX_MH_VCPUS}")
+        if self.helper_mode == "mirror-vm" and self.mirror_vcpus < 1:
             raise ConfplanError(
-                f"{where}: {self.aux_vcpus} aux vCPUs", hint=f"use at most {abi.MAX_MH_VCPUS}"
+                f"{where}: mirror_vcpus={self.mirror_vcpus} in helper mode mirror-vm",
+                hint="give the mirror VM at least one vCPU",
             )
         if self.helper_mode != "aux-vcpu" and self.aux_vcpus:
             raise ConfplanError(

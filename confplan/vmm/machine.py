@@ -1,6 +1,6 @@
-"""A running guest: memfd RAM, firmware, CPU tables, vCPU threads (the guest's own and aux vCPUs), the
-MMIO devices, dirty log, encryption bitmap, and a watchdog. Set-up registers its tear-down; ``close``
-runs it in reverse."""
+"""A running guest: memfd RAM, firmware, CPU tables, vCPU threads (the guest's own and the migration
+helper's: aux vCPUs or a mirror VM), the MMIO devices, dirty log, encryption bitmap, and a watchdog.
+Set-up registers its tear-down; ``close`` runs it in reverse."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from confplan.errors import ConfplanError
-from confplan.kvm import DEFAULT_KVM_PATH, Kvm
+from confplan.kvm import DEFAULT_KVM_PATH, Kvm, Vcpu
 from confplan.kvm import structs as s
 from confplan.vmm import abi, cpu_setup, tables
-from confplan.vmm.aux_vcpu import AuxVcpu
+from confplan.vmm.aux_vcpu import HelperHost, HelperVcpu
+from confplan.vmm.bootparams import HostCpu
 from confplan.vmm.config import MachineConfig
 from confplan.vmm.devices import MmioBus
 from confplan.vmm.devices.console import Console
@@ -41,9 +42,14 @@ from confplan.vmm.exits import (
 from confplan.vmm.firmware import Firmware
 from confplan.vmm.layout import GuestLayout
 from confplan.vmm.memory import GuestRam
+from confplan.vmm.mirror_vm import MirrorVm
+from confplan.vmm.sev_launch import LaunchBlob, launch_blobs
 from confplan.vmm.state import VcpuState
 from confplan.vmm.vcpu_thread import RunState, VcpuRunner
 from confplan.vmm.workload import WorkloadControl
+
+if TYPE_CHECKING:
+    from confplan.vmm.sev_launch import MeasuredLaunch
 
 TSS_ADDR = 0xFFFBD000  # three pages KVM may use on VMX hosts, above the MMIO window
 KVM_ENOSYS = 1000
@@ -70,7 +76,9 @@ class Machine:
         self._closed = threading.Event()
         self.events = EventLog(self.check)
         self.runners: list[VcpuRunner] = []
-        self.aux: list[AuxVcpu] = []
+        self.helpers: list[HelperVcpu] = []
+        self.mirror: MirrorVm | None = None
+        self.launch: MeasuredLaunch | None = None
         self._log: TextIO | None = None
         try:
             self._build(kvm_path, echo)
@@ -95,14 +103,20 @@ class Machine:
         self.enc_bitmap = EncBitmap(lay.npages)
         self._cpuid = self.kvm.supported_cpuid()
         self.cpu = cpu_setup.cpu_info(self._cpuid)
-        self._load_guest_memory()
+        self._load_cpu_tables()
         self._make_devices(echo)
         self.workload = WorkloadControl(
             self.ram, lay, self.events, self._kick_workload, lambda: self._all_running(self.vcpus)
         )
         self.workload.init_control_page()
         self._make_vcpus()
-        self._write_boot_params(self.runners[0].vcpu.tsc_khz())
+        if cfg.helper_mode == "mirror-vm":
+            self._make_mirror_vm()
+        tsc = self.runners[0].vcpu.tsc_khz()
+        self.host = HostCpu(tsc_khz=tsc, features=self.cpu.features, vendor_amd=self.cpu.vendor_amd)
+        if not cfg.measured_launch:  # else the secure processor places them (sev_launch.MeasuredLaunch)
+            for blob in self.launch_blobs():
+                self.ram.write(blob.gpa, blob.data)
 
     def _enable_hypercall_exit(self) -> bool:
         """KVM_CAP_EXIT_HYPERCALL for KVM_HC_MAP_GPA_RANGE where offered (on kvm_pvm it is offered but
@@ -113,9 +127,13 @@ class Machine:
         self.vm.enable_cap(s.KVM_CAP_EXIT_HYPERCALL, 1 << s.KVM_HC_MAP_GPA_RANGE)
         return True
 
-    def _load_guest_memory(self) -> None:
-        nr = self.config.vcpus + self.config.aux_vcpus
-        self.ram.write(abi.FW_BASE, self.firmware.image)
+    @property
+    def _cpu_slots(self) -> int:
+        """GDT/TSS/CPL0-stack slots: the guest's vCPUs, then one per helper vCPU (aux or mirror VM)."""
+        return self.config.vcpus + self.config.mh_vcpus
+
+    def _load_cpu_tables(self) -> None:
+        nr = self._cpu_slots
         tables.write_gdt_and_tss(self.ram, nr)
         tables.write_idt(self.ram, self.firmware)
         tables.write_page_tables(self.ram, self.layout, self.firmware, nr)
@@ -126,7 +144,7 @@ class Machine:
         if self.config.console_log:
             self._log = open(self.config.console_log, "a", encoding="utf-8")  # noqa: SIM115
             self._teardown.append(self._log.close)
-        self.console = Console(self.ram, echo, self._log)
+        self.console = Console(self, echo, self._log)
         self.bus = MmioBus()
         self.bus.register(abi.MMIO_CONSOLE, abi.PAGE, self.console)
         self.bus.register(abi.MMIO_DOORBELL, abi.PAGE, Doorbell(self.events))
@@ -134,40 +152,52 @@ class Machine:
         self.bus.register(abi.MMIO_FAULT, abi.PAGE, FaultReporter())
 
     def _make_vcpus(self) -> None:
-        cfg, lay = self.config, self.layout
-        nr = cfg.vcpus + cfg.aux_vcpus
-        for vcpu_id in range(nr):
+        """The primary VM's vCPUs: the guest's own, then aux vCPUs (helper mode aux-vcpu only)."""
+        cfg = self.config
+        for vcpu_id in range(cfg.vcpus + cfg.aux_vcpus):
             vcpu = self.vm.create_vcpu(vcpu_id)
             self._teardown.append(vcpu.close)
-            aux = vcpu_id >= cfg.vcpus
-            if aux:
-                mh = vcpu_id - cfg.vcpus
-                entry, stack, cr3, arg = (
-                    self.firmware.sym("mh_entry"),
-                    lay.mh_stack_top(mh),
-                    abi.PT_MH_GPA,
-                    mh,
-                )
-            else:
-                entry, stack, cr3, arg = (
-                    self.firmware.sym("wl_entry"),
-                    lay.wl_stack_top(vcpu_id),
-                    abi.PT_WL_GPA,
-                    vcpu_id,
-                )
+            if vcpu_id >= cfg.vcpus:
+                self._configure_helper(vcpu, vcpu_id - cfg.vcpus)
+                self._add_helper(vcpu, vcpu_id - cfg.vcpus, "aux-vcpu")
+                continue
             cpu_setup.configure(
-                vcpu, self._cpuid, self.cpu, entry=entry, stack_top=stack, cr3=cr3, arg=arg, nr_vcpus=nr
-            )
-            runner = VcpuRunner(
-                vcpu,
-                aux=aux,
-                dispatch=self._dispatch,
-                on_error=self._fail,
-                heartbeat=self._heartbeat_of(vcpu_id),
-            )
-            self.runners.append(runner)
-            if aux:
-                self.aux.append(AuxVcpu(runner, self.ram, lay, vcpu_id - cfg.vcpus))
+                vcpu, self._cpuid, self.cpu, entry=self.firmware.sym("wl_entry"),
+                stack_top=self.layout.wl_stack_top(vcpu_id), cr3=abi.PT_WL_GPA, arg=vcpu_id,
+                nr_vcpus=self._cpu_slots,
+            )  # fmt: skip
+            self.runners.append(self._runner(vcpu, aux=False))
+
+    def _make_mirror_vm(self) -> None:
+        """A second VM on the same RAM whose vCPUs take the aux slots (ids after the guest's)."""
+        cfg = self.config
+        self.mirror = MirrorVm(
+            self.kvm, self.vm, self.ram, first_id=cfg.vcpus, count=cfg.mirror_vcpus,
+            configure=self._configure_helper,
+        )  # fmt: skip
+        self._teardown.append(self.mirror.close)
+        for i, vcpu in enumerate(self.mirror.vcpus):
+            self._add_helper(vcpu, i, "mirror-vm")
+
+    def _configure_helper(self, vcpu: Vcpu, mh_index: int) -> None:
+        """Both helper modes: start at mh_entry(mh_index), helper page tables, own MH stack."""
+        cpu_setup.configure(
+            vcpu, self._cpuid, self.cpu, entry=self.firmware.sym("mh_entry"),
+            stack_top=self.layout.mh_stack_top(mh_index), cr3=abi.PT_MH_GPA, arg=mh_index,
+            nr_vcpus=self._cpu_slots,
+        )  # fmt: skip
+
+    def _add_helper(self, vcpu: Vcpu, mh_index: int, mode: HelperHost) -> None:
+        label = f"mirror VM vCPU {vcpu.id}" if mode == "mirror-vm" else f"aux vCPU {vcpu.id}"
+        runner = self._runner(vcpu, aux=True, label=label)
+        self.runners.append(runner)
+        self.helpers.append(HelperVcpu(runner, self.ram, self.layout, mh_index, mode))
+
+    def _runner(self, vcpu: Vcpu, *, aux: bool, label: str | None = None) -> VcpuRunner:
+        return VcpuRunner(
+            vcpu, aux=aux, dispatch=self._dispatch, on_error=self._fail,
+            heartbeat=self._heartbeat_of(vcpu.id), label=label,
+        )  # fmt: skip
 
     def _heartbeat_of(self, vcpu_id: int) -> Callable[[], int]:
         if vcpu_id < self.config.vcpus:
@@ -176,39 +206,46 @@ class Machine:
         header = self.ram.struct_at(abi.MailboxHeader, self.layout.mailbox_gpa(vcpu_id - self.config.vcpus))
         return lambda: int(header.heartbeat)
 
-    def _write_boot_params(self, tsc_khz: int) -> None:
-        cfg, lay = self.config, self.layout
-        bp = self.ram.struct_at(abi.BootParams, abi.BOOT_PARAMS_GPA)
-        bp.magic, bp.version = abi.BP_MAGIC, abi.ABI_VERSION
-        bp.flags = (
-            (abi.BP_FLAG_MH_ONLY if cfg.mh_only else 0)
-            | (abi.BP_FLAG_ENC_HYPERCALL if cfg.enc_channel == "hypercall" else 0)
-            | (abi.BP_FLAG_VENDOR_AMD if self.cpu.vendor_amd else 0)
-        )
-        bp.ram_bytes, bp.tsc_khz, bp.cpu_features = cfg.memory, tsc_khz, self.cpu.features
-        bp.nr_vcpus = cfg.vcpus  # the guest's own vCPUs only: aux vCPUs stay invisible to it
-        for i in range(cfg.vcpus):
-            bp.cpu_table[i] = i
-        bp.mmio_console, bp.mmio_doorbell, bp.mmio_encstatus = (
-            abi.MMIO_CONSOLE,
-            abi.MMIO_DOORBELL,
-            abi.MMIO_ENCSTATUS,
-        )
-        bp.mmio_fault, bp.mmio_mailbox = abi.MMIO_FAULT, abi.MMIO_MAILBOX
-        bp.mh_base, bp.mh_size, bp.secret_gpa = abi.MH_BASE, lay.mh_end - abi.MH_BASE, abi.SECRET_GPA
-        bp.mailbox_gpa, bp.mailbox_stride = abi.MAILBOX_GPA, lay.mailbox_stride
-        bp.mh_vcpus, bp.batch_pages = lay.mh_vcpus, cfg.batch_pages
-        bp.wl_base, bp.wl_size = lay.wl_base, cfg.memory - lay.wl_base
-        bp.wl_ctl_gpa, bp.wl_stack_gpa = lay.wl_ctl_gpa, lay.wl_stack_gpa
-        bp.wl_stack_size = lay.wl_stack_top(0) - lay.wl_stack_gpa
-        bp.wl_ledger_gpa, bp.wl_data_gpa, bp.wl_data_pages = (
-            lay.wl_ledger_gpa,
-            lay.wl_data_gpa,
-            lay.wl_data_pages,
-        )
-        bp.wl_kind, bp.wl_shared_ppm = cfg.wl_kind, round(cfg.shared_fraction * 1_000_000)
-        bp.wl_rate_bps = 0 if cfg.dirty_rate is None else max(1, int(cfg.dirty_rate))
-        bp.wl_seed = cfg.seed & ((1 << 64) - 1)
+    def launch_blobs(self) -> list[LaunchBlob]:
+        """The firmware image and boot-parameters page, exactly as (to be) written and measured."""
+        return launch_blobs(self.config, self.firmware, self.host)
+
+    # ---- guest memory, as the VMM (and the secure processor) may touch it ----
+    def _refuse_secret(self, gpa: int, n: int, what: str) -> None:
+        if gpa < abi.SECRET_GPA + abi.PAGE and gpa + n > abi.SECRET_GPA:
+            raise ConfplanError(
+                f"{what} of guest range [{gpa:#x}, {gpa + n:#x}) refused: it overlaps the secret page at "
+                f"{abi.SECRET_GPA:#x}, which holds the launch secret (the transport key)",
+                hint="only the migration helper reads the secret page; leave it out of the range",
+            )
+
+    def read(self, gpa: int, n: int) -> bytes:
+        """Guest bytes [gpa, gpa+n) (``confplan.sev.GuestMemory``); the secret page is refused."""
+        self._refuse_secret(gpa, n, "read")
+        return self.ram.read(gpa, n)
+
+    def view(self, gpa: int, n: int) -> memoryview:
+        """A zero-copy view of guest bytes; the secret page is refused, as by ``read``."""
+        self._refuse_secret(gpa, n, "view")
+        return self.ram.view(gpa, n)
+
+    def write(self, gpa: int, data: bytes) -> None:
+        """Store guest bytes (``confplan.sev.GuestMemory``: LAUNCH_UPDATE_DATA and LAUNCH_SECRET land here).
+        A host can always overwrite guest memory; it is reading the secret that SEV denies it."""
+        self.ram.write(gpa, data)
+
+    def debug_read(self, gpa: int, n: int) -> bytes:
+        """A debug read of guest memory: through the secure processor (DBG_DECRYPT) after a measured
+        launch, so a NODBG policy refuses it; a plain read for an unmeasured guest."""
+        if self.launch is not None:
+            return self.launch.debug_read(gpa, n)
+        return self.read(gpa, n)
+
+    def attach_launch(self, launch: MeasuredLaunch) -> None:
+        """Called by ``MeasuredLaunch``: one launch per machine, before it starts."""
+        if self.launch is not None or "start" in self.timings:
+            raise ConfplanError("a machine has one measured launch, before it starts")
+        self.launch = launch
 
     # ---- running ----
     @property
@@ -216,8 +253,20 @@ class Machine:
         """The guest's own vCPUs (not aux)."""
         return [r for r in self.runners if not r.aux]
 
+    @property
+    def aux(self) -> list[HelperVcpu]:
+        """The helper vCPUs that are aux vCPUs of this VM (none in helper mode mirror-vm)."""
+        return [h for h in self.helpers if h.mode == "aux-vcpu"]
+
     def start(self) -> None:
-        """Start every vCPU thread; on a migration target (mh_only) the guest's own vCPUs stay paused."""
+        """Start every vCPU thread; on a migration target (mh_only) the guest's own vCPUs stay paused.
+        A measured launch must have reached LAUNCH_FINISH first."""
+        if self.config.measured_launch and (self.launch is None or not self.launch.finished):
+            state = "not begun" if self.launch is None else f"in state {self.launch.guest.state.value}"
+            raise ConfplanError(
+                f"measured launch {state}: no vCPU may run before LAUNCH_FINISH",
+                hint="run the launch first: sev_launch.MeasuredLaunch measure, inject_secret, finish",
+            )
         self.timings["start"] = time.perf_counter()
         for r in self.runners:
             r.start(paused=self.config.mh_only and not r.aux)
@@ -230,8 +279,9 @@ class Machine:
             raise ConfplanError(f"the guest workload did not report event {event} within {timeout} s")
 
     def wait_helpers_ready(self, timeout: float = 10.0) -> None:
-        if not self.events.wait(abi.EV_MH_READY, [a.runner.index for a in self.aux], timeout):
-            raise ConfplanError(f"the aux vCPUs' migration helper did not start within {timeout} s")
+        if not self.events.wait(abi.EV_MH_READY, [h.runner.index for h in self.helpers], timeout):
+            where = "mirror VM's" if self.mirror is not None else "aux vCPUs'"
+            raise ConfplanError(f"the {where} migration helper did not start within {timeout} s")
 
     def pause(self, runners: list[VcpuRunner]) -> None:
         for r in runners:
@@ -322,7 +372,7 @@ class Machine:
     def _guest_error(self, runner: VcpuRunner, what: str) -> GuestError:
         rip = int(runner.vcpu.get_regs().rip)
         return GuestError(
-            f"vCPU {runner.index}: {what} at RIP {rip:#x}",
+            f"{runner.label}: {what} at RIP {rip:#x}",
             vcpu=runner.index,
             rip=rip,
             hint="the guest stopped; look up the RIP in confplan-fw.sym",

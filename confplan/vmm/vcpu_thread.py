@@ -46,7 +46,8 @@ Dispatch = Callable[["VcpuRunner", VcpuExit], None]
 
 
 class VcpuRunner:
-    """Runs one vCPU on its own thread. ``index`` is the KVM vCPU id; ``aux`` marks helper vCPUs."""
+    """Runs one vCPU on its own thread. ``index`` is the KVM vCPU id; ``aux`` marks helper vCPUs (aux vCPUs
+    and the mirror VM's, which pausing the guest leaves running); ``label`` names it in messages."""
 
     def __init__(
         self,
@@ -56,10 +57,12 @@ class VcpuRunner:
         dispatch: Dispatch,
         on_error: Callable[[BaseException], None],
         heartbeat: Callable[[], int] | None = None,
+        label: str | None = None,
     ) -> None:
         self.vcpu = vcpu
         self.index = vcpu.id
         self.aux = aux
+        self.label = label or f"vCPU {self.index}"
         self._dispatch = dispatch
         self._on_error = on_error
         self.heartbeat = heartbeat
@@ -73,7 +76,7 @@ class VcpuRunner:
         self._stuck_for: float | None = None
         self._pending_io = False
         self._signal_ok = install_kick_handler()
-        self._thread = threading.Thread(target=self._main, name=f"vcpu{self.index}", daemon=True)
+        self._thread = threading.Thread(target=self._main, name=self.label.replace(" ", "-"), daemon=True)
 
     @property
     def active(self) -> bool:
@@ -99,7 +102,7 @@ class VcpuRunner:
             while self.state not in (RunState.PAUSED, RunState.STOPPED):
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise GuestError(f"vCPU {self.index} did not pause within {timeout} s", vcpu=self.index)
+                    raise GuestError(f"{self.label} did not pause within {timeout} s", vcpu=self.index)
                 self._cond.wait(left)
 
     def resume(self) -> None:
@@ -181,7 +184,7 @@ class VcpuRunner:
                 if ret in (-errno.EINTR, -errno.EAGAIN):
                     self._check_stuck()
                     continue
-                raise KvmError(-ret, f"vCPU {self.index}: KVM_RUN")
+                raise KvmError(-ret, f"{self.label}: KVM_RUN")
             self.exits += 1
             self._pending_io = True
             self._dispatch(self, decode(run))
@@ -211,7 +214,7 @@ class VcpuRunner:
             return
         regs, sregs = self.vcpu.get_regs(), self.vcpu.get_sregs()
         raise GuestError(
-            f"vCPU {self.index} made no progress for {self._stuck_for:.1f} s (no exit, no heartbeat): "
+            f"{self.label} made no progress for {self._stuck_for:.1f} s (no exit, no heartbeat): "
             f"stopped by the watchdog at RIP {regs.rip:#x} CPL {sregs.cs.selector & 3}",
             vcpu=self.index,
             rip=int(regs.rip),

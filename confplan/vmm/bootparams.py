@@ -1,0 +1,79 @@
+"""The boot-parameters page (``struct cp_boot_params`` at 0x4000) as bytes, from a config alone.
+
+A pure function, so the exact page the VMM writes (and, in a measured launch, measures) can be computed
+without booting: an orchestrator or the guest owner predicts the launch digest from the same bytes. The
+only host facts in it are in ``HostCpu``, which the caller passes in (``HostCpu.probe`` asks KVM).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from confplan.kvm import DEFAULT_KVM_PATH, Kvm
+from confplan.vmm import abi, cpu_setup
+from confplan.vmm.config import MachineConfig
+from confplan.vmm.layout import GuestLayout
+
+
+@dataclass(frozen=True)
+class HostCpu:
+    """What the boot parameters take from the host: CPL3 code can neither read MSRs nor trust CPUID."""
+
+    tsc_khz: int
+    features: int  # abi.FEATURE_BITS learnt from KVM_GET_SUPPORTED_CPUID
+    vendor_amd: bool
+
+    @classmethod
+    def probe(cls, kvm_path: str = DEFAULT_KVM_PATH) -> HostCpu:
+        """Ask this host's KVM (a throwaway VM and vCPU, for KVM_GET_TSC_KHZ)."""
+        with Kvm(kvm_path) as kvm, kvm.create_vm() as vm:
+            info = cpu_setup.cpu_info(kvm.supported_cpuid())
+            vcpu = vm.create_vcpu(0)
+            try:
+                return cls(tsc_khz=vcpu.tsc_khz(), features=info.features, vendor_amd=info.vendor_amd)
+            finally:
+                vcpu.close()
+
+
+def boot_params(config: MachineConfig, layout: GuestLayout, host: HostCpu) -> abi.BootParams:
+    bp = abi.BootParams()
+    bp.magic, bp.version = abi.BP_MAGIC, abi.ABI_VERSION
+    bp.flags = (
+        (abi.BP_FLAG_MH_ONLY if config.mh_only else 0)
+        | (abi.BP_FLAG_ENC_HYPERCALL if config.enc_channel == "hypercall" else 0)
+        | (abi.BP_FLAG_VENDOR_AMD if host.vendor_amd else 0)
+    )
+    bp.ram_bytes, bp.tsc_khz, bp.cpu_features = config.memory, host.tsc_khz, host.features
+    # The guest's own vCPUs only: helper vCPUs (aux or mirror VM) stay invisible to it. Nothing here
+    # says which helper mode runs: the MH reads the same fields either way.
+    bp.nr_vcpus = config.vcpus
+    for i in range(config.vcpus):
+        bp.cpu_table[i] = i
+    bp.mmio_console, bp.mmio_doorbell, bp.mmio_encstatus = (
+        abi.MMIO_CONSOLE,
+        abi.MMIO_DOORBELL,
+        abi.MMIO_ENCSTATUS,
+    )
+    bp.mmio_fault, bp.mmio_mailbox = abi.MMIO_FAULT, abi.MMIO_MAILBOX
+    bp.mh_base, bp.mh_size, bp.secret_gpa = abi.MH_BASE, layout.mh_end - abi.MH_BASE, abi.SECRET_GPA
+    bp.mailbox_gpa, bp.mailbox_stride = abi.MAILBOX_GPA, layout.mailbox_stride
+    bp.mh_vcpus, bp.batch_pages = layout.mh_vcpus, config.batch_pages
+    bp.wl_base, bp.wl_size = layout.wl_base, config.memory - layout.wl_base
+    bp.wl_ctl_gpa, bp.wl_stack_gpa = layout.wl_ctl_gpa, layout.wl_stack_gpa
+    bp.wl_stack_size = layout.wl_stack_top(0) - layout.wl_stack_gpa
+    bp.wl_ledger_gpa, bp.wl_data_gpa, bp.wl_data_pages = (
+        layout.wl_ledger_gpa,
+        layout.wl_data_gpa,
+        layout.wl_data_pages,
+    )
+    bp.wl_kind, bp.wl_shared_ppm = config.wl_kind, round(config.shared_fraction * 1_000_000)
+    bp.wl_rate_bps = 0 if config.dirty_rate is None else max(1, int(config.dirty_rate))
+    bp.wl_seed = config.seed & ((1 << 64) - 1)
+    return bp
+
+
+def boot_params_page(config: MachineConfig, layout: GuestLayout, host: HostCpu) -> bytes:
+    """The whole 4 KiB page at ``abi.BOOT_PARAMS_GPA``, zero after the struct."""
+    raw = bytes(memoryview(boot_params(config, layout, host)).cast("B"))
+    assert len(raw) <= abi.PAGE
+    return raw.ljust(abi.PAGE, b"\x00")
