@@ -30,7 +30,7 @@ def test_example_plans_say_what_they_promise() -> None:
     quick, remote, mirror = plans["quickstart"], plans["two-host"], plans["mirror-vm"]
     assert quick.source.is_local and quick.target.is_local
     assert quick.guest.memory == 256 << 20 and quick.limits.max_downtime == pytest.approx(0.05)
-    assert not remote.target.is_local and remote.target.address == ("10.0.0.2", 4444)
+    assert not remote.target.is_local and remote.target.address == ("target-host.example", 4444)
     assert remote.sev.policy_int & SevPolicyFlag.ES
     assert remote.limits.bandwidth == pytest.approx(125_000_000.0)
     assert remote.stages[4].name == "precopy" and remote.stages[4].params == {"max_rounds": 20}
