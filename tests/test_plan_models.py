@@ -34,7 +34,7 @@ def test_example_plans_say_what_they_promise() -> None:
     assert remote.sev.policy_int & SevPolicyFlag.ES
     assert remote.limits.bandwidth == pytest.approx(125_000_000.0)
     assert remote.stages[4].name == "precopy" and remote.stages[4].params == {"max_rounds": 20}
-    assert mirror.helper.mode == "mirror-vm" and mirror.sev.policy_int & SNP_RESERVED_ONE
+    assert mirror.helper.mode == "mirror-vm" and mirror.sev.generation == "sev"
     assert plans["ci-smoke"].guest.memory <= 64 << 20
 
 
