@@ -1,0 +1,116 @@
+/*
+ * Sub-keys from the transport key, and the keyed digest of a GPA range (docs/mailbox.md, "DIGEST").
+ *
+ * Derivation: the AES-256-GCM keystream under the transport key for the reserved IV ff ff ff ff "CPKDF v1"
+ * (sender id 0xffffffff is never handed to a nonce sequence): bytes 0..31 digest key, 32..63 final key,
+ * 64..79 the key-derived migration id, 80..83 key id (u32 LE).
+ *
+ * Digest: h(gpa) = GMAC_Kd(IV ff ff ff fe || gpa BE64, AAD = page) per page outside the MH area; the chain
+ * starts as c = start LE64 || npages LE64 and folds every 256 hashes: c = GMAC_Kd(IV ff ff ff fd || j BE64,
+ * AAD = c || h...). The result is the keystream of the final key at IV c[0..11] (32 bytes): a PRF of the
+ * chain value, so published digests say nothing about the GHASH key or the memory.
+ */
+#include "mailbox.h"
+
+static const uint8_t kdf_iv[CP_GCM_IV_BYTES] = {0xff, 0xff, 0xff, 0xff, 'C', 'P', 'K', 'D', 'F', ' ', 'v', '1'};
+
+static void store_be64(uint8_t *p, uint64_t v)
+{
+    for (int i = 7; i >= 0; i--, v >>= 8)
+        p[i] = (uint8_t)v;
+}
+
+static void store_le64(uint8_t *p, uint64_t v)
+{
+    for (int i = 0; i < 8; i++, v >>= 8)
+        p[i] = (uint8_t)v;
+}
+
+static void make_iv(uint8_t iv[CP_GCM_IV_BYTES], uint8_t kind, uint64_t value)
+{
+    iv[0] = 0xff;
+    iv[1] = 0xff;
+    iv[2] = 0xff;
+    iv[3] = kind;
+    store_be64(iv + 4, value);
+}
+
+uint32_t cp_mh_derive(struct cp_mh_ctx *ctx, const uint8_t key[CP_MH_KEY_BYTES], const uint8_t *owner_id)
+{
+    uint8_t ks[96] __attribute__((aligned(16)));
+    uint8_t tag[CP_GCM_TAG_BYTES];
+    uint32_t rc = CP_MBS_CONFIG;
+    cp_mh_wipe(ks, sizeof(ks));
+    if (cp_gcm_init(&ctx->transport, key, ctx->impl) != 0 ||
+        cp_gcm_seal(&ctx->transport, kdf_iv, 0, 0, ks, ks, sizeof(ks), tag) != 0)
+        goto out;
+    if (cp_gcm_init(&ctx->digest_key, ks, ctx->impl) != 0 || cp_gcm_init(&ctx->final_key, ks + 32, ctx->impl) != 0)
+        goto out;
+    cp_mh_copy(ctx->migration_id, owner_id ? owner_id : ks + 64, CP_MH_ID_BYTES);
+    ctx->key_id = (uint32_t)ks[80] | (uint32_t)ks[81] << 8 | (uint32_t)ks[82] << 16 | (uint32_t)ks[83] << 24;
+    rc = CP_MBS_OK;
+out:
+    cp_mh_wipe(ks, sizeof(ks));
+    cp_mh_wipe(tag, sizeof(tag));
+    return rc;
+}
+
+static int fold(struct cp_mh_ctx *ctx, uint64_t step, uint32_t hashes)
+{
+    uint8_t iv[CP_GCM_IV_BYTES];
+    uint8_t c[CP_GCM_TAG_BYTES];
+    make_iv(iv, 0xfd, step);
+    if (cp_gcm_seal(&ctx->digest_key, iv, ctx->chain, 16u + 16u * hashes, ctx->chain, ctx->chain, 0, c) != 0)
+        return -1;
+    cp_mh_copy(ctx->chain, c, sizeof(c));
+    return 0;
+}
+
+static int hash_page(struct cp_mh_ctx *ctx, uint64_t gpa, uint8_t out[CP_GCM_TAG_BYTES])
+{
+    uint8_t iv[CP_GCM_IV_BYTES];
+    make_iv(iv, 0xfe, gpa);
+    return cp_gcm_seal(&ctx->digest_key, iv, ctx->cfg.ram + gpa, CP_MH_PAGE, ctx->chain, ctx->chain, 0, out);
+}
+
+static int in_mh_area(const struct cp_mh_config *cfg, uint64_t gpa)
+{
+    return gpa >= cfg->mh_base && gpa - cfg->mh_base < cfg->mh_size;
+}
+
+uint32_t cp_mh_digest(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages, uint8_t out[CP_MB_DIGEST_BYTES],
+                      uint64_t *hashed, uint64_t *skipped)
+{
+    uint8_t tag[CP_GCM_TAG_BYTES];
+    uint32_t m = 0;
+    uint64_t step = 0;
+    *hashed = *skipped = 0;
+    if (start % CP_MH_PAGE)
+        return CP_MBS_GPA_ALIGN;
+    if (start > ctx->cfg.ram_size || npages > (ctx->cfg.ram_size - start) / CP_MH_PAGE)
+        return CP_MBS_GPA_RANGE;
+    store_le64(ctx->chain, start);
+    store_le64(ctx->chain + 8, npages);
+    for (uint64_t p = 0; p < npages; p++) {
+        uint64_t gpa = start + p * CP_MH_PAGE;
+        if (in_mh_area(&ctx->cfg, gpa)) {
+            ++*skipped;
+            continue;
+        }
+        if (hash_page(ctx, gpa, ctx->chain + 16 + 16 * m) != 0)
+            return CP_MBS_CONFIG;
+        ++*hashed;
+        if (++m == CP_MH_DIGEST_CHUNK) {
+            if (fold(ctx, step++, m) != 0)
+                return CP_MBS_CONFIG;
+            m = 0;
+        }
+    }
+    if (m && fold(ctx, step, m) != 0)
+        return CP_MBS_CONFIG;
+    cp_mh_wipe(out, CP_MB_DIGEST_BYTES);
+    if (cp_gcm_seal(&ctx->final_key, ctx->chain, 0, 0, out, out, CP_MB_DIGEST_BYTES, tag) != 0)
+        return CP_MBS_CONFIG;
+    cp_mh_wipe(ctx->chain, sizeof(ctx->chain));
+    return CP_MBS_OK;
+}

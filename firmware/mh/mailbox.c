@@ -1,0 +1,377 @@
+/*
+ * The MH mailbox engine: one posted op per call (cp_mh_handle) and the serve loop (cp_mh_serve). Protocol in
+ * firmware/include/cp_mailbox.h and docs/mailbox.md. Everything the host can write (control page, slots) is
+ * read once into private memory before it is trusted.
+ */
+#include "confplan_abi.h"
+#include "mailbox.h"
+
+#define MH_CTX_MAGIC 0x5854434du /* "MCTX" */
+
+_Static_assert(sizeof(struct cp_mailbox_header) <= CP_MB_PROTO_OFFSET, "protocol block overlaps the header");
+_Static_assert(CP_MB_PROTO_OFFSET + sizeof(struct cp_mb_proto) <= CP_MB_SLOTS_OFFSET, "protocol block size");
+_Static_assert(CP_MB_SLOT_SIZE == CP_MB_SLOT_HEADER + CP_MH_PAGE, "slot = sealed page record");
+_Static_assert(CP_MB_SLOT_SIZE == CP_PAGE_SIZE + CP_MAILBOX_SLOT_TAG, "slot size matches the guest ABI");
+
+/* Offsets inside a slot (struct cp_sealed_page, confplan/core/pagecore.h). */
+#define SLOT_GPA 0u
+#define SLOT_GEN 8u
+#define SLOT_STATUS 12u
+#define SLOT_NONCE 16u
+#define SLOT_KEY_ID 28u
+#define SLOT_TAG 32u
+#define SLOT_RESERVED 48u
+#define SLOT_CT 64u
+#define AAD_BYTES 28u
+
+/* ---- freestanding helpers: rep movs/stos, so the compiler cannot emit memcpy calls or drop a wipe ---- */
+
+void cp_mh_copy(void *dst, const void *src, size_t n)
+{
+    __asm__ volatile("rep movsb" : "+D"(dst), "+S"(src), "+c"(n) : : "memory");
+}
+
+void cp_mh_wipe(void *dst, size_t n)
+{
+    __asm__ volatile("rep stosb" : "+D"(dst), "+c"(n) : "a"(0) : "memory");
+}
+
+static uint64_t load_le(const uint8_t *p, int bytes)
+{
+    uint64_t v = 0;
+    for (int i = bytes - 1; i >= 0; i--)
+        v = v << 8 | p[i];
+    return v;
+}
+
+static void store_le(uint8_t *p, uint64_t v, int bytes)
+{
+    for (int i = 0; i < bytes; i++, v >>= 8)
+        p[i] = (uint8_t)v;
+}
+
+size_t cp_mh_ctx_size(void)
+{
+    return sizeof(struct cp_mh_ctx);
+}
+
+size_t cp_mh_shared_size(void)
+{
+    return sizeof(struct cp_mh_shared);
+}
+
+uint32_t cp_mh_features_from_bp(uint32_t f)
+{
+    uint32_t w = 0;
+    w |= (f & CP_FEAT_AESNI) ? CP_CPU_AESNI : 0u;
+    w |= (f & CP_FEAT_PCLMULQDQ) ? CP_CPU_PCLMUL : 0u;
+    w |= (f & CP_FEAT_SSSE3) ? CP_CPU_SSSE3 : 0u;
+    w |= (f & CP_FEAT_SSE41) ? CP_CPU_SSE41 : 0u;
+    w |= (f & CP_FEAT_AVX2) ? CP_CPU_AVX2 : 0u;
+    w |= (f & CP_FEAT_VAES) ? CP_CPU_VAES : 0u;
+    w |= (f & CP_FEAT_VPCLMULQDQ) ? CP_CPU_VPCLMUL : 0u;
+    w |= (f & CP_FEAT_AVX) ? CP_CPU_YMM_STATE : 0u;
+    return w;
+}
+
+static int config_ok(const struct cp_mh_config *c)
+{
+    uint64_t pages = c->ram_size / CP_MH_PAGE;
+    return c->ram && c->shared && c->gen_table && c->secret && c->ram_size % CP_MH_PAGE == 0 &&
+           c->gen_entries >= pages && c->mh_base % CP_MH_PAGE == 0 && c->side <= 1 && c->batch_pages > 0 &&
+           c->secret_size >= 20;
+}
+
+uint32_t cp_mh_setup(struct cp_mh_ctx *ctx, const struct cp_mh_config *cfg)
+{
+    cp_mh_wipe(ctx, sizeof(*ctx));
+    if (!config_ok(cfg))
+        return CP_MBS_CONFIG;
+    /* Each setup takes a fresh index, so two contexts in one guest never share a nonce prefix even if the
+     * host hands two vCPUs the same mh_index. */
+    uint32_t index = __atomic_fetch_add(&cfg->shared->next_sender, 1u, __ATOMIC_SEQ_CST);
+    if (index >= CP_MH_MAX_SENDERS)
+        return CP_MBS_CONFIG;
+    ctx->cfg = *cfg;
+    ctx->sender_id = cfg->side << 16 | index;
+    ctx->impl = cp_gcm_pick_impl(cfg->cpu_features);
+    cp_gcm_nonce_seq_init(&ctx->nonce, ctx->sender_id, 0);
+    ctx->magic = MH_CTX_MAGIC;
+    return CP_MBS_OK;
+}
+
+/* ---- INIT / RESET ---- */
+
+static void forget_key(struct cp_mh_ctx *ctx)
+{
+    cp_gcm_wipe(&ctx->transport);
+    cp_gcm_wipe(&ctx->digest_key);
+    cp_gcm_wipe(&ctx->final_key);
+    cp_mh_wipe(ctx->bounce, sizeof(ctx->bounce));
+    cp_mh_wipe(ctx->chain, sizeof(ctx->chain));
+    ctx->keyed = 0;
+    ctx->key_id = 0;
+}
+
+/* The generation table belongs to one migration id: a new id starts it afresh, the same id (INIT again
+ * after RESET) keeps it, so re-INIT cannot reopen the door to replayed records. */
+static void adopt_migration(struct cp_mh_ctx *ctx)
+{
+    struct cp_mh_shared *sh = ctx->cfg.shared;
+    while (__atomic_exchange_n(&sh->lock, 1u, __ATOMIC_ACQUIRE))
+        __asm__ volatile("pause");
+    uint32_t same = sh->have_id;
+    for (uint32_t i = 0; i < CP_MH_ID_BYTES; i++)
+        same &= sh->last_id[i] == ctx->migration_id[i];
+    if (!same) {
+        cp_mh_wipe(ctx->cfg.gen_table, ctx->cfg.gen_entries * sizeof(uint32_t));
+        cp_mh_copy(sh->last_id, ctx->migration_id, CP_MH_ID_BYTES);
+        sh->have_id = 1;
+    }
+    __atomic_store_n(&sh->lock, 0u, __ATOMIC_RELEASE);
+}
+
+static uint32_t op_init(struct cp_mh_ctx *ctx, volatile struct cp_mb_proto *p)
+{
+    uint8_t key[CP_MH_KEY_BYTES];
+    uint8_t id[CP_MH_ID_BYTES];
+    uint32_t have_id = 0;
+    forget_key(ctx);
+    uint32_t rc = cp_mh_parse_secret(ctx->cfg.secret, ctx->cfg.secret_size, key, id, &have_id);
+    if (rc == CP_MBS_OK)
+        rc = cp_mh_derive(ctx, key, have_id ? id : 0);
+    cp_mh_wipe(key, sizeof(key));
+    cp_mh_wipe(id, sizeof(id));
+    if (rc != CP_MBS_OK) {
+        forget_key(ctx);
+        return rc;
+    }
+    adopt_migration(ctx);
+    ctx->keyed = 1;
+    p->key_id = ctx->key_id;
+    for (uint32_t i = 0; i < CP_MH_ID_BYTES; i++)
+        p->migration_id[i] = ctx->migration_id[i];
+    return CP_MBS_OK;
+}
+
+/* ---- per-page checks shared by SAVE and LOAD ---- */
+
+static uint32_t check_gpa(const struct cp_mh_config *cfg, uint64_t gpa)
+{
+    if (gpa % CP_MH_PAGE)
+        return CP_MBS_GPA_ALIGN;
+    if (gpa >= cfg->ram_size)
+        return CP_MBS_GPA_RANGE;
+    if (gpa >= cfg->mh_base && gpa - cfg->mh_base < cfg->mh_size)
+        return CP_MBS_GPA_MH;
+    return CP_MBS_OK;
+}
+
+static int gen_valid(uint32_t gen)
+{
+    return gen != 0 && gen != CP_MH_GEN_BUSY;
+}
+
+/* Claims the table entry of a page for generation `gen` (strictly newer than the entry). LOAD parks the entry
+ * at BUSY while it writes, so two MH vCPUs can never place the same GPA out of order. */
+static uint32_t gen_claim(uint32_t *entry, uint32_t gen, uint32_t mark, uint32_t *old_out)
+{
+    uint32_t old = __atomic_load_n(entry, __ATOMIC_ACQUIRE);
+    for (;;) {
+        if (old == CP_MH_GEN_BUSY) {
+            __asm__ volatile("pause");
+            old = __atomic_load_n(entry, __ATOMIC_ACQUIRE);
+            continue;
+        }
+        if (gen <= old)
+            return CP_MBS_GEN_STALE;
+        if (__atomic_compare_exchange_n(entry, &old, mark, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+            *old_out = old;
+            return CP_MBS_OK;
+        }
+    }
+}
+
+static void make_aad(uint8_t aad[AAD_BYTES], uint64_t gpa, uint32_t gen, const uint8_t *id)
+{
+    store_le(aad, gpa, 8);
+    store_le(aad + 8, gen, 4);
+    cp_mh_copy(aad + 12, id, CP_MH_ID_BYTES);
+}
+
+/* ---- SAVE ---- */
+
+static uint32_t seal_one(struct cp_mh_ctx *ctx, uint8_t *slot, uint32_t gen)
+{
+    uint8_t *rec = ctx->bounce;
+    uint8_t aad[AAD_BYTES];
+    uint32_t old;
+    uint64_t gpa = load_le(slot + SLOT_GPA, 8); /* read once: the host may change the slot meanwhile */
+    uint32_t rc = check_gpa(&ctx->cfg, gpa);
+    if (rc == CP_MBS_OK)
+        rc = gen_claim(&ctx->cfg.gen_table[gpa / CP_MH_PAGE], gen, gen, &old);
+    if (rc != CP_MBS_OK)
+        return rc;
+    cp_mh_wipe(rec, CP_MB_SLOT_HEADER);
+    store_le(rec + SLOT_GPA, gpa, 8);
+    store_le(rec + SLOT_GEN, gen, 4);
+    store_le(rec + SLOT_KEY_ID, ctx->key_id, 4);
+    if (cp_gcm_nonce_next(&ctx->nonce, rec + SLOT_NONCE) != 0)
+        return CP_MBS_NONCE;
+    make_aad(aad, gpa, gen, ctx->migration_id);
+    /* Seal into private memory: GCM reads the ciphertext back for GHASH, which must not be host-writable. */
+    if (cp_gcm_seal(&ctx->transport, rec + SLOT_NONCE, aad, AAD_BYTES, ctx->cfg.ram + gpa, rec + SLOT_CT,
+                    CP_MH_PAGE, rec + SLOT_TAG) != 0)
+        return CP_MBS_CONFIG;
+    cp_mh_copy(slot, rec, CP_MB_SLOT_SIZE);
+    return CP_MBS_OK;
+}
+
+/* ---- LOAD ---- */
+
+static uint32_t record_ok(const struct cp_mh_ctx *ctx, const uint8_t *rec)
+{
+    uint8_t any = 0;
+    for (uint32_t i = SLOT_RESERVED; i < SLOT_CT; i++)
+        any |= rec[i];
+    if (any || load_le(rec + SLOT_STATUS, 4) != 0)
+        return CP_MBS_RESERVED;
+    uint32_t rc = check_gpa(&ctx->cfg, load_le(rec + SLOT_GPA, 8));
+    if (rc != CP_MBS_OK)
+        return rc;
+    if (!gen_valid((uint32_t)load_le(rec + SLOT_GEN, 4)))
+        return CP_MBS_GEN_INVALID;
+    if ((uint32_t)load_le(rec + SLOT_KEY_ID, 4) != ctx->key_id)
+        return CP_MBS_KEY_ID;
+    return CP_MBS_OK;
+}
+
+static uint32_t open_one(struct cp_mh_ctx *ctx, const uint8_t *slot)
+{
+    uint8_t *rec = ctx->bounce;
+    uint8_t aad[AAD_BYTES];
+    uint32_t old;
+    /* Private copy first: cp_gcm_open reads the ciphertext twice (GHASH, then CTR). */
+    cp_mh_copy(rec, slot, CP_MB_SLOT_SIZE);
+    uint32_t rc = record_ok(ctx, rec);
+    if (rc != CP_MBS_OK)
+        return rc;
+    uint64_t gpa = load_le(rec + SLOT_GPA, 8);
+    uint32_t gen = (uint32_t)load_le(rec + SLOT_GEN, 4);
+    uint32_t *entry = &ctx->cfg.gen_table[gpa / CP_MH_PAGE];
+    rc = gen_claim(entry, gen, CP_MH_GEN_BUSY, &old);
+    if (rc != CP_MBS_OK)
+        return rc;
+    make_aad(aad, gpa, gen, ctx->migration_id);
+    int bad = cp_gcm_open(&ctx->transport, rec + SLOT_NONCE, aad, AAD_BYTES, rec + SLOT_CT, ctx->cfg.ram + gpa,
+                          CP_MH_PAGE, rec + SLOT_TAG);
+    /* The table moves only after a successful open; a refused page leaves both the page and the table. */
+    __atomic_store_n(entry, bad ? old : gen, __ATOMIC_RELEASE);
+    return bad ? CP_MBS_AUTH : CP_MBS_OK;
+}
+
+/* ---- dispatch ---- */
+
+static uint32_t run_batch(struct cp_mh_ctx *ctx, volatile struct cp_mb_proto *p, uint8_t *slots, uint32_t op,
+                          uint32_t count, uint32_t gen)
+{
+    uint32_t ok = 0, refused = 0, first_bad = CP_MB_NO_INDEX;
+    if (op == CP_MB_OP_SAVE && !gen_valid(gen))
+        return CP_MBS_GEN_INVALID;
+    for (uint32_t i = 0; i < count; i++) {
+        uint8_t *slot = slots + (size_t)i * CP_MB_SLOT_SIZE;
+        uint32_t st = op == CP_MB_OP_SAVE ? seal_one(ctx, slot, gen) : open_one(ctx, slot);
+        store_le(slot + SLOT_STATUS, st, 4);
+        if (st == CP_MBS_OK) {
+            ok++;
+        } else {
+            first_bad = refused++ ? first_bad : i;
+        }
+    }
+    cp_mh_wipe(ctx->bounce, sizeof(ctx->bounce));
+    p->n_ok = ok;
+    p->n_refused = refused;
+    p->first_bad = first_bad;
+    if (op == CP_MB_OP_SAVE)
+        p->pages_sealed += ok;
+    else
+        p->pages_opened += ok;
+    p->pages_refused += refused;
+    return refused ? CP_MBS_PARTIAL : CP_MBS_OK;
+}
+
+static uint32_t op_digest(struct cp_mh_ctx *ctx, volatile struct cp_mb_proto *p, uint64_t start, uint64_t n)
+{
+    uint8_t out[CP_MB_DIGEST_BYTES];
+    uint64_t hashed = 0, skipped = 0;
+    uint32_t rc = cp_mh_digest(ctx, start, n, out, &hashed, &skipped);
+    for (uint32_t i = 0; i < CP_MB_DIGEST_BYTES; i++)
+        p->digest[i] = rc == CP_MBS_OK ? out[i] : 0;
+    p->digest_pages = hashed;
+    p->digest_skipped = skipped;
+    return rc;
+}
+
+uint32_t cp_mh_handle(struct cp_mh_ctx *ctx, volatile uint8_t *ctl, uint8_t *slots)
+{
+    volatile struct cp_mb_proto *p = (volatile struct cp_mb_proto *)(ctl + CP_MB_PROTO_OFFSET);
+    if (ctx == 0 || ctx->magic != MH_CTX_MAGIC)
+        return CP_MBS_CONFIG;
+    /* Arguments are read once; the host may rewrite the page while we work. */
+    uint32_t op = p->op, count = p->count, gen = p->generation;
+    uint64_t arg0 = p->arg0, arg1 = p->arg1;
+    uint32_t rc;
+    p->n_ok = p->n_refused = 0;
+    p->first_bad = CP_MB_NO_INDEX;
+    if (op == CP_MB_OP_INIT) {
+        rc = op_init(ctx, p);
+    } else if (op == CP_MB_OP_RESET) {
+        forget_key(ctx);
+        rc = CP_MBS_OK;
+    } else if (op != CP_MB_OP_SAVE && op != CP_MB_OP_LOAD && op != CP_MB_OP_DIGEST) {
+        rc = CP_MBS_BAD_OP;
+    } else if (!ctx->keyed) {
+        rc = CP_MBS_NO_KEY;
+    } else if (op == CP_MB_OP_DIGEST) {
+        rc = op_digest(ctx, p, arg0, arg1);
+    } else if (count == 0 || count > ctx->cfg.batch_pages) {
+        rc = CP_MBS_COUNT;
+    } else {
+        rc = run_batch(ctx, p, slots, op, count, gen);
+    }
+    p->ops++;
+    p->status = rc;
+    return rc;
+}
+
+int cp_mh_serve(struct cp_mh_ctx *ctx, volatile uint8_t *ctl, uint8_t *slots, cp_mh_idle_fn idle_fn,
+                void *idle_arg)
+{
+    volatile struct cp_mailbox_header *hdr = (volatile struct cp_mailbox_header *)ctl;
+    volatile struct cp_mb_proto *p = (volatile struct cp_mb_proto *)(ctl + CP_MB_PROTO_OFFSET);
+    p->version = CP_MB_PROTO_VERSION;
+    p->batch_pages = ctx->cfg.batch_pages;
+    p->sender_id = ctx->sender_id;
+    p->first_bad = CP_MB_NO_INDEX;
+    __atomic_store_n(&p->magic, CP_MB_PROTO_MAGIC, __ATOMIC_RELEASE);
+    uint64_t seen = __atomic_load_n(&p->done, __ATOMIC_ACQUIRE);
+    for (;;) {
+        hdr->heartbeat++;
+        if (hdr->ping != hdr->pong)
+            hdr->pong = hdr->ping;
+        uint64_t seq = __atomic_load_n(&p->seq, __ATOMIC_ACQUIRE);
+        if (seq == seen) {
+            if (idle_fn(idle_arg, ctl, CP_MH_WHY_IDLE, seen))
+                return 0;
+            continue;
+        }
+        cp_mh_handle(ctx, ctl, slots);
+        /* Every result above is visible before done (x86 stores are ordered; the fence keeps the compiler). */
+        __atomic_store_n(&p->done, seq, __ATOMIC_RELEASE);
+        seen = seq;
+        if (ctx->cfg.doorbell)
+            *ctx->cfg.doorbell = seq;
+        if (idle_fn(idle_arg, ctl, CP_MH_WHY_DONE, seq))
+            return 0;
+    }
+}

@@ -1,0 +1,248 @@
+"""The mailbox contract pinned on both sides, and the MH's pure pieces checked against independent code.
+
+- Every offset and constant in confplan/migration/mailbox.py against firmware/include/cp_mailbox.h, and the
+  host harness's ``cp_mh_config`` mirror against firmware/mh/mailbox.h (a gcc-compiled offsetof program).
+- The MH sources compiled with the firmware's flags need nothing from libc.
+- The C secret-table walk against confplan/sev/secret_table.py (good tables and each kind of damage).
+- Key derivation and DIGEST recomputed in Python with ``cryptography``'s AES-GCM.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from confplan.migration import mailbox as mbx
+from confplan.migration.host_mh import FIRMWARE_DIR, HOST_BUILD_DIR, HostGuest, MhConfigC, build_host_library
+from confplan.sev.secret_table import (
+    CONFPLAN_TRANSPORT_KEY_GUID,
+    SecretTableError,
+    build_secret_table,
+    parse_secret_table,
+)
+from confplan.vmm import abi
+
+MIGRATION_ID_GUID = uuid.UUID("6b519384-fec4-4e17-9bbd-4fccc92f780f")
+PAGE = 4096
+
+OFFSETS_C = r"""
+#include <stddef.h>
+#include <stdio.h>
+#include "cp_mailbox.h"
+#include "mailbox.h"
+#define F(s, f) printf(#s "." #f " %zu\n", offsetof(struct s, f));
+#define C(name) printf(#name " %llu\n", (unsigned long long)(name));
+int main(void) {
+    F(cp_mb_proto, magic) F(cp_mb_proto, version) F(cp_mb_proto, flags) F(cp_mb_proto, batch_pages)
+    F(cp_mb_proto, sender_id) F(cp_mb_proto, seq) F(cp_mb_proto, done) F(cp_mb_proto, op)
+    F(cp_mb_proto, count) F(cp_mb_proto, generation) F(cp_mb_proto, status) F(cp_mb_proto, arg0)
+    F(cp_mb_proto, arg1) F(cp_mb_proto, n_ok) F(cp_mb_proto, n_refused) F(cp_mb_proto, first_bad)
+    F(cp_mb_proto, key_id) F(cp_mb_proto, migration_id) F(cp_mb_proto, digest) F(cp_mb_proto, digest_pages)
+    F(cp_mb_proto, digest_skipped) F(cp_mb_proto, pages_sealed) F(cp_mb_proto, pages_opened)
+    F(cp_mb_proto, pages_refused) F(cp_mb_proto, ops)
+    printf("sizeof.cp_mb_proto %zu\n", sizeof(struct cp_mb_proto));
+    F(cp_mh_config, ram) F(cp_mh_config, ram_size) F(cp_mh_config, mh_base) F(cp_mh_config, mh_size)
+    F(cp_mh_config, shared) F(cp_mh_config, gen_table) F(cp_mh_config, gen_entries) F(cp_mh_config, secret)
+    F(cp_mh_config, secret_size) F(cp_mh_config, doorbell) F(cp_mh_config, cpu_features) F(cp_mh_config, side)
+    F(cp_mh_config, mh_index) F(cp_mh_config, batch_pages)
+    printf("sizeof.cp_mh_config %zu\n", sizeof(struct cp_mh_config));
+    C(CP_MB_PROTO_MAGIC) C(CP_MB_PROTO_VERSION) C(CP_MB_PROTO_OFFSET) C(CP_MB_SLOTS_OFFSET) C(CP_MB_SLOT_SIZE)
+    C(CP_MB_SLOT_HEADER) C(CP_MB_DIGEST_BYTES) C(CP_MB_NO_INDEX)
+    C(CP_MB_OP_INIT) C(CP_MB_OP_SAVE) C(CP_MB_OP_LOAD) C(CP_MB_OP_DIGEST) C(CP_MB_OP_RESET)
+    C(CP_MBS_OK) C(CP_MBS_BAD_OP) C(CP_MBS_NO_KEY) C(CP_MBS_COUNT) C(CP_MBS_PARTIAL) C(CP_MBS_GPA_ALIGN)
+    C(CP_MBS_GPA_RANGE) C(CP_MBS_GPA_MH) C(CP_MBS_GEN_INVALID) C(CP_MBS_GEN_STALE) C(CP_MBS_AUTH)
+    C(CP_MBS_KEY_ID) C(CP_MBS_RESERVED) C(CP_MBS_NONCE) C(CP_MBS_SECRET_HEADER) C(CP_MBS_SECRET_LENGTH)
+    C(CP_MBS_SECRET_ENTRY) C(CP_MBS_SECRET_NO_KEY) C(CP_MBS_SECRET_KEY_LEN) C(CP_MBS_SECRET_ID_LEN)
+    C(CP_MBS_CONFIG) C(CP_MBS_LAST)
+    return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
+    return build_host_library(tmp_path_factory.mktemp("mh-layout"))
+
+
+@pytest.fixture(scope="module")
+def c_values(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
+    out = tmp_path_factory.mktemp("mh-offsets")
+    src, exe = out / "offsets.c", out / "offsets"
+    src.write_text(OFFSETS_C)
+    subprocess.run(
+        ["gcc", "-std=c11", "-Wall", "-Werror", f"-I{FIRMWARE_DIR / 'include'}", f"-I{FIRMWARE_DIR / 'mh'}",
+         "-o", str(exe), str(src)],
+        check=True,
+    )  # fmt: skip
+    lines = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.split("\n")
+    return {name: int(value) for name, value in (line.split() for line in lines if line)}
+
+
+def test_control_page_offsets_match_the_c_header(c_values: dict[str, int]) -> None:
+    proto = {k.split(".", 1)[1]: v for k, v in c_values.items() if k.startswith("cp_mb_proto.")}
+    assert {k: mbx.PROTO_OFFSET + v for k, v in proto.items()} == mbx.FIELD_OFFSETS
+    assert c_values["sizeof.cp_mb_proto"] == mbx.PROTO_SIZE
+    assert c_values["CP_MB_PROTO_MAGIC"] == mbx.PROTO_MAGIC
+    assert c_values["CP_MB_PROTO_VERSION"] == mbx.PROTO_VERSION
+    assert c_values["CP_MB_PROTO_OFFSET"] == mbx.PROTO_OFFSET
+    assert c_values["CP_MB_SLOTS_OFFSET"] == mbx.SLOTS_OFFSET == PAGE
+    assert c_values["CP_MB_SLOT_SIZE"] == mbx.SLOT_SIZE == PAGE + abi.MAILBOX_SLOT_TAG
+    assert c_values["CP_MB_SLOT_HEADER"] == mbx.SLOT_HEADER
+    assert c_values["CP_MB_DIGEST_BYTES"] == mbx.DIGEST_BYTES
+    assert c_values["CP_MB_NO_INDEX"] == mbx.NO_INDEX
+    # the VMM engineer's header must end before the protocol block
+    assert ctypes.sizeof(abi.MailboxHeader) <= mbx.PROTO_OFFSET
+
+
+def test_ops_and_statuses_match_the_c_header(c_values: dict[str, int]) -> None:
+    assert {op.name: op.value for op in mbx.Op} == {
+        k.removeprefix("CP_MB_OP_"): v for k, v in c_values.items() if k.startswith("CP_MB_OP_")
+    }
+    c_status = {k.removeprefix("CP_MBS_"): v for k, v in c_values.items() if k.startswith("CP_MBS_")}
+    assert c_status.pop("LAST") == max(mbx.MhStatus)
+    assert {st.name: st.value for st in mbx.MhStatus} == c_status
+    assert all(st.meaning for st in mbx.MhStatus)
+
+
+def test_host_config_mirror_matches_the_c_struct(c_values: dict[str, int]) -> None:
+    for name, _ in MhConfigC._fields_:
+        assert getattr(MhConfigC, name).offset == c_values[f"cp_mh_config.{name}"], name
+    assert ctypes.sizeof(MhConfigC) == c_values["sizeof.cp_mh_config"]
+
+
+def test_sealed_slot_matches_the_page_core_record() -> None:
+    from confplan.core._lib import SealedPageC
+
+    assert ctypes.sizeof(SealedPageC) == mbx.SLOT_SIZE
+    for name, off in (("gpa", mbx.SLOT_GPA), ("generation", mbx.SLOT_GENERATION), ("status", mbx.SLOT_STATUS),
+                      ("nonce", mbx.SLOT_NONCE), ("key_id", mbx.SLOT_KEY_ID), ("tag", mbx.SLOT_TAG),
+                      ("ct", mbx.SLOT_CT)):  # fmt: skip
+        assert getattr(SealedPageC, name).offset == off, name
+
+
+def test_firmware_build_of_the_mh_needs_nothing_from_libc(tmp_path: Path) -> None:
+    subprocess.run(["make", "-s", "-C", str(HOST_BUILD_DIR), f"O={tmp_path}", "objs"], check=True)
+    undefined = subprocess.run(
+        ["nm", "-u", str(tmp_path / "mh-fw.o")], check=True, capture_output=True, text=True
+    ).stdout.split()
+    assert undefined == []
+
+
+# ---- the secret table: C walk vs the sev engineer's Python ----
+
+
+def _c_parse(lib: ctypes.CDLL, raw: bytes, size: int | None = None) -> tuple[int, bytes, bytes | None]:
+    page = ctypes.create_string_buffer(raw, max(len(raw), 1))
+    key, mig, have = ctypes.create_string_buffer(32), ctypes.create_string_buffer(16), ctypes.c_uint32()
+    rc = lib.cp_mh_parse_secret(page, len(raw) if size is None else size, key, mig, ctypes.byref(have))
+    return int(rc), key.raw, mig.raw if have.value else None
+
+
+def test_tables_built_by_the_sev_code_parse_in_c(lib: ctypes.CDLL) -> None:
+    key, mig = os.urandom(32), os.urandom(16)
+    other = {uuid.uuid4(): os.urandom(n) for n in (0, 5, 100)}
+    for entries in ({CONFPLAN_TRANSPORT_KEY_GUID: key}, {**other, CONFPLAN_TRANSPORT_KEY_GUID: key},
+                    {CONFPLAN_TRANSPORT_KEY_GUID: key, MIGRATION_ID_GUID: mig, **other}):  # fmt: skip
+        raw = build_secret_table(entries)
+        rc, got_key, got_mig = _c_parse(lib, raw + bytes(PAGE - len(raw)), PAGE)
+        assert rc == mbx.MhStatus.OK
+        assert got_key == parse_secret_table(raw)[CONFPLAN_TRANSPORT_KEY_GUID] == key
+        assert got_mig == entries.get(MIGRATION_ID_GUID)
+
+
+def _damaged_tables() -> list[tuple[str, bytes, mbx.MhStatus]]:
+    good = bytearray(build_secret_table({CONFPLAN_TRANSPORT_KEY_GUID: bytes(range(32))}))
+    bad_guid = bytearray(good)
+    bad_guid[0] ^= 1
+    too_long, too_short = bytearray(good), bytearray(good)
+    struct.pack_into("<I", too_long, 16, len(good) + 1)
+    struct.pack_into("<I", too_short, 16, 19)
+    entry_overrun, entry_tiny = bytearray(good), bytearray(good)
+    struct.pack_into("<I", entry_overrun, 36, 20 + 33)
+    struct.pack_into("<I", entry_tiny, 36, 19)
+    many = build_secret_table({uuid.UUID(int=i + 1): b"" for i in range(64)})
+    many_plus = bytearray(many[:-4] if len(many) % 16 else many)
+    total = struct.unpack_from("<I", many_plus, 16)[0]
+    many_plus = many_plus[:total] + uuid.uuid4().bytes_le + struct.pack("<I", 20)
+    struct.pack_into("<I", many_plus, 16, total + 20)
+    return [
+        ("empty", b"", mbx.MhStatus.SECRET_HEADER),
+        ("header GUID", bytes(bad_guid), mbx.MhStatus.SECRET_HEADER),
+        ("total beyond the page", bytes(too_long), mbx.MhStatus.SECRET_LENGTH),
+        ("total below the header", bytes(too_short), mbx.MhStatus.SECRET_LENGTH),
+        ("entry overruns", bytes(entry_overrun), mbx.MhStatus.SECRET_ENTRY),
+        ("entry shorter than its header", bytes(entry_tiny), mbx.MhStatus.SECRET_ENTRY),
+        ("65 entries", bytes(many_plus), mbx.MhStatus.SECRET_ENTRY),
+        ("no key", build_secret_table({uuid.uuid4(): b"x"}), mbx.MhStatus.SECRET_NO_KEY),
+        ("short key", build_secret_table({CONFPLAN_TRANSPORT_KEY_GUID: b"k" * 31}),
+         mbx.MhStatus.SECRET_KEY_LEN),
+        ("short id", build_secret_table({CONFPLAN_TRANSPORT_KEY_GUID: bytes(32), MIGRATION_ID_GUID: b"i"}),
+         mbx.MhStatus.SECRET_ID_LEN),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(("what", "raw", "status"), _damaged_tables(), ids=[t[0] for t in _damaged_tables()])
+def test_damaged_tables_are_refused_by_status(
+    lib: ctypes.CDLL, what: str, raw: bytes, status: mbx.MhStatus
+) -> None:
+    rc, _, _ = _c_parse(lib, raw, len(raw))  # size = exactly the bytes: a read past them would be a bug
+    assert rc == status, what
+    if status in (mbx.MhStatus.SECRET_HEADER, mbx.MhStatus.SECRET_LENGTH, mbx.MhStatus.SECRET_ENTRY):
+        with pytest.raises(SecretTableError):  # the Python walk refuses the same tables
+            parse_secret_table(raw)
+
+
+# ---- derivation and DIGEST, recomputed independently ----
+
+
+def _keystream(key: bytes, iv: bytes, n: int) -> bytes:
+    return AESGCM(key).encrypt(iv, bytes(n), None)[:n]
+
+
+def _reference_digest(key: bytes, ram: bytes, start: int, npages: int, mh: range) -> bytes:
+    ks = _keystream(key, b"\xff\xff\xff\xffCPKDF v1", 96)
+    kd, kf = AESGCM(ks[:32]), ks[32:64]
+    chain = struct.pack("<QQ", start, npages)
+    hashes: list[bytes] = []
+    step = 0
+    for gpa in range(start, start + npages * PAGE, PAGE):
+        if gpa in mh:
+            continue
+        hashes.append(kd.encrypt(b"\xff\xff\xff\xfe" + struct.pack(">Q", gpa), b"", ram[gpa : gpa + PAGE]))
+        if len(hashes) == 256:
+            chain = kd.encrypt(b"\xff\xff\xff\xfd" + struct.pack(">Q", step), b"", chain + b"".join(hashes))
+            hashes, step = [], step + 1
+    if hashes:
+        chain = kd.encrypt(b"\xff\xff\xff\xfd" + struct.pack(">Q", step), b"", chain + b"".join(hashes))
+    return _keystream(kf, chain[:12], 32)
+
+
+def test_init_derivation_and_digest_match_a_python_reference(lib: ctypes.CDLL) -> None:
+    key = os.urandom(32)
+    secret = build_secret_table({CONFPLAN_TRANSPORT_KEY_GUID: key})
+    with HostGuest(lib, ram_size=6 << 20, secret=secret) as guest:
+        guest.ram[0x400000:0x600000] = os.urandom(0x200000)
+        info = guest.mailboxes.mailboxes[0].init()
+        ks = _keystream(key, b"\xff\xff\xff\xffCPKDF v1", 96)
+        assert info.migration_id == ks[64:80]  # no id in the table: derived from the key
+        assert info.key_id == struct.unpack("<I", ks[80:84])[0]
+        mh = range(guest.mh_base, guest.mh_base + guest.mh_size)
+        ram = bytes(guest.ram)
+        # 600 pages from 0x180000: crosses into the MH area (skipped) and past two chain folds
+        for start, npages in ((0x180000, 600), (0x400000, 512), (0x5FF000, 1)):
+            got = guest.mailboxes.mailboxes[0].digest(start, npages)
+            assert got == _reference_digest(key, ram, start, npages, mh), (start, npages)
+
+
+def test_owner_supplied_migration_id_is_used(lib: ctypes.CDLL) -> None:
+    mig = os.urandom(16)
+    secret = build_secret_table({CONFPLAN_TRANSPORT_KEY_GUID: os.urandom(32), MIGRATION_ID_GUID: mig})
+    with HostGuest(lib, ram_size=6 << 20, secret=secret) as guest:
+        assert guest.mailboxes.init().migration_id == mig
