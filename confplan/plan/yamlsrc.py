@@ -117,6 +117,9 @@ class _Builder:
             )
         except ValueError as err:  # e.g. an integer with more digits than Python converts
             self.problem(_pos(node.start_mark), path, f"invalid YAML value: {err}")
+        except Exception:  # PyYAML's scalar constructors fail in many ways on odd tagged values ("!!bool ")
+            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+            self.problem(_pos(node.start_mark), path, f"invalid YAML value {node.value!r} for tag {tag}")
         self.refused.add(path)
         return None
 
