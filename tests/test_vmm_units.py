@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -9,9 +12,14 @@ from hypothesis import strategies as st
 from confplan.errors import ConfplanError
 from confplan.vmm import abi
 from confplan.vmm.bitmap import PageBitmap
+from confplan.vmm.bootparams import HostCpu, boot_params
 from confplan.vmm.config import MachineConfig
+from confplan.vmm.cpu_setup import host_cpu_flags, host_features
+from confplan.vmm.devices.mailbox_doorbell import MailboxDoorbells
 from confplan.vmm.enc_bitmap import EncBitmap, EncStatusError
+from confplan.vmm.exits import GuestError
 from confplan.vmm.layout import GuestLayout
+from confplan.vmm.vcpu_thread import VcpuRunner
 
 
 @given(st.integers(1, 700), st.data())
@@ -68,3 +76,104 @@ def test_too_small_guest_is_refused_with_a_size_hint() -> None:
 def test_bad_configs_are_refused(kwargs: dict[str, object]) -> None:
     with pytest.raises(ConfplanError):
         MachineConfig(**kwargs)  # type: ignore[arg-type]
+
+
+# ---- the migration helper's pieces that need no KVM ----
+def test_mh_state_follows_the_mailboxes_inside_the_mh_area() -> None:
+    cfg = MachineConfig(memory=256 * abi.MIB, vcpus=1, aux_vcpus=3, batch_pages=256)
+    lay = GuestLayout.for_config(cfg)
+    assert lay.mh_shared_gpa == abi.MAILBOX_GPA + 3 * lay.mailbox_stride
+    assert lay.mh_ctx_gpa == lay.mh_shared_gpa + abi.PAGE and lay.mh_ctx_of(2) == lay.mh_ctx_gpa + 2 * 0x3000
+    assert lay.mh_gen_gpa == lay.mh_ctx_of(3) and lay.mh_gen_entries == 256 * abi.MIB // abi.PAGE
+    assert lay.mh_gen_gpa + 4 * lay.mh_gen_entries <= lay.mh_end == lay.wl_base  # 256 KiB table for 256 MiB
+    bp = boot_params(cfg, lay, HostCpu(tsc_khz=1, features=0, vendor_amd=False))
+    assert (bp.mh_shared_gpa, bp.mh_ctx_gpa, bp.mh_gen_gpa) == (
+        lay.mh_shared_gpa,
+        lay.mh_ctx_gpa,
+        lay.mh_gen_gpa,
+    )
+    assert (bp.mh_ctx_stride, bp.mh_gen_entries, bp.mh_size) == (0x3000, 65536, lay.mh_end - abi.MH_BASE)
+
+
+def test_host_features_need_ymm_state_for_the_avx_group() -> None:
+    bits = abi.FEATURE_BITS
+    user = {"aes", "pclmulqdq", "ssse3", "sse4_1"}
+    ymm = {"avx", "avx2", "vaes", "vpclmulqdq"}
+    assert (
+        host_features(frozenset(user)) == bits["aes-ni"] | bits["pclmulqdq"] | bits["ssse3"] | bits["sse4.1"]
+    )
+    assert host_features(frozenset(user | ymm)) == host_features(frozenset(user))  # no XSAVE: no YMM
+    assert host_features(frozenset(user | ymm | {"xsave"})) == sum(bits.values())
+    assert host_features(frozenset({"avx2", "vaes", "xsave"})) == 0  # AVX2 without AVX: none of them
+    assert host_features(frozenset()) == 0
+
+
+def test_host_cpu_flags_reads_the_first_flags_line(tmp_path: Path) -> None:
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu aes avx\nprocessor\t: 1\nflags\t\t: fpu\n")
+    assert host_cpu_flags(str(info)) == frozenset({"fpu", "aes", "avx"})
+    assert host_cpu_flags(str(tmp_path / "missing")) == frozenset()
+
+
+class _FakeVcpu:
+    id = 7
+
+
+def _runner() -> VcpuRunner:
+    return VcpuRunner(_FakeVcpu(), aux=True, dispatch=lambda r, e: None, on_error=lambda e: None)  # type: ignore[arg-type]
+
+
+def test_a_kick_before_the_park_is_latched() -> None:
+    r = _runner()
+    r.kick()  # lands while the vCPU still runs guest code, before it stores to IDLE
+    done = threading.Event()
+    threading.Thread(target=lambda: (r.park(None), done.set()), daemon=True).start()
+    assert done.wait(5)  # the park returned at once: the kick was not lost
+    again = threading.Event()
+    threading.Thread(target=lambda: (r.park(None), again.set()), daemon=True).start()
+    assert not again.wait(0.05)  # one kick wakes one park
+    r.kick()
+    assert again.wait(5)
+
+
+def test_mailbox_doorbell_wakes_the_waiter_of_its_mailbox() -> None:
+    bells, runner = MailboxDoorbells(2), _runner()
+    woke: list[int] = []
+
+    def ring(offset: int, seq: int) -> None:
+        runner.kick()  # the ringing vCPU parks after its doorbell; a latched kick lets this thread go on
+        bells.mmio_write(runner, offset, 8, seq)
+
+    def waiter(index: int, seq: int) -> None:
+        bells.wait(index, seq, 5.0, lambda: None)
+        woke.append(index)
+
+    t = threading.Thread(target=waiter, args=(1, 3))
+    t.start()
+    ring(0, 3)  # mailbox 0 rings: not the one waited for
+    ring(8, 2)  # mailbox 1, an older seq
+    t.join(0.05)
+    assert t.is_alive()
+    ring(8, 3)
+    t.join(5)
+    assert woke == [1] and bells.rings == [1, 2] and bells.mmio_read(runner, 8, 8) == 3
+    bells.wait(1, 3, 5.0, lambda: None)  # already rung: returns at once
+    with pytest.raises(GuestError, match="2 mailboxes"):
+        bells.mmio_write(runner, 16, 8, 1)
+    with pytest.raises(GuestError):
+        bells.mmio_write(runner, 4, 4, 1)
+    bells.stop()
+    with pytest.raises(ConfplanError, match="machine stopped"):
+        bells.wait(0, 99, 5.0, lambda: None)
+
+
+def test_the_doorbell_parks_the_helper_until_the_next_kick() -> None:
+    bells, runner = MailboxDoorbells(1), _runner()
+    parked_done = threading.Event()
+    threading.Thread(
+        target=lambda: (bells.mmio_write(runner, 0, 8, 1), parked_done.set()), daemon=True
+    ).start()
+    bells.wait(0, 1, 5.0, lambda: None)  # the waiter is woken before the helper parks
+    assert not parked_done.wait(0.05)
+    runner.kick()  # the VMM's next post
+    assert parked_done.wait(5)

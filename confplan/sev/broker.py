@@ -26,7 +26,12 @@ from confplan.sev import certs, launch_crypto
 from confplan.sev.certs import CertError, PlatformChain, Usage
 from confplan.sev.launch_crypto import PlatformVersion, SecretPacket, TransportKeys
 from confplan.sev.policy import sev_api_version
-from confplan.sev.secret_table import CONFPLAN_TRANSPORT_KEY_GUID, build_secret_table
+from confplan.sev.secret_table import (
+    CONFPLAN_MIGRATION_ID_GUID,
+    CONFPLAN_TRANSPORT_KEY_GUID,
+    MIGRATION_ID_LEN,
+    build_secret_table,
+)
 from confplan.sev.statefile import pack_state, unpack_state, write_private
 
 OWNER_KEY_NAME = "owner.key"
@@ -298,9 +303,16 @@ class KeyBroker:
         return launch_crypto.seal_secret(session.keys, measurement[:32], table, os.urandom(16))
 
     def release_transport_key(
-        self, state: bytes, measurement: bytes, version: PlatformVersion, transport_key: bytes
-    ) -> SecretPacket:
-        """Release the migration transport key to one measured migration helper (source or target)."""
+        self, state: bytes, measurement: bytes, version: PlatformVersion, transport_key: bytes,
+        migration_id: bytes | None = None,
+    ) -> SecretPacket:  # fmt: skip
+        """Release the migration transport key (and, if given, the owner's migration id) to one measured
+        migration helper (source or target)."""
         if len(transport_key) != TRANSPORT_KEY_LEN:
             raise ConfplanError(f"a transport key is {TRANSPORT_KEY_LEN} bytes, got {len(transport_key)}")
-        return self.release(state, measurement, version, {CONFPLAN_TRANSPORT_KEY_GUID: transport_key})
+        secrets = {CONFPLAN_TRANSPORT_KEY_GUID: transport_key}
+        if migration_id is not None:
+            if len(migration_id) != MIGRATION_ID_LEN:
+                raise ConfplanError(f"a migration id is {MIGRATION_ID_LEN} bytes, got {len(migration_id)}")
+            secrets[CONFPLAN_MIGRATION_ID_GUID] = migration_id
+        return self.release(state, measurement, version, secrets)

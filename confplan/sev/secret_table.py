@@ -18,6 +18,9 @@ SECRET_TABLE_HEADER_GUID = uuid.UUID("1e74f542-71dd-4d66-963e-ef4287ff173b")
 SEV_SECRET_AREA_GUID = uuid.UUID("4c2eb361-7d9b-4cc3-8081-127c90d3d294")
 # confplan's own entry: the AES-256 key that seals pages in transit for one migration. Random, fixed.
 CONFPLAN_TRANSPORT_KEY_GUID = uuid.UUID("6b3f2a9e-51c4-4d7e-9a0b-c2f18e7d4a35")
+# Optional: the owner's 16-byte migration id, bound into every sealed page's AAD (firmware/mh/secret.c).
+CONFPLAN_MIGRATION_ID_GUID = uuid.UUID("6b519384-fec4-4e17-9bbd-4fccc92f780f")
+MIGRATION_ID_LEN = 16
 
 HEADER_LEN = 20
 ENTRY_HEADER_LEN = 20

@@ -17,7 +17,7 @@ HUGE: Final = 2 * MIB
 
 # Values exported by the firmware as ABI_<lowercase name>.
 ABI: Final[dict[str, int]] = {
-    "version": 1,
+    "version": 2,
     "gdt_gpa": 0x1000,
     "idt_gpa": 0x2000,
     "tss_gpa": 0x3000,
@@ -37,6 +37,8 @@ ABI: Final[dict[str, int]] = {
     "secret_gpa": 0x280000,
     "mailbox_gpa": 0x281000,
     "mailbox_slot_tag": 64,
+    "mh_ctx_stride": 0x3000,
+    "mh_gen_entry": 4,
     "mmio_base": 0xE0000000,
     "mmio_size": 0x200000,
     "mmio_console": 0xE0000000,
@@ -93,6 +95,8 @@ MAX_MH_VCPUS: Final = ABI["max_mh_vcpus"]
 SECRET_GPA: Final = ABI["secret_gpa"]
 MAILBOX_GPA: Final = ABI["mailbox_gpa"]
 MAILBOX_SLOT_TAG: Final = ABI["mailbox_slot_tag"]
+MH_CTX_STRIDE: Final = ABI["mh_ctx_stride"]
+MH_GEN_ENTRY: Final = ABI["mh_gen_entry"]
 MMIO_BASE: Final = ABI["mmio_base"]
 MMIO_SIZE: Final = ABI["mmio_size"]
 MMIO_CONSOLE: Final = ABI["mmio_console"]
@@ -195,6 +199,12 @@ class BootParams(ctypes.Structure):
         ("wl_rate_bps", u64),
         ("wl_seed", u64),
         ("cpu_table", u32 * 32),
+        # ABI v2: the migration helper's private state (docs/memory-map.md)
+        ("mh_shared_gpa", u64),
+        ("mh_ctx_gpa", u64),
+        ("mh_ctx_stride", u64),
+        ("mh_gen_gpa", u64),
+        ("mh_gen_entries", u64),
     ]
 
 

@@ -58,6 +58,9 @@ def boot_params(config: MachineConfig, layout: GuestLayout, host: HostCpu) -> ab
     bp.mh_base, bp.mh_size, bp.secret_gpa = abi.MH_BASE, layout.mh_end - abi.MH_BASE, abi.SECRET_GPA
     bp.mailbox_gpa, bp.mailbox_stride = abi.MAILBOX_GPA, layout.mailbox_stride
     bp.mh_vcpus, bp.batch_pages = layout.mh_vcpus, config.batch_pages
+    bp.mh_shared_gpa, bp.mh_ctx_gpa = layout.mh_shared_gpa, layout.mh_ctx_gpa
+    bp.mh_ctx_stride = abi.MH_CTX_STRIDE
+    bp.mh_gen_gpa, bp.mh_gen_entries = layout.mh_gen_gpa, layout.mh_gen_entries
     bp.wl_base, bp.wl_size = layout.wl_base, config.memory - layout.wl_base
     bp.wl_ctl_gpa, bp.wl_stack_gpa = layout.wl_ctl_gpa, layout.wl_stack_gpa
     bp.wl_stack_size = layout.wl_stack_top(0) - layout.wl_stack_gpa

@@ -28,12 +28,24 @@ _FEATURES = {
 }
 
 
+# User-mode-only extensions: no state beyond the XMM registers, nothing for a hypervisor to virtualise, so
+# CPL3 code runs them whenever the CPU has them (kvm_pvm runs CPL3 natively: kvm-here.md). /proc/cpuinfo
+# flag -> boot-params feature name.
+_USER_FLAGS = {"ssse3": "ssse3", "sse4_1": "sse4.1", "aes": "aes-ni", "pclmulqdq": "pclmulqdq"}
+# These also need YMM state enabled in XCR0, which the VMM does itself (XCR0 = 7) when the host has AVX.
+_YMM_FLAGS = {"avx": "avx", "avx2": "avx2", "vaes": "vaes", "vpclmulqdq": "vpclmulqdq"}
+
+
 @dataclass(frozen=True)
 class CpuInfo:
-    """What the VMM learnt from KVM_GET_SUPPORTED_CPUID: CPL3 code cannot rely on CPUID itself."""
+    """The CPU features the guest can really execute, for the boot parameters (CPL3 code cannot trust
+    CPUID), and where they came from: ``kvm_features`` from KVM_GET_SUPPORTED_CPUID, ``host_features``
+    from the host CPU's own flags (user-mode-only extensions)."""
 
     features: int
     vendor_amd: bool
+    kvm_features: int = 0
+    host_features: int = 0
 
     @property
     def has_avx(self) -> bool:
@@ -41,6 +53,32 @@ class CpuInfo:
 
     def names(self) -> list[str]:
         return [name for name, bit in abi.FEATURE_BITS.items() if self.features & bit]
+
+
+def host_cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The first CPU's flags from /proc/cpuinfo (empty when the file has none: e.g. not x86 Linux)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def host_features(flags: frozenset[str]) -> int:
+    """Boot-params feature bits the host CPU offers to CPL3 code. The YMM group only with AVX and XSAVE
+    (the VMM then sets XCR0 = 7, so VAES/AVX2 code cannot #UD on missing YMM state)."""
+    bits = 0
+    for flag, name in _USER_FLAGS.items():
+        if flag in flags:
+            bits |= abi.FEATURE_BITS[name]
+    if {"avx", "xsave"} <= flags:
+        for flag, name in _YMM_FLAGS.items():
+            if flag in flags:
+                bits |= abi.FEATURE_BITS[name]
+    return bits
 
 
 def _leaf(cpuid: s.KvmCpuid2, function: int, index: int = 0) -> s.KvmCpuidEntry2 | None:
@@ -51,15 +89,19 @@ def _leaf(cpuid: s.KvmCpuid2, function: int, index: int = 0) -> s.KvmCpuidEntry2
     return None
 
 
-def cpu_info(cpuid: s.KvmCpuid2) -> CpuInfo:
-    features = 0
+def cpu_info(cpuid: s.KvmCpuid2, flags: frozenset[str] | None = None) -> CpuInfo:
+    """KVM's supported CPUID, plus the user-mode-only extensions of the host CPU (``flags``, default
+    /proc/cpuinfo): KVM_GET_SUPPORTED_CPUID on kvm_pvm reports none of AES-NI/SSSE3/AVX although CPL3 code
+    runs them natively; on a VMX/SVM host the supported CPUID lists them anyway."""
+    kvm = 0
     for (leaf, sub, reg, bit), name in _FEATURES.items():
         entry = _leaf(cpuid, leaf, sub)
         if entry is not None and getattr(entry, reg) >> bit & 1:
-            features |= abi.FEATURE_BITS[name]
+            kvm |= abi.FEATURE_BITS[name]
+    host = host_features(host_cpu_flags() if flags is None else flags)
     vendor = _leaf(cpuid, 0)
     amd = vendor is not None and (vendor.ebx, vendor.edx, vendor.ecx) == (0x68747541, 0x69746E65, 0x444D4163)
-    return CpuInfo(features=features, vendor_amd=amd)
+    return CpuInfo(features=kvm | host, vendor_amd=amd, kvm_features=kvm, host_features=host)
 
 
 def _cpuid_for(cpuid: s.KvmCpuid2, vcpu_id: int) -> s.KvmCpuid2:

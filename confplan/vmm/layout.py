@@ -19,6 +19,9 @@ class GuestLayout:
     ram_bytes: int
     mh_vcpus: int
     mailbox_stride: int
+    mh_shared_gpa: int  # struct cp_mh_shared (one page), then the contexts, then the generation table
+    mh_ctx_gpa: int
+    mh_gen_gpa: int
     mh_end: int  # the MH area is [abi.MH_BASE, mh_end), 2 MiB aligned
     wl_vcpus: int
     wl_ctl_gpa: int
@@ -35,8 +38,16 @@ class GuestLayout:
     def npages(self) -> int:
         return self.ram_bytes // PAGE
 
+    @property
+    def mh_gen_entries(self) -> int:
+        """One anti-replay generation (u32) per guest page."""
+        return self.npages
+
     def mailbox_gpa(self, mh_index: int) -> int:
         return abi.MAILBOX_GPA + mh_index * self.mailbox_stride
+
+    def mh_ctx_of(self, mh_index: int) -> int:
+        return self.mh_ctx_gpa + mh_index * abi.MH_CTX_STRIDE
 
     def mh_stack_top(self, mh_index: int) -> int:
         return abi.MH_STACKS_GPA + (mh_index + 1) * abi.MH_STACK_SIZE
@@ -55,7 +66,11 @@ class GuestLayout:
     @classmethod
     def for_config(cls, config: MachineConfig) -> GuestLayout:
         stride = PAGE + round_up(config.batch_pages * (PAGE + abi.MAILBOX_SLOT_TAG), PAGE)
-        mh_end = round_up(abi.MAILBOX_GPA + config.mh_vcpus * stride, HUGE)
+        # The MH's private state follows the mailboxes: shared block, contexts, generation table.
+        shared = abi.MAILBOX_GPA + config.mh_vcpus * stride
+        ctxs = shared + PAGE
+        gen = ctxs + config.mh_vcpus * abi.MH_CTX_STRIDE
+        mh_end = round_up(gen + round_up(config.memory // PAGE * abi.MH_GEN_ENTRY, PAGE), HUGE)
         ctl = mh_end
         stacks = ctl + round_up(ctypes.sizeof(abi.WlControl), PAGE)
         ledger = stacks + config.vcpus * WL_STACK_SIZE
@@ -73,6 +88,9 @@ class GuestLayout:
             ram_bytes=config.memory,
             mh_vcpus=config.mh_vcpus,
             mailbox_stride=stride,
+            mh_shared_gpa=shared,
+            mh_ctx_gpa=ctxs,
+            mh_gen_gpa=gen,
             mh_end=mh_end,
             wl_vcpus=config.vcpus,
             wl_ctl_gpa=ctl,

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, TextIO
 from confplan.errors import ConfplanError
 from confplan.kvm import DEFAULT_KVM_PATH, Kvm, Vcpu
 from confplan.kvm import structs as s
+from confplan.migration.mailbox import Mailbox, MailboxSet
 from confplan.vmm import abi, cpu_setup, tables
 from confplan.vmm.aux_vcpu import HelperHost, HelperVcpu
 from confplan.vmm.bootparams import HostCpu
@@ -22,6 +23,7 @@ from confplan.vmm.devices.console import Console
 from confplan.vmm.devices.doorbell import Doorbell
 from confplan.vmm.devices.encstatus import EncStatusDoorbell
 from confplan.vmm.devices.fault import FaultReporter
+from confplan.vmm.devices.mailbox_doorbell import MailboxDoorbells
 from confplan.vmm.dirty_log import DirtyLog, Memslot
 from confplan.vmm.enc_bitmap import EncBitmap, EncStatusError
 from confplan.vmm.events import EventLog
@@ -80,6 +82,8 @@ class Machine:
         self.mirror: MirrorVm | None = None
         self.launch: MeasuredLaunch | None = None
         self._log: TextIO | None = None
+        self._mailboxes: MailboxSet | None = None
+        self.mailbox_doorbells = MailboxDoorbells(config.mh_vcpus)
         try:
             self._build(kvm_path, echo)
         except BaseException:
@@ -150,6 +154,8 @@ class Machine:
         self.bus.register(abi.MMIO_DOORBELL, abi.PAGE, Doorbell(self.events))
         self.bus.register(abi.MMIO_ENCSTATUS, abi.PAGE, EncStatusDoorbell(self.enc_bitmap))
         self.bus.register(abi.MMIO_FAULT, abi.PAGE, FaultReporter())
+        if self.config.mh_vcpus:
+            self.bus.register(abi.MMIO_MAILBOX, self.mailbox_doorbells.size, self.mailbox_doorbells)
 
     def _make_vcpus(self) -> None:
         """The primary VM's vCPUs: the guest's own, then aux vCPUs (helper mode aux-vcpu only)."""
@@ -283,6 +289,42 @@ class Machine:
             where = "mirror VM's" if self.mirror is not None else "aux vCPUs'"
             raise ConfplanError(f"the {where} migration helper did not start within {timeout} s")
 
+    def mailboxes(self, *, timeout: float = 30.0, ready_timeout: float = 10.0) -> MailboxSet:
+        """The migration helper's mailboxes, one per MH vCPU (aux vCPUs or the mirror VM's alike), ready
+        for INIT/SAVE/LOAD/DIGEST/RESET: views of guest RAM (control page + slots, never the secret
+        page), a kick per MH vCPU, and a wait that sleeps until that mailbox's doorbell rings.
+        Waits up to ``ready_timeout`` s for the helpers' serve loops; ``timeout`` bounds each op."""
+        if self._mailboxes is not None:
+            return self._mailboxes
+        if not self.helpers:
+            raise ConfplanError(
+                "this machine has no migration helper vCPUs, so no mailboxes",
+                hint="use helper mode aux-vcpu with aux_vcpus >= 1, or mirror-vm",
+            )
+        if "start" not in self.timings:
+            raise ConfplanError("the machine's helper is not running yet", hint="call start() first")
+        self.wait_helpers_ready(ready_timeout)
+        boxes = [self._mailbox(h, timeout) for h in sorted(self.helpers, key=lambda h: h.index)]
+        not_ready = [mb.mh_index for mb in boxes if not mb.ready]
+        if not_ready:
+            raise ConfplanError(
+                f"MH vCPUs {not_ready} announced themselves but their mailbox protocol block is missing",
+                hint="the firmware and this VMM disagree on the mailbox protocol: rebuild the firmware",
+            )
+        self._mailboxes = MailboxSet(boxes)
+        return self._mailboxes
+
+    def _mailbox(self, helper: HelperVcpu, timeout: float) -> Mailbox:
+        index, doorbells = helper.index, self.mailbox_doorbells
+
+        def wait(seq: int, seconds: float) -> None:
+            doorbells.wait(index, seq, seconds, self.check)
+
+        return Mailbox(
+            self.view(helper.control_gpa, self.layout.mailbox_stride), mh_index=index,
+            batch_pages=self.config.batch_pages, kick=helper.kick, wait=wait, timeout=timeout,
+        )  # fmt: skip
+
     def pause(self, runners: list[VcpuRunner]) -> None:
         for r in runners:
             r.pause()
@@ -386,6 +428,7 @@ class Machine:
         for r in self.runners:
             r.stop()
         self.events.poke()
+        self.mailbox_doorbells.stop()
 
     @property
     def error(self) -> BaseException | None:
@@ -414,6 +457,8 @@ class Machine:
     def close(self, timeout: float = 5.0) -> None:
         """Stop every vCPU thread, then close fds and mappings in reverse order of creation."""
         self._closed.set()
+        self.mailbox_doorbells.stop()
+        self._mailboxes = None  # its views go with the RAM (GuestRam.close copes with any still held)
         for r in self.runners:
             r.stop()
         stuck = [r.index for r in self.runners if not r.join(timeout)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
@@ -66,7 +67,10 @@ class GuestRam:
     def close(self) -> None:
         self._array = None
         if self._mm is not None:
-            self._mm.close()
+            # Someone may still hold a view (e.g. a mailbox): the mapping then goes when the last view
+            # does, so a late access reads stale memory instead of crashing the process.
+            with contextlib.suppress(BufferError):
+                self._mm.close()
             self._mm = None
         if self.fd >= 0:
             os.close(self.fd)

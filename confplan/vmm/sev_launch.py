@@ -117,15 +117,18 @@ class LaunchRecord:
 
 
 def launch_with_broker(
-    machine: Machine, psp: EmulatedSecureProcessor, broker: KeyBroker, policy: int, transport_key: bytes
-) -> LaunchRecord:
+    machine: Machine, psp: EmulatedSecureProcessor, broker: KeyBroker, policy: int, transport_key: bytes,
+    *, migration_id: bytes | None = None,
+) -> LaunchRecord:  # fmt: skip
     """The whole flow with the owner's broker in this process (the CLI's launch, tests): session,
-    measure, release of the transport key (raises ``AttestationRefused`` on a mismatch), secret, finish."""
+    measure, release of the transport key (and the owner's migration id, if given) (raises
+    ``AttestationRefused`` on a mismatch), secret, finish. The helper's INIT reads them from the secret
+    page; a source and its target each get their own launch and release of the same key."""
     bundle = broker.new_session(psp.platform_chain(), policy)
     launch = MeasuredLaunch(machine, psp)
     measurement = launch.measure(policy, bundle.godh_cert, bundle.session_blob)
     _, digest = broker.verify_measurement(bundle.state, measurement, psp.version)
-    packet = broker.release_transport_key(bundle.state, measurement, psp.version, transport_key)
+    packet = broker.release_transport_key(bundle.state, measurement, psp.version, transport_key, migration_id)
     launch.inject_secret(packet.header(), packet.ciphertext)
     launch.finish()
     return LaunchRecord(policy, measurement, digest, psp.version)

@@ -36,6 +36,8 @@ void cp_abi_export(void)
     SYM(secret_gpa, CP_SECRET_GPA);
     SYM(mailbox_gpa, CP_MAILBOX_GPA);
     SYM(mailbox_slot_tag, CP_MAILBOX_SLOT_TAG);
+    SYM(mh_ctx_stride, CP_MH_CTX_STRIDE);
+    SYM(mh_gen_entry, CP_MH_GEN_ENTRY);
     SYM(mmio_base, CP_MMIO_BASE);
     SYM(mmio_size, CP_MMIO_SIZE);
     SYM(mmio_console, CP_MMIO_CONSOLE);
@@ -104,6 +106,11 @@ void cp_abi_export(void)
     OFF(bp, cp_boot_params, wl_rate_bps);
     OFF(bp, cp_boot_params, wl_seed);
     OFF(bp, cp_boot_params, cpu_table);
+    OFF(bp, cp_boot_params, mh_shared_gpa);
+    OFF(bp, cp_boot_params, mh_ctx_gpa);
+    OFF(bp, cp_boot_params, mh_ctx_stride);
+    OFF(bp, cp_boot_params, mh_gen_gpa);
+    OFF(bp, cp_boot_params, mh_gen_entries);
 
     SYM(wlst_size, sizeof(struct cp_wl_vcpu_status));
     OFF(wlst, cp_wl_vcpu_status, heartbeat);

@@ -9,7 +9,7 @@
 #ifndef CONFPLAN_ABI_H
 #define CONFPLAN_ABI_H
 
-#define CP_ABI_VERSION 1
+#define CP_ABI_VERSION 2
 #define CP_PAGE_SIZE 0x1000
 
 /* ---- low area (first 2 MiB, mapped with 4 KiB pages) ---- */
@@ -34,6 +34,11 @@
 #define CP_SECRET_GPA 0x280000     /* launch secret / transport key page */
 #define CP_MAILBOX_GPA 0x281000    /* per MH vCPU: control page + data slots, bp.mailbox_stride apart */
 #define CP_MAILBOX_SLOT_TAG 64     /* bytes after each 4 KiB page in a data slot (tag, header) */
+/* After the mailboxes (GPAs in the boot parameters, laid out by the VMM): the MH's shared block (one page),
+ * one context per MH vCPU (CP_MH_CTX_STRIDE apart) and the anti-replay generation table (4 bytes per guest
+ * page). Private to the MH: only its page tables map them. */
+#define CP_MH_CTX_STRIDE 0x3000    /* >= sizeof(struct cp_mh_ctx) (firmware/mh/mailbox.h), checked there */
+#define CP_MH_GEN_ENTRY 4
 
 /* ---- MMIO (no memslot behind it: every access exits to the VMM) ---- */
 #define CP_MMIO_BASE 0xE0000000
@@ -43,7 +48,7 @@
 #define CP_MMIO_DOORBELL (CP_MMIO_BASE + 0x1000)  /* vCPU services, CP_DB_* offsets */
 #define CP_MMIO_ENCSTATUS (CP_MMIO_BASE + 0x2000) /* KVM_HC_MAP_GPA_RANGE over MMIO, CP_ENC_* offsets */
 #define CP_MMIO_FAULT (CP_MMIO_BASE + 0x3000)     /* CPL0 fault report, CP_FAULT_* offsets */
-#define CP_MMIO_MAILBOX (CP_MMIO_BASE + 0x10000)  /* MH mailbox doorbells (next issue), 8 bytes each */
+#define CP_MMIO_MAILBOX (CP_MMIO_BASE + 0x10000)  /* MH mailbox doorbells: +8*i, the MH stores its done seq */
 
 #define CP_DB_IDLE 0x00     /* park this vCPU until the VMM kicks it */
 #define CP_DB_SLEEP_NS 0x08 /* park for at most the stored number of ns (or until kicked) */
@@ -146,6 +151,12 @@ struct cp_boot_params {
     uint64_t wl_rate_bps;     /* bytes/s; 0 = unlimited */
     uint64_t wl_seed;
     uint32_t cpu_table[CP_MAX_VCPUS]; /* ids of the workload's vCPUs, nr_vcpus of them */
+    /* ABI v2: the MH's private state (see CP_MH_CTX_STRIDE) */
+    uint64_t mh_shared_gpa;  /* struct cp_mh_shared, zero at boot */
+    uint64_t mh_ctx_gpa;     /* MH vCPU i's struct cp_mh_ctx at mh_ctx_gpa + i * mh_ctx_stride */
+    uint64_t mh_ctx_stride;
+    uint64_t mh_gen_gpa;     /* u32 generation per guest page */
+    uint64_t mh_gen_entries; /* = ram_bytes / CP_PAGE_SIZE */
 };
 
 struct cp_wl_vcpu_status {

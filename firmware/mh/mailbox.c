@@ -77,7 +77,8 @@ uint32_t cp_mh_features_from_bp(uint32_t f)
 static int config_ok(const struct cp_mh_config *c)
 {
     uint64_t pages = c->ram_size / CP_MH_PAGE;
-    return c->ram && c->shared && c->gen_table && c->secret && c->ram_size % CP_MH_PAGE == 0 &&
+    /* c->ram is not checked: in the guest it is GPA 0 (identity mapping), i.e. a null pointer. */
+    return c->shared && c->gen_table && c->secret && c->ram_size % CP_MH_PAGE == 0 &&
            c->gen_entries >= pages && c->mh_base % CP_MH_PAGE == 0 && c->side <= 1 && c->batch_pages > 0 &&
            c->secret_size >= 20;
 }

@@ -1,22 +1,89 @@
-/* Migration-helper entry (CPL3, on aux vCPUs or the mirror VM): announces itself in its mailbox control
- * page and idles until the VMM kicks it. The mailbox protocol (SAVE/LOAD/...) is the next issue. */
+/* Migration-helper entry (CPL3, on aux vCPUs or the mirror VM): builds its mailbox engine's config from the
+ * (measured) boot parameters, announces itself, then serves its mailbox (firmware/mh/mailbox.c) until the
+ * guest dies. Idle = the IDLE doorbell (the VMM also parks the vCPU at its mailbox doorbell until the next
+ * post); the VMM's kick is latched by the vCPU thread (VcpuRunner.park), so a kick that lands between "no
+ * new seq" and the park ends the park at once and the loop looks again. */
 #include "cp_lib.h"
+#include "mailbox.h"
+
+_Static_assert(sizeof(struct cp_mh_ctx) <= CP_MH_CTX_STRIDE, "MH context outgrew CP_MH_CTX_STRIDE");
+_Static_assert(sizeof(struct cp_mh_shared) <= CP_PAGE_SIZE, "MH shared block is one page");
+_Static_assert(CP_MH_GEN_ENTRY == sizeof(uint32_t), "generation table entry");
 
 void mh_entry(uint64_t idx) __attribute__((noreturn));
 
+struct mh_idle {
+    uint64_t idx;
+    uint32_t announced;
+    uint32_t impl;
+};
+
+static const char *impl_name(uint32_t impl)
+{
+    return impl == CP_GCM_IMPL_VAES ? "vaes" : impl == CP_GCM_IMPL_AESNI ? "aes-ni" : "portable";
+}
+
+/* Called by cp_mh_serve with nothing new to do (IDLE) or after publishing a result (DONE). The first call
+ * means the protocol block is published: only then does the VMM hear "ready". */
+static int mh_idle(void *arg, volatile uint8_t *ctl, uint32_t why, uint64_t seen)
+{
+    struct mh_idle *st = arg;
+    (void)ctl;
+    (void)seen;
+    if (!st->announced) {
+        st->announced = 1;
+        cp_printf("mh: helper vCPU %lu ready, aes %s%s", st->idx, impl_name(st->impl),
+                  (CP_BP->flags & CP_BP_FLAG_MH_ONLY) ? " (mh_only)" : "");
+        cp_event(CP_EV_MH_READY);
+    }
+    if (why == CP_MH_WHY_IDLE)
+        cp_idle();
+    return 0;
+}
+
+static void fill_config(struct cp_mh_config *cfg, uint64_t idx)
+{
+    const volatile struct cp_boot_params *bp = CP_BP;
+    cfg->ram = (uint8_t *)0;
+    cfg->ram_size = bp->ram_bytes;
+    /* Everything below the workload area is off limits to SAVE/LOAD/DIGEST, not only the MH area: the
+     * firmware, boot parameters and CPU tables are placed on each side by its own launch (they differ
+     * between source and target), and most of them are supervisor-only pages the MH would fault on. */
+    cfg->mh_base = 0;
+    cfg->mh_size = bp->mh_base + bp->mh_size;
+    cfg->shared = (struct cp_mh_shared *)(uintptr_t)bp->mh_shared_gpa;
+    cfg->gen_table = (uint32_t *)(uintptr_t)bp->mh_gen_gpa;
+    cfg->gen_entries = bp->mh_gen_entries;
+    cfg->secret = (const uint8_t *)(uintptr_t)bp->secret_gpa;
+    cfg->secret_size = CP_PAGE_SIZE;
+    cfg->doorbell = (volatile uint64_t *)(uintptr_t)(bp->mmio_mailbox + 8 * idx);
+    cfg->cpu_features = cp_mh_features_from_bp(bp->cpu_features);
+    cfg->side = (bp->flags & CP_BP_FLAG_MH_ONLY) ? 1u : 0u;
+    cfg->mh_index = (uint32_t)idx;
+    cfg->batch_pages = bp->batch_pages;
+}
+
 void mh_entry(uint64_t idx)
 {
-    volatile struct cp_mailbox_header *mb =
-        (volatile struct cp_mailbox_header *)(uintptr_t)(CP_BP->mailbox_gpa + idx * CP_BP->mailbox_stride);
+    const volatile struct cp_boot_params *bp = CP_BP;
+    if (idx >= bp->mh_vcpus || bp->mh_ctx_stride < sizeof(struct cp_mh_ctx)) {
+        cp_printf("mh: helper vCPU %lu has no mailbox or context (mh_vcpus %u)", idx, bp->mh_vcpus);
+        cp_park_forever();
+    }
+    volatile uint8_t *ctl = (volatile uint8_t *)(uintptr_t)(bp->mailbox_gpa + idx * bp->mailbox_stride);
+    volatile struct cp_mailbox_header *mb = (volatile struct cp_mailbox_header *)ctl;
+    struct cp_mh_ctx *ctx = (struct cp_mh_ctx *)(uintptr_t)(bp->mh_ctx_gpa + idx * bp->mh_ctx_stride);
+    struct cp_mh_config cfg;
+    fill_config(&cfg, idx);
+    uint32_t rc = cp_mh_setup(ctx, &cfg);
     mb->magic = CP_MB_MAGIC;
     mb->mh_index = (uint32_t)idx;
-    mb->state = CP_MH_ST_READY;
-    cp_printf("mh: helper vCPU %lu ready%s", idx, (CP_BP->flags & CP_BP_FLAG_MH_ONLY) ? " (mh_only)" : "");
-    cp_event(CP_EV_MH_READY);
-    for (;;) {
-        mb->heartbeat++;
-        if (mb->ping != mb->pong)
-            mb->pong = mb->ping;
-        cp_idle();
+    if (rc != CP_MBS_OK) {
+        cp_printf("mh: helper vCPU %lu: setup refused its config (status %u)", idx, rc);
+        cp_park_forever();
     }
+    mb->state = CP_MH_ST_READY;
+    struct mh_idle st = {.idx = idx, .announced = 0, .impl = ctx->impl};
+    cp_mh_serve(ctx, ctl, (uint8_t *)(uintptr_t)(ctl + CP_MB_SLOTS_OFFSET), mh_idle, &st);
+    cp_park_forever();
 }

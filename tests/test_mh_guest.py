@@ -1,0 +1,289 @@
+"""The migration helper inside booted guests: a source (workload ran, pages private) and an mh_only target,
+each launched through the emulated secure processor with the owner's broker releasing the same transport
+key; pages sealed by the source's MH, framed by the C core, unframed into the target's slots and opened by
+the target's MH. Refusals (tampering, wrong GPA, replay, wrong key) are checked in the real guest, and the
+test reads both guests' RAM through the memfds (as only a test may) to check every byte."""
+
+from __future__ import annotations
+
+import array
+import dataclasses
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from confplan.core import frame_sealed_pages, unframe_sealed_pages
+from confplan.core.wire import sealed_frame_size
+from confplan.migration.mailbox import SLOT_CT, SLOT_GPA, SLOT_KEY_ID, SLOT_SIZE, MailboxSet, MhStatus, Op
+from confplan.sev import EmulatedSecureProcessor, KeyBroker, OwnerPolicy
+from confplan.sev.policy import encode_sev_policy
+from confplan.vmm import Machine, MachineConfig, abi
+from confplan.vmm.bootparams import HostCpu
+from confplan.vmm.cpu_setup import host_cpu_flags
+from confplan.vmm.firmware import Firmware
+from confplan.vmm.sev_launch import expected_launch_digest, launch_with_broker
+from confplan.vmm.tables import PT_PAGES
+
+pytestmark = pytest.mark.kvm
+
+MEM = 32 * abi.MIB
+PAGE = abi.PAGE
+POLICY = encode_sev_policy(nodbg=True, noks=True, api_major=1, api_minor=40)
+KEY = bytes(range(32))
+OTHER_KEY = bytes(range(100, 132))
+MARKER = b"CONFPLAN-CANARY!"  # 16 bytes; a canary page is this, repeated
+TARGET_FILL = b"\x5a" * PAGE  # the target's pages before LOAD: a write by a refused LOAD would show
+
+
+def configs(mode: str) -> tuple[MachineConfig, MachineConfig]:
+    helper: dict[str, object] = (
+        {"aux_vcpus": 2} if mode == "aux-vcpu" else {"helper_mode": "mirror-vm", "mirror_vcpus": 2}
+    )
+    src = MachineConfig(
+        memory=MEM,
+        workload_kind="quiet",
+        batch_pages=64,
+        measured_launch=True,
+        **helper,  # type: ignore[arg-type]
+    )
+    return src, dataclasses.replace(src, mh_only=True)
+
+
+@pytest.fixture(scope="module")
+def psp(tmp_path_factory: pytest.TempPathFactory) -> EmulatedSecureProcessor:
+    return EmulatedSecureProcessor.open(tmp_path_factory.mktemp("psp"))
+
+
+@pytest.fixture(scope="module")
+def host() -> HostCpu:
+    return HostCpu.probe()
+
+
+class Launcher:
+    """Boots measured machines whose digests the owner allowed, each with its own broker release."""
+
+    def __init__(self, psp: EmulatedSecureProcessor, host: HostCpu, owner_dir: Path) -> None:
+        self.psp, self.host, self.owner_dir = psp, host, owner_dir
+        self.machines: list[Machine] = []
+
+    def boot(self, config: MachineConfig, key: bytes, migration_id: bytes | None = None) -> Machine:
+        digest = expected_launch_digest(config, Firmware.load(), self.host).hex()
+        owner = OwnerPolicy(allowed_digests=[digest], allowed_policies=[POLICY], min_api="1.40")
+        broker = KeyBroker.init(self.owner_dir, owner, force=True)
+        m = Machine(config)
+        self.machines.append(m)
+        launch_with_broker(m, self.psp, broker, POLICY, key, migration_id=migration_id)
+        m.start()
+        return m
+
+    def close(self) -> None:
+        for m in reversed(self.machines):
+            m.close()
+
+
+@pytest.fixture
+def launcher(psp: EmulatedSecureProcessor, host: HostCpu, tmp_path: Path) -> Iterator[Launcher]:
+    boot = Launcher(psp, host, tmp_path / "owner")
+    try:
+        yield boot
+    finally:
+        boot.close()
+
+
+def memfd_read(m: Machine, gpa: int, n: int) -> bytes:
+    return os.pread(m.ram.fd, n, gpa)
+
+
+def memfd_write(m: Machine, gpa: int, data: bytes) -> None:
+    os.pwrite(m.ram.fd, data, gpa)
+
+
+def source_ready(m: Machine) -> None:
+    """The workload filled its pages; stop it so the pages hold still (the helper keeps running)."""
+    m.wait_workload(abi.EV_WL_FILLED)
+    m.pause_all_vcpus_except_aux()
+
+
+def workload_gpas(m: Machine) -> array.array[int]:
+    """Every private page of the workload area (all of it: the quiet workload shares nothing)."""
+    assert m.enc_bitmap.shared_pages() == 0
+    return array.array("Q", range(m.layout.wl_base, m.config.memory, PAGE))
+
+
+def move(src: MailboxSet, dst: MailboxSet, gpas: array.array[int], generation: int) -> list[bytes]:
+    """SAVE on the source in batches over all its MH vCPUs, frame each mailbox's records with the C core,
+    unframe each frame into one target mailbox's slots, LOAD. Returns the frames."""
+    frames: list[bytes] = []
+    for first in range(0, len(gpas), src.capacity):
+        chunk = gpas[first : first + src.capacity]
+        counts = [0] * len(dst.mailboxes)
+        offset = 0
+        for i, (_, result) in enumerate(src.save(chunk, generation)):
+            n = len(result.statuses)
+            frame = bytearray(sealed_frame_size(n))
+            frame_sealed_pages(result.records, n, frame, seq=len(frames), ram_size=MEM,
+                               expected_gpas=chunk[offset : offset + n])  # fmt: skip
+            offset += n
+            frames.append(bytes(frame))
+            counts[i] = unframe_sealed_pages(frame, dst.mailboxes[i].slots, ram_size=MEM).count
+        for result in dst.load(counts):
+            assert result.n_refused == 0, result.refused()[:3]
+    return frames
+
+
+def gen_table(m: Machine) -> array.array[int]:
+    """The MH's anti-replay table, through the memfd (MH-private memory the VMM's API never touches)."""
+    table = array.array("I")
+    table.frombytes(memfd_read(m, m.layout.mh_gen_gpa, m.layout.mh_gen_entries * 4))
+    return table
+
+
+def helper_impls(m: Machine) -> list[str]:
+    return [t.split(" aes ")[1].split()[0] for _, t in m.console.lines if t.startswith("mh: helper vCPU")]
+
+
+@pytest.mark.parametrize("mode", ["aux-vcpu", "mirror-vm"])
+def test_source_seals_target_opens_every_private_page(launcher: Launcher, mode: str) -> None:
+    src_cfg, dst_cfg = configs(mode)
+    a = launcher.boot(src_cfg, KEY)
+    b = launcher.boot(dst_cfg, KEY)
+    source_ready(a)
+    gpas = workload_gpas(a)
+    canaries = gpas[3::223]  # spread over the area, so both MH vCPUs seal some
+    for gpa in canaries:
+        memfd_write(a, gpa, MARKER * (PAGE // len(MARKER)))
+    mbs_a, mbs_b = a.mailboxes(), b.mailboxes()
+    info_a, info_b = mbs_a.init(), mbs_b.init()
+    assert (info_a.migration_id, info_a.key_id) == (info_b.migration_id, info_b.key_id)
+    assert info_a.sender_id >> 16 == 0 and info_b.sender_id >> 16 == 1  # side from the measured boot page
+
+    frames = move(mbs_a, mbs_b, gpas, generation=1)
+
+    area = (a.layout.wl_base, MEM - a.layout.wl_base)
+    assert memfd_read(a, *area) == memfd_read(b, *area)  # every moved page, byte for byte
+    assert all(memfd_read(b, gpa, len(MARKER)) == MARKER for gpa in canaries)
+    npages = MEM // PAGE
+    digest_a, digest_b = mbs_a.digest(0, npages), mbs_b.digest(0, npages)
+    assert digest_a == digest_b
+    first = gpas[0] // PAGE
+    assert set(gen_table(a)[first:]) == {1} and set(gen_table(b)[first:]) == {1}
+    # the work was spread over both MH vCPUs of each side, one doorbell per op
+    sealed = [mb.counters()["pages_sealed"] for mb in mbs_a.mailboxes]
+    opened = [mb.counters()["pages_opened"] for mb in mbs_b.mailboxes]
+    assert sum(sealed) == sum(opened) == len(gpas) and min(sealed) > 0 and min(opened) > 0
+    assert all(r > 0 for r in a.mailbox_doorbells.rings + b.mailbox_doorbells.rings)
+    # the canary never shows outside private memory: not in a frame, a slot or the console
+    assert not any(MARKER in f for f in frames)
+    for m in (a, b):
+        assert all(MARKER not in bytes(mb.slots) for mb in m.mailboxes().mailboxes)
+        assert MARKER.decode() not in m.console.text()
+    # the helper took a hardware AES path, not the portable one, where the host CPU has AES-NI
+    impls = helper_impls(a) + helper_impls(b)
+    assert len(impls) == 4
+    if "aes" in host_cpu_flags():
+        assert "portable" not in impls, impls
+    # one chunk changed on the target: the digest says so
+    memfd_write(b, gpas[-1], b"\x01")
+    assert mbs_b.digest(0, npages) != digest_a
+    a.check()
+    b.check()
+
+
+def _slot_records(mbs: MailboxSet, count: int) -> list[bytes]:
+    return [bytes(mbs.mailboxes[0].slots[i * SLOT_SIZE : (i + 1) * SLOT_SIZE]) for i in range(count)]
+
+
+def _load_raw(mbs: MailboxSet, records: list[bytes]) -> list[int]:
+    """A hostile VMM: records straight into the slots (no core checks), then LOAD; per-slot statuses."""
+    mb = mbs.mailboxes[0]
+    mb.slots[: len(records) * SLOT_SIZE] = b"".join(records)
+    return list(mb.load(len(records)).statuses)
+
+
+def _with(record: bytes, offset: int, data: bytes) -> bytes:
+    return record[:offset] + data + record[offset + len(data) :]
+
+
+def test_target_refuses_tampered_misplaced_replayed_and_foreign_pages(launcher: Launcher) -> None:
+    src_cfg, dst_cfg = configs("aux-vcpu")
+    mig = os.urandom(16)
+    a = launcher.boot(src_cfg, KEY, migration_id=mig)
+    b = launcher.boot(dst_cfg, KEY, migration_id=mig)
+    c = launcher.boot(dst_cfg, OTHER_KEY, migration_id=mig)  # launched and attested, but another key
+    source_ready(a)
+    gpas = workload_gpas(a)[:4]
+    mbs_a, mbs_b, mbs_c = a.mailboxes(), b.mailboxes(), c.mailboxes()
+    assert mbs_a.init().migration_id == mbs_b.init().migration_id == mig  # the owner's id, from the table
+    assert mbs_c.init().key_id != mbs_a.mailboxes[0].init().key_id
+    old = {gpa: memfd_read(a, gpa, PAGE) for gpa in gpas}
+    mbs_a.mailboxes[0].save(gpas, 1)
+    gen1 = _slot_records(mbs_a, 4)
+    new = {gpa: bytes([i + 1]) * PAGE for i, gpa in enumerate(gpas)}
+    for gpa, data in new.items():
+        memfd_write(a, gpa, data)
+    mbs_a.mailboxes[0].save(gpas, 2)
+    gen2 = _slot_records(mbs_a, 4)
+    for m in (b, c):
+        for gpa in gpas:
+            memfd_write(m, gpa, TARGET_FILL)
+
+    def target(m: Machine) -> list[bytes]:
+        return [memfd_read(m, gpa, PAGE) for gpa in gpas]
+
+    flipped = _with(gen2[0], SLOT_CT + 100, bytes([gen2[0][SLOT_CT + 100] ^ 1]))
+    moved = _with(gen2[1], SLOT_GPA, struct.pack("<Q", gpas[2]))  # page 1's record aimed at page 2
+    assert _load_raw(mbs_b, [flipped, moved]) == [MhStatus.AUTH, MhStatus.AUTH]
+    assert target(b) == [TARGET_FILL] * 4  # nothing written
+    assert _load_raw(mbs_b, gen2) == [MhStatus.OK] * 4
+    assert target(b) == [new[gpa] for gpa in gpas]
+    # replays: an older generation, and the same generation again; the pages keep the newest copy
+    assert _load_raw(mbs_b, gen1 + gen2[:1]) == [MhStatus.GEN_STALE] * 5
+    assert target(b) == [new[gpa] for gpa in gpas] and target(b) != [old[gpa] for gpa in gpas]
+    # another transport key: named by its key id, and the tag fails even with the key id forged
+    key_c = mbs_c.mailboxes[0].init().key_id
+    assert _load_raw(mbs_c, gen2) == [MhStatus.KEY_ID] * 4
+    forged = [_with(r, SLOT_KEY_ID, struct.pack("<I", key_c)) for r in gen2]
+    assert _load_raw(mbs_c, forged) == [MhStatus.AUTH] * 4
+    assert target(c) == [TARGET_FILL] * 4
+    counters = mbs_b.mailboxes[0].counters()
+    assert (counters["pages_opened"], counters["pages_refused"]) == (4, 7)
+    for m in (a, b, c):
+        m.check()
+
+
+def test_helper_refuses_pages_outside_the_workload_area(launcher: Launcher) -> None:
+    """Firmware, CPU tables, boot parameters and the MH area differ per side and are partly supervisor-only:
+    the MH refuses them (GPA_MH) instead of faulting, and DIGEST skips them."""
+    src_cfg, _ = configs("aux-vcpu")
+    a = launcher.boot(src_cfg, KEY)
+    mbs = a.mailboxes()
+    mbs.init()
+    mb = mbs.mailboxes[0]
+    result = mb.finish(Op.SAVE, mb.post_save([0, abi.PT_WL_GPA, abi.SECRET_GPA], 1), 3)
+    assert list(result.statuses) == [MhStatus.GPA_MH] * 3
+    mb.digest(0, MEM // PAGE)
+    assert mb._get("digest_skipped", "<Q") == a.layout.wl_base // PAGE
+    a.check()
+
+
+def test_workload_page_tables_leave_out_the_whole_mh_area(launcher: Launcher) -> None:
+    src_cfg, _ = configs("aux-vcpu")
+    a = launcher.boot(src_cfg, KEY)
+    lay = a.layout
+    assert abi.MAILBOX_GPA + 2 * lay.mailbox_stride <= lay.mh_shared_gpa < lay.mh_ctx_gpa < lay.mh_gen_gpa
+    assert lay.mh_gen_gpa + lay.mh_gen_entries * 4 <= lay.mh_end
+
+    def pd_entries(base: int) -> list[int]:
+        pd0 = base + 2 * PAGE
+        raw = memfd_read(a, pd0, PAGE)
+        return [
+            struct.unpack_from("<Q", raw, (gpa // abi.HUGE) * 8)[0] for gpa in range(0, lay.mh_end, abi.HUGE)
+        ]
+
+    assert PT_PAGES == 7
+    workload, helper = pd_entries(abi.PT_WL_GPA)[1:], pd_entries(abi.PT_MH_GPA)[1:]
+    assert workload and all(e == 0 for e in workload)  # [2 MiB, mh_end): not mapped for the workload
+    assert all(e & 0x7 == 0x7 for e in helper)  # present, writable, user for the MH
