@@ -2,17 +2,21 @@
 
 Two booted guests on KVM (a source whose quiet workload filled its pages, and an mh_only target with the
 same transport key in its secret page), with 1 and then 2 MH vCPUs (aux vCPUs). The VMM side is the real
-``Machine.mailboxes()``: post, kick, the guest's MH seals/opens at CPL3 (natively here), one doorbell exit
-per op wakes the waiting thread. Every round seals every workload page under a new generation; the sealed
-records are copied into the target's slots (not timed) and opened there (timed). Baseline: OpenSSL
-AES-256-GCM via ``cryptography``'s AESGCM on 1 MiB calls, one thread, measured in this run.
+``Machine.mailboxes()``. Every round seals every workload page under a new generation and opens the
+records on the target, two ways, interleaved round by round so both see the same machine load:
+- ``sync``: ``MailboxSet.save``/``load``, one op of ``--batch`` pages per mailbox at a time (post, kick,
+  the MH seals at CPL3, one doorbell exit per op wakes the waiter); the records go from the source's slots
+  into the target's (timed with SAVE);
+- ``stream``: ``save_stream``/``load_stream`` (protocol v2), ``--banks`` ops queued per mailbox, the records
+  copied out to a buffer and back into the target's slots (both copies timed).
+Baseline: OpenSSL AES-256-GCM via ``cryptography``'s AESGCM on 1 MiB calls, one thread, measured in this run.
 
 Rates per wall second, and per CPU-second of this process (guest time of the vCPU threads included): the
-second is the per-MH-vCPU figure and holds up when other work shares the two cores. Best of the rounds.
-The transport key is written straight into the secret page (no measured launch: that costs nothing per
-page and is covered by tests/test_mh_guest.py).
+second holds up better when other work shares the two cores. Best of the rounds. The transport key is
+written straight into the secret page (no measured launch: that costs nothing per page and is covered by
+tests/test_mh_guest.py).
 
-    .venv/bin/python bench/bench_mh_guest.py [--mib 128] [--batch 256] [--rounds 5]
+    .venv/bin/python bench/bench_mh_guest.py [--mib 128] [--batch 256] [--banks 2] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import TypeVar
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from confplan.migration.mailbox import SLOT_SIZE, MailboxSet
+from confplan.migration.mailbox import DEFAULT_BANKS, SLOT_SIZE, BatchResult, Mailbox, MailboxSet
 from confplan.sev.secret_table import CONFPLAN_TRANSPORT_KEY_GUID, build_secret_table
 from confplan.vmm import Machine, MachineConfig, abi
 
@@ -76,21 +80,55 @@ def boot(config: MachineConfig, key: bytes) -> Machine:
 
 
 def one_round(src: MailboxSet, dst: MailboxSet, gpas: array.array[int], gen: int) -> tuple[Clock, Clock]:
+    """The synchronous path: one op per mailbox at a time; the records go straight from the source's slots
+    into the target's (that copy is timed with SAVE: a VMM must move them somewhere)."""
     save, load = Clock(), Clock()
-    for first in range(0, len(gpas), src.capacity):
-        chunk = gpas[first : first + src.capacity]
-        saved = save.time(partial(src.save, chunk, gen))
+
+    def move(saved: list[tuple[Mailbox, BatchResult]]) -> list[int]:
         counts = [0] * len(dst.mailboxes)
         for i, (_, result) in enumerate(saved):
             n = len(result.statuses)
             dst.mailboxes[i].slots[: n * SLOT_SIZE] = result.records
             counts[i] = n
+        return counts
+
+    for first in range(0, len(gpas), src.capacity):
+        chunk = gpas[first : first + src.capacity]
+        counts = save.time(lambda c=chunk: move(src.save(c, gen)))  # type: ignore[misc]
         loaded = load.time(partial(dst.load, counts))
         assert all(r.n_refused == 0 for r in loaded)
     return save, load
 
 
-def mh_rates(mib: int, mh_vcpus: int, batch: int, rounds: int) -> dict[str, float]:
+def stream_round(
+    src: MailboxSet, dst: MailboxSet, gpas: array.array[int], gen: int, banks: int, buf: bytearray
+) -> tuple[Clock, Clock]:
+    """The pipelined path: SAVE every page through ``save_stream`` (each bank's records copied out into
+    ``buf``, timed), then LOAD them from ``buf`` through ``load_stream`` (that second copy is timed too, so
+    this path moves the records twice where the synchronous one moves them once)."""
+    save, load = Clock(), Clock()
+    out, src_at, dst_at = memoryview(buf), [0], [0]
+
+    def consume(_mb: Mailbox, result: BatchResult) -> None:
+        n = len(result.records)
+        out[src_at[0] : src_at[0] + n] = result.records
+        src_at[0] += n
+
+    def fill(_mb: Mailbox, slots: memoryview) -> int:
+        n = min(len(slots), src_at[0] - dst_at[0])
+        slots[:n] = out[dst_at[0] : dst_at[0] + n]
+        dst_at[0] += n
+        return n // SLOT_SIZE
+
+    save.time(partial(src.save_stream, gpas, gen, consume, banks=banks))
+    load.time(partial(dst.load_stream, fill, banks=banks))
+    assert src_at[0] == dst_at[0] == len(gpas) * SLOT_SIZE
+    return save, load
+
+
+def mh_rates(mib: int, mh_vcpus: int, batch: int, rounds: int, banks: int) -> dict[str, dict[str, float]]:
+    """Best rates of the synchronous path (``MailboxSet.save``/``load``, one op per mailbox at a time) and
+    of the pipelined one (``save_stream``/``load_stream``), rounds interleaved so both see the same load."""
     cfg = MachineConfig(memory=mib * MIB, aux_vcpus=mh_vcpus, workload_kind="quiet", batch_pages=batch,
                         watchdog_s=30.0)  # fmt: skip
     key = os.urandom(32)
@@ -103,42 +141,54 @@ def mh_rates(mib: int, mh_vcpus: int, batch: int, rounds: int) -> dict[str, floa
         impl = next(t for _, t in a.console.lines if t.startswith("mh: helper vCPU 0")).split(" aes ")[1]
         gpas = array.array("Q", range(a.layout.wl_base, cfg.memory, abi.PAGE))
         nbytes = len(gpas) * abi.PAGE
-        best: dict[str, float] = {"pages": len(gpas)}
-        for gen in range(1, rounds + 1):
-            save, load = one_round(src, dst, gpas, gen)
-            for name, clock in (("save", save), ("load", load)):
-                best[f"{name}_wall"] = max(best.get(f"{name}_wall", 0.0), nbytes / clock.wall / 1e9)
-                best[f"{name}_cpu"] = max(best.get(f"{name}_cpu", 0.0), nbytes / clock.cpu / 1e9)
+        buf = bytearray(len(gpas) * SLOT_SIZE)
+        best: dict[str, dict[str, float]] = {"sync": {}, "stream": {}}
+        gen = 0
+        for _ in range(rounds):
+            for mode in ("sync", "stream"):
+                gen += 1
+                clocks = one_round(src, dst, gpas, gen) if mode == "sync" else stream_round(
+                    src, dst, gpas, gen, banks, buf)  # fmt: skip
+                for name, clock in zip(("save", "load"), clocks, strict=True):
+                    r = best[mode]
+                    r[f"{name}_wall"] = max(r.get(f"{name}_wall", 0.0), nbytes / clock.wall / 1e9)
+                    r[f"{name}_cpu"] = max(r.get(f"{name}_cpu", 0.0), nbytes / clock.cpu / 1e9)
         area = (a.layout.wl_base, nbytes)
         assert os.pread(a.ram.fd, area[1], area[0]) == os.pread(b.ram.fd, area[1], area[0])
-        best["doorbells"] = sum(a.mailbox_doorbells.rings) + sum(b.mailbox_doorbells.rings)
-        print(f"  ({mh_vcpus} MH vCPU(s): AES implementation in the guest: {impl})")
+        rings = sum(a.mailbox_doorbells.rings) + sum(b.mailbox_doorbells.rings)
+        print(f"  ({mh_vcpus} MH vCPU(s): AES in the guest: {impl}; {len(gpas)} pages per pass; "
+              f"{rings} doorbell exits in all)")  # fmt: skip
         return best
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mib", type=int, default=128, help="guest RAM of each side")
-    ap.add_argument("--batch", type=int, default=1024, help="pages per mailbox op (the plan's batch_pages)")
+    ap.add_argument("--batch", type=int, default=256, help="slots per mailbox (the plan's batch_pages)")
+    ap.add_argument("--banks", type=int, default=DEFAULT_BANKS, help="slot banks per mailbox when streaming")
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     seal, open_ = openssl_rates(args.rounds)
     print(f"OpenSSL AES-256-GCM, 1 MiB calls: seal {seal:.2f} GB/s, open {open_:.2f} GB/s (per CPU-second)")
-    print(f"guest {args.mib} MiB, batch {args.batch} pages per op, best of {args.rounds} rounds")
-    print(f"{'MH vCPUs':>8} {'op':>4} {'wall GB/s':>10} {'per MH vCPU':>12} {'x OpenSSL':>10} "
+    print(f"guest {args.mib} MiB, {args.batch} slots per mailbox; sync = one op of {args.batch} pages per "
+          f"mailbox at a time, stream = {args.banks} banks queued; best of {args.rounds} rounds")  # fmt: skip
+    print(f"{'MH vCPUs':>8} {'path':>6} {'op':>4} {'wall GB/s':>10} {'per MH vCPU':>12} {'x OpenSSL':>10} "
           f"{'per CPU-s':>10} {'x OpenSSL':>10}")  # fmt: skip
-    base: dict[str, float] = {}
+    one: dict[str, float] = {}
     for n in (1, 2):
-        r = mh_rates(args.mib, n, args.batch, args.rounds)
-        for op, ref in (("save", seal), ("load", open_)):
-            wall, cpu = r[f"{op}_wall"], r[f"{op}_cpu"]
-            base.setdefault(op, wall)
-            print(f"{n:>8} {op.upper():>4} {wall:>10.2f} {wall / n:>12.2f} {wall / n / ref:>9.2f}x "
-                  f"{cpu:>10.2f} {cpu / ref:>9.2f}x")  # fmt: skip
+        rates = mh_rates(args.mib, n, args.batch, args.rounds, args.banks)
+        for mode, r in rates.items():
+            for op, ref in (("save", seal), ("load", open_)):
+                wall, cpu = r[f"{op}_wall"], r[f"{op}_cpu"]
+                one.setdefault(f"{mode}_{op}", wall)
+                print(f"{n:>8} {mode:>6} {op.upper():>4} {wall:>10.2f} {wall / n:>12.2f} "
+                      f"{wall / n / ref:>9.2f}x {cpu:>10.2f} {cpu / ref:>9.2f}x")  # fmt: skip
         if n == 2:
-            load = os.getloadavg()[0]
-            print(f"  wall 2 vs 1 MH vCPUs: SAVE {r['save_wall'] / base['save']:.2f}x, "
-                  f"LOAD {r['load_wall'] / base['load']:.2f}x; load average {load:.1f}")  # fmt: skip
+            for mode in rates:
+                r = rates[mode]
+                print(f"  {mode}: wall 2 vs 1 MH vCPUs: SAVE {r['save_wall'] / one[f'{mode}_save']:.2f}x, "
+                      f"LOAD {r['load_wall'] / one[f'{mode}_load']:.2f}x")  # fmt: skip
+            print(f"  load average {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

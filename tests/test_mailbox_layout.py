@@ -41,12 +41,14 @@ OFFSETS_C = r"""
 #define C(name) printf(#name " %llu\n", (unsigned long long)(name));
 int main(void) {
     F(cp_mb_proto, magic) F(cp_mb_proto, version) F(cp_mb_proto, flags) F(cp_mb_proto, batch_pages)
-    F(cp_mb_proto, sender_id) F(cp_mb_proto, seq) F(cp_mb_proto, done) F(cp_mb_proto, op)
-    F(cp_mb_proto, count) F(cp_mb_proto, generation) F(cp_mb_proto, status) F(cp_mb_proto, arg0)
-    F(cp_mb_proto, arg1) F(cp_mb_proto, n_ok) F(cp_mb_proto, n_refused) F(cp_mb_proto, first_bad)
+    F(cp_mb_proto, sender_id) F(cp_mb_proto, seq) F(cp_mb_proto, done) F(cp_mb_proto, ring)
     F(cp_mb_proto, key_id) F(cp_mb_proto, migration_id) F(cp_mb_proto, digest) F(cp_mb_proto, digest_pages)
     F(cp_mb_proto, digest_skipped) F(cp_mb_proto, pages_sealed) F(cp_mb_proto, pages_opened)
-    F(cp_mb_proto, pages_refused) F(cp_mb_proto, ops)
+    F(cp_mb_proto, pages_refused) F(cp_mb_proto, ops) F(cp_mb_proto, drains)
+    F(cp_mb_cmd, op) F(cp_mb_cmd, count) F(cp_mb_cmd, generation) F(cp_mb_cmd, first) F(cp_mb_cmd, arg0)
+    F(cp_mb_cmd, arg1) F(cp_mb_cmd, status) F(cp_mb_cmd, n_ok) F(cp_mb_cmd, n_refused) F(cp_mb_cmd, first_bad)
+    F(cp_mb_cmd, tsc_start) F(cp_mb_cmd, tsc_end)
+    printf("sizeof.cp_mb_cmd %zu\n", sizeof(struct cp_mb_cmd));
     printf("sizeof.cp_mb_proto %zu\n", sizeof(struct cp_mb_proto));
     F(cp_mh_config, ram) F(cp_mh_config, ram_size) F(cp_mh_config, mh_base) F(cp_mh_config, mh_size)
     F(cp_mh_config, shared) F(cp_mh_config, gen_table) F(cp_mh_config, gen_entries) F(cp_mh_config, secret)
@@ -54,7 +56,8 @@ int main(void) {
     F(cp_mh_config, mh_index) F(cp_mh_config, batch_pages)
     printf("sizeof.cp_mh_config %zu\n", sizeof(struct cp_mh_config));
     C(CP_MB_PROTO_MAGIC) C(CP_MB_PROTO_VERSION) C(CP_MB_PROTO_OFFSET) C(CP_MB_SLOTS_OFFSET) C(CP_MB_SLOT_SIZE)
-    C(CP_MB_SLOT_HEADER) C(CP_MB_DIGEST_BYTES) C(CP_MB_NO_INDEX)
+    C(CP_MB_SLOT_HEADER) C(CP_MB_DIGEST_BYTES) C(CP_MB_NO_INDEX) C(CP_MB_RING_OFFSET) C(CP_MB_RING)
+    C(CP_MB_CMD_SIZE)
     C(CP_MB_OP_INIT) C(CP_MB_OP_SAVE) C(CP_MB_OP_LOAD) C(CP_MB_OP_DIGEST) C(CP_MB_OP_RESET)
     C(CP_MBS_OK) C(CP_MBS_BAD_OP) C(CP_MBS_NO_KEY) C(CP_MBS_COUNT) C(CP_MBS_PARTIAL) C(CP_MBS_GPA_ALIGN)
     C(CP_MBS_GPA_RANGE) C(CP_MBS_GPA_MH) C(CP_MBS_GEN_INVALID) C(CP_MBS_GEN_STALE) C(CP_MBS_AUTH)
@@ -89,6 +92,12 @@ def test_control_page_offsets_match_the_c_header(c_values: dict[str, int]) -> No
     proto = {k.split(".", 1)[1]: v for k, v in c_values.items() if k.startswith("cp_mb_proto.")}
     assert {k: mbx.PROTO_OFFSET + v for k, v in proto.items()} == mbx.FIELD_OFFSETS
     assert c_values["sizeof.cp_mb_proto"] == mbx.PROTO_SIZE
+    cmd = {k.split(".", 1)[1]: v for k, v in c_values.items() if k.startswith("cp_mb_cmd.")}
+    assert cmd == mbx.CMD_OFFSETS
+    assert c_values["sizeof.cp_mb_cmd"] == mbx.CMD_SIZE
+    assert (c_values["CP_MB_RING_OFFSET"], c_values["CP_MB_RING"]) == (mbx.RING_OFFSET, mbx.RING)
+    assert mbx.PROTO_OFFSET + mbx.PROTO_SIZE <= mbx.RING_OFFSET < mbx.RING_OFFSET + mbx.RING * mbx.CMD_SIZE
+    assert mbx.RING_OFFSET + mbx.RING * mbx.CMD_SIZE <= mbx.SLOTS_OFFSET
     assert c_values["CP_MB_PROTO_MAGIC"] == mbx.PROTO_MAGIC
     assert c_values["CP_MB_PROTO_VERSION"] == mbx.PROTO_VERSION
     assert c_values["CP_MB_PROTO_OFFSET"] == mbx.PROTO_OFFSET

@@ -17,7 +17,17 @@ import pytest
 
 from confplan.core import frame_sealed_pages, unframe_sealed_pages
 from confplan.core.wire import sealed_frame_size
-from confplan.migration.mailbox import SLOT_CT, SLOT_GPA, SLOT_KEY_ID, SLOT_SIZE, MailboxSet, MhStatus, Op
+from confplan.migration.mailbox import (
+    SLOT_CT,
+    SLOT_GPA,
+    SLOT_KEY_ID,
+    SLOT_SIZE,
+    BatchResult,
+    Mailbox,
+    MailboxSet,
+    MhStatus,
+    Op,
+)
 from confplan.sev import EmulatedSecureProcessor, KeyBroker, OwnerPolicy
 from confplan.sev.policy import encode_sev_policy
 from confplan.vmm import Machine, MachineConfig, abi
@@ -190,6 +200,41 @@ def test_source_seals_target_opens_every_private_page(launcher: Launcher, mode: 
     assert mbs_b.digest(0, npages) != digest_a
     a.check()
     b.check()
+
+
+def test_streamed_rounds_move_every_page_with_one_doorbell_per_drain(launcher: Launcher) -> None:
+    """Protocol v2 in the booted guest: save_stream/load_stream queue several ops per MH vCPU; the helper
+    rings (one exit) only when it has caught up, and each ring is one drain it counted."""
+    src_cfg, dst_cfg = configs("aux-vcpu")
+    a, b = launcher.boot(src_cfg, KEY), launcher.boot(dst_cfg, KEY)
+    source_ready(a)
+    gpas = workload_gpas(a)
+    mbs_a, mbs_b = a.mailboxes(), b.mailboxes()
+    mbs_a.init()
+    mbs_b.init()
+    frames: list[bytes] = []  # sealed frames on their way, as the source's core would send them
+
+    def frame(_mb: Mailbox, result: BatchResult) -> None:
+        n = len(result.statuses)
+        out = bytearray(sealed_frame_size(n))
+        frame_sealed_pages(result.records, n, out, seq=0, ram_size=MEM, expected_gpas=result.gpas)
+        frames.append(bytes(out))
+
+    def unframe(_mb: Mailbox, slots: memoryview) -> int:
+        return unframe_sealed_pages(frames.pop(0), slots, ram_size=MEM).count if frames else 0
+
+    for generation in (1, 2):  # the second round replaces every page under a newer generation
+        assert mbs_a.save_stream(gpas, generation, frame, banks=4) == len(gpas) // 16
+        mbs_b.load_stream(unframe, banks=4)
+        assert not frames
+    area = (a.layout.wl_base, MEM - a.layout.wl_base)
+    assert memfd_read(a, *area) == memfd_read(b, *area)
+    assert set(gen_table(b)[gpas[0] // PAGE :]) == {2}
+    for m in (a, b):
+        counters = [mb.counters() for mb in m.mailboxes().mailboxes]
+        assert [c["drains"] for c in counters] == m.mailbox_doorbells.rings
+        assert all(0 < c["drains"] <= c["ops"] for c in counters)
+        m.check()
 
 
 def _slot_records(mbs: MailboxSet, count: int) -> list[bytes]:

@@ -1,9 +1,11 @@
 """The VMM side of the migration helper's mailbox (docs/mailbox.md): the one module that knows its layout.
 
 Per MH vCPU the VMM holds a writable view of guest RAM at the mailbox GPA: a 4 KiB control page (the VMM
-engineer's ``cp_mailbox_header``, then this protocol's block at 0x40) and ``batch_pages`` data slots, each
-a ``struct cp_sealed_page``. An op is posted by writing its arguments and then bumping ``seq``; the helper
-answers by setting ``done = seq``. Per-page work (GPAs into slots, statuses out) is done with strided
+engineer's ``cp_mailbox_header``, this protocol's block at 0x40, the op ring at 0x400) and ``batch_pages``
+data slots, each a ``struct cp_sealed_page``. An op is posted by writing its ring entry and then bumping
+``seq``; the helper answers by raising ``done`` to it. Up to ``RING`` ops may be queued, so
+``MailboxSet.save_stream``/``load_stream`` keep the helper busy on one bank of slots while the VMM empties
+and refills another. Per-page work (GPAs into slots, statuses out) is done with strided
 memoryview copies, never a Python loop over pages. ``tests/test_mailbox_protocol.py`` pins every offset
 here against ``firmware/include/cp_mailbox.h`` compiled with gcc.
 """
@@ -11,6 +13,7 @@ here against ``firmware/include/cp_mailbox.h`` compiled with gcc.
 from __future__ import annotations
 
 import array
+import collections
 import enum
 import struct
 import time
@@ -21,9 +24,12 @@ from confplan.errors import ConfplanError
 
 PAGE_SIZE = 4096
 PROTO_MAGIC = 0x504D4243  # "CBMP"
-PROTO_VERSION = 1
+PROTO_VERSION = 2
 PROTO_OFFSET = 0x40
 SLOTS_OFFSET = 0x1000
+RING_OFFSET = 0x400
+RING = 16  # op entries: op number seq lives in entry seq % RING
+CMD_SIZE = 64
 SLOT_SIZE = 4160
 SLOT_HEADER = 64
 DIGEST_BYTES = 32
@@ -35,12 +41,18 @@ FIELD_OFFSETS: dict[str, int] = {
     name: PROTO_OFFSET + off
     for name, off in {
         "magic": 0, "version": 4, "flags": 6, "batch_pages": 8, "sender_id": 12, "seq": 16, "done": 24,
-        "op": 32, "count": 36, "generation": 40, "status": 44, "arg0": 48, "arg1": 56, "n_ok": 64,
-        "n_refused": 68, "first_bad": 72, "key_id": 76, "migration_id": 80, "digest": 96,
-        "digest_pages": 128, "digest_skipped": 136, "pages_sealed": 144, "pages_opened": 152,
-        "pages_refused": 160, "ops": 168,
+        "ring": 32, "key_id": 36, "migration_id": 40, "digest": 56, "digest_pages": 88, "digest_skipped": 96,
+        "pages_sealed": 104, "pages_opened": 112, "pages_refused": 120, "ops": 128, "drains": 136,
     }.items()
 }  # fmt: skip
+# Inside a ring entry (offsetof(struct cp_mb_cmd, field)).
+CMD_OFFSETS: dict[str, int] = {
+    "op": 0, "count": 4, "generation": 8, "first": 12, "arg0": 16, "arg1": 24, "status": 32, "n_ok": 36,
+    "n_refused": 40, "first_bad": 44, "tsc_start": 48, "tsc_end": 56,
+}  # fmt: skip
+_CMD_ARGS = struct.Struct("<IIIIQQ")  # op, count, generation, first, arg0, arg1: the VMM's half
+_CMD_RESULT = struct.Struct("<IIII")  # status, n_ok, n_refused, first_bad: the MH's
+_CMD_TSC = struct.Struct("<QQ")
 PROTO_SIZE = 256
 # Inside a slot (struct cp_sealed_page).
 SLOT_GPA, SLOT_GENERATION, SLOT_STATUS, SLOT_NONCE, SLOT_KEY_ID, SLOT_TAG, SLOT_CT = 0, 8, 12, 16, 28, 32, 64
@@ -137,6 +149,11 @@ class MailboxError(ConfplanError):
 
 # (expected seq, seconds at most) -> returns when the helper may have answered, or after the time.
 Waiter = Callable[[int, float], None]
+# Streaming: a finished SAVE/LOAD handed to the VMM (mailbox, result); records valid during the call only.
+Consume = Callable[["Mailbox", "BatchResult"], None]
+# Streaming LOAD: (mailbox, a free bank of its slots) -> records written there, 0 when there are no more.
+Fill = Callable[["Mailbox", memoryview], int]
+DEFAULT_BANKS = 2  # slot banks per mailbox in save_stream/load_stream (docs/mailbox.md, "Pipelining")
 
 
 def sleeping_waiter(seq: int, seconds: float) -> None:
@@ -155,13 +172,17 @@ class InitInfo:
 
 @dataclass(frozen=True)
 class BatchResult:
-    """A SAVE or LOAD: per-slot statuses (``array('I')``, 0 = done) and the slots' records."""
+    """A SAVE or LOAD: per-slot statuses (``array('I')``, 0 = done) and the slots' records.
+
+    ``first_bad`` counts from the op's first slot (``records`` starts there too); ``gpas`` are the pages a
+    streamed SAVE asked for (None elsewhere)."""
 
     statuses: array.array[int]
     records: memoryview
     n_ok: int
     n_refused: int
     first_bad: int
+    gpas: array.array[int] | None = None
 
     def refused(self) -> list[tuple[int, MhStatus]]:
         """(slot, status) of every refused slot."""
@@ -169,11 +190,17 @@ class BatchResult:
 
 
 class Mailbox:
-    """One MH vCPU's mailbox over ``view`` (control page + slots), with ``kick`` to wake the vCPU."""
+    """One MH vCPU's mailbox over ``view`` (control page + slots), with ``kick`` to wake the vCPU.
+
+    The helper rings its doorbell only once it has caught up, so ``wait`` sleeps on the doorbell only for
+    the last queued op; for an op with later ones queued behind it, it sleeps about half that op's expected
+    time (``count`` x the helper's seconds per page, learnt from the guest TSC stamps of finished ops when
+    ``tsc_khz`` is known; never below ``poll``) and looks at ``done`` again: about two wake-ups per op, and
+    the helper keeps working on the queued ops meanwhile."""
 
     def __init__(
         self, view: memoryview, *, mh_index: int, batch_pages: int, kick: Callable[[], None],
-        wait: Waiter = sleeping_waiter, timeout: float = 30.0,
+        wait: Waiter = sleeping_waiter, timeout: float = 30.0, poll: float = 0.00005, tsc_khz: int = 0,
     ) -> None:  # fmt: skip
         need = SLOTS_OFFSET + batch_pages * SLOT_SIZE
         if batch_pages < 1 or len(view) < need or view.readonly:
@@ -181,7 +208,10 @@ class Mailbox:
                 f"mailbox {mh_index}: a writable view of {need} bytes is needed, got {len(view)}"
             )
         self.mh_index, self.batch_pages = mh_index, batch_pages
-        self._kick, self._wait, self.timeout = kick, wait, timeout
+        self._kick, self._wait, self.timeout, self.poll = kick, wait, timeout, poll
+        self.tsc_khz = tsc_khz
+        self.page_seconds = 1e-6  # the helper's time per page, a running average (TSC stamps)
+        self._counts = [0] * RING  # pages of the op in each ring entry, for the wait estimate
         view = view.cast("B")
         self._ctl = view[:SLOTS_OFFSET]
         self._ctl_q = self._ctl.cast("Q")
@@ -196,31 +226,53 @@ class Mailbox:
     def _set(self, name: str, fmt: str, value: int) -> None:
         struct.pack_into(fmt, self._ctl, FIELD_OFFSETS[name], value)
 
+    @staticmethod
+    def _entry(seq: int) -> int:
+        """Byte offset of op ``seq``'s ring entry in the control page."""
+        return RING_OFFSET + (seq % RING) * CMD_SIZE
+
     @property
     def ready(self) -> bool:
-        """The helper's serve loop has published the protocol block."""
+        """The helper's serve loop has published the protocol block (this protocol version)."""
         return self._get("magic", "<I") == PROTO_MAGIC and self._get("version", "<H") == PROTO_VERSION
 
+    @property
+    def queued(self) -> int:
+        """Ops posted and not yet done."""
+        return int(self._ctl_q[_Q_SEQ] - self._ctl_q[_Q_DONE])
+
     def counters(self) -> dict[str, int]:
-        """The helper's counters since boot (pages sealed, opened, refused; ops)."""
-        return {k: self._get(k, "<Q") for k in ("pages_sealed", "pages_opened", "pages_refused", "ops")}
+        """The helper's counters since boot (pages sealed, opened, refused; ops; drains = doorbells rung)."""
+        names = ("pages_sealed", "pages_opened", "pages_refused", "ops", "drains")
+        return {k: self._get(k, "<Q") for k in names}
+
+    def op_tsc(self, seq: int) -> tuple[int, int]:
+        """Guest TSC when the helper began and finished op ``seq`` (until RING later ops reuse its entry)."""
+        start, end = _CMD_TSC.unpack_from(self._ctl, self._entry(seq) + CMD_OFFSETS["tsc_start"])
+        return int(start), int(end)
 
     # ---- posting and waiting ----
-    def post(self, op: Op, *, count: int = 0, generation: int = 0, arg0: int = 0, arg1: int = 0) -> int:
-        """Write an op's arguments, then bump seq (one aligned 8-byte store) and kick. Returns the seq."""
-        for name, fmt, value in (("op", "<I", op), ("count", "<I", count), ("generation", "<I", generation),
-                                 ("arg0", "<Q", arg0), ("arg1", "<Q", arg1)):  # fmt: skip
-            self._set(name, fmt, value)
-        seq = self._ctl_q[_Q_SEQ] + 1
+    def post(
+        self, op: Op, *, count: int = 0, generation: int = 0, arg0: int = 0, arg1: int = 0, first: int = 0
+    ) -> int:
+        """Write an op into its ring entry, then bump seq (one aligned 8-byte store) and kick. Returns the
+        seq. At most ``RING`` ops may be queued; their slot ranges (``first``, ``count``) must not overlap."""
+        seq = int(self._ctl_q[_Q_SEQ]) + 1
+        if seq - int(self._ctl_q[_Q_DONE]) > RING:
+            raise ValueError(f"MH vCPU {self.mh_index}: {RING} ops are queued already; wait for one first")
+        _CMD_ARGS.pack_into(self._ctl, self._entry(seq), op, count, generation, first, arg0, arg1)
+        self._counts[seq % RING] = count
         self._ctl_q[_Q_SEQ] = seq
         self._kick()
-        return int(seq)
+        return seq
 
     def wait(self, op: Op, seq: int) -> int:
-        """Wait for ``done == seq``; returns the op status. Raises MailboxError after ``timeout`` seconds."""
+        """Wait for ``done >= seq``; returns the op status. Raises MailboxError after ``timeout`` seconds."""
         deadline = time.monotonic() + self.timeout
-        while self._ctl_q[_Q_DONE] != seq:
-            left = deadline - time.monotonic()
+        next_check = 0.0
+        while self._ctl_q[_Q_DONE] < seq:
+            now = time.monotonic()
+            left = deadline - now
             if left <= 0:
                 raise MailboxError(
                     f"mailbox {op.name} on MH vCPU {self.mh_index} got no answer within {self.timeout:g} s "
@@ -228,8 +280,21 @@ class Mailbox:
                     op=op, mh_index=self.mh_index, status=-1,
                     hint="check that the helper vCPU runs (its heartbeat) and that the kick reaches it",
                 )  # fmt: skip
-            self._wait(seq, left)
-        return self._get("status", "<I")
+            if self._ctl_q[_Q_SEQ] == seq:
+                self._wait(seq, left)  # the last queued op: the helper's doorbell wakes us
+            elif now < next_check:
+                time.sleep(min(left, max(self.poll, 0.5 * self._counts[seq % RING] * self.page_seconds)))
+            else:  # a zero wait still raises the machine's error if the guest died; 10 ms apart is enough
+                self._wait(seq, 0.0)
+                next_check = now + 0.01
+        return int(struct.unpack_from("<I", self._ctl, self._entry(seq) + CMD_OFFSETS["status"])[0])
+
+    def _learn_rate(self, seq: int, count: int) -> None:
+        """Fold op ``seq``'s guest time per page into ``page_seconds`` (needs the TSC rate)."""
+        start, end = self.op_tsc(seq)
+        if self.tsc_khz > 0 and count > 0 and end > start:
+            per_page = (end - start) / (self.tsc_khz * 1e3) / count
+            self.page_seconds = 0.75 * self.page_seconds + 0.25 * min(per_page, 1e-3)
 
     def _fail(self, op: Op, status: int, detail: str = "", statuses: array.array[int] | None = None) -> None:
         raise MailboxError(
@@ -251,36 +316,42 @@ class Mailbox:
         mig = bytes(self._ctl[FIELD_OFFSETS["migration_id"] : FIELD_OFFSETS["migration_id"] + 16])
         return InitInfo(mig, self._get("key_id", "<I"), self._get("sender_id", "<I"))
 
-    def _check_count(self, op: Op, count: int) -> None:
-        if not 1 <= count <= self.batch_pages:
+    def _check_count(self, op: Op, count: int, first: int) -> None:
+        if count < 1 or first < 0 or first + count > self.batch_pages:
             raise ValueError(
-                f"{op.name} on MH vCPU {self.mh_index}: {count} pages, 1..{self.batch_pages} fit"
+                f"{op.name} on MH vCPU {self.mh_index}: {count} pages from slot {first}, "
+                f"{self.batch_pages} slots in all"
             )
 
-    def post_save(self, gpas: Sequence[int] | array.array[int], generation: int) -> int:
-        """Write the GPAs into the slots (strided copy) and post SAVE; pair with ``finish(Op.SAVE, ...)``."""
+    def post_save(self, gpas: Sequence[int] | array.array[int], generation: int, *, first: int = 0) -> int:
+        """Write the GPAs into slots ``first..`` (strided copy) and post SAVE; pair with ``finish``."""
         gpa_array = gpas if isinstance(gpas, array.array) and gpas.typecode == "Q" else array.array("Q", gpas)
         count = len(gpa_array)
-        self._check_count(Op.SAVE, count)
-        self._slot_q[0 : count * _SLOT_Q : _SLOT_Q] = memoryview(gpa_array).cast("B").cast("Q")
-        return self.post(Op.SAVE, count=count, generation=generation)
+        self._check_count(Op.SAVE, count, first)
+        a = first * _SLOT_Q
+        self._slot_q[a : a + count * _SLOT_Q : _SLOT_Q] = memoryview(gpa_array).cast("B").cast("Q")
+        return self.post(Op.SAVE, count=count, generation=generation, first=first)
 
-    def post_load(self, count: int) -> int:
-        """Post LOAD of the ``count`` records already in the slots."""
-        self._check_count(Op.LOAD, count)
-        return self.post(Op.LOAD, count=count)
+    def post_load(self, count: int, *, first: int = 0) -> int:
+        """Post LOAD of the ``count`` records already in slots ``first..``."""
+        self._check_count(Op.LOAD, count, first)
+        return self.post(Op.LOAD, count=count, first=first)
 
-    def finish(self, op: Op, seq: int, count: int) -> BatchResult:
+    def finish(
+        self, op: Op, seq: int, count: int, *, first: int = 0, gpas: array.array[int] | None = None
+    ) -> BatchResult:
         """Wait for a posted SAVE/LOAD; per-page refusals are in the result, op failures raise."""
         status = self.wait(op, seq)
         if status not in (MhStatus.OK, MhStatus.PARTIAL):
             self._fail(op, status)
+        self._learn_rate(seq, count)
+        at = self._entry(seq) + CMD_OFFSETS["status"]
+        _, n_ok, n_refused, first_bad = _CMD_RESULT.unpack_from(self._ctl, at)
         statuses = array.array("I")
-        statuses.frombytes(self._slot_i[SLOT_STATUS // 4 : count * _SLOT_I : _SLOT_I].tobytes())
-        return BatchResult(
-            statuses, self.slots[: count * SLOT_SIZE], self._get("n_ok", "<I"), self._get("n_refused", "<I"),
-            self._get("first_bad", "<I"),
-        )  # fmt: skip
+        a = first * _SLOT_I + SLOT_STATUS // 4
+        statuses.frombytes(self._slot_i[a : a + count * _SLOT_I : _SLOT_I].tobytes())
+        records = self.slots[first * SLOT_SIZE : (first + count) * SLOT_SIZE]
+        return BatchResult(statuses, records, n_ok, n_refused, first_bad, gpas)
 
     def save(self, gpas: Sequence[int] | array.array[int], generation: int) -> BatchResult:
         """SAVE: seal the pages at ``gpas`` for ``generation``; raises if any page is refused.
@@ -379,6 +450,96 @@ class MailboxSet:
         """LOAD in parallel: ``counts[i]`` records are already in mailbox i's slots (0 skips it)."""
         posted = [(mb, mb.post_load(n), n) for mb, n in zip(self.mailboxes, counts, strict=True) if n]
         return [mb.finish(Op.LOAD, seq, n) for mb, seq, n in posted]
+
+    def _banks(self, banks: int) -> list[int]:
+        """Slots per bank of each mailbox: its slots split into ``banks`` (at most RING) equal banks."""
+        if banks < 1:
+            raise ValueError(f"banks must be at least 1, got {banks}")
+        return [max(1, mb.batch_pages // min(banks, RING, mb.batch_pages)) for mb in self.mailboxes]
+
+    def save_stream(
+        self, gpas: array.array[int], generation: int, consume: Consume, *, banks: int = DEFAULT_BANKS
+    ) -> int:
+        """SAVE any number of pages, pipelined; returns the number of ops.
+
+        Each mailbox's slots are split into ``banks`` banks; every bank gets an op queued at once, and as
+        each op is done (oldest first) ``consume(mailbox, result)`` gets its records (``result.gpas`` are
+        the pages asked for; the view is valid only during the call) and the bank is refilled and queued
+        again. The helper works through the queue without parking or ringing, so the VMM's framing of one
+        bank overlaps the sealing of the next. Raises MailboxError (after the other queued ops finish on
+        their own) if a page is refused.
+        """
+        sizes = self._banks(banks)
+        chunks: list[list[tuple[int, int]]] = [[] for _ in self.mailboxes]
+        pos, turn = 0, 0
+        while pos < len(gpas):  # round robin, one bank's worth each
+            i = turn % len(self.mailboxes)
+            chunks[i].append((pos, min(sizes[i], len(gpas) - pos)))
+            pos, turn = pos + sizes[i], turn + 1
+        nexts = [iter(c) for c in chunks]
+        pending: collections.deque[tuple[int, int, int, array.array[int]]] = collections.deque()
+
+        def post(i: int, first: int) -> None:
+            part = next(nexts[i], None)
+            if part is not None:
+                chunk = gpas[part[0] : part[0] + part[1]]
+                pending.append((i, self.mailboxes[i].post_save(chunk, generation, first=first), first, chunk))
+
+        for bank in range(max(len(c) for c in chunks) if gpas else 0):
+            for i in range(len(self.mailboxes)):
+                if bank * sizes[i] < self.mailboxes[i].batch_pages:
+                    post(i, bank * sizes[i])
+        ops = 0
+        while pending:
+            i, seq, first, chunk = pending.popleft()
+            mb = self.mailboxes[i]
+            result = mb.finish(Op.SAVE, seq, len(chunk), first=first, gpas=chunk)
+            raise_for_refusals(Op.SAVE, mb.mh_index, result)
+            consume(mb, result)
+            ops += 1
+            post(i, first)
+        return ops
+
+    def load_stream(
+        self, fill: Fill, consume: Consume | None = None, *, banks: int = DEFAULT_BANKS
+    ) -> int:
+        """LOAD pipelined; returns the number of ops.
+
+        ``fill(mailbox, slots)`` writes records into ``slots`` (a free bank of that mailbox's slots) and
+        returns how many, 0 when there are no more. Each filled bank is queued at once; as each op is done
+        (oldest first) ``consume(mailbox, result)`` gets its statuses, then the bank is filled again.
+        Without ``consume`` a refused page raises MailboxError.
+        """
+        sizes = self._banks(banks)
+        pending: collections.deque[tuple[int, int, int, int]] = collections.deque()
+        more = True
+
+        def post(i: int, first: int) -> None:
+            nonlocal more
+            mb = self.mailboxes[i]
+            n = fill(mb, mb.slots[first * SLOT_SIZE : (first + sizes[i]) * SLOT_SIZE]) if more else 0
+            if n > sizes[i]:
+                raise ValueError(f"fill wrote {n} records into a bank of {sizes[i]} slots")
+            more = more and n > 0
+            if n:
+                pending.append((i, mb.post_load(n, first=first), first, n))
+
+        for bank in range(min(banks, RING)):
+            for i, mb in enumerate(self.mailboxes):
+                if (bank + 1) * sizes[i] <= mb.batch_pages:
+                    post(i, bank * sizes[i])
+        ops = 0
+        while pending:
+            i, seq, first, n = pending.popleft()
+            mb = self.mailboxes[i]
+            result = mb.finish(Op.LOAD, seq, n, first=first)
+            if consume is None:
+                raise_for_refusals(Op.LOAD, mb.mh_index, result)
+            else:
+                consume(mb, result)
+            ops += 1
+            post(i, first)
+        return ops
 
     def digest(self, start: int, npages: int, *, chunk_pages: int = 16384) -> list[bytes]:
         """Digests of ``npages`` from ``start`` in fixed chunks (same for any helper count), in parallel."""

@@ -323,6 +323,7 @@ class Machine:
         return Mailbox(
             self.view(helper.control_gpa, self.layout.mailbox_stride), mh_index=index,
             batch_pages=self.config.batch_pages, kick=helper.kick, wait=wait, timeout=timeout,
+            tsc_khz=self.host.tsc_khz,
         )  # fmt: skip
 
     def pause(self, runners: list[VcpuRunner]) -> None:

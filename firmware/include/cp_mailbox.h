@@ -1,15 +1,19 @@
 /*
- * confplan migration-helper (MH) mailbox protocol, version 1: the layout shared by the MH (firmware/mh/) and
+ * confplan migration-helper (MH) mailbox protocol, version 2: the layout shared by the MH (firmware/mh/) and
  * the VMM (confplan/migration/mailbox.py, whose offsets a test checks against this header). docs/mailbox.md
  * is the prose contract. Any layout change bumps CP_MB_PROTO_VERSION.
  *
  * Per MH vCPU, at bp.mailbox_gpa + idx * bp.mailbox_stride:
  *   +0x0000  struct cp_mailbox_header (confplan_abi.h: magic "CMBX", state, heartbeat, ping/pong)
  *   +0x0040  struct cp_mb_proto (this file)
+ *   +0x0400  the op ring: CP_MB_RING struct cp_mb_cmd; op number `seq` lives in ring[seq % CP_MB_RING]
  *   +0x1000  bp.batch_pages data slots, each a struct cp_sealed_page (confplan/core/pagecore.h): 64-byte
  *            header then 4096 bytes, CP_MB_SLOT_SIZE apart.
- * The VMM writes the op and its arguments, then bumps `seq` ("go") and kicks the vCPU; the MH handles the
- * op, writes results and per-slot statuses, then stores `done = seq` and rings its doorbell once.
+ * The VMM writes an op into its ring entry, then bumps `seq` ("go") and kicks the vCPU. It may queue up to
+ * CP_MB_RING ops (on disjoint slot ranges: `first`, `count`) before the first is done. The MH handles them in
+ * order, writes each op's results into its entry and per-slot statuses, then stores `done` = that op's
+ * number. It rings its doorbell only when it has caught up (done == seq): one exit per drained queue, none
+ * per op while the VMM keeps it fed.
  */
 #ifndef CP_MAILBOX_H
 #define CP_MAILBOX_H
@@ -17,9 +21,12 @@
 #include <stdint.h>
 
 #define CP_MB_PROTO_MAGIC 0x504d4243u /* "CBMP" */
-#define CP_MB_PROTO_VERSION 1u
+#define CP_MB_PROTO_VERSION 2u
 #define CP_MB_PROTO_OFFSET 0x40u
 #define CP_MB_SLOTS_OFFSET 0x1000u
+#define CP_MB_RING_OFFSET 0x400u
+#define CP_MB_RING 16u
+#define CP_MB_CMD_SIZE 64u
 #define CP_MB_SLOT_SIZE 4160u
 #define CP_MB_SLOT_HEADER 64u
 #define CP_MB_DIGEST_BYTES 32u
@@ -27,8 +34,8 @@
 
 /* Ops (cp_mb_proto.op). */
 #define CP_MB_OP_INIT 1u   /* read the launch secret: transport key (+ migration id), derive sub-keys */
-#define CP_MB_OP_SAVE 2u   /* seal `count` slots: slot.gpa from the VMM, `generation` for the batch */
-#define CP_MB_OP_LOAD 3u   /* open `count` received records into their GPAs */
+#define CP_MB_OP_SAVE 2u   /* seal `count` slots from `first`: slot.gpa from the VMM, `generation` for all */
+#define CP_MB_OP_LOAD 3u   /* open `count` received records (slots from `first`) into their GPAs */
 #define CP_MB_OP_DIGEST 4u /* keyed digest of npages = arg1 pages from GPA arg0, MH area skipped */
 #define CP_MB_OP_RESET 5u  /* wipe the key; nonce counters and generation table stay */
 
@@ -39,7 +46,7 @@
 #define CP_MBS_OK 0u
 #define CP_MBS_BAD_OP 1u          /* unknown op */
 #define CP_MBS_NO_KEY 2u          /* SAVE/LOAD/DIGEST before a successful INIT (or after RESET) */
-#define CP_MBS_COUNT 3u           /* count is 0 or above the slots this mailbox has */
+#define CP_MBS_COUNT 3u           /* count is 0, or first + count above the slots this mailbox has */
 #define CP_MBS_PARTIAL 4u         /* op status: some slots refused, see their statuses */
 #define CP_MBS_GPA_ALIGN 5u       /* GPA not a multiple of 4096 */
 #define CP_MBS_GPA_RANGE 6u       /* GPA (or digest range) outside guest RAM */
@@ -60,36 +67,49 @@
 #define CP_MBS_LAST CP_MBS_CONFIG
 
 /* The protocol block of a control page, at CP_MB_PROTO_OFFSET. "VMM:" fields are written by the VMM before
- * it bumps seq; "MH:" fields by the helper before it stores done. Little-endian, naturally aligned. */
+ * it bumps seq; "MH:" fields by the helper before it stores done. Little-endian, naturally aligned.
+ * INIT and DIGEST results stay here (the last such op done); per-op results are in the op's ring entry. */
 struct cp_mb_proto {
     uint32_t magic;           /*   0 MH: CP_MB_PROTO_MAGIC once the serve loop runs */
     uint16_t version;         /*   4 MH: CP_MB_PROTO_VERSION */
     uint16_t flags;           /*   6 reserved, 0 */
     uint32_t batch_pages;     /*   8 MH: slots this mailbox has */
     uint32_t sender_id;       /*  12 MH: nonce prefix of this MH (side << 16 | claimed index) */
-    uint64_t seq;             /*  16 VMM: bumped last, the "go" */
-    uint64_t done;            /*  24 MH: = seq once every result of that op is written */
-    uint32_t op;              /*  32 VMM: CP_MB_OP_* */
-    uint32_t count;           /*  36 VMM: slots used by SAVE/LOAD */
-    uint32_t generation;      /*  40 VMM: SAVE generation (precopy round), 1..0xfffffffe */
-    uint32_t status;          /*  44 MH: CP_MBS_* for the op */
-    uint64_t arg0;            /*  48 VMM: DIGEST first GPA */
-    uint64_t arg1;            /*  56 VMM: DIGEST page count */
-    uint32_t n_ok;            /*  64 MH: slots done */
-    uint32_t n_refused;       /*  68 MH: slots refused */
-    uint32_t first_bad;       /*  72 MH: index of the first refused slot, CP_MB_NO_INDEX if none */
-    uint32_t key_id;          /*  76 MH: key fingerprint (after INIT), written into every sealed record */
-    uint8_t migration_id[16]; /*  80 MH: the id bound into every AAD (after INIT) */
-    uint8_t digest[CP_MB_DIGEST_BYTES]; /* 96 MH: DIGEST result */
-    uint64_t digest_pages;    /* 128 MH: pages hashed by the last DIGEST */
-    uint64_t digest_skipped;  /* 136 MH: pages of the range skipped (MH area) */
-    uint64_t pages_sealed;    /* 144 MH: counters since boot */
-    uint64_t pages_opened;    /* 152 */
-    uint64_t pages_refused;   /* 160 */
-    uint64_t ops;             /* 168 */
-    uint64_t reserved[10];    /* 176 */
+    uint64_t seq;             /*  16 VMM: number of the last op posted, bumped last: the "go" */
+    uint64_t done;            /*  24 MH: number of the last op whose results are all written */
+    uint32_t ring;            /*  32 MH: CP_MB_RING, entries in the op ring */
+    uint32_t key_id;          /*  36 MH: key fingerprint (after INIT), written into every sealed record */
+    uint8_t migration_id[16]; /*  40 MH: the id bound into every AAD (after INIT) */
+    uint8_t digest[CP_MB_DIGEST_BYTES]; /* 56 MH: DIGEST result */
+    uint64_t digest_pages;    /*  88 MH: pages hashed by the last DIGEST */
+    uint64_t digest_skipped;  /*  96 MH: pages of the range skipped (MH area) */
+    uint64_t pages_sealed;    /* 104 MH: counters since boot */
+    uint64_t pages_opened;    /* 112 */
+    uint64_t pages_refused;   /* 120 */
+    uint64_t ops;             /* 128 */
+    uint64_t drains;          /* 136 MH: times it caught up with seq and rang its doorbell */
+    uint64_t reserved[14];    /* 144 */
+};
+
+/* One op in the ring (at CP_MB_RING_OFFSET + (seq % CP_MB_RING) * CP_MB_CMD_SIZE). */
+struct cp_mb_cmd {
+    uint32_t op;         /*  0 VMM: CP_MB_OP_* */
+    uint32_t count;      /*  4 VMM: slots used by SAVE/LOAD */
+    uint32_t generation; /*  8 VMM: SAVE generation (precopy round), 1..0xfffffffe */
+    uint32_t first;      /* 12 VMM: first slot of SAVE/LOAD (slots first .. first + count - 1) */
+    uint64_t arg0;       /* 16 VMM: DIGEST first GPA */
+    uint64_t arg1;       /* 24 VMM: DIGEST page count */
+    uint32_t status;     /* 32 MH: CP_MBS_* for the op */
+    uint32_t n_ok;       /* 36 MH: slots done */
+    uint32_t n_refused;  /* 40 MH: slots refused */
+    uint32_t first_bad;  /* 44 MH: first refused slot, counted from `first`; CP_MB_NO_INDEX if none */
+    uint64_t tsc_start;  /* 48 MH: guest TSC when it began the op (profiling; 0 where rdtsc is not used) */
+    uint64_t tsc_end;    /* 56 MH: guest TSC when it finished */
 };
 
 _Static_assert(sizeof(struct cp_mb_proto) == 256, "cp_mb_proto layout");
+_Static_assert(sizeof(struct cp_mb_cmd) == CP_MB_CMD_SIZE, "cp_mb_cmd layout");
+_Static_assert(CP_MB_PROTO_OFFSET + sizeof(struct cp_mb_proto) <= CP_MB_RING_OFFSET, "proto block below the ring");
+_Static_assert(CP_MB_RING_OFFSET + CP_MB_RING * CP_MB_CMD_SIZE <= CP_MB_SLOTS_OFFSET, "ring inside the control page");
 
 #endif /* CP_MAILBOX_H */

@@ -1,5 +1,5 @@
 /*
- * The MH mailbox engine: one posted op per call (cp_mh_handle) and the serve loop (cp_mh_serve). Protocol in
+ * The MH mailbox engine: one ring op per call (cp_mh_handle) and the serve loop (cp_mh_serve). Protocol in
  * firmware/include/cp_mailbox.h and docs/mailbox.md. Everything the host can write (control page, slots) is
  * read once into private memory before it is trusted.
  */
@@ -273,8 +273,8 @@ static uint32_t open_one(struct cp_mh_ctx *ctx, const uint8_t *slot)
 
 /* ---- dispatch ---- */
 
-static uint32_t run_batch(struct cp_mh_ctx *ctx, volatile struct cp_mb_proto *p, uint8_t *slots, uint32_t op,
-                          uint32_t count, uint32_t gen)
+static uint32_t run_batch(struct cp_mh_ctx *ctx, volatile struct cp_mb_proto *p, volatile struct cp_mb_cmd *c,
+                          uint8_t *slots, uint32_t op, uint32_t count, uint32_t gen)
 {
     uint32_t ok = 0, refused = 0, first_bad = CP_MB_NO_INDEX;
     if (op == CP_MB_OP_SAVE && !gen_valid(gen))
@@ -290,9 +290,9 @@ static uint32_t run_batch(struct cp_mh_ctx *ctx, volatile struct cp_mb_proto *p,
         }
     }
     cp_mh_wipe(ctx->bounce, sizeof(ctx->bounce));
-    p->n_ok = ok;
-    p->n_refused = refused;
-    p->first_bad = first_bad;
+    c->n_ok = ok;
+    c->n_refused = refused;
+    c->first_bad = first_bad;
     if (op == CP_MB_OP_SAVE)
         p->pages_sealed += ok;
     else
@@ -313,17 +313,32 @@ static uint32_t op_digest(struct cp_mh_ctx *ctx, volatile struct cp_mb_proto *p,
     return rc;
 }
 
+/* The guest TSC for the ring entry's profiling stamps (CPL3 may read it: the VMM leaves CR4.TSD clear). */
+static uint64_t tsc_now(void)
+{
+    uint32_t lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return (uint64_t)hi << 32 | lo;
+}
+
+static volatile struct cp_mb_cmd *ring_entry(volatile uint8_t *ctl, uint64_t seq)
+{
+    return (volatile struct cp_mb_cmd *)(ctl + CP_MB_RING_OFFSET + (seq % CP_MB_RING) * CP_MB_CMD_SIZE);
+}
+
 uint32_t cp_mh_handle(struct cp_mh_ctx *ctx, volatile uint8_t *ctl, uint8_t *slots)
 {
     volatile struct cp_mb_proto *p = (volatile struct cp_mb_proto *)(ctl + CP_MB_PROTO_OFFSET);
     if (ctx == 0 || ctx->magic != MH_CTX_MAGIC)
         return CP_MBS_CONFIG;
+    volatile struct cp_mb_cmd *c = ring_entry(ctl, __atomic_load_n(&p->done, __ATOMIC_ACQUIRE) + 1);
+    c->tsc_start = tsc_now();
     /* Arguments are read once; the host may rewrite the page while we work. */
-    uint32_t op = p->op, count = p->count, gen = p->generation;
-    uint64_t arg0 = p->arg0, arg1 = p->arg1;
+    uint32_t op = c->op, count = c->count, gen = c->generation, first = c->first;
+    uint64_t arg0 = c->arg0, arg1 = c->arg1;
     uint32_t rc;
-    p->n_ok = p->n_refused = 0;
-    p->first_bad = CP_MB_NO_INDEX;
+    c->n_ok = c->n_refused = 0;
+    c->first_bad = CP_MB_NO_INDEX;
     if (op == CP_MB_OP_INIT) {
         rc = op_init(ctx, p);
     } else if (op == CP_MB_OP_RESET) {
@@ -335,13 +350,14 @@ uint32_t cp_mh_handle(struct cp_mh_ctx *ctx, volatile uint8_t *ctl, uint8_t *slo
         rc = CP_MBS_NO_KEY;
     } else if (op == CP_MB_OP_DIGEST) {
         rc = op_digest(ctx, p, arg0, arg1);
-    } else if (count == 0 || count > ctx->cfg.batch_pages) {
+    } else if (count == 0 || first >= ctx->cfg.batch_pages || count > ctx->cfg.batch_pages - first) {
         rc = CP_MBS_COUNT;
     } else {
-        rc = run_batch(ctx, p, slots, op, count, gen);
+        rc = run_batch(ctx, p, c, slots + (size_t)first * CP_MB_SLOT_SIZE, op, count, gen);
     }
     p->ops++;
-    p->status = rc;
+    c->status = rc;
+    c->tsc_end = tsc_now();
     return rc;
 }
 
@@ -353,7 +369,7 @@ int cp_mh_serve(struct cp_mh_ctx *ctx, volatile uint8_t *ctl, uint8_t *slots, cp
     p->version = CP_MB_PROTO_VERSION;
     p->batch_pages = ctx->cfg.batch_pages;
     p->sender_id = ctx->sender_id;
-    p->first_bad = CP_MB_NO_INDEX;
+    p->ring = CP_MB_RING;
     __atomic_store_n(&p->magic, CP_MB_PROTO_MAGIC, __ATOMIC_RELEASE);
     uint64_t seen = __atomic_load_n(&p->done, __ATOMIC_ACQUIRE);
     for (;;) {
@@ -366,13 +382,21 @@ int cp_mh_serve(struct cp_mh_ctx *ctx, volatile uint8_t *ctl, uint8_t *slots, cp
                 return 0;
             continue;
         }
+        /* Ops are taken one at a time, in order, however far the VMM has run ahead. */
         cp_mh_handle(ctx, ctl, slots);
+        seen++;
         /* Every result above is visible before done (x86 stores are ordered; the fence keeps the compiler). */
-        __atomic_store_n(&p->done, seq, __ATOMIC_RELEASE);
-        seen = seq;
-        if (ctx->cfg.doorbell)
-            *ctx->cfg.doorbell = seq;
-        if (idle_fn(idle_arg, ctl, CP_MH_WHY_DONE, seq))
+        __atomic_store_n(&p->done, seen, __ATOMIC_RELEASE);
+        /* Store done, then load seq: a full fence, or x86 may let the load pass the store and the MH would
+         * ring and park although a post came in (the latched kick would still wake it, one exit later). */
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&p->seq, __ATOMIC_ACQUIRE) == seen) {
+            /* Caught up: tell the VMM (and, in the guest, park there until the next post's kick). */
+            p->drains++;
+            if (ctx->cfg.doorbell)
+                *ctx->cfg.doorbell = seen;
+        }
+        if (idle_fn(idle_arg, ctl, CP_MH_WHY_DONE, seen))
             return 0;
     }
 }

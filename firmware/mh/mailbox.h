@@ -82,12 +82,13 @@ uint32_t cp_mh_features_from_bp(uint32_t bp_features);
  * Returns CP_MBS_OK or CP_MBS_CONFIG. */
 uint32_t cp_mh_setup(struct cp_mh_ctx *ctx, const struct cp_mh_config *cfg);
 
-/* Handles the op posted in the control page `ctl` (slots at `slots`): writes the results and statuses,
- * not `done`. Returns the op status. */
+/* Handles the next op, ring entry (done + 1) of the control page `ctl` (slots at `slots`): writes its results
+ * into the entry and the slot statuses, not `done`. Returns the op status. */
 uint32_t cp_mh_handle(struct cp_mh_ctx *ctx, volatile uint8_t *ctl, uint8_t *slots);
 
-/* Publishes the protocol block, then loops: new seq -> handle, publish done, ring the doorbell; otherwise
- * idle_fn. Returns only when idle_fn returns non-zero. */
+/* Publishes the protocol block, then loops: while done < seq, handle op done + 1 and publish done; ring the
+ * doorbell once caught up (done == seq); idle_fn after each op (DONE) and when nothing is queued (IDLE).
+ * Returns only when idle_fn returns non-zero. */
 int cp_mh_serve(struct cp_mh_ctx *ctx, volatile uint8_t *ctl, uint8_t *slots, cp_mh_idle_fn idle_fn,
                 void *idle_arg);
 

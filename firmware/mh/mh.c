@@ -1,8 +1,9 @@
 /* Migration-helper entry (CPL3, on aux vCPUs or the mirror VM): builds its mailbox engine's config from the
  * (measured) boot parameters, announces itself, then serves its mailbox (firmware/mh/mailbox.c) until the
- * guest dies. Idle = the IDLE doorbell (the VMM also parks the vCPU at its mailbox doorbell until the next
- * post); the VMM's kick is latched by the vCPU thread (VcpuRunner.park), so a kick that lands between "no
- * new seq" and the park ends the park at once and the loop looks again. */
+ * guest dies. The serve loop rings the mailbox doorbell only once it has caught up with every queued op,
+ * and the VMM parks the vCPU there until the next post; otherwise idle = the IDLE doorbell. The VMM's kick
+ * is latched by the vCPU thread (VcpuRunner.park), so a kick that lands between "no new seq" and the park
+ * ends the park at once and the loop looks again. */
 #include "cp_lib.h"
 #include "mailbox.h"
 
