@@ -1,0 +1,183 @@
+"""The orchestrator's handle on a VMM process: start a local one, find it again, or reach a remote agent.
+
+A local VMM is started detached (its own session) with a unix socket in the checkpoint folder,
+``<dir>/vmm-<role>.sock``, and its log beside it. A later apply finds it through that socket, so the
+source guest outlives an orchestrator that crashed or was interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from confplan.errors import ConfplanError
+from confplan.rpc import PeerGone, RpcClient, RpcError, connect_tcp
+
+START_TIMEOUT = 15.0
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}  # VMMs this process started, to tell how they ended
+
+
+def socket_path(directory: Path, role: str) -> Path:
+    return directory / f"vmm-{role}.sock"
+
+
+def log_path(directory: Path, role: str) -> Path:
+    return directory / f"vmm-{role}.log"
+
+
+def _last_line(path: Path) -> str | None:
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return None
+    return lines[-1] if lines else None
+
+
+class VmmHandle:
+    """RPC to one VMM process. ``describe_end`` tells how it went away, for error messages."""
+
+    def __init__(self, client: RpcClient, *, role: str, pid: int | None, log: Path | None) -> None:
+        self.client, self.role, self.pid, self.log = client, role, pid, log
+
+    @property
+    def name(self) -> str:
+        return f"the {self.role} VMM process" + (f" (pid {self.pid})" if self.pid else "")
+
+    def call(self, method: str, params: dict[str, Any] | None = None, *, timeout: float = 60.0) -> Any:
+        return self.client.call(method, params or {}, timeout=timeout)
+
+    def alive(self) -> bool:
+        try:
+            self.client.call("info", {}, timeout=5.0)
+        except RpcError:
+            return False
+        return True
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def describe_end(pid: int | None, log: Path | None) -> str:
+    """'was killed by SIGKILL: <last log line>' and the like."""
+    how = "closed the connection"
+    child = _CHILDREN.get(pid or -1)
+    if child is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            code = child.wait(timeout=2.0)
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+            if code < 0:
+                import signal
+
+                how = f"was killed by {signal.Signals(-code).name}"
+    elif pid is not None and not _pid_alive(pid):
+        how = "has exited"
+    last = _last_line(log) if log is not None else None
+    return f"{how} (last log line: {last})" if last else how
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _connect_unix(path: Path, role: str, pid: int | None, log: Path) -> VmmHandle:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(path))
+    holder: dict[str, int | None] = {"pid": pid}
+    client = RpcClient(
+        sock, peer=f"the {role} VMM process", describe_gone=lambda: describe_end(holder["pid"], log)
+    )
+    try:
+        client.hello(10.0)
+        info = client.call("info", {}, timeout=10.0)
+    except BaseException:
+        client.close()
+        raise
+    holder["pid"] = int(info["pid"])
+    client.peer = f"the {role} VMM process (pid {info['pid']})"
+    return VmmHandle(client, role=role, pid=int(info["pid"]), log=log)
+
+
+def find_local(directory: Path, role: str) -> VmmHandle | None:
+    """The VMM serving ``<dir>/vmm-<role>.sock``, or None when nothing answers there."""
+    path = socket_path(directory, role)
+    if not path.exists():
+        return None
+    try:
+        return _connect_unix(path, role, None, log_path(directory, role))
+    except (OSError, RpcError):
+        return None
+
+
+def start_local(directory: Path, role: str, *, firmware_dir: Path | None = None) -> VmmHandle:
+    """Start ``confplan vmm`` for ``role`` detached, wait for its socket, connect."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path, log = socket_path(directory, role), log_path(directory, role)
+    old = find_local(directory, role)
+    if old is not None:
+        stop(old)
+    argv = [
+        sys.executable,
+        "-m",
+        "confplan",
+        "vmm",
+        "--socket",
+        str(path),
+        "--psp-dir",
+        str(directory / "psp"),
+    ]
+    if firmware_dir is not None:
+        argv += ["--firmware", str(firmware_dir)]
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
+        )
+    _CHILDREN[proc.pid] = proc
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ConfplanError(
+                f"the {role} VMM process {describe_end(proc.pid, log)} while starting",
+                hint=f"see {log}",
+            )
+        if path.exists():
+            with contextlib.suppress(OSError):
+                return _connect_unix(path, role, proc.pid, log)
+        time.sleep(0.02)
+    proc.kill()
+    raise ConfplanError(
+        f"the {role} VMM process did not serve {path} within {START_TIMEOUT:g} s", hint=f"see {log}"
+    )
+
+
+def connect_remote(host: str, port: int, role: str) -> VmmHandle:
+    client = connect_tcp(host, port, peer=f"the {role} agent at {host}:{port}")
+    info = client.call("info", {}, timeout=10.0)
+    return VmmHandle(client, role=role, pid=int(info["pid"]), log=None)
+
+
+def stop(handle: VmmHandle, timeout: float = 10.0) -> None:
+    """Ask the VMM to shut down (its guest stops), and wait until it has."""
+    with contextlib.suppress(PeerGone):
+        handle.call("shutdown", timeout=timeout)
+    handle.close()
+    child = _CHILDREN.pop(handle.pid or -1, None)
+    deadline = time.monotonic() + timeout
+    while handle.pid is not None and time.monotonic() < deadline:
+        if child is not None:
+            if child.poll() is not None:
+                return
+        elif not _pid_alive(handle.pid):
+            return
+        time.sleep(0.02)

@@ -1,0 +1,52 @@
+"""Which pages a round must send: KVM's dirty log gathered into a pending set, the workload area only.
+
+Bitmaps are Python ints while they are combined (one big-int operation per round, no loop over pages)
+and bytes when handed to the core's ``scan_dirty``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from confplan.vmm import abi
+
+
+def _mask(first: int, end: int) -> int:
+    return ((1 << (end - first)) - 1) << first
+
+
+class DirtyTracker:
+    """Pending dirty pages of one source machine. The first round sends every page (all start dirty)."""
+
+    def __init__(self, machine: Any) -> None:
+        self._machine = machine
+        self.npages = int(machine.layout.npages)
+        self.nbytes = (self.npages + 63) // 64 * 8
+        # Everything below the workload area is the measured firmware, the CPU tables and the MH's own
+        # area (code, stacks, secret page, mailboxes): never migrated, the target boots its own copy, and
+        # the MH refuses to seal or open a page there (GPA_MH).
+        self.first_page = int(machine.layout.mh_end) // abi.PAGE
+        self.migratable = _mask(self.first_page, self.npages)
+        self.pending = self.migratable
+
+    def reset(self) -> None:
+        """A new stream: everything is pending again (the target starts from nothing)."""
+        self._machine.dirty_log.fetch()  # drop KVM's log: those pages are covered by the full set
+        self.pending = self.migratable
+
+    def collect(self) -> int:
+        """Add what KVM logged since the last fetch; returns the pending count."""
+        log = self._machine.dirty_log.fetch()
+        self.pending |= int.from_bytes(log.view(), "little") & self.migratable
+        return self.pending.bit_count()
+
+    def take(self) -> bytes:
+        """Collect, hand out the pending set as a bitmap, and start the next one empty."""
+        self.collect()
+        out, self.pending = self.pending, 0
+        return out.to_bytes(self.nbytes, "little")
+
+    def shared_bitmap(self) -> bytes:
+        """Bit set = shared: the complement of the encryption bitmap (1 = private)."""
+        enc = int.from_bytes(self._machine.enc_bitmap.bitmap.view(), "little")
+        return (~enc & _mask(0, self.npages)).to_bytes(self.nbytes, "little")

@@ -1,0 +1,109 @@
+"""The precopy convergence policy: a pure function of what the rounds so far measured.
+
+After each round the orchestrator asks ``decide``: go on with another round, stop the guest and copy the
+rest (converged, or out of rounds), or act on the completion timeout as the plan says (abort, or throttle
+the guest and go on). Nothing here touches a VMM, so the rules are tested on literal numbers.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+PAGE = 4096
+# A sealed page travels as a 4160-byte record, a shared one as 4112 bytes: count the larger.
+WIRE_BYTES_PER_PAGE = 4160
+THROTTLE_STEP, THROTTLE_MAX = 0.2, 0.8  # QEMU's auto-converge also goes up in steps, capped below 100 %
+
+
+class Action(enum.StrEnum):
+    CONTINUE = "continue"  # another precopy round
+    STOP_AND_COPY = "stop-and-copy"  # pause the guest, send what is left
+    THROTTLE = "throttle"  # slow the guest down, then another round
+    ABORT = "abort"  # give up; the source keeps running
+
+
+@dataclass(frozen=True)
+class RoundStats:
+    """One precopy round as the source measured it. ``dirty_after``: pages dirtied while it ran."""
+
+    round: int
+    shared_pages: int
+    zero_pages: int
+    sealed_pages: int
+    bytes_sent: int
+    seconds: float
+    dirty_after: int
+
+    @property
+    def pages(self) -> int:
+        return self.shared_pages + self.sealed_pages
+
+    @property
+    def bandwidth(self) -> float:
+        """Bytes per second this round achieved (0 when it sent nothing)."""
+        return self.bytes_sent / self.seconds if self.seconds > 0 and self.bytes_sent else 0.0
+
+    def to_json(self) -> dict[str, float | int]:
+        return {
+            "round": self.round, "shared_pages": self.shared_pages, "zero_pages": self.zero_pages,
+            "sealed_pages": self.sealed_pages, "bytes_sent": self.bytes_sent, "seconds": self.seconds,
+            "dirty_after": self.dirty_after,
+        }  # fmt: skip
+
+    @classmethod
+    def from_json(cls, doc: dict[str, float | int]) -> RoundStats:
+        return cls(
+            int(doc["round"]), int(doc["shared_pages"]), int(doc["zero_pages"]), int(doc["sealed_pages"]),
+            int(doc["bytes_sent"]), float(doc["seconds"]), int(doc["dirty_after"]),
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The plan's limits as the policy needs them (seconds, bytes/s; None = unlimited)."""
+
+    max_downtime: float
+    max_rounds: int
+    completion_timeout: float
+    on_timeout: str = "abort"
+    bandwidth_cap: float | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    reason: str
+    bandwidth: float  # the bandwidth estimate used, bytes/s
+    eta: float | None  # seconds to send what is left at that bandwidth
+    throttle: float = 0.0  # the guest's throttle after this decision (0: none)
+
+
+def estimate_bandwidth(rounds: list[RoundStats], cap: float | None) -> float:
+    """The best recent rate: the last round that sent a meaningful amount (small rounds are noisy)."""
+    rates = [r.bandwidth for r in rounds[-3:] if r.bytes_sent >= 1 << 20] or [r.bandwidth for r in rounds]
+    best = max(rates, default=0.0)
+    return min(best, cap) if cap is not None and best else best
+
+
+def decide(rounds: list[RoundStats], limits: Limits, *, elapsed: float, throttle: float = 0.0) -> Decision:
+    """What to do after ``rounds`` (at least one), ``elapsed`` seconds into precopy."""
+    last = rounds[-1]
+    bandwidth = estimate_bandwidth(rounds, limits.bandwidth_cap)
+    left = last.dirty_after * WIRE_BYTES_PER_PAGE
+    eta = left / bandwidth if bandwidth else None
+    if eta is not None and eta <= limits.max_downtime:
+        why = f"{last.dirty_after} dirty pages left fit in {limits.max_downtime * 1e3:.0f} ms"
+        return Decision(Action.STOP_AND_COPY, f"converged: {why}", bandwidth, eta, throttle)
+    if len(rounds) >= limits.max_rounds:
+        why = f"{len(rounds)} rounds reached max_precopy_rounds; {last.dirty_after} pages go in the pause"
+        return Decision(Action.STOP_AND_COPY, why, bandwidth, eta, throttle)
+    if elapsed <= limits.completion_timeout:
+        return Decision(Action.CONTINUE, f"{last.dirty_after} dirty pages left", bandwidth, eta, throttle)
+    over = f"precopy ran {elapsed:.1f} s, over the completion timeout of {limits.completion_timeout:.1f} s"
+    if limits.on_timeout != "throttle":
+        return Decision(Action.ABORT, f"{over} (on_timeout: abort)", bandwidth, eta, throttle)
+    if throttle >= THROTTLE_MAX:
+        return Decision(Action.STOP_AND_COPY, f"{over}; throttle at its maximum", bandwidth, eta, throttle)
+    more = min(THROTTLE_MAX, round(throttle + THROTTLE_STEP, 2))
+    return Decision(Action.THROTTLE, f"{over}: throttling the guest to {more:.0%}", bandwidth, eta, more)

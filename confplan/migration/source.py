@@ -1,0 +1,191 @@
+"""The source engine: sends a running guest's memory, then its vCPU and device state, on one TCP stream.
+
+Per round: take the pending dirty set, split it with the core into shared and private GPAs (the
+encryption bitmap decides), frame the shared pages straight from guest RAM (C gather), have the MH seal
+the private ones in mailbox batches spread over its vCPUs and frame its records, end the round. Python
+handles batches, never single pages. The stream itself is ``confplan.core.stream.FrameWriter``.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import select
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from confplan.core import HostMemory, frame_sealed_pages, frame_shared_pages, scan_dirty
+from confplan.core.stream import FrameReader, FrameWriter
+from confplan.core.wire import (
+    MAX_FRAME_PAGES,
+    DeviceState,
+    Done,
+    ErrorReport,
+    FrameType,
+    Hello,
+    RoundEnd,
+    VcpuState,
+    sealed_frame_size,
+    shared_frame_capacity,
+)
+from confplan.errors import ConfplanError
+from confplan.migration.dirty import DirtyTracker
+from confplan.migration.helper import require_helper
+from confplan.migration.mailbox import BatchResult, Mailbox, MailboxSet
+from confplan.migration.precopy import RoundStats
+from confplan.migration.session import ENC_BITMAP_DEVICE, ENC_BITMAP_FORMAT, VCPU_FORMAT, vcpu_blob
+
+BANKS = 4  # slot banks per mailbox: the MH seals one while the VMM frames and sends another
+
+
+@dataclass
+class Totals:
+    rounds: int = 0
+    shared_pages: int = 0
+    sealed_pages: int = 0
+    bytes_shared: int = 0
+    bytes_sealed: int = 0
+
+
+class Outgoing:
+    """One outgoing stream. ``generations`` hands out the round numbers the MH seals under; it outlives
+    the stream (the source MH refuses a generation it already sealed a page under)."""
+
+    def __init__(
+        self, machine: Any, sock: socket.socket, *, hello: Hello, mailboxes: MailboxSet | None,
+        tracker: DirtyTracker, next_generation: int, bandwidth: float | None = None, peer: str = "the target",
+    ) -> None:  # fmt: skip
+        self.machine, self.sock, self.hello, self.peer = machine, sock, hello, peer
+        self.mailboxes, self.tracker, self.bandwidth = mailboxes, tracker, bandwidth
+        self.generation = next_generation
+        self.totals = Totals()
+        self.writer = FrameWriter(sock)
+        self.ram = HostMemory(machine.ram.address, machine.config.memory)
+        self._shared_buf = bytearray(shared_frame_capacity(MAX_FRAME_PAGES))
+        batch = mailboxes.mailboxes[0].batch_pages if mailboxes is not None else 1
+        self._sealed_buf = bytearray(sealed_frame_size(batch))
+        self._started = time.monotonic()
+        self._sent = 0
+        self.last_dirty = b""
+
+    # ---- the stream ----
+    def _send(self, frame: memoryview | bytearray) -> None:
+        self._check_peer()
+        try:
+            self.writer.send(frame)
+        except OSError as err:
+            raise self._stream_broken(err) from None
+        self._sent += len(frame)
+        self._pace()
+
+    def _pace(self) -> None:
+        """Keep to the plan's bandwidth cap: sleep off whatever was sent ahead of it."""
+        if self.bandwidth:
+            ahead = self._sent / self.bandwidth - (time.monotonic() - self._started)
+            if ahead > 0:
+                time.sleep(ahead)
+
+    def _stream_broken(self, err: OSError) -> ConfplanError:
+        reason = self._peer_error()
+        detail = f": {reason}" if reason else f" ({err.strerror or err})"
+        return ConfplanError(
+            f"the migration stream to {self.peer} broke{detail}",
+            hint="the source guest keeps running; see the target VMM's log, then rerun the apply",
+        )
+
+    def _check_peer(self) -> None:
+        """The target only ever writes to the stream to refuse it: stop at once when it has."""
+        readable, _, _ = select.select([self.sock], [], [], 0)
+        if readable:
+            reason = self._peer_error() or "it closed the stream"
+            raise ConfplanError(
+                f"{self.peer} refused the migration stream: {reason}",
+                hint="the source guest keeps running; rerun the apply to migrate again",
+            )
+
+    def _peer_error(self) -> str | None:
+        """The ERROR frame the target sent before it hung up, if there is one."""
+        try:
+            self.sock.settimeout(2.0)
+            frame = FrameReader(self.sock, self.peer).recv()
+            if frame.header.type is FrameType.ERROR:
+                return ErrorReport.unpack(bytes(frame.data[32:])).message
+        except (OSError, ConfplanError):
+            return None
+        return None
+
+    def _control(self, msg: Any) -> None:
+        try:
+            self.writer.send_control(msg)
+        except OSError as err:
+            raise self._stream_broken(err) from None
+
+    def start(self) -> None:
+        self._control(self.hello)
+
+    # ---- rounds ----
+    def send_round(self, *, final: bool = False) -> RoundStats:
+        """Send every pending page; for the final round the guest's vCPUs must already be paused."""
+        started, sent_before = time.monotonic(), self._sent
+        # Taken before anything is sealed: a round that fails half way has used its generation up.
+        generation, self.generation = self.generation, self.generation + 1
+        dirty = self.tracker.take()
+        self.last_dirty = dirty  # verify re-digests only the chunks the final round touched
+        shared, private = scan_dirty(dirty, self.tracker.shared_bitmap(), self.tracker.npages)
+        zero = self._send_shared(shared)
+        if len(private):
+            self._send_private(private, generation)
+        self._control(RoundEnd(generation, len(shared), zero, len(private), final=final))
+        self.totals.rounds += 1
+        self.totals.shared_pages += len(shared)
+        self.totals.sealed_pages += len(private)
+        dirty_after = 0 if final else self.tracker.collect()
+        return RoundStats(
+            generation, len(shared), zero, len(private), self._sent - sent_before,
+            time.monotonic() - started, dirty_after,
+        )  # fmt: skip
+
+    def _send_shared(self, gpas: array.array[int]) -> int:
+        zero = 0
+        for first in range(0, len(gpas), MAX_FRAME_PAGES):
+            chunk = gpas[first : first + MAX_FRAME_PAGES]
+            info = frame_shared_pages(
+                self.ram, chunk, self._shared_buf, seq=self.writer.seq, ram_size=self.machine.config.memory
+            )
+            self._send(memoryview(self._shared_buf)[: info.frame_len])
+            zero += info.zero_pages
+            self.totals.bytes_shared += info.frame_len
+        return zero
+
+    def _send_private(self, gpas: array.array[int], generation: int) -> None:
+        """Pipelined: the MHs seal the next banks while each done bank is framed and sent."""
+        mailboxes = require_helper(self.mailboxes, "source", len(gpas))
+
+        def consume(_mailbox: Mailbox, result: BatchResult) -> None:
+            count = len(result.statuses)
+            info = frame_sealed_pages(
+                result.records, count, self._sealed_buf, seq=self.writer.seq,
+                ram_size=self.machine.config.memory, expected_gpas=result.gpas,
+            )  # fmt: skip
+            self._send(memoryview(self._sealed_buf)[: info.frame_len])
+            self.totals.bytes_sealed += info.frame_len
+
+        mailboxes.save_stream(gpas, generation, consume, banks=BANKS)
+
+    # ---- the end ----
+    def send_state(self, paused_wall: float) -> None:
+        """The guest's vCPU states and the encryption bitmap, then DONE (the guest must be paused)."""
+        for state in self.machine.save_vcpu_states():
+            self._control(VcpuState(state.vcpu_id, VCPU_FORMAT, vcpu_blob(state, paused_wall)))
+        bitmap = bytes(self.machine.enc_bitmap.bitmap.view())
+        self._control(DeviceState(ENC_BITMAP_DEVICE, ENC_BITMAP_FORMAT, bitmap))
+        t = self.totals
+        self._control(Done(t.rounds, t.shared_pages, t.sealed_pages))
+
+    def abort(self, message: str) -> None:
+        """Tell the target why the stream ends (best effort), then close it."""
+        with contextlib.suppress(OSError):
+            self.writer.send_control(ErrorReport(1, message))
+        self.sock.close()

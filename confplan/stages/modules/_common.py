@@ -1,0 +1,195 @@
+"""What the stage modules share: the VMM handles, the machine configs, the owner's secrets, and the
+measured launch with the owner's key broker (the orchestrator plays the guest owner for local runs)."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from confplan.agent import handle as vmm_handle
+from confplan.agent.handle import VmmHandle
+from confplan.errors import ConfplanError
+from confplan.plan import Plan
+from confplan.rpc import RpcError
+from confplan.stages.base import StageContext, Teardown, TeardownWhen
+
+SOURCE_UNDO = "source-undo"
+EARLY_DIGESTS = "early-digests"  # (source, target) chunk digests taken at the end of precopy
+TOUCHED_CHUNKS = "touched-chunks"  # chunks the final round sent pages into
+DIGEST_TIMEOUT = 300.0
+
+
+def state_dir(plan: Plan) -> Path:
+    return Path(plan.checkpoint.dir)
+
+
+def owner_dir(plan: Plan) -> Path:
+    return state_dir(plan) / "owner"
+
+
+def vmm(ctx: StageContext, role: str) -> VmmHandle:
+    """The live handle of ``role``'s VMM: from this apply, or reconnected to the one an earlier apply
+    started. A ConfplanError says so when it is gone."""
+    handle: VmmHandle | None = ctx.state.get(role)
+    if handle is not None and handle.client.connected:
+        return handle
+    endpoint = ctx.plan.target if role == "target" else ctx.plan.source
+    if endpoint.is_local:
+        handle = vmm_handle.find_local(state_dir(ctx.plan), role)
+    else:
+        host, port = endpoint.address or ("", 0)
+        handle = vmm_handle.connect_remote(host, port, role)
+    if handle is None:
+        first = "launch-source" if role == "source" else "provision-target"
+        raise ConfplanError(
+            f"the {role} VMM process is gone "
+            f"(nothing serves {vmm_handle.socket_path(state_dir(ctx.plan), role)})",
+            hint=f"`confplan apply --restart` starts over from {first}",
+        )
+    adopt(ctx, role, handle)
+    return handle
+
+
+def adopt(ctx: StageContext, role: str, handle: VmmHandle) -> None:
+    """Keep ``handle`` for later stages of this apply; the connection closes when the apply ends."""
+    ctx.state[role] = handle
+    ctx.add_teardown(f"disconnect from the {role} VMM", handle.close, when=TeardownWhen.ALWAYS)
+
+
+def probe_local(previous_result: dict[str, Any] | Any, role: str, **want: Any) -> bool:
+    """resume_safe helper: does the VMM recorded in a stage result still serve, in the wanted state?"""
+    socket = previous_result.get("socket") if previous_result else None
+    if not socket:
+        return True  # a remote agent: probed when the next stage connects
+    handle = vmm_handle.find_local(Path(socket).parent, role)
+    if handle is None:
+        return False
+    try:
+        info = handle.call("info", timeout=5.0)
+    except RpcError:
+        return False
+    finally:
+        handle.close()
+    return all(info.get(key) == value for key, value in want.items())
+
+
+def machine_config(plan: Plan, *, mh_only: bool) -> dict[str, Any]:
+    """The plan's guest as ``MachineConfig`` fields (JSON, for the VMM's ``create``); measured launch."""
+    from confplan.cli.machine_cmds import config_from_plan
+
+    return dataclasses.asdict(config_from_plan(plan, measured=True, mh_only=mh_only))
+
+
+def check_generation(plan: Plan) -> None:
+    if plan.sev.generation == "sev-snp":
+        raise ConfplanError(
+            "the VMM's measured launch speaks the SEV/SEV-ES flow (LAUNCH_SECRET); this plan says sev-snp",
+            hint="use sev.generation sev or sev-es to migrate with this confplan",
+        )
+
+
+def _write_secret(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+
+
+def new_migration_secrets(plan: Plan) -> None:
+    """A fresh transport key and migration id for a new source launch (kept 0600 in the owner folder)."""
+    _write_secret(owner_dir(plan) / "transport.key", os.urandom(32))
+    _write_secret(owner_dir(plan) / "migration.id", os.urandom(16))
+
+
+def migration_secrets(plan: Plan) -> tuple[bytes, bytes]:
+    try:
+        return (owner_dir(plan) / "transport.key").read_bytes(), (
+            owner_dir(plan) / "migration.id"
+        ).read_bytes()
+    except OSError as err:
+        raise ConfplanError(
+            f"the transport key of this migration is missing: {err}", hint="`confplan apply --restart`"
+        ) from None
+
+
+def measured_launch(plan: Plan, handle: VmmHandle, created: dict[str, Any], config: dict[str, Any]) -> str:
+    """LAUNCH_START..LAUNCH_FINISH on ``handle``'s machine with the owner's broker here: the transport key
+    is released only when the measurement matches the digest predicted from the plan and confplan's own
+    firmware (AttestationRefused otherwise, and nothing is injected). Returns the matched digest."""
+    from confplan.sev import CONFPLAN_TRANSPORT_KEY_GUID, KeyBroker, OwnerPolicy
+    from confplan.sev.certs import PlatformChain
+    from confplan.sev.launch_crypto import PlatformVersion
+    from confplan.sev.policy import sev_api_version
+    from confplan.sev.secret_table import CONFPLAN_MIGRATION_ID_GUID
+    from confplan.vmm import MachineConfig
+    from confplan.vmm.bootparams import HostCpu
+    from confplan.vmm.firmware import Firmware
+    from confplan.vmm.sev_launch import expected_launch_digest
+
+    policy = int(plan.sev.policy_int)
+    expected = expected_launch_digest(
+        MachineConfig(**config), Firmware.load(), HostCpu(**created["host"])
+    ).hex()
+    major, minor = sev_api_version(policy)
+    owner = OwnerPolicy(allowed_digests=[expected], allowed_policies=[policy], min_api=f"{major}.{minor}")
+    with contextlib.suppress(FileExistsError):
+        owner_dir(plan).mkdir(parents=True, mode=0o700)
+    broker = KeyBroker.init(owner_dir(plan), owner, force=True)
+    platform = handle.call("platform_chain")
+    version = PlatformVersion(*platform["version"])
+    bundle = broker.new_session(PlatformChain.unpack(base64.b64decode(platform["chain"])), policy)
+    answer = handle.call("launch_measure", {
+        "policy": policy, "godh": _b64(bundle.godh_cert), "session": _b64(bundle.session_blob),
+    })  # fmt: skip
+    measurement = base64.b64decode(answer["measurement"])
+    _, digest = broker.verify_measurement(bundle.state, measurement, version)
+    key, migration_id = migration_secrets(plan)
+    secrets = {CONFPLAN_TRANSPORT_KEY_GUID: key, CONFPLAN_MIGRATION_ID_GUID: migration_id}
+    packet = broker.release(bundle.state, measurement, version, secrets)
+    handle.call("launch_secret", {"header": _b64(packet.header()), "ciphertext": _b64(packet.ciphertext)})
+    return digest
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def undo_on_source(ctx: StageContext) -> Teardown:
+    """Register 'resume the source guest' (stream closed, vCPUs running); resume-target cancels it."""
+
+    def resume() -> None:
+        vmm(ctx, "source").call("resume_guest", {"reason": f"stage {ctx.current} failed"})
+
+    teardown = ctx.add_teardown("resume the source guest's vCPUs", resume)
+    ctx.state.setdefault(SOURCE_UNDO, []).append(teardown)
+    return teardown
+
+
+def stream_error(ctx: StageContext, err: ConfplanError) -> ConfplanError:
+    """A source-side stream error, with the target's own account of it when it has one."""
+    try:
+        status = vmm(ctx, "target").call("incoming_status", {"wait": 1.0}, timeout=10.0)
+    except ConfplanError as target_err:
+        return ConfplanError(f"{err.message}; {target_err.message}", hint=err.hint)
+    if status.get("error") and "the source gave up" not in status["error"]:
+        return ConfplanError(f"{err.message}; the target says: {status['error']}", hint=err.hint)
+    return err
+
+
+def both_digests(
+    source: VmmHandle, target: VmmHandle, params: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Both sides digest at once (in the pause this is downtime)."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        theirs = pool.submit(target.call, "digests", params, timeout=DIGEST_TIMEOUT)
+        here = source.call("digests", params, timeout=DIGEST_TIMEOUT)
+        return here, theirs.result()

@@ -1,0 +1,31 @@
+"""attest-target: the target's launch digest, from the (emulated) secure processor, must be the one the
+owner expects for confplan's own firmware and this plan's MH-only boot; only then is the transport key
+released into the target's secret page and the target's helper started. A mismatch stops here."""
+
+from __future__ import annotations
+
+from confplan.stages.base import ResumePolicy, Stage, StageContext, StageResult, register_stage
+from confplan.stages.checkpoint import StageRecord
+from confplan.stages.modules import _common as common
+
+
+@register_stage
+class AttestTarget(Stage):
+    name = "attest-target"
+    policy = ResumePolicy(
+        "provision-target", "a machine's launch is measured once: a fresh target VMM is provisioned"
+    )
+
+    def check(self, ctx: StageContext) -> None:
+        ctx.result_of("launch-source")  # the owner's transport key is made there
+        ctx.result_of("provision-target")
+
+    def run(self, ctx: StageContext) -> StageResult:
+        provisioned = ctx.result_of("provision-target")
+        handle = common.vmm(ctx, "target")
+        digest = common.measured_launch(ctx.plan, handle, provisioned["created"], provisioned["config"])
+        started = handle.call("start", timeout=60.0)
+        return StageResult(data={"launch_digest": digest, "socket": provisioned.get("socket"), **started})
+
+    def resume_safe(self, previous: StageRecord) -> bool:
+        return common.probe_local(previous.result, "target", running=True, resumed=False)

@@ -1,0 +1,47 @@
+"""launch-source: a source VMM process running the workload, launched measured with the owner's key."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from confplan.agent import handle as vmm_handle
+from confplan.errors import ConfplanError
+from confplan.stages.base import Stage, StageContext, StageResult, register_stage
+from confplan.stages.checkpoint import StageRecord
+from confplan.stages.modules import _common as common
+
+
+@register_stage
+class LaunchSource(Stage):
+    name = "launch-source"
+
+    def check(self, ctx: StageContext) -> None:
+        common.check_generation(ctx.plan)
+        if not ctx.plan.source.is_local:
+            raise ConfplanError(
+                f"the source {ctx.plan.source.host} is remote: this confplan launches the source locally",
+                hint="run `confplan apply` on the source host with source.host: local",
+            )
+
+    def run(self, ctx: StageContext) -> StageResult:
+        directory = common.state_dir(ctx.plan)
+        handle = vmm_handle.start_local(directory, "source")
+        common.adopt(ctx, "source", handle)
+        # Until launch-source is done nothing is precious yet: a failed launch takes its VMM down.
+        undo = ctx.add_teardown("stop the half-launched source VMM", lambda: vmm_handle.stop(handle))
+        config = common.machine_config(ctx.plan, mh_only=False)
+        created = handle.call("create", {"role": "source", "config": config})
+        common.new_migration_secrets(ctx.plan)
+        digest = common.measured_launch(ctx.plan, handle, created, config)
+        started = handle.call("start", timeout=60.0)
+        ctx.progress(1, 1, message=f"source guest running in pid {handle.pid}")
+        undo.cancel()  # from here on the source guest is what a failure must leave running
+        data: dict[str, Any] = {
+            "pid": handle.pid, "socket": str(vmm_handle.socket_path(directory, "source")),
+            "log": str(handle.log), "launch_digest": digest, "firmware_sha256": created["firmware_sha256"],
+            **started,
+        }  # fmt: skip
+        return StageResult(data=data)
+
+    def resume_safe(self, previous: StageRecord) -> bool:
+        return common.probe_local(previous.result, "source", running=True)

@@ -1,0 +1,45 @@
+"""provision-target: the target VMM (a local child, or a remote agent) with a machine built MH-only.
+
+Parameter ``firmware``: a folder holding another firmware build for the target (the owner's check in
+attest-target then decides whether it may have the key).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from confplan.agent import handle as vmm_handle
+from confplan.stages.base import Stage, StageContext, StageResult, register_stage
+from confplan.stages.checkpoint import StageRecord
+from confplan.stages.modules import _common as common
+
+
+@register_stage
+class ProvisionTarget(Stage):
+    name = "provision-target"
+
+    def check(self, ctx: StageContext) -> None:
+        common.check_generation(ctx.plan)
+
+    def run(self, ctx: StageContext) -> StageResult:
+        directory = common.state_dir(ctx.plan)
+        firmware = self.params.get("firmware")
+        if ctx.plan.target.is_local:
+            handle = vmm_handle.start_local(
+                directory, "target", firmware_dir=Path(firmware) if firmware else None
+            )
+            socket = str(vmm_handle.socket_path(directory, "target"))
+            common.adopt(ctx, "target", handle)
+            ctx.add_teardown("stop the target VMM", lambda: vmm_handle.stop(handle))
+        else:  # a remote agent outlives this migration: a failed attempt only discards its machine
+            host, port = ctx.plan.target.address or ("", 0)
+            handle, socket = vmm_handle.connect_remote(host, port, "target"), ""
+            common.adopt(ctx, "target", handle)
+            handle.call("discard")
+            ctx.add_teardown("discard the target machine", lambda: handle.call("discard"))
+        config = common.machine_config(ctx.plan, mh_only=True)
+        created = handle.call("create", {"role": "target", "config": config})
+        return StageResult(data={"pid": handle.pid, "socket": socket, "created": created, "config": config})
+
+    def resume_safe(self, previous: StageRecord) -> bool:
+        return common.probe_local(previous.result, "target", machine=True, resumed=False)

@@ -1,0 +1,43 @@
+"""stop-and-copy: the guest's own vCPUs pause (aux vCPUs keep serving), the last dirty pages, the vCPU
+states and the encryption bitmap go across, and the target confirms it holds all of it."""
+
+from __future__ import annotations
+
+import time
+
+from confplan.errors import ConfplanError
+from confplan.stages.base import Stage, StageContext, StageResult, register_stage
+from confplan.stages.modules import _common as common
+
+PAUSE_STARTED = "pause-started"
+FINAL_TIMEOUT = 600.0
+
+
+@register_stage
+class StopAndCopy(Stage):
+    name = "stop-and-copy"
+
+    def check(self, ctx: StageContext) -> None:
+        ctx.result_of("start-incoming")
+
+    def run(self, ctx: StageContext) -> StageResult:
+        source, target = common.vmm(ctx, "source"), common.vmm(ctx, "target")
+        common.undo_on_source(ctx)
+        ctx.state[PAUSE_STARTED] = time.monotonic()
+        try:
+            sent = source.call("stop_and_copy", timeout=FINAL_TIMEOUT)
+        except ConfplanError as err:
+            raise common.stream_error(ctx, err) from None
+        status = target.call("incoming_status", {"wait": FINAL_TIMEOUT / 2}, timeout=FINAL_TIMEOUT)
+        if status["state"] != "complete":
+            raise ConfplanError(
+                f"the target's incoming stream is {status['state']} after the final copy"
+                + (f": {status['error']}" if status.get("error") else ""),
+                hint="the source guest resumes; rerun the apply to migrate again",
+            )
+        ctx.state[common.TOUCHED_CHUNKS] = sent["touched_chunks"]
+        final = sent["round"]
+        return StageResult(
+            bytes_shared=int(final["shared_pages"]) * 4112, bytes_sealed=int(final["sealed_pages"]) * 4160,
+            data={"final_round": final, "source_paused_seconds": sent["paused_seconds"], "target": status},
+        )  # fmt: skip

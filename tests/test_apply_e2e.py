@@ -1,0 +1,137 @@
+"""`confplan apply` end to end through the CLI: two `confplan vmm` processes, the guest's own migration
+helper (aux vCPUs, or a mirror VM), a measured launch on both sides, and the workload's ledger checked on
+the target after it resumed. The JSON report carries the rounds, the bytes and the downtime."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from confplan.agent import handle as vmm_handle
+from confplan.cli.apply_cmds import register
+
+pytestmark = pytest.mark.kvm
+
+
+@pytest.fixture
+def cli() -> typer.Typer:
+    app = typer.Typer()
+    register(app)
+    return app
+
+
+@pytest.fixture
+def plan_dir(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path
+    for role in ("source", "target"):
+        found = vmm_handle.find_local(tmp_path / "state", role)
+        if found is not None:
+            vmm_handle.stop(found)
+
+
+def _plan(tmp: Path, mode: str) -> Path:
+    path = tmp / "plan.yaml"
+    path.write_text(
+        "metadata: {name: e2e}\n"
+        "guest:\n  memory: 64MiB\n  vcpus: 1\n"
+        "  workload: {kind: dirty-writer, dirty_rate: 32MiB/s, shared_fraction: 0.05}\n"
+        f"helper: {{mode: {mode}, aux_vcpus: 2, batch_pages: 128}}\n"
+        "limits: {max_downtime: 50ms, max_precopy_rounds: 8}\n"
+        "checkpoint: {dir: state}\n"
+    )
+    return path
+
+
+@pytest.mark.parametrize("mode", ["aux-vcpu", "mirror-vm"])
+def test_apply_migrates_and_the_guest_runs_on_the_target(cli: typer.Typer, plan_dir: Path, mode: str) -> None:
+    plan = _plan(plan_dir, mode)
+    result = CliRunner().invoke(cli, ["apply", str(plan), "--output", "json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert all(stage["status"] == "done" for stage in report["stages"].values())
+    rounds = report["rounds"]
+    assert rounds[0]["sealed_pages"] > 10_000 and rounds[0]["shared_pages"] > 100  # all of RAM first
+    assert rounds[-1].get("final") and len(rounds) >= 2
+    assert report["bytes_sealed"] > 40 << 20 and report["bytes_shared"] > 0
+    assert 0 < report["downtime_seconds"] < 5.0  # measured: pause on the source to resume on the target
+    # the source is gone; the guest runs on the target and its ledger still checks out there
+    state = plan_dir / "state"
+    assert vmm_handle.find_local(state, "source") is None
+    target = vmm_handle.find_local(state, "target")
+    assert target is not None and target.pid == report["target_pid"]
+    try:
+        info = target.call("info")
+        assert info["resumed"] and info["running"]
+        assert target.call("workload_check")["ok"]
+    finally:
+        target.close()
+    # a second apply has nothing left to do
+    again = CliRunner().invoke(cli, ["apply", str(plan)])
+    assert again.exit_code == 0 and "nothing to do" in again.output
+    stopped = CliRunner().invoke(cli, ["stop", str(plan)])
+    assert stopped.exit_code == 0 and "target: VMM process" in stopped.output
+
+
+def test_apply_to_a_remote_agent(cli: typer.Typer, plan_dir: Path) -> None:
+    """The target is a `confplan agent` reached over TCP: the same stages, the same engines."""
+    argv = [sys.executable, "-m", "confplan", "agent", "--listen", "127.0.0.1:0"]
+    agent = subprocess.Popen(
+        [*argv, "--psp-dir", str(plan_dir / "psp")],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        assert agent.stdout is not None
+        port = int(agent.stdout.readline().split()[1])
+        plan = _plan(plan_dir, "aux-vcpu")
+        plan.write_text(plan.read_text() + f'target: {{host: "tcp://127.0.0.1:{port}"}}\n')
+        result = CliRunner().invoke(cli, ["apply", str(plan), "--output", "json"])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["target_pid"] == agent.pid
+        target = vmm_handle.connect_remote("127.0.0.1", port, "target")
+        assert target.call("workload_check")["ok"]
+        vmm_handle.stop(target)
+        assert agent.wait(timeout=10) == 0
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+
+
+def test_idle_guest_is_verified_incrementally(cli: typer.Typer, plan_dir: Path) -> None:
+    """Few dirty pages at the end: both sides digest early, and the pause re-digests only touched chunks."""
+    plan = _plan(plan_dir, "aux-vcpu")
+    plan.write_text(plan.read_text().replace("kind: dirty-writer, dirty_rate: 32MiB/s", "kind: idle"))
+    result = CliRunner().invoke(cli, ["apply", str(plan), "--output", "json"])
+    assert result.exit_code == 0, result.output
+    verify = json.loads(result.stdout)["stages"]["verify"]["result"]
+    assert verify["chunks"] == 8  # 64 MiB in 8 MiB chunks, all compared
+    assert verify["chunks_digested_in_pause"] < verify["chunks"]
+
+
+def test_past_the_completion_timeout_the_guest_is_throttled(cli: typer.Typer, plan_dir: Path) -> None:
+    """on_timeout: throttle: a guest that will not converge within 1 ms is slowed down, then moved anyway."""
+    plan = _plan(plan_dir, "aux-vcpu")
+    text = plan.read_text().replace(
+        "limits: {max_downtime: 50ms, max_precopy_rounds: 8}",
+        "limits: {max_downtime: 1ms, max_precopy_rounds: 20, completion_timeout_per_gib: 1s,"
+        " on_timeout: throttle}",
+    )
+    plan.write_text(text)
+    result = CliRunner().invoke(cli, ["apply", str(plan), "--output", "json"])
+    assert result.exit_code == 0, result.output
+    precopy = json.loads(result.stdout)["stages"]["precopy"]["result"]
+    assert precopy["throttle"] >= 0.2  # it went past the timeout and slowed the guest down
+    target = vmm_handle.find_local(plan_dir / "state", "target")
+    assert target is not None
+    try:
+        assert target.call("workload_check")["ok"]
+        assert target.call("info")["throttle"] == 0.0  # throttling is the source's, never carried over
+    finally:
+        target.close()
