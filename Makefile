@@ -25,9 +25,12 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/pytest -q
 
+# The demo migrates afresh each time (--restart), shows the checkpoint, then stops the migrated guest.
 demo: $(STAMP)
 	$(BIN)/confplan validate plans/*.yaml
-	$(BIN)/confplan apply plans/quickstart.yaml
+	$(BIN)/confplan apply --restart plans/quickstart.yaml
+	$(BIN)/confplan status plans/quickstart.yaml
+	$(BIN)/confplan stop plans/quickstart.yaml
 
 clean:
 	rm -rf $(VENV) firmware/build confplan/_firmware build *.egg-info
