@@ -79,7 +79,21 @@ def run_scenario(ram_mib: int, workload: str) -> dict[str, Any]:
         "rounds": len(rounds) + 1, "first_round_MBps": rounds[0]["bytes_sent"] / rounds[0]["seconds"] / 1e6,
         "sealed_MiB": sum(r.bytes_sealed for r in records.values()) / (1 << 20), "memory_mib": memory,
         "stages": {name: round(records[name].duration or 0.0, 3) for name in STAGES},
+        "pause_ms": pause_breakdown(records),
     }  # fmt: skip
+
+
+def pause_breakdown(records: Any) -> dict[str, Any]:
+    """Where the downtime goes, in ms: the stop-and-copy steps, verify per side, the resume."""
+    sc, verify = records["stop-and-copy"].result, records["verify"].result
+    final = sc["final_round"]
+    ms = {f"sc_{k}": round(v * 1e3, 1) for k, v in sc.get("steps", {}).items()}
+    ms["final_pages"] = int(final["sealed_pages"]) + int(final["shared_pages"])
+    for side, secs in verify.get("seconds", {}).items():
+        ms.update({f"verify_{side}_{k}": round(v * 1e3, 1) for k, v in secs.items()})
+    ms["verify_pages_hashed"] = verify.get("pages_hashed_in_pause")
+    ms["resume"] = round(records["resume-target"].result["resume_seconds"] * 1e3, 1)
+    return ms
 
 
 def main() -> int:
@@ -111,6 +125,7 @@ def main() -> int:
               f"{r['first_round_MBps']:.0f} MB/s; {r['sealed_MiB']:.0f} MiB sealed")  # fmt: skip
         mem = ", ".join(f"{role} {mib:.0f} MiB" for role, mib in r["memory_mib"].items())
         print(f"  VMM memory beyond guest RAM: {mem} (goal <= 64 MiB each); stages {r['stages']}")
+        print(f"  pause: {r['pause_ms']}")
     return 0
 
 

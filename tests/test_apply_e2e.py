@@ -104,15 +104,18 @@ def test_apply_to_a_remote_agent(cli: typer.Typer, plan_dir: Path) -> None:
             agent.wait()
 
 
-def test_idle_guest_is_verified_incrementally(cli: typer.Typer, plan_dir: Path) -> None:
-    """Few dirty pages at the end: both sides digest early, and the pause re-digests only touched chunks."""
+def test_idle_guest_is_verified_from_the_mac_tables(cli: typer.Typer, plan_dir: Path) -> None:
+    """Precopy fills both MHs' MAC tables; the pause MACs only what was written since and folds them."""
     plan = _plan(plan_dir, "aux-vcpu")
     plan.write_text(plan.read_text().replace("kind: dirty-writer, dirty_rate: 32MiB/s", "kind: idle"))
     result = CliRunner().invoke(cli, ["apply", str(plan), "--output", "json"])
     assert result.exit_code == 0, result.output
-    verify = json.loads(result.stdout)["stages"]["verify"]["result"]
-    assert verify["chunks"] == 8  # 64 MiB in 8 MiB chunks, all compared
-    assert verify["chunks_digested_in_pause"] < verify["chunks"]
+    stages = json.loads(result.stdout)["stages"]
+    verify, precopy = stages["verify"]["result"], stages["precopy"]["result"]
+    assert verify["chunks"] == 8 and verify["from_mac_tables"]  # 64 MiB in 8 MiB chunks, all compared
+    filled = precopy["mac_tables"]["fill_pages"]
+    assert filled[0] == filled[1] > 10_000  # every workload page, on both sides
+    assert max(verify["pages_hashed_in_pause"]) < filled[0] // 10  # the pause hashed few pages
 
 
 def test_past_the_completion_timeout_the_guest_is_throttled(cli: typer.Typer, plan_dir: Path) -> None:

@@ -53,17 +53,19 @@ int main(void) {
     F(cp_mh_config, ram) F(cp_mh_config, ram_size) F(cp_mh_config, mh_base) F(cp_mh_config, mh_size)
     F(cp_mh_config, shared) F(cp_mh_config, gen_table) F(cp_mh_config, gen_entries) F(cp_mh_config, secret)
     F(cp_mh_config, secret_size) F(cp_mh_config, doorbell) F(cp_mh_config, cpu_features) F(cp_mh_config, side)
-    F(cp_mh_config, mh_index) F(cp_mh_config, batch_pages)
+    F(cp_mh_config, mh_index) F(cp_mh_config, batch_pages) F(cp_mh_config, pad) F(cp_mh_config, mac_table)
+    F(cp_mh_config, mac_entries)
     printf("sizeof.cp_mh_config %zu\n", sizeof(struct cp_mh_config));
     C(CP_MB_PROTO_MAGIC) C(CP_MB_PROTO_VERSION) C(CP_MB_PROTO_OFFSET) C(CP_MB_SLOTS_OFFSET) C(CP_MB_SLOT_SIZE)
     C(CP_MB_SLOT_HEADER) C(CP_MB_DIGEST_BYTES) C(CP_MB_NO_INDEX) C(CP_MB_RING_OFFSET) C(CP_MB_RING)
     C(CP_MB_CMD_SIZE)
     C(CP_MB_OP_INIT) C(CP_MB_OP_SAVE) C(CP_MB_OP_LOAD) C(CP_MB_OP_DIGEST) C(CP_MB_OP_RESET)
+    C(CP_MB_OP_MAC_RANGE) C(CP_MB_OP_MAC_LIST) C(CP_MB_OP_FOLD) C(CP_MB_MAC_BYTES)
     C(CP_MBS_OK) C(CP_MBS_BAD_OP) C(CP_MBS_NO_KEY) C(CP_MBS_COUNT) C(CP_MBS_PARTIAL) C(CP_MBS_GPA_ALIGN)
     C(CP_MBS_GPA_RANGE) C(CP_MBS_GPA_MH) C(CP_MBS_GEN_INVALID) C(CP_MBS_GEN_STALE) C(CP_MBS_AUTH)
     C(CP_MBS_KEY_ID) C(CP_MBS_RESERVED) C(CP_MBS_NONCE) C(CP_MBS_SECRET_HEADER) C(CP_MBS_SECRET_LENGTH)
     C(CP_MBS_SECRET_ENTRY) C(CP_MBS_SECRET_NO_KEY) C(CP_MBS_SECRET_KEY_LEN) C(CP_MBS_SECRET_ID_LEN)
-    C(CP_MBS_CONFIG) C(CP_MBS_LAST)
+    C(CP_MBS_CONFIG) C(CP_MBS_MAC_MISSING) C(CP_MBS_LAST)
     return 0;
 }
 """
@@ -105,6 +107,7 @@ def test_control_page_offsets_match_the_c_header(c_values: dict[str, int]) -> No
     assert c_values["CP_MB_SLOT_SIZE"] == mbx.SLOT_SIZE == PAGE + abi.MAILBOX_SLOT_TAG
     assert c_values["CP_MB_SLOT_HEADER"] == mbx.SLOT_HEADER
     assert c_values["CP_MB_DIGEST_BYTES"] == mbx.DIGEST_BYTES
+    assert c_values["CP_MB_MAC_BYTES"] == mbx.MAC_BYTES == abi.MH_MAC_ENTRY
     assert c_values["CP_MB_NO_INDEX"] == mbx.NO_INDEX
     # the VMM engineer's header must end before the protocol block
     assert ctypes.sizeof(abi.MailboxHeader) <= mbx.PROTO_OFFSET

@@ -160,3 +160,20 @@ def test_mh_only_boot_keeps_the_guest_vcpus_paused() -> None:
         m.wait_helpers_ready()
         assert m.console.wait_for("(mh_only)", timeout=5) is not None
         assert m.events.count(0, abi.EV_WL_STARTED) == 0 and m.workload.progress().pages_written == 0
+
+
+def test_a_paced_dirty_writer_sleeps_between_bursts_and_keeps_its_rate() -> None:
+    """64 MiB/s is 61 us a page: paced page by page that spun on the TSC (no exit at all); in bursts the
+    vCPU parks on SLEEP_NS between them, so it exits, and it never writes ahead of its schedule."""
+    rate = 64 * abi.MIB
+    with Machine(MachineConfig(memory=MEM, workload_kind="dirty-writer", dirty_rate=rate)) as m:
+        m.start()
+        m.wait_workload(abi.EV_WL_FILLED, timeout=20)
+        runner = m.vcpus[0]
+        exits, written, started = runner.exits, m.workload.progress().pages_written, time.monotonic()
+        time.sleep(0.5)
+        exits, written = runner.exits - exits, m.workload.progress().pages_written - written
+        elapsed = time.monotonic() - started
+        assert exits >= 10  # parks in bursts of ~4 ms (125 in 0.5 s); a spinning writer makes none
+        assert 0 < written <= (elapsed * rate / abi.PAGE) * 1.2 + 64  # never ahead of the schedule
+        assert m.workload.progress().states == ["running"]

@@ -8,6 +8,7 @@ while an old one still hangs on) cannot interleave; ``info`` answers without it.
 
 from __future__ import annotations
 
+import array
 import base64
 import dataclasses
 import os
@@ -16,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,13 @@ from confplan.migration.mailbox import MailboxSet
 from confplan.migration.session import resynced_tsc
 from confplan.migration.source import Outgoing
 from confplan.migration.target import Incoming, IncomingState
-from confplan.migration.verify import private_digests, shared_digest, touched_chunks
+from confplan.migration.verify import (
+    fill_mac_table,
+    gpas_of,
+    private_digests,
+    shared_digest,
+    table_digests,
+)
 from confplan.rpc import Call, RpcServer
 from confplan.sev.launch_crypto import PlatformVersion
 from confplan.vmm import abi
@@ -81,7 +89,7 @@ class VmmService:
         names = (
             "create", "platform_chain", "launch_measure", "launch_secret", "start", "workload_check",
             "connect_outgoing", "precopy_round", "set_throttle", "stop_and_copy", "resume_guest",
-            "pause_guest", "listen_incoming", "incoming_status", "abort_incoming", "digests",
+            "pause_guest", "listen_incoming", "incoming_status", "abort_incoming", "digests", "mac_table",
             "resume_incoming", "discard", "shutdown",
         )  # fmt: skip
         return {name: getattr(self, name) for name in names}
@@ -264,22 +272,24 @@ class VmmService:
         self.throttle = 0.0
         paused = time.monotonic()
         self.machine.pause_all_vcpus_except_aux()  # the seed's: the guest stops, the helper keeps serving
-        paused_wall = time.time()
+        paused_wall, halted = time.time(), time.monotonic()
         try:
             stats = outgoing.send_round(final=True)
+            sent = time.monotonic()
             outgoing.send_state(paused_wall)
         except BaseException:
             self._close_outgoing("stop-and-copy failed")
             raise
         finally:
             self.next_generation = outgoing.generation
+        done = time.monotonic()
         log(f"source: stop-and-copy sent {stats.pages} pages and the state; guest paused")
-        touched = touched_chunks(outgoing.last_dirty)
         return {
             "round": stats.to_json(),
-            "paused_seconds": time.monotonic() - paused,
-            "touched_chunks": touched,
-        }
+            "paused_seconds": done - paused,
+            "steps": {"pause_vcpus": halted - paused, "final_pages": sent - halted,
+                      "vcpu_and_device_state": done - sent},
+        }  # fmt: skip
 
     def resume_guest(self, params: dict[str, Any]) -> dict[str, Any]:
         """Undo a migration attempt on the source: the stream closes, the guest's vCPUs run again."""
@@ -325,8 +335,7 @@ class VmmService:
 
     def incoming_status(self, params: dict[str, Any]) -> dict[str, Any]:
         incoming = self._need_incoming()
-        status = incoming.wait(float(params.get("wait", 0.0))).to_json()
-        return {**status, "written_chunks": sorted(incoming.written_chunks)}
+        return incoming.wait(float(params.get("wait", 0.0))).to_json()
 
     def abort_incoming(self, params: dict[str, Any]) -> dict[str, Any]:
         self._close_incoming()
@@ -338,17 +347,55 @@ class VmmService:
             self.incoming = None
 
     def digests(self, params: dict[str, Any]) -> dict[str, Any]:
-        """The MHs' chunk digests (``chunks``: those only, default all) and, with ``shared``, the CRC of
-        the shared pages."""
+        """The MHs' digests of every chunk and the CRC of the shared pages. With ``table``: first MAC the
+        pages written since the MAC table was last brought up to date, then fold the chunks from the table
+        (cost: those pages, not RAM); else hash all of RAM."""
         machine = self._need_machine()
         mailboxes = self._helper()
-        if params.get("mark") and self.incoming is not None:
-            self.incoming.written_chunks.clear()  # early digests: what arrives from now on is re-digested
-        chunks = params.get("chunks")
-        wanted = [int(c) for c in chunks] if chunks is not None else None
-        private = private_digests(mailboxes, machine, wanted) if mailboxes is not None else None
-        shared = shared_digest(machine) if params.get("shared", True) else None
-        return {"shared": shared, "private": private}
+        started = time.monotonic()
+        private, maced = None, 0
+        # The shared pages' CRC (host CPU, in C without the GIL) runs while the MHs hash (guest vCPUs).
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            shared = pool.submit(self._timed, shared_digest, machine) if params.get("shared", True) else None
+            if mailboxes is not None and params.get("table"):
+                maced = mailboxes.mac_list(gpas) if len(gpas := self._changed_gpas()) else 0
+                private = table_digests(mailboxes, machine)
+            elif mailboxes is not None:
+                private = private_digests(mailboxes, machine)
+            hashed = time.monotonic() - started
+            crc, crc_seconds = shared.result() if shared is not None else (None, 0.0)
+        return {"shared": crc, "private": private, "pages_maced": maced,
+                "seconds": {"private": hashed, "shared": crc_seconds}}  # fmt: skip
+
+    @staticmethod
+    def _timed(fn: Callable[[Any], dict[str, int]], arg: Any) -> tuple[dict[str, int], float]:
+        started = time.monotonic()
+        return fn(arg), time.monotonic() - started
+
+    def mac_table(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The MHs' per-page MAC table, while the guest still runs: ``fill`` MACs every workload page
+        and starts tracking what is written from then on; ``update`` MACs the pages written since."""
+        machine = self._need_machine()
+        mailboxes = self._helper()
+        if mailboxes is None:
+            return {"pages": None}
+        started = time.monotonic()
+        gpas = self._changed_gpas()  # fill: what was written before is covered by the fill itself
+        if params.get("action") == "fill":
+            pages = fill_mac_table(mailboxes, machine)
+        else:
+            pages = mailboxes.mac_list(gpas) if len(gpas) else 0
+        return {"pages": pages, "seconds": time.monotonic() - started}
+
+    def _changed_gpas(self) -> array.array[int]:
+        """Pages written since the last call: on the source what the stream sent (the dirty log's pages),
+        on the target what the stream wrote."""
+        if self.outgoing is not None:
+            return gpas_of(self.outgoing.take_changed(), self.outgoing.tracker.npages)
+        if self.incoming is not None:
+            return self.incoming.take_written()
+        raise ConfplanError("no migration stream: the MAC table follows a stream's writes",
+                            hint="run start-incoming first")  # fmt: skip
 
     def resume_incoming(self, params: dict[str, Any]) -> dict[str, Any]:
         """Run the guest here: the vCPU states (the encryption bitmap is already in place) with the TSC

@@ -45,6 +45,9 @@ class MhConfigC(ctypes.Structure):
         ("side", ctypes.c_uint32),
         ("mh_index", ctypes.c_uint32),
         ("batch_pages", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("mac_table", ctypes.c_void_p),
+        ("mac_entries", ctypes.c_uint64),
     )
 
 
@@ -124,6 +127,7 @@ class HostGuest:
         self.ram[abi.SECRET_GPA : abi.SECRET_GPA + len(secret)] = secret
         self._shared = ctypes.create_string_buffer(int(lib.cp_mh_shared_size()))
         self._gen = (ctypes.c_uint32 * (ram_size // abi.PAGE))()
+        self._macs = (ctypes.c_uint8 * (ram_size // abi.PAGE * abi.MH_MAC_ENTRY))()
         features = host_cpu_features(lib) if cpu_features is None else cpu_features
         self._ctxs = [self._setup(i, side, features) for i in range(mh_vcpus)]
         self._idles = [ctypes.create_string_buffer(int(lib.cp_mh_host_idle_size())) for _ in range(mh_vcpus)]
@@ -140,7 +144,8 @@ class HostGuest:
         cfg = MhConfigC(
             self.ram_address, self.ram_size, self.mh_base, self.mh_size, ctypes.addressof(self._shared),
             ctypes.addressof(self._gen), len(self._gen), self.ram_address + abi.SECRET_GPA, SECRET_PAGE_SIZE,
-            None, features, side, index, self.batch_pages,
+            None, features, side, index, self.batch_pages, 0, ctypes.addressof(self._macs),
+            self.ram_size // abi.PAGE,
         )  # fmt: skip
         rc = self.lib.cp_mh_setup(ctx, ctypes.byref(cfg))
         if rc != 0:
@@ -176,6 +181,11 @@ class HostGuest:
     def generation_of(self, gpa: int) -> int:
         """The anti-replay table entry for ``gpa`` (the MH's private memory; tests look, the VMM cannot)."""
         return int(self._gen[gpa // abi.PAGE])
+
+    def mac_of(self, gpa: int) -> bytes:
+        """The MAC table entry for ``gpa`` (MH private memory; zero = never MAC'd)."""
+        at = gpa // abi.PAGE * abi.MH_MAC_ENTRY
+        return bytes(self._macs[at : at + abi.MH_MAC_ENTRY])
 
     def close(self) -> None:
         for index, thread in enumerate(self._threads):

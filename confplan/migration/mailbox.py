@@ -24,7 +24,7 @@ from confplan.errors import ConfplanError
 
 PAGE_SIZE = 4096
 PROTO_MAGIC = 0x504D4243  # "CBMP"
-PROTO_VERSION = 2
+PROTO_VERSION = 3
 PROTO_OFFSET = 0x40
 SLOTS_OFFSET = 0x1000
 RING_OFFSET = 0x400
@@ -33,6 +33,7 @@ CMD_SIZE = 64
 SLOT_SIZE = 4160
 SLOT_HEADER = 64
 DIGEST_BYTES = 32
+MAC_BYTES = 16  # one MAC table entry (CP_MB_MAC_BYTES)
 NO_INDEX = 0xFFFFFFFF
 MAX_GENERATION = 0xFFFFFFFE
 
@@ -69,6 +70,9 @@ class Op(enum.IntEnum):
     LOAD = 3
     DIGEST = 4
     RESET = 5
+    MAC_RANGE = 6
+    MAC_LIST = 7
+    FOLD = 8
 
 
 class MhStatus(enum.IntEnum):
@@ -95,6 +99,7 @@ class MhStatus(enum.IntEnum):
     SECRET_KEY_LEN = 18
     SECRET_ID_LEN = 19
     CONFIG = 20
+    MAC_MISSING = 21
 
     @property
     def meaning(self) -> str:
@@ -123,6 +128,7 @@ _MEANING: dict[MhStatus, str] = {
     MhStatus.SECRET_KEY_LEN: "the transport key entry is not 32 bytes",
     MhStatus.SECRET_ID_LEN: "the migration id entry is not 16 bytes",
     MhStatus.CONFIG: "the helper's context is inconsistent (firmware bug)",
+    MhStatus.MAC_MISSING: "a page of the range has no MAC in the helper's table yet (MAC_RANGE it first)",
 }
 
 
@@ -377,6 +383,59 @@ class Mailbox:
         """RESET: the helper forgets the transport key (nonce counters and anti-replay table stay)."""
         self.run(Op.RESET)
 
+    # ---- the per-page MAC table (v3) ----
+    @property
+    def mac_list_capacity(self) -> int:
+        """GPAs one MAC_LIST takes at most: the whole data area as u64s."""
+        return self.batch_pages * SLOT_SIZE // 8
+
+    def post_mac_range(self, start: int, npages: int) -> int:
+        """Post MAC_RANGE: the helper stores the MAC of every page of the range (MH area skipped)."""
+        return self.post(Op.MAC_RANGE, arg0=start, arg1=npages)
+
+    def post_mac_list(self, gpas: array.array[int]) -> int:
+        """Write ``gpas`` (array('Q')) packed into the data area and post MAC_LIST of them."""
+        if not 1 <= len(gpas) <= self.mac_list_capacity:
+            raise ValueError(
+                f"MAC_LIST on MH vCPU {self.mh_index}: {len(gpas)} GPAs, 1..{self.mac_list_capacity} fit"
+            )
+        raw = memoryview(gpas).cast("B")
+        self.slots[: len(raw)] = raw
+        return self.post(Op.MAC_LIST, count=len(gpas))
+
+    def finish_mac(self, op: Op, seq: int) -> int:
+        """Wait for a MAC_RANGE / MAC_LIST; raises on any refusal. Returns the pages MAC'd."""
+        status = self.wait(op, seq)
+        if status != MhStatus.OK:
+            self._fail(op, status, self._refused_detail(op, seq))
+        if op is Op.MAC_LIST:
+            return int(struct.unpack_from("<I", self._ctl, self._entry(seq) + CMD_OFFSETS["n_ok"])[0])
+        return self._get("digest_pages", "<Q")
+
+    def _refused_detail(self, op: Op, seq: int) -> str:
+        if op is not Op.MAC_LIST:
+            return ""
+        at = self._entry(seq) + CMD_OFFSETS["status"]
+        _, _, n_refused, first_bad = _CMD_RESULT.unpack_from(self._ctl, at)
+        if first_bad == NO_INDEX:
+            return ""
+        gpa = struct.unpack_from("<Q", self.slots, first_bad * 8)[0]
+        return f": {n_refused} GPAs refused, first: {gpa:#x} (index {first_bad})"
+
+    def post_fold(self, start: int, npages: int, chunk_pages: int) -> int:
+        """Post FOLD: one digest per ``chunk_pages`` of the range, from the MAC table, into the slots."""
+        chunks = -(-npages // chunk_pages) if chunk_pages > 0 else 0
+        if npages < 1 or chunks < 1 or chunks * DIGEST_BYTES > self.batch_pages * SLOT_SIZE:
+            raise ValueError(f"FOLD on MH vCPU {self.mh_index}: {npages} pages in chunks of {chunk_pages}")
+        return self.post(Op.FOLD, count=chunk_pages, arg0=start, arg1=npages)
+
+    def finish_fold(self, seq: int, chunks: int) -> list[bytes]:
+        """Wait for a FOLD; its ``chunks`` digests, in order."""
+        status = self.wait(Op.FOLD, seq)
+        if status != MhStatus.OK:
+            self._fail(Op.FOLD, status)
+        return [bytes(self.slots[i * DIGEST_BYTES : (i + 1) * DIGEST_BYTES]) for i in range(chunks)]
+
 
 def raise_for_refusals(op: Op, mh_index: int, result: BatchResult) -> None:
     """Raise MailboxError naming the first refused slot of ``result``, if any."""
@@ -552,6 +611,48 @@ class MailboxSet:
             posted = [(mb, mb.post(Op.DIGEST, arg0=a, arg1=n)) for mb, (a, n) in wave]
             out.extend(_digest_result(mb, seq) for mb, seq in posted)
         return out
+
+
+    # ---- the per-page MAC table (v3): verify's cost in the pause follows the pages changed, not RAM ----
+    def _ranges(self, start: int, npages: int, chunk_pages: int) -> list[tuple[Mailbox, int, int]]:
+        """(mailbox, first page, pages): the range cut at chunk boundaries into one part per helper."""
+        chunks = -(-npages // chunk_pages)
+        per = -(-chunks // len(self.mailboxes))
+        parts = []
+        for i, mb in enumerate(self.mailboxes):
+            first = i * per * chunk_pages
+            if first < npages:
+                parts.append((mb, start // PAGE_SIZE + first, min(per * chunk_pages, npages - first)))
+        return parts
+
+    def mac_range(self, start: int, npages: int, *, chunk_pages: int = 16384) -> int:
+        """MAC every page of the range into the helpers' table, in parallel; returns the pages MAC'd."""
+        posted = [
+            (mb, mb.post_mac_range(p * PAGE_SIZE, n)) for mb, p, n in self._ranges(start, npages, chunk_pages)
+        ]
+        return sum(mb.finish_mac(Op.MAC_RANGE, seq) for mb, seq in posted)
+
+    def mac_list(self, gpas: array.array[int]) -> int:
+        """MAC the pages at ``gpas`` (any number; duplicates cost time only), spread over the helpers."""
+        done, pos = 0, 0
+        while pos < len(gpas):
+            posted = []
+            for mb in self.mailboxes:
+                share = min(mb.mac_list_capacity, -(-(len(gpas) - pos) // len(self.mailboxes)))
+                if pos < len(gpas):
+                    posted.append((mb, mb.post_mac_list(gpas[pos : pos + share])))
+                    pos += share
+            done += sum(mb.finish_mac(Op.MAC_LIST, seq) for mb, seq in posted)
+        return done
+
+    def fold(self, start: int, npages: int, *, chunk_pages: int = 16384) -> list[bytes]:
+        """The chunk digests of the range folded from the MAC table: equal to ``digest`` of the same
+        range while every page's MAC is current. One op per helper."""
+        posted = [
+            (mb, mb.post_fold(p * PAGE_SIZE, n, chunk_pages), -(-n // chunk_pages))
+            for mb, p, n in self._ranges(start, npages, chunk_pages)
+        ]
+        return [d for mb, seq, chunks in posted for d in mb.finish_fold(seq, chunks)]
 
 
 def _digest_result(mb: Mailbox, seq: int) -> bytes:

@@ -68,7 +68,7 @@ class Outgoing:
         self._sealed_buf = bytearray(sealed_frame_size(batch))
         self._started = time.monotonic()
         self._sent = 0
-        self.last_dirty = b""
+        self.changed = 0  # pages sent since the MAC table was last brought up to date (a bitmap)
 
     # ---- the stream ----
     def _send(self, frame: memoryview | bytearray) -> None:
@@ -132,7 +132,7 @@ class Outgoing:
         # Taken before anything is sealed: a round that fails half way has used its generation up.
         generation, self.generation = self.generation, self.generation + 1
         dirty = self.tracker.take()
-        self.last_dirty = dirty  # verify re-digests only the chunks the final round touched
+        self.changed |= int.from_bytes(dirty, "little")  # the MACs of these pages must be taken again
         shared, private = scan_dirty(dirty, self.tracker.shared_bitmap(), self.tracker.npages)
         zero = self._send_shared(shared)
         if len(private):
@@ -173,6 +173,11 @@ class Outgoing:
             self.totals.bytes_sealed += info.frame_len
 
         mailboxes.save_stream(gpas, generation, consume, banks=BANKS)
+
+    def take_changed(self) -> bytes:
+        """The pages sent since the last call (every page the dirty log said changed), as a bitmap."""
+        out, self.changed = self.changed, 0
+        return out.to_bytes(self.tracker.nbytes, "little")
 
     # ---- the end ----
     def send_state(self, paused_wall: float) -> None:

@@ -37,10 +37,8 @@ from confplan.migration.helper import require_helper
 from confplan.migration.mailbox import SLOT_SIZE, MailboxSet, Op, raise_for_refusals
 from confplan.migration.session import ENC_BITMAP_DEVICE, ENC_BITMAP_FORMAT, SavedVcpu, vcpu_from_blob
 from confplan.migration.source import BANKS
-from confplan.migration.verify import CHUNK_PAGES
 
 DRAIN_SECONDS = 5.0
-CHUNK_BYTES = CHUNK_PAGES * 4096
 
 
 class IncomingState(enum.StrEnum):
@@ -83,7 +81,8 @@ class Incoming:
         self._done = threading.Event()
         self._conn: socket.socket | None = None
         self._gpas = array.array("Q", bytes(8 * MAX_FRAME_PAGES))
-        self.written_chunks: set[int] = set()  # verify chunks written since the last clear (verify.py)
+        # GPAs written since take_written() started tracking (verify MACs them again); None: not tracking
+        self._written: list[array.array[int]] | None = None
         self._bank_order: list[tuple[int, int, int]] = []
         self._next_bank = 0
         self._posted: collections.deque[tuple[int, int, int, int]] = collections.deque()  # LOADs in flight
@@ -186,11 +185,19 @@ class Incoming:
         return False
 
     def _wrote(self, count: int) -> None:
-        """Note the verify chunks a frame wrote into: its lowest to its highest GPA (min/max run in C;
-        an unsorted frame only widens the range, so nothing written is ever left out)."""
-        if count:
-            gpas = self._gpas[:count]
-            self.written_chunks.update(range(min(gpas) // CHUNK_BYTES, max(gpas) // CHUNK_BYTES + 1))
+        """Keep the GPAs a frame wrote (one array copy per frame), once verify has asked for them."""
+        written = self._written
+        if count and written is not None:
+            written.append(self._gpas[:count])
+
+    def take_written(self) -> array.array[int]:
+        """The GPAs written since the last call (duplicates possible), and track from now on. Call it
+        while no frame is being applied (every round applied) or with the stream complete."""
+        taken, self._written = self._written or [], []
+        out = array.array("Q")
+        for part in taken:
+            out.extend(part)
+        return out
 
     def _banks(self, mailboxes: MailboxSet) -> list[tuple[int, int, int]]:
         """(mailbox, first slot, slots) of every bank, in the round-robin order they are used."""

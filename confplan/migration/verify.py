@@ -4,14 +4,17 @@ The host may read shared pages, so both VMMs checksum them with the core (the pa
 the frames' payloads CRC'd: no per-page Python); the rest is digested only by the MHs, keyed, so a host
 learns nothing from a digest but whether both sides hold the same plaintext.
 
-Private digests are per chunk of ``CHUNK_PAGES`` pages, so verify can be incremental: both sides digest
-every chunk once while the guest still runs (after the last precopy round), and in the pause only the
-chunks that hold a page of the final round are digested again. A chunk without such a page did not
-change on the source since it was sent, nor on the target since it arrived, so its early digests stand.
+Private digests are per chunk of ``CHUNK_PAGES`` pages. With the MHs' per-page MAC tables (mailbox v3)
+the pause costs the pages changed since the tables were filled, not RAM: both sides fill their table
+while the guest still runs (``MailboxSet.mac_range``), MAC again the pages written since
+(``MailboxSet.mac_list``: on the source the dirty log's pages, on the target the pages its stream wrote),
+then fold every chunk from the table (``MailboxSet.fold``), which equals DIGEST of the chunk while each
+page's MAC is current. Without tables, every chunk is digested from memory.
 """
 
 from __future__ import annotations
 
+import array
 from typing import Any
 
 from confplan.core import HostMemory, crc32c, frame_shared_pages, scan_dirty
@@ -20,7 +23,7 @@ from confplan.migration.dirty import DirtyTracker
 from confplan.migration.mailbox import MailboxSet
 from confplan.vmm import abi
 
-CHUNK_PAGES = 2048  # 8 MiB: small enough that a few dirty pages leave most chunks alone
+CHUNK_PAGES = 2048  # 8 MiB: a mismatch names an 8 MiB range
 
 
 def shared_digest(machine: Any) -> dict[str, int]:
@@ -41,32 +44,27 @@ def chunk_count(machine: Any) -> int:
     return -(-int(machine.config.memory) // abi.PAGE // CHUNK_PAGES)
 
 
-def _runs(chunks: list[int]) -> list[tuple[int, int]]:
-    """Consecutive chunk indices as (first, count) runs."""
-    runs: list[tuple[int, int]] = []
-    for index in sorted(set(chunks)):
-        if runs and runs[-1][0] + runs[-1][1] == index:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((index, 1))
-    return runs
-
-
-def private_digests(mailboxes: MailboxSet, machine: Any, chunks: list[int] | None = None) -> dict[int, str]:
-    """The MHs' keyed digests of the given chunks (all by default; the MH skips its own area)."""
+def private_digests(mailboxes: MailboxSet, machine: Any) -> dict[int, str]:
+    """The MHs' keyed digests of every chunk, hashed from memory (the MH skips its own area)."""
     npages = int(machine.config.memory) // abi.PAGE
-    wanted = list(range(chunk_count(machine))) if chunks is None else chunks
-    out: dict[int, str] = {}
-    for first, count in _runs(wanted):
-        start_page = first * CHUNK_PAGES
-        pages = min(count * CHUNK_PAGES, npages - start_page)
-        digests = mailboxes.digest(start_page * abi.PAGE, pages, chunk_pages=CHUNK_PAGES)
-        out.update({first + i: d.hex() for i, d in enumerate(digests)})
-    return out
+    digests = mailboxes.digest(0, npages, chunk_pages=CHUNK_PAGES)
+    return {i: d.hex() for i, d in enumerate(digests)}
 
 
-def touched_chunks(dirty: bytes) -> list[int]:
-    """Chunks holding at least one page set in a dirty bitmap (one int test per chunk, not per page)."""
-    bits = int.from_bytes(dirty, "little")
-    mask = (1 << CHUNK_PAGES) - 1
-    return [i for i in range(-(-len(dirty) * 8 // CHUNK_PAGES)) if bits >> (i * CHUNK_PAGES) & mask]
+def table_digests(mailboxes: MailboxSet, machine: Any) -> dict[int, str]:
+    """The same chunk digests folded from the MHs' MAC tables (the tables must be current)."""
+    npages = int(machine.config.memory) // abi.PAGE
+    digests = mailboxes.fold(0, npages, chunk_pages=CHUNK_PAGES)
+    return {i: d.hex() for i, d in enumerate(digests)}
+
+
+def fill_mac_table(mailboxes: MailboxSet, machine: Any) -> int:
+    """MAC every page of the workload area into the MHs' table; returns the pages MAC'd."""
+    first = int(machine.layout.mh_end) // abi.PAGE
+    return mailboxes.mac_range(first * abi.PAGE, int(machine.layout.npages) - first, chunk_pages=CHUNK_PAGES)
+
+
+def gpas_of(bitmap: bytes, npages: int) -> array.array[int]:
+    """The GPAs of the pages set in a bitmap, in order (the core's scan, no Python loop over pages)."""
+    _, gpas = scan_dirty(bitmap, bytes(len(bitmap)), npages)
+    return gpas

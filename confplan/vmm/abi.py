@@ -17,7 +17,7 @@ HUGE: Final = 2 * MIB
 
 # Values exported by the firmware as ABI_<lowercase name>.
 ABI: Final[dict[str, int]] = {
-    "version": 2,
+    "version": 3,
     "gdt_gpa": 0x1000,
     "idt_gpa": 0x2000,
     "tss_gpa": 0x3000,
@@ -39,6 +39,7 @@ ABI: Final[dict[str, int]] = {
     "mailbox_slot_tag": 64,
     "mh_ctx_stride": 0x3000,
     "mh_gen_entry": 4,
+    "mh_mac_entry": 16,
     "mmio_base": 0xE0000000,
     "mmio_size": 0x200000,
     "mmio_console": 0xE0000000,
@@ -97,6 +98,7 @@ MAILBOX_GPA: Final = ABI["mailbox_gpa"]
 MAILBOX_SLOT_TAG: Final = ABI["mailbox_slot_tag"]
 MH_CTX_STRIDE: Final = ABI["mh_ctx_stride"]
 MH_GEN_ENTRY: Final = ABI["mh_gen_entry"]
+MH_MAC_ENTRY: Final = ABI["mh_mac_entry"]
 MMIO_BASE: Final = ABI["mmio_base"]
 MMIO_SIZE: Final = ABI["mmio_size"]
 MMIO_CONSOLE: Final = ABI["mmio_console"]
@@ -205,6 +207,9 @@ class BootParams(ctypes.Structure):
         ("mh_ctx_stride", u64),
         ("mh_gen_gpa", u64),
         ("mh_gen_entries", u64),
+        # ABI v3: the per-page MAC table verify folds (docs/mailbox.md)
+        ("mh_mac_gpa", u64),
+        ("mh_mac_entries", u64),
     ]
 
 

@@ -19,9 +19,10 @@ class GuestLayout:
     ram_bytes: int
     mh_vcpus: int
     mailbox_stride: int
-    mh_shared_gpa: int  # struct cp_mh_shared (one page), then the contexts, then the generation table
+    mh_shared_gpa: int  # struct cp_mh_shared (one page), the contexts, the generation and MAC tables
     mh_ctx_gpa: int
     mh_gen_gpa: int
+    mh_mac_gpa: int  # one keyed MAC (16 bytes) per guest page, after the generation table
     mh_end: int  # the MH area is [abi.MH_BASE, mh_end), 2 MiB aligned
     wl_vcpus: int
     wl_ctl_gpa: int
@@ -66,11 +67,12 @@ class GuestLayout:
     @classmethod
     def for_config(cls, config: MachineConfig) -> GuestLayout:
         stride = PAGE + round_up(config.batch_pages * (PAGE + abi.MAILBOX_SLOT_TAG), PAGE)
-        # The MH's private state follows the mailboxes: shared block, contexts, generation table.
+        # The MH's private state follows the mailboxes: shared block, contexts, generation and MAC tables.
         shared = abi.MAILBOX_GPA + config.mh_vcpus * stride
         ctxs = shared + PAGE
         gen = ctxs + config.mh_vcpus * abi.MH_CTX_STRIDE
-        mh_end = round_up(gen + round_up(config.memory // PAGE * abi.MH_GEN_ENTRY, PAGE), HUGE)
+        mac = gen + round_up(config.memory // PAGE * abi.MH_GEN_ENTRY, PAGE)
+        mh_end = round_up(mac + round_up(config.memory // PAGE * abi.MH_MAC_ENTRY, PAGE), HUGE)
         ctl = mh_end
         stacks = ctl + round_up(ctypes.sizeof(abi.WlControl), PAGE)
         ledger = stacks + config.vcpus * WL_STACK_SIZE
@@ -91,6 +93,7 @@ class GuestLayout:
             mh_shared_gpa=shared,
             mh_ctx_gpa=ctxs,
             mh_gen_gpa=gen,
+            mh_mac_gpa=mac,
             mh_end=mh_end,
             wl_vcpus=config.vcpus,
             wl_ctl_gpa=ctl,

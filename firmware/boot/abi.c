@@ -38,6 +38,7 @@ void cp_abi_export(void)
     SYM(mailbox_slot_tag, CP_MAILBOX_SLOT_TAG);
     SYM(mh_ctx_stride, CP_MH_CTX_STRIDE);
     SYM(mh_gen_entry, CP_MH_GEN_ENTRY);
+    SYM(mh_mac_entry, CP_MH_MAC_ENTRY);
     SYM(mmio_base, CP_MMIO_BASE);
     SYM(mmio_size, CP_MMIO_SIZE);
     SYM(mmio_console, CP_MMIO_CONSOLE);
@@ -111,6 +112,8 @@ void cp_abi_export(void)
     OFF(bp, cp_boot_params, mh_ctx_stride);
     OFF(bp, cp_boot_params, mh_gen_gpa);
     OFF(bp, cp_boot_params, mh_gen_entries);
+    OFF(bp, cp_boot_params, mh_mac_gpa);
+    OFF(bp, cp_boot_params, mh_mac_entries);
 
     SYM(wlst_size, sizeof(struct cp_wl_vcpu_status));
     OFF(wlst, cp_wl_vcpu_status, heartbeat);

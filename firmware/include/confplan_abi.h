@@ -9,7 +9,7 @@
 #ifndef CONFPLAN_ABI_H
 #define CONFPLAN_ABI_H
 
-#define CP_ABI_VERSION 2
+#define CP_ABI_VERSION 3
 #define CP_PAGE_SIZE 0x1000
 
 /* ---- low area (first 2 MiB, mapped with 4 KiB pages) ---- */
@@ -35,10 +35,11 @@
 #define CP_MAILBOX_GPA 0x281000    /* per MH vCPU: control page + data slots, bp.mailbox_stride apart */
 #define CP_MAILBOX_SLOT_TAG 64     /* bytes after each 4 KiB page in a data slot (tag, header) */
 /* After the mailboxes (GPAs in the boot parameters, laid out by the VMM): the MH's shared block (one page),
- * one context per MH vCPU (CP_MH_CTX_STRIDE apart) and the anti-replay generation table (4 bytes per guest
- * page). Private to the MH: only its page tables map them. */
+ * one context per MH vCPU (CP_MH_CTX_STRIDE apart), the anti-replay generation table (4 bytes per guest
+ * page) and (v3) the per-page MAC table (16 bytes per guest page, docs/mailbox.md). Private to the MH: only its page tables map them. */
 #define CP_MH_CTX_STRIDE 0x3000    /* >= sizeof(struct cp_mh_ctx) (firmware/mh/mailbox.h), checked there */
 #define CP_MH_GEN_ENTRY 4
+#define CP_MH_MAC_ENTRY 16
 
 /* ---- MMIO (no memslot behind it: every access exits to the VMM) ---- */
 #define CP_MMIO_BASE 0xE0000000
@@ -157,6 +158,9 @@ struct cp_boot_params {
     uint64_t mh_ctx_stride;
     uint64_t mh_gen_gpa;     /* u32 generation per guest page */
     uint64_t mh_gen_entries; /* = ram_bytes / CP_PAGE_SIZE */
+    /* ABI v3 */
+    uint64_t mh_mac_gpa;     /* CP_MH_MAC_ENTRY bytes (a keyed MAC) per guest page, zero at boot */
+    uint64_t mh_mac_entries; /* = ram_bytes / CP_PAGE_SIZE */
 };
 
 struct cp_wl_vcpu_status {

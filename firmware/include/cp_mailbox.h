@@ -1,5 +1,5 @@
 /*
- * confplan migration-helper (MH) mailbox protocol, version 2: the layout shared by the MH (firmware/mh/) and
+ * confplan migration-helper (MH) mailbox protocol, version 3: the layout shared by the MH (firmware/mh/) and
  * the VMM (confplan/migration/mailbox.py, whose offsets a test checks against this header). docs/mailbox.md
  * is the prose contract. Any layout change bumps CP_MB_PROTO_VERSION.
  *
@@ -21,7 +21,7 @@
 #include <stdint.h>
 
 #define CP_MB_PROTO_MAGIC 0x504d4243u /* "CBMP" */
-#define CP_MB_PROTO_VERSION 2u
+#define CP_MB_PROTO_VERSION 3u
 #define CP_MB_PROTO_OFFSET 0x40u
 #define CP_MB_SLOTS_OFFSET 0x1000u
 #define CP_MB_RING_OFFSET 0x400u
@@ -38,6 +38,12 @@
 #define CP_MB_OP_LOAD 3u   /* open `count` received records (slots from `first`) into their GPAs */
 #define CP_MB_OP_DIGEST 4u /* keyed digest of npages = arg1 pages from GPA arg0, MH area skipped */
 #define CP_MB_OP_RESET 5u  /* wipe the key; nonce counters and generation table stay */
+/* v3: the per-page MAC table (one 16-byte keyed MAC per guest page, MH memory), so verify in the pause costs
+ * the pages changed since, not the whole range. FOLD of a range whose MACs are current equals its DIGEST. */
+#define CP_MB_OP_MAC_RANGE 6u /* MAC npages = arg1 pages from GPA arg0 into the table, MH area skipped */
+#define CP_MB_OP_MAC_LIST 7u  /* MAC `count` pages whose GPAs (u64 LE) are packed from slot `first` on */
+#define CP_MB_OP_FOLD 8u      /* digests of npages = arg1 pages from GPA arg0 in chunks of `count` pages,
+                                 folded from the table; 32 bytes per chunk packed from slot `first` on */
 
 /*
  * Statuses: cp_mb_proto.status for the op, cp_sealed_page.status per slot. 0 is success everywhere; the
@@ -64,7 +70,10 @@
 #define CP_MBS_SECRET_KEY_LEN 18u /* transport key entry data is not 32 bytes */
 #define CP_MBS_SECRET_ID_LEN 19u  /* migration id entry data is not 16 bytes */
 #define CP_MBS_CONFIG 20u         /* the MH context was set up inconsistently (firmware bug) */
-#define CP_MBS_LAST CP_MBS_CONFIG
+#define CP_MBS_MAC_MISSING 21u    /* FOLD: a page of the range has no MAC in the table yet (MAC it first) */
+#define CP_MBS_LAST CP_MBS_MAC_MISSING
+
+#define CP_MB_MAC_BYTES 16u       /* one table entry: the page's keyed MAC h(gpa), see docs/mailbox.md */
 
 /* The protocol block of a control page, at CP_MB_PROTO_OFFSET. "VMM:" fields are written by the VMM before
  * it bumps seq; "MH:" fields by the helper before it stores done. Little-endian, naturally aligned.
@@ -80,8 +89,8 @@ struct cp_mb_proto {
     uint32_t ring;            /*  32 MH: CP_MB_RING, entries in the op ring */
     uint32_t key_id;          /*  36 MH: key fingerprint (after INIT), written into every sealed record */
     uint8_t migration_id[16]; /*  40 MH: the id bound into every AAD (after INIT) */
-    uint8_t digest[CP_MB_DIGEST_BYTES]; /* 56 MH: DIGEST result */
-    uint64_t digest_pages;    /*  88 MH: pages hashed by the last DIGEST */
+    uint8_t digest[CP_MB_DIGEST_BYTES]; /* 56 MH: DIGEST result (FOLD writes its digests to the slots) */
+    uint64_t digest_pages;    /*  88 MH: pages hashed (DIGEST, MAC_RANGE) or folded (FOLD) by the last such op */
     uint64_t digest_skipped;  /*  96 MH: pages of the range skipped (MH area) */
     uint64_t pages_sealed;    /* 104 MH: counters since boot */
     uint64_t pages_opened;    /* 112 */
@@ -94,15 +103,15 @@ struct cp_mb_proto {
 /* One op in the ring (at CP_MB_RING_OFFSET + (seq % CP_MB_RING) * CP_MB_CMD_SIZE). */
 struct cp_mb_cmd {
     uint32_t op;         /*  0 VMM: CP_MB_OP_* */
-    uint32_t count;      /*  4 VMM: slots used by SAVE/LOAD */
+    uint32_t count;      /*  4 VMM: slots used by SAVE/LOAD; GPAs of MAC_LIST; chunk pages of FOLD */
     uint32_t generation; /*  8 VMM: SAVE generation (precopy round), 1..0xfffffffe */
     uint32_t first;      /* 12 VMM: first slot of SAVE/LOAD (slots first .. first + count - 1) */
-    uint64_t arg0;       /* 16 VMM: DIGEST first GPA */
-    uint64_t arg1;       /* 24 VMM: DIGEST page count */
+    uint64_t arg0;       /* 16 VMM: DIGEST / MAC_RANGE / FOLD first GPA */
+    uint64_t arg1;       /* 24 VMM: DIGEST / MAC_RANGE / FOLD page count */
     uint32_t status;     /* 32 MH: CP_MBS_* for the op */
-    uint32_t n_ok;       /* 36 MH: slots done */
-    uint32_t n_refused;  /* 40 MH: slots refused */
-    uint32_t first_bad;  /* 44 MH: first refused slot, counted from `first`; CP_MB_NO_INDEX if none */
+    uint32_t n_ok;       /* 36 MH: slots (MAC_LIST: GPAs) done */
+    uint32_t n_refused;  /* 40 MH: slots (MAC_LIST: GPAs) refused */
+    uint32_t first_bad;  /* 44 MH: first refused slot / list index, from `first`; CP_MB_NO_INDEX if none */
     uint64_t tsc_start;  /* 48 MH: guest TSC when it began the op (profiling; 0 where rdtsc is not used) */
     uint64_t tsc_end;    /* 56 MH: guest TSC when it finished */
 };

@@ -78,27 +78,52 @@ static int in_mh_area(const struct cp_mh_config *cfg, uint64_t gpa)
     return gpa >= cfg->mh_base && gpa - cfg->mh_base < cfg->mh_size;
 }
 
-uint32_t cp_mh_digest(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages, uint8_t out[CP_MB_DIGEST_BYTES],
-                      uint64_t *hashed, uint64_t *skipped)
+static uint32_t check_range(const struct cp_mh_config *cfg, uint64_t start, uint64_t npages)
+{
+    if (start % CP_MH_PAGE)
+        return CP_MBS_GPA_ALIGN;
+    if (start > cfg->ram_size || npages > (cfg->ram_size - start) / CP_MH_PAGE)
+        return CP_MBS_GPA_RANGE;
+    return CP_MBS_OK;
+}
+
+static int mac_missing(const uint8_t *mac)
+{
+    uint8_t any = 0;
+    for (uint32_t i = 0; i < CP_MB_MAC_BYTES; i++)
+        any |= mac[i];
+    return any == 0; /* a real MAC is all zero with probability 2^-128: zero means "never computed" */
+}
+
+/* DIGEST's chain over a range; each page's h(gpa) is computed from the page, or (from_table) taken from
+ * the MAC table, where a missing entry refuses the fold. */
+static uint32_t chain_range(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages, int from_table,
+                            uint8_t out[CP_MB_DIGEST_BYTES], uint64_t *hashed, uint64_t *skipped)
 {
     uint8_t tag[CP_GCM_TAG_BYTES];
     uint32_t m = 0;
     uint64_t step = 0;
     *hashed = *skipped = 0;
-    if (start % CP_MH_PAGE)
-        return CP_MBS_GPA_ALIGN;
-    if (start > ctx->cfg.ram_size || npages > (ctx->cfg.ram_size - start) / CP_MH_PAGE)
-        return CP_MBS_GPA_RANGE;
+    uint32_t rc = check_range(&ctx->cfg, start, npages);
+    if (rc != CP_MBS_OK)
+        return rc;
     store_le64(ctx->chain, start);
     store_le64(ctx->chain + 8, npages);
     for (uint64_t p = 0; p < npages; p++) {
         uint64_t gpa = start + p * CP_MH_PAGE;
+        uint8_t *slot = ctx->chain + 16 + 16 * m;
         if (in_mh_area(&ctx->cfg, gpa)) {
             ++*skipped;
             continue;
         }
-        if (hash_page(ctx, gpa, ctx->chain + 16 + 16 * m) != 0)
+        if (from_table) {
+            const uint8_t *mac = ctx->cfg.mac_table + gpa / CP_MH_PAGE * CP_MB_MAC_BYTES;
+            if (mac_missing(mac))
+                return CP_MBS_MAC_MISSING;
+            cp_mh_copy(slot, mac, CP_MB_MAC_BYTES);
+        } else if (hash_page(ctx, gpa, slot) != 0) {
             return CP_MBS_CONFIG;
+        }
         ++*hashed;
         if (++m == CP_MH_DIGEST_CHUNK) {
             if (fold(ctx, step++, m) != 0)
@@ -113,4 +138,49 @@ uint32_t cp_mh_digest(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages, ui
         return CP_MBS_CONFIG;
     cp_mh_wipe(ctx->chain, sizeof(ctx->chain));
     return CP_MBS_OK;
+}
+
+uint32_t cp_mh_digest(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages, uint8_t out[CP_MB_DIGEST_BYTES],
+                      uint64_t *hashed, uint64_t *skipped)
+{
+    return chain_range(ctx, start, npages, 0, out, hashed, skipped);
+}
+
+uint32_t cp_mh_fold(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages, uint8_t out[CP_MB_DIGEST_BYTES],
+                    uint64_t *folded, uint64_t *skipped)
+{
+    uint32_t rc = chain_range(ctx, start, npages, 1, out, folded, skipped);
+    if (rc != CP_MBS_OK)
+        cp_mh_wipe(ctx->chain, sizeof(ctx->chain));
+    return rc;
+}
+
+/* One table entry: h(gpa) of the page as it is now. The table lives in MH memory, so only the MH writes it;
+ * the caller has checked the GPA (aligned, in RAM, outside the MH area). */
+uint32_t cp_mh_mac_page(struct cp_mh_ctx *ctx, uint64_t gpa)
+{
+    uint8_t mac[CP_GCM_TAG_BYTES];
+    if (hash_page(ctx, gpa, mac) != 0)
+        return CP_MBS_CONFIG;
+    if (mac_missing(mac))
+        mac[0] = 1; /* keep "zero = never computed" true (probability 2^-128; costs nothing) */
+    cp_mh_copy(ctx->cfg.mac_table + gpa / CP_MH_PAGE * CP_MB_MAC_BYTES, mac, CP_MB_MAC_BYTES);
+    return CP_MBS_OK;
+}
+
+uint32_t cp_mh_mac_range(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages, uint64_t *hashed,
+                         uint64_t *skipped)
+{
+    *hashed = *skipped = 0;
+    uint32_t rc = check_range(&ctx->cfg, start, npages);
+    for (uint64_t p = 0; rc == CP_MBS_OK && p < npages; p++) {
+        uint64_t gpa = start + p * CP_MH_PAGE;
+        if (in_mh_area(&ctx->cfg, gpa)) {
+            ++*skipped;
+            continue;
+        }
+        rc = cp_mh_mac_page(ctx, gpa);
+        *hashed += rc == CP_MBS_OK;
+    }
+    return rc;
 }

@@ -78,8 +78,8 @@ static int config_ok(const struct cp_mh_config *c)
 {
     uint64_t pages = c->ram_size / CP_MH_PAGE;
     /* c->ram is not checked: in the guest it is GPA 0 (identity mapping), i.e. a null pointer. */
-    return c->shared && c->gen_table && c->secret && c->ram_size % CP_MH_PAGE == 0 &&
-           c->gen_entries >= pages && c->mh_base % CP_MH_PAGE == 0 && c->side <= 1 && c->batch_pages > 0 &&
+    return c->shared && c->gen_table && c->secret && c->mac_table && c->ram_size % CP_MH_PAGE == 0 &&
+           c->gen_entries >= pages && c->mac_entries >= pages && c->mh_base % CP_MH_PAGE == 0 && c->side <= 1 && c->batch_pages > 0 &&
            c->secret_size >= 20;
 }
 
@@ -115,7 +115,8 @@ static void forget_key(struct cp_mh_ctx *ctx)
 }
 
 /* The generation table belongs to one migration id: a new id starts it afresh, the same id (INIT again
- * after RESET) keeps it, so re-INIT cannot reopen the door to replayed records. */
+ * after RESET) keeps it, so re-INIT cannot reopen the door to replayed records. The MAC table goes with
+ * it: MACs under another id's key must never be folded. */
 static void adopt_migration(struct cp_mh_ctx *ctx)
 {
     struct cp_mh_shared *sh = ctx->cfg.shared;
@@ -126,6 +127,7 @@ static void adopt_migration(struct cp_mh_ctx *ctx)
         same &= sh->last_id[i] == ctx->migration_id[i];
     if (!same) {
         cp_mh_wipe(ctx->cfg.gen_table, ctx->cfg.gen_entries * sizeof(uint32_t));
+        cp_mh_wipe(ctx->cfg.mac_table, ctx->cfg.mac_entries * CP_MB_MAC_BYTES);
         cp_mh_copy(sh->last_id, ctx->migration_id, CP_MH_ID_BYTES);
         sh->have_id = 1;
     }
@@ -313,6 +315,68 @@ static uint32_t op_digest(struct cp_mh_ctx *ctx, volatile struct cp_mb_proto *p,
     return rc;
 }
 
+static uint32_t op_mac_range(struct cp_mh_ctx *ctx, volatile struct cp_mb_proto *p, uint64_t start, uint64_t n)
+{
+    uint64_t hashed = 0, skipped = 0;
+    uint32_t rc = cp_mh_mac_range(ctx, start, n, &hashed, &skipped);
+    p->digest_pages = hashed;
+    p->digest_skipped = skipped;
+    return rc;
+}
+
+/* FOLD: the range in chunks of `chunk` pages, one digest per chunk written (32 bytes each, in order) into
+ * the data area from slot `first` on, so one op answers for a whole range of chunks. */
+static uint32_t op_fold(struct cp_mh_ctx *ctx, volatile struct cp_mb_proto *p, uint8_t *out, uint64_t room,
+                        uint64_t start, uint64_t n, uint32_t chunk)
+{
+    uint8_t d[CP_MB_DIGEST_BYTES];
+    uint64_t total = 0, total_skipped = 0;
+    uint32_t rc = CP_MBS_OK;
+    if (chunk == 0 || n == 0 || (n + chunk - 1) / chunk > room)
+        return CP_MBS_COUNT;
+    for (uint64_t at = 0; rc == CP_MBS_OK && at < n; at += chunk) {
+        uint64_t folded = 0, skipped = 0, len = n - at < chunk ? n - at : chunk;
+        rc = cp_mh_fold(ctx, start + at * CP_MH_PAGE, len, d, &folded, &skipped);
+        if (rc == CP_MBS_OK)
+            cp_mh_copy(out + at / chunk * CP_MB_DIGEST_BYTES, d, CP_MB_DIGEST_BYTES);
+        total += folded;
+        total_skipped += skipped;
+    }
+    p->digest_pages = total;
+    p->digest_skipped = total_skipped;
+    return rc;
+}
+
+/* Largest MAC_LIST from slot `first`: the GPAs fill the data area from there on, 8 bytes each (FOLD's
+ * 32-byte digests: a quarter of that). */
+static uint64_t mac_list_room(const struct cp_mh_ctx *ctx, uint32_t first)
+{
+    return first >= ctx->cfg.batch_pages ? 0 : (uint64_t)(ctx->cfg.batch_pages - first) * CP_MB_SLOT_SIZE / 8;
+}
+
+/* MAC each listed page; a refused GPA (alignment, range, MH area) is counted, not MAC'd. */
+static uint32_t op_mac_list(struct cp_mh_ctx *ctx, volatile struct cp_mb_cmd *c, const uint8_t *list,
+                            uint32_t count)
+{
+    uint32_t ok = 0, refused = 0, first_bad = CP_MB_NO_INDEX;
+    for (uint32_t i = 0; i < count; i++) {
+        uint64_t gpa = load_le(list + (size_t)i * 8, 8); /* read once */
+        uint32_t st = check_gpa(&ctx->cfg, gpa);
+        if (st == CP_MBS_OK)
+            st = cp_mh_mac_page(ctx, gpa);
+        if (st == CP_MBS_CONFIG)
+            return st;
+        if (st == CP_MBS_OK)
+            ok++;
+        else
+            first_bad = refused++ ? first_bad : i;
+    }
+    c->n_ok = ok;
+    c->n_refused = refused;
+    c->first_bad = first_bad;
+    return refused ? CP_MBS_PARTIAL : CP_MBS_OK;
+}
+
 /* The guest TSC for the ring entry's profiling stamps (CPL3 may read it: the VMM leaves CR4.TSD clear). */
 static uint64_t tsc_now(void)
 {
@@ -344,12 +408,21 @@ uint32_t cp_mh_handle(struct cp_mh_ctx *ctx, volatile uint8_t *ctl, uint8_t *slo
     } else if (op == CP_MB_OP_RESET) {
         forget_key(ctx);
         rc = CP_MBS_OK;
-    } else if (op != CP_MB_OP_SAVE && op != CP_MB_OP_LOAD && op != CP_MB_OP_DIGEST) {
+    } else if (op < CP_MB_OP_SAVE || op > CP_MB_OP_FOLD || op == CP_MB_OP_RESET) {
         rc = CP_MBS_BAD_OP;
     } else if (!ctx->keyed) {
         rc = CP_MBS_NO_KEY;
     } else if (op == CP_MB_OP_DIGEST) {
         rc = op_digest(ctx, p, arg0, arg1);
+    } else if (op == CP_MB_OP_MAC_RANGE) {
+        rc = op_mac_range(ctx, p, arg0, arg1);
+    } else if (op == CP_MB_OP_FOLD) {
+        rc = op_fold(ctx, p, slots + (size_t)first * CP_MB_SLOT_SIZE, mac_list_room(ctx, first) / 4, arg0, arg1,
+                     count);
+    } else if (op == CP_MB_OP_MAC_LIST) {
+        rc = count == 0 || count > mac_list_room(ctx, first)
+                 ? CP_MBS_COUNT
+                 : op_mac_list(ctx, c, slots + (size_t)first * CP_MB_SLOT_SIZE, count);
     } else if (count == 0 || first >= ctx->cfg.batch_pages || count > ctx->cfg.batch_pages - first) {
         rc = CP_MBS_COUNT;
     } else {

@@ -45,6 +45,9 @@ struct cp_mh_config {
     uint32_t side;              /* 0 source, 1 target: from the measured boot parameters, not the host */
     uint32_t mh_index;
     uint32_t batch_pages;       /* data slots in this MH's mailbox */
+    uint32_t pad;
+    uint8_t *mac_table;         /* CP_MB_MAC_BYTES per guest page, shared by every MH vCPU, in MH memory */
+    uint64_t mac_entries;
 };
 
 /* One MH vCPU's private state: keys, nonce sequence, bounce buffers. Lives in MH memory, never shared. */
@@ -101,6 +104,13 @@ uint32_t cp_mh_parse_secret(const uint8_t *table, uint64_t size, uint8_t key[CP_
 uint32_t cp_mh_derive(struct cp_mh_ctx *ctx, const uint8_t key[CP_MH_KEY_BYTES], const uint8_t *owner_id);
 uint32_t cp_mh_digest(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages, uint8_t out[CP_MB_DIGEST_BYTES],
                       uint64_t *hashed, uint64_t *skipped);
+/* The per-page MAC table (v3): MAC_RANGE/MAC_LIST store h(gpa) of the page as it is now; FOLD runs DIGEST's
+ * chain over the stored MACs instead of the pages (so a current table folds to the range's DIGEST). */
+uint32_t cp_mh_mac_range(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages, uint64_t *hashed,
+                         uint64_t *skipped);
+uint32_t cp_mh_mac_page(struct cp_mh_ctx *ctx, uint64_t gpa);
+uint32_t cp_mh_fold(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages, uint8_t out[CP_MB_DIGEST_BYTES],
+                    uint64_t *folded, uint64_t *skipped);
 
 /* Small freestanding helpers (mailbox.c): copies and wipes the compiler cannot turn into libc calls. */
 void cp_mh_copy(void *dst, const void *src, size_t n);

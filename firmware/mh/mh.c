@@ -10,6 +10,7 @@
 _Static_assert(sizeof(struct cp_mh_ctx) <= CP_MH_CTX_STRIDE, "MH context outgrew CP_MH_CTX_STRIDE");
 _Static_assert(sizeof(struct cp_mh_shared) <= CP_PAGE_SIZE, "MH shared block is one page");
 _Static_assert(CP_MH_GEN_ENTRY == sizeof(uint32_t), "generation table entry");
+_Static_assert(CP_MH_MAC_ENTRY == CP_MB_MAC_BYTES, "MAC table entry");
 
 void mh_entry(uint64_t idx) __attribute__((noreturn));
 
@@ -55,6 +56,8 @@ static void fill_config(struct cp_mh_config *cfg, uint64_t idx)
     cfg->shared = (struct cp_mh_shared *)(uintptr_t)bp->mh_shared_gpa;
     cfg->gen_table = (uint32_t *)(uintptr_t)bp->mh_gen_gpa;
     cfg->gen_entries = bp->mh_gen_entries;
+    cfg->mac_table = (uint8_t *)(uintptr_t)bp->mh_mac_gpa;
+    cfg->mac_entries = bp->mh_mac_entries;
     cfg->secret = (const uint8_t *)(uintptr_t)bp->secret_gpa;
     cfg->secret_size = CP_PAGE_SIZE;
     cfg->doorbell = (volatile uint64_t *)(uintptr_t)(bp->mmio_mailbox + 8 * idx);

@@ -76,12 +76,26 @@ static inline uint64_t next_rand(uint64_t *s)
     return *s;
 }
 
-/* Rewrite random pages of the partition: unlimited, or paced by the TSC to rate bytes/s. */
+/* Pages per paced burst: enough that a burst lasts ~CP_WL_BURST_NS, so the vCPU sleeps in a few-ms parks
+ * (an exit costs ~50 us here) instead of spinning on the TSC between pages. */
+#define CP_WL_BURST_NS 4000000ULL
+#define CP_WL_MAX_SLEEP_NS 100000000ULL
+
+static uint64_t burst_pages(uint64_t rate)
+{
+    uint64_t pages = rate * CP_WL_BURST_NS / 1000000000ULL / CP_PAGE_SIZE;
+    return pages ? pages : 1;
+}
+
+/* Rewrite random pages of the partition: unlimited (a tight loop), or paced to rate bytes/s by the TSC:
+ * write what is due, then sleep (SLEEP_NS doorbell) until the next burst is due. The schedule is the same
+ * as pacing page by page (page n is due at n * tsc_per_page), only grouped into bursts. */
 static void __attribute__((noreturn)) dirty_loop(struct wl *w, uint64_t idx)
 {
     uint64_t rate = CP_BP->wl_rate_bps;
     uint64_t tsc_per_us = CP_BP->tsc_khz / 1000 ? CP_BP->tsc_khz / 1000 : 1;
     uint64_t tsc_per_page = rate ? CP_BP->tsc_khz * 1000 * CP_PAGE_SIZE / rate : 0;
+    uint64_t burst = rate ? burst_pages(rate) : 0;
     uint64_t rnd = (w->seed ^ (idx + 1) * 0x9e3779b97f4a7c15ULL) | 1;
     uint64_t t0 = cp_rdtsc(), done = 0;
     for (;;) {
@@ -95,17 +109,16 @@ static void __attribute__((noreturn)) dirty_loop(struct wl *w, uint64_t idx)
         uint64_t elapsed = cp_rdtsc() - t0;
         uint64_t due = elapsed / tsc_per_page;
         if (done < due) {
-            uint64_t n = due - done > 64 ? 64 : due - done;
+            uint64_t n = due - done > 64 ? 64 : due - done; /* commands are polled between chunks */
             for (uint64_t i = 0; i < n; i++)
                 write_page(w, w->first + next_rand(&rnd) % w->count);
             done += n;
             continue;
         }
-        uint64_t wait_ns = ((done + 1) * tsc_per_page - elapsed) * 1000 / tsc_per_us;
-        if (wait_ns > 200000)
-            cp_sleep_ns(wait_ns > 100000000 ? 100000000 : wait_ns);
-        else
-            cp_pause();
+        uint64_t next = (done + burst) * tsc_per_page; /* the TSC at which the next burst is due */
+        uint64_t wait_ns = next > elapsed ? (next - elapsed) * 1000 / tsc_per_us : 0;
+        if (wait_ns)
+            cp_sleep_ns(wait_ns > CP_WL_MAX_SLEEP_NS ? CP_WL_MAX_SLEEP_NS : wait_ns);
     }
 }
 

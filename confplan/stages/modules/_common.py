@@ -19,8 +19,6 @@ from confplan.rpc import RpcError
 from confplan.stages.base import StageContext, Teardown, TeardownWhen
 
 SOURCE_UNDO = "source-undo"
-EARLY_DIGESTS = "early-digests"  # (source, target) chunk digests taken at the end of precopy
-TOUCHED_CHUNKS = "touched-chunks"  # chunks the final round sent pages into
 DIGEST_TIMEOUT = 300.0
 
 

@@ -2,22 +2,28 @@
 (``confplan.migration.precopy.decide``), or the rounds run out, or the completion timeout says abort or
 throttle. Each round is one call to the source VMM; page data never passes through here.
 
+When the policy first says stop, both MHs fill their per-page MAC tables (the guest still runs), one
+more round sends what changed meanwhile, and both MAC those pages again: in the pause, verify then MACs
+only the final round's pages and folds the tables (confplan/migration/verify.py).
+
 Parameter ``max_rounds`` overrides limits.max_precopy_rounds.
 """
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from confplan.agent.handle import VmmHandle
 from confplan.errors import ConfplanError
 from confplan.migration.precopy import Action, Limits, RoundStats, decide
-from confplan.migration.verify import CHUNK_PAGES
 from confplan.stages.base import Stage, StageContext, StageResult, register_stage
 from confplan.stages.modules import _common as common
 
 ROUND_TIMEOUT = 600.0
 APPLY_TIMEOUT = 120.0
+MAC_TABLES = "mac-tables"  # state: both MHs' MAC tables are filled and follow the stream (verify folds)
 
 
 def limits_of(ctx: StageContext, max_rounds: int | None) -> Limits:
@@ -35,13 +41,6 @@ def _status_line(stats: RoundStats, eta: float | None, bandwidth: float) -> str:
             f"{eta_text}")  # fmt: skip
 
 
-def worth_early_digests(dirty_pages: int, memory: int) -> bool:
-    """Early digests pay off when the final round will leave most chunks untouched: a few dirty pages
-    (an idle guest), not thousands spread over all of RAM (then every chunk is digested again anyway)."""
-    chunks = -(-memory // (CHUNK_PAGES * 4096))
-    return dirty_pages < chunks // 2
-
-
 @register_stage
 class Precopy(Stage):
     name = "precopy"
@@ -55,6 +54,8 @@ class Precopy(Stage):
         limits = limits_of(ctx, self.params.get("max_rounds"))
         rounds: list[RoundStats] = []
         started, throttle, sent_pages = time.monotonic(), 0.0, 0
+        ctx.state[MAC_TABLES] = False
+        tables: dict[str, Any] = {}
         while True:
             try:
                 stats = RoundStats.from_json(source.call("precopy_round", timeout=ROUND_TIMEOUT))
@@ -74,30 +75,38 @@ class Precopy(Stage):
                 throttle = decision.throttle
                 source.call("set_throttle", {"fraction": throttle})
             if decision.action is Action.STOP_AND_COPY:
+                if not tables and (tables := self._mac_tables(source, target, len(rounds), "fill")):
+                    continue  # one more round: what the guest wrote while the tables filled
                 break
-        if worth_early_digests(rounds[-1].dirty_after, int(ctx.plan.guest.memory)):
-            self._early_digests(ctx, source, target, len(rounds))
+        if tables:
+            tables.update(self._mac_tables(source, target, len(rounds), "update"))
+            ctx.state[MAC_TABLES] = True
         return StageResult(
             bytes_shared=sum(r.shared_pages for r in rounds) * 4112,
             bytes_sealed=sum(r.sealed_pages for r in rounds) * 4160,
             data={"rounds": [r.to_json() for r in rounds], "decision": decision.reason,
-                  "bandwidth": decision.bandwidth, "throttle": throttle},
+                  "bandwidth": decision.bandwidth, "throttle": throttle, "mac_tables": tables},
         )  # fmt: skip
 
     @staticmethod
-    def _early_digests(ctx: StageContext, source: VmmHandle, target: VmmHandle, rounds: int) -> None:
-        """Once the target has applied every round, both sides digest all chunks while the guest still
-        runs; verify then re-digests only what the final round touched."""
+    def _mac_tables(source: VmmHandle, target: VmmHandle, rounds: int, action: str) -> dict[str, Any]:
+        """Once the target has applied every round, both MHs ``fill`` their MAC tables or ``update`` them
+        with the pages written since, at once, while the guest still runs. {} if a side has no helper."""
         deadline = time.monotonic() + APPLY_TIMEOUT
         while (status := target.call("incoming_status"))["rounds"] < rounds:
             if status["state"] == "failed" or time.monotonic() > deadline:
                 raise ConfplanError(
                     f"the target did not apply the precopy rounds: {status['error'] or status}"
                 )
-            time.sleep(0.005)
-        here, there = common.both_digests(source, target, {"shared": False, "mark": True})
-        if here["private"] is not None and there["private"] is not None:
-            ctx.state[common.EARLY_DIGESTS] = (here["private"], there["private"])
+            time.sleep(0.002)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            theirs = pool.submit(target.call, "mac_table", {"action": action}, timeout=common.DIGEST_TIMEOUT)
+            here = source.call("mac_table", {"action": action}, timeout=common.DIGEST_TIMEOUT)
+            there = theirs.result()
+        if here["pages"] is None or there["pages"] is None:
+            return {}
+        return {f"{action}_pages": [here["pages"], there["pages"]],
+                f"{action}_seconds": [here["seconds"], there["seconds"]]}  # fmt: skip
 
     @staticmethod
     def _check_target(target: VmmHandle) -> None:

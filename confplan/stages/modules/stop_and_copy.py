@@ -35,9 +35,10 @@ class StopAndCopy(Stage):
                 + (f": {status['error']}" if status.get("error") else ""),
                 hint="the source guest resumes; rerun the apply to migrate again",
             )
-        ctx.state[common.TOUCHED_CHUNKS] = sent["touched_chunks"]
         final = sent["round"]
+        steps = {**sent["steps"], "target_confirmed": time.monotonic() - ctx.state[PAUSE_STARTED]}
         return StageResult(
             bytes_shared=int(final["shared_pages"]) * 4112, bytes_sealed=int(final["sealed_pages"]) * 4160,
-            data={"final_round": final, "source_paused_seconds": sent["paused_seconds"], "target": status},
+            data={"final_round": final, "source_paused_seconds": sent["paused_seconds"], "target": status,
+                  "steps": steps},
         )  # fmt: skip

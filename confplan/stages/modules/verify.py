@@ -1,6 +1,7 @@
 """verify: both MHs' keyed digests of all guest memory are equal, and so are both VMMs' CRC-32C of the
-shared pages. The target resumes only after this. Incremental when precopy left early digests: in the
-pause only the chunks the final round touched are digested again (confplan/migration/verify.py)."""
+shared pages. The target resumes only after this. When precopy filled the MHs' MAC tables, each side MACs
+only the pages written since and folds its table (confplan/migration/verify.py); else all of RAM is
+hashed in the pause."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from confplan.migration.helper import HelperUnavailable
 from confplan.migration.verify import CHUNK_PAGES
 from confplan.stages.base import Stage, StageContext, StageResult, register_stage
 from confplan.stages.modules import _common as common
+from confplan.stages.modules.precopy import MAC_TABLES
 
 
 @register_stage
@@ -23,16 +25,8 @@ class Verify(Stage):
     def run(self, ctx: StageContext) -> StageResult:
         source, target = common.vmm(ctx, "source"), common.vmm(ctx, "target")
         common.undo_on_source(ctx)
-        early: tuple[dict[str, str], dict[str, str]] | None = ctx.state.get(common.EARLY_DIGESTS)
-        incremental = early is not None and common.TOUCHED_CHUNKS in ctx.state
-        touched: list[int] = []
-        if (
-            incremental
-        ):  # what the source sent in the pause, and what the target wrote since the early digests
-            written = target.call("incoming_status")["written_chunks"]
-            touched = sorted(set(ctx.state[common.TOUCHED_CHUNKS]) | set(written))
-        params: dict[str, Any] = {"chunks": touched} if incremental else {}
-        here, there = common.both_digests(source, target, params)
+        tables = bool(ctx.state.get(MAC_TABLES))
+        here, there = common.both_digests(source, target, {"table": tables})
         self._check_shared(here, there)
         if here["private"] is None or there["private"] is None:
             raise HelperUnavailable(
@@ -40,8 +34,6 @@ class Verify(Stage):
                 hint="the target resumes only after both helpers' digests match",
             )
         ours, theirs = here["private"], there["private"]
-        if early is not None and incremental:
-            ours, theirs = {**early[0], **ours}, {**early[1], **theirs}
         bad = sorted((int(k) for k in ours if ours[k] != theirs.get(k)), key=int)
         if bad or len(ours) != len(theirs):
             raise ConfplanError(
@@ -50,8 +42,9 @@ class Verify(Stage):
                 hint="the target's memory cannot be trusted; the source guest resumes, rerun the apply",
             )
         return StageResult(data={
-            "shared": here["shared"], "chunks": len(ours),
-            "chunks_digested_in_pause": len(touched) if incremental else len(ours),
+            "shared": here["shared"], "chunks": len(ours), "from_mac_tables": tables,
+            "pages_hashed_in_pause": [here["pages_maced"], there["pages_maced"]] if tables else None,
+            "seconds": {"source": here["seconds"], "target": there["seconds"]},
         })  # fmt: skip
 
     @staticmethod
