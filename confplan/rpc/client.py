@@ -13,7 +13,7 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from confplan import __version__
 from confplan.rpc.protocol import (
@@ -225,7 +225,14 @@ def connect_tcp(
             hint="check that `confplan agent` runs there and that the port is reachable",
         ) from None
     sock.settimeout(None)  # the reader blocks; call timeouts are per call
-    client = RpcClient(sock, peer=name, on_event=on_event)
+    return greeted(RpcClient(sock, peer=name, on_event=on_event), timeout)
+
+
+ClientT = TypeVar("ClientT", bound=RpcClient)
+
+
+def greeted(client: ClientT, timeout: float) -> ClientT:
+    """``client`` after a successful version handshake; a failed handshake closes it."""
     try:
         client.hello(timeout)
     except BaseException:

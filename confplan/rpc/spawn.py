@@ -15,7 +15,7 @@ import threading
 from collections.abc import Sequence
 from typing import IO, Any
 
-from confplan.rpc.client import DEFAULT_TIMEOUT, EventHandler, RpcClient
+from confplan.rpc.client import DEFAULT_TIMEOUT, EventHandler, RpcClient, greeted
 from confplan.rpc.protocol import PeerGone
 
 TAIL_LINES = 20
@@ -117,10 +117,4 @@ def spawn_child(
         theirs.close()  # the child holds its own copy; ours would keep the stream open after it dies
     assert process.stderr is not None
     child = ChildProcess(process, _StderrTail(process.stderr))
-    client = ChildClient(ours, child, peer=peer, on_event=on_event)
-    try:
-        client.hello(timeout)
-    except BaseException:
-        client.close()
-        raise
-    return client
+    return greeted(ChildClient(ours, child, peer=peer, on_event=on_event), timeout)
