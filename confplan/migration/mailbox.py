@@ -15,6 +15,7 @@ from __future__ import annotations
 import array
 import collections
 import enum
+import os
 import struct
 import time
 from collections.abc import Callable, Sequence
@@ -160,6 +161,11 @@ Consume = Callable[["Mailbox", "BatchResult"], None]
 # Streaming LOAD: (mailbox, a free bank of its slots) -> records written there, 0 when there are no more.
 Fill = Callable[["Mailbox", memoryview], int]
 DEFAULT_BANKS = 2  # slot banks per mailbox in save_stream/load_stream (docs/mailbox.md, "Pipelining")
+# A sleep here wakes ~100 us late (measured: time.sleep(0) takes 106 us, sleep(77 us) 183 us), longer than a
+# small op: so wait() sleeps only until this much before an op's expected end, then yields the CPU in a loop
+# (os.sched_yield: ~1 us, releases the GIL) until done moves, for at most SPIN_AFTER past the expected end.
+SLEEP_LATE = 0.00015
+SPIN_AFTER = 0.0002
 
 
 def sleeping_waiter(seq: int, seconds: float) -> None:
@@ -202,7 +208,10 @@ class Mailbox:
     the last queued op; for an op with later ones queued behind it, it sleeps about half that op's expected
     time (``count`` x the helper's seconds per page, learnt from the guest TSC stamps of finished ops when
     ``tsc_khz`` is known; never below ``poll``) and looks at ``done`` again: about two wake-ups per op, and
-    the helper keeps working on the queued ops meanwhile."""
+    the helper keeps working on the queued ops meanwhile. Each queued op's expected end is kept (post
+    time or the previous op's expected end, plus its pages x ``page_seconds``, re-anchored whenever done is
+    seen to move): ``wait`` sleeps until just before it, then yields in a loop for the last stretch, since a
+    sleep wakes ~100 us late and the helper would otherwise catch up and park between ops."""
 
     def __init__(
         self, view: memoryview, *, mh_index: int, batch_pages: int, kick: Callable[[], None],
@@ -218,6 +227,8 @@ class Mailbox:
         self.tsc_khz = tsc_khz
         self.page_seconds = 1e-6  # the helper's time per page, a running average (TSC stamps)
         self._counts = [0] * RING  # pages of the op in each ring entry, for the wait estimate
+        self._expect = [0.0] * RING  # monotonic time each queued op is expected to be done
+        self._last_expect = 0.0  # expected end of the newest posted op
         view = view.cast("B")
         self._ctl = view[:SLOTS_OFFSET]
         self._ctl_q = self._ctl.cast("Q")
@@ -268,6 +279,8 @@ class Mailbox:
             raise ValueError(f"MH vCPU {self.mh_index}: {RING} ops are queued already; wait for one first")
         _CMD_ARGS.pack_into(self._ctl, self._entry(seq), op, count, generation, first, arg0, arg1)
         self._counts[seq % RING] = count
+        self._last_expect = max(time.monotonic(), self._last_expect) + count * self.page_seconds
+        self._expect[seq % RING] = self._last_expect
         self._ctl_q[_Q_SEQ] = seq
         self._kick()
         return seq
@@ -276,6 +289,7 @@ class Mailbox:
         """Wait for ``done >= seq``; returns the op status. Raises MailboxError after ``timeout`` seconds."""
         deadline = time.monotonic() + self.timeout
         next_check = 0.0
+        spun = False
         while self._ctl_q[_Q_DONE] < seq:
             now = time.monotonic()
             left = deadline - now
@@ -286,14 +300,30 @@ class Mailbox:
                     op=op, mh_index=self.mh_index, status=-1,
                     hint="check that the helper vCPU runs (its heartbeat) and that the kick reaches it",
                 )  # fmt: skip
+            expect = self._expect[seq % RING]
             if self._ctl_q[_Q_SEQ] == seq:
                 self._wait(seq, left)  # the last queued op: the helper's doorbell wakes us
-            elif now < next_check:
-                time.sleep(min(left, max(self.poll, 0.5 * self._counts[seq % RING] * self.page_seconds)))
-            else:  # a zero wait still raises the machine's error if the guest died; 10 ms apart is enough
+            elif now >= next_check:  # a zero wait still raises the machine's error if the guest died
                 self._wait(seq, 0.0)
                 next_check = now + 0.01
+            elif now < expect - SLEEP_LATE:
+                time.sleep(min(left, expect - SLEEP_LATE - now))
+            elif now < expect + SPIN_AFTER:
+                os.sched_yield()
+                spun = True
+            else:  # later than expected: poll as before, without holding a core
+                time.sleep(min(left, max(self.poll, 0.5 * self._counts[seq % RING] * self.page_seconds)))
+        if spun:
+            self._reanchor(seq, time.monotonic())
         return int(struct.unpack_from("<I", self._ctl, self._entry(seq) + CMD_OFFSETS["status"])[0])
+
+    def _reanchor(self, seq: int, done_at: float) -> None:
+        """Op ``seq`` was seen done at ``done_at`` (to within a yield): the ops queued behind it start from
+        there, so shift their expected ends by the estimate's error."""
+        shift = done_at - self._expect[seq % RING]
+        for later in range(seq + 1, int(self._ctl_q[_Q_SEQ]) + 1):
+            self._expect[later % RING] += shift
+        self._last_expect += shift
 
     def _learn_rate(self, seq: int, count: int) -> None:
         """Fold op ``seq``'s guest time per page into ``page_seconds`` (needs the TSC rate)."""
@@ -546,7 +576,7 @@ class MailboxSet:
 
         for bank in range(max(len(c) for c in chunks) if gpas else 0):
             for i in range(len(self.mailboxes)):
-                if bank * sizes[i] < self.mailboxes[i].batch_pages:
+                if (bank + 1) * sizes[i] <= self.mailboxes[i].batch_pages:  # whole banks only
                     post(i, bank * sizes[i])
         ops = 0
         while pending:
