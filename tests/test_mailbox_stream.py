@@ -82,6 +82,16 @@ def test_streamed_pages_arrive_identical(lib: ctypes.CDLL, mh_vcpus: int, banks:
         assert ops == 1 * mh_vcpus + len(gpas) // bank  # INIT on each, then one SAVE per bank's worth
 
 
+def test_a_bank_count_that_does_not_divide_the_slots_still_streams_every_page(lib: ctypes.CDLL) -> None:
+    # 64 slots in 3 banks: a bank is 21 slots and one slot is left over; no op may run past the slots.
+    with _pair(lib) as (src, dst):
+        assert src.batch_pages % 3 != 0
+        gpas = array.array("Q", PRIVATE)
+        seen = _stream_across(src, dst, gpas, 1, banks=3)
+        assert sorted(seen) == list(gpas)
+        assert dst.ram[PRIVATE.start : PRIVATE.stop] == src.ram[PRIVATE.start : PRIVATE.stop]
+
+
 def test_a_stream_refuses_a_replayed_round_and_names_the_page(lib: ctypes.CDLL) -> None:
     with _pair(lib) as (src, dst):
         gpas = array.array("Q", PRIVATE[:200])
