@@ -92,7 +92,12 @@ def pause_breakdown(records: Any) -> dict[str, Any]:
     for side, secs in verify.get("seconds", {}).items():
         ms.update({f"verify_{side}_{k}": round(v * 1e3, 1) for k, v in secs.items()})
     ms["verify_pages_hashed"] = verify.get("pages_hashed_in_pause")
-    ms["resume"] = round(records["resume-target"].result["resume_seconds"] * 1e3, 1)
+    for moment, secs in (verify.get("since_pause") or {}).items():
+        ms[f"at_verify_{moment}"] = round(secs * 1e3, 1)
+    resumed = records["resume-target"].result
+    if resumed.get("started_since_pause") is not None:
+        ms["at_resume_started"] = round(resumed["started_since_pause"] * 1e3, 1)
+    ms["resume"] = round(resumed["resume_seconds"] * 1e3, 1)
     return ms
 
 

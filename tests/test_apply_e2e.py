@@ -116,6 +116,10 @@ def test_idle_guest_is_verified_from_the_mac_tables(cli: typer.Typer, plan_dir: 
     filled = precopy["mac_tables"]["fill_pages"]
     assert filled[0] == filled[1] > 10_000  # every workload page, on both sides
     assert max(verify["pages_hashed_in_pause"]) < filled[0] // 10  # the pause hashed few pages
+    # the shared pages' CRC table likewise: filled with the guest running, little CRC'd in the pause
+    shared = precopy["mac_tables"]["fill_shared_pages"]
+    assert shared[0] > 100 and shared[1] >= shared[0]  # the target fills what its stream sent as shared
+    assert max(verify["shared_pages_crcd_in_pause"]) < shared[0] // 10
 
 
 def test_past_the_completion_timeout_the_guest_is_throttled(cli: typer.Typer, plan_dir: Path) -> None:

@@ -30,6 +30,7 @@ from confplan.migration.session import resynced_tsc
 from confplan.migration.source import Outgoing
 from confplan.migration.target import Incoming, IncomingState
 from confplan.migration.verify import (
+    SharedTable,
     fill_mac_table,
     gpas_of,
     private_digests,
@@ -71,6 +72,7 @@ class VmmService:
         self.tracker: DirtyTracker | None = None
         self.outgoing: Outgoing | None = None
         self.incoming: Incoming | None = None
+        self.shared_table: SharedTable | None = None  # the stream's shared-page CRCs (mac_table fill)
         self.next_generation = 1  # the source MH refuses to seal a page twice under one generation
         self.resumed = False
         self.throttle = 0.0
@@ -213,6 +215,7 @@ class VmmService:
             self.tracker = DirtyTracker(machine)
         self.tracker.reset()
         bandwidth = params.get("bandwidth")
+        self.shared_table = None
         self.outgoing = Outgoing(
             machine, sock, hello=self._hello(str(params["migration_id"])), mailboxes=self._helper(),
             tracker=self.tracker, next_generation=self.next_generation,
@@ -321,6 +324,7 @@ class VmmService:
             listener = socket.create_server((host, port))
         except OSError as err:
             raise ConfplanError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+        self.shared_table = None
         self.incoming = Incoming(
             machine, listener, hello=self._hello(str(params["migration_id"])), mailboxes=self._helper(),
             accept_timeout=float(params.get("accept_timeout", 60.0)),
@@ -355,17 +359,26 @@ class VmmService:
         started = time.monotonic()
         private, maced = None, 0
         # The shared pages' CRC (host CPU, in C without the GIL) runs while the MHs hash (guest vCPUs).
+        table = self.shared_table if params.get("table") else None
+        gpas = self._changed_gpas() if params.get("table") else None  # before the shared digest: forgets
         with ThreadPoolExecutor(max_workers=1) as pool:
-            shared = pool.submit(self._timed, shared_digest, machine) if params.get("shared", True) else None
-            if mailboxes is not None and params.get("table"):
-                maced = mailboxes.mac_list(gpas) if len(gpas := self._changed_gpas()) else 0
+            shared = (
+                pool.submit(self._timed, SharedTable.digest if table else shared_digest, table or machine)
+                if params.get("shared", True) else None
+            )  # fmt: skip
+            maced_at = started
+            if mailboxes is not None and gpas is not None:
+                maced = mailboxes.mac_list(gpas) if len(gpas) else 0
+                maced_at = time.monotonic()
                 private = table_digests(mailboxes, machine)
             elif mailboxes is not None:
                 private = private_digests(mailboxes, machine)
             hashed = time.monotonic() - started
             crc, crc_seconds = shared.result() if shared is not None else (None, 0.0)
         return {"shared": crc, "private": private, "pages_maced": maced,
-                "seconds": {"private": hashed, "shared": crc_seconds}}  # fmt: skip
+                "shared_pages_crcd": table.computed if table is not None else None,
+                "seconds": {"private": hashed, "mac_list": maced_at - started, "shared": crc_seconds,
+                            "rpc": time.monotonic() - started}}  # fmt: skip
 
     @staticmethod
     def _timed(fn: Callable[[Any], dict[str, int]], arg: Any) -> tuple[dict[str, int], float]:
@@ -382,20 +395,31 @@ class VmmService:
         started = time.monotonic()
         gpas = self._changed_gpas()  # fill: what was written before is covered by the fill itself
         if params.get("action") == "fill":
-            pages = fill_mac_table(mailboxes, machine)
+            # Tracking the writes has started (above), so the table may be filled: both in parallel.
+            self.shared_table = SharedTable(machine)
+            sent_shared = self.incoming.shared_written() if self.outgoing is None and self.incoming else None
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                shared = pool.submit(self.shared_table.fill, sent_shared)
+                pages = fill_mac_table(mailboxes, machine)
+                shared_pages: int | None = shared.result()
         else:
             pages = mailboxes.mac_list(gpas) if len(gpas) else 0
-        return {"pages": pages, "seconds": time.monotonic() - started}
+            shared_pages = None
+        return {"pages": pages, "shared_pages": shared_pages, "seconds": time.monotonic() - started}
 
     def _changed_gpas(self) -> array.array[int]:
         """Pages written since the last call: on the source what the stream sent (the dirty log's pages),
         on the target what the stream wrote."""
         if self.outgoing is not None:
-            return gpas_of(self.outgoing.take_changed(), self.outgoing.tracker.npages)
-        if self.incoming is not None:
-            return self.incoming.take_written()
-        raise ConfplanError("no migration stream: the MAC table follows a stream's writes",
-                            hint="run start-incoming first")  # fmt: skip
+            gpas = gpas_of(self.outgoing.take_changed(), self.outgoing.tracker.npages)
+        elif self.incoming is not None:
+            gpas = self.incoming.take_written()
+        else:
+            raise ConfplanError("no migration stream: the MAC table follows a stream's writes",
+                                hint="run start-incoming first")  # fmt: skip
+        if self.shared_table is not None:
+            self.shared_table.forget(gpas)  # their CRCs are stale: the next digest computes them again
+        return gpas
 
     def resume_incoming(self, params: dict[str, Any]) -> dict[str, Any]:
         """Run the guest here: the vCPU states (the encryption bitmap is already in place) with the TSC

@@ -83,6 +83,7 @@ class Incoming:
         self._gpas = array.array("Q", bytes(8 * MAX_FRAME_PAGES))
         # GPAs written since take_written() started tracking (verify MACs them again); None: not tracking
         self._written: list[array.array[int]] | None = None
+        self._shared_written: list[array.array[int]] = []  # GPAs of every shared-page frame (see below)
         self._bank_order: list[tuple[int, int, int]] = []
         self._next_bank = 0
         self._posted: collections.deque[tuple[int, int, int, int]] = collections.deque()  # LOADs in flight
@@ -163,6 +164,7 @@ class Incoming:
                 frame.data, self._shared_ram, gpa_base=self._shared_base, gpas_out=gpas
             )
             self._wrote(info.count)
+            self._shared_written.append(gpas[: info.count])
             self.status.shared_pages += info.count
             self.status.zero_pages += info.zero_pages
             return False
@@ -189,6 +191,14 @@ class Incoming:
         written = self._written
         if count and written is not None:
             written.append(self._gpas[:count])
+
+    def shared_written(self) -> array.array[int]:
+        """Every GPA a shared-page frame has written so far (duplicates possible): what verify's shared
+        table fills on this side, before the encryption bitmap arrives. Same calling rule as below."""
+        out = array.array("Q")
+        for part in self._shared_written:
+            out.extend(part)
+        return out
 
     def take_written(self) -> array.array[int]:
         """The GPAs written since the last call (duplicates possible), and track from now on. Call it

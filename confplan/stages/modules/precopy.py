@@ -105,7 +105,9 @@ class Precopy(Stage):
             there = theirs.result()
         if here["pages"] is None or there["pages"] is None:
             return {}
-        return {f"{action}_pages": [here["pages"], there["pages"]],
+        shared = [here.get("shared_pages"), there.get("shared_pages")]
+        extra = {"fill_shared_pages": shared} if action == "fill" else {}
+        return {f"{action}_pages": [here["pages"], there["pages"]], **extra,
                 f"{action}_seconds": [here["seconds"], there["seconds"]]}  # fmt: skip
 
     @staticmethod

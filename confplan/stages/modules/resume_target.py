@@ -41,5 +41,6 @@ class ResumeTarget(Stage):
         return StageResult(data={
             "downtime_seconds": downtime, "clock_gap_seconds": resumed["clock_gap_seconds"],
             "resume_seconds": now - started,
+            "started_since_pause": started - ctx.state[PAUSE_STARTED] if PAUSE_STARTED in ctx.state else None,
             "ledger_checked_pages": ledger["checked_pages"], "target_pid": target.pid,
         })  # fmt: skip

@@ -5,6 +5,7 @@ hashed in the pause."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from confplan.errors import ConfplanError
@@ -13,6 +14,7 @@ from confplan.migration.verify import CHUNK_PAGES
 from confplan.stages.base import Stage, StageContext, StageResult, register_stage
 from confplan.stages.modules import _common as common
 from confplan.stages.modules.precopy import MAC_TABLES
+from confplan.stages.modules.stop_and_copy import PAUSE_STARTED
 
 
 @register_stage
@@ -26,7 +28,9 @@ class Verify(Stage):
         source, target = common.vmm(ctx, "source"), common.vmm(ctx, "target")
         common.undo_on_source(ctx)
         tables = bool(ctx.state.get(MAC_TABLES))
+        started = time.monotonic()
         here, there = common.both_digests(source, target, {"table": tables})
+        digested = time.monotonic()
         self._check_shared(here, there)
         if here["private"] is None or there["private"] is None:
             raise HelperUnavailable(
@@ -44,7 +48,9 @@ class Verify(Stage):
         return StageResult(data={
             "shared": here["shared"], "chunks": len(ours), "from_mac_tables": tables,
             "pages_hashed_in_pause": [here["pages_maced"], there["pages_maced"]] if tables else None,
+            "shared_pages_crcd_in_pause": [here.get("shared_pages_crcd"), there.get("shared_pages_crcd")],
             "seconds": {"source": here["seconds"], "target": there["seconds"]},
+            "since_pause": _since_pause(ctx, started=started, digested=digested),
         })  # fmt: skip
 
     @staticmethod
@@ -54,3 +60,9 @@ class Verify(Stage):
                 f"shared pages differ: source {here['shared']}, target {there['shared']}",
                 hint="the target's memory cannot be trusted; the source guest resumes, rerun the apply",
             )
+
+
+def _since_pause(ctx: StageContext, **moments: float) -> dict[str, float] | None:
+    """Seconds from the pause to each moment: where the downtime goes between the stages."""
+    paused = ctx.state.get(PAUSE_STARTED)
+    return {k: t - paused for k, t in moments.items()} if paused is not None else None
