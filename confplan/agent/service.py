@@ -32,7 +32,6 @@ from confplan.migration.target import Incoming, IncomingState
 from confplan.migration.verify import (
     SharedTable,
     fill_mac_table,
-    gpas_of,
     private_digests,
     shared_digest,
     table_digests,
@@ -411,7 +410,7 @@ class VmmService:
         """Pages written since the last call: on the source what the stream sent (the dirty log's pages),
         on the target what the stream wrote."""
         if self.outgoing is not None:
-            gpas = gpas_of(self.outgoing.take_changed(), self.outgoing.tracker.npages)
+            gpas = self.outgoing.take_changed_gpas()  # the last round's scan when it is all
         elif self.incoming is not None:
             gpas = self.incoming.take_written()
         else:

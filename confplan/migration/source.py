@@ -69,6 +69,7 @@ class Outgoing:
         self._started = time.monotonic()
         self._sent = 0
         self.changed = 0  # pages sent since the MAC table was last brought up to date (a bitmap)
+        self._changed_gpas: array.array[int] | None = None  # the same as GPAs, when one round's
 
     # ---- the stream ----
     def _send(self, frame: memoryview | bytearray) -> None:
@@ -132,8 +133,11 @@ class Outgoing:
         # Taken before anything is sealed: a round that fails half way has used its generation up.
         generation, self.generation = self.generation, self.generation + 1
         dirty = self.tracker.take()
+        only_this_round = self.changed == 0
         self.changed |= int.from_bytes(dirty, "little")  # the MACs of these pages must be taken again
         shared, private = scan_dirty(dirty, self.tracker.shared_bitmap(), self.tracker.npages)
+        # When nothing was pending, the changed set is this round's: its GPAs are known, no rescan.
+        self._changed_gpas = shared + private if only_this_round else None
         zero = self._send_shared(shared)
         if len(private):
             self._send_private(private, generation)
@@ -176,8 +180,17 @@ class Outgoing:
 
     def take_changed(self) -> bytes:
         """The pages sent since the last call (every page the dirty log said changed), as a bitmap."""
-        out, self.changed = self.changed, 0
+        out, self.changed, self._changed_gpas = self.changed, 0, None
         return out.to_bytes(self.tracker.nbytes, "little")
+
+    def take_changed_gpas(self) -> array.array[int]:
+        """The same pages as GPAs (in no set order): the last round's scan when they are just that round's
+        (the final round's, in the pause), else a scan of the bitmap (~3 ms for 1 GiB)."""
+        gpas = self._changed_gpas
+        bitmap = self.take_changed()
+        if gpas is None:
+            gpas = scan_dirty(bitmap, bytes(len(bitmap)), self.tracker.npages)[1]
+        return gpas
 
     # ---- the end ----
     def send_state(self, paused_wall: float) -> None:

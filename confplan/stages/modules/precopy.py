@@ -57,11 +57,7 @@ class Precopy(Stage):
         ctx.state[MAC_TABLES] = False
         tables: dict[str, Any] = {}
         while True:
-            try:
-                stats = RoundStats.from_json(source.call("precopy_round", timeout=ROUND_TIMEOUT))
-            except ConfplanError as err:
-                raise common.stream_error(ctx, err) from None
-            self._check_target(target)
+            stats = self._round(ctx, source, target)
             rounds.append(stats)
             sent_pages += stats.pages
             decision = decide(rounds, limits, elapsed=time.monotonic() - started, throttle=throttle)
@@ -80,6 +76,10 @@ class Precopy(Stage):
                 break
         if tables:
             tables.update(self._mac_tables(source, target, len(rounds), "update"))
+            # One more short round and update: the pause then sends and MACs only what the guest writes
+            # during them, not what it wrote during the (longer) round and update before.
+            rounds.append(self._round(ctx, source, target))
+            tables.update(self._mac_tables(source, target, len(rounds), "update"))
             ctx.state[MAC_TABLES] = True
         return StageResult(
             bytes_shared=sum(r.shared_pages for r in rounds) * 4112,
@@ -87,6 +87,15 @@ class Precopy(Stage):
             data={"rounds": [r.to_json() for r in rounds], "decision": decision.reason,
                   "bandwidth": decision.bandwidth, "throttle": throttle, "mac_tables": tables},
         )  # fmt: skip
+
+    def _round(self, ctx: StageContext, source: VmmHandle, target: VmmHandle) -> RoundStats:
+        """One precopy round on the source; a stream the target refused fails the stage."""
+        try:
+            stats = RoundStats.from_json(source.call("precopy_round", timeout=ROUND_TIMEOUT))
+        except ConfplanError as err:
+            raise common.stream_error(ctx, err) from None
+        self._check_target(target)
+        return stats
 
     @staticmethod
     def _mac_tables(source: VmmHandle, target: VmmHandle, rounds: int, action: str) -> dict[str, Any]:
