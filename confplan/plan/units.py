@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 
 SIZE_UNITS: dict[str, int] = {
     "B": 1,
@@ -58,6 +59,15 @@ def _split(text: str) -> tuple[float, str] | None:
     return float(match["num"]), match["unit"]
 
 
+def _scaled(text: str, units: Mapping[str, float], noun: str, units_text: str) -> float:
+    """``text`` as a number with an optional unit from ``units``, times that unit's factor."""
+    parts = _split(text)
+    if parts is None or (parts[1] and parts[1] not in units):
+        raise ValueError(f"{text!r} is not a {noun}; write a number with one of the units {units_text}")
+    number, unit = parts
+    return number * (units[unit] if unit else 1)
+
+
 def _plain_number(value: object, what: str) -> float | None:
     """A bare YAML number (not a bool, finite, not negative), or None when ``value`` is not a number."""
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -87,18 +97,9 @@ def _kind(value: object) -> str:
 
 def parse_size(value: object) -> int:
     """Bytes from "256MiB", "1.5GiB", "4096" or a bare integer; the result must be a whole number of bytes."""
-    number = _plain_number(value, "a size")
-    unit_bytes = 1
-    if number is None:
-        text = _require_text(value, "a size", "256MiB")
-        parts = _split(text)
-        if parts is None or (parts[1] and parts[1] not in SIZE_UNITS):
-            raise ValueError(
-                f"{text!r} is not a size; write a number with one of the units {SIZE_UNITS_TEXT}"
-            )
-        number, unit = parts
-        unit_bytes = SIZE_UNITS[unit] if unit else 1
-    total = number * unit_bytes
+    total = _plain_number(value, "a size")
+    if total is None:
+        total = _scaled(_require_text(value, "a size", "256MiB"), SIZE_UNITS, "size", SIZE_UNITS_TEXT)
     if total != math.floor(total):
         raise ValueError(f"{value!r} is not a whole number of bytes")
     return int(total)
@@ -110,13 +111,7 @@ def parse_duration(value: object) -> float:
     if number is not None:
         return number
     text = _require_text(value, "a duration", "50ms")
-    parts = _split(text)
-    if parts is None or (parts[1] and parts[1] not in DURATION_UNITS):
-        raise ValueError(
-            f"{text!r} is not a duration; write a number with one of the units {DURATION_UNITS_TEXT}"
-        )
-    number, unit = parts
-    return number * (DURATION_UNITS[unit] if unit else 1.0)
+    return _scaled(text, DURATION_UNITS, "duration", DURATION_UNITS_TEXT)
 
 
 def parse_rate(value: object) -> float | None:
