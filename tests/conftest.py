@@ -7,6 +7,9 @@ import os
 import pytest
 from hypothesis import settings
 
+from confplan.sev import EmulatedSecureProcessor
+from confplan.vmm.bootparams import HostCpu
+
 # CI runs the property tests derandomized, so a red CI is reproducible and never depends on luck;
 # developers' runs explore new examples each time.
 settings.register_profile("ci", derandomize=True, print_blob=True)
@@ -31,3 +34,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "kvm" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def psp(tmp_path_factory: pytest.TempPathFactory) -> EmulatedSecureProcessor:
+    """An emulated secure processor with its own key file, shared by one test module."""
+    return EmulatedSecureProcessor.open(tmp_path_factory.mktemp("psp"))
+
+
+@pytest.fixture(scope="module")
+def host() -> HostCpu:
+    """This host's CPU facts for boot parameters (asks KVM: use only in kvm-marked tests)."""
+    return HostCpu.probe()

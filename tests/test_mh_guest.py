@@ -62,16 +62,6 @@ def configs(mode: str) -> tuple[MachineConfig, MachineConfig]:
     return src, dataclasses.replace(src, mh_only=True)
 
 
-@pytest.fixture(scope="module")
-def psp(tmp_path_factory: pytest.TempPathFactory) -> EmulatedSecureProcessor:
-    return EmulatedSecureProcessor.open(tmp_path_factory.mktemp("psp"))
-
-
-@pytest.fixture(scope="module")
-def host() -> HostCpu:
-    return HostCpu.probe()
-
-
 class Launcher:
     """Boots measured machines whose digests the owner allowed, each with its own broker release."""
 

@@ -40,11 +40,6 @@ def good_digest() -> str:
 
 
 @pytest.fixture(scope="module")
-def psp(tmp_path_factory: pytest.TempPathFactory) -> EmulatedSecureProcessor:
-    return EmulatedSecureProcessor.open(tmp_path_factory.mktemp("psp"))
-
-
-@pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> KeyBroker:
     policy = OwnerPolicy(allowed_digests=[good_digest()], allowed_policies=[POLICY], min_api="1.40")
     return KeyBroker.init(tmp_path_factory.mktemp("owner"), policy)

@@ -49,16 +49,6 @@ def owner(tmp: Path, digests: list[str], policy: int = NODBG) -> KeyBroker:
     return KeyBroker.init(tmp, policy_file)
 
 
-@pytest.fixture(scope="module")
-def psp(tmp_path_factory: pytest.TempPathFactory) -> EmulatedSecureProcessor:
-    return EmulatedSecureProcessor.open(tmp_path_factory.mktemp("psp"))
-
-
-@pytest.fixture(scope="module")
-def host() -> HostCpu:
-    return HostCpu.probe()
-
-
 # ---- pure: no KVM ----
 def test_blobs_are_the_firmware_then_the_boot_page_padded() -> None:
     fw = Firmware.load()
