@@ -69,3 +69,12 @@ def test_start_local_replaces_a_stale_socket(tmp_path: Path) -> None:
         assert handle.call("info")["pid"] == handle.pid
     finally:
         vmm_handle.stop(handle)
+
+
+def test_a_machine_without_dirty_log_refuses_to_send(source: VmmHandle) -> None:
+    """A target is built without a dirty log (and with its RAM allocated up front): it cannot be a source."""
+    config = {**_config(), "dirty_logging": False, "prefault": True}
+    source.call("create", {"role": "source", "config": config})
+    with pytest.raises(RemoteError, match="keeps no dirty log") as err:
+        source.call("connect_outgoing", {"host": "127.0.0.1", "port": 9, "migration_id": "00" * 16})
+    assert "launch-source" in str(err.value.hint)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -177,3 +178,16 @@ def test_the_doorbell_parks_the_helper_until_the_next_kick() -> None:
     assert not parked_done.wait(0.05)
     runner.kick()  # the VMM's next post
     assert parked_done.wait(5)
+
+
+def test_prefault_allocates_all_guest_ram_up_front() -> None:
+    from confplan.vmm.memory import GuestRam
+
+    ram = GuestRam(8 * abi.MIB)
+    try:
+        assert os.fstat(ram.fd).st_blocks * 512 < ram.size  # a fresh memfd holds no pages yet
+        ram.prefault()
+        assert os.fstat(ram.fd).st_blocks * 512 >= ram.size
+        assert ram.read(5 * abi.MIB, 16) == bytes(16)  # allocated, still zero
+    finally:
+        ram.close()

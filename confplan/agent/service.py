@@ -136,6 +136,7 @@ class VmmService:
         return {
             "host": {"tsc_khz": host.tsc_khz, "features": host.features, "vendor_amd": host.vendor_amd},
             "firmware_sha256": self.machine.firmware.sha256,
+            "prefault_seconds": self.machine.prefault_seconds,
         }
 
     def platform_chain(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -198,6 +199,11 @@ class VmmService:
     # ---- source ----
     def connect_outgoing(self, params: dict[str, Any]) -> dict[str, Any]:
         machine = self._need_machine()
+        if not machine.config.dirty_logging:
+            raise ConfplanError(
+                f"this {self.role} machine keeps no dirty log, so it cannot send a live migration",
+                hint="migrate from a source machine (launch-source); a target is built without one",
+            )
         self._close_outgoing("a new stream replaces it")
         host, port = str(params["host"]), int(params["port"])
         try:

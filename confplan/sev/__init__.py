@@ -10,10 +10,27 @@ See docs/attestation.md for what is real and what is emulated.
 
 from __future__ import annotations
 
-from confplan.sev.broker import AttestationRefused, KeyBroker, OwnerPolicy
+from typing import TYPE_CHECKING, Any
+
 from confplan.sev.memory import BytearrayGuestMemory, GuestMemory
 from confplan.sev.psp import EmulatedSecureProcessor, GuestState, SecureProcessorError
 from confplan.sev.secret_table import CONFPLAN_TRANSPORT_KEY_GUID, find_transport_key, parse_secret_table
+
+if TYPE_CHECKING:
+    from confplan.sev.broker import AttestationRefused, KeyBroker, OwnerPolicy
+
+_BROKER_NAMES = ("AttestationRefused", "KeyBroker", "OwnerPolicy")
+
+
+def __getattr__(name: str) -> Any:
+    """The owner's broker (pydantic models) loads on first use: a VMM process never needs it, and each
+    MiB a VMM keeps beyond guest RAM counts (issue 5's budget)."""
+    if name in _BROKER_NAMES:
+        from confplan.sev import broker
+
+        return getattr(broker, name)
+    raise AttributeError(f"module 'confplan.sev' has no attribute {name!r}")
+
 
 __all__ = [
     "CONFPLAN_TRANSPORT_KEY_GUID",

@@ -15,7 +15,8 @@ EncChannel = Literal["mmio", "hypercall"]
 @dataclass(frozen=True)
 class MachineConfig:
     """One guest. ``dirty_rate`` is bytes/s, None = unlimited; ``shared_fraction`` of the workload's
-    pages is reported shared; ``mh_only`` boots only the helper vCPUs (a migration target).
+    pages is reported shared; ``mh_only`` boots only the helper vCPUs (a migration target);
+    ``prefault`` allocates all guest RAM at creation; ``dirty_logging`` off: no dirty log (cannot send).
     ``mirror_vcpus``: the mirror VM's vCPUs in helper mode mirror-vm. ``measured_launch``: the firmware and
     boot parameters are placed by the secure processor's LAUNCH_UPDATE_DATA (``sev_launch``), and no vCPU
     starts before LAUNCH_FINISH."""
@@ -31,6 +32,7 @@ class MachineConfig:
     batch_pages: int = 64
     mirror_vcpus: int = 1
     mh_only: bool = False
+    prefault: bool = False
     enc_channel: EncChannel = "mmio"
     measured_launch: bool = False
     dirty_logging: bool = True

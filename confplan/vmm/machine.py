@@ -72,6 +72,7 @@ class Machine:
         self.layout = GuestLayout.for_config(config)
         self.firmware = firmware or Firmware.load()
         self.timings: dict[str, float] = {"created": time.perf_counter()}
+        self.prefault_seconds: float | None = None  # how long allocating all guest RAM up front took
         self._error: BaseException | None = None
         self._lock = threading.Lock()
         self._teardown: list[Callable[[], None]] = []
@@ -101,6 +102,10 @@ class Machine:
         self.hypercall_exits = self._enable_hypercall_exit()
         self.ram = GuestRam(cfg.memory)
         self._teardown.append(self.ram.close)
+        if cfg.prefault:
+            began = time.perf_counter()
+            self.ram.prefault()
+            self.prefault_seconds = time.perf_counter() - began
         flags = s.KVM_MEM_LOG_DIRTY_PAGES if cfg.dirty_logging else 0
         self.vm.set_user_memory_region(0, 0, cfg.memory, self.ram.address, flags)
         self.dirty_log = DirtyLog(self.vm, [Memslot(0, 0, cfg.memory)])

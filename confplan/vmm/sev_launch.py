@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 
 from confplan.errors import ConfplanError
 from confplan.sev import launch_crypto
-from confplan.sev.broker import KeyBroker
 from confplan.sev.launch_crypto import PlatformVersion
 from confplan.sev.psp import ALIGN, EmulatedSecureProcessor, GuestState, SevGuest
 from confplan.vmm import abi
@@ -28,6 +27,7 @@ from confplan.vmm.firmware import Firmware
 from confplan.vmm.layout import GuestLayout
 
 if TYPE_CHECKING:
+    from confplan.sev.broker import KeyBroker
     from confplan.vmm.machine import Machine
 
 

@@ -1,7 +1,9 @@
 """provision-target: the target VMM (a local child, or a remote agent) with a machine built MH-only.
 
-Parameter ``firmware``: a folder holding another firmware build for the target (the owner's check in
-attest-target then decides whether it may have the key).
+Parameters: ``firmware``, a folder holding another firmware build for the target (the owner's check in
+attest-target then decides whether it may have the key); ``prefault`` (default true): allocate all of the
+target's guest RAM here, before the stream starts, so the migration does not pay for it page by page and
+a host short of memory fails now rather than halfway through (1 GiB took 1-4 s on this machine).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class ProvisionTarget(Stage):
             handle.call("discard")
             ctx.add_teardown("discard the target machine", lambda: handle.call("discard"))
         config = common.machine_config(ctx.plan, mh_only=True)
+        config["prefault"] = bool(self.params.get("prefault", True))
         created = handle.call("create", {"role": "target", "config": config})
         return StageResult(data={"pid": handle.pid, "socket": socket, "created": created, "config": config})
 
