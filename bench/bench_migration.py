@@ -81,7 +81,7 @@ def run_scenario(ram_mib: int, workload: str, batch_pages: int = 256) -> dict[st
         "stages": {name: round(records[name].duration or 0.0, 3) for name in STAGES},
         "prefault_s": records["provision-target"].result["created"].get("prefault_seconds"),
         "pause_ms": pause_breakdown(records),
-        "round_list": rounds,
+        "round_list": rounds, "mac_tables": records["precopy"].result.get("mac_tables"),
     }  # fmt: skip
 
 

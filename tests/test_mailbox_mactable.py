@@ -1,5 +1,6 @@
 """The per-page MAC table (mailbox v3): MAC_RANGE / MAC_LIST keep one keyed MAC per page in MH memory and
-FOLD digests a range from the table, so verify's work in the pause follows the pages changed since.
+FOLD digests a range from the table, so verify's work in the pause follows the pages changed since. Since
+v4, SAVE and LOAD set the entries of the pages they move to the records' tags.
 
 Run against the host build of the MH engine (the same C as the guest's) through the real Mailbox client.
 """
@@ -95,6 +96,46 @@ def test_two_sides_agree_exactly_when_their_pages_do(lib: ctypes.CDLL, secret: b
         ours = src.mailboxes.fold(WORK, NPAGES, chunk_pages=CHUNK)
         theirs = dst.mailboxes.fold(WORK, NPAGES, chunk_pages=CHUNK)
         assert [i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b] == [1000 // CHUNK]
+
+
+def test_save_and_load_set_equal_entries_with_no_pass_over_the_pages(lib: ctypes.CDLL, secret: bytes) -> None:
+    """Mailbox v4: SAVE stores each sealed page's GCM tag as its entry and LOAD, once the tag verified, the
+    same: the tables fold equal with no MAC_RANGE. A page the stream never moved still refuses the fold, a
+    refused record leaves the target's entry, and a page sealed again differs until the target loads it."""
+    content = os.urandom(RAM - WORK)
+    skip = 8  # pages 0..7 of the workload area never move
+    with _guest(lib, secret, mh_vcpus=1) as src, _guest(lib, secret, mh_vcpus=1, side=SIDE_TARGET) as dst:
+        _fill(src, content)
+        s, d = src.mailboxes.mailboxes[0], dst.mailboxes.mailboxes[0]
+
+        def move(pages: range, generation: int, *, flip: bool = False) -> int:
+            gpas = array.array("Q", (WORK + p * PAGE for p in pages))
+            records = s.save(gpas, generation).records
+            d.slots[: len(records)] = records
+            if flip:
+                d.slots[100] ^= 1  # a ciphertext byte of the first record
+            return d.load(len(gpas)).n_ok
+
+        for start in range(skip, NPAGES, s.batch_pages):
+            pages = range(start, min(start + s.batch_pages, NPAGES))
+            assert move(pages, 1) == len(pages)
+        assert dst.ram[WORK + skip * PAGE : RAM] == content[skip * PAGE :]
+        with pytest.raises(mbx.MailboxError) as err:
+            src.mailboxes.fold(WORK, NPAGES, chunk_pages=CHUNK)
+        assert err.value.status == mbx.MhStatus.MAC_MISSING
+
+        def folds() -> tuple[list[bytes], list[bytes]]:
+            rest, n = WORK + skip * PAGE, NPAGES - skip
+            ours, theirs = (g.mailboxes.fold(rest, n, chunk_pages=CHUNK) for g in (src, dst))
+            return ours, theirs
+
+        ours, theirs = folds()
+        assert ours == theirs
+        assert move(range(skip, skip + 1), 2, flip=True) == 0  # refused: the target keeps its old entry
+        assert folds()[1] == theirs and folds()[0] != theirs
+        assert move(range(skip, skip + 1), 3) == 1
+        now = folds()
+        assert now[0] == now[1] and now[0] != ours
 
 
 def test_a_page_never_maced_refuses_the_fold(lib: ctypes.CDLL, secret: bytes) -> None:

@@ -25,6 +25,7 @@ from confplan.core import (
     PageCoreError,
     _lib,
     crc32c,
+    crc_table,
     frame_sealed_pages,
     frame_shared_pages,
     page_is_zero,
@@ -560,3 +561,21 @@ def test_gpa_lists_of_any_alignment() -> None:
     unframe_shared_pages(out[: info.frame_len], dst, gpas_out=memoryview(received)[3:])
     assert received[3:] == raw[4:]
     assert dst[6 * PAGE_SIZE : 7 * PAGE_SIZE] == src[6 * PAGE_SIZE : 7 * PAGE_SIZE]
+
+
+def test_crc_table_caches_page_crcs_and_folds_them_in_list_order() -> None:
+    """verify's shared-page CRC table in C: computes only entries not valid, folds the list in its order."""
+    ram = bytearray(random.Random(7).randbytes(16 * PAGE_SIZE))
+    crcs, valid = array.array("I", bytes(4 * 16)), bytearray(16)
+    gpas = array.array("Q", [3 * PAGE_SIZE, 0, 9 * PAGE_SIZE])
+    page_crcs = [crc32c(ram[g : g + PAGE_SIZE]) for g in gpas]
+    want = crc32c(array.array("I", page_crcs), crc32c(gpas))
+    assert crc_table(ram, gpas, crcs, valid, crc=crc32c(gpas)) == (want, 3)
+    assert [i for i, v in enumerate(valid) if v] == [0, 3, 9]
+    ram[3 * PAGE_SIZE] ^= 1  # not forgotten: the cached CRC stands, nothing is computed
+    assert crc_table(ram, gpas, crcs, valid, crc=crc32c(gpas)) == (want, 0)
+    valid[3] = 0  # forgotten: computed again, and the fold changes
+    got, computed = crc_table(ram, gpas, crcs, valid, crc=crc32c(gpas))
+    assert computed == 1 and got != want
+    with pytest.raises(PageCoreError, match="GPA"):
+        crc_table(ram, array.array("Q", [16 * PAGE_SIZE]), crcs, valid)

@@ -31,7 +31,6 @@ from confplan.migration.source import Outgoing
 from confplan.migration.target import Incoming, IncomingState
 from confplan.migration.verify import (
     SharedTable,
-    fill_mac_table,
     private_digests,
     shared_digest,
     table_digests,
@@ -357,32 +356,33 @@ class VmmService:
 
     def digests(self, params: dict[str, Any]) -> dict[str, Any]:
         """The MHs' digests of every chunk and the CRC of the shared pages. With ``table``: first MAC the
-        pages written since the MAC table was last brought up to date, then fold the chunks from the table
-        (cost: those pages, not RAM); else hash all of RAM."""
+        pages moved as shared since the tables were last brought up to date (SAVE and LOAD keep the private
+        pages' entries), then fold the chunks from the tables (cost: those pages, not RAM); else hash all
+        of RAM."""
         machine = self._need_machine()
         mailboxes = self._helper()
         started = time.monotonic()
         private, maced = None, 0
         # The shared pages' CRC (host CPU, in C without the GIL) runs while the MHs hash (guest vCPUs).
         table = self.shared_table if params.get("table") else None
-        gpas = self._changed_gpas() if params.get("table") else None  # before the shared digest: forgets
+        gpas = None
+        if params.get("table"):
+            self._changed_gpas()  # before the shared digest, which must not use these pages' old CRCs
+            gpas = self._shared_moved()  # the MHs MAC only these: SAVE/LOAD set the private pages' entries
         with ThreadPoolExecutor(max_workers=1) as pool:
             shared = (
                 pool.submit(self._timed, SharedTable.digest if table else shared_digest, table or machine)
                 if params.get("shared", True) else None
             )  # fmt: skip
-            maced_at = started
             if mailboxes is not None and gpas is not None:
-                maced = mailboxes.mac_list(gpas) if len(gpas) else 0
-                maced_at = time.monotonic()
-                private = table_digests(mailboxes, machine)
+                maced, private = table_digests(mailboxes, machine, gpas)
             elif mailboxes is not None:
                 private = private_digests(mailboxes, machine)
             hashed = time.monotonic() - started
             crc, crc_seconds = shared.result() if shared is not None else (None, 0.0)
         return {"shared": crc, "private": private, "pages_maced": maced,
                 "shared_pages_crcd": table.computed if table is not None else None,
-                "seconds": {"private": hashed, "mac_list": maced_at - started, "shared": crc_seconds,
+                "seconds": {"private": hashed, "shared": crc_seconds,
                             "rpc": time.monotonic() - started}}  # fmt: skip
 
     @staticmethod
@@ -391,37 +391,46 @@ class VmmService:
         return fn(arg), time.monotonic() - started
 
     def mac_table(self, params: dict[str, Any]) -> dict[str, Any]:
-        """The MHs' per-page MAC table, while the guest still runs: ``fill`` MACs every workload page
-        and starts tracking what is written from then on; ``update`` MACs the pages written since."""
+        """The MHs' per-page MAC tables, while the guest still runs. SAVE and LOAD keep the entries of the
+        private pages they move (mailbox v4); what is left is the pages the stream moved as shared:
+        ``fill`` MACs those sent so far and starts the shared CRC table, ``update`` those sent since."""
         machine = self._need_machine()
         mailboxes = self._helper()
         if mailboxes is None:
             return {"pages": None}
         started = time.monotonic()
-        gpas = self._changed_gpas()  # fill: what was written before is covered by the fill itself
+        self._changed_gpas()  # the shared CRC table forgets these pages (the fill starts it afresh)
+        moved = self._shared_moved()
+        shared_pages: int | None = None
         if params.get("action") == "fill":
-            # Tracking the writes has started (above), so the table may be filled: both in parallel.
             self.shared_table = SharedTable(machine)
             sent_shared = self.incoming.shared_written() if self.outgoing is None and self.incoming else None
-            with ThreadPoolExecutor(max_workers=1) as pool:
+            with ThreadPoolExecutor(max_workers=1) as pool:  # host CRCs while the MHs MAC
                 shared = pool.submit(self.shared_table.fill, sent_shared)
-                pages = fill_mac_table(mailboxes, machine)
-                shared_pages: int | None = shared.result()
+                pages = mailboxes.mac_list(moved) if len(moved) else 0
+                shared_pages = shared.result()
         else:
-            pages = mailboxes.mac_list(gpas) if len(gpas) else 0
-            shared_pages = None
+            pages = mailboxes.mac_list(moved) if len(moved) else 0
         return {"pages": pages, "shared_pages": shared_pages, "seconds": time.monotonic() - started}
+
+    def _stream_side(self) -> Outgoing | Incoming:
+        if self.outgoing is not None:
+            return self.outgoing
+        if self.incoming is not None:
+            return self.incoming
+        raise ConfplanError("no migration stream: the MAC table follows a stream's writes",
+                            hint="run start-incoming first")  # fmt: skip
+
+    def _shared_moved(self) -> array.array[int]:
+        """Pages the stream moved as shared since the last call: the MAC table entries no SAVE/LOAD set."""
+        side = self._stream_side()
+        return side.take_shared_sent() if isinstance(side, Outgoing) else side.take_shared_written()
 
     def _changed_gpas(self) -> array.array[int]:
         """Pages written since the last call: on the source what the stream sent (the dirty log's pages),
-        on the target what the stream wrote."""
-        if self.outgoing is not None:
-            gpas = self.outgoing.take_changed_gpas()  # the last round's scan when it is all
-        elif self.incoming is not None:
-            gpas = self.incoming.take_written()
-        else:
-            raise ConfplanError("no migration stream: the MAC table follows a stream's writes",
-                                hint="run start-incoming first")  # fmt: skip
+        on the target what the stream wrote. The shared CRC table drops their entries."""
+        side = self._stream_side()
+        gpas = side.take_changed_gpas() if isinstance(side, Outgoing) else side.take_written()
         if self.shared_table is not None:
             self.shared_table.forget(gpas)  # their CRCs are stale: the next digest computes them again
         return gpas

@@ -108,6 +108,7 @@ PROTOTYPES: dict[str, tuple[Any, tuple[Any, ...]]] = {
     "cp_unframe_shared": (_int, (_vp, _size, _vp, _u64, _u64, _vp, _u32, _pinfo, _perr)),
     "cp_frame_sealed": (_int, (_vp, _size, _vp, _u32, _vp, _u64, _u64, _u64, _pinfo, _perr)),
     "cp_unframe_sealed": (_int, (_vp, _size, _vp, _u32, _u64, _u64, _vp, _u32, _pinfo, _perr)),
+    "cp_crc_table": (_int, (_vp, _u64, _u64, _vp, _u64, _vp, _vp, _u64, ctypes.POINTER(_u32), _pu64, _perr)),
 }
 
 

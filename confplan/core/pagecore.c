@@ -523,6 +523,42 @@ int cp_frame_shared(void *out, size_t cap, const void *ram, uint64_t gpa_base, u
     return CP_OK;
 }
 
+/* The shared-page CRC table of verify (confplan/migration/verify.py SharedTable), one pass in C so the pause
+ * does not walk the shared pages in Python: for each GPA, its page's CRC-32C comes from crcs[page] when
+ * valid[page], else it is computed from guest RAM and stored (valid set). *crc continues over the page CRCs
+ * (u32 LE) in list order; *computed counts the pages computed. Both tables hold table_pages entries. */
+int cp_crc_table(const void *ram, uint64_t gpa_base, uint64_t ram_size, const void *gpas, uint64_t count,
+                 uint32_t *crcs, uint8_t *valid, uint64_t table_pages, uint32_t *crc, uint64_t *computed,
+                 struct cp_error *err)
+{
+    clear_error(err);
+    if (!ram || !crcs || !valid || !crc || !computed || (count && !gpas) || !ram_args_ok(gpa_base, ram_size))
+        return fail(err, CP_E_ARG, NO_INDEX, 0, 0);
+    if (table_pages < ram_size / CP_PAGE_SIZE)
+        return fail(err, CP_E_SPACE, NO_INDEX, ram_size / CP_PAGE_SIZE, table_pages);
+    const uint8_t *r = ram;
+    uint32_t reg = ~*crc;
+    uint64_t done = 0;
+    for (uint64_t i = 0; i < count; i++) {
+        uint64_t gpa = ld64((const uint8_t *)gpas + 8 * (size_t)i);
+        int rc = check_gpa(gpa, gpa_base, ram_size, (uint32_t)i, err);
+        if (rc != CP_OK)
+            return rc;
+        uint64_t page = (gpa - gpa_base) / CP_PAGE_SIZE;
+        if (!valid[page]) {
+            crcs[page] = cp_crc32c(0, r + (gpa - gpa_base), CP_PAGE_SIZE);
+            valid[page] = 1;
+            done++;
+        }
+        uint8_t le[4];
+        st32(le, crcs[page]);
+        reg = crc_reg(reg, le, sizeof(le));
+    }
+    *crc = ~reg;
+    *computed = done;
+    return CP_OK;
+}
+
 /* Pass 1 of unframe: every entry well-formed and in range, and the entries fill the payload exactly. */
 static int check_shared_entries(const uint8_t *payload, uint32_t payload_len, uint32_t count,
                                 uint64_t gpa_base, uint64_t ram_size, uint32_t *zeros, struct cp_error *err)

@@ -139,6 +139,11 @@ int cp_header_check(const void *buf, size_t len, struct cp_frame_header *out, st
 /* Header check, then the whole frame is present and its payload CRC matches. */
 int cp_frame_check(const void *frame, size_t len, struct cp_frame_header *out, struct cp_error *err);
 
+/* verify's shared-page CRC table: CRC-32C of each listed page (cached in crcs/valid), folded into *crc. */
+int cp_crc_table(const void *ram, uint64_t gpa_base, uint64_t ram_size, const void *gpas, uint64_t count,
+                 uint32_t *crcs, uint8_t *valid, uint64_t table_pages, uint32_t *crc, uint64_t *computed,
+                 struct cp_error *err);
+
 /* Source: gather shared pages from guest RAM into a SHARED_PAGES frame (zero pages flagged, no payload). */
 int cp_frame_shared(void *out, size_t cap, const void *ram, uint64_t gpa_base, uint64_t ram_size,
                     const void *gpas, uint32_t count, uint64_t seq, struct cp_frame_info *info,

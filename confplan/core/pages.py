@@ -46,6 +46,28 @@ def crc32c_uses_hardware() -> bool:
     return bool(lib().cp_query(Q_CRC_HW))
 
 
+def crc_table(
+    ram: Memory, gpas: Memory, crcs: Memory, valid: Memory, *, crc: int = 0, gpa_base: int = 0,
+    ram_size: int | None = None,
+) -> tuple[int, int]:
+    """A cached CRC-32C per page, folded: each listed page's CRC comes from ``crcs`` (u32 per page of RAM)
+    where ``valid`` (a byte per page) says it is current, else it is computed and stored. Returns ``crc``
+    continued over the page CRCs (u32 LE) in list order, and how many pages were computed."""
+    err, out, computed = ErrorC(), ctypes.c_uint32(crc), ctypes.c_uint64()
+    with (
+        pinned(ram, writable=False, what="guest RAM") as (r, rlen),
+        pinned(gpas, writable=False, what="GPA list") as (g, glen),
+        pinned(crcs, writable=True, what="CRC table") as (c, clen),
+        pinned(valid, writable=True, what="valid table") as (v, vlen),
+    ):
+        count = _gpa_count(glen, "GPA list")
+        pages = min(clen // 4, vlen)
+        rc = lib().cp_crc_table(r, gpa_base, _ram_size(rlen, ram_size), g, count, c, v, pages,
+                                ctypes.byref(out), ctypes.byref(computed), ctypes.byref(err))  # fmt: skip
+    raise_for(rc, err, "the shared-page CRC table")
+    return int(out.value), int(computed.value)
+
+
 def page_is_zero(page: Memory) -> bool:
     """True when the first 4096 bytes of ``page`` are all zero."""
     with pinned(page, writable=False, what="page") as (addr, n):

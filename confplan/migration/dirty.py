@@ -6,6 +6,7 @@ and bytes when handed to the core's ``scan_dirty``.
 
 from __future__ import annotations
 
+import array
 from typing import Any
 
 from confplan.vmm import abi
@@ -50,3 +51,11 @@ class DirtyTracker:
         """Bit set = shared: the complement of the encryption bitmap (1 = private)."""
         enc = int.from_bytes(self._machine.enc_bitmap.bitmap.view(), "little")
         return (~enc & _mask(0, self.npages)).to_bytes(self.nbytes, "little")
+
+
+def concat_gpas(parts: list[array.array[int]]) -> array.array[int]:
+    """One GPA array of several (a round's or a frame's lists, kept as they came)."""
+    out = array.array("Q")
+    for part in parts:
+        out.extend(part)
+    return out

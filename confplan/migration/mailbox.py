@@ -25,7 +25,7 @@ from confplan.errors import ConfplanError
 
 PAGE_SIZE = 4096
 PROTO_MAGIC = 0x504D4243  # "CBMP"
-PROTO_VERSION = 3
+PROTO_VERSION = 4
 PROTO_OFFSET = 0x40
 SLOTS_OFFSET = 0x1000
 RING_OFFSET = 0x400
@@ -678,11 +678,31 @@ class MailboxSet:
     def fold(self, start: int, npages: int, *, chunk_pages: int = 16384) -> list[bytes]:
         """The chunk digests of the range folded from the MAC table: equal to ``digest`` of the same
         range while every page's MAC is current. One op per helper."""
-        posted = [
-            (mb, mb.post_fold(p * PAGE_SIZE, n, chunk_pages), -(-n // chunk_pages))
-            for mb, p, n in self._ranges(start, npages, chunk_pages)
+        return self.mac_and_fold(array.array("Q"), start, npages, chunk_pages=chunk_pages)[1]
+
+    def mac_and_fold(
+        self, gpas: array.array[int], start: int, npages: int, *, chunk_pages: int = 16384
+    ) -> tuple[int, list[bytes]]:
+        """MAC the pages at ``gpas``, then ``fold``; returns (pages MAC'd, digests). Each helper MACs the
+        pages in the range it folds, with its FOLD queued right behind that MAC_LIST: a helper takes its
+        ops in order and no other helper's MAC_LIST touches its range, so no wake-up sits between them."""
+        ranges = self._ranges(start, npages, chunk_pages)
+        shares = []
+        for mb, first, n in ranges:
+            low, high = first * PAGE_SIZE, (first + n) * PAGE_SIZE
+            shares.append((mb, array.array("Q", (g for g in gpas if low <= g < high))))
+        maced = 0
+        if any(len(mine) > mb.mac_list_capacity for mb, mine in shares) or len(gpas) > sum(
+            len(mine) for _, mine in shares
+        ):  # more than a data area for one helper, or pages outside the range: MAC first, apart
+            maced, shares = self.mac_list(gpas), []
+        lists = [(mb, mb.post_mac_list(mine)) for mb, mine in shares if len(mine)]
+        folds = [
+            (mb, mb.post_fold(p * PAGE_SIZE, n, chunk_pages), -(-n // chunk_pages)) for mb, p, n in ranges
         ]
-        return [d for mb, seq, chunks in posted for d in mb.finish_fold(seq, chunks)]
+        digests = [d for mb, seq, chunks in folds for d in mb.finish_fold(seq, chunks)]
+        maced += sum(mb.finish_mac(Op.MAC_LIST, seq) for mb, seq in lists)  # done before their FOLDs
+        return maced, digests
 
 
 def _digest_result(mb: Mailbox, seq: int) -> bytes:

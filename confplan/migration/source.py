@@ -30,7 +30,7 @@ from confplan.core.wire import (
     shared_frame_capacity,
 )
 from confplan.errors import ConfplanError
-from confplan.migration.dirty import DirtyTracker
+from confplan.migration.dirty import DirtyTracker, concat_gpas
 from confplan.migration.helper import require_helper
 from confplan.migration.mailbox import BatchResult, Mailbox, MailboxSet
 from confplan.migration.precopy import RoundStats
@@ -72,6 +72,7 @@ class Outgoing:
         self._sent = 0
         self.changed = 0  # pages sent since the MAC table was last brought up to date (a bitmap)
         self._changed_gpas: array.array[int] | None = None  # the same as GPAs, when one round's
+        self._shared_sent: list[array.array[int]] = []  # shared pages sent since take_shared_sent()
 
     # ---- the stream ----
     def _send(self, frame: memoryview | bytearray) -> None:
@@ -141,6 +142,8 @@ class Outgoing:
         # When nothing was pending, the changed set is this round's: its GPAs are known, no rescan.
         self._changed_gpas = shared + private if only_this_round else None
         zero = self._send_shared(shared)
+        if len(shared):
+            self._shared_sent.append(shared)
         if len(private):
             self._send_private(private, generation)
         self._control(RoundEnd(generation, len(shared), zero, len(private), final=final))
@@ -184,6 +187,12 @@ class Outgoing:
         """The pages sent since the last call (every page the dirty log said changed), as a bitmap."""
         out, self.changed, self._changed_gpas = self.changed, 0, None
         return out.to_bytes(self.tracker.nbytes, "little")
+
+    def take_shared_sent(self) -> array.array[int]:
+        """The pages sent as shared since the last call (duplicates possible): the ones whose MH MAC table
+        entries no SAVE set (mailbox v4: SAVE stores each sealed page's tag, LOAD the same on the target)."""
+        taken, self._shared_sent = self._shared_sent, []
+        return concat_gpas(taken)
 
     def take_changed_gpas(self) -> array.array[int]:
         """The same pages as GPAs (in no set order): the last round's scan when they are just that round's

@@ -33,6 +33,7 @@ from confplan.core.wire import (
     decode,
 )
 from confplan.errors import ConfplanError
+from confplan.migration.dirty import concat_gpas
 from confplan.migration.helper import require_helper
 from confplan.migration.mailbox import SLOT_SIZE, MailboxSet, Op, raise_for_refusals
 from confplan.migration.session import ENC_BITMAP_DEVICE, ENC_BITMAP_FORMAT, SavedVcpu, vcpu_from_blob
@@ -84,6 +85,7 @@ class Incoming:
         # GPAs written since take_written() started tracking (verify MACs them again); None: not tracking
         self._written: list[array.array[int]] | None = None
         self._shared_written: list[array.array[int]] = []  # GPAs of every shared-page frame (see below)
+        self._shared_pending: list[array.array[int]] = []  # the same, since the last take_shared_written()
         self._bank_order: list[tuple[int, int, int]] = []
         self._next_bank = 0
         self._posted: collections.deque[tuple[int, int, int, int]] = collections.deque()  # LOADs in flight
@@ -164,7 +166,9 @@ class Incoming:
                 frame.data, self._shared_ram, gpa_base=self._shared_base, gpas_out=gpas
             )
             self._wrote(info.count)
-            self._shared_written.append(gpas[: info.count])
+            written = gpas[: info.count]
+            self._shared_written.append(written)
+            self._shared_pending.append(written)
             self.status.shared_pages += info.count
             self.status.zero_pages += info.zero_pages
             return False
@@ -195,19 +199,19 @@ class Incoming:
     def shared_written(self) -> array.array[int]:
         """Every GPA a shared-page frame has written so far (duplicates possible): what verify's shared
         table fills on this side, before the encryption bitmap arrives. Same calling rule as below."""
-        out = array.array("Q")
-        for part in self._shared_written:
-            out.extend(part)
-        return out
+        return concat_gpas(self._shared_written)
+
+    def take_shared_written(self) -> array.array[int]:
+        """The GPAs shared-page frames wrote since the last call (duplicates possible): the pages whose MH
+        MAC table entries the LOADs did not set (mailbox v4). Same calling rule as below."""
+        taken, self._shared_pending = self._shared_pending, []
+        return concat_gpas(taken)
 
     def take_written(self) -> array.array[int]:
         """The GPAs written since the last call (duplicates possible), and track from now on. Call it
         while no frame is being applied (every round applied) or with the stream complete."""
         taken, self._written = self._written or [], []
-        out = array.array("Q")
-        for part in taken:
-            out.extend(part)
-        return out
+        return concat_gpas(taken)
 
     def _banks(self, mailboxes: MailboxSet) -> list[tuple[int, int, int]]:
         """(mailbox, first slot, slots) of every bank, in the round-robin order they are used."""

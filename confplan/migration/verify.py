@@ -21,7 +21,7 @@ from __future__ import annotations
 import array
 from typing import Any
 
-from confplan.core import HostMemory, crc32c, frame_shared_pages, scan_dirty
+from confplan.core import HostMemory, crc32c, crc_table, frame_shared_pages, scan_dirty
 from confplan.core.wire import HEADER_SIZE, MAX_FRAME_PAGES, shared_frame_capacity
 from confplan.migration.dirty import DirtyTracker
 from confplan.migration.mailbox import MailboxSet
@@ -71,24 +71,19 @@ class SharedTable:
             self._scanned = (bitmap, scan_dirty(self._everything, bitmap, self._tracker.npages)[0])
         return self._scanned[1]
 
-    def _compute(self, gpas: array.array[int], only_missing: bool) -> None:
-        crcs, valid, computed = self.crcs, self.valid, 0
-        with self._machine.ram.view(0, int(self._machine.config.memory)) as ram:
-            for gpa in gpas:
-                page = gpa >> PAGE_SHIFT
-                if only_missing and valid[page]:
-                    continue
-                crcs[page] = crc32c(ram[gpa : gpa + abi.PAGE])
-                valid[page] = 1
-                computed += 1
-        self.computed = computed
+    def _compute(self, gpas: array.array[int], crc: int = 0) -> int:
+        """Bring the entries of ``gpas`` up to date (in C: the pause must not walk pages in Python) and
+        return ``crc`` continued over their CRCs in list order."""
+        ram = HostMemory(self._machine.ram.address, int(self._machine.config.memory))
+        crc, self.computed = crc_table(ram, gpas, self.crcs, self.valid, crc=crc)
+        return crc
 
     def fill(self, gpas: array.array[int] | None = None) -> int:
         """Compute the CRC of the pages ``gpas`` (duplicates allowed), by default of every page shared now;
         returns the pages computed. Which pages are filled only decides what the pause need not compute:
         a target, whose encryption bitmap arrives at the end, fills the pages its stream sent as shared."""
         self.valid[:] = bytes(len(self.valid))
-        self._compute(self._shared_gpas() if gpas is None else gpas, only_missing=True)
+        self._compute(self._shared_gpas() if gpas is None else gpas)
         return self.computed
 
     def forget(self, gpas: array.array[int]) -> None:
@@ -100,9 +95,7 @@ class SharedTable:
     def digest(self) -> dict[str, int]:
         """{pages, crc32c} of the shared pages as they are now, from the table (see the class)."""
         gpas = self._shared_gpas()
-        self._compute(gpas, only_missing=True)
-        table = array.array("I", map(self.crcs.__getitem__, (g >> PAGE_SHIFT for g in gpas)))
-        return {"pages": len(gpas), "crc32c": crc32c(table, crc32c(gpas))}
+        return {"pages": len(gpas), "crc32c": self._compute(gpas, crc32c(gpas))}
 
 
 def chunk_count(machine: Any) -> int:
@@ -116,17 +109,12 @@ def private_digests(mailboxes: MailboxSet, machine: Any) -> dict[int, str]:
     return {i: d.hex() for i, d in enumerate(digests)}
 
 
-def table_digests(mailboxes: MailboxSet, machine: Any) -> dict[int, str]:
-    """The same chunk digests folded from the MHs' MAC tables (the tables must be current)."""
+def table_digests(mailboxes: MailboxSet, machine: Any, gpas: array.array[int]) -> tuple[int, dict[int, str]]:
+    """The same chunk digests folded from the MHs' MAC tables, once the pages at ``gpas`` (those the
+    tables do not follow yet) are MAC'd; returns (pages MAC'd, digests)."""
     npages = int(machine.config.memory) // abi.PAGE
-    digests = mailboxes.fold(0, npages, chunk_pages=CHUNK_PAGES)
-    return {i: d.hex() for i, d in enumerate(digests)}
-
-
-def fill_mac_table(mailboxes: MailboxSet, machine: Any) -> int:
-    """MAC every page of the workload area into the MHs' table; returns the pages MAC'd."""
-    first = int(machine.layout.mh_end) // abi.PAGE
-    return mailboxes.mac_range(first * abi.PAGE, int(machine.layout.npages) - first, chunk_pages=CHUNK_PAGES)
+    maced, digests = mailboxes.mac_and_fold(gpas, 0, npages, chunk_pages=CHUNK_PAGES)
+    return maced, {i: d.hex() for i, d in enumerate(digests)}
 
 
 def gpas_of(bitmap: bytes, npages: int) -> array.array[int]:

@@ -1,5 +1,5 @@
 /*
- * confplan migration-helper (MH) mailbox protocol, version 3: the layout shared by the MH (firmware/mh/) and
+ * confplan migration-helper (MH) mailbox protocol, version 4: the layout shared by the MH (firmware/mh/) and
  * the VMM (confplan/migration/mailbox.py, whose offsets a test checks against this header). docs/mailbox.md
  * is the prose contract. Any layout change bumps CP_MB_PROTO_VERSION.
  *
@@ -21,7 +21,7 @@
 #include <stdint.h>
 
 #define CP_MB_PROTO_MAGIC 0x504d4243u /* "CBMP" */
-#define CP_MB_PROTO_VERSION 3u
+#define CP_MB_PROTO_VERSION 4u
 #define CP_MB_PROTO_OFFSET 0x40u
 #define CP_MB_SLOTS_OFFSET 0x1000u
 #define CP_MB_RING_OFFSET 0x400u
@@ -44,6 +44,9 @@
 #define CP_MB_OP_MAC_LIST 7u  /* MAC `count` pages whose GPAs (u64 LE) are packed from slot `first` on */
 #define CP_MB_OP_FOLD 8u      /* digests of npages = arg1 pages from GPA arg0 in chunks of `count` pages,
                                  folded from the table; 32 bytes per chunk packed from slot `first` on */
+/* v4: SAVE and LOAD also set the table entry of each page they seal or open to that record's GCM tag, so
+ * both sides' tables follow the stream without a pass over the pages; MAC_RANGE/MAC_LIST are then needed
+ * only for pages that moved otherwise (shared pages). */
 
 /*
  * Statuses: cp_mb_proto.status for the op, cp_sealed_page.status per slot. 0 is success everywhere; the

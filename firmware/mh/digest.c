@@ -155,6 +155,18 @@ uint32_t cp_mh_fold(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages, uint
     return rc;
 }
 
+/* v4: the table entry of a page SAVE sealed or LOAD opened is that record's GCM tag. Both sides store the
+ * same 16 bytes for the same record, and a tag binds the page's bytes (under the GPA, generation and nonce)
+ * as h(gpa) does: equal entries still mean equal pages, at no cost beyond a 16-byte copy. */
+void cp_mh_mac_set(struct cp_mh_ctx *ctx, uint64_t gpa, const uint8_t tag[CP_GCM_TAG_BYTES])
+{
+    uint8_t mac[CP_MB_MAC_BYTES];
+    cp_mh_copy(mac, tag, CP_MB_MAC_BYTES);
+    if (mac_missing(mac))
+        mac[0] = 1; /* the same fix-up on both sides keeps the entries equal and "zero = none" true */
+    cp_mh_copy(ctx->cfg.mac_table + gpa / CP_MH_PAGE * CP_MB_MAC_BYTES, mac, CP_MB_MAC_BYTES);
+}
+
 /* One table entry: h(gpa) of the page as it is now. The table lives in MH memory, so only the MH writes it;
  * the caller has checked the GPA (aligned, in RAM, outside the MH area). */
 uint32_t cp_mh_mac_page(struct cp_mh_ctx *ctx, uint64_t gpa)

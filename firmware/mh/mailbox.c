@@ -226,6 +226,7 @@ static uint32_t seal_one(struct cp_mh_ctx *ctx, uint8_t *slot, uint32_t gen)
     if (cp_gcm_seal(&ctx->transport, rec + SLOT_NONCE, aad, AAD_BYTES, ctx->cfg.ram + gpa, rec + SLOT_CT,
                     CP_MH_PAGE, rec + SLOT_TAG) != 0)
         return CP_MBS_CONFIG;
+    cp_mh_mac_set(ctx, gpa, rec + SLOT_TAG);
     cp_mh_copy(slot, rec, CP_MB_SLOT_SIZE);
     return CP_MBS_OK;
 }
@@ -268,7 +269,9 @@ static uint32_t open_one(struct cp_mh_ctx *ctx, const uint8_t *slot)
     make_aad(aad, gpa, gen, ctx->migration_id);
     int bad = cp_gcm_open(&ctx->transport, rec + SLOT_NONCE, aad, AAD_BYTES, rec + SLOT_CT, ctx->cfg.ram + gpa,
                           CP_MH_PAGE, rec + SLOT_TAG);
-    /* The table moves only after a successful open; a refused page leaves both the page and the table. */
+    /* The tables move only after a successful open; a refused page leaves the page and both tables. */
+    if (!bad)
+        cp_mh_mac_set(ctx, gpa, rec + SLOT_TAG);
     __atomic_store_n(entry, bad ? old : gen, __ATOMIC_RELEASE);
     return bad ? CP_MBS_AUTH : CP_MBS_OK;
 }

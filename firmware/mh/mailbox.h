@@ -109,6 +109,8 @@ uint32_t cp_mh_digest(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages, ui
 uint32_t cp_mh_mac_range(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages, uint64_t *hashed,
                          uint64_t *skipped);
 uint32_t cp_mh_mac_page(struct cp_mh_ctx *ctx, uint64_t gpa);
+/* v4: SAVE and LOAD store each record's GCM tag as the page's entry (no second pass over the page). */
+void cp_mh_mac_set(struct cp_mh_ctx *ctx, uint64_t gpa, const uint8_t tag[CP_GCM_TAG_BYTES]);
 uint32_t cp_mh_fold(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages, uint8_t out[CP_MB_DIGEST_BYTES],
                     uint64_t *folded, uint64_t *skipped);
 
