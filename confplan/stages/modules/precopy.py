@@ -2,9 +2,10 @@
 (``confplan.migration.precopy.decide``), or the rounds run out, or the completion timeout says abort or
 throttle. Each round is one call to the source VMM; page data never passes through here.
 
-When the policy first says stop, both MHs fill their per-page MAC tables (the guest still runs), one
-more round sends what changed meanwhile, and both MAC those pages again: in the pause, verify then MACs
-only the final round's pages and folds the tables (confplan/migration/verify.py).
+SAVE and LOAD keep both MHs' per-page MAC tables for every sealed page (mailbox v4). When the policy
+first says stop, both MHs MAC the pages moved as shared so far (the guest still runs), and two more
+rounds send what changed meanwhile: in the pause, verify then MACs only the shared pages moved since and
+folds the tables (confplan/migration/verify.py).
 
 Parameter ``max_rounds`` overrides limits.max_precopy_rounds.
 """
@@ -75,11 +76,10 @@ class Precopy(Stage):
                     continue  # one more round: what the guest wrote while the tables filled
                 break
         if tables:
-            tables.update(self._mac_tables(source, target, len(rounds), "update"))
-            # One more short round and update: the pause then sends and MACs only what the guest writes
-            # during them, not what it wrote during the (longer) round and update before.
+            # One more short round: the pause then sends only what the guest writes during it, not what it
+            # wrote during the fill and the round after. No MAC update in between (mailbox v4): SAVE and
+            # LOAD keep the sealed pages' entries, and the pause MACs the few pages moved as shared since.
             rounds.append(self._round(ctx, source, target))
-            tables.update(self._mac_tables(source, target, len(rounds), "update"))
             ctx.state[MAC_TABLES] = True
         return StageResult(
             bytes_shared=sum(r.shared_pages for r in rounds) * 4112,
