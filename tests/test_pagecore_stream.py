@@ -68,6 +68,32 @@ def test_a_small_stream_moves_pages_and_control_frames(pair: tuple[socket.socket
     assert dst == src
 
 
+def test_the_reader_grows_for_a_bigger_frame_and_keeps_the_frame_before(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """The receive buffer starts at 1 MiB and grows to the largest frame (each frame is valid until the next
+    recv, as before)."""
+    src_sock, dst_sock = pair
+    sizes = (10, 700, 10)  # 41 KiB, then 2.9 MiB (beyond the first buffer), then small again
+    src = bytearray(random.Random(9).randbytes(sum(sizes) * PAGE))
+
+    def source() -> None:
+        writer, start = FrameWriter(src_sock), 0
+        for n in sizes:
+            frame = bytearray(wire.shared_frame_capacity(n))
+            gpas = array.array("Q", range(start * PAGE, (start + n) * PAGE, PAGE))
+            info = frame_shared_pages(src, gpas, frame, seq=writer.seq)
+            writer.send(memoryview(frame)[: info.frame_len])
+            start += n
+
+    thread = in_thread(source)
+    reader = FrameReader(dst_sock, "source")
+    dst = bytearray(len(src))
+    assert [unframe_shared_pages(reader.recv().data, dst).count for _ in sizes] == list(sizes)
+    thread.join(timeout=10)
+    assert dst == src
+
+
 def test_a_lost_frame_is_refused(pair: tuple[socket.socket, socket.socket]) -> None:
     src_sock, dst_sock = pair
     done = wire.Done(rounds=0, shared_pages=0, sealed_pages=0)

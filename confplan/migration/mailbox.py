@@ -540,7 +540,7 @@ class MailboxSet:
         posted = [(mb, mb.post_load(n), n) for mb, n in zip(self.mailboxes, counts, strict=True) if n]
         return [mb.finish(Op.LOAD, seq, n) for mb, seq, n in posted]
 
-    def _banks(self, banks: int) -> list[int]:
+    def bank_sizes(self, banks: int) -> list[int]:
         """Slots per bank of each mailbox: its slots split into ``banks`` (at most RING) equal banks."""
         if banks < 1:
             raise ValueError(f"banks must be at least 1, got {banks}")
@@ -558,7 +558,7 @@ class MailboxSet:
         bank overlaps the sealing of the next. Raises MailboxError (after the other queued ops finish on
         their own) if a page is refused.
         """
-        sizes = self._banks(banks)
+        sizes = self.bank_sizes(banks)
         chunks: list[list[tuple[int, int]]] = [[] for _ in self.mailboxes]
         pos, turn = 0, 0
         while pos < len(gpas):  # round robin, one bank's worth each
@@ -599,7 +599,7 @@ class MailboxSet:
         (oldest first) ``consume(mailbox, result)`` gets its statuses, then the bank is filled again.
         Without ``consume`` a refused page raises MailboxError.
         """
-        sizes = self._banks(banks)
+        sizes = self.bank_sizes(banks)
         pending: collections.deque[tuple[int, int, int, int]] = collections.deque()
         more = True
 

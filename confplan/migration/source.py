@@ -66,8 +66,9 @@ class Outgoing:
         self.writer = FrameWriter(sock)
         self.ram = HostMemory(machine.ram.address, machine.config.memory)
         self._shared_buf = bytearray(shared_frame_capacity(SHARED_FRAME_PAGES))
-        batch = mailboxes.mailboxes[0].batch_pages if mailboxes is not None else 1
-        self._sealed_buf = bytearray(sealed_frame_size(batch))
+        # One frame per SAVE op, i.e. per bank (a bytearray is resident in full: no bigger than that)
+        bank = max(mailboxes.bank_sizes(BANKS)) if mailboxes is not None else 1
+        self._sealed_buf = bytearray(sealed_frame_size(bank))
         self._started = time.monotonic()
         self._sent = 0
         self.changed = 0  # pages sent since the MAC table was last brought up to date (a bitmap)
