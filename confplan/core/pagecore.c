@@ -662,17 +662,20 @@ int cp_frame_sealed(void *out, size_t cap, const void *records, uint32_t count, 
         return fail(err, CP_E_SPACE, NO_INDEX, need, cap);
     uint8_t *o = out;
     uint8_t *copy = o + CP_HEADER_SIZE + CP_PAGES_PREFIX_SIZE;
-    if (count)
-        memcpy(copy, records, body);
+    st32(o + CP_HEADER_SIZE, count);
+    st32(o + CP_HEADER_SIZE + 4, 0);
+    /* the payload CRC is taken record by record while each copy is still in L1: one pass over the records */
+    uint32_t reg = crc_reg(~0u, o + CP_HEADER_SIZE, CP_PAGES_PREFIX_SIZE);
+    for (uint32_t i = 0; i < count; i++) {
+        uint8_t *dst = copy + (size_t)i * CP_SEALED_PAGE_SIZE;
+        memcpy(dst, (const uint8_t *)records + (size_t)i * CP_SEALED_PAGE_SIZE, CP_SEALED_PAGE_SIZE);
+        reg = crc_reg(reg, dst, CP_SEALED_PAGE_SIZE);
+    }
     /* check the copy, never guest memory the guest could change after the check */
     int rc = check_sealed_records(copy, count, expected_gpas, gpa_base, ram_size, err);
     if (rc != CP_OK)
         return rc;
-    st32(o + CP_HEADER_SIZE, count);
-    st32(o + CP_HEADER_SIZE + 4, 0);
-    rc = cp_frame_finish(out, cap, CP_FT_SEALED_PAGES, 0, seq, (uint32_t)(need - CP_HEADER_SIZE), err);
-    if (rc != CP_OK)
-        return rc;
+    write_header(o, CP_FT_SEALED_PAGES, 0, seq, (uint32_t)(need - CP_HEADER_SIZE), ~reg);
     memset(info, 0, sizeof(*info));
     info->seq = seq;
     info->type = CP_FT_SEALED_PAGES;
