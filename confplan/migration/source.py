@@ -71,8 +71,7 @@ class Outgoing:
         self._sealed_buf = bytearray(sealed_frame_size(bank))
         self._started = time.monotonic()
         self._sent = 0
-        self.changed = 0  # pages sent since the MAC table was last brought up to date (a bitmap)
-        self._changed_gpas: array.array[int] | None = None  # the same as GPAs, when one round's
+        self._changed: list[array.array[int]] = []  # GPAs sent since take_changed_gpas(), per round and kind
         self._shared_sent: list[array.array[int]] = []  # shared pages sent since take_shared_sent()
 
     # ---- the stream ----
@@ -137,11 +136,8 @@ class Outgoing:
         # Taken before anything is sealed: a round that fails half way has used its generation up.
         generation, self.generation = self.generation, self.generation + 1
         dirty = self.tracker.take()
-        only_this_round = self.changed == 0
-        self.changed |= int.from_bytes(dirty, "little")  # the MACs of these pages must be taken again
         shared, private = scan_dirty(dirty, self.tracker.shared_bitmap(), self.tracker.npages)
-        # When nothing was pending, the changed set is this round's: its GPAs are known, no rescan.
-        self._changed_gpas = shared + private if only_this_round else None
+        self._changed += (shared, private)  # kept as scanned: taking them is a concatenation, no rescan
         zero = self._send_shared(shared)
         if len(shared):
             self._shared_sent.append(shared)
@@ -184,11 +180,6 @@ class Outgoing:
 
         mailboxes.save_stream(gpas, generation, consume, banks=BANKS)
 
-    def take_changed(self) -> bytes:
-        """The pages sent since the last call (every page the dirty log said changed), as a bitmap."""
-        out, self.changed, self._changed_gpas = self.changed, 0, None
-        return out.to_bytes(self.tracker.nbytes, "little")
-
     def take_shared_sent(self) -> array.array[int]:
         """The pages sent as shared since the last call (duplicates possible): the ones whose MH MAC table
         entries no SAVE set (mailbox v4: SAVE stores each sealed page's tag, LOAD the same on the target)."""
@@ -196,13 +187,10 @@ class Outgoing:
         return concat_gpas(taken)
 
     def take_changed_gpas(self) -> array.array[int]:
-        """The same pages as GPAs (in no set order): the last round's scan when they are just that round's
-        (the final round's, in the pause), else a scan of the bitmap (~3 ms for 1 GiB)."""
-        gpas = self._changed_gpas
-        bitmap = self.take_changed()
-        if gpas is None:
-            gpas = scan_dirty(bitmap, bytes(len(bitmap)), self.tracker.npages)[1]
-        return gpas
+        """The pages sent since the last call (every page the dirty log said changed), as GPAs in no set
+        order, duplicates possible: each round's own scan, joined (no rescan of a RAM-sized bitmap)."""
+        taken, self._changed = self._changed, []
+        return concat_gpas(taken)
 
     # ---- the end ----
     def send_state(self, paused_wall: float) -> None:

@@ -115,9 +115,3 @@ def table_digests(mailboxes: MailboxSet, machine: Any, gpas: array.array[int]) -
     npages = int(machine.config.memory) // abi.PAGE
     maced, digests = mailboxes.mac_and_fold(gpas, 0, npages, chunk_pages=CHUNK_PAGES)
     return maced, {i: d.hex() for i, d in enumerate(digests)}
-
-
-def gpas_of(bitmap: bytes, npages: int) -> array.array[int]:
-    """The GPAs of the pages set in a bitmap, in order (the core's scan, no Python loop over pages)."""
-    _, gpas = scan_dirty(bitmap, bytes(len(bitmap)), npages)
-    return gpas
