@@ -16,7 +16,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic_core import ErrorDetails
 
 from confplan.plan.diagnostics import Diagnostic, PlanError
-from confplan.plan.models import UNION_TAGS, Plan
+from confplan.plan.models import UNION_TAGS, Plan, stage_params_model
 from confplan.plan.rules import check_sections
 from confplan.plan.yamlsrc import DataPath, SourceMap, describe, read_yaml, render_path
 
@@ -202,6 +202,8 @@ def _message(error: ErrorDetails, path: DataPath) -> str:
 def _unknown_key(path: DataPath) -> str:
     key = str(path[-1])
     allowed = _keys_at(path[:-1])
+    if not allowed and len(path) == 4 and path[0] == "stages":
+        return f"unknown key {key!r}: stage {path[2]} takes no parameters"
     hint = _did_you_mean(key, allowed)
     if hint or not allowed:
         return f"unknown key {key!r}{hint}"
@@ -219,6 +221,8 @@ def _did_you_mean(value: object, choices: list[str]) -> str:
 
 def _keys_at(path: DataPath) -> list[str]:
     """The keys the model at ``path`` accepts (empty when ``path`` is not a model)."""
+    if len(path) == 3 and path[0] == "stages" and isinstance(path[2], str):  # {precopy: {...}}: its params
+        return list(stage_params_model(path[2]).model_fields)
     annotation: Any = Plan
     for part in path:
         model = _model_of(annotation)

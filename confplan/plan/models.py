@@ -322,6 +322,65 @@ class Limits(_Model):
     )
 
 
+class StageParams(_Model):
+    """The parameters of a stage that takes none."""
+
+
+class ProvisionTargetParams(StageParams):
+    """provision-target's parameters."""
+
+    firmware: str | None = Field(
+        None,
+        description="A folder holding another firmware build for the target; attest-target then decides "
+        "whether it may have the key.",
+    )
+    prefault: bool = Field(
+        True,
+        description="Allocate all of the target's guest RAM before the migration starts, so the stream does "
+        "not pay for it page by page and a host short of memory fails here, not halfway.",
+    )
+
+
+class StartIncomingParams(StageParams):
+    """start-incoming's parameters."""
+
+    listen_port: int = Field(
+        0, ge=0, le=65535, description="TCP port the target listens on for the page stream (0: any free one)."
+    )
+    connect_to: str | None = Field(
+        None, description="HOST:PORT the source dials instead of the target's own address (e.g. a relay)."
+    )
+
+    @field_validator("connect_to")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        host, _, port = (value or "").rpartition(":")
+        if value is not None and not (host and port.isdigit() and 0 < int(port) < 65536):
+            raise PydanticCustomError(
+                "host_port", "must be HOST:PORT with a port 1..65535, e.g. relay.example:4444, got '{value}'",
+                {"value": value},
+            )
+        return value
+
+
+class PrecopyParams(StageParams):
+    """precopy's parameters."""
+
+    max_rounds: int | None = Field(None, ge=1, description="Overrides limits.max_precopy_rounds.")
+
+
+STAGE_PARAMS: dict[str, type[StageParams]] = {
+    "provision-target": ProvisionTargetParams,
+    "start-incoming": StartIncomingParams,
+    "precopy": PrecopyParams,
+}
+
+
+def stage_params_model(name: str) -> type[StageParams]:
+    """The parameter model of stage ``name`` (``StageParams``, no parameters, for most)."""
+    return STAGE_PARAMS.get(name, StageParams)
+
+
 class StageSpec(_Model):
     """One stage of the plan: its name and optional parameters for it."""
 
@@ -349,14 +408,31 @@ class StageSpec(_Model):
             )
         return {"name": name, "params": params or {}}
 
+    @field_validator("params")
+    @classmethod
+    def _params_of_stage(cls, params: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        # Each stage declares its parameters (STAGE_PARAMS): a misspelt or mistyped one is an error at its
+        # own line, not a silent default. The stage reads them back through the same model.
+        name = info.data.get("name")
+        if name is not None:
+            stage_params_model(name).model_validate(params)
+        return params
+
 
 _STAGE_SCHEMA = {
     "anyOf": [
         {"type": "string", "enum": list(STAGE_NAMES)},
         {
             "type": "object",
-            "propertyNames": {"enum": list(STAGE_NAMES)},
-            "additionalProperties": {"type": ["object", "null"]},
+            "properties": {
+                name: {
+                    "description": f"{name}'s parameters"
+                    if name in STAGE_PARAMS else f"{name} takes no parameters (null or {{}})",
+                    "anyOf": [stage_params_model(name).model_json_schema(), {"type": "null"}],
+                }
+                for name in STAGE_NAMES
+            },
+            "additionalProperties": False,
             "minProperties": 1,
             "maxProperties": 1,
         },

@@ -19,6 +19,7 @@ from typing import Any
 from confplan.agent.handle import VmmHandle
 from confplan.errors import ConfplanError
 from confplan.migration.precopy import Action, Limits, RoundStats, decide
+from confplan.plan.models import PrecopyParams
 from confplan.stages.base import Stage, StageContext, StageResult, register_stage
 from confplan.stages.modules import _common as common
 
@@ -52,7 +53,7 @@ class Precopy(Stage):
     def run(self, ctx: StageContext) -> StageResult:
         source, target = common.vmm(ctx, "source"), common.vmm(ctx, "target")
         common.undo_on_source(ctx)
-        limits = limits_of(ctx, self.params.get("max_rounds"))
+        limits = limits_of(ctx, PrecopyParams.model_validate(self.params).max_rounds)
         rounds: list[RoundStats] = []
         started, throttle, sent_pages = time.monotonic(), 0.0, 0
         ctx.state[MAC_TABLES] = False

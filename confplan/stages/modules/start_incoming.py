@@ -7,6 +7,7 @@ of the target's own address: a relay or NAT in between).
 
 from __future__ import annotations
 
+from confplan.plan.models import StartIncomingParams
 from confplan.stages.base import Stage, StageContext, StageResult, TeardownWhen, register_stage
 from confplan.stages.modules import _common as common
 
@@ -23,7 +24,8 @@ class StartIncoming(Stage):
         _, migration_id = common.migration_secrets(ctx.plan)
         remote = ctx.plan.target.address
         listen_host = "0.0.0.0" if remote else "127.0.0.1"
-        port = int(self.params.get("listen_port", 0))
+        params = StartIncomingParams.model_validate(self.params)
+        port = params.listen_port
         listening = target.call(
             "listen_incoming", {"host": listen_host, "port": port, "migration_id": migration_id.hex()}
         )
@@ -33,8 +35,8 @@ class StartIncoming(Stage):
             when=TeardownWhen.ON_FAILURE,
         )
         host, port = (remote[0] if remote else "127.0.0.1"), int(listening["port"])
-        if self.params.get("connect_to"):
-            host, _, text = str(self.params["connect_to"]).rpartition(":")
+        if params.connect_to:
+            host, _, text = params.connect_to.rpartition(":")
             port = int(text)
         common.undo_on_source(ctx)
         stream = {"host": host, "port": port, "migration_id": migration_id.hex()}
