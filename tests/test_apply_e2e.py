@@ -36,7 +36,7 @@ def plan_dir(tmp_path: Path) -> Iterator[Path]:
             vmm_handle.stop(found)
 
 
-def _plan(tmp: Path, mode: str) -> Path:
+def _plan(tmp: Path, mode: str, stages: str = "") -> Path:
     path = tmp / "plan.yaml"
     path.write_text(
         "metadata: {name: e2e}\n"
@@ -44,18 +44,27 @@ def _plan(tmp: Path, mode: str) -> Path:
         "  workload: {kind: dirty-writer, dirty_rate: 32MiB/s, shared_fraction: 0.05}\n"
         f"helper: {{mode: {mode}, aux_vcpus: 2, batch_pages: 128}}\n"
         "limits: {max_downtime: 50ms, max_precopy_rounds: 8}\n"
-        "checkpoint: {dir: state}\n"
+        "checkpoint: {dir: state}\n" + (f"stages: [{stages}]\n" if stages else "")
     )
     return path
 
 
+# the default stages, with the target's RAM left to be faulted in by the stream (the other path)
+NO_PREFAULT = (
+    "launch-source, {provision-target: {prefault: false}}, attest-target, start-incoming, precopy, "
+    "stop-and-copy, verify, resume-target, cleanup-source"
+)
+
+
 @pytest.mark.parametrize("mode", ["aux-vcpu", "mirror-vm"])
 def test_apply_migrates_and_the_guest_runs_on_the_target(cli: typer.Typer, plan_dir: Path, mode: str) -> None:
-    plan = _plan(plan_dir, mode)
+    plan = _plan(plan_dir, mode, NO_PREFAULT if mode == "mirror-vm" else "")
     result = CliRunner().invoke(cli, ["apply", str(plan), "--output", "json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert all(stage["status"] == "done" for stage in report["stages"].values())
+    prefaulted = report["stages"]["provision-target"]["result"]["created"]["prefault_seconds"]
+    assert (prefaulted is None) == (mode == "mirror-vm")  # the target's RAM allocated up front by default
     rounds = report["rounds"]
     assert rounds[0]["sealed_pages"] > 10_000 and rounds[0]["shared_pages"] > 100  # all of RAM first
     assert rounds[-1].get("final") and len(rounds) >= 2

@@ -183,11 +183,12 @@ def test_the_doorbell_parks_the_helper_until_the_next_kick() -> None:
 def test_prefault_allocates_all_guest_ram_up_front() -> None:
     from confplan.vmm.memory import GuestRam
 
-    ram = GuestRam(8 * abi.MIB)
-    try:
-        assert os.fstat(ram.fd).st_blocks * 512 < ram.size  # a fresh memfd holds no pages yet
-        ram.prefault()
-        assert os.fstat(ram.fd).st_blocks * 512 >= ram.size
-        assert ram.read(5 * abi.MIB, 16) == bytes(16)  # allocated, still zero
-    finally:
-        ram.close()
+    for size, threads in ((8 * abi.MIB, None), (130 * abi.MIB, 2)):  # one span; two threads, uneven spans
+        ram = GuestRam(size)
+        try:
+            assert os.fstat(ram.fd).st_blocks * 512 < ram.size  # a fresh memfd holds no pages yet
+            ram.prefault(threads)
+            assert os.fstat(ram.fd).st_blocks * 512 >= ram.size
+            assert ram.read(size - abi.PAGE, 16) == bytes(16)  # allocated to the last page, still zero
+        finally:
+            ram.close()

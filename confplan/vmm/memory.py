@@ -7,12 +7,17 @@ import ctypes
 import errno
 import mmap
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from confplan.errors import ConfplanError
 
 _T = TypeVar("_T", bound=ctypes.Structure)
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+; the mmap module of Python 3.11 has no name for it
+_PREFAULT_MIN = 64 << 20  # no thread for less than this
+# mmap.madvise holds the GIL for the whole call: libc's, through ctypes, lets the threads fault in parallel
+_libc = ctypes.CDLL(None, use_errno=True)  # the symbols already in this process: libc's madvise
+_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
 
 class GuestRam:
@@ -32,22 +37,36 @@ class GuestRam:
         self._array: ctypes.Array[ctypes.c_char] | None = (ctypes.c_char * size).from_buffer(self._mm)
         self.address = ctypes.addressof(self._array)
 
-    def prefault(self) -> None:
+    def prefault(self, threads: int | None = None) -> None:
         """Allocate and map every page now (a migration target): first touch of fresh memory costs ~3 us a
         page here (zeroing, host faults), which would otherwise be paid inside the migration, page by page
-        by the helper, and a host short of memory fails here instead of halfway through a stream."""
-        assert self._mm is not None
-        try:
-            self._mm.madvise(_MADV_POPULATE_WRITE, 0, self.size)
-        except OSError as err:
-            if err.errno == errno.EINVAL:  # kernel before 5.14: touch a byte per page instead
-                for gpa in range(0, self.size, mmap.PAGESIZE):
-                    self._mm[gpa] = self._mm[gpa]
-                return
+        by the helper, and a host short of memory fails here instead of halfway through a stream. Split over
+        ``threads`` (default: one per CPU, at most 8), as QEMU's prealloc-threads: 2 threads took 1 GiB in
+        ~1 s here where one took 2-2.4 s."""
+        count = max(1, min(threads or os.cpu_count() or 1, 8, self.size // _PREFAULT_MIN))
+        step = -(-self.size // count // mmap.PAGESIZE) * mmap.PAGESIZE
+        spans = [(start, min(step, self.size - start)) for start in range(0, self.size, step)]
+        with ThreadPoolExecutor(max_workers=len(spans)) as pool:
+            failures = [e for e in pool.map(lambda span: self._populate(*span), spans) if e is not None]
+        if failures:
+            reason = os.strerror(failures[0])
             raise ConfplanError(
-                f"could not allocate {self.size >> 20} MiB of guest RAM on this host: {err.strerror}",
+                f"could not allocate {self.size >> 20} MiB of guest RAM on this host: {reason}",
                 hint="free memory on this host, or lower guest.memory in the plan",
-            ) from None
+            )
+
+    def _populate(self, start: int, length: int) -> int | None:
+        """MADV_POPULATE_WRITE over [start, start+length) through ctypes (the call runs without the GIL);
+        None on success, else the errno. A kernel before 5.14 (EINVAL): a byte per page is touched."""
+        if _libc.madvise(self.address + start, length, _MADV_POPULATE_WRITE) == 0:
+            return None
+        err = ctypes.get_errno()
+        if err != errno.EINVAL:
+            return err
+        assert self._mm is not None
+        for gpa in range(start, start + length, mmap.PAGESIZE):
+            self._mm[gpa] = self._mm[gpa]
+        return None
 
     def _check(self, gpa: int, length: int) -> None:
         if gpa < 0 or length < 0 or gpa + length > self.size:
