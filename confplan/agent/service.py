@@ -423,14 +423,12 @@ class VmmService:
 
     def _shared_moved(self) -> array.array[int]:
         """Pages the stream moved as shared since the last call: the MAC table entries no SAVE/LOAD set."""
-        side = self._stream_side()
-        return side.take_shared_sent() if isinstance(side, Outgoing) else side.take_shared_written()
+        return self._stream_side().take_shared_gpas()
 
     def _changed_gpas(self) -> array.array[int]:
         """Pages written since the last call: on the source what the stream sent (the dirty log's pages),
         on the target what the stream wrote. The shared CRC table drops their entries."""
-        side = self._stream_side()
-        gpas = side.take_changed_gpas() if isinstance(side, Outgoing) else side.take_written()
+        gpas = self._stream_side().take_changed_gpas()
         if self.shared_table is not None:
             self.shared_table.forget(gpas)  # their CRCs are stale: the next digest computes them again
         return gpas

@@ -692,9 +692,9 @@ class MailboxSet:
             low, high = first * PAGE_SIZE, (first + n) * PAGE_SIZE
             shares.append((mb, array.array("Q", (g for g in gpas if low <= g < high))))
         maced = 0
-        if any(len(mine) > mb.mac_list_capacity for mb, mine in shares) or len(gpas) > sum(
-            len(mine) for _, mine in shares
-        ):  # more than a data area for one helper, or pages outside the range: MAC first, apart
+        fits = all(len(mine) <= mb.mac_list_capacity for mb, mine in shares)
+        if not fits or sum(len(mine) for _, mine in shares) < len(gpas):
+            # more than a data area for one helper, or pages outside the range: MAC them first, apart
             maced, shares = self.mac_list(gpas), []
         lists = [(mb, mb.post_mac_list(mine)) for mb, mine in shares if len(mine)]
         folds = [

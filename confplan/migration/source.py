@@ -72,7 +72,7 @@ class Outgoing:
         self._started = time.monotonic()
         self._sent = 0
         self._changed: list[array.array[int]] = []  # GPAs sent since take_changed_gpas(), per round and kind
-        self._shared_sent: list[array.array[int]] = []  # shared pages sent since take_shared_sent()
+        self._shared_sent: list[array.array[int]] = []  # shared pages sent since take_shared_gpas()
 
     # ---- the stream ----
     def _send(self, frame: memoryview | bytearray) -> None:
@@ -180,7 +180,7 @@ class Outgoing:
 
         mailboxes.save_stream(gpas, generation, consume, banks=BANKS)
 
-    def take_shared_sent(self) -> array.array[int]:
+    def take_shared_gpas(self) -> array.array[int]:
         """The pages sent as shared since the last call (duplicates possible): the ones whose MH MAC table
         entries no SAVE set (mailbox v4: SAVE stores each sealed page's tag, LOAD the same on the target)."""
         taken, self._shared_sent = self._shared_sent, []

@@ -82,10 +82,10 @@ class Incoming:
         self._done = threading.Event()
         self._conn: socket.socket | None = None
         self._gpas = array.array("Q", bytes(8 * MAX_FRAME_PAGES))
-        # GPAs written since take_written() started tracking (verify MACs them again); None: not tracking
+        # GPAs written since take_changed_gpas() began tracking (the shared CRC table drops them)
         self._written: list[array.array[int]] | None = None
         self._shared_written: list[array.array[int]] = []  # GPAs of every shared-page frame (see below)
-        self._shared_pending: list[array.array[int]] = []  # the same, since the last take_shared_written()
+        self._shared_pending: list[array.array[int]] = []  # the same, since the last take_shared_gpas()
         self._bank_order: list[tuple[int, int, int]] = []
         self._next_bank = 0
         self._posted: collections.deque[tuple[int, int, int, int]] = collections.deque()  # LOADs in flight
@@ -201,13 +201,13 @@ class Incoming:
         table fills on this side, before the encryption bitmap arrives. Same calling rule as below."""
         return concat_gpas(self._shared_written)
 
-    def take_shared_written(self) -> array.array[int]:
+    def take_shared_gpas(self) -> array.array[int]:
         """The GPAs shared-page frames wrote since the last call (duplicates possible): the pages whose MH
         MAC table entries the LOADs did not set (mailbox v4). Same calling rule as below."""
         taken, self._shared_pending = self._shared_pending, []
         return concat_gpas(taken)
 
-    def take_written(self) -> array.array[int]:
+    def take_changed_gpas(self) -> array.array[int]:
         """The GPAs written since the last call (duplicates possible), and track from now on. Call it
         while no frame is being applied (every round applied) or with the stream complete."""
         taken, self._written = self._written or [], []
