@@ -1,7 +1,7 @@
 """Issue 5's speed figures: `confplan apply` of a 1 GiB guest, idle and dirtying 64 MiB/s, against QEMU's
 own plain migration of a paused 1 GiB guest of random RAM over TCP loopback, measured in the same run.
 
-    .venv/bin/python bench/bench_migration.py [--ram-mib 1024] [--channels 2] [--skip-qemu]
+    .venv/bin/python bench/bench_migration.py [--ram-mib 1024] [--channels 2] [--skip-qemu] [--repeat 3]
 
 Per scenario it prints the total migration time (start-incoming until the guest runs on the target: what
 QEMU's total-time covers, plus our verify) as a ratio of QEMU's (goal <= 1.0x), the downtime
@@ -13,6 +13,7 @@ real in-guest helpers, measured launches: the same path as `confplan apply`.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -122,6 +123,35 @@ def qemu_baselines(ram_mib: int, channels: int) -> dict[str, float]:
     return out
 
 
+def report_run(ram_mib: int, name: str, r: dict[str, Any], baselines: dict[str, float]) -> dict[str, float]:
+    """Print one scenario run; return its figures for the summary (ratios against this run's QEMU)."""
+    ratios = {label: r["total_s"] / secs for label, secs in baselines.items()}
+    text = "".join(f" = {ratio:.2f}x QEMU{label}" for label, ratio in ratios.items())
+    print(f"{ram_mib} MiB {name}: total {r['total_s']:.2f} s{text} (goal <= 1.0x QEMU); downtime "
+          f"{r['downtime_s'] * 1e3:.0f} ms (goal <= 50 ms); {r['rounds']} rounds; first round "
+          f"{r['first_round_MBps']:.0f} MB/s; {r['sealed_MiB']:.0f} MiB sealed")  # fmt: skip
+    mem = ", ".join(f"{role} {mib:.0f} MiB" for role, mib in r["memory_mib"].items())
+    print(f"  VMM memory beyond guest RAM: {mem} (goal <= 64 MiB each); target RAM pre-faulted in "
+          f"{r['prefault_s'] or 0:.2f} s in provision-target (before the timed window)")  # fmt: skip
+    print(f"  stages {r['stages']}")
+    print(f"  pause: {r['pause_ms']}")
+    figures = {"total s": r["total_s"], "downtime ms": r["downtime_s"] * 1e3,
+               "first round MB/s": r["first_round_MBps"], "memory MiB": max(r["memory_mib"].values())}
+    figures.update({f"x QEMU{label}": ratio for label, ratio in ratios.items()})
+    return figures  # fmt: skip
+
+
+def print_summary(runs: dict[str, list[dict[str, float]]]) -> None:
+    """Medians and ranges over the repeats: with 2 shared cores single runs vary, medians less."""
+    print(f"\nsummary over {max(len(v) for v in runs.values())} runs (median [min-max]):")
+    for name, figures in runs.items():
+        cells = []
+        for key in figures[0]:
+            values = [f[key] for f in figures]
+            cells.append(f"{key} {statistics.median(values):.2f} [{min(values):.2f}-{max(values):.2f}]")
+        print(f"  {name}: " + "; ".join(cells))
+
+
 def main() -> int:
     raw = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=raw)
@@ -129,22 +159,17 @@ def main() -> int:
     parser.add_argument("--channels", type=int, default=2, help="QEMU multifd channels (0: single stream)")
     parser.add_argument("--skip-qemu", action="store_true", help="no QEMU baseline (ratios not printed)")
     parser.add_argument("--batch-pages", type=int, default=1024, help="the plan's helper.batch_pages")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of everything, interleaved; then medians")
     args = parser.parse_args()
-    baselines = {} if args.skip_qemu else qemu_baselines(args.ram_mib, args.channels)
     scenarios = {"idle": "{kind: idle}", "64MiB/s": "{kind: dirty-writer, dirty_rate: 64MiB/s}"}
-    for name, workload in scenarios.items():
-        r = run_scenario(args.ram_mib, workload, args.batch_pages)
-        ratios = "".join(
-            f" = {r['total_s'] / secs:.2f}x QEMU{label}" for label, secs in baselines.items()
-        )
-        print(f"{args.ram_mib} MiB {name}: total {r['total_s']:.2f} s{ratios} (goal <= 1.0x QEMU); downtime "
-              f"{r['downtime_s'] * 1e3:.0f} ms (goal <= 50 ms); {r['rounds']} rounds; first round "
-              f"{r['first_round_MBps']:.0f} MB/s; {r['sealed_MiB']:.0f} MiB sealed")  # fmt: skip
-        mem = ", ".join(f"{role} {mib:.0f} MiB" for role, mib in r["memory_mib"].items())
-        print(f"  VMM memory beyond guest RAM: {mem} (goal <= 64 MiB each); target RAM pre-faulted in "
-              f"{r['prefault_s'] or 0:.2f} s in provision-target (before the timed window)")  # fmt: skip
-        print(f"  stages {r['stages']}")
-        print(f"  pause: {r['pause_ms']}")
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in scenarios}
+    for _ in range(max(1, args.repeat)):
+        baselines = {} if args.skip_qemu else qemu_baselines(args.ram_mib, args.channels)
+        for name, workload in scenarios.items():
+            result = run_scenario(args.ram_mib, workload, args.batch_pages)
+            runs[name].append(report_run(args.ram_mib, name, result, baselines))
+    if args.repeat > 1:
+        print_summary(runs)
     return 0
 
 
