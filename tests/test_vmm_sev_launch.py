@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from confplan.errors import ConfplanError
-from confplan.sev import EmulatedSecureProcessor, KeyBroker, OwnerPolicy, find_transport_key
+from confplan.sev import EmulatedSecureProcessor, KeyBroker, OwnerPolicy, find_transport_key, launch_crypto
 from confplan.sev.broker import AttestationRefused
 from confplan.sev.policy import encode_sev_policy
 from confplan.sev.psp import GuestState, SecureProcessorError, SevStatus
@@ -50,17 +50,44 @@ def owner(tmp: Path, digests: list[str], policy: int = NODBG) -> KeyBroker:
 
 
 # ---- pure: no KVM ----
-def test_blobs_are_the_firmware_then_the_boot_page_padded() -> None:
+def test_blobs_are_the_firmware_then_the_boot_page_padded_then_the_cpu_tables() -> None:
     fw = Firmware.load()
     blobs = launch_blobs(SOURCE, fw, HOST)
-    assert [b.name for b in blobs] == ["firmware", "boot-params"]
-    assert [b.gpa for b in blobs] == [abi.FW_BASE, abi.BOOT_PARAMS_GPA]
+    assert [b.name for b in blobs[:2]] == ["firmware", "boot-params"]
+    assert [b.gpa for b in blobs[:2]] == [abi.FW_BASE, abi.BOOT_PARAMS_GPA]
+    tables = blobs[2:]
+    assert tables and {b.name for b in tables} == {"cpu-tables"}
+    assert all(b.gpa % abi.PAGE == 0 and len(b.data) % abi.PAGE == 0 for b in tables)
+    assert [b.gpa for b in tables] == sorted(b.gpa for b in tables)  # GPA order, runs merged
+    covered = [(b.gpa, b.gpa + len(b.data)) for b in tables]
+    for gpa in (abi.GDT_GPA, abi.IDT_GPA, abi.TSS_GPA, abi.PT_WL_GPA, abi.PT_MH_GPA):
+        assert any(lo <= gpa < hi for lo, hi in covered), hex(gpa)
     image, padding = blobs[0].data[: len(fw.image)], blobs[0].data[len(fw.image) :]
     assert image == fw.image and padding == bytes(-len(fw.image) % 16)
     assert len(blobs[1].data) == abi.PAGE
     bp = abi.BootParams.from_buffer_copy(blobs[1].data)
     assert (bp.magic, bp.tsc_khz, bp.cpu_features) == (abi.BP_MAGIC, 2_000_000, abi.FEATURE_BITS["aes-ni"])
     assert bp.flags == abi.BP_FLAG_VENDOR_AMD and bp.nr_vcpus == 1 and bp.mh_vcpus == 1
+
+
+def test_the_cpu_tables_are_measured() -> None:
+    """A host that changes a page-table entry (say, to map the secret page for the workload) or the vCPU
+    count behind the TSSs launches a guest with another digest, which the owner's broker refuses."""
+    fw = Firmware.load()
+    blobs = launch_blobs(SOURCE, fw, HOST)
+    digest = launch_crypto.sev_launch_digest([b.data for b in blobs])
+    assert digest == expected_launch_digest(SOURCE, fw, HOST)
+    # the workload's PD entry for the 2 MiB around the secret page: absent, now mapped user-accessible
+    pd_entry = abi.PT_WL_GPA + 2 * abi.PAGE + 8 * (abi.SECRET_GPA // abi.HUGE)
+    table = next(i for i, b in enumerate(blobs) if b.gpa <= pd_entry < b.gpa + len(b.data))
+    at = pd_entry - blobs[table].gpa
+    assert blobs[table].data[at : at + 8] == bytes(8)
+    mapped = (abi.SECRET_GPA // abi.HUGE * abi.HUGE | 0x87).to_bytes(8, "little")
+    tampered = [b.data for b in blobs]
+    tampered[table] = tampered[table][:at] + mapped + tampered[table][at + 8 :]
+    assert launch_crypto.sev_launch_digest(tampered) != digest
+    more_vcpus = dataclasses.replace(SOURCE, aux_vcpus=2)
+    assert launch_blobs(more_vcpus, fw, HOST)[2:] != blobs[2:]
 
 
 def test_expected_digest_tells_source_target_and_firmware_apart() -> None:

@@ -130,7 +130,7 @@ def init_cmd(
 def digest_cmd(
     blobs: Annotated[list[Path], typer.Argument(help="The blobs the VMM measures, in order.")],
 ) -> None:
-    """Print the SEV launch digest of BLOBS (firmware image, boot parameters) for --allow-digest."""
+    """Print the SEV launch digest of BLOBS (firmware, boot parameters, CPU tables) for --allow-digest."""
     data = []
     for path in blobs:
         blob = _read(path, "blob")

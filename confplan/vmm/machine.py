@@ -14,7 +14,7 @@ from confplan.errors import ConfplanError
 from confplan.kvm import DEFAULT_KVM_PATH, Kvm, Vcpu
 from confplan.kvm import structs as s
 from confplan.migration.mailbox import Mailbox, MailboxSet
-from confplan.vmm import abi, cpu_setup, tables
+from confplan.vmm import abi, cpu_setup
 from confplan.vmm.aux_vcpu import HelperHost, HelperVcpu
 from confplan.vmm.bootparams import HostCpu
 from confplan.vmm.config import MachineConfig
@@ -112,7 +112,6 @@ class Machine:
         self.enc_bitmap = EncBitmap(lay.npages)
         self._cpuid = self.kvm.supported_cpuid()
         self.cpu = cpu_setup.cpu_info(self._cpuid)
-        self._load_cpu_tables()
         self._make_devices(echo)
         self.workload = WorkloadControl(
             self.ram, lay, self.events, self._kick_workload, lambda: self._all_running(self.vcpus)
@@ -140,12 +139,6 @@ class Machine:
     def _cpu_slots(self) -> int:
         """GDT/TSS/CPL0-stack slots: the guest's vCPUs, then one per helper vCPU (aux or mirror VM)."""
         return self.config.vcpus + self.config.mh_vcpus
-
-    def _load_cpu_tables(self) -> None:
-        nr = self._cpu_slots
-        tables.write_gdt_and_tss(self.ram, nr)
-        tables.write_idt(self.ram, self.firmware)
-        tables.write_page_tables(self.ram, self.layout, self.firmware, nr)
 
     def _make_devices(self, echo: Callable[[str], None] | None) -> None:
         if echo is None and self.config.console_echo:
@@ -218,7 +211,8 @@ class Machine:
         return lambda: int(header.heartbeat)
 
     def launch_blobs(self) -> list[LaunchBlob]:
-        """The firmware image and boot-parameters page, exactly as (to be) written and measured."""
+        """The firmware image, the boot-parameters page and the CPU tables, exactly as (to be) written and
+        measured."""
         return launch_blobs(self.config, self.firmware, self.host)
 
     # ---- guest memory, as the VMM (and the secure processor) may touch it ----

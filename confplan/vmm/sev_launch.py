@@ -2,7 +2,10 @@
 
 Before any vCPU runs: LAUNCH_START (policy, the owner's GODH cert and session blob), LAUNCH_UPDATE_DATA over
 ``launch_blobs`` in their fixed order (1. the firmware image at ``abi.FW_BASE``, zero-padded to 16 bytes;
-2. the whole 4 KiB boot-parameters page at ``abi.BOOT_PARAMS_GPA``), LAUNCH_MEASURE. The caller hands the
+2. the whole 4 KiB boot-parameters page at ``abi.BOOT_PARAMS_GPA``; 3. the CPU tables the VMM writes for
+the firmware: GDT, TSSs, IDT and both sets of page tables, whole pages, one blob per run of pages, in GPA
+order), LAUNCH_MEASURE. The tables are measured because they decide what each ring may map: a host that
+mapped the secret page into the workload's page tables would change the digest. The caller hands the
 measurement to the owner's broker and passes its LAUNCH_SECRET packet back; the secure processor decrypts
 it into the secret page (``abi.SECRET_GPA``), then LAUNCH_FINISH, and only then may ``Machine.start`` run.
 
@@ -20,7 +23,7 @@ from confplan.errors import ConfplanError
 from confplan.sev import launch_crypto
 from confplan.sev.launch_crypto import PlatformVersion
 from confplan.sev.psp import ALIGN, EmulatedSecureProcessor, GuestState, SevGuest
-from confplan.vmm import abi
+from confplan.vmm import abi, tables
 from confplan.vmm.bootparams import HostCpu, boot_params_page
 from confplan.vmm.config import MachineConfig
 from confplan.vmm.firmware import Firmware
@@ -44,12 +47,47 @@ def pad16(data: bytes) -> bytes:
     return data + b"\x00" * (-len(data) % ALIGN)
 
 
+class _PageSink:
+    """Collects the table writers' stores as whole zero-filled pages (``tables.GuestWrites``)."""
+
+    def __init__(self) -> None:
+        self.pages: dict[int, bytearray] = {}
+
+    def write(self, gpa: int, data: bytes) -> None:
+        done = 0
+        while done < len(data):
+            at = gpa + done
+            page = self.pages.setdefault(at // abi.PAGE, bytearray(abi.PAGE))
+            n = min(len(data) - done, abi.PAGE - at % abi.PAGE)
+            page[at % abi.PAGE : at % abi.PAGE + n] = data[done : done + n]
+            done += n
+
+
+def cpu_table_blobs(config: MachineConfig, layout: GuestLayout, firmware: Firmware) -> list[LaunchBlob]:
+    """The CPU tables for this config as whole pages, one blob per run of consecutive pages."""
+    sink = _PageSink()
+    slots = config.vcpus + config.mh_vcpus  # the guest's vCPUs, then one per helper vCPU
+    tables.write_gdt_and_tss(sink, slots)
+    tables.write_idt(sink, firmware)
+    tables.write_page_tables(sink, layout, firmware, slots)
+    blobs: list[LaunchBlob] = []
+    for number in sorted(sink.pages):
+        data = bytes(sink.pages[number])
+        last = blobs[-1] if blobs else None
+        if last is not None and last.gpa + len(last.data) == number * abi.PAGE:
+            blobs[-1] = LaunchBlob(last.name, last.gpa, last.data + data)
+        else:
+            blobs.append(LaunchBlob("cpu-tables", number * abi.PAGE, data))
+    return blobs
+
+
 def launch_blobs(config: MachineConfig, firmware: Firmware, host: HostCpu) -> list[LaunchBlob]:
     """The measured blobs in their measured order (also what an unmeasured boot writes, byte for byte)."""
     layout = GuestLayout.for_config(config)
     return [
         LaunchBlob("firmware", abi.FW_BASE, pad16(firmware.image)),
         LaunchBlob("boot-params", abi.BOOT_PARAMS_GPA, boot_params_page(config, layout, host)),
+        *cpu_table_blobs(config, layout, firmware),
     ]
 
 

@@ -6,12 +6,18 @@ page (design.md "Isolation inside the guest")."""
 from __future__ import annotations
 
 import struct
+from typing import Protocol
 
 from confplan.vmm import abi
 from confplan.vmm.abi import HUGE, PAGE
 from confplan.vmm.firmware import Firmware
 from confplan.vmm.layout import GuestLayout
-from confplan.vmm.memory import GuestRam
+
+
+class GuestWrites(Protocol):
+    """Where the tables are written: guest RAM, or the launch's page sink (``sev_launch``)."""
+
+    def write(self, gpa: int, data: bytes) -> None: ...
 
 # GDT selectors (kvm-here.md): kernel code64 0x10, user data 0x2b, user code64 0x33, TSSs from 0x38.
 KERNEL_CS, USER_DS, USER_CS, FIRST_TSS = 0x10, 0x2B, 0x33, 0x38
@@ -51,7 +57,7 @@ def _tss_descriptor(base: int) -> bytes:
     return struct.pack("<QQ", low, base >> 32)
 
 
-def write_gdt_and_tss(ram: GuestRam, nr_vcpus: int) -> None:
+def write_gdt_and_tss(ram: GuestWrites, nr_vcpus: int) -> None:
     gdt = b"".join(struct.pack("<Q", e) for e in GDT_ENTRIES)
     for i in range(nr_vcpus):
         tss = abi.TSS_GPA + i * abi.TSS_STRIDE
@@ -64,7 +70,7 @@ def write_gdt_and_tss(ram: GuestRam, nr_vcpus: int) -> None:
     ram.write(abi.GDT_GPA, gdt)
 
 
-def write_idt(ram: GuestRam, fw: Firmware) -> None:
+def write_idt(ram: GuestWrites, fw: Firmware) -> None:
     stubs = fw.sym("isr_stubs")
     entries = []
     for vector in range(256):
@@ -97,13 +103,13 @@ def _low_page_flags(fw: Firmware, nr_vcpus: int) -> dict[int, int]:
     return flags
 
 
-def write_page_tables(ram: GuestRam, layout: GuestLayout, fw: Firmware, nr_vcpus: int) -> None:
+def write_page_tables(ram: GuestWrites, layout: GuestLayout, fw: Firmware, nr_vcpus: int) -> None:
     low = _low_page_flags(fw, nr_vcpus)
     _write_set(ram, abi.PT_MH_GPA, layout, low, helper=True)
     _write_set(ram, abi.PT_WL_GPA, layout, low, helper=False)
 
 
-def _write_set(ram: GuestRam, base: int, layout: GuestLayout, low: dict[int, int], helper: bool) -> None:
+def _write_set(ram: GuestWrites, base: int, layout: GuestLayout, low: dict[int, int], helper: bool) -> None:
     pml4, pdpt, pd0, pt = base, base + PAGE, base + 2 * PAGE, base + 6 * PAGE
     ram.write(base, bytes(PT_PAGES * PAGE))
     ram.write(pml4, struct.pack("<Q", pdpt | P | RW | US))
