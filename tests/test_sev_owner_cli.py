@@ -180,3 +180,32 @@ def test_hand_edited_policy_errors_name_the_field(
     path.write_text(json.dumps(doc))
     code, _, err = run(capsys, "owner", "session", *args, "--policy", "0x28010001")
     assert code == 2 and "policy.json: allowed_digests: 'not-a-digest' is not a SHA-256 digest" in err
+
+
+def test_blobs_of_a_plan_give_the_digest_the_orchestrator_predicts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An owner computes the digest to allow from the plan, confplan's firmware and the host's facts."""
+    from confplan.cli.machine_cmds import config_from_plan
+    from confplan.plan import load_plan
+    from confplan.vmm import abi
+    from confplan.vmm.bootparams import HostCpu
+    from confplan.vmm.firmware import Firmware
+    from confplan.vmm.sev_launch import expected_launch_digest
+
+    plan = Path(__file__).resolve().parent.parent / "plans" / "quickstart.yaml"
+    facts = ["--tsc-khz", "2445406", "--features", "aes-ni,pclmulqdq"]
+    code, out, err = run(capsys, "owner", "blobs", plan, "--out", tmp_path / "src", *facts)
+    assert code == 0, err
+    host = HostCpu(tsc_khz=2445406, features=abi.FEATURE_BITS["aes-ni"] | abi.FEATURE_BITS["pclmulqdq"],
+                   vendor_amd=True)  # fmt: skip
+    config = config_from_plan(load_plan(plan), measured=True)
+    assert out.strip() == expected_launch_digest(config, Firmware.load(), host).hex()
+    files = sorted((tmp_path / "src").iterdir())
+    assert [f.name.split("-")[1] for f in files[:2]] == ["firmware", "boot"] and len(files) > 2
+    assert run(capsys, "owner", "digest", *files)[1] == out  # the files hash to the same digest
+    code, target, _ = run(capsys, "owner", "blobs", plan, "--out", tmp_path / "dst", *facts, "--target")
+    assert code == 0 and target != out  # the MH-only target has its own digest
+    bad = ["--tsc-khz", "1", "--features", "aes"]
+    code, _, err = run(capsys, "owner", "blobs", plan, "--out", tmp_path / "x", *bad)
+    assert code == 2 and "unknown feature 'aes'" in err and "aes-ni" in err

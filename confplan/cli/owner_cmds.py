@@ -138,6 +138,49 @@ def digest_cmd(
     typer.echo(launch_crypto.sev_launch_digest(data).hex())
 
 
+@owner_app.command("blobs")
+def blobs_cmd(
+    plan_path: Annotated[Path, typer.Argument(metavar="PLAN", help="The migration plan of the guest.")],
+    out: Annotated[Path, typer.Option("--out", help="Directory for the blobs, NN-NAME-GPA.bin in order.")],
+    tsc_khz: Annotated[int, typer.Option("--tsc-khz", help="The host's TSC rate (its VMM reports it).")],
+    features: Annotated[
+        str, typer.Option("--features", help="The host's CPU features: names (aes-ni,pclmulqdq) or a mask.")
+    ],
+    intel: Annotated[bool, typer.Option("--intel", help="The host is Intel (default: AMD).")] = False,
+    target: Annotated[bool, typer.Option("--target", help="The target's (MH-only) launch.")] = False,
+) -> None:
+    """Write the blobs confplan's VMM measures for PLAN's guest on such a host (firmware, boot page, CPU
+    tables) and print their launch digest: the value for 'owner init --allow-digest', computed here from
+    confplan's own firmware, without asking the host."""
+    from confplan.cli.machine_cmds import config_from_plan
+    from confplan.plan import load_plan
+    from confplan.vmm.bootparams import HostCpu
+    from confplan.vmm.firmware import Firmware
+    from confplan.vmm.sev_launch import launch_blobs
+
+    host = HostCpu(tsc_khz=tsc_khz, features=_parse_features(features), vendor_amd=not intel)
+    config = config_from_plan(load_plan(plan_path), measured=True, mh_only=target)
+    blobs = launch_blobs(config, Firmware.load(), host)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, blob in enumerate(blobs):
+        (out / f"{i:02d}-{blob.name}-{blob.gpa:#x}.bin").write_bytes(blob.data)
+    typer.echo(launch_crypto.sev_launch_digest([b.data for b in blobs]).hex())
+    typer.echo(f"wrote {len(blobs)} blobs to {out} ('owner digest {out}/*.bin' gives the same)", err=True)
+
+
+def _parse_features(text: str) -> int:
+    from confplan.vmm import abi
+
+    if text.strip().lower().startswith("0x") or text.strip().isdigit():
+        return _parse_int(text)
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in abi.FEATURE_BITS]
+    if unknown:
+        known = ", ".join(abi.FEATURE_BITS)
+        raise ConfplanError(f"--features: unknown feature {unknown[0]!r}", hint=f"use names from: {known}")
+    return sum(abi.FEATURE_BITS[name] for name in set(names))
+
+
 @owner_app.command("session")
 def session_cmd(
     owner_dir: OwnerDir,
