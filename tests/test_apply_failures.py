@@ -9,12 +9,12 @@ import os
 import shutil
 import signal
 import socket
-import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import ClassVar
 
 import pytest
+from relay import CorruptingRelay
 
 from confplan.agent import handle as vmm_handle
 from confplan.migration.helper import helper_mailboxes
@@ -131,41 +131,6 @@ def test_target_killed_mid_precopy_then_rerun_resumes(plan_dir: Path) -> None:
         again_source.close()
 
 
-class CorruptingRelay:
-    """Forwards the migration stream to the target, flipping one byte inside the first page frame."""
-
-    def __init__(self, target_port: int, offset: int = 100_000) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.target_port, self.offset = target_port, offset
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self) -> None:
-        conn, _ = self.listener.accept()
-        up = socket.create_connection(("127.0.0.1", self.target_port))
-        threading.Thread(target=self._copy, args=(up, conn), daemon=True).start()
-        seen = 0
-        try:
-            while data := conn.recv(65536):
-                buf = bytearray(data)
-                if seen <= self.offset < seen + len(buf):
-                    buf[self.offset - seen] ^= 0x01
-                seen += len(buf)
-                up.sendall(buf)
-        except OSError:
-            pass
-        up.close()
-
-    @staticmethod
-    def _copy(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-
 def _free_port() -> int:
     with socket.create_server(("127.0.0.1", 0)) as probe:
         return int(probe.getsockname()[1])
@@ -173,7 +138,7 @@ def _free_port() -> int:
 
 def test_corrupted_frame_is_refused_nothing_resumed(plan_dir: Path) -> None:
     port = _free_port()
-    relay = CorruptingRelay(port)
+    relay = CorruptingRelay(port, offset=100_000)
     param = f"start-incoming: {{listen_port: {port}, connect_to: '127.0.0.1:{relay.port}'}}"
     plan = write_plan(plan_dir, {"start-incoming": param})
     with pytest.raises(StageFailed, match=r"refused the migration stream: .*CRC-32C") as failed:

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 import time
 from collections.abc import Iterator
 
 import pytest
+from relay import CorruptingRelay
 
 from confplan.core.wire import Hello, HelperMode
 from confplan.errors import ConfplanError
@@ -58,7 +58,7 @@ class Pair:
         listener = socket.create_server(("127.0.0.1", 0))
         self.incoming = Incoming(self.dst, listener, hello=hello, mailboxes=self.dst_mb)
         port = listener.getsockname()[1]
-        self.relay = CorruptingRelay(port) if relay else None
+        self.relay = CorruptingRelay(port, offset=200_000, mask=0x40) if relay else None
         sock = socket.create_connection(("127.0.0.1", self.relay.port if self.relay else port))
         self.tracker = DirtyTracker(self.src)
         self.tracker.reset()
@@ -71,43 +71,6 @@ class Pair:
         self.incoming.close()
         for m in (self.src, self.dst):
             m.close()
-
-
-class CorruptingRelay:
-    """A TCP relay that flips one byte of the stream at ``offset`` (a byte inside a page frame)."""
-
-    def __init__(self, port: int, offset: int = 200_000) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.target, self.offset = port, offset
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self) -> None:
-        conn, _ = self.listener.accept()
-        up = socket.create_connection(("127.0.0.1", self.target))
-        threading.Thread(target=self._back, args=(up, conn), daemon=True).start()
-        seen = 0
-        while data := conn.recv(65536):
-            buf = bytearray(data)
-            if seen <= self.offset < seen + len(buf):
-                buf[self.offset - seen] ^= 0x40
-            seen += len(buf)
-            try:
-                up.sendall(buf)
-            except OSError:
-                break
-        up.close()
-        conn.close()
-
-    @staticmethod
-    def _back(up: socket.socket, conn: socket.socket) -> None:
-        """The target's answers (its ERROR frame) go back unchanged."""
-        try:
-            while data := up.recv(65536):
-                conn.sendall(data)
-            conn.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
 
 
 @pytest.fixture

@@ -1,0 +1,43 @@
+"""A TCP relay for stream tests: forwards the migration stream to the target, flipping one byte of it."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+
+class CorruptingRelay:
+    """Listens on ``port`` (any free one), forwards to ``target_port`` and flips ``mask`` in the byte at
+    ``offset`` of the stream (a byte inside a page frame); the target's answers go back unchanged."""
+
+    def __init__(self, target_port: int, *, offset: int, mask: int = 0x01) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.target_port, self.offset, self.mask = target_port, offset, mask
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        conn, _ = self.listener.accept()
+        up = socket.create_connection(("127.0.0.1", self.target_port))
+        threading.Thread(target=self._back, args=(up, conn), daemon=True).start()
+        seen = 0
+        try:
+            while data := conn.recv(65536):
+                buf = bytearray(data)
+                if seen <= self.offset < seen + len(buf):
+                    buf[self.offset - seen] ^= self.mask
+                seen += len(buf)
+                up.sendall(buf)
+        except OSError:
+            pass
+        up.close()
+        conn.close()
+
+    @staticmethod
+    def _back(up: socket.socket, conn: socket.socket) -> None:
+        try:
+            while data := up.recv(65536):
+                conn.sendall(data)
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
