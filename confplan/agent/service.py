@@ -391,9 +391,12 @@ class VmmService:
         return fn(arg), time.monotonic() - started
 
     def mac_table(self, params: dict[str, Any]) -> dict[str, Any]:
-        """The MHs' per-page MAC tables, while the guest still runs. SAVE and LOAD keep the entries of the
-        private pages they move (mailbox v4); what is left is the pages the stream moved as shared:
-        ``fill`` MACs those sent so far and starts the shared CRC table, ``update`` those sent since."""
+        """``fill`` the MHs' per-page MAC tables, while the guest still runs. SAVE and LOAD keep the entries
+        of the private pages they move (mailbox v4); what is left is the pages the stream moved as shared:
+        the MHs MAC those sent so far, and the shared CRC table starts. Verify, in the pause, MACs the
+        shared pages moved after this."""
+        if params.get("action", "fill") != "fill":
+            raise ConfplanError(f"unknown mac_table action {params['action']!r}", hint="the action is fill")
         machine = self._need_machine()
         mailboxes = self._helper()
         if mailboxes is None:
@@ -401,16 +404,12 @@ class VmmService:
         started = time.monotonic()
         self._changed_gpas()  # the shared CRC table forgets these pages (the fill starts it afresh)
         moved = self._shared_moved()
-        shared_pages: int | None = None
-        if params.get("action") == "fill":
-            self.shared_table = SharedTable(machine)
-            sent_shared = self.incoming.shared_written() if self.outgoing is None and self.incoming else None
-            with ThreadPoolExecutor(max_workers=1) as pool:  # host CRCs while the MHs MAC
-                shared = pool.submit(self.shared_table.fill, sent_shared)
-                pages = mailboxes.mac_list(moved) if len(moved) else 0
-                shared_pages = shared.result()
-        else:
+        self.shared_table = SharedTable(machine)
+        sent_shared = self.incoming.shared_written() if self.outgoing is None and self.incoming else None
+        with ThreadPoolExecutor(max_workers=1) as pool:  # host CRCs while the MHs MAC
+            shared = pool.submit(self.shared_table.fill, sent_shared)
             pages = mailboxes.mac_list(moved) if len(moved) else 0
+            shared_pages = shared.result()
         return {"pages": pages, "shared_pages": shared_pages, "seconds": time.monotonic() - started}
 
     def _stream_side(self) -> Outgoing | Incoming:

@@ -98,10 +98,6 @@ class SharedTable:
         return {"pages": len(gpas), "crc32c": self._compute(gpas, crc32c(gpas))}
 
 
-def chunk_count(machine: Any) -> int:
-    return -(-int(machine.config.memory) // abi.PAGE // CHUNK_PAGES)
-
-
 def private_digests(mailboxes: MailboxSet, machine: Any) -> dict[int, str]:
     """The MHs' keyed digests of every chunk, hashed from memory (the MH skips its own area)."""
     npages = int(machine.config.memory) // abi.PAGE

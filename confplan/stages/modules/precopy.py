@@ -73,7 +73,7 @@ class Precopy(Stage):
                 throttle = decision.throttle
                 source.call("set_throttle", {"fraction": throttle})
             if decision.action is Action.STOP_AND_COPY:
-                if not tables and (tables := self._mac_tables(source, target, len(rounds), "fill")):
+                if not tables and (tables := self._fill_mac_tables(source, target, len(rounds))):
                     continue  # one more round: what the guest wrote while the tables filled
                 break
         if tables:
@@ -99,9 +99,10 @@ class Precopy(Stage):
         return stats
 
     @staticmethod
-    def _mac_tables(source: VmmHandle, target: VmmHandle, rounds: int, action: str) -> dict[str, Any]:
-        """Once the target has applied every round, both MHs ``fill`` their MAC tables or ``update`` them
-        with the pages written since, at once, while the guest still runs. {} if a side has no helper."""
+    def _fill_mac_tables(source: VmmHandle, target: VmmHandle, rounds: int) -> dict[str, Any]:
+        """Once the target has applied every round, both sides fill their MAC tables (the pages moved as
+        shared so far) and shared CRC tables at once, while the guest still runs. {} if a side has no
+        helper."""
         deadline = time.monotonic() + APPLY_TIMEOUT
         while (status := target.call("incoming_status"))["rounds"] < rounds:
             if status["state"] == "failed" or time.monotonic() > deadline:
@@ -110,15 +111,14 @@ class Precopy(Stage):
                 )
             time.sleep(0.002)
         with ThreadPoolExecutor(max_workers=1) as pool:
-            theirs = pool.submit(target.call, "mac_table", {"action": action}, timeout=common.DIGEST_TIMEOUT)
-            here = source.call("mac_table", {"action": action}, timeout=common.DIGEST_TIMEOUT)
+            theirs = pool.submit(target.call, "mac_table", {"action": "fill"}, timeout=common.DIGEST_TIMEOUT)
+            here = source.call("mac_table", {"action": "fill"}, timeout=common.DIGEST_TIMEOUT)
             there = theirs.result()
         if here["pages"] is None or there["pages"] is None:
             return {}
-        shared = [here.get("shared_pages"), there.get("shared_pages")]
-        extra = {"fill_shared_pages": shared} if action == "fill" else {}
-        return {f"{action}_pages": [here["pages"], there["pages"]], **extra,
-                f"{action}_seconds": [here["seconds"], there["seconds"]]}  # fmt: skip
+        return {"fill_pages": [here["pages"], there["pages"]],
+                "fill_shared_pages": [here["shared_pages"], there["shared_pages"]],
+                "fill_seconds": [here["seconds"], there["seconds"]]}  # fmt: skip
 
     @staticmethod
     def _check_target(target: VmmHandle) -> None:
