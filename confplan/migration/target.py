@@ -85,7 +85,7 @@ class Incoming:
         # GPAs written since take_changed_gpas() began tracking (the shared CRC table drops them)
         self._written: list[array.array[int]] | None = None
         self._shared_written: list[array.array[int]] = []  # GPAs of every shared-page frame (see below)
-        self._shared_pending: list[array.array[int]] = []  # the same, since the last take_shared_gpas()
+        self._shared_taken = 0  # how many of those take_shared_gpas() has handed out
         self._bank_order: list[tuple[int, int, int]] = []
         self._next_bank = 0
         self._posted: collections.deque[tuple[int, int, int, int]] = collections.deque()  # LOADs in flight
@@ -166,9 +166,7 @@ class Incoming:
                 frame.data, self._shared_ram, gpa_base=self._shared_base, gpas_out=gpas
             )
             self._wrote(info.count)
-            written = gpas[: info.count]
-            self._shared_written.append(written)
-            self._shared_pending.append(written)
+            self._shared_written.append(gpas[: info.count])
             self.status.shared_pages += info.count
             self.status.zero_pages += info.zero_pages
             return False
@@ -204,7 +202,7 @@ class Incoming:
     def take_shared_gpas(self) -> array.array[int]:
         """The GPAs shared-page frames wrote since the last call (duplicates possible): the pages whose MH
         MAC table entries the LOADs did not set (mailbox v4). Same calling rule as below."""
-        taken, self._shared_pending = self._shared_pending, []
+        taken, self._shared_taken = self._shared_written[self._shared_taken :], len(self._shared_written)
         return concat_gpas(taken)
 
     def take_changed_gpas(self) -> array.array[int]:
