@@ -34,7 +34,8 @@ from confplan.vmm import Machine, MachineConfig, abi
 from confplan.vmm.bootparams import HostCpu
 from confplan.vmm.cpu_setup import host_cpu_flags
 from confplan.vmm.firmware import Firmware
-from confplan.vmm.sev_launch import expected_launch_digest, launch_with_broker
+from confplan.vmm.launch_blobs import expected_launch_digest
+from confplan.vmm.sev_launch import launch_with_broker
 from confplan.vmm.tables import PT_PAGES
 
 pytestmark = pytest.mark.kvm

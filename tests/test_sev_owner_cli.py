@@ -186,12 +186,12 @@ def test_blobs_of_a_plan_give_the_digest_the_orchestrator_predicts(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """An owner computes the digest to allow from the plan, confplan's firmware and the host's facts."""
-    from confplan.cli.machine_cmds import config_from_plan
     from confplan.plan import load_plan
+    from confplan.stages.machines import machine_config
     from confplan.vmm import abi
     from confplan.vmm.bootparams import HostCpu
     from confplan.vmm.firmware import Firmware
-    from confplan.vmm.sev_launch import expected_launch_digest
+    from confplan.vmm.launch_blobs import expected_launch_digest
 
     plan = Path(__file__).resolve().parent.parent / "plans" / "quickstart.yaml"
     facts = ["--tsc-khz", "2445406", "--features", "aes-ni,pclmulqdq"]
@@ -199,7 +199,7 @@ def test_blobs_of_a_plan_give_the_digest_the_orchestrator_predicts(
     assert code == 0, err
     host = HostCpu(tsc_khz=2445406, features=abi.FEATURE_BITS["aes-ni"] | abi.FEATURE_BITS["pclmulqdq"],
                    vendor_amd=True)  # fmt: skip
-    config = config_from_plan(load_plan(plan), measured=True)
+    config = machine_config(load_plan(plan), measured=True)
     assert out.strip() == expected_launch_digest(config, Firmware.load(), host).hex()
     files = sorted((tmp_path / "src").iterdir())
     assert [f.name.split("-")[1] for f in files[:2]] == ["firmware", "boot"] and len(files) > 2

@@ -11,6 +11,7 @@ from typing import ClassVar
 
 import pytest
 
+import confplan.stages.modules  # noqa: F401  (registers the real stages, whose resume policies these copy)
 from confplan.errors import ConfplanError
 from confplan.plan import STAGE_NAMES, Plan, load_plan_text
 from confplan.stages import (
@@ -28,7 +29,7 @@ from confplan.stages import (
     register_stage,
     stage_inputs,
 )
-from confplan.stages.base import StageRegistry
+from confplan.stages.base import REGISTRY, StageRegistry
 from confplan.stages.checkpoint import DB_NAME
 from confplan.stages.observers import JsonObserver, TextObserver
 
@@ -58,6 +59,7 @@ def make_registry(world: World) -> StageRegistry:
 def _stage_class(stage_name: str, world: World) -> type[Stage]:
     class Recorded(Stage):
         name: ClassVar[str] = stage_name
+        policy = REGISTRY[stage_name].policy  # the real stage's resume policy
 
         def check(self, ctx: StageContext) -> None:
             if stage_name == "cleanup-source":

@@ -4,14 +4,30 @@ from __future__ import annotations
 
 import pytest
 
+import confplan.stages.modules  # noqa: F401  (registers the pipeline's stages with their resume policies)
 from confplan.plan import STAGE_NAMES, StageSpec
-from confplan.stages.base import ResumePolicy, stage_inputs
+from confplan.stages.base import ResumePolicy, stage_inputs, stage_policies
 from confplan.stages.checkpoint import RunOutcome, RunRecord, StageRecord, StageStatus
-from confplan.stages.executor import RunChoice, StepAction, choose_run, plan_steps
+from confplan.stages.executor import RunChoice, Step, StepAction, choose_run
+from confplan.stages.executor import plan_steps as _plan_steps
 from confplan.stages.observers import format_steps
 
 SPECS = [StageSpec(name=name) for name in STAGE_NAMES]
 RUN, SKIP, REDO, BLOCKED = StepAction.RUN, StepAction.SKIP, StepAction.REDO, StepAction.BLOCKED
+
+
+# The stages whose own resume policy redoes from an earlier stage after a failure in the middle of the stream;
+# the decisions below are checked with their real policies (each stage class declares its own).
+STREAM_POLICIES = {
+    name: policy
+    for name, policy in stage_policies().items()
+    if name in ("precopy", "stop-and-copy", "verify", "resume-target")
+}
+
+
+def plan_steps(specs: list[StageSpec], records: dict[str, StageRecord], **options: object) -> list[Step]:
+    options.setdefault("policies", STREAM_POLICIES)
+    return _plan_steps(specs, records, **options)  # type: ignore[arg-type]
 
 
 def record(name: str, status: StageStatus, error: str | None = None) -> StageRecord:
@@ -139,3 +155,11 @@ def test_choose_run() -> None:
     assert restarted.run_id is None and "--restart" in restarted.reason
     done = choose_run(run_record("h", RunOutcome.SUCCEEDED), "h")
     assert done.run_id == 7 and "already succeeded" in done.reason
+
+
+def test_a_failed_attestation_provisions_a_fresh_target() -> None:
+    # attest-target's own policy: a machine's launch is measured once, so its VMM is provisioned again.
+    index = STAGE_NAMES.index("attest-target")
+    steps = plan_steps(SPECS, failed_at(index), policies=stage_policies())
+    assert actions(steps) == [SKIP, REDO, REDO] + [RUN] * 6
+    assert steps[1].reason.startswith("attest-target failed and a machine's launch is measured once")

@@ -21,12 +21,8 @@ from confplan.vmm import Machine, MachineConfig, abi
 from confplan.vmm.bootparams import HostCpu
 from confplan.vmm.exits import GuestFault
 from confplan.vmm.firmware import Firmware
-from confplan.vmm.sev_launch import (
-    MeasuredLaunch,
-    expected_launch_digest,
-    launch_blobs,
-    launch_with_broker,
-)  # fmt: skip
+from confplan.vmm.launch_blobs import expected_launch_digest, launch_blobs
+from confplan.vmm.sev_launch import MeasuredLaunch, launch_with_broker
 
 MEM = 32 * abi.MIB
 NODBG = encode_sev_policy(nodbg=True, noks=True, api_major=1, api_minor=40)

@@ -7,6 +7,7 @@ source guest outlives an orchestrator that crashed or was interrupted.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import socket
@@ -18,6 +19,8 @@ from typing import Any
 
 from confplan.errors import ConfplanError
 from confplan.rpc import PeerGone, RpcClient, RpcError, connect_tcp
+from confplan.sev.certs import PlatformChain
+from confplan.sev.launch_crypto import PlatformVersion
 
 START_TIMEOUT = 15.0
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}  # VMMs this process started, to tell how they ended
@@ -61,6 +64,34 @@ class VmmHandle:
 
     def close(self) -> None:
         self.client.close()
+
+    def launch_peer(self) -> RpcLaunchPeer:
+        """This VMM's measured launch as the owner's broker drives it (``sev.owner.LaunchPeer``)."""
+        return RpcLaunchPeer(self)
+
+
+class RpcLaunchPeer:
+    """``sev.owner.LaunchPeer`` over a VMM's RPC: platform_chain, launch_measure, launch_secret."""
+
+    def __init__(self, handle: VmmHandle) -> None:
+        self._handle = handle
+
+    def platform(self) -> tuple[PlatformChain, PlatformVersion]:
+        doc = self._handle.call("platform_chain")
+        return PlatformChain.unpack(base64.b64decode(doc["chain"])), PlatformVersion(*doc["version"])
+
+    def measure(self, policy: int, godh_cert: bytes, session_blob: bytes) -> bytes:
+        answer = self._handle.call("launch_measure", {
+            "policy": policy, "godh": _b64(godh_cert), "session": _b64(session_blob),
+        })  # fmt: skip
+        return base64.b64decode(answer["measurement"])
+
+    def inject_secret(self, header: bytes, ciphertext: bytes) -> None:
+        self._handle.call("launch_secret", {"header": _b64(header), "ciphertext": _b64(ciphertext)})
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
 
 
 def describe_end(pid: int | None, log: Path | None) -> str:

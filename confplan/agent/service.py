@@ -36,7 +36,6 @@ from confplan.migration.verify import (
     table_digests,
 )
 from confplan.rpc import Call, RpcServer
-from confplan.sev.launch_crypto import PlatformVersion
 from confplan.vmm import abi
 
 ROLES = ("source", "target")
@@ -159,8 +158,7 @@ class VmmService:
     def launch_secret(self, params: dict[str, Any]) -> dict[str, Any]:
         if self.launch is None:
             raise ConfplanError("no measured launch in progress", hint="call 'launch_measure' first")
-        self.launch.inject_secret(_unb64(params, "header"), _unb64(params, "ciphertext"))
-        self.launch.finish()
+        self.launch.inject_secret(_unb64(params, "header"), _unb64(params, "ciphertext"))  # + LAUNCH_FINISH
         log(f"{self.role}: launch secret injected, LAUNCH_FINISH")
         return {}
 
@@ -489,6 +487,3 @@ class VmmService:
             self.machine.close()
             self.machine = None
 
-
-def platform_version(doc: list[int]) -> PlatformVersion:
-    return PlatformVersion(int(doc[0]), int(doc[1]), int(doc[2]))

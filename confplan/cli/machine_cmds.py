@@ -8,36 +8,15 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from confplan.errors import ConfplanError
-from confplan.vmm import Machine, MachineConfig, abi
+from confplan.vmm import Machine, abi
 
-
-def config_from_plan(plan: Any, *, measured: bool = False, mh_only: bool = False) -> MachineConfig:
-    """Map a ``confplan.plan`` Plan onto the VMM's config (the VMM itself never imports the plan)."""
-    guest, helper = plan.guest, plan.helper
-    mirror = helper.mode == "mirror-vm"
-    return MachineConfig(
-        memory=int(guest.memory),
-        vcpus=guest.vcpus,
-        aux_vcpus=0 if mirror else helper.aux_vcpus,
-        mirror_vcpus=max(1, helper.aux_vcpus) if mirror else 1,
-        helper_mode=helper.mode,
-        batch_pages=helper.batch_pages,
-        workload_kind=guest.workload.kind,
-        dirty_rate=guest.workload.dirty_rate,
-        shared_fraction=guest.workload.shared_fraction,
-        seed=guest.workload.seed,
-        measured_launch=measured,
-        mh_only=mh_only,
-        # A target: its RAM is allocated before the stream starts, and it keeps no dirty log (nothing
-        # reads it; on kvm_pvm logging roughly doubles the helper's cost of writing fresh pages).
-        prefault=mh_only,
-        dirty_logging=not mh_only,
-    )
+if TYPE_CHECKING:
+    from confplan.plan import Plan
 
 
 def _status_line(m: Machine, dirty_pages: int, seconds: float) -> str:
@@ -56,17 +35,16 @@ def _status_line(m: Machine, dirty_pages: int, seconds: float) -> str:
 def _measured_launch(m: Machine, policy: int, psp_dir: Path) -> None:
     """The owner's side runs in this process with throw-away keys whose policy allows exactly the digest
     predicted from the plan: it shows the flow and the refusals, it proves nothing against this host."""
-    from confplan.sev import EmulatedSecureProcessor, KeyBroker, OwnerPolicy
+    from confplan.sev import EmulatedSecureProcessor, KeyBroker
     from confplan.sev.broker import TRANSPORT_KEY_LEN
-    from confplan.sev.policy import sev_api_version
-    from confplan.vmm.sev_launch import expected_launch_digest, launch_with_broker
+    from confplan.sev.owner import owner_policy_for
+    from confplan.vmm.launch_blobs import expected_launch_digest
+    from confplan.vmm.sev_launch import launch_with_broker
 
     psp = EmulatedSecureProcessor.open(psp_dir)
     digest = expected_launch_digest(m.config, m.firmware, m.host).hex()
-    major, minor = sev_api_version(policy)
     with tempfile.TemporaryDirectory(prefix="confplan-owner-") as owner_dir:
-        owner = OwnerPolicy(allowed_digests=[digest], allowed_policies=[policy], min_api=f"{major}.{minor}")
-        broker = KeyBroker.init(Path(owner_dir), owner)
+        broker = KeyBroker.init(Path(owner_dir), owner_policy_for(digest, policy))
         record = launch_with_broker(m, psp, broker, policy, os.urandom(TRANSPORT_KEY_LEN))
     typer.echo(
         f"measured launch on the EMULATED secure processor (keys in {psp.key_file}; not AMD hardware): "
@@ -80,7 +58,7 @@ def _measured_launch(m: Machine, policy: int, psp_dir: Path) -> None:
     )
 
 
-def _launch_policy(plan: Any) -> int:
+def _launch_policy(plan: Plan) -> int:
     if plan.sev.generation == "sev-snp":
         raise ConfplanError(
             "the VMM's measured launch speaks the SEV/SEV-ES flow (LAUNCH_SECRET); this plan says sev-snp",
@@ -110,10 +88,11 @@ def launch(
 ) -> None:
     """Boot the plan's guest and show live what it does (vCPUs, helper vCPUs, dirty rate, shared pages)."""
     from confplan.plan import load_plan
+    from confplan.stages.machines import machine_config
 
     plan = load_plan(plan_path)
     policy = _launch_policy(plan) if measured else None
-    config = config_from_plan(plan, measured=measured)
+    config = machine_config(plan, measured=measured)
     echo = (lambda line: typer.echo(f"  {line}")) if console else None
     with Machine(config, echo=echo) as m:
         typer.echo(f"firmware {m.firmware.path} sha256 {m.firmware.sha256}")

@@ -152,14 +152,14 @@ def blobs_cmd(
     """Write the blobs confplan's VMM measures for PLAN's guest on such a host (firmware, boot page, CPU
     tables) and print their launch digest: the value for 'owner init --allow-digest', computed here from
     confplan's own firmware, without asking the host."""
-    from confplan.cli.machine_cmds import config_from_plan
     from confplan.plan import load_plan
+    from confplan.stages.machines import machine_config
     from confplan.vmm.bootparams import HostCpu
     from confplan.vmm.firmware import Firmware
-    from confplan.vmm.sev_launch import launch_blobs
+    from confplan.vmm.launch_blobs import launch_blobs
 
     host = HostCpu(tsc_khz=tsc_khz, features=_parse_features(features), vendor_amd=not intel)
-    config = config_from_plan(load_plan(plan_path), measured=True, mh_only=target)
+    config = machine_config(load_plan(plan_path), measured=True, mh_only=target)
     blobs = launch_blobs(config, Firmware.load(), host)
     out.mkdir(parents=True, exist_ok=True)
     for i, blob in enumerate(blobs):

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from confplan.plan import Plan, load_plan
-from confplan.stages.base import REGISTRY
+from confplan.stages.base import stage_policies
 from confplan.stages.checkpoint import DB_NAME, CheckpointStore, RunRecord, StageRecord
 from confplan.stages.executor import RunChoice, Step, StepAction, choose_run, plan_steps
 from confplan.stages.observers import format_bytes
@@ -35,7 +35,7 @@ def status(
     plan = load_plan(plan_file)
     run, records = _read_checkpoint(plan)
     choice = choose_run(run, plan.plan_hash())
-    policies = {name: cls.resume_policy() for name, cls in REGISTRY.items()}
+    policies = stage_policies()
     steps = plan_steps(plan.stages, records if choice.resume else {}, policies=policies)
     if output is OutputFormat.JSON:
         typer.echo(json.dumps(_document(plan, plan_file, run, records, choice, steps), indent=2))

@@ -308,11 +308,16 @@ class KeyBroker:
     ) -> SecretPacket:  # fmt: skip
         """Release the migration transport key (and, if given, the owner's migration id) to one measured
         migration helper (source or target)."""
-        if len(transport_key) != TRANSPORT_KEY_LEN:
-            raise ConfplanError(f"a transport key is {TRANSPORT_KEY_LEN} bytes, got {len(transport_key)}")
-        secrets = {CONFPLAN_TRANSPORT_KEY_GUID: transport_key}
-        if migration_id is not None:
-            if len(migration_id) != MIGRATION_ID_LEN:
-                raise ConfplanError(f"a migration id is {MIGRATION_ID_LEN} bytes, got {len(migration_id)}")
-            secrets[CONFPLAN_MIGRATION_ID_GUID] = migration_id
-        return self.release(state, measurement, version, secrets)
+        return self.release(state, measurement, version, confplan_secrets(transport_key, migration_id))
+
+
+def confplan_secrets(transport_key: bytes, migration_id: bytes | None = None) -> dict[uuid.UUID, bytes]:
+    """The secrets confplan releases to a migration helper: the transport key and the migration id."""
+    if len(transport_key) != TRANSPORT_KEY_LEN:
+        raise ConfplanError(f"a transport key is {TRANSPORT_KEY_LEN} bytes, got {len(transport_key)}")
+    secrets = {CONFPLAN_TRANSPORT_KEY_GUID: transport_key}
+    if migration_id is not None:
+        if len(migration_id) != MIGRATION_ID_LEN:
+            raise ConfplanError(f"a migration id is {MIGRATION_ID_LEN} bytes, got {len(migration_id)}")
+        secrets[CONFPLAN_MIGRATION_ID_GUID] = migration_id
+    return secrets

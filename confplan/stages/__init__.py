@@ -5,7 +5,6 @@ them, resuming a failed run where that is safe; ``plan_steps`` is the pure decis
 """
 
 from confplan.stages.base import (
-    DEFAULT_POLICIES,
     REGISTRY,
     Progress,
     ResumePolicy,
@@ -16,6 +15,7 @@ from confplan.stages.base import (
     TeardownWhen,
     register_stage,
     stage_inputs,
+    stage_policies,
 )
 from confplan.stages.checkpoint import (
     SCHEMA_VERSION,
@@ -38,7 +38,6 @@ from confplan.stages.executor import (
 )
 
 __all__ = [
-    "DEFAULT_POLICIES",
     "REGISTRY",
     "SCHEMA_VERSION",
     "ApplyReport",
@@ -64,4 +63,5 @@ __all__ = [
     "plan_steps",
     "register_stage",
     "stage_inputs",
+    "stage_policies",
 ]

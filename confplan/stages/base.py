@@ -5,11 +5,14 @@ A stage module defines one ``Stage`` subclass and registers it::
     @register_stage
     class Precopy(Stage):
         name = "precopy"
+        needs = ("start-incoming",)          # stages whose recorded results it reads (checked first)
+        provides = ("rounds", "decision")    # the keys of its own result's data
         policy = ResumePolicy(redo_from="start-incoming", reason="the target's received pages are gone")
 
-        def check(self, ctx): ...            # raise ConfplanError saying what is missing
         def run(self, ctx) -> StageResult:  # idempotent: may run again after a failure or a crash
             ...
+
+``check`` (by default: every stage in ``needs`` has succeeded) may be extended to refuse early.
 
 ``run`` registers the undo of everything it sets up with ``ctx.add_teardown``; after a failure the executor
 runs every registered tear-down in reverse. Until resume-target has succeeded, tear-downs must leave the
@@ -23,11 +26,14 @@ import hashlib
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Final
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from confplan.errors import ConfplanError
 from confplan.plan import Plan, StageSpec
 from confplan.stages.checkpoint import StageRecord, StageStatus
+
+if TYPE_CHECKING:
+    from confplan.agent.handle import VmmHandle
 
 
 @dataclass(frozen=True)
@@ -42,32 +48,6 @@ class ResumePolicy:
     redo_from: str | None = None
     reason: str = ""
     unsafe_if_interrupted: str | None = None
-
-
-# The policy of each stage of the v1 pipeline (a stage class may override its own).
-DEFAULT_POLICIES: Final[Mapping[str, ResumePolicy]] = {
-    "precopy": ResumePolicy(
-        "start-incoming", "the target's partly received memory went with the failed stream"
-    ),
-    "stop-and-copy": ResumePolicy(
-        "start-incoming", "the target's state is incomplete after a failed final copy"
-    ),
-    "verify": ResumePolicy("start-incoming", "the target's memory cannot be trusted after a failed verify"),
-    "resume-target": ResumePolicy(
-        "start-incoming",
-        "the target did not resume, so it is loaded again from the intact source",
-        unsafe_if_interrupted=(
-            "resume-target was interrupted: the guest may already run on the target while the source "
-            "still holds it"
-        ),
-    ),
-}
-
-
-def policy_for(name: str, overrides: Mapping[str, ResumePolicy] | None = None) -> ResumePolicy:
-    if overrides is not None and name in overrides:
-        return overrides[name]
-    return DEFAULT_POLICIES.get(name, ResumePolicy())
 
 
 def stage_inputs(spec: StageSpec) -> str:
@@ -125,8 +105,10 @@ class StageContext:
         self.plan = plan
         self.run_id = run_id
         self.records: dict[str, StageRecord] = dict(records)
-        # Live objects one stage hands to later ones within this apply (RPC clients of the VMMs, say).
-        self.state: dict[str, Any] = {}
+        # What one stage hands later ones within this apply, in memory (never checkpointed):
+        self.vmms: dict[str, VmmHandle] = {}  # the live RPC handles of the VMMs, by role
+        self.pause_started: float | None = None  # monotonic time stop-and-copy paused the guest
+        self.mac_tables = False  # precopy filled both helpers' MAC tables: verify folds them
         self.teardowns: list[Teardown] = []
         self.current = ""
         self._report_progress = report_progress
@@ -154,16 +136,21 @@ class StageContext:
 
 
 class Stage:
-    """One stage: a precondition check, an idempotent action, a resume policy."""
+    """One stage: what it needs and provides, a precondition check, an idempotent action, a resume policy."""
 
     name: ClassVar[str] = ""
-    policy: ClassVar[ResumePolicy | None] = None  # None: DEFAULT_POLICIES' entry for ``name``
+    needs: ClassVar[tuple[str, ...]] = ()  # earlier stages whose results ``run`` reads
+    provides: ClassVar[tuple[str, ...]] = ()  # keys its StageResult.data always holds
+    policy: ClassVar[ResumePolicy] = ResumePolicy()  # what a rerun redoes when this stage did not finish
 
     def __init__(self, params: Mapping[str, Any]) -> None:
         self.params = dict(params)
 
     def check(self, ctx: StageContext) -> None:
-        """Raise ConfplanError naming what is missing before ``run`` may start. Default: nothing needed."""
+        """Raise ConfplanError naming what is missing before ``run`` may start: by default, a stage in
+        ``needs`` that has not succeeded."""
+        for stage in self.needs:
+            ctx.result_of(stage)
 
     def run(self, ctx: StageContext) -> StageResult:
         raise NotImplementedError(f"stage {self.name} has no action")
@@ -173,13 +160,20 @@ class Stage:
         gone (the VMM it started has exited, say): then it runs again, and every stage after it."""
         return True
 
-    @classmethod
-    def resume_policy(cls) -> ResumePolicy:
-        return cls.policy if cls.policy is not None else policy_for(cls.name)
+    def check_result(self, result: StageResult) -> None:
+        """The stage kept its contract: every key of ``provides`` is in its result (a bug otherwise)."""
+        missing = [key for key in self.provides if key not in result.data]
+        if missing:
+            raise TypeError(f"stage {self.name} did not provide {', '.join(missing)} in its result")
 
 
 StageRegistry = dict[str, type[Stage]]
 REGISTRY: StageRegistry = {}
+
+
+def stage_policies(registry: StageRegistry | None = None) -> dict[str, ResumePolicy]:
+    """Each registered stage's resume policy, by name (the real pipeline's: ``confplan.stages.modules``)."""
+    return {name: cls.policy for name, cls in (REGISTRY if registry is None else registry).items()}
 
 
 def register_stage(cls: type[Stage], registry: StageRegistry | None = None) -> type[Stage]:

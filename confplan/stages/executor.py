@@ -13,7 +13,6 @@ import sqlite3
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NoReturn
 
 from confplan.errors import ConfplanError
@@ -28,7 +27,6 @@ from confplan.stages.base import (
     StageResult,
     Teardown,
     TeardownWhen,
-    policy_for,
     stage_inputs,
 )
 from confplan.stages.checkpoint import (
@@ -144,7 +142,7 @@ def _first_to_run(
             if not still_valid.get(spec.name, True):
                 return index, {spec.name: "done earlier, but what it produced is gone"}, None
             continue
-        policy = policy_for(spec.name, policies)
+        policy = (policies or {}).get(spec.name, ResumePolicy())
         if record.status is StageStatus.RUNNING and policy.unsafe_if_interrupted:
             return index, {}, policy.unsafe_if_interrupted
         origin, reasons = _redo_point(names, index, record, policy)
@@ -249,7 +247,7 @@ def _report_dry(
 
 
 def _policies(stages: Sequence[StageSpec], registry: StageRegistry) -> dict[str, ResumePolicy]:
-    return {spec.name: registry[spec.name].resume_policy() for spec in stages if spec.name in registry}
+    return {spec.name: registry[spec.name].policy for spec in stages if spec.name in registry}
 
 
 def _stage_classes(stages: Sequence[StageSpec], registry: StageRegistry) -> dict[str, type[Stage]]:
@@ -341,6 +339,7 @@ class _Apply:
             result = stage.run(ctx)
             if not isinstance(result, StageResult):
                 raise TypeError(f"stage {step.stage} returned {type(result).__name__}, not a StageResult")
+            stage.check_result(result)
             # Written only now, after the action succeeded (synchronous=FULL: on disk when this returns).
             # Should the write itself fail, the stage is not done: it fails, and a rerun redoes it.
             self.store.mark_done(
@@ -414,6 +413,3 @@ def _describe(err: BaseException) -> str:
         return err.message
     return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
 
-
-def checkpoint_path(plan: Plan) -> Path:
-    return plan.checkpoint.dir / DB_NAME

@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TextIO
+from typing import Protocol, TextIO
 
 from confplan.errors import ConfplanError
 from confplan.kvm import DEFAULT_KVM_PATH, Kvm, Vcpu
@@ -42,16 +42,24 @@ from confplan.vmm.exits import (
     VcpuExit,
 )  # fmt: skip
 from confplan.vmm.firmware import Firmware
+from confplan.vmm.launch_blobs import LaunchBlob, launch_blobs
 from confplan.vmm.layout import GuestLayout
 from confplan.vmm.memory import GuestRam
 from confplan.vmm.mirror_vm import MirrorVm
-from confplan.vmm.sev_launch import LaunchBlob, launch_blobs
 from confplan.vmm.state import VcpuState
 from confplan.vmm.vcpu_thread import RunState, VcpuRunner
 from confplan.vmm.workload import WorkloadControl
 
-if TYPE_CHECKING:
-    from confplan.vmm.sev_launch import MeasuredLaunch
+
+class AttachedLaunch(Protocol):
+    """What a machine needs of its measured launch (``vmm.sev_launch.MeasuredLaunch``), which drives the
+    machine and so is built on top of it: the machine only asks it these."""
+
+    @property
+    def finished(self) -> bool: ...
+    @property
+    def state(self) -> str: ...
+    def debug_read(self, gpa: int, n: int) -> bytes: ...
 
 TSS_ADDR = 0xFFFBD000  # three pages KVM may use on VMX hosts, above the MMIO window
 KVM_ENOSYS = 1000
@@ -81,7 +89,7 @@ class Machine:
         self.runners: list[VcpuRunner] = []
         self.helpers: list[HelperVcpu] = []
         self.mirror: MirrorVm | None = None
-        self.launch: MeasuredLaunch | None = None
+        self.launch: AttachedLaunch | None = None
         self._log: TextIO | None = None
         self._mailboxes: MailboxSet | None = None
         self.mailbox_doorbells = MailboxDoorbells(config.mh_vcpus)
@@ -246,7 +254,7 @@ class Machine:
             return self.launch.debug_read(gpa, n)
         return self.read(gpa, n)
 
-    def attach_launch(self, launch: MeasuredLaunch) -> None:
+    def attach_launch(self, launch: AttachedLaunch) -> None:
         """Called by ``MeasuredLaunch``: one launch per machine, before it starts."""
         if self.launch is not None or "start" in self.timings:
             raise ConfplanError("a machine has one measured launch, before it starts")
@@ -267,10 +275,10 @@ class Machine:
         """Start every vCPU thread; on a migration target (mh_only) the guest's own vCPUs stay paused.
         A measured launch must have reached LAUNCH_FINISH first."""
         if self.config.measured_launch and (self.launch is None or not self.launch.finished):
-            state = "not begun" if self.launch is None else f"in state {self.launch.guest.state.value}"
+            state = "not begun" if self.launch is None else f"in state {self.launch.state}"
             raise ConfplanError(
                 f"measured launch {state}: no vCPU may run before LAUNCH_FINISH",
-                hint="run the launch first: sev_launch.MeasuredLaunch measure, inject_secret, finish",
+                hint="run the launch first: sev_launch.MeasuredLaunch measure, then inject_secret",
             )
         self.timings["start"] = time.perf_counter()
         for r in self.runners:

@@ -3,7 +3,6 @@ measured launch with the owner's key broker (the orchestrator plays the guest ow
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
 import os
@@ -16,9 +15,9 @@ from confplan.agent.handle import VmmHandle
 from confplan.errors import ConfplanError
 from confplan.plan import Plan
 from confplan.rpc import RpcError
+from confplan.stages import machines
 from confplan.stages.base import StageContext, Teardown, TeardownWhen
 
-SOURCE_UNDO = "source-undo"
 DIGEST_TIMEOUT = 300.0
 
 
@@ -33,7 +32,7 @@ def owner_dir(plan: Plan) -> Path:
 def vmm(ctx: StageContext, role: str) -> VmmHandle:
     """The live handle of ``role``'s VMM: from this apply, or reconnected to the one an earlier apply
     started. A ConfplanError says so when it is gone."""
-    handle: VmmHandle | None = ctx.state.get(role)
+    handle: VmmHandle | None = ctx.vmms.get(role)
     if handle is not None and handle.client.connected:
         return handle
     endpoint = ctx.plan.target if role == "target" else ctx.plan.source
@@ -55,7 +54,7 @@ def vmm(ctx: StageContext, role: str) -> VmmHandle:
 
 def adopt(ctx: StageContext, role: str, handle: VmmHandle) -> None:
     """Keep ``handle`` for later stages of this apply; the connection closes when the apply ends."""
-    ctx.state[role] = handle
+    ctx.vmms[role] = handle
     ctx.add_teardown(f"disconnect from the {role} VMM", handle.close, when=TeardownWhen.ALWAYS)
 
 
@@ -78,9 +77,7 @@ def probe_local(previous_result: dict[str, Any] | Any, role: str, **want: Any) -
 
 def machine_config(plan: Plan, *, mh_only: bool) -> dict[str, Any]:
     """The plan's guest as ``MachineConfig`` fields (JSON, for the VMM's ``create``); measured launch."""
-    from confplan.cli.machine_cmds import config_from_plan
-
-    return dataclasses.asdict(config_from_plan(plan, measured=True, mh_only=mh_only))
+    return dataclasses.asdict(machines.machine_config(plan, measured=True, mh_only=mh_only))
 
 
 def check_generation(plan: Plan) -> None:
@@ -123,42 +120,24 @@ def measured_launch(plan: Plan, handle: VmmHandle, created: dict[str, Any], conf
     """LAUNCH_START..LAUNCH_FINISH on ``handle``'s machine with the owner's broker here: the transport key
     is released only when the measurement matches the digest predicted from the plan and confplan's own
     firmware (AttestationRefused otherwise, and nothing is injected). Returns the matched digest."""
-    from confplan.sev import CONFPLAN_TRANSPORT_KEY_GUID, KeyBroker, OwnerPolicy
-    from confplan.sev.certs import PlatformChain
-    from confplan.sev.launch_crypto import PlatformVersion
-    from confplan.sev.policy import sev_api_version
-    from confplan.sev.secret_table import CONFPLAN_MIGRATION_ID_GUID
+    from confplan.sev import KeyBroker
+    from confplan.sev.broker import confplan_secrets
+    from confplan.sev.owner import attest_and_release, owner_policy_for
     from confplan.vmm import MachineConfig
     from confplan.vmm.bootparams import HostCpu
     from confplan.vmm.firmware import Firmware
-    from confplan.vmm.sev_launch import expected_launch_digest
+    from confplan.vmm.launch_blobs import expected_launch_digest
 
     policy = int(plan.sev.policy_int)
     expected = expected_launch_digest(
         MachineConfig(**config), Firmware.load(), HostCpu(**created["host"])
     ).hex()
-    major, minor = sev_api_version(policy)
-    owner = OwnerPolicy(allowed_digests=[expected], allowed_policies=[policy], min_api=f"{major}.{minor}")
     with contextlib.suppress(FileExistsError):
         owner_dir(plan).mkdir(parents=True, mode=0o700)
-    broker = KeyBroker.init(owner_dir(plan), owner, force=True)
-    platform = handle.call("platform_chain")
-    version = PlatformVersion(*platform["version"])
-    bundle = broker.new_session(PlatformChain.unpack(base64.b64decode(platform["chain"])), policy)
-    answer = handle.call("launch_measure", {
-        "policy": policy, "godh": _b64(bundle.godh_cert), "session": _b64(bundle.session_blob),
-    })  # fmt: skip
-    measurement = base64.b64decode(answer["measurement"])
-    _, digest = broker.verify_measurement(bundle.state, measurement, version)
+    broker = KeyBroker.init(owner_dir(plan), owner_policy_for(expected, policy), force=True)
     key, migration_id = migration_secrets(plan)
-    secrets = {CONFPLAN_TRANSPORT_KEY_GUID: key, CONFPLAN_MIGRATION_ID_GUID: migration_id}
-    packet = broker.release(bundle.state, measurement, version, secrets)
-    handle.call("launch_secret", {"header": _b64(packet.header()), "ciphertext": _b64(packet.ciphertext)})
-    return digest
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
+    record = attest_and_release(handle.launch_peer(), broker, policy, confplan_secrets(key, migration_id))
+    return record.digest
 
 
 def undo_on_source(ctx: StageContext) -> Teardown:
@@ -167,9 +146,7 @@ def undo_on_source(ctx: StageContext) -> Teardown:
     def resume() -> None:
         vmm(ctx, "source").call("resume_guest", {"reason": f"stage {ctx.current} failed"})
 
-    teardown = ctx.add_teardown("resume the source guest's vCPUs", resume)
-    ctx.state.setdefault(SOURCE_UNDO, []).append(teardown)
-    return teardown
+    return ctx.add_teardown("resume the source guest's vCPUs", resume)
 
 
 def stream_error(ctx: StageContext, err: ConfplanError) -> ConfplanError:

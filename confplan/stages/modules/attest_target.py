@@ -12,13 +12,11 @@ from confplan.stages.modules import _common as common
 @register_stage
 class AttestTarget(Stage):
     name = "attest-target"
+    needs = ("launch-source", "provision-target")  # the owner's transport key is made at launch-source
+    provides = ("launch_digest", "socket")
     policy = ResumePolicy(
         "provision-target", "a machine's launch is measured once: a fresh target VMM is provisioned"
     )
-
-    def check(self, ctx: StageContext) -> None:
-        ctx.result_of("launch-source")  # the owner's transport key is made there
-        ctx.result_of("provision-target")
 
     def run(self, ctx: StageContext) -> StageResult:
         provisioned = ctx.result_of("provision-target")

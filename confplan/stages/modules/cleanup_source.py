@@ -10,9 +10,8 @@ from confplan.stages.modules import _common as common
 @register_stage
 class CleanupSource(Stage):
     name = "cleanup-source"
-
-    def check(self, ctx: StageContext) -> None:
-        ctx.result_of("resume-target")
+    needs = ("resume-target",)
+    provides = ("source_pid",)
 
     def run(self, ctx: StageContext) -> StageResult:
         source = common.vmm(ctx, "source")

@@ -14,8 +14,10 @@ from confplan.stages.modules import _common as common
 @register_stage
 class LaunchSource(Stage):
     name = "launch-source"
+    provides = ("pid", "socket", "log", "launch_digest", "firmware_sha256")
 
     def check(self, ctx: StageContext) -> None:
+        super().check(ctx)
         common.check_generation(ctx.plan)
         if not ctx.plan.source.is_local:
             raise ConfplanError(

@@ -20,12 +20,11 @@ from confplan.agent.handle import VmmHandle
 from confplan.errors import ConfplanError
 from confplan.migration.precopy import Action, Limits, RoundStats, decide
 from confplan.plan.models import PrecopyParams
-from confplan.stages.base import Stage, StageContext, StageResult, register_stage
+from confplan.stages.base import ResumePolicy, Stage, StageContext, StageResult, register_stage
 from confplan.stages.modules import _common as common
 
 ROUND_TIMEOUT = 600.0
 APPLY_TIMEOUT = 120.0
-MAC_TABLES = "mac-tables"  # state: both MHs' MAC tables are filled and follow the stream (verify folds)
 
 
 def limits_of(ctx: StageContext, max_rounds: int | None) -> Limits:
@@ -46,9 +45,9 @@ def _status_line(stats: RoundStats, eta: float | None, bandwidth: float) -> str:
 @register_stage
 class Precopy(Stage):
     name = "precopy"
-
-    def check(self, ctx: StageContext) -> None:
-        ctx.result_of("start-incoming")
+    needs = ("start-incoming",)
+    provides = ("rounds", "decision", "bandwidth", "throttle", "mac_tables")
+    policy = ResumePolicy("start-incoming", "the target's partly received memory went with the failed stream")
 
     def run(self, ctx: StageContext) -> StageResult:
         source, target = common.vmm(ctx, "source"), common.vmm(ctx, "target")
@@ -56,7 +55,7 @@ class Precopy(Stage):
         limits = limits_of(ctx, PrecopyParams.model_validate(self.params).max_rounds)
         rounds: list[RoundStats] = []
         started, throttle, sent_pages = time.monotonic(), 0.0, 0
-        ctx.state[MAC_TABLES] = False
+        ctx.mac_tables = False
         tables: dict[str, Any] = {}
         while True:
             stats = self._round(ctx, source, target)
@@ -81,7 +80,7 @@ class Precopy(Stage):
             # wrote during the fill and the round after. No MAC update in between (mailbox v4): SAVE and
             # LOAD keep the sealed pages' entries, and the pause MACs the few pages moved as shared since.
             rounds.append(self._round(ctx, source, target))
-            ctx.state[MAC_TABLES] = True
+            ctx.mac_tables = True
         return StageResult(
             bytes_shared=sum(r.shared_pages for r in rounds) * 4112,
             bytes_sealed=sum(r.sealed_pages for r in rounds) * 4160,

@@ -21,8 +21,10 @@ from confplan.stages.modules import _common as common
 @register_stage
 class ProvisionTarget(Stage):
     name = "provision-target"
+    provides = ("pid", "socket", "created", "config")
 
     def check(self, ctx: StageContext) -> None:
+        super().check(ctx)
         common.check_generation(ctx.plan)
 
     def run(self, ctx: StageContext) -> StageResult:

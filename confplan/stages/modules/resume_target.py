@@ -7,17 +7,23 @@ from __future__ import annotations
 import time
 
 from confplan.errors import ConfplanError
-from confplan.stages.base import Stage, StageContext, StageResult, TeardownWhen, register_stage
+from confplan.stages.base import ResumePolicy, Stage, StageContext, StageResult, TeardownWhen, register_stage
 from confplan.stages.modules import _common as common
-from confplan.stages.modules.stop_and_copy import PAUSE_STARTED
 
 
 @register_stage
 class ResumeTarget(Stage):
     name = "resume-target"
-
-    def check(self, ctx: StageContext) -> None:
-        ctx.result_of("verify")
+    needs = ("verify",)
+    provides = ("downtime_seconds", "clock_gap_seconds", "ledger_checked_pages", "target_pid")
+    policy = ResumePolicy(
+        "start-incoming",
+        "the target did not resume, so it is loaded again from the intact source",
+        unsafe_if_interrupted=(
+            "resume-target was interrupted: the guest may already run on the target while the source "
+            "still holds it"
+        ),
+    )
 
     def run(self, ctx: StageContext) -> StageResult:
         target = common.vmm(ctx, "target")
@@ -26,7 +32,8 @@ class ResumeTarget(Stage):
         started = time.monotonic()
         resumed = target.call("resume_incoming")
         now = time.monotonic()
-        downtime = now - ctx.state[PAUSE_STARTED] if PAUSE_STARTED in ctx.state else None
+        paused = ctx.pause_started
+        downtime = now - paused if paused is not None else None
         ledger = target.call("workload_check", timeout=60.0)
         if not ledger["ok"]:
             raise ConfplanError(
@@ -41,6 +48,6 @@ class ResumeTarget(Stage):
         return StageResult(data={
             "downtime_seconds": downtime, "clock_gap_seconds": resumed["clock_gap_seconds"],
             "resume_seconds": now - started,
-            "started_since_pause": started - ctx.state[PAUSE_STARTED] if PAUSE_STARTED in ctx.state else None,
+            "started_since_pause": started - paused if paused is not None else None,
             "ledger_checked_pages": ledger["checked_pages"], "target_pid": target.pid,
         })  # fmt: skip

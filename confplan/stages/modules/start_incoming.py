@@ -15,9 +15,8 @@ from confplan.stages.modules import _common as common
 @register_stage
 class StartIncoming(Stage):
     name = "start-incoming"
-
-    def check(self, ctx: StageContext) -> None:
-        ctx.result_of("attest-target")
+    needs = ("attest-target",)
+    provides = ("listen_port", "source_dials")
 
     def run(self, ctx: StageContext) -> StageResult:
         source, target = common.vmm(ctx, "source"), common.vmm(ctx, "target")

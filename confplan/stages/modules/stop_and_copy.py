@@ -6,24 +6,23 @@ from __future__ import annotations
 import time
 
 from confplan.errors import ConfplanError
-from confplan.stages.base import Stage, StageContext, StageResult, register_stage
+from confplan.stages.base import ResumePolicy, Stage, StageContext, StageResult, register_stage
 from confplan.stages.modules import _common as common
 
-PAUSE_STARTED = "pause-started"
 FINAL_TIMEOUT = 600.0
 
 
 @register_stage
 class StopAndCopy(Stage):
     name = "stop-and-copy"
-
-    def check(self, ctx: StageContext) -> None:
-        ctx.result_of("start-incoming")
+    needs = ("start-incoming",)
+    provides = ("final_round", "source_paused_seconds", "target", "steps")
+    policy = ResumePolicy("start-incoming", "the target's state is incomplete after a failed final copy")
 
     def run(self, ctx: StageContext) -> StageResult:
         source, target = common.vmm(ctx, "source"), common.vmm(ctx, "target")
         common.undo_on_source(ctx)
-        ctx.state[PAUSE_STARTED] = time.monotonic()
+        ctx.pause_started = paused = time.monotonic()
         try:
             sent = source.call("stop_and_copy", timeout=FINAL_TIMEOUT)
         except ConfplanError as err:
@@ -36,7 +35,7 @@ class StopAndCopy(Stage):
                 hint="the source guest resumes; rerun the apply to migrate again",
             )
         final = sent["round"]
-        steps = {**sent["steps"], "target_confirmed": time.monotonic() - ctx.state[PAUSE_STARTED]}
+        steps = {**sent["steps"], "target_confirmed": time.monotonic() - paused}
         return StageResult(
             bytes_shared=int(final["shared_pages"]) * 4112, bytes_sealed=int(final["sealed_pages"]) * 4160,
             data={"final_round": final, "source_paused_seconds": sent["paused_seconds"], "target": status,

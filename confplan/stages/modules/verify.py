@@ -11,23 +11,21 @@ from typing import Any
 from confplan.errors import ConfplanError
 from confplan.migration.helper import HelperUnavailable
 from confplan.migration.verify import CHUNK_PAGES
-from confplan.stages.base import Stage, StageContext, StageResult, register_stage
+from confplan.stages.base import ResumePolicy, Stage, StageContext, StageResult, register_stage
 from confplan.stages.modules import _common as common
-from confplan.stages.modules.precopy import MAC_TABLES
-from confplan.stages.modules.stop_and_copy import PAUSE_STARTED
 
 
 @register_stage
 class Verify(Stage):
     name = "verify"
-
-    def check(self, ctx: StageContext) -> None:
-        ctx.result_of("stop-and-copy")
+    needs = ("stop-and-copy",)
+    provides = ("shared", "chunks", "from_mac_tables", "seconds")
+    policy = ResumePolicy("start-incoming", "the target's memory cannot be trusted after a failed verify")
 
     def run(self, ctx: StageContext) -> StageResult:
         source, target = common.vmm(ctx, "source"), common.vmm(ctx, "target")
         common.undo_on_source(ctx)
-        tables = bool(ctx.state.get(MAC_TABLES))
+        tables = ctx.mac_tables
         started = time.monotonic()
         here, there = common.both_digests(source, target, {"table": tables})
         digested = time.monotonic()
@@ -64,5 +62,5 @@ class Verify(Stage):
 
 def _since_pause(ctx: StageContext, **moments: float) -> dict[str, float] | None:
     """Seconds from the pause to each moment: where the downtime goes between the stages."""
-    paused = ctx.state.get(PAUSE_STARTED)
+    paused = ctx.pause_started
     return {k: t - paused for k, t in moments.items()} if paused is not None else None

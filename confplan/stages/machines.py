@@ -1,0 +1,35 @@
+"""The plan's guest as the VMM's ``MachineConfig``: the one mapping from plan to machine.
+
+The VMM never imports the plan (a VMM process loads no pydantic); the orchestrator's stages, ``confplan
+launch`` and ``confplan owner blobs`` all build the machine a plan describes through ``machine_config``, so
+the launch digest an owner allows is computed from the very config the VMM boots.
+"""
+
+from __future__ import annotations
+
+from confplan.plan import Plan
+from confplan.vmm.config import MachineConfig
+
+
+def machine_config(plan: Plan, *, measured: bool = False, mh_only: bool = False) -> MachineConfig:
+    """The machine of ``plan``'s guest; ``mh_only`` for a migration target (helper only, guest paused)."""
+    guest, helper = plan.guest, plan.helper
+    mirror = helper.mode == "mirror-vm"
+    return MachineConfig(
+        memory=int(guest.memory),
+        vcpus=guest.vcpus,
+        aux_vcpus=0 if mirror else helper.aux_vcpus,
+        mirror_vcpus=max(1, helper.aux_vcpus) if mirror else 1,
+        helper_mode=helper.mode,
+        batch_pages=helper.batch_pages,
+        workload_kind=guest.workload.kind,
+        dirty_rate=guest.workload.dirty_rate,
+        shared_fraction=guest.workload.shared_fraction,
+        seed=guest.workload.seed,
+        measured_launch=measured,
+        mh_only=mh_only,
+        # A target: its RAM is allocated before the stream starts, and it keeps no dirty log (nothing
+        # reads it; on kvm_pvm logging roughly doubles the helper's cost of writing fresh pages).
+        prefault=mh_only,
+        dirty_logging=not mh_only,
+    )
