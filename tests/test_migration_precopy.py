@@ -38,11 +38,44 @@ def test_continues_while_too_much_is_dirty() -> None:
     assert "10000 dirty pages left" in decision.reason
 
 
-def test_forced_stop_after_max_rounds() -> None:
+def test_out_of_rounds_aborts_when_the_rest_does_not_fit() -> None:
+    # max_downtime is a promise: the last round does not turn into a long pause (issue 11)
     rounds = [rnd(i, dirty_after=50_000) for i in range(1, 6)]
     decision = decide(rounds, LIMITS, elapsed=1.0)
-    assert decision.action is Action.STOP_AND_COPY
-    assert "max_precopy_rounds" in decision.reason
+    assert decision.action is Action.ABORT and decision.limit == "max_precopy_rounds"
+    assert "5 rounds reached max_precopy_rounds" in decision.reason
+    assert "over max_downtime 50 ms" in decision.reason
+
+
+def test_force_complete_accepts_the_longer_pause_and_says_so() -> None:
+    limits = Limits(max_downtime=0.05, max_rounds=5, completion_timeout=10.0, on_timeout="force-complete")
+    decision = decide([rnd(i, dirty_after=50_000) for i in range(1, 6)], limits, elapsed=1.0)
+    assert decision.action is Action.STOP_AND_COPY and decision.forced
+    assert "force-complete accepts the longer pause" in decision.reason
+
+
+def test_max_rounds_is_never_exceeded() -> None:
+    for policy in ("abort", "throttle", "force-complete"):
+        limits = Limits(max_downtime=0.05, max_rounds=5, completion_timeout=10.0, on_timeout=policy)
+        throttle = 0.0
+        for n in range(1, 6):
+            decision = decide([rnd(i, dirty_after=50_000) for i in range(1, n + 1)], limits, elapsed=1.0,
+                              throttle=throttle)  # fmt: skip
+            throttle = decision.throttle
+        assert decision.action in (Action.ABORT, Action.STOP_AND_COPY), policy
+
+
+def test_throttle_starts_early_enough_to_reach_its_maximum_within_the_rounds() -> None:
+    limits = Limits(max_downtime=0.05, max_rounds=6, completion_timeout=100.0, on_timeout="throttle")
+    throttle, actions = 0.0, []
+    for n in range(1, 7):
+        decision = decide([rnd(i, dirty_after=50_000) for i in range(1, n + 1)], limits, elapsed=1.0,
+                          throttle=throttle)  # fmt: skip
+        actions.append(decision.action)
+        throttle = decision.throttle
+    assert actions == [Action.CONTINUE, Action.THROTTLE, Action.THROTTLE, Action.THROTTLE, Action.THROTTLE,
+                       Action.ABORT]  # fmt: skip
+    assert throttle == THROTTLE_MAX and "even with the guest throttled to its maximum" in decision.reason
 
 
 def test_timeout_aborts_by_default() -> None:
@@ -60,7 +93,7 @@ def test_timeout_throttles_in_steps_up_to_a_cap() -> None:
         throttle = decision.throttle
     assert actions[:4] == [Action.THROTTLE] * 4
     assert throttle == THROTTLE_MAX
-    assert actions[-1] is Action.STOP_AND_COPY
+    assert actions[-1] is Action.ABORT  # throttled to the maximum and still over max_downtime
 
 
 def test_bandwidth_ignores_tiny_rounds_and_honours_the_cap() -> None:

@@ -47,7 +47,7 @@ def test_a_short_plan_gets_defaults_for_everything_but_memory(tmp_path: Path) ->
     assert [stage.name for stage in plan.stages] == list(STAGE_NAMES)
     assert plan.helper.mode == "aux-vcpu" and plan.helper.aux_vcpus >= 1
     assert plan.limits.bandwidth is None
-    assert plan.checkpoint.dir == tmp_path / ".confplan/state"
+    assert plan.checkpoint.dir == tmp_path / ".confplan/short"  # each plan its own folder (issue 11)
 
 
 def test_memory_is_the_one_required_field() -> None:
@@ -134,3 +134,11 @@ def test_many_errors_are_reported_together() -> None:
         "helper.batch_pages",
     ]
     assert caught.value.exit_code == 2
+
+
+def test_every_plan_gets_its_own_state_folder(tmp_path: Path) -> None:
+    a = load_plan_text("guest: {memory: 2MiB}\n", str(tmp_path / "a.yaml"))
+    b = load_plan_text("guest: {memory: 2MiB}\nmetadata: {name: other}\n", str(tmp_path / "b.yaml"))
+    assert a.checkpoint.dir == tmp_path / ".confplan/a"
+    assert b.checkpoint.dir == tmp_path / ".confplan/b.other"
+    assert len({a.checkpoint.dir, b.checkpoint.dir}) == 2

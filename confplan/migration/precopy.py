@@ -61,12 +61,13 @@ class RoundStats:
 
 @dataclass(frozen=True)
 class Limits:
-    """The plan's limits as the policy needs them (seconds, bytes/s; None = unlimited)."""
+    """The plan's limits as the policy needs them (seconds, bytes/s; None = unlimited). ``max_rounds``
+    counts every precopy round (the pause's final round is not one)."""
 
     max_downtime: float
     max_rounds: int
     completion_timeout: float
-    on_timeout: str = "abort"
+    on_timeout: str = "abort"  # abort | throttle | force-complete (limits.on_timeout)
     bandwidth_cap: float | None = None
 
 
@@ -77,6 +78,8 @@ class Decision:
     bandwidth: float  # the bandwidth estimate used, bytes/s
     eta: float | None  # seconds to send what is left at that bandwidth
     throttle: float = 0.0  # the guest's throttle after this decision (0: none)
+    limit: str | None = None  # the limit that decided: max_downtime, max_precopy_rounds, completion_timeout
+    forced: bool = False  # stop-and-copy although the pause will not fit max_downtime (force-complete)
 
 
 def estimate_bandwidth(rounds: list[RoundStats], cap: float | None) -> float:
@@ -86,24 +89,52 @@ def estimate_bandwidth(rounds: list[RoundStats], cap: float | None) -> float:
     return min(best, cap) if cap is not None and best else best
 
 
+def _steps_to_max(throttle: float) -> int:
+    """Throttle steps (one per round) still possible before THROTTLE_MAX."""
+    return max(0, round((THROTTLE_MAX - throttle) / THROTTLE_STEP))
+
+
 def decide(rounds: list[RoundStats], limits: Limits, *, elapsed: float, throttle: float = 0.0) -> Decision:
-    """What to do after ``rounds`` (at least one), ``elapsed`` seconds into precopy."""
+    """What to do after ``rounds`` (at least one), ``elapsed`` seconds into precopy.
+
+    Stop and copy only when what is left fits ``max_downtime``: the pause is a promise. When the rounds
+    or the time run out first, ``on_timeout`` decides: abort (the source keeps running), force-complete
+    (accept the longer pause; the decision says so), or throttle, which slows the guest a step per round
+    early enough to reach its maximum before the rounds run out, and aborts if even that does not fit.
+    ``max_rounds`` is never exceeded: at ``max_rounds`` rounds the answer is never CONTINUE or THROTTLE."""
     last = rounds[-1]
     bandwidth = estimate_bandwidth(rounds, limits.bandwidth_cap)
     left = last.dirty_after * WIRE_BYTES_PER_PAGE
     eta = left / bandwidth if bandwidth else None
+    budget = f"{limits.max_downtime * 1e3:.0f} ms"
     if eta is not None and eta <= limits.max_downtime:
-        why = f"{last.dirty_after} dirty pages left fit in {limits.max_downtime * 1e3:.0f} ms"
-        return Decision(Action.STOP_AND_COPY, f"converged: {why}", bandwidth, eta, throttle)
-    if len(rounds) >= limits.max_rounds:
-        why = f"{len(rounds)} rounds reached max_precopy_rounds; {last.dirty_after} pages go in the pause"
-        return Decision(Action.STOP_AND_COPY, why, bandwidth, eta, throttle)
-    if elapsed <= limits.completion_timeout:
+        why = f"converged: {last.dirty_after} dirty pages left fit in {budget}"
+        return Decision(Action.STOP_AND_COPY, why, bandwidth, eta, throttle, "max_downtime")
+    rounds_left = limits.max_rounds - len(rounds)
+    if rounds_left <= 0:
+        limit, why = "max_precopy_rounds", f"{len(rounds)} rounds reached max_precopy_rounds"
+    elif elapsed > limits.completion_timeout:
+        limit = "completion_timeout"
+        why = f"precopy ran {elapsed:.1f} s, over the completion timeout of {limits.completion_timeout:.1f} s"
+    elif limits.on_timeout == "throttle" and 0 < rounds_left <= _steps_to_max(throttle):
+        more = _more(throttle)
+        why = f"{last.dirty_after} dirty pages left, {rounds_left} rounds to go: throttling to {more:.0%}"
+        return Decision(Action.THROTTLE, why, bandwidth, eta, more, "max_precopy_rounds")
+    else:
         return Decision(Action.CONTINUE, f"{last.dirty_after} dirty pages left", bandwidth, eta, throttle)
-    over = f"precopy ran {elapsed:.1f} s, over the completion timeout of {limits.completion_timeout:.1f} s"
-    if limits.on_timeout != "throttle":
-        return Decision(Action.ABORT, f"{over} (on_timeout: abort)", bandwidth, eta, throttle)
-    if throttle >= THROTTLE_MAX:
-        return Decision(Action.STOP_AND_COPY, f"{over}; throttle at its maximum", bandwidth, eta, throttle)
-    more = min(THROTTLE_MAX, round(throttle + THROTTLE_STEP, 2))
-    return Decision(Action.THROTTLE, f"{over}: throttling the guest to {more:.0%}", bandwidth, eta, more)
+    need = f"~{eta * 1e3:.0f} ms" if eta is not None else "an unknown time"
+    over = f"{why}; the {last.dirty_after} dirty pages left need {need}, over max_downtime {budget}"
+    if limits.on_timeout == "force-complete":
+        return Decision(Action.STOP_AND_COPY, f"{over}: force-complete accepts the longer pause", bandwidth,
+                        eta, throttle, limit, forced=True)  # fmt: skip
+    if limits.on_timeout == "throttle" and throttle < THROTTLE_MAX and rounds_left > 0:
+        more = _more(throttle)
+        return Decision(Action.THROTTLE, f"{over}: throttling the guest to {more:.0%}", bandwidth, eta, more,
+                        limit)  # fmt: skip
+    tail = " even with the guest throttled to its maximum" if limits.on_timeout == "throttle" else ""
+    return Decision(Action.ABORT, f"{over}{tail} (on_timeout: {limits.on_timeout})", bandwidth, eta,
+                    throttle, limit)  # fmt: skip
+
+
+def _more(throttle: float) -> float:
+    return min(THROTTLE_MAX, round(throttle + THROTTLE_STEP, 2))

@@ -314,11 +314,15 @@ class Limits(_Model):
         description="Cap on the page stream, e.g. 64MiB/s or 1Gbit/s, or 'unlimited'.",
     )
     max_precopy_rounds: int = Field(
-        30, ge=1, description="Precopy rounds before stop-and-copy is forced (or on_timeout applies)."
+        30, ge=1, description="Most precopy rounds; never exceeded (then on_timeout decides)."
     )
-    on_timeout: Literal["abort", "throttle"] = Field(
+    on_timeout: Literal["abort", "throttle", "force-complete"] = Field(
         "abort",
-        description="When precopy does not converge: abort (the source keeps running) or throttle the guest.",
+        description=(
+            "When what is left will not fit max_downtime before the rounds or the completion timeout run "
+            "out: abort (the source keeps running, non-zero exit), throttle (slow the guest until it fits, "
+            "else abort), or force-complete (accept the longer pause; the report says so)."
+        ),
     )
 
 
@@ -441,6 +445,17 @@ _STAGE_SCHEMA = {
 Stage = Annotated[StageSpec, WithJsonSchema(_STAGE_SCHEMA)]
 
 
+def default_state_dir(stem: object, metadata: object) -> str:
+    """``.confplan/<file stem>[.<name>]``: one folder per plan, so two plans beside each other never share
+    a checkpoint, a VMM socket or a guest (falls back to the name, then to ``state``, without a file)."""
+    name = metadata.get("name") if isinstance(metadata, dict) else None
+    parts = [str(part) for part in (stem, name) if isinstance(part, str) and part]
+    if len(parts) == 2 and parts[0] == parts[1]:
+        parts.pop()
+    safe = ".".join(re.sub(r"[^A-Za-z0-9_.-]", "_", part) for part in parts)
+    return f".confplan/{safe or 'state'}"
+
+
 class Checkpoint(_Model):
     """Where `confplan apply` records finished stages, so a rerun resumes."""
 
@@ -448,7 +463,11 @@ class Checkpoint(_Model):
         Path(".confplan/state"),
         strict=False,
         validate_default=True,
-        description="Checkpoint folder; relative paths are taken from the plan file's folder.",
+        description=(
+            "Checkpoint folder (also the plan's VMM sockets, logs and owner keys); relative paths are "
+            "taken from the plan file's folder. Default: .confplan/<plan file stem>, plus .<metadata.name> "
+            "when the name differs, so every plan has its own."
+        ),
     )
 
     @field_validator("dir")
@@ -492,6 +511,9 @@ class Plan(_Model):
         metadata = data.get("metadata", {})
         if isinstance(stem, str) and re.match(NAME_PATTERN, stem) and isinstance(metadata, dict):
             data["metadata"] = {"name": stem, **metadata}
+        checkpoint = data["checkpoint"]
+        if isinstance(checkpoint, dict) and "dir" not in checkpoint:
+            data["checkpoint"] = {**checkpoint, "dir": default_state_dir(stem, data.get("metadata"))}
         return data
 
     def stage_names(self) -> list[str]:

@@ -12,6 +12,7 @@ Parameter ``max_rounds`` overrides limits.max_precopy_rounds.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -24,6 +25,13 @@ from confplan.stages.base import ResumePolicy, Stage, StageContext, StageResult,
 from confplan.stages.modules import _common as common
 
 ROUND_TIMEOUT = 600.0
+MAC_FILL_ROUNDS = 2
+_ABORT_HINTS = {
+    "max_precopy_rounds": "the source guest keeps running; raise limits.max_precopy_rounds or max_downtime, "
+    "or set limits.on_timeout: throttle (slow the guest) or force-complete (accept a longer pause)",
+    "completion_timeout": "the source guest keeps running; raise limits.completion_timeout_per_gib, or set "
+    "limits.on_timeout: throttle or force-complete",
+}
 APPLY_TIMEOUT = 120.0
 
 
@@ -46,13 +54,17 @@ def _status_line(stats: RoundStats, eta: float | None, bandwidth: float) -> str:
 class Precopy(Stage):
     name = "precopy"
     needs = ("start-incoming",)
-    provides = ("rounds", "decision", "bandwidth", "throttle", "mac_tables")
+    provides = ("rounds", "decision", "limit", "forced", "bandwidth", "throttle", "mac_tables")
     policy = ResumePolicy("start-incoming", "the target's partly received memory went with the failed stream")
 
     def run(self, ctx: StageContext) -> StageResult:
         source, target = common.vmm(ctx, "source"), common.vmm(ctx, "target")
         common.undo_on_source(ctx)
         limits = limits_of(ctx, PrecopyParams.model_validate(self.params).max_rounds)
+        # The MAC fill costs two more rounds (what the guest wrote meanwhile, then a short one): they are
+        # kept in reserve, so max_precopy_rounds holds with them.
+        reserve = MAC_FILL_ROUNDS if limits.max_rounds > MAC_FILL_ROUNDS else 0
+        judge = dataclasses.replace(limits, max_rounds=limits.max_rounds - reserve)
         rounds: list[RoundStats] = []
         started, throttle, sent_pages = time.monotonic(), 0.0, 0
         ctx.mac_tables = False
@@ -61,31 +73,32 @@ class Precopy(Stage):
             stats = self._round(ctx, source, target)
             rounds.append(stats)
             sent_pages += stats.pages
-            decision = decide(rounds, limits, elapsed=time.monotonic() - started, throttle=throttle)
+            decision = decide(rounds, judge, elapsed=time.monotonic() - started, throttle=throttle)
             ctx.progress(
                 sent_pages, None, unit="pages", message=_status_line(stats, decision.eta, decision.bandwidth)
             )
             if decision.action is Action.ABORT:
-                raise ConfplanError(decision.reason, hint="raise limits.completion_timeout_per_gib, or use "
-                                    "limits.on_timeout: throttle")  # fmt: skip
+                raise ConfplanError(decision.reason, hint=_ABORT_HINTS.get(decision.limit or "", ""))
             if decision.action is Action.THROTTLE:
                 throttle = decision.throttle
                 source.call("set_throttle", {"fraction": throttle})
             if decision.action is Action.STOP_AND_COPY:
-                if not tables and (tables := self._fill_mac_tables(source, target, len(rounds))):
+                if reserve and not tables and (tables := self._fill_mac_tables(source, target, len(rounds))):
+                    judge = limits  # the rounds after the fill count against the whole max_precopy_rounds
                     continue  # one more round: what the guest wrote while the tables filled
                 break
-        if tables:
+        if tables and len(rounds) < limits.max_rounds:
             # One more short round: the pause then sends only what the guest writes during it, not what it
             # wrote during the fill and the round after. No MAC update in between (mailbox v4): SAVE and
             # LOAD keep the sealed pages' entries, and the pause MACs the few pages moved as shared since.
             rounds.append(self._round(ctx, source, target))
-            ctx.mac_tables = True
+        ctx.mac_tables = bool(tables)
         return StageResult(
             bytes_shared=sum(r.shared_pages for r in rounds) * 4112,
             bytes_sealed=sum(r.sealed_pages for r in rounds) * 4160,
             data={"rounds": [r.to_json() for r in rounds], "decision": decision.reason,
-                  "bandwidth": decision.bandwidth, "throttle": throttle, "mac_tables": tables},
+                  "limit": decision.limit, "forced": decision.forced, "bandwidth": decision.bandwidth,
+                  "throttle": throttle, "mac_tables": tables},
         )  # fmt: skip
 
     def _round(self, ctx: StageContext, source: VmmHandle, target: VmmHandle) -> RoundStats:
