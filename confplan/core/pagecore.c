@@ -21,9 +21,6 @@
 
 _Static_assert(sizeof(struct cp_frame_header) == CP_HEADER_SIZE, "frame header is 32 bytes");
 _Static_assert(offsetof(struct cp_frame_header, header_crc32c) == 28, "header CRC is the last field");
-_Static_assert(sizeof(struct cp_sealed_page) == CP_SEALED_PAGE_SIZE, "sealed page record is 4160 bytes");
-_Static_assert(offsetof(struct cp_sealed_page, ct) == 64, "sealed page header is 64 bytes");
-_Static_assert(offsetof(struct cp_sealed_page, tag) == 32, "tag is 16-byte aligned");
 _Static_assert(CP_HEADER_SIZE + CP_PAGES_PREFIX_SIZE +
                    (uint64_t)CP_MAX_FRAME_PAGES * (CP_SHARED_ENTRY_SIZE + CP_PAGE_SIZE) <= CP_MAX_PAYLOAD,
                "a full SHARED_PAGES frame fits the payload limit");

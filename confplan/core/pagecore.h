@@ -18,6 +18,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* struct cp_sealed_page and CP_SEALED_PAGE_SIZE: the record the migration helper writes is defined once,
+ * with the firmware (its _Static_asserts pin every field's offset). */
+#include "../../firmware/include/cp_sealed_page.h"
+
 #define CP_ABI_VERSION 1
 
 #define CP_WIRE_MAGIC 0x4c504643u   /* the bytes "CFPL" */
@@ -28,7 +32,6 @@
 #define CP_MAX_FRAME_PAGES 2048u    /* pages (shared) or records (sealed) in one frame */
 #define CP_PAGES_PREFIX_SIZE 8u     /* {count u32, reserved u32} before the entries */
 #define CP_SHARED_ENTRY_SIZE 16u    /* {gpa u64, flags u32, reserved u32}, then 4096 bytes unless ZERO */
-#define CP_SEALED_PAGE_SIZE 4160u
 
 /* SHARED_PAGES entry flags */
 #define CP_PAGE_ZERO 0x1u           /* the page is all zeros: no payload follows the entry */
@@ -78,19 +81,6 @@ struct cp_frame_header {
     uint64_t seq;            /* 0, 1, 2, ... per stream; checked by the reader */
     uint32_t payload_crc32c;
     uint32_t header_crc32c;
-};
-
-/* One sealed page as the migration helper writes it into its data area (and as it travels).
- * AEAD = AES-256-GCM; AAD = gpa (u64 LE) || generation (u32 LE) || migration id (16 bytes). */
-struct cp_sealed_page {
-    uint64_t gpa;
-    uint32_t generation;     /* precopy round the page was sealed in */
-    uint32_t status;         /* CP_SEAL_OK, or the helper's error code for this page */
-    uint8_t nonce[12];
-    uint32_t key_id;
-    uint8_t tag[16];
-    uint8_t reserved[16];    /* must be zero */
-    uint8_t ct[CP_PAGE_SIZE];
 };
 
 /* Where a refusal happened: index of the page/record (UINT32_MAX if none), the value found, the limit or the

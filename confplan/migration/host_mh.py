@@ -28,7 +28,7 @@ SIDE_SOURCE, SIDE_TARGET = 0, 1
 
 
 class MhConfigC(ctypes.Structure):
-    """struct cp_mh_config (firmware/mh/mailbox.h)."""
+    """struct cp_mh_config (firmware/mh/context.h)."""
 
     _fields_ = (
         ("ram", ctypes.c_void_p),

@@ -37,7 +37,7 @@
 /* After the mailboxes (GPAs in the boot parameters, laid out by the VMM): the MH's shared block (one page),
  * one context per MH vCPU (CP_MH_CTX_STRIDE apart), the anti-replay generation table (4 bytes per guest
  * page) and (v3) the per-page MAC table (16 bytes per guest page, docs/mailbox.md). Private to the MH: only its page tables map them. */
-#define CP_MH_CTX_STRIDE 0x3000    /* >= sizeof(struct cp_mh_ctx) (firmware/mh/mailbox.h), checked there */
+#define CP_MH_CTX_STRIDE 0x3000    /* >= sizeof(struct cp_mh_ctx) (firmware/mh/context.h), checked in mh.c */
 #define CP_MH_GEN_ENTRY 4
 #define CP_MH_MAC_ENTRY 16
 

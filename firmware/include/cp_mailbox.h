@@ -7,8 +7,8 @@
  *   +0x0000  struct cp_mailbox_header (confplan_abi.h: magic "CMBX", state, heartbeat, ping/pong)
  *   +0x0040  struct cp_mb_proto (this file)
  *   +0x0400  the op ring: CP_MB_RING struct cp_mb_cmd; op number `seq` lives in ring[seq % CP_MB_RING]
- *   +0x1000  bp.batch_pages data slots, each a struct cp_sealed_page (confplan/core/pagecore.h): 64-byte
- *            header then 4096 bytes, CP_MB_SLOT_SIZE apart.
+ *   +0x1000  bp.batch_pages data slots, each a struct cp_sealed_page (cp_sealed_page.h, the wire record):
+ *            64-byte header then 4096 bytes, CP_MB_SLOT_SIZE apart.
  * The VMM writes an op into its ring entry, then bumps `seq` ("go") and kicks the vCPU. It may queue up to
  * CP_MB_RING ops (on disjoint slot ranges: `first`, `count`) before the first is done. The MH handles them in
  * order, writes each op's results into its entry and per-slot statuses, then stores `done` = that op's
@@ -18,7 +18,10 @@
 #ifndef CP_MAILBOX_H
 #define CP_MAILBOX_H
 
+#include <stddef.h>
 #include <stdint.h>
+
+#include "cp_sealed_page.h"
 
 #define CP_MB_PROTO_MAGIC 0x504d4243u /* "CBMP" */
 #define CP_MB_PROTO_VERSION 4u
@@ -121,6 +124,8 @@ struct cp_mb_cmd {
 
 _Static_assert(sizeof(struct cp_mb_proto) == 256, "cp_mb_proto layout");
 _Static_assert(sizeof(struct cp_mb_cmd) == CP_MB_CMD_SIZE, "cp_mb_cmd layout");
+_Static_assert(CP_MB_SLOT_SIZE == sizeof(struct cp_sealed_page), "a slot is one sealed page record");
+_Static_assert(CP_MB_SLOT_HEADER == offsetof(struct cp_sealed_page, ct), "slot header = record header");
 _Static_assert(CP_MB_PROTO_OFFSET + sizeof(struct cp_mb_proto) <= CP_MB_RING_OFFSET, "proto block below the ring");
 _Static_assert(CP_MB_RING_OFFSET + CP_MB_RING * CP_MB_CMD_SIZE <= CP_MB_SLOTS_OFFSET, "ring inside the control page");
 

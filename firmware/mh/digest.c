@@ -10,21 +10,10 @@
  * AAD = c || h...). The result is the keystream of the final key at IV c[0..11] (32 bytes): a PRF of the
  * chain value, so published digests say nothing about the GHASH key or the memory.
  */
-#include "mailbox.h"
+#include "bytes.h"
+#include "digest.h"
 
 static const uint8_t kdf_iv[CP_GCM_IV_BYTES] = {0xff, 0xff, 0xff, 0xff, 'C', 'P', 'K', 'D', 'F', ' ', 'v', '1'};
-
-static void store_be64(uint8_t *p, uint64_t v)
-{
-    for (int i = 7; i >= 0; i--, v >>= 8)
-        p[i] = (uint8_t)v;
-}
-
-static void store_le64(uint8_t *p, uint64_t v)
-{
-    for (int i = 0; i < 8; i++, v >>= 8)
-        p[i] = (uint8_t)v;
-}
 
 static void make_iv(uint8_t iv[CP_GCM_IV_BYTES], uint8_t kind, uint64_t value)
 {
@@ -32,7 +21,7 @@ static void make_iv(uint8_t iv[CP_GCM_IV_BYTES], uint8_t kind, uint64_t value)
     iv[1] = 0xff;
     iv[2] = 0xff;
     iv[3] = kind;
-    store_be64(iv + 4, value);
+    cp_mh_store_be64(iv + 4, value);
 }
 
 uint32_t cp_mh_derive(struct cp_mh_ctx *ctx, const uint8_t key[CP_MH_KEY_BYTES], const uint8_t *owner_id)
@@ -47,7 +36,7 @@ uint32_t cp_mh_derive(struct cp_mh_ctx *ctx, const uint8_t key[CP_MH_KEY_BYTES],
     if (cp_gcm_init(&ctx->digest_key, ks, ctx->impl) != 0 || cp_gcm_init(&ctx->final_key, ks + 32, ctx->impl) != 0)
         goto out;
     cp_mh_copy(ctx->migration_id, owner_id ? owner_id : ks + 64, CP_MH_ID_BYTES);
-    ctx->key_id = (uint32_t)ks[80] | (uint32_t)ks[81] << 8 | (uint32_t)ks[82] << 16 | (uint32_t)ks[83] << 24;
+    ctx->key_id = cp_mh_load_le32(ks + 80);
     rc = CP_MBS_OK;
 out:
     cp_mh_wipe(ks, sizeof(ks));
@@ -107,8 +96,8 @@ static uint32_t chain_range(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npag
     uint32_t rc = check_range(&ctx->cfg, start, npages);
     if (rc != CP_MBS_OK)
         return rc;
-    store_le64(ctx->chain, start);
-    store_le64(ctx->chain + 8, npages);
+    cp_mh_store_le64(ctx->chain, start);
+    cp_mh_store_le64(ctx->chain + 8, npages);
     for (uint64_t p = 0; p < npages; p++) {
         uint64_t gpa = start + p * CP_MH_PAGE;
         uint8_t *slot = ctx->chain + 16 + 16 * m;

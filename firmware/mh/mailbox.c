@@ -3,52 +3,25 @@
  * firmware/include/cp_mailbox.h and docs/mailbox.md. Everything the host can write (control page, slots) is
  * read once into private memory before it is trusted.
  */
-#include "confplan_abi.h"
 #include "mailbox.h"
+
+#include "bytes.h"
+#include "confplan_abi.h"
+#include "cp_sealed_page.h"
+#include "digest.h"
+#include "secret.h"
 
 #define MH_CTX_MAGIC 0x5854434du /* "MCTX" */
 
 _Static_assert(sizeof(struct cp_mailbox_header) <= CP_MB_PROTO_OFFSET, "protocol block overlaps the header");
 _Static_assert(CP_MB_PROTO_OFFSET + sizeof(struct cp_mb_proto) <= CP_MB_SLOTS_OFFSET, "protocol block size");
-_Static_assert(CP_MB_SLOT_SIZE == CP_MB_SLOT_HEADER + CP_MH_PAGE, "slot = sealed page record");
 _Static_assert(CP_MB_SLOT_SIZE == CP_PAGE_SIZE + CP_MAILBOX_SLOT_TAG, "slot size matches the guest ABI");
+_Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "records are LE: the MH reads its copy as a struct");
 
-/* Offsets inside a slot (struct cp_sealed_page, confplan/core/pagecore.h). */
-#define SLOT_GPA 0u
-#define SLOT_GEN 8u
-#define SLOT_STATUS 12u
-#define SLOT_NONCE 16u
-#define SLOT_KEY_ID 28u
-#define SLOT_TAG 32u
-#define SLOT_RESERVED 48u
-#define SLOT_CT 64u
-#define AAD_BYTES 28u
-
-/* ---- freestanding helpers: rep movs/stos, so the compiler cannot emit memcpy calls or drop a wipe ---- */
-
-void cp_mh_copy(void *dst, const void *src, size_t n)
-{
-    __asm__ volatile("rep movsb" : "+D"(dst), "+S"(src), "+c"(n) : : "memory");
-}
-
-void cp_mh_wipe(void *dst, size_t n)
-{
-    __asm__ volatile("rep stosb" : "+D"(dst), "+c"(n) : "a"(0) : "memory");
-}
-
-static uint64_t load_le(const uint8_t *p, int bytes)
-{
-    uint64_t v = 0;
-    for (int i = bytes - 1; i >= 0; i--)
-        v = v << 8 | p[i];
-    return v;
-}
-
-static void store_le(uint8_t *p, uint64_t v, int bytes)
-{
-    for (int i = 0; i < bytes; i++, v >>= 8)
-        p[i] = (uint8_t)v;
-}
+/* A record field in a slot, which the host can write: read (once) and written bytewise at its offset. The
+ * MH's private copy (ctx->bounce) is used through the struct. */
+#define SLOT(field) offsetof(struct cp_sealed_page, field)
+#define AAD_BYTES (8u + 4u + CP_MH_ID_BYTES) /* gpa || generation || migration id */
 
 size_t cp_mh_ctx_size(void)
 {
@@ -108,7 +81,7 @@ static void forget_key(struct cp_mh_ctx *ctx)
     cp_gcm_wipe(&ctx->transport);
     cp_gcm_wipe(&ctx->digest_key);
     cp_gcm_wipe(&ctx->final_key);
-    cp_mh_wipe(ctx->bounce, sizeof(ctx->bounce));
+    cp_mh_wipe(&ctx->bounce, sizeof(ctx->bounce));
     cp_mh_wipe(ctx->chain, sizeof(ctx->chain));
     ctx->keyed = 0;
     ctx->key_id = 0;
@@ -197,8 +170,8 @@ static uint32_t gen_claim(uint32_t *entry, uint32_t gen, uint32_t mark, uint32_t
 
 static void make_aad(uint8_t aad[AAD_BYTES], uint64_t gpa, uint32_t gen, const uint8_t *id)
 {
-    store_le(aad, gpa, 8);
-    store_le(aad + 8, gen, 4);
+    cp_mh_store_le64(aad, gpa);
+    cp_mh_store_le32(aad + 8, gen);
     cp_mh_copy(aad + 12, id, CP_MH_ID_BYTES);
 }
 
@@ -206,72 +179,72 @@ static void make_aad(uint8_t aad[AAD_BYTES], uint64_t gpa, uint32_t gen, const u
 
 static uint32_t seal_one(struct cp_mh_ctx *ctx, uint8_t *slot, uint32_t gen)
 {
-    uint8_t *rec = ctx->bounce;
+    struct cp_sealed_page *rec = &ctx->bounce;
     uint8_t aad[AAD_BYTES];
     uint32_t old;
-    uint64_t gpa = load_le(slot + SLOT_GPA, 8); /* read once: the host may change the slot meanwhile */
+    uint64_t gpa = cp_mh_load_le64(slot + SLOT(gpa)); /* read once: the host may change the slot meanwhile */
     uint32_t rc = check_gpa(&ctx->cfg, gpa);
     if (rc == CP_MBS_OK)
         rc = gen_claim(&ctx->cfg.gen_table[gpa / CP_MH_PAGE], gen, gen, &old);
     if (rc != CP_MBS_OK)
         return rc;
-    cp_mh_wipe(rec, CP_MB_SLOT_HEADER);
-    store_le(rec + SLOT_GPA, gpa, 8);
-    store_le(rec + SLOT_GEN, gen, 4);
-    store_le(rec + SLOT_KEY_ID, ctx->key_id, 4);
-    if (cp_gcm_nonce_next(&ctx->nonce, rec + SLOT_NONCE) != 0)
+    cp_mh_wipe(rec, CP_SEALED_PAGE_HEADER);
+    rec->gpa = gpa;
+    rec->generation = gen;
+    rec->key_id = ctx->key_id;
+    if (cp_gcm_nonce_next(&ctx->nonce, rec->nonce) != 0)
         return CP_MBS_NONCE;
     make_aad(aad, gpa, gen, ctx->migration_id);
     /* Seal into private memory: GCM reads the ciphertext back for GHASH, which must not be host-writable. */
-    if (cp_gcm_seal(&ctx->transport, rec + SLOT_NONCE, aad, AAD_BYTES, ctx->cfg.ram + gpa, rec + SLOT_CT,
-                    CP_MH_PAGE, rec + SLOT_TAG) != 0)
+    if (cp_gcm_seal(&ctx->transport, rec->nonce, aad, AAD_BYTES, ctx->cfg.ram + gpa, rec->ct, CP_MH_PAGE,
+                    rec->tag) != 0)
         return CP_MBS_CONFIG;
-    cp_mh_mac_set(ctx, gpa, rec + SLOT_TAG);
-    cp_mh_copy(slot, rec, CP_MB_SLOT_SIZE);
+    cp_mh_mac_set(ctx, gpa, rec->tag);
+    cp_mh_copy(slot, rec, sizeof(*rec));
     return CP_MBS_OK;
 }
 
 /* ---- LOAD ---- */
 
-static uint32_t record_ok(const struct cp_mh_ctx *ctx, const uint8_t *rec)
+static uint32_t record_ok(const struct cp_mh_ctx *ctx, const struct cp_sealed_page *rec)
 {
     uint8_t any = 0;
-    for (uint32_t i = SLOT_RESERVED; i < SLOT_CT; i++)
-        any |= rec[i];
-    if (any || load_le(rec + SLOT_STATUS, 4) != 0)
+    for (uint32_t i = 0; i < sizeof(rec->reserved); i++)
+        any |= rec->reserved[i];
+    if (any || rec->status != 0)
         return CP_MBS_RESERVED;
-    uint32_t rc = check_gpa(&ctx->cfg, load_le(rec + SLOT_GPA, 8));
+    uint32_t rc = check_gpa(&ctx->cfg, rec->gpa);
     if (rc != CP_MBS_OK)
         return rc;
-    if (!gen_valid((uint32_t)load_le(rec + SLOT_GEN, 4)))
+    if (!gen_valid(rec->generation))
         return CP_MBS_GEN_INVALID;
-    if ((uint32_t)load_le(rec + SLOT_KEY_ID, 4) != ctx->key_id)
+    if (rec->key_id != ctx->key_id)
         return CP_MBS_KEY_ID;
     return CP_MBS_OK;
 }
 
 static uint32_t open_one(struct cp_mh_ctx *ctx, const uint8_t *slot)
 {
-    uint8_t *rec = ctx->bounce;
+    struct cp_sealed_page *rec = &ctx->bounce;
     uint8_t aad[AAD_BYTES];
     uint32_t old;
     /* Private copy first: cp_gcm_open reads the ciphertext twice (GHASH, then CTR). */
-    cp_mh_copy(rec, slot, CP_MB_SLOT_SIZE);
+    cp_mh_copy(rec, slot, sizeof(*rec));
     uint32_t rc = record_ok(ctx, rec);
     if (rc != CP_MBS_OK)
         return rc;
-    uint64_t gpa = load_le(rec + SLOT_GPA, 8);
-    uint32_t gen = (uint32_t)load_le(rec + SLOT_GEN, 4);
+    uint64_t gpa = rec->gpa;
+    uint32_t gen = rec->generation;
     uint32_t *entry = &ctx->cfg.gen_table[gpa / CP_MH_PAGE];
     rc = gen_claim(entry, gen, CP_MH_GEN_BUSY, &old);
     if (rc != CP_MBS_OK)
         return rc;
     make_aad(aad, gpa, gen, ctx->migration_id);
-    int bad = cp_gcm_open(&ctx->transport, rec + SLOT_NONCE, aad, AAD_BYTES, rec + SLOT_CT, ctx->cfg.ram + gpa,
-                          CP_MH_PAGE, rec + SLOT_TAG);
+    int bad = cp_gcm_open(&ctx->transport, rec->nonce, aad, AAD_BYTES, rec->ct, ctx->cfg.ram + gpa, CP_MH_PAGE,
+                          rec->tag);
     /* The tables move only after a successful open; a refused page leaves the page and both tables. */
     if (!bad)
-        cp_mh_mac_set(ctx, gpa, rec + SLOT_TAG);
+        cp_mh_mac_set(ctx, gpa, rec->tag);
     __atomic_store_n(entry, bad ? old : gen, __ATOMIC_RELEASE);
     return bad ? CP_MBS_AUTH : CP_MBS_OK;
 }
@@ -287,14 +260,14 @@ static uint32_t run_batch(struct cp_mh_ctx *ctx, volatile struct cp_mb_proto *p,
     for (uint32_t i = 0; i < count; i++) {
         uint8_t *slot = slots + (size_t)i * CP_MB_SLOT_SIZE;
         uint32_t st = op == CP_MB_OP_SAVE ? seal_one(ctx, slot, gen) : open_one(ctx, slot);
-        store_le(slot + SLOT_STATUS, st, 4);
+        cp_mh_store_le32(slot + SLOT(status), st);
         if (st == CP_MBS_OK) {
             ok++;
         } else {
             first_bad = refused++ ? first_bad : i;
         }
     }
-    cp_mh_wipe(ctx->bounce, sizeof(ctx->bounce));
+    cp_mh_wipe(&ctx->bounce, sizeof(ctx->bounce));
     c->n_ok = ok;
     c->n_refused = refused;
     c->first_bad = first_bad;
@@ -363,7 +336,7 @@ static uint32_t op_mac_list(struct cp_mh_ctx *ctx, volatile struct cp_mb_cmd *c,
 {
     uint32_t ok = 0, refused = 0, first_bad = CP_MB_NO_INDEX;
     for (uint32_t i = 0; i < count; i++) {
-        uint64_t gpa = load_le(list + (size_t)i * 8, 8); /* read once */
+        uint64_t gpa = cp_mh_load_le64(list + (size_t)i * 8); /* read once */
         uint32_t st = check_gpa(&ctx->cfg, gpa);
         if (st == CP_MBS_OK)
             st = cp_mh_mac_page(ctx, gpa);

@@ -1,6 +1,8 @@
 /* The launch-secret page: an efi_secret table (docs/attestation.md). Bounds-checked walk, the same rules as
  * confplan.sev.secret_table.parse_secret_table: a malformed table is a status, never a read past the page. */
-#include "mailbox.h"
+#include "bytes.h"
+#include "cp_mailbox.h"
+#include "secret.h"
 
 #define SECRET_HEADER_LEN 20u
 #define SECRET_ENTRY_LEN 20u
@@ -13,11 +15,6 @@ static const uint8_t key_guid[16] = { /* 6b3f2a9e-51c4-4d7e-9a0b-c2f18e7d4a35: C
     0x9e, 0x2a, 0x3f, 0x6b, 0xc4, 0x51, 0x7e, 0x4d, 0x9a, 0x0b, 0xc2, 0xf1, 0x8e, 0x7d, 0x4a, 0x35};
 static const uint8_t id_guid[16] = { /* 6b519384-fec4-4e17-9bbd-4fccc92f780f: CONFPLAN_MIGRATION_ID_GUID */
     0x84, 0x93, 0x51, 0x6b, 0xc4, 0xfe, 0x17, 0x4e, 0x9b, 0xbd, 0x4f, 0xcc, 0xc9, 0x2f, 0x78, 0x0f};
-
-static uint32_t load_le32(const uint8_t *p)
-{
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
 
 static int guid_eq(const uint8_t *a, const uint8_t *b)
 {
@@ -34,7 +31,7 @@ uint32_t cp_mh_parse_secret(const uint8_t *table, uint64_t size, uint8_t key[CP_
     *have_id = 0;
     if (table == 0 || size < SECRET_HEADER_LEN || !guid_eq(table, header_guid))
         return CP_MBS_SECRET_HEADER;
-    uint64_t total = load_le32(table + 16);
+    uint64_t total = cp_mh_load_le32(table + 16);
     if (total < SECRET_HEADER_LEN || total > size)
         return CP_MBS_SECRET_LENGTH;
     uint64_t pos = SECRET_HEADER_LEN;
@@ -42,7 +39,7 @@ uint32_t cp_mh_parse_secret(const uint8_t *table, uint64_t size, uint8_t key[CP_
         if (n == SECRET_MAX_ENTRIES || pos + SECRET_ENTRY_LEN > total)
             return CP_MBS_SECRET_ENTRY;
         const uint8_t *entry = table + pos;
-        uint64_t len = load_le32(entry + 16);
+        uint64_t len = cp_mh_load_le32(entry + 16);
         if (len < SECRET_ENTRY_LEN || len > total - pos)
             return CP_MBS_SECRET_ENTRY;
         uint64_t data_len = len - SECRET_ENTRY_LEN;

@@ -1,0 +1,75 @@
+/*
+ * The migration helper's state: its constants, the block all MH vCPUs share, the config the firmware (or
+ * the host harness) hands each MH vCPU, and one vCPU's private context. Used by every unit of the engine
+ * (mailbox.c, digest.c); the engine's API is mailbox.h.
+ */
+#ifndef CP_MH_CONTEXT_H
+#define CP_MH_CONTEXT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../crypto/cp_gcm.h"
+#include "cp_mailbox.h"
+#include "cp_sealed_page.h"
+#include "secret.h"
+
+#define CP_MH_PAGE 4096u
+#define CP_MH_GEN_BUSY 0xffffffffu /* generation-table marker: a LOAD of this GPA is in flight */
+#define CP_MH_MAX_SENDERS 0x10000u /* sender index space per side */
+#define CP_MH_DIGEST_CHUNK 256u    /* page hashes folded per chain step */
+
+/* The one state all MH vCPUs of a guest share (in MH memory; zero-initialised before the first setup). */
+struct cp_mh_shared {
+    uint32_t next_sender; /* claimed with an atomic add: two MH vCPUs never share a nonce prefix */
+    uint32_t lock;        /* INIT's table decision */
+    uint32_t have_id;     /* last_id is valid */
+    uint32_t pad;
+    uint8_t last_id[CP_MH_ID_BYTES]; /* migration id the generation table belongs to */
+};
+
+/* What the firmware (or the host test) tells one MH vCPU about its guest. Pointers are host pointers on
+ * the host build and GPAs (identity mapped) in the guest. */
+struct cp_mh_config {
+    uint8_t *ram;               /* GPA 0 */
+    uint64_t ram_size;          /* bytes of guest RAM from GPA 0 */
+    /* [mh_base, mh_base + mh_size): pages the MH never seals, loads or hashes (SAVE/LOAD/MAC_LIST refuse
+     * them with GPA_MH, DIGEST/MAC_RANGE/FOLD skip them). More than the MH area in the guest: it sets
+     * mh_base = 0 and mh_size = the end of the MH area, i.e. everything below the workload (mh.c,
+     * fill_config); the host harness sets the MH area itself. */
+    uint64_t mh_base;
+    uint64_t mh_size;
+    struct cp_mh_shared *shared;
+    uint32_t *gen_table;        /* one u32 per guest page, shared by every MH vCPU, in MH memory */
+    uint64_t gen_entries;
+    const uint8_t *secret;      /* the launch-secret page (efi_secret table) */
+    uint64_t secret_size;
+    volatile uint64_t *doorbell; /* MMIO doorbell (bp.mmio_mailbox + 8 * idx), NULL on the host */
+    uint32_t cpu_features;      /* CP_CPU_* (cp_gcm.h), see cp_mh_features_from_bp */
+    uint32_t side;              /* 0 source, 1 target: from the measured boot parameters, not the host */
+    uint32_t mh_index;
+    uint32_t batch_pages;       /* data slots in this MH's mailbox */
+    uint32_t pad;
+    uint8_t *mac_table;         /* CP_MB_MAC_BYTES per guest page, shared by every MH vCPU, in MH memory */
+    uint64_t mac_entries;
+};
+
+/* One MH vCPU's private state: keys, nonce sequence, bounce buffers. Lives in MH memory, never shared. */
+struct cp_mh_ctx {
+    struct cp_mh_config cfg;
+    uint32_t magic;
+    uint32_t keyed;             /* INIT succeeded and no RESET since */
+    uint32_t sender_id;
+    uint32_t key_id;
+    uint32_t impl;
+    uint32_t pad;
+    cp_gcm_nonce_seq nonce;     /* set once at setup; never rewound (RESET and INIT leave it alone) */
+    cp_gcm_ctx transport;       /* seals/opens pages */
+    cp_gcm_ctx digest_key;      /* per-page GMAC and chain */
+    cp_gcm_ctx final_key;       /* digest finalisation (a PRF over the chain value) */
+    uint8_t migration_id[CP_MH_ID_BYTES];
+    struct cp_sealed_page bounce __attribute__((aligned(64))); /* private copy of one record */
+    uint8_t chain[16 + 16 * CP_MH_DIGEST_CHUNK] __attribute__((aligned(64))); /* digest chain || page hashes */
+};
+
+#endif /* CP_MH_CONTEXT_H */
