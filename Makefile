@@ -28,7 +28,7 @@ test: lint
 # The demo migrates afresh each time (--restart), shows the checkpoint, then stops the migrated guest.
 demo: $(STAMP)
 	$(BIN)/confplan validate plans/*.yaml
-	$(BIN)/confplan apply --restart plans/quickstart.yaml
+	$(BIN)/confplan apply --restart --yes plans/quickstart.yaml
 	$(BIN)/confplan status plans/quickstart.yaml
 	$(BIN)/confplan stop plans/quickstart.yaml
 

@@ -28,3 +28,9 @@ class EnvironmentProblem(ConfplanError):
     """The machine lacks something confplan needs (/dev/kvm, the built firmware, the C core)."""
 
     exit_code = 3
+
+
+class PlanBusy(ConfplanError):
+    """Going on would stop or replace a guest that runs (or another plan's VMM): refused without consent."""
+
+    exit_code = 5

@@ -20,7 +20,8 @@ import typer
 
 # Registers the migration's stages, so `confplan status` sees their resume policies too.
 import confplan.stages.modules  # noqa: F401
-from confplan.errors import ConfplanError
+from confplan.errors import ConfplanError, PlanBusy
+from confplan.plan import Plan
 from confplan.stages.base import Progress, Teardown
 from confplan.stages.checkpoint import RunRecord, StageRecord
 from confplan.stages.executor import ApplyReport, Observer, RunChoice, StageFailed, Step
@@ -123,12 +124,20 @@ def apply_cmd(
     ),
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would run; run nothing.")] = False,
     restart: Annotated[bool, typer.Option("--restart", help="Start a new run instead of resuming.")] = False,
+    yes: Annotated[
+        bool,
+        typer.Option(
+            "--yes", "-y", help="Consent to stopping a guest that runs (a new run replaces the plan's VMMs)."
+        ),
+    ] = False,
 ) -> None:
     """Live-migrate the plan's guest, resuming an earlier failed run where that is safe."""
     from confplan.plan import load_plan
     from confplan.stages import apply
 
     plan = load_plan(plan_path)
+    if not dry_run:
+        _consent_to_replace(plan, restart=restart, yes=yes, plan_ref=str(plan_path))
     observer = _observer(output)
     try:
         report = apply(plan, observer=observer, dry_run=dry_run, restart=restart, plan_ref=str(plan_path))
@@ -144,6 +153,31 @@ def apply_cmd(
     if doc["downtime_seconds"] is not None:
         typer.echo(f"downtime {doc['downtime_seconds'] * 1e3:.1f} ms; the guest runs in the target VMM "
                    f"(pid {doc['target_pid']}); `confplan stop {plan_path}` shuts it down")  # fmt: skip
+
+
+def _consent_to_replace(plan: Plan, *, restart: bool, yes: bool, plan_ref: str) -> None:
+    """A new run (``--restart``, an edited plan) stops this plan's VMMs: say exactly which guests that
+    destroys and go on only with consent (``--yes``, or "y" on a terminal); refuse otherwise."""
+    from confplan.stages import apply
+    from confplan.stages.modules._common import live_vmms
+
+    choice = apply(plan, dry_run=True, restart=restart).choice
+    if choice.resume:
+        return
+    doomed = [vmm for vmm in live_vmms(plan) if vmm.precious]
+    if not doomed:
+        return
+    what = "; ".join(vmm.describe() for vmm in doomed)
+    message = f"a new run of {plan.metadata.name} ({choice.reason}) would stop {what}"
+    if yes:
+        typer.echo(f"{message}: going ahead (--yes)", err=True)
+        return
+    if sys.stdin.isatty() and typer.confirm(f"{message}. Stop it and start over?", default=False, err=True):
+        return
+    raise PlanBusy(
+        f"{message}; refused without consent",
+        hint=f"`confplan stop {plan_ref}` first, or rerun with --yes to stop it and start over",
+    )
 
 
 def vmm_cmd(

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,51 @@ def adopt(ctx: StageContext, role: str, handle: VmmHandle) -> None:
     """Keep ``handle`` for later stages of this apply; the connection closes when the apply ends."""
     ctx.vmms[role] = handle
     ctx.add_teardown(f"disconnect from the {role} VMM", handle.close, when=TeardownWhen.ALWAYS)
+
+
+@dataclass(frozen=True)
+class LiveVmm:
+    """A VMM of this plan that still serves, and what stopping it would destroy."""
+
+    role: str
+    pid: int | None
+    what: str  # "runs the migrated guest", "runs the source guest", ...
+    precious: bool  # stopping it stops a guest that runs or is the only copy
+
+    def describe(self) -> str:
+        return f"the {self.role} VMM (pid {self.pid}) {self.what}"
+
+
+def live_vmms(plan: Plan) -> list[LiveVmm]:
+    """The local VMMs of ``plan`` that serve now (a new run would stop them), with what they hold."""
+    found = []
+    for role in ("source", "target"):
+        handle = vmm_handle.find_local(state_dir(plan), role)
+        if handle is None:
+            continue
+        try:
+            info = handle.call("info", timeout=5.0)
+        except RpcError:
+            continue
+        finally:
+            handle.close()
+        found.append(_classify(role, info))
+    return found
+
+
+def _classify(role: str, info: dict[str, Any]) -> LiveVmm:
+    pid = info.get("pid")
+    if not info.get("machine"):
+        return LiveVmm(role, pid, "holds no guest", precious=False)
+    if info.get("guest_error"):
+        return LiveVmm(role, pid, f"holds a guest that stopped ({info['guest_error']})", precious=False)
+    if role == "target":
+        if info.get("resumed"):
+            return LiveVmm(role, pid, "runs the migrated guest", precious=True)
+        return LiveVmm(role, pid, "holds a target that never resumed (helper only)", precious=False)
+    if info.get("running"):
+        return LiveVmm(role, pid, "runs the source guest", precious=True)
+    return LiveVmm(role, pid, "holds the source guest (not running)", precious=True)
 
 
 def probe_local(previous_result: dict[str, Any] | Any, role: str, **want: Any) -> bool:
