@@ -20,7 +20,8 @@ pytestmark = pytest.mark.kvm
 def plan(tmp_path: Path) -> Iterator[Path]:
     path = tmp_path / "plan.yaml"
     path.write_text(
-        "guest:\n  memory: 32MiB\n  workload: {kind: dirty-writer, dirty_rate: 8MiB/s, shared_fraction: 0.1}\n"
+        "guest:\n  memory: 32MiB\n"
+        "  workload: {kind: dirty-writer, dirty_rate: 8MiB/s, shared_fraction: 0.1}\n"
         "helper: {mode: aux-vcpu, aux_vcpus: 1, batch_pages: 64}\n"
         "limits: {max_downtime: 200ms}\ncheckpoint: {dir: state}\n"
     )
