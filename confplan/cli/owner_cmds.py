@@ -17,8 +17,9 @@ import typer
 from confplan.errors import ConfplanError
 from confplan.sev import launch_crypto
 from confplan.sev.broker import KeyBroker, OwnerPolicy, parse_api
-from confplan.sev.certs import CertError, PlatformChain, SevCert
+from confplan.sev.certs import CERT_LEN, CertError, PlatformChain, SevCert
 from confplan.sev.secret_table import CONFPLAN_TRANSPORT_KEY_GUID
+from confplan.sev.signing import VerifyError
 from confplan.sev.statefile import write_private
 
 owner_app = typer.Typer(
@@ -97,18 +98,31 @@ def init_cmd(
     min_build: Annotated[int, typer.Option("--min-build", help="Lowest firmware build at --min-api.")] = 0,
     trust_ark: Annotated[
         list[Path] | None,
-        typer.Option("--trust-ark", help="Pin this ARK certificate (0x824-byte SEV cert); repeatable."),
+        typer.Option(
+            "--trust-ark",
+            help="Pin this ARK (AMD_CERT, SEV cert or X.509, as received); repeatable. Without it AMD's "
+            "built-in ARKs are trusted, and nothing else.",
+        ),
     ] = None,
+    trust_emulated_platform: Annotated[
+        bool,
+        typer.Option(
+            "--trust-emulated-platform",
+            help="DANGER: also trust a platform whose ARK is not AMD's (confplan's EMULATED secure "
+            "processor). Its host holds the keys and can fake any measurement.",
+        ),
+    ] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing owner key.")] = False,
 ) -> None:
     """Create the owner key and policy.json in --owner-dir (once, before any launch)."""
     _parse_api_option(min_api, "--min-api")
     pins = []
     for path in trust_ark or []:
-        try:
-            pins.append(SevCert.unpack(_read(path, "ARK certificate")).fingerprint())
-        except CertError as err:
-            raise ConfplanError(f"{path}: not an SEV certificate: {err}") from None
+        fingerprint, emulated = _ark_fingerprint(path)
+        pins.append(fingerprint)
+        if emulated and not trust_emulated_platform:
+            trust_emulated_platform = True
+            typer.echo(f"note: {path} is not an AMD ARK; pinning it trusts that emulated platform", err=True)
     try:
         policy = OwnerPolicy(
             allowed_digests=allow_digest,
@@ -116,14 +130,47 @@ def init_cmd(
             min_api=min_api,
             min_build=min_build,
             trusted_ark_sha256=pins,
+            trust_emulated_platform=trust_emulated_platform,
         )
     except pydantic.ValidationError as err:
         msg = str(err.errors()[0]["msg"]).removeprefix("Value error, ")
         raise ConfplanError(msg, hint="check the --allow-digest values") from None
     KeyBroker.init(owner_dir, policy, force=force)
     typer.echo(f"wrote {owner_dir / 'owner.key'} (keep it private) and {owner_dir / 'policy.json'}")
-    if not pins:
-        typer.echo("note: no --trust-ark: any self-consistent platform chain will be accepted", err=True)
+    if trust_emulated_platform:
+        warn_emulated()
+    elif not pins:
+        typer.echo("note: no --trust-ark: AMD's built-in ARKs (Naples .. Turin) are trusted", err=True)
+
+
+def warn_emulated() -> None:
+    """The loud warning every command that trusts the emulated platform prints."""
+    typer.echo(
+        "WARNING: trusting the EMULATED secure processor: its keys are on the host, so a measurement or "
+        "report it signs proves nothing against that host (never use this for a real guest)",
+        err=True,
+    )
+
+
+def _ark_fingerprint(path: Path) -> tuple[str, bool]:
+    """SHA-256 of an ARK file as received, and whether it is not AMD's (an emulated platform's)."""
+    from confplan.sev import anchors
+    from confplan.sev.amd_cert import AmdCert
+
+    raw = _read(path, "ARK certificate")
+    try:
+        if len(raw) == CERT_LEN:
+            return SevCert.unpack(raw, "ARK").fingerprint(), True
+        if raw.lstrip().startswith(b"-----BEGIN") or raw[:1] == b"\x30":
+            cert = anchors.load_x509(raw, str(path))
+            fingerprint = anchors.der_fingerprint(cert)
+            return fingerprint, anchors.snp_ark_product(fingerprint) is None
+        fingerprint = AmdCert.parse(raw, "ARK").fingerprint()
+        return fingerprint, anchors.sev_ark_product(fingerprint) is None
+    except CertError as err:
+        raise ConfplanError(f"{path}: not an ARK certificate: {err}", hint=err.hint) from None
+    except VerifyError as err:
+        raise ConfplanError(f"{path}: not an ARK certificate: {err.message}", hint=err.hint) from None
 
 
 @owner_app.command("digest")

@@ -52,7 +52,7 @@ class AmdCert:
         exp_bits, mod_bits = struct.unpack_from("<II", raw, 0x38)
         if version != CERT_VERSION:
             raise VerifyError(f"{what}: version = {version}, expected {CERT_VERSION}", field="version")
-        if usage not in iter(AmdUsage):
+        if usage not in AmdUsage.__members__.values():
             raise VerifyError(
                 f"{what}: key_usage = {usage:#x}, expected ARK 0x0 or ASK 0x13", field="key_usage"
             )
@@ -156,4 +156,4 @@ def cert_len(raw: bytes) -> int:
             "expected 2048 or 4096",
             field="modulus_size",
         )
-    return HEADER_LEN + exp_bits // 8 + 2 * (mod_bits // 8)
+    return int(HEADER_LEN + exp_bits // 8 + 2 * (mod_bits // 8))

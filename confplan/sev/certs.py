@@ -67,7 +67,7 @@ class CertError(VerifyError):
 
 
 def _name(usage: int) -> str:
-    return Usage(usage).name if usage in iter(Usage) else f"{usage:#x}"
+    return Usage(usage).name if usage in Usage.__members__.values() else f"{usage:#x}"
 
 
 def encode_pubkey(key: ec.EllipticCurvePublicKey) -> bytes:
@@ -94,7 +94,9 @@ def decode_pubkey(raw: bytes, algo: int = SigAlgo.ECDSA_SHA256, what: str = "cer
     try:
         return ec.EllipticCurvePublicNumbers(x, y, CURVES[curve]).public_key()
     except ValueError as err:
-        raise CertError(f"{what}: the public key is not a point on the curve: {err}", field="pubkey") from None
+        raise CertError(
+            f"{what}: the public key is not a point on the curve: {err}", field="pubkey"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -294,7 +296,7 @@ class PlatformChain:
     def unpack(cls, raw: bytes) -> PlatformChain:
         shape = (
             f"a platform chain is {len(CHAIN_ORDER)} certificates (PDH, PEK, OCA, CEK as {CERT_LEN:#x}-byte "
-            f"SEV certificates, then ASK and ARK as AMD certificates, or SEV ones from an emulated platform), "
+            "SEV certificates, then ASK and ARK as AMD certificates, or SEV ones from an emulated platform), "
             f"got {len(raw)} bytes"
         )
         if len(raw) < 4 * CERT_LEN + 2 * 0x40:
@@ -322,7 +324,10 @@ class PlatformChain:
         """Check every link over the received bytes; return the PDH public key. ``CertError`` names the
         broken link and why. Whether the ARK is trusted is decided elsewhere (``anchors``)."""
         self._verify_ca()
-        ask_key, ask_algo = self.ask.key if isinstance(self.ask, AmdCert) else self.ask.pubkey, self.ask.sig_algo
+        ask_key, ask_algo = (
+            self.ask.key if isinstance(self.ask, AmdCert) else self.ask.pubkey,
+            self.ask.sig_algo,
+        )
         links = (
             (self.cek, Usage.ASK, ask_key, ask_algo, "CEK is not signed by the ASK"),
             (self.oca, Usage.OCA, self.oca.pubkey, self.oca.sig_algo, "OCA is not self-signed"),
@@ -333,7 +338,9 @@ class PlatformChain:
         for cert, signer_usage, key, algo, problem in links:
             _link(problem, lambda c=cert, u=signer_usage, k=key, a=algo: c.verify_signed_by(u, k, a))
         if not isinstance(self.pdh.pubkey, ec.EllipticCurvePublicKey):
-            raise CertError("the PDH holds an RSA key; ECDH needs an elliptic-curve key", field="pub_key_algo")
+            raise CertError(
+                "the PDH holds an RSA key; ECDH needs an elliptic-curve key", field="pub_key_algo"
+            )
         return self.pdh.pubkey
 
     def _verify_ca(self) -> None:
@@ -343,7 +350,9 @@ class PlatformChain:
             _link("ASK is not signed by the ARK", lambda: ask.verify_signed_by(ark, "ASK"))
         elif isinstance(self.ark, SevCert) and isinstance(self.ask, SevCert):
             sark, sask = self.ark, self.ask
-            _link("ARK is not self-signed", lambda: sark.verify_signed_by(Usage.ARK, sark.pubkey, sark.sig_algo))
+            _link(
+                "ARK is not self-signed", lambda: sark.verify_signed_by(Usage.ARK, sark.pubkey, sark.sig_algo)
+            )
             _link(
                 "ASK is not signed by the ARK",
                 lambda: sask.verify_signed_by(Usage.ARK, sark.pubkey, sark.sig_algo),

@@ -269,7 +269,7 @@ class SevGuest(_Guest):
             blob = SessionBlob.unpack(session)
         except (CertError, ValueError) as err:
             raise SecureProcessorError(cmd, SevStatus.INVALID_CERTIFICATE, str(err)) from err
-        if godh.usage != Usage.PDH:
+        if godh.usage != Usage.PDH or not isinstance(godh.pubkey, ec.EllipticCurvePublicKey):
             raise SecureProcessorError(
                 cmd, SevStatus.INVALID_CERTIFICATE, f"GODH certificate has usage {godh.usage:#x}, not PDH"
             )
