@@ -158,8 +158,8 @@ def check_root(
         return RootVerdict(fingerprint, amd_product)
     if not trust_emulated:
         raise VerifyError(
-            f"platform ARK {fingerprint} is not one of AMD's ARKs "
-            f"({', '.join(SEV_PRODUCTS)}): a host can make up such a chain",
+            f"platform ARK {fingerprint} is not one of AMD's built-in ARKs (Naples .. Turin): a host can "
+            "make up such a chain",
             field="ark",
             hint="only for confplan's EMULATED secure processor: trust it explicitly "
             "(trust_emulated_platform / --trust-emulated-platform)",
