@@ -33,9 +33,13 @@ def _der_int(value: int) -> bytes:
 
 
 def _cert(
-    subject: str, issuer: str, key: ec.EllipticCurvePublicKey, signer: ec.EllipticCurvePrivateKey, serial: int,
+    subject: str,
+    issuer: str,
+    key: ec.EllipticCurvePublicKey,
+    signer: ec.EllipticCurvePrivateKey,
+    serial: int,
     extensions: list[x509.UnrecognizedExtension] | None = None,
-) -> x509.Certificate:  # fmt: skip
+) -> x509.Certificate:
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(subject))

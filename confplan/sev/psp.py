@@ -26,8 +26,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from confplan.errors import ConfplanError
 from confplan.sev import certs, launch_crypto, snp
 from confplan.sev.certs import CertError, PlatformChain, SevCert, Usage
-from confplan.sev.launch_crypto import PlatformVersion, SecretPacket, SessionBlob, TransportKeys
 from confplan.sev.emulated_x509 import issue_snp_chain
+from confplan.sev.launch_crypto import PlatformVersion, SecretPacket, SessionBlob, TransportKeys
 from confplan.sev.memory import GuestMemory
 from confplan.sev.policy import (
     SNP_RESERVED_ONE,

@@ -119,8 +119,7 @@ def verify_link(cert: x509.Certificate, issuer: x509.Certificate, what: str) -> 
                 cert.signature_hash_algorithm, hashes.SHA384
             ):
                 raise VerifyError(
-                    f"{what}: signatureAlgorithm {oid.dotted_string} ({oid._name}), AMD signs with RSASSA-PSS "
-                    "SHA-384",
+                    f"{what}: signatureAlgorithm {oid.dotted_string}, AMD signs with RSASSA-PSS SHA-384",
                     field="signatureAlgorithm",
                 )
             pss = padding.PSS(padding.MGF1(hashes.SHA384()), PSS_SALT)

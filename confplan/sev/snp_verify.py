@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 from confplan.sev.anchors import RootVerdict
 from confplan.sev.policy import SnpPolicyFlag
+from confplan.sev.signing import VerifyError
 from confplan.sev.snp_chain import SnpChainVerdict, verify_snp_chain
 from confplan.sev.snp_report import AttestationReport, TcbVersion
-from confplan.sev.signing import VerifyError
 
 
 @dataclass(frozen=True)
