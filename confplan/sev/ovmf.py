@@ -113,6 +113,8 @@ def _metadata(data: bytes, table: dict[uuid.UUID, bytes], where: str) -> tuple[M
     sig, size, version, count = struct.unpack_from("<4sIII", data, start)
     if sig != b"ASEV" or version != 1:
         raise OvmfError(f"{where}: SEV metadata signature {sig!r} version {version}, expected 'ASEV' 1")
+    if 16 + 12 * count > size or start + size > len(data):
+        raise OvmfError(f"{where}: SEV metadata of {size} bytes cannot hold {count} sections")
     sections = []
     for i in range(count):
         gpa, length, kind = struct.unpack_from("<III", data, start + 16 + 12 * i)
