@@ -130,6 +130,11 @@ def _check_empty_slot(sig: Signature, field: str, what: str) -> None:
             f"{what}: {field} is empty (algo 0) but holds usage {sig.usage:#x} or signature bytes",
             field=field,
         )
+    if not sig.empty and sig.usage not in (Usage.ARK, Usage.ASK, Usage.OCA, Usage.PEK, Usage.CEK):
+        raise CertError(
+            f"{what}: {field}_algo = {sig.algo:#x} but {field}_usage = {sig.usage:#x} names no signing key",
+            field=f"{field}_usage",
+        )
 
 
 @dataclass(frozen=True)
