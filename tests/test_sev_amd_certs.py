@@ -64,7 +64,9 @@ def test_reserved_bytes_are_signed(flip: int) -> None:
     assert pek.fingerprint() != chain.pek.fingerprint()
 
 
-@pytest.mark.parametrize(("algo", "message"), [(0x1, "does not fit"), (0x101, "does not fit"), (0x7777, "0x7777 is not")])
+@pytest.mark.parametrize(
+    ("algo", "message"), [(0x1, "does not fit"), (0x101, "does not fit"), (0x7777, "0x7777 is not")]
+)
 def test_a_slot_naming_another_algorithm_is_refused(algo: int, message: str) -> None:
     raw = bytearray((DATA / "rome_pek.cert").read_bytes())
     chain = PlatformChain.unpack(real_chain("rome"))
@@ -83,7 +85,9 @@ def test_an_ecdsa_sha384_slot_verifies() -> None:
     from confplan.sev.signing import sign_ecdsa_le
 
     key = certs.new_key()
-    body = struct.pack("<IBBxxII", 1, 0, 0, Usage.OCA, SigAlgo.ECDSA_SHA384) + certs.encode_pubkey(key.public_key())
+    body = struct.pack("<IBBxxII", 1, 0, 0, Usage.OCA, SigAlgo.ECDSA_SHA384) + certs.encode_pubkey(
+        key.public_key()
+    )
     r, s = sign_ecdsa_le(key, body, hashes.SHA384())
     slot = certs.Signature(Usage.OCA, SigAlgo.ECDSA_SHA384, (r + s).ljust(512, b"\x00"))
     cert = SevCert.unpack(body + slot.pack() + certs.EMPTY_SIG.pack())
@@ -118,7 +122,7 @@ def test_amd_cert_fields_are_named() -> None:
     with pytest.raises(VerifyError, match="key_usage = 0x14") as err:
         AmdCert.parse(ask[:0x24] + struct.pack("<I", 0x14) + ask[0x28:])
     assert err.value.field == "key_usage"
-    with pytest.raises(VerifyError, match="carries no signature|AMDSEV#17|header says"):
+    with pytest.raises(VerifyError, match=r"carries no signature|AMDSEV#17|header says"):
         AmdCert.parse((DATA / "naples_ark_unsigned.cert").read_bytes(), "ARK")
     with pytest.raises(VerifyError, match="certifying_id"):
         anchors.sev_ca("rome").ask.verify_signed_by(anchors.sev_ca("milan").ark)

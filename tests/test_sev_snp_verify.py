@@ -13,7 +13,13 @@ from confplan.sev.policy import encode_snp_policy
 from confplan.sev.psp import EmulatedSecureProcessor
 from confplan.sev.signing import VerifyError
 from confplan.sev.snp_chain import split_pem_chain, verify_snp_chain
-from confplan.sev.snp_release import WrappedKey, guest_key_pair, open_released_key, release_to_report, report_data_for
+from confplan.sev.snp_release import (
+    WrappedKey,
+    guest_key_pair,
+    open_released_key,
+    release_to_report,
+    report_data_for,
+)
 from confplan.sev.snp_report import AttestationReport
 from confplan.sev.snp_verify import ReportExpectations, verify_snp_report
 
@@ -56,7 +62,9 @@ def test_a_flipped_vcek_byte_is_refused() -> None:
 
 
 def test_the_real_milan_report_verifies_like_snpguest() -> None:
-    want = ReportExpectations(measurement=MILAN_MEASUREMENT, policy=0x30000, min_tcb={"snp": 8, "microcode": 115})
+    want = ReportExpectations(
+        measurement=MILAN_MEASUREMENT, policy=0x30000, min_tcb={"snp": 8, "microcode": 115}
+    )
     verdict = verify_snp_report(milan_report(), vcek(), expect=want)
     assert verdict.root.product == "milan" and not verdict.root.emulated
     assert "chip_id = VCEK hwID" in verdict.checked and "measurement" in verdict.checked
@@ -127,7 +135,9 @@ def test_the_emulated_platform_is_refused_by_default_and_passes_only_by_choice(
     with pytest.raises(VerifyError, match="not one of AMD's built-in ARKs") as err:
         verify_snp_report(report, vek, ark, ask, ReportExpectations(measurement=digest))
     assert err.value.field == "ark"
-    verdict = verify_snp_report(report, vek, ark, ask, ReportExpectations(measurement=digest), trust_emulated=True)
+    verdict = verify_snp_report(
+        report, vek, ark, ask, ReportExpectations(measurement=digest), trust_emulated=True
+    )
     assert verdict.root.emulated and verdict.summary()["emulated_platform"] is True
     with pytest.raises(VerifyError):  # the emulated VCEK under AMD's Milan chain
         verify_snp_report(report, vek, expect=ReportExpectations(measurement=digest), trust_emulated=True)
