@@ -32,7 +32,7 @@ def module_name(path: Path) -> str:
 
 
 def imports_of(path: Path) -> set[str]:
-    """Every confplan module ``path`` imports (``from confplan.x import y`` counts x.y when that is a module)."""
+    """Every confplan module ``path`` imports (``from confplan.x import y`` counts x.y if that is a module)."""
     tree = ast.parse(path.read_text(), str(path))
     here = module_name(path)
     package = here if path.name == "__init__.py" else here.rpartition(".")[0]
@@ -43,7 +43,7 @@ def imports_of(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + [base])
+                base = ".".join([*package.split(".")[: len(package.split(".")) - node.level + 1], base])
             if not base.startswith("confplan"):
                 continue
             for alias in node.names:

@@ -26,7 +26,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from confplan.errors import ConfplanError
 from confplan.sev import certs, launch_crypto, snp
 from confplan.sev.certs import CertError, PlatformChain, SevCert, Usage
-from confplan.sev.emulated_x509 import issue_snp_chain
 from confplan.sev.launch_crypto import PlatformVersion, SecretPacket, SessionBlob, TransportKeys
 from confplan.sev.memory import GuestMemory
 from confplan.sev.policy import (
@@ -87,6 +86,8 @@ class _PlatformKeys:
 
 
 def _issue_snp_chain(keys: dict[str, ec.EllipticCurvePrivateKey]) -> tuple[bytes, bytes, bytes]:
+    from confplan.sev.emulated_x509 import issue_snp_chain  # X.509 only when keys are made, not per VMM
+
     return issue_snp_chain(keys["ark"], keys["ask"], keys["vcek"], snp.EMULATED_CHIP_ID)
 
 

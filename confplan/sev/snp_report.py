@@ -105,27 +105,89 @@ class AttestationReport:
     def _tcb(self, off: int) -> TcbVersion:
         return TcbVersion.decode(self.raw[off : off + 8], self.product)
 
-    version = property(lambda self: self._u32(0x0))
-    guest_svn = property(lambda self: self._u32(0x4))
-    policy = property(lambda self: self._u64(0x8))
-    family_id = property(lambda self: self.raw[0x10:0x20])
-    image_id = property(lambda self: self.raw[0x20:0x30])
-    vmpl = property(lambda self: self._u32(0x30))
-    signature_algo = property(lambda self: self._u32(0x34))
-    current_tcb = property(lambda self: self._tcb(0x38))
-    platform_info = property(lambda self: self._u64(0x40))
-    key_info = property(lambda self: self._u32(0x48))
-    report_data = property(lambda self: self.raw[0x50:0x90])
-    measurement = property(lambda self: self.raw[0x90:0xC0])
-    host_data = property(lambda self: self.raw[0xC0:0xE0])
-    id_key_digest = property(lambda self: self.raw[0xE0:0x110])
-    author_key_digest = property(lambda self: self.raw[0x110:0x140])
-    report_id = property(lambda self: self.raw[0x140:0x160])
-    report_id_ma = property(lambda self: self.raw[0x160:0x180])
-    reported_tcb = property(lambda self: self._tcb(0x180))
-    chip_id = property(lambda self: self.raw[0x1A0:0x1E0])
-    committed_tcb = property(lambda self: self._tcb(0x1E0))
-    launch_tcb = property(lambda self: self._tcb(0x1F0))
+    @property
+    def version(self) -> int:
+        return self._u32(0x0)
+
+    @property
+    def guest_svn(self) -> int:
+        return self._u32(0x4)
+
+    @property
+    def policy(self) -> int:
+        return self._u64(0x8)
+
+    @property
+    def family_id(self) -> bytes:
+        return self.raw[0x10:0x20]
+
+    @property
+    def image_id(self) -> bytes:
+        return self.raw[0x20:0x30]
+
+    @property
+    def vmpl(self) -> int:
+        return self._u32(0x30)
+
+    @property
+    def signature_algo(self) -> int:
+        return self._u32(0x34)
+
+    @property
+    def current_tcb(self) -> TcbVersion:
+        return self._tcb(0x38)
+
+    @property
+    def platform_info(self) -> int:
+        return self._u64(0x40)
+
+    @property
+    def key_info(self) -> int:
+        return self._u32(0x48)
+
+    @property
+    def report_data(self) -> bytes:
+        return self.raw[0x50:0x90]
+
+    @property
+    def measurement(self) -> bytes:
+        return self.raw[0x90:0xC0]
+
+    @property
+    def host_data(self) -> bytes:
+        return self.raw[0xC0:0xE0]
+
+    @property
+    def id_key_digest(self) -> bytes:
+        return self.raw[0xE0:0x110]
+
+    @property
+    def author_key_digest(self) -> bytes:
+        return self.raw[0x110:0x140]
+
+    @property
+    def report_id(self) -> bytes:
+        return self.raw[0x140:0x160]
+
+    @property
+    def report_id_ma(self) -> bytes:
+        return self.raw[0x160:0x180]
+
+    @property
+    def reported_tcb(self) -> TcbVersion:
+        return self._tcb(0x180)
+
+    @property
+    def chip_id(self) -> bytes:
+        return self.raw[0x1A0:0x1E0]
+
+    @property
+    def committed_tcb(self) -> TcbVersion:
+        return self._tcb(0x1E0)
+
+    @property
+    def launch_tcb(self) -> TcbVersion:
+        return self._tcb(0x1F0)
 
     @property
     def signing_key(self) -> str:
