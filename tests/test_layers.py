@@ -32,7 +32,7 @@ def module_name(path: Path) -> str:
 
 
 def imports_of(path: Path) -> set[str]:
-    """Every confplan module ``path`` imports (``from confplan.x import y`` counts x.y if that is a module)."""
+    """Every confplan module ``path`` imports (``from confplan.x import y`` counts x.y if a module)."""
     tree = ast.parse(path.read_text(), str(path))
     here = module_name(path)
     package = here if path.name == "__init__.py" else here.rpartition(".")[0]
