@@ -72,7 +72,9 @@ class Launcher:
 
     def boot(self, config: MachineConfig, key: bytes, migration_id: bytes | None = None) -> Machine:
         digest = expected_launch_digest(config, Firmware.load(), self.host).hex()
-        owner = OwnerPolicy(allowed_digests=[digest], allowed_policies=[POLICY], min_api="1.40")
+        owner = OwnerPolicy(
+            allowed_digests=[digest], allowed_policies=[POLICY], min_api="1.40", trust_emulated_platform=True
+        )
         broker = KeyBroker.init(self.owner_dir, owner, force=True)
         m = Machine(config)
         self.machines.append(m)

@@ -41,7 +41,12 @@ def good_digest() -> str:
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> KeyBroker:
-    policy = OwnerPolicy(allowed_digests=[good_digest()], allowed_policies=[POLICY], min_api="1.40")
+    policy = OwnerPolicy(
+        allowed_digests=[good_digest()],
+        allowed_policies=[POLICY],
+        min_api="1.40",
+        trust_emulated_platform=True,
+    )
     return KeyBroker.init(tmp_path_factory.mktemp("owner"), policy)
 
 
@@ -174,7 +179,9 @@ def test_policy_not_allowed_is_refused(psp: EmulatedSecureProcessor, broker: Key
     with pytest.raises(AttestationRefused, match=r"guest policy 0x28030001 is not in allowed_policies"):
         broker.new_session(psp.platform_chain(), encode_sev_policy(nodbg=True, api_major=3, api_minor=40))
     weak = encode_sev_policy(nodbg=True, noks=True, api_major=1, api_minor=0)
-    allowing = OwnerPolicy(allowed_digests=[good_digest()], allowed_policies=[weak], min_api="1.40")
+    allowing = OwnerPolicy(
+        allowed_digests=[good_digest()], allowed_policies=[weak], min_api="1.40", trust_emulated_platform=True
+    )
     with pytest.raises(AttestationRefused, match=r"below min_api 1\.40"):
         broker.with_policy(allowing).new_session(psp.platform_chain(), weak)
 

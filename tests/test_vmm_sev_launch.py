@@ -41,7 +41,9 @@ def secret_page(m: Machine) -> bytes:
 
 
 def owner(tmp: Path, digests: list[str], policy: int = NODBG) -> KeyBroker:
-    policy_file = OwnerPolicy(allowed_digests=digests, allowed_policies=[policy], min_api="1.40")
+    policy_file = OwnerPolicy(
+        allowed_digests=digests, allowed_policies=[policy], min_api="1.40", trust_emulated_platform=True
+    )
     return KeyBroker.init(tmp, policy_file)
 
 

@@ -44,7 +44,9 @@ def _measured_launch(m: Machine, policy: int, psp_dir: Path) -> None:
     psp = EmulatedSecureProcessor.open(psp_dir)
     digest = expected_launch_digest(m.config, m.firmware, m.host).hex()
     with tempfile.TemporaryDirectory(prefix="confplan-owner-") as owner_dir:
-        broker = KeyBroker.init(Path(owner_dir), owner_policy_for(digest, policy))
+        broker = KeyBroker.init(
+            Path(owner_dir), owner_policy_for(digest, policy, trust_emulated_platform=True)
+        )
         record = launch_with_broker(m, psp, broker, policy, os.urandom(TRANSPORT_KEY_LEN))
     typer.echo(
         f"measured launch on the EMULATED secure processor (keys in {psp.key_file}; not AMD hardware): "

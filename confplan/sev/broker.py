@@ -22,7 +22,7 @@ import pydantic
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from confplan.errors import ConfplanError
-from confplan.sev import certs, launch_crypto
+from confplan.sev import anchors, certs, launch_crypto
 from confplan.sev.certs import CertError, PlatformChain, Usage
 from confplan.sev.launch_crypto import PlatformVersion, SecretPacket, TransportKeys
 from confplan.sev.policy import sev_api_version
@@ -32,6 +32,7 @@ from confplan.sev.secret_table import (
     MIGRATION_ID_LEN,
     build_secret_table,
 )
+from confplan.sev.signing import VerifyError
 from confplan.sev.statefile import pack_state, unpack_state, write_private
 
 OWNER_KEY_NAME = "owner.key"
@@ -76,7 +77,12 @@ class OwnerPolicy(pydantic.BaseModel):
     min_build: int = pydantic.Field(0, ge=0, le=255, description="lowest firmware build at that API")
     trusted_ark_sha256: list[str] = pydantic.Field(
         default_factory=list,
-        description="SHA-256 of the ARK certificates to trust; empty trusts any self-consistent chain",
+        description="SHA-256 of the ARK certificates to trust (as received); empty: AMD's built-in ARKs",
+    )
+    trust_emulated_platform: bool = pydantic.Field(
+        False,
+        description="DANGER: also trust an ARK that is not AMD's (confplan's EMULATED secure processor); "
+        "a host that holds such keys can make up any measurement",
     )
 
     @pydantic.field_validator("allowed_digests", "trusted_ark_sha256")
@@ -203,13 +209,18 @@ class KeyBroker:
                 f"platform certificate chain does not verify: {err}",
                 hint="export the chain again from the platform; a broken chain is never trusted",
             ) from None
-        pins = self.policy.trusted_ark_sha256
-        if pins and chain.ark.fingerprint() not in pins:
-            raise AttestationRefused(
-                f"platform ARK {chain.ark.fingerprint()} is not in trusted_ark_sha256 of "
-                f"{self._policy_where()}",
-                hint="this platform's root of trust is not one the owner pinned",
+        fingerprint = chain.ark.fingerprint()
+        product = None if chain.emulated else anchors.sev_ark_product(fingerprint)
+        try:
+            anchors.check_root(
+                fingerprint,
+                product,
+                pins=self.policy.trusted_ark_sha256,
+                trust_emulated=self.policy.trust_emulated_platform,
+                where=self._policy_where(),
             )
+        except VerifyError as err:
+            raise AttestationRefused(err.message, hint=err.hint) from None
 
     def _check_version(self, version: PlatformVersion) -> None:
         need = parse_api(self.policy.min_api)

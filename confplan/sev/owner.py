@@ -48,13 +48,22 @@ class LaunchRecord:
     version: PlatformVersion
 
 
-def owner_policy_for(expected_digest: str, policy: int) -> OwnerPolicy:
-    """Allow exactly ``expected_digest`` under guest ``policy`` (and the API the policy asks for)."""
+def owner_policy_for(expected_digest: str, policy: int, *, trust_emulated_platform: bool) -> OwnerPolicy:
+    """Allow exactly ``expected_digest`` under guest ``policy`` (and the API the policy asks for).
+
+    ``trust_emulated_platform`` must be said by the caller: confplan's own local flows play the owner for
+    the EMULATED secure processor they run, whose ARK is not AMD's; an owner's policy never trusts it
+    unless told to."""
     from confplan.sev.broker import OwnerPolicy
 
     major, minor = sev_api_version(policy)
     api = f"{major}.{minor}"
-    return OwnerPolicy(allowed_digests=[expected_digest], allowed_policies=[policy], min_api=api)
+    return OwnerPolicy(
+        allowed_digests=[expected_digest],
+        allowed_policies=[policy],
+        min_api=api,
+        trust_emulated_platform=trust_emulated_platform,
+    )
 
 
 def attest_and_release(

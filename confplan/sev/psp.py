@@ -82,6 +82,13 @@ class _PlatformKeys:
     private: dict[str, ec.EllipticCurvePrivateKey]
     chain: PlatformChain
     version: PlatformVersion
+    snp_chain: tuple[bytes, bytes, bytes]  # ARK, ASK, VCEK as X.509 PEM (emulated_x509)
+
+
+def _issue_snp_chain(keys: dict[str, ec.EllipticCurvePrivateKey]) -> tuple[bytes, bytes, bytes]:
+    from confplan.sev.emulated_x509 import issue_snp_chain  # X.509 only when keys are made, not per VMM
+
+    return issue_snp_chain(keys["ark"], keys["ask"], keys["vcek"], snp.EMULATED_CHIP_ID)
 
 
 def _issue_chain(keys: dict[str, ec.EllipticCurvePrivateKey], version: PlatformVersion) -> PlatformChain:
@@ -113,6 +120,7 @@ def _dump_keys(platform: _PlatformKeys) -> bytes:
         "version": [v.api_major, v.api_minor, v.build],
         "keys": {name: _pem(platform.private[name]) for name in _KEY_NAMES},
         "chain": platform.chain.pack().hex(),
+        "snp_chain": [pem.decode() for pem in platform.snp_chain],
     }
     return json.dumps(doc, indent=1).encode()
 
@@ -128,7 +136,13 @@ def _load_keys(path: Path) -> _PlatformKeys:
         private[name] = key
     major, minor, build = doc["version"]
     chain = PlatformChain.unpack(bytes.fromhex(doc["chain"]))
-    return _PlatformKeys(private, chain, PlatformVersion(major, minor, build))
+    version = PlatformVersion(major, minor, build)
+    if "snp_chain" not in doc:  # a key file from before the SNP certificates: issue them once, keep them
+        platform = _PlatformKeys(private, chain, version, _issue_snp_chain(private))
+        write_private(path, pack_state(_KEY_FILE_MAGIC, _KEY_FILE_VERSION, _dump_keys(platform)))
+        return platform
+    ark, ask, vcek = (pem.encode() for pem in doc["snp_chain"])
+    return _PlatformKeys(private, chain, version, (ark, ask, vcek))
 
 
 class EmulatedSecureProcessor:
@@ -151,7 +165,7 @@ class EmulatedSecureProcessor:
         if path.exists():
             return cls(_load_keys(path), path, rng)
         keys = {name: certs.new_key() for name in _KEY_NAMES}
-        platform = _PlatformKeys(keys, _issue_chain(keys, version), version)
+        platform = _PlatformKeys(keys, _issue_chain(keys, version), version, _issue_snp_chain(keys))
         Path(state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
         write_private(path, pack_state(_KEY_FILE_MAGIC, _KEY_FILE_VERSION, _dump_keys(platform)))
         return cls(platform, path, rng)
@@ -164,6 +178,11 @@ class EmulatedSecureProcessor:
     def platform_chain(self) -> PlatformChain:
         """PDH_CERT_EXPORT plus the ARK and ASK: what the host hands the guest owner."""
         return self._platform.chain
+
+    def snp_cert_chain(self) -> tuple[bytes, bytes, bytes]:
+        """The SNP ARK, ASK and VCEK certificates (PEM), as a host fetches them from AMD KDS. They are
+        ECDSA and name the emulation: only an owner who trusts the emulated platform accepts them."""
+        return self._platform.snp_chain
 
     def vcek_public_key(self) -> ec.EllipticCurvePublicKey:
         """The emulated VCEK's public key (real hardware: fetched from AMD's KDS for this chip and TCB)."""
@@ -269,7 +288,7 @@ class SevGuest(_Guest):
             blob = SessionBlob.unpack(session)
         except (CertError, ValueError) as err:
             raise SecureProcessorError(cmd, SevStatus.INVALID_CERTIFICATE, str(err)) from err
-        if godh.usage != Usage.PDH:
+        if godh.usage != Usage.PDH or not isinstance(godh.pubkey, ec.EllipticCurvePublicKey):
             raise SecureProcessorError(
                 cmd, SevStatus.INVALID_CERTIFICATE, f"GODH certificate has usage {godh.usage:#x}, not PDH"
             )

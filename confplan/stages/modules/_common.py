@@ -180,7 +180,9 @@ def measured_launch(plan: Plan, handle: VmmHandle, created: dict[str, Any], conf
     ).hex()
     with contextlib.suppress(FileExistsError):
         owner_dir(plan).mkdir(parents=True, mode=0o700)
-    broker = KeyBroker.init(owner_dir(plan), owner_policy_for(expected, policy), force=True)
+    broker = KeyBroker.init(
+        owner_dir(plan), owner_policy_for(expected, policy, trust_emulated_platform=True), force=True
+    )
     key, migration_id = migration_secrets(plan)
     record = attest_and_release(handle.launch_peer(), broker, policy, confplan_secrets(key, migration_id))
     return record.digest
