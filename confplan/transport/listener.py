@@ -29,6 +29,7 @@ from confplan.transport.tls import (
     describe,
     home_option,
     server_context,
+    start_duplex,
 )
 from confplan.transport.trust import TrustStore
 
@@ -87,7 +88,7 @@ def handshake(
         raise refusal(context, peer, seen, err, handshake_timeout) from None
     context.seen(tls)
     assert der is not None  # CERT_REQUIRED: OpenSSL refused any peer without a certificate
-    tls.settimeout(None)  # the RPC server blocks on reads
+    start_duplex(tls)
     return tls, fingerprint(der)
 
 

@@ -20,6 +20,7 @@ from typing import Any, Final
 
 from confplan.errors import ConfplanError
 from confplan.transport import tcp
+from confplan.transport.duplex import DuplexSSLSocket
 from confplan.transport.identity import Identity, Role, default_home, fingerprint
 from confplan.transport.trust import TrustStore
 
@@ -53,6 +54,7 @@ def client_context(identity: Identity) -> ssl.SSLContext:
     ``dial`` pins the agent's certificate by fingerprint right after the handshake."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     _tls13_only(context)
+    context.sslsocket_class = DuplexSSLSocket
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE  # TLS still checks the agent holds the certificate's key
     context.load_cert_chain(identity.cert_path, identity.key_path)
@@ -97,6 +99,7 @@ def server_context(identity: Identity, trust: TrustStore) -> ServerContext:
     as the only trust anchors (self-signed, each one its own anchor). No hostname checks, no tickets."""
     context = ServerContext(ssl.PROTOCOL_TLS_SERVER)
     _tls13_only(context)
+    context.sslsocket_class = DuplexSSLSocket
     context.verify_mode = ssl.CERT_REQUIRED
     context.load_cert_chain(identity.cert_path, identity.key_path)
     bundle = trust.pem_bundle(Role.ORCHESTRATOR)
@@ -169,7 +172,7 @@ def dial(
     except BaseException:
         conn.close()
         raise
-    conn.settimeout(None)  # the RPC reader blocks; calls have their own timeouts
+    start_duplex(conn)
     return conn
 
 
@@ -243,6 +246,15 @@ def _await_acceptance(conn: ssl.SSLSocket, where: str, agent: str, identity: Ide
             f"{where} sent {data!r} where a confplan agent says {ACCEPTED!r}",
             hint=f"run the same confplan release on both sides (this one speaks channel v{CHANNEL_VERSION})",
         )
+
+
+def start_duplex(conn: ssl.SSLSocket) -> None:
+    """Make a connection ready for the RPC: blocking (calls have their own timeouts), and safe for a
+    reader thread and writer threads at once (``DuplexSSLSocket``)."""
+    if isinstance(conn, DuplexSSLSocket):
+        conn.start_duplex(None)
+    else:  # a context made elsewhere: still blocking, but one thread at a time
+        conn.settimeout(None)
 
 
 def refused_by_agent(where: str, agent: str, identity: Identity, detail: str) -> UntrustedPeer:
