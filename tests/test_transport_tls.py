@@ -294,6 +294,10 @@ def test_a_wrong_pin_names_both_fingerprints_and_sends_nothing(tmp_path: Path, a
     assert wrong in message and agent.identity.fingerprint in message
     assert f"fingerprint: {agent.identity.fingerprint}" in hint
     assert "confplan identity show --role agent" in hint
+    with pytest.raises(ChannelError, match="not a fingerprint"):
+        connect(orch, agent, pin="sha256:1234")
+    with connect(orch, agent, pin=agent.identity.fingerprint.upper().replace("SHA256", "sha256")) as conn:
+        assert ask(conn, b"case does not matter\n").endswith(b" case does not matter\n")
     # The agent accepted the orchestrator, then saw the connection end without one byte of data.
     assert _wait_received(agent) == b""
 

@@ -21,7 +21,7 @@ from typing import Any, Final
 from confplan.errors import ConfplanError
 from confplan.transport import tcp
 from confplan.transport.duplex import DuplexSSLSocket
-from confplan.transport.identity import Identity, Role, default_home, fingerprint
+from confplan.transport.identity import Identity, Role, default_home, fingerprint, parse_fingerprint
 from confplan.transport.trust import TrustStore
 
 CHANNEL_VERSION: Final = 1
@@ -151,6 +151,11 @@ def dial(
     when it refuses ``identity``, ``ChannelError`` for anything else; the socket returned blocks.
     """
     where = f"the agent at {_host_port(host, port)}"
+    if pin is not None:
+        try:
+            pin = parse_fingerprint(pin)
+        except ValueError as err:
+            raise ChannelError(f"the pin for {where}: {err}", hint="copy the fingerprint again") from None
     try:
         raw = tcp.connect(host, port, timeout)
     except OSError as err:
