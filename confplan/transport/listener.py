@@ -80,14 +80,24 @@ def handshake(
     context.watch(tls)
     try:
         tls.do_handshake()
-        der = tls.getpeercert(binary_form=True)
-        tls.sendall(ACCEPTED)
     except OSError as err:
         seen = context.seen(tls)
         tls.close()
         raise refusal(context, peer, seen, err, handshake_timeout) from None
     context.seen(tls)
+    der = tls.getpeercert(binary_form=True)
     assert der is not None  # CERT_REQUIRED: OpenSSL refused any peer without a certificate
+    try:
+        tls.sendall(ACCEPTED)
+    except OSError as err:  # it checked this agent's fingerprint against its pin, and left?
+        tls.close()
+        who, own = fingerprint(der), context.identity.fingerprint
+        raise PeerRefused(
+            f"{peer} ({who}) hung up right after the TLS handshake ({describe(err)}); if it is an "
+            f"orchestrator, it may pin another fingerprint than this agent's {own}",
+            address=peer,
+            fingerprint=who,
+        ) from None
     start_duplex(tls)
     return tls, fingerprint(der)
 
