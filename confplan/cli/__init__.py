@@ -1,9 +1,9 @@
 """The ``confplan`` command line: one module per area, each adding its commands to ``app``.
 
 Areas: ``plan_cmds`` (validate, schema), ``apply_cmds`` (apply, vmm, agent), ``stage_cmds`` (status),
-``machine_cmds`` (launch), ``owner_cmds`` (the guest owner's key broker). ``main`` is the console-script
-entry: it turns a ``ConfplanError`` into a clean message and its exit code, and any other exception into a
-one-line internal error (exit 1), never a traceback.
+``machine_cmds`` (launch), ``owner_cmds`` (the guest owner's key broker), ``trust_cmds`` (identity, trust).
+``main`` is the console-script entry: it turns a ``ConfplanError`` into a clean message and its exit code,
+and any other exception into a one-line internal error (exit 1), never a traceback.
 """
 
 from __future__ import annotations
@@ -50,9 +50,9 @@ def _root(
 
 def _register_areas() -> None:
     # Imported here, not at the top, so each area module can import ``app`` from this one.
-    from confplan.cli import apply_cmds, machine_cmds, owner_cmds, plan_cmds, stage_cmds
+    from confplan.cli import apply_cmds, machine_cmds, owner_cmds, plan_cmds, stage_cmds, trust_cmds
 
-    for area in (plan_cmds, apply_cmds, stage_cmds, machine_cmds, owner_cmds):
+    for area in (plan_cmds, apply_cmds, stage_cmds, machine_cmds, owner_cmds, trust_cmds):
         area.register(app)
 
 
