@@ -32,7 +32,9 @@ from typing import TypeVar
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from confplan.migration.mailbox import DEFAULT_BANKS, SLOT_SIZE, BatchResult, Mailbox, MailboxSet
+from confplan.migration.mailbox import BatchResult, Mailbox
+from confplan.migration.mailbox_layout import SLOT_SIZE
+from confplan.migration.mailbox_set import DEFAULT_BANKS, MailboxSet
 from confplan.sev.secret_table import CONFPLAN_TRANSPORT_KEY_GUID, build_secret_table
 from confplan.vmm import Machine, MachineConfig, abi
 

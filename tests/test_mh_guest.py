@@ -17,17 +17,9 @@ import pytest
 
 from confplan.core import frame_sealed_pages, unframe_sealed_pages
 from confplan.core.wire import sealed_frame_size
-from confplan.migration.mailbox import (
-    SLOT_CT,
-    SLOT_GPA,
-    SLOT_KEY_ID,
-    SLOT_SIZE,
-    BatchResult,
-    Mailbox,
-    MailboxSet,
-    MhStatus,
-    Op,
-)
+from confplan.migration.mailbox import BatchResult, Mailbox
+from confplan.migration.mailbox_layout import SLOT_CT, SLOT_GPA, SLOT_KEY_ID, SLOT_SIZE, MhStatus, Op
+from confplan.migration.mailbox_set import MailboxSet
 from confplan.sev import EmulatedSecureProcessor, KeyBroker, OwnerPolicy
 from confplan.sev.policy import encode_sev_policy
 from confplan.vmm import Machine, MachineConfig, abi

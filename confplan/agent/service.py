@@ -25,7 +25,7 @@ from confplan.core.wire import Hello, HelperMode
 from confplan.errors import ConfplanError
 from confplan.migration.dirty import DirtyTracker
 from confplan.migration.helper import helper_mailboxes
-from confplan.migration.mailbox import MailboxSet
+from confplan.migration.mailbox_set import MailboxSet
 from confplan.migration.session import resynced_tsc
 from confplan.migration.source import Outgoing
 from confplan.migration.target import Incoming, IncomingState

@@ -1,6 +1,6 @@
 """The one seam between the migration engines and the in-guest migration helper (MH).
 
-Private pages only ever move through the MH's mailboxes (``confplan.migration.mailbox.MailboxSet``):
+Private pages only ever move through the MH's mailboxes (``confplan.migration.mailbox_set.MailboxSet``):
 the VMM never seals or opens a page itself. ``helper_mailboxes`` asks the machine for them; a machine
 whose guest has no helper wired in yet answers None, and the engines refuse private pages with
 ``HelperUnavailable`` rather than send them any other way.
@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from confplan.errors import ConfplanError
-from confplan.migration.mailbox import MailboxSet
+from confplan.migration.mailbox_set import MailboxSet
 
 
 class HelperUnavailable(ConfplanError):

@@ -32,7 +32,8 @@ from confplan.core.wire import (
 from confplan.errors import ConfplanError
 from confplan.migration.dirty import DirtyTracker, concat_gpas
 from confplan.migration.helper import require_helper
-from confplan.migration.mailbox import BatchResult, Mailbox, MailboxSet
+from confplan.migration.mailbox import BatchResult, Mailbox
+from confplan.migration.mailbox_set import MailboxSet
 from confplan.migration.precopy import RoundStats
 from confplan.migration.session import ENC_BITMAP_DEVICE, ENC_BITMAP_FORMAT, VCPU_FORMAT, vcpu_blob
 

@@ -35,7 +35,9 @@ from confplan.core.wire import (
 from confplan.errors import ConfplanError
 from confplan.migration.dirty import concat_gpas
 from confplan.migration.helper import require_helper
-from confplan.migration.mailbox import SLOT_SIZE, MailboxSet, Op, raise_for_refusals
+from confplan.migration.mailbox import raise_for_refusals
+from confplan.migration.mailbox_layout import SLOT_SIZE, Op
+from confplan.migration.mailbox_set import MailboxSet
 from confplan.migration.session import ENC_BITMAP_DEVICE, ENC_BITMAP_FORMAT, SavedVcpu, vcpu_from_blob
 from confplan.migration.source import BANKS
 

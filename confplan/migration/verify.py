@@ -24,7 +24,7 @@ from typing import Any
 from confplan.core import HostMemory, crc32c, crc_table, frame_shared_pages, scan_dirty
 from confplan.core.wire import HEADER_SIZE, MAX_FRAME_PAGES, shared_frame_capacity
 from confplan.migration.dirty import DirtyTracker
-from confplan.migration.mailbox import MailboxSet
+from confplan.migration.mailbox_set import MailboxSet
 from confplan.vmm import abi
 
 PAGE_SHIFT = abi.PAGE.bit_length() - 1  # GPA -> page number

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, TextIO
 from confplan.errors import ConfplanError
 from confplan.kvm import DEFAULT_KVM_PATH, Kvm, Vcpu
 from confplan.kvm import structs as s
-from confplan.migration.mailbox import Mailbox, MailboxSet
+from confplan.migration.mailbox import Mailbox
+from confplan.migration.mailbox_set import MailboxSet
 from confplan.vmm import abi, cpu_setup
 from confplan.vmm.aux_vcpu import HelperHost, HelperVcpu
 from confplan.vmm.bootparams import HostCpu
