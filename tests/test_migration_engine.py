@@ -1,5 +1,5 @@
 """The source and target engines end to end, in one process: two real KVM machines, their in-guest
-migration helpers (``Machine.mailboxes()``: the MH at CPL3 on aux vCPUs or a mirror VM) and a real TCP
+migration helpers (``open_mailboxes``: the MH at CPL3 on aux vCPUs or a mirror VM) and a real TCP
 stream. The guest runs, migrates, resumes on the target, and its self-check ledger must pass there."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from relay import CorruptingRelay
 from confplan.core.wire import Hello, HelperMode
 from confplan.errors import ConfplanError
 from confplan.migration.dirty import DirtyTracker
+from confplan.migration.helper import open_mailboxes
 from confplan.migration.session import resynced_tsc
 from confplan.migration.source import Outgoing
 from confplan.migration.target import Incoming, IncomingState
@@ -50,7 +51,7 @@ class Pair:
             m.write(abi.SECRET_GPA, _secret(key))
             m.start()
         self.src.wait_workload(abi.EV_WL_FILLED, timeout=30)  # shared pages are reported after the fill
-        self.src_mb, self.dst_mb = self.src.mailboxes(), self.dst.mailboxes()
+        self.src_mb, self.dst_mb = open_mailboxes(self.src), open_mailboxes(self.dst)
         self.src_mb.init()
         self.dst_mb.init()
         hmode = HelperMode.MIRROR_VM if mode == "mirror-vm" else HelperMode.AUX_VCPU

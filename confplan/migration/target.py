@@ -40,6 +40,7 @@ from confplan.migration.mailbox_layout import SLOT_SIZE, Op
 from confplan.migration.mailbox_set import MailboxSet
 from confplan.migration.session import ENC_BITMAP_DEVICE, ENC_BITMAP_FORMAT, SavedVcpu, vcpu_from_blob
 from confplan.migration.source import BANKS
+from confplan.vmm import Machine
 
 DRAIN_SECONDS = 5.0
 
@@ -75,7 +76,7 @@ class Incoming:
     """Accepts one connection on ``listener`` and applies its stream to ``machine`` in a thread."""
 
     def __init__(
-        self, machine: Any, listener: socket.socket, *, hello: Hello, mailboxes: MailboxSet | None,
+        self, machine: Machine, listener: socket.socket, *, hello: Hello, mailboxes: MailboxSet | None,
         accept_timeout: float = 60.0,
     ) -> None:  # fmt: skip
         self.machine, self.listener, self.hello, self.mailboxes = machine, listener, hello, mailboxes
@@ -280,7 +281,7 @@ class Incoming:
         apply_enc_bitmap(self.machine, self.status.enc_bitmap)
 
 
-def apply_enc_bitmap(machine: Any, blob: bytes) -> None:
+def apply_enc_bitmap(machine: Machine, blob: bytes) -> None:
     """Install the source's encryption bitmap (which pages are shared) before the guest runs here."""
     view = machine.enc_bitmap.bitmap.view()
     view[: len(blob)] = blob

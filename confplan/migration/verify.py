@@ -19,19 +19,18 @@ page's MAC is current. Without tables, every chunk is digested from memory.
 from __future__ import annotations
 
 import array
-from typing import Any
 
 from confplan.core import HostMemory, crc32c, crc_table, frame_shared_pages, scan_dirty
 from confplan.core.wire import HEADER_SIZE, MAX_FRAME_PAGES, shared_frame_capacity
 from confplan.migration.dirty import DirtyTracker
 from confplan.migration.mailbox_set import MailboxSet
-from confplan.vmm import abi
+from confplan.vmm import Machine, abi
 
 PAGE_SHIFT = abi.PAGE.bit_length() - 1  # GPA -> page number
 CHUNK_PAGES = 2048  # 8 MiB: a mismatch names an 8 MiB range
 
 
-def shared_digest(machine: Any) -> dict[str, int]:
+def shared_digest(machine: Machine) -> dict[str, int]:
     """{pages, crc32c} over every shared page of the workload area, in GPA order."""
     tracker = DirtyTracker(machine)  # only its bitmaps: building one does not touch the dirty log
     everything = tracker.migratable.to_bytes(tracker.nbytes, "little")
@@ -55,7 +54,7 @@ class SharedTable:
     became shared). Two sides with equal shared pages get equal digests; a page that differs changes its
     CRC and so the digest (CRC-32C catches any change of up to 32 bits; wider ones with 2^-32 chance)."""
 
-    def __init__(self, machine: Any) -> None:
+    def __init__(self, machine: Machine) -> None:
         self._machine = machine
         self._tracker = DirtyTracker(machine)  # only its bitmaps: building one does not touch the dirty log
         self._everything = self._tracker.migratable.to_bytes(self._tracker.nbytes, "little")
@@ -98,14 +97,16 @@ class SharedTable:
         return {"pages": len(gpas), "crc32c": self._compute(gpas, crc32c(gpas))}
 
 
-def private_digests(mailboxes: MailboxSet, machine: Any) -> dict[int, str]:
+def private_digests(mailboxes: MailboxSet, machine: Machine) -> dict[int, str]:
     """The MHs' keyed digests of every chunk, hashed from memory (the MH skips its own area)."""
     npages = int(machine.config.memory) // abi.PAGE
     digests = mailboxes.digest(0, npages, chunk_pages=CHUNK_PAGES)
     return {i: d.hex() for i, d in enumerate(digests)}
 
 
-def table_digests(mailboxes: MailboxSet, machine: Any, gpas: array.array[int]) -> tuple[int, dict[int, str]]:
+def table_digests(
+    mailboxes: MailboxSet, machine: Machine, gpas: array.array[int]
+) -> tuple[int, dict[int, str]]:
     """The same chunk digests folded from the MHs' MAC tables, once the pages at ``gpas`` (those the
     tables do not follow yet) are MAC'd; returns (pages MAC'd, digests)."""
     npages = int(machine.config.memory) // abi.PAGE
