@@ -4,16 +4,20 @@ The host may read shared pages, so both VMMs checksum them with the core (the pa
 the frames' payloads CRC'd: no per-page Python); the rest is digested only by the MHs, keyed, so a host
 learns nothing from a digest but whether both sides hold the same plaintext.
 
-Shared pages the same way (``SharedTable``): each VMM keeps a CRC-32C per shared page, filled while the guest
-runs and dropped for every page written since (the same change lists as the MAC table), so the pause
-CRCs only the shared pages written since, then folds the table.
+Private digests are per chunk of ``CHUNK_PAGES`` pages, hashed from memory (``private_digests``: DIGEST of
+every chunk) or folded from the MHs' per-page MAC tables (``table_digests``), so that the pause costs the
+pages moved as shared since precopy filled the tables, not RAM. Mailbox v4: each SAVE on the source and
+each LOAD on the target sets the entry of every page it seals or opens to that record's tag, so the pages
+the stream moves sealed keep their entries current by themselves; only the pages moved as shared have none
+(or a stale one). So precopy's ``mac_table`` fill (the agent's) MACs the pages moved as shared so far while
+the guest still runs (``MailboxSet.mac_list``), and in the pause each side MACs those moved as shared since
+and folds every chunk from its table in one go (``MailboxSet.mac_and_fold``), which equals DIGEST of the
+chunk while each page's entry is current.
 
-Private digests are per chunk of ``CHUNK_PAGES`` pages. With the MHs' per-page MAC tables (mailbox v3)
-the pause costs the pages changed since the tables were filled, not RAM: both sides fill their table
-while the guest still runs (``MailboxSet.mac_range``), MAC again the pages written since
-(``MailboxSet.mac_list``: on the source the dirty log's pages, on the target the pages its stream wrote),
-then fold every chunk from the table (``MailboxSet.fold``), which equals DIGEST of the chunk while each
-page's MAC is current. Without tables, every chunk is digested from memory.
+Shared pages the same way (``SharedTable``): each VMM keeps a CRC-32C per shared page, filled by that same
+``mac_table`` call (a target, whose encryption bitmap arrives only at the end, fills the pages its stream
+wrote as shared) and dropped for every page written since (the stream's change lists: on the source the
+pages it sent, on the target the pages its stream wrote), so the pause CRCs only those, then folds the table.
 """
 
 from __future__ import annotations
