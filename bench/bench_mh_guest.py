@@ -2,7 +2,7 @@
 
 Two booted guests on KVM (a source whose quiet workload filled its pages, and an mh_only target with the
 same transport key in its secret page), with 1 and then 2 MH vCPUs (aux vCPUs). The VMM side is the real
-``Machine.mailboxes()``. Every round seals every workload page under a new generation and opens the
+``open_mailboxes(machine)``. Every round seals every workload page under a new generation and opens the
 records on the target, two ways, interleaved round by round so both see the same machine load:
 - ``sync``: ``MailboxSet.save``/``load``, one op of ``--batch`` pages per mailbox at a time (post, kick,
   the MH seals at CPL3, one doorbell exit per op wakes the waiter); the records go from the source's slots
@@ -32,7 +32,10 @@ from typing import TypeVar
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from confplan.migration.mailbox import DEFAULT_BANKS, SLOT_SIZE, BatchResult, Mailbox, MailboxSet
+from confplan.migration.helper import open_mailboxes
+from confplan.migration.mailbox import BatchResult, Mailbox
+from confplan.migration.mailbox_layout import SLOT_SIZE
+from confplan.migration.mailbox_set import DEFAULT_BANKS, MailboxSet
 from confplan.sev.secret_table import CONFPLAN_TRANSPORT_KEY_GUID, build_secret_table
 from confplan.vmm import Machine, MachineConfig, abi
 
@@ -135,7 +138,7 @@ def mh_rates(mib: int, mh_vcpus: int, batch: int, rounds: int, banks: int) -> di
     with boot(cfg, key) as a, boot(dataclasses.replace(cfg, mh_only=True), key) as b:
         a.wait_workload(abi.EV_WL_FILLED, timeout=60)
         a.pause_all_vcpus_except_aux()
-        src, dst = a.mailboxes(), b.mailboxes()
+        src, dst = open_mailboxes(a), open_mailboxes(b)
         src.init()
         dst.init()
         impl = next(t for _, t in a.console.lines if t.startswith("mh: helper vCPU 0")).split(" aes ")[1]

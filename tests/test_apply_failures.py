@@ -17,17 +17,18 @@ import pytest
 from relay import CorruptingRelay
 
 from confplan.agent import handle as vmm_handle
+from confplan.migration import helper
 from confplan.migration.helper import helper_mailboxes
 from confplan.plan import Plan, load_plan
 from confplan.stages import StageFailed, apply
 from confplan.stages.base import Progress
 from confplan.stages.executor import Observer, Step, StepAction
 from confplan.stages.modules import __name__ as _stages  # noqa: F401  (registers the stages)
-from confplan.vmm import Machine
+from confplan.vmm import Machine, MachineConfig, abi
 from confplan.vmm.firmware import Firmware
 
 pytestmark = pytest.mark.kvm
-HELPER_WIRED = callable(getattr(Machine, "mailboxes", None))
+HELPER_WIRED = callable(getattr(helper, "open_mailboxes", None))
 
 
 def write_plan(tmp: Path, extra_stages: dict[str, str] | None = None, mode: str = "aux-vcpu") -> Plan:
@@ -148,10 +149,8 @@ def test_corrupted_frame_is_refused_nothing_resumed(plan_dir: Path) -> None:
 
 
 def test_helper_seam_reports_missing_helper() -> None:
-    class Bare:
-        pass
-
-    assert helper_mailboxes(Bare()) is None
+    with Machine(MachineConfig(memory=32 * abi.MIB, helper_mode="none")) as bare:  # no helper vCPUs
+        assert helper_mailboxes(bare) is None
 
 
 class CtrlCInPrecopy(Observer):

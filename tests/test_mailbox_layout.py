@@ -1,7 +1,7 @@
 """The mailbox contract pinned on both sides, and the MH's pure pieces checked against independent code.
 
-- Every offset and constant in confplan/migration/mailbox.py against firmware/include/cp_mailbox.h, and the
-  host harness's ``cp_mh_config`` mirror against firmware/mh/mailbox.h (a gcc-compiled offsetof program).
+- Every offset and constant in confplan/migration/mailbox_layout.py against firmware/include/cp_mailbox.h, and
+  the host harness's ``cp_mh_config`` mirror against firmware/mh/mailbox.h (a gcc-compiled offsetof program).
 - The MH sources compiled with the firmware's flags need nothing from libc.
 - The C secret-table walk against confplan/sev/secret_table.py (good tables and each kind of damage).
 - Key derivation and DIGEST recomputed in Python with ``cryptography``'s AES-GCM.
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from confplan.migration import mailbox as mbx
+from confplan.migration import mailbox_layout as mbx
 from confplan.migration.host_mh import FIRMWARE_DIR, HOST_BUILD_DIR, HostGuest, MhConfigC, build_host_library
 from confplan.sev.secret_table import (
     CONFPLAN_TRANSPORT_KEY_GUID,

@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from confplan.migration import mailbox as mbx
+from confplan.migration import mailbox_layout as mbx
 from confplan.migration.host_mh import SIDE_TARGET, HostGuest, build_host_library
 from confplan.sev.secret_table import CONFPLAN_TRANSPORT_KEY_GUID, build_secret_table
 

@@ -21,7 +21,8 @@ from confplan.core import frame_sealed_pages, unframe_sealed_pages
 from confplan.core.wire import sealed_frame_size
 from confplan.migration import Mailbox, MailboxError, MhStatus, Op
 from confplan.migration.host_mh import SIDE_TARGET, HostGuest, build_host_library
-from confplan.migration.mailbox import SLOT_GPA, SLOT_KEY_ID, SLOT_NONCE, SLOT_SIZE, SLOT_TAG, BatchResult
+from confplan.migration.mailbox import BatchResult
+from confplan.migration.mailbox_layout import SLOT_GPA, SLOT_KEY_ID, SLOT_NONCE, SLOT_SIZE, SLOT_TAG
 from confplan.sev.secret_table import CONFPLAN_TRANSPORT_KEY_GUID, build_secret_table
 from confplan.vmm import abi
 

@@ -16,7 +16,8 @@ import pytest
 
 from confplan.migration import Mailbox, MailboxError, MhStatus, Op
 from confplan.migration.host_mh import SIDE_TARGET, HostGuest, build_host_library
-from confplan.migration.mailbox import RING, SLOT_GPA, SLOT_SIZE, BatchResult
+from confplan.migration.mailbox import BatchResult
+from confplan.migration.mailbox_layout import RING, SLOT_GPA, SLOT_SIZE
 from confplan.sev.secret_table import CONFPLAN_TRANSPORT_KEY_GUID, build_secret_table
 
 PAGE = 4096

@@ -17,17 +17,10 @@ import pytest
 
 from confplan.core import frame_sealed_pages, unframe_sealed_pages
 from confplan.core.wire import sealed_frame_size
-from confplan.migration.mailbox import (
-    SLOT_CT,
-    SLOT_GPA,
-    SLOT_KEY_ID,
-    SLOT_SIZE,
-    BatchResult,
-    Mailbox,
-    MailboxSet,
-    MhStatus,
-    Op,
-)
+from confplan.migration.helper import open_mailboxes
+from confplan.migration.mailbox import BatchResult, Mailbox
+from confplan.migration.mailbox_layout import SLOT_CT, SLOT_GPA, SLOT_KEY_ID, SLOT_SIZE, MhStatus, Op
+from confplan.migration.mailbox_set import MailboxSet
 from confplan.sev import EmulatedSecureProcessor, KeyBroker, OwnerPolicy
 from confplan.sev.policy import encode_sev_policy
 from confplan.vmm import Machine, MachineConfig, abi
@@ -158,7 +151,7 @@ def test_source_seals_target_opens_every_private_page(launcher: Launcher, mode: 
     canaries = gpas[3::223]  # spread over the area, so both MH vCPUs seal some
     for gpa in canaries:
         memfd_write(a, gpa, MARKER * (PAGE // len(MARKER)))
-    mbs_a, mbs_b = a.mailboxes(), b.mailboxes()
+    mbs_a, mbs_b = open_mailboxes(a), open_mailboxes(b)
     info_a, info_b = mbs_a.init(), mbs_b.init()
     assert (info_a.migration_id, info_a.key_id) == (info_b.migration_id, info_b.key_id)
     assert info_a.sender_id >> 16 == 0 and info_b.sender_id >> 16 == 1  # side from the measured boot page
@@ -181,7 +174,7 @@ def test_source_seals_target_opens_every_private_page(launcher: Launcher, mode: 
     # the canary never shows outside private memory: not in a frame, a slot or the console
     assert not any(MARKER in f for f in frames)
     for m in (a, b):
-        assert all(MARKER not in bytes(mb.slots) for mb in m.mailboxes().mailboxes)
+        assert all(MARKER not in bytes(mb.slots) for mb in open_mailboxes(m).mailboxes)
         assert MARKER.decode() not in m.console.text()
     # the helper took a hardware AES path, not the portable one, where the host CPU has AES-NI
     impls = helper_impls(a) + helper_impls(b)
@@ -202,7 +195,7 @@ def test_streamed_rounds_move_every_page_with_one_doorbell_per_drain(launcher: L
     a, b = launcher.boot(src_cfg, KEY), launcher.boot(dst_cfg, KEY)
     source_ready(a)
     gpas = workload_gpas(a)
-    mbs_a, mbs_b = a.mailboxes(), b.mailboxes()
+    mbs_a, mbs_b = open_mailboxes(a), open_mailboxes(b)
     mbs_a.init()
     mbs_b.init()
     frames: list[bytes] = []  # sealed frames on their way, as the source's core would send them
@@ -224,7 +217,7 @@ def test_streamed_rounds_move_every_page_with_one_doorbell_per_drain(launcher: L
     assert memfd_read(a, *area) == memfd_read(b, *area)
     assert set(gen_table(b)[gpas[0] // PAGE :]) == {2}
     for m in (a, b):
-        counters = [mb.counters() for mb in m.mailboxes().mailboxes]
+        counters = [mb.counters() for mb in open_mailboxes(m).mailboxes]
         assert [c["drains"] for c in counters] == m.mailbox_doorbells.rings
         assert all(0 < c["drains"] <= c["ops"] for c in counters)
         m.check()
@@ -253,7 +246,7 @@ def test_target_refuses_tampered_misplaced_replayed_and_foreign_pages(launcher: 
     c = launcher.boot(dst_cfg, OTHER_KEY, migration_id=mig)  # launched and attested, but another key
     source_ready(a)
     gpas = workload_gpas(a)[:4]
-    mbs_a, mbs_b, mbs_c = a.mailboxes(), b.mailboxes(), c.mailboxes()
+    mbs_a, mbs_b, mbs_c = open_mailboxes(a), open_mailboxes(b), open_mailboxes(c)
     assert mbs_a.init().migration_id == mbs_b.init().migration_id == mig  # the owner's id, from the table
     assert mbs_c.init().key_id != mbs_a.mailboxes[0].init().key_id
     old = {gpa: memfd_read(a, gpa, PAGE) for gpa in gpas}
@@ -297,7 +290,7 @@ def test_helper_refuses_pages_outside_the_workload_area(launcher: Launcher) -> N
     the MH refuses them (GPA_MH) instead of faulting, and DIGEST skips them."""
     src_cfg, _ = configs("aux-vcpu")
     a = launcher.boot(src_cfg, KEY)
-    mbs = a.mailboxes()
+    mbs = open_mailboxes(a)
     mbs.init()
     mb = mbs.mailboxes[0]
     result = mb.finish(Op.SAVE, mb.post_save([0, abi.PT_WL_GPA, abi.SECRET_GPA], 1), 3)

@@ -1,10 +1,11 @@
 """The source and target engines end to end, in one process: two real KVM machines, their in-guest
-migration helpers (``Machine.mailboxes()``: the MH at CPL3 on aux vCPUs or a mirror VM) and a real TCP
+migration helpers (``open_mailboxes``: the MH at CPL3 on aux vCPUs or a mirror VM) and a real TCP
 stream. The guest runs, migrates, resumes on the target, and its self-check ledger must pass there."""
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from relay import CorruptingRelay
 from confplan.core.wire import Hello, HelperMode
 from confplan.errors import ConfplanError
 from confplan.migration.dirty import DirtyTracker
+from confplan.migration.helper import open_mailboxes
 from confplan.migration.session import resynced_tsc
 from confplan.migration.source import Outgoing
 from confplan.migration.target import Incoming, IncomingState
@@ -29,9 +31,10 @@ MIGRATION_ID = bytes(range(16))
 
 def _config(mode: str, **extra: object) -> MachineConfig:
     helpers = {"aux_vcpus": 2} if mode == "aux-vcpu" else {"helper_mode": "mirror-vm", "mirror_vcpus": 2}
+    fields = {"batch_pages": 64, **helpers, **extra}
     return MachineConfig(
-        memory=32 * abi.MIB, vcpus=1, batch_pages=64, shared_fraction=0.1, dirty_rate=16 * abi.MIB,
-        **helpers, **extra,  # type: ignore[arg-type]
+        memory=32 * abi.MIB, vcpus=1, shared_fraction=0.1, dirty_rate=16 * abi.MIB,
+        **fields,  # type: ignore[arg-type]
     )  # fmt: skip
 
 
@@ -42,19 +45,19 @@ def _secret(key: bytes) -> bytes:
 class Pair:
     """A running source, an MH-only target, both helpers, and a connected stream."""
 
-    def __init__(self, mode: str, *, relay: bool = False) -> None:
-        key = os.urandom(32)
+    def __init__(self, mode: str, *, relay: bool = False, dst_batch_pages: int = 64) -> None:
+        self.mode, self.key = mode, os.urandom(32)
         self.src = Machine(_config(mode))
-        self.dst = Machine(_config(mode, mh_only=True))
+        self.dst = Machine(_config(mode, mh_only=True, batch_pages=dst_batch_pages))
         for m in (self.src, self.dst):
-            m.write(abi.SECRET_GPA, _secret(key))
+            m.write(abi.SECRET_GPA, _secret(self.key))
             m.start()
         self.src.wait_workload(abi.EV_WL_FILLED, timeout=30)  # shared pages are reported after the fill
-        self.src_mb, self.dst_mb = self.src.mailboxes(), self.dst.mailboxes()
+        self.src_mb, self.dst_mb = open_mailboxes(self.src), open_mailboxes(self.dst)
         self.src_mb.init()
         self.dst_mb.init()
         hmode = HelperMode.MIRROR_VM if mode == "mirror-vm" else HelperMode.AUX_VCPU
-        hello = Hello(self.src.config.memory, MIGRATION_ID, hmode, 1)
+        self.hello = hello = Hello(self.src.config.memory, MIGRATION_ID, hmode, 1)
         listener = socket.create_server(("127.0.0.1", 0))
         self.incoming = Incoming(self.dst, listener, hello=hello, mailboxes=self.dst_mb)
         port = listener.getsockname()[1]
@@ -162,3 +165,55 @@ def test_changed_gpas_are_the_pages_the_rounds_sent(pairs: list[Pair]) -> None:
         wl = pair.src.layout.wl_base
         assert all(wl <= gpa < pair.src.config.memory and gpa % abi.PAGE == 0 for gpa in got)
         assert len(out.take_changed_gpas()) == 0
+
+
+def test_sealed_frame_larger_than_a_load_bank_is_refused(pairs: list[Pair]) -> None:
+    """The source's helper seals banks of 16 pages (batch 64), this target's helper opens banks of 8: its
+    first sealed frame is refused with the reason, before anything of it is LOADed."""
+    pair = Pair("aux-vcpu", dst_batch_pages=32)
+    pairs.append(pair)
+    with pytest.raises(ConfplanError, match=r"refused the migration stream: .*LOAD bank"):
+        for _ in range(5):
+            pair.out.send_round()
+    status = pair.incoming.wait(10)
+    assert status.state is IncomingState.FAILED and status.sealed_pages == 0
+    assert re.search(r"SEALED_PAGES frame \d+ holds 16 records, more than the 8 slots of a LOAD bank",
+                     status.error or ""), status.error  # fmt: skip
+
+
+def test_replayed_records_are_refused_by_the_target_helper(pairs: list[Pair]) -> None:
+    """A second source with the same transport key seals the same pages under generation 1 again: the
+    target's helper placed generation 1 already, so its LOADs refuse them (GEN_STALE) and the stream fails
+    with the helper's reason."""
+    pair = Pair("aux-vcpu")
+    pairs.append(pair)
+    pair.out.send_round()
+    deadline = time.monotonic() + 30
+    while pair.incoming.status.rounds < 1 and time.monotonic() < deadline:  # every LOAD of it done
+        time.sleep(0.01)
+    assert pair.incoming.status.rounds == 1, pair.incoming.status.error
+    pair.incoming.close()
+    again = Machine(_config("aux-vcpu"))
+    try:
+        again.write(abi.SECRET_GPA, _secret(pair.key))
+        again.start()
+        again.wait_workload(abi.EV_WL_FILLED, timeout=30)
+        mailboxes = open_mailboxes(again)
+        mailboxes.init()
+        listener = socket.create_server(("127.0.0.1", 0))
+        pair.incoming = Incoming(pair.dst, listener, hello=pair.hello, mailboxes=pair.dst_mb)
+        tracker = DirtyTracker(again)
+        tracker.reset()
+        sock = socket.create_connection(("127.0.0.1", listener.getsockname()[1]))
+        out = Outgoing(again, sock, hello=pair.hello, mailboxes=mailboxes, tracker=tracker, next_generation=1)
+        out.start()
+        with pytest.raises(ConfplanError, match=r"refused the migration stream: .*GEN_STALE"):
+            for _ in range(5):
+                out.send_round()
+        status = pair.incoming.wait(10)
+        assert status.state is IncomingState.FAILED
+        refused = r"mailbox LOAD on MH vCPU \d: \d+ of \d+ pages refused; first: slot \d+, GPA \w+: GEN_STALE"
+        assert re.search(refused, status.error or ""), status.error
+        sock.close()
+    finally:
+        again.close()

@@ -18,14 +18,15 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from confplan.core.wire import Hello, HelperMode
 from confplan.errors import ConfplanError
 from confplan.migration.dirty import DirtyTracker
 from confplan.migration.helper import helper_mailboxes
-from confplan.migration.mailbox import MailboxSet
+from confplan.migration.mailbox_set import MailboxSet
 from confplan.migration.session import resynced_tsc
 from confplan.migration.source import Outgoing
 from confplan.migration.target import Incoming, IncomingState
@@ -37,6 +38,9 @@ from confplan.migration.verify import (
 )
 from confplan.rpc import Call, RpcServer
 from confplan.vmm import abi
+
+if TYPE_CHECKING:
+    from confplan.vmm import Machine
 
 ROLES = ("source", "target")
 THROTTLE_PERIOD = 0.02  # seconds per pause/run cycle while the guest is throttled
@@ -64,7 +68,7 @@ class VmmService:
     def __init__(self, *, psp_dir: Path, firmware_dir: Path | None = None) -> None:
         self.psp_dir, self.firmware_dir = psp_dir, firmware_dir
         self.role = ""
-        self.machine: Any = None
+        self.machine: Machine | None = None
         self.launch: Any = None
         self.tracker: DirtyTracker | None = None
         self.outgoing: Outgoing | None = None
@@ -100,7 +104,7 @@ class VmmService:
 
         return handler
 
-    def _need_machine(self) -> Any:
+    def _need_machine(self) -> Machine:
         if self.machine is None:
             raise ConfplanError("this VMM has no machine yet", hint="call 'create' first")
         self.machine.check()  # a guest that stopped says why, rather than a confusing later error
@@ -182,14 +186,14 @@ class VmmService:
     def _helper(self) -> MailboxSet | None:
         """The MH's mailboxes, INIT done once (it reads the transport key from the secret page)."""
         if self._mailboxes is None:
-            self._mailboxes = helper_mailboxes(self.machine)
+            self._mailboxes = helper_mailboxes(self._need_machine())
         if self._mailboxes is not None and not self._mh_ready:
             self._mailboxes.init()
             self._mh_ready = True
         return self._mailboxes
 
     def _hello(self, migration_id: str) -> Hello:
-        cfg = self.machine.config
+        cfg = self._need_machine().config
         mode = HelperMode.MIRROR_VM if cfg.helper_mode == "mirror-vm" else HelperMode.AUX_VCPU
         return Hello(cfg.memory, bytes.fromhex(migration_id), mode, cfg.vcpus)
 
@@ -261,7 +265,7 @@ class VmmService:
     def _throttle_loop(self) -> None:
         """Auto-converge: keep the guest's vCPUs paused ``throttle`` of the time (aux vCPUs run on)."""
         machine = self.machine
-        while self.throttle > 0.0 and not self.stopping.is_set():
+        while machine is not None and self.throttle > 0.0 and not self.stopping.is_set():
             with self._lock:
                 if self.throttle == 0.0 or self.outgoing is None:
                     break
@@ -276,7 +280,7 @@ class VmmService:
         outgoing = self._need_outgoing()
         self.throttle = 0.0
         paused = time.monotonic()
-        self.machine.pause_all_vcpus_except_aux()  # the seed's: the guest stops, the helper keeps serving
+        self._need_machine().pause_all_vcpus_except_aux()  # the seed's: the guest stops, the helper serves on
         paused_wall, halted = time.time(), time.monotonic()
         try:
             stats = outgoing.send_round(final=True)
@@ -369,7 +373,7 @@ class VmmService:
             gpas = self._shared_moved()  # the MHs MAC only these: SAVE/LOAD set the private pages' entries
         with ThreadPoolExecutor(max_workers=1) as pool:
             shared = (
-                pool.submit(self._timed, SharedTable.digest if table else shared_digest, table or machine)
+                pool.submit(self._timed, table.digest if table else partial(shared_digest, machine))
                 if params.get("shared", True) else None
             )  # fmt: skip
             if mailboxes is not None and gpas is not None:
@@ -384,9 +388,9 @@ class VmmService:
                             "rpc": time.monotonic() - started}}  # fmt: skip
 
     @staticmethod
-    def _timed(fn: Callable[[Any], dict[str, int]], arg: Any) -> tuple[dict[str, int], float]:
+    def _timed(fn: Callable[[], dict[str, int]]) -> tuple[dict[str, int], float]:
         started = time.monotonic()
-        return fn(arg), time.monotonic() - started
+        return fn(), time.monotonic() - started
 
     def mac_table(self, params: dict[str, Any]) -> dict[str, Any]:
         """``fill`` the MHs' per-page MAC tables, while the guest still runs. SAVE and LOAD keep the entries
@@ -440,7 +444,7 @@ class VmmService:
                 f"the incoming stream is {status.state.value}, not complete: nothing to resume"
                 + (f" ({status.error})" if status.error else ""),
             )
-        machine = self.machine
+        machine = self._need_machine()
         now = time.time()
         tsc_khz = machine.host.tsc_khz
         states = [

@@ -7,9 +7,8 @@ and bytes when handed to the core's ``scan_dirty``.
 from __future__ import annotations
 
 import array
-from typing import Any
 
-from confplan.vmm import abi
+from confplan.vmm import Machine, abi
 
 
 def _mask(first: int, end: int) -> int:
@@ -19,7 +18,7 @@ def _mask(first: int, end: int) -> int:
 class DirtyTracker:
     """Pending dirty pages of one source machine. The first round sends every page (all start dirty)."""
 
-    def __init__(self, machine: Any) -> None:
+    def __init__(self, machine: Machine) -> None:
         self._machine = machine
         self.npages = int(machine.layout.npages)
         self.nbytes = (self.npages + 63) // 64 * 8

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from confplan.errors import EnvironmentProblem
-from confplan.migration.mailbox import SLOT_SIZE, SLOTS_OFFSET, Mailbox, MailboxSet
+from confplan.migration.mailbox import Mailbox
+from confplan.migration.mailbox_layout import SLOT_SIZE, SLOTS_OFFSET
+from confplan.migration.mailbox_set import MailboxSet
 from confplan.vmm import abi
 
 FIRMWARE_DIR = Path(__file__).resolve().parents[2] / "firmware"

@@ -1,166 +1,51 @@
-"""The VMM side of the migration helper's mailbox (docs/mailbox.md): the one module that knows its layout.
+"""One migration helper's mailbox, as the VMM drives it (docs/mailbox.md): ``Mailbox`` posts ops into the
+op ring, waits for them and reads their results.
 
 Per MH vCPU the VMM holds a writable view of guest RAM at the mailbox GPA: a 4 KiB control page (the VMM
 engineer's ``cp_mailbox_header``, this protocol's block at 0x40, the op ring at 0x400) and ``batch_pages``
-data slots, each a ``struct cp_sealed_page``. An op is posted by writing its ring entry and then bumping
-``seq``; the helper answers by raising ``done`` to it. Up to ``RING`` ops may be queued, so
-``MailboxSet.save_stream``/``load_stream`` keep the helper busy on one bank of slots while the VMM empties
-and refills another. Per-page work (GPAs into slots, statuses out) is done with strided
-memoryview copies, never a Python loop over pages. ``tests/test_mailbox_protocol.py`` pins every offset
-here against ``firmware/include/cp_mailbox.h`` compiled with gcc.
+data slots, each a ``struct cp_sealed_page`` (offsets in ``mailbox_layout``). An op is posted by writing its
+ring entry and then bumping ``seq``; the helper answers by raising ``done`` to it. Up to ``RING`` ops may be
+queued, so ``mailbox_set.MailboxSet.save_stream``/``load_stream`` keep the helper busy on one bank of slots
+while the VMM empties and refills another. Per-page work (GPAs into slots, statuses out) is done with
+strided memoryview copies, never a Python loop over pages.
 """
 
 from __future__ import annotations
 
 import array
-import collections
-import enum
 import os
 import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from confplan.errors import ConfplanError
-
-PAGE_SIZE = 4096
-PROTO_MAGIC = 0x504D4243  # "CBMP"
-PROTO_VERSION = 4
-PROTO_OFFSET = 0x40
-SLOTS_OFFSET = 0x1000
-RING_OFFSET = 0x400
-RING = 16  # op entries: op number seq lives in entry seq % RING
-CMD_SIZE = 64
-SLOT_SIZE = 4160
-SLOT_HEADER = 64
-DIGEST_BYTES = 32
-MAC_BYTES = 16  # one MAC table entry (CP_MB_MAC_BYTES)
-NO_INDEX = 0xFFFFFFFF
-MAX_GENERATION = 0xFFFFFFFE
-
-# Byte offsets inside the control page (CP_MB_PROTO_OFFSET + offsetof(struct cp_mb_proto, field)).
-FIELD_OFFSETS: dict[str, int] = {
-    name: PROTO_OFFSET + off
-    for name, off in {
-        "magic": 0, "version": 4, "flags": 6, "batch_pages": 8, "sender_id": 12, "seq": 16, "done": 24,
-        "ring": 32, "key_id": 36, "migration_id": 40, "digest": 56, "digest_pages": 88, "digest_skipped": 96,
-        "pages_sealed": 104, "pages_opened": 112, "pages_refused": 120, "ops": 128, "drains": 136,
-    }.items()
-}  # fmt: skip
-# Inside a ring entry (offsetof(struct cp_mb_cmd, field)).
-CMD_OFFSETS: dict[str, int] = {
-    "op": 0, "count": 4, "generation": 8, "first": 12, "arg0": 16, "arg1": 24, "status": 32, "n_ok": 36,
-    "n_refused": 40, "first_bad": 44, "tsc_start": 48, "tsc_end": 56,
-}  # fmt: skip
-_CMD_ARGS = struct.Struct("<IIIIQQ")  # op, count, generation, first, arg0, arg1: the VMM's half
-_CMD_RESULT = struct.Struct("<IIII")  # status, n_ok, n_refused, first_bad: the MH's
-_CMD_TSC = struct.Struct("<QQ")
-PROTO_SIZE = 256
-# Inside a slot (struct cp_sealed_page).
-SLOT_GPA, SLOT_GENERATION, SLOT_STATUS, SLOT_NONCE, SLOT_KEY_ID, SLOT_TAG, SLOT_CT = 0, 8, 12, 16, 28, 32, 64
+from confplan.migration.mailbox_layout import (
+    CMD_ARGS,
+    CMD_OFFSETS,
+    CMD_RESULT,
+    CMD_SIZE,
+    CMD_TSC,
+    DIGEST_BYTES,
+    FIELD_OFFSETS,
+    NO_INDEX,
+    PROTO_MAGIC,
+    PROTO_VERSION,
+    RING,
+    RING_OFFSET,
+    SLOT_SIZE,
+    SLOT_STATUS,
+    SLOTS_OFFSET,
+    MailboxError,
+    MhStatus,
+    Op,
+    status_name,
+)
 
 _Q_SEQ, _Q_DONE = FIELD_OFFSETS["seq"] // 8, FIELD_OFFSETS["done"] // 8
 _SLOT_Q, _SLOT_I = SLOT_SIZE // 8, SLOT_SIZE // 4
 
-
-class Op(enum.IntEnum):
-    """CP_MB_OP_*."""
-
-    INIT = 1
-    SAVE = 2
-    LOAD = 3
-    DIGEST = 4
-    RESET = 5
-    MAC_RANGE = 6
-    MAC_LIST = 7
-    FOLD = 8
-
-
-class MhStatus(enum.IntEnum):
-    """CP_MBS_*: the op status and the per-slot status."""
-
-    OK = 0
-    BAD_OP = 1
-    NO_KEY = 2
-    COUNT = 3
-    PARTIAL = 4
-    GPA_ALIGN = 5
-    GPA_RANGE = 6
-    GPA_MH = 7
-    GEN_INVALID = 8
-    GEN_STALE = 9
-    AUTH = 10
-    KEY_ID = 11
-    RESERVED = 12
-    NONCE = 13
-    SECRET_HEADER = 14
-    SECRET_LENGTH = 15
-    SECRET_ENTRY = 16
-    SECRET_NO_KEY = 17
-    SECRET_KEY_LEN = 18
-    SECRET_ID_LEN = 19
-    CONFIG = 20
-    MAC_MISSING = 21
-
-    @property
-    def meaning(self) -> str:
-        return _MEANING[self]
-
-
-_MEANING: dict[MhStatus, str] = {
-    MhStatus.OK: "done",
-    MhStatus.BAD_OP: "unknown op",
-    MhStatus.NO_KEY: "the helper has no transport key (INIT first; RESET forgets it)",
-    MhStatus.COUNT: "page count is 0 or above the mailbox's slots",
-    MhStatus.PARTIAL: "some pages were refused",
-    MhStatus.GPA_ALIGN: "GPA is not page-aligned",
-    MhStatus.GPA_RANGE: "GPA lies outside guest RAM",
-    MhStatus.GPA_MH: "GPA lies inside the migration helper's own area",
-    MhStatus.GEN_INVALID: "generation 0 or 0xffffffff is not allowed",
-    MhStatus.GEN_STALE: "generation is not newer than the one already sealed or placed for this GPA (replay)",
-    MhStatus.AUTH: "the GCM tag does not verify (ciphertext, tag, nonce, GPA or generation changed)",
-    MhStatus.KEY_ID: "the record was sealed under another transport key",
-    MhStatus.RESERVED: "the record's reserved bytes or status are not zero",
-    MhStatus.NONCE: "the helper's nonce sequence is used up: a new transport key is needed",
-    MhStatus.SECRET_HEADER: "no efi_secret table header GUID at the secret page",
-    MhStatus.SECRET_LENGTH: "the secret table's total length is out of range",
-    MhStatus.SECRET_ENTRY: "a secret table entry overruns the table (or more than 64 entries)",
-    MhStatus.SECRET_NO_KEY: "the secret table has no transport key entry",
-    MhStatus.SECRET_KEY_LEN: "the transport key entry is not 32 bytes",
-    MhStatus.SECRET_ID_LEN: "the migration id entry is not 16 bytes",
-    MhStatus.CONFIG: "the helper's context is inconsistent (firmware bug)",
-    MhStatus.MAC_MISSING: "a page of the range has no MAC in the helper's table yet (MAC_RANGE it first)",
-}
-
-
-def status_name(code: int) -> str:
-    """``NAME (meaning)`` for a status code, or the raw number for an unknown one."""
-    try:
-        st = MhStatus(code)
-    except ValueError:
-        return f"unknown status {code}"
-    return f"{st.name} ({st.meaning})"
-
-
-class MailboxError(ConfplanError):
-    """An op the helper refused or did not answer; names the op, the MH vCPU and the status."""
-
-    def __init__(
-        self, message: str, *, op: Op, mh_index: int, status: int, statuses: array.array[int] | None = None,
-        hint: str | None = None,
-    ) -> None:  # fmt: skip
-        super().__init__(message, hint=hint)
-        self.op, self.mh_index, self.status = op, mh_index, status
-        self.statuses = statuses
-
-
 # (expected seq, seconds at most) -> returns when the helper may have answered, or after the time.
 Waiter = Callable[[int, float], None]
-# Streaming: a finished SAVE/LOAD handed to the VMM (mailbox, result); records valid during the call only.
-Consume = Callable[["Mailbox", "BatchResult"], None]
-# Streaming LOAD: (mailbox, a free bank of its slots) -> records written there, 0 when there are no more.
-Fill = Callable[["Mailbox", memoryview], int]
-DEFAULT_BANKS = 2  # slot banks per mailbox in save_stream/load_stream (docs/mailbox.md, "Pipelining")
 # A sleep here wakes ~100 us late (measured: time.sleep(0) takes 106 us, sleep(77 us) 183 us), longer than a
 # small op: so wait() sleeps only until this much before an op's expected end, then yields the CPU in a loop
 # (os.sched_yield: ~1 us, releases the GIL) until done moves, for at most SPIN_AFTER past the expected end.
@@ -265,7 +150,7 @@ class Mailbox:
 
     def op_tsc(self, seq: int) -> tuple[int, int]:
         """Guest TSC when the helper began and finished op ``seq`` (until RING later ops reuse its entry)."""
-        start, end = _CMD_TSC.unpack_from(self._ctl, self._entry(seq) + CMD_OFFSETS["tsc_start"])
+        start, end = CMD_TSC.unpack_from(self._ctl, self._entry(seq) + CMD_OFFSETS["tsc_start"])
         return int(start), int(end)
 
     # ---- posting and waiting ----
@@ -277,7 +162,7 @@ class Mailbox:
         seq = int(self._ctl_q[_Q_SEQ]) + 1
         if seq - int(self._ctl_q[_Q_DONE]) > RING:
             raise ValueError(f"MH vCPU {self.mh_index}: {RING} ops are queued already; wait for one first")
-        _CMD_ARGS.pack_into(self._ctl, self._entry(seq), op, count, generation, first, arg0, arg1)
+        CMD_ARGS.pack_into(self._ctl, self._entry(seq), op, count, generation, first, arg0, arg1)
         self._counts[seq % RING] = count
         self._last_expect = max(time.monotonic(), self._last_expect) + count * self.page_seconds
         self._expect[seq % RING] = self._last_expect
@@ -382,7 +267,7 @@ class Mailbox:
             self._fail(op, status)
         self._learn_rate(seq, count)
         at = self._entry(seq) + CMD_OFFSETS["status"]
-        _, n_ok, n_refused, first_bad = _CMD_RESULT.unpack_from(self._ctl, at)
+        _, n_ok, n_refused, first_bad = CMD_RESULT.unpack_from(self._ctl, at)
         statuses = array.array("I")
         a = first * _SLOT_I + SLOT_STATUS // 4
         statuses.frombytes(self._slot_i[a : a + count * _SLOT_I : _SLOT_I].tobytes())
@@ -406,6 +291,21 @@ class Mailbox:
     def digest(self, start: int, npages: int) -> bytes:
         """DIGEST: the keyed digest (32 bytes) of ``npages`` pages from GPA ``start``, MH area skipped."""
         self.run(Op.DIGEST, arg0=start, arg1=npages)
+        return self._digest_field()
+
+    def post_digest(self, start: int, npages: int) -> int:
+        """Post DIGEST of ``npages`` pages from GPA ``start``; pair with ``finish_digest`` before posting
+        another (the result lives in the protocol block, not in a slot)."""
+        return self.post(Op.DIGEST, arg0=start, arg1=npages)
+
+    def finish_digest(self, seq: int) -> bytes:
+        """Wait for a posted DIGEST; its 32 bytes. Anything but OK raises."""
+        status = self.wait(Op.DIGEST, seq)
+        if status != MhStatus.OK:
+            self._fail(Op.DIGEST, status)
+        return self._digest_field()
+
+    def _digest_field(self) -> bytes:
         off = FIELD_OFFSETS["digest"]
         return bytes(self._ctl[off : off + DIGEST_BYTES])
 
@@ -446,7 +346,7 @@ class Mailbox:
         if op is not Op.MAC_LIST:
             return ""
         at = self._entry(seq) + CMD_OFFSETS["status"]
-        _, _, n_refused, first_bad = _CMD_RESULT.unpack_from(self._ctl, at)
+        _, _, n_refused, first_bad = CMD_RESULT.unpack_from(self._ctl, at)
         if first_bad == NO_INDEX:
             return ""
         gpa = struct.unpack_from("<Q", self.slots, first_bad * 8)[0]
@@ -480,234 +380,3 @@ def raise_for_refusals(op: Op, mh_index: int, result: BatchResult) -> None:
         op=op, mh_index=mh_index, status=MhStatus.PARTIAL, statuses=result.statuses,
         hint="ask only for private guest pages outside the helper's area, with a newer generation each round",
     )  # fmt: skip
-
-
-class MailboxSet:
-    """All MH vCPUs of one side: spreads a batch over them and runs them in parallel (post all, wait all)."""
-
-    def __init__(self, mailboxes: Sequence[Mailbox]) -> None:
-        if not mailboxes:
-            raise ValueError("a MailboxSet needs at least one mailbox")
-        self.mailboxes = list(mailboxes)
-
-    @property
-    def capacity(self) -> int:
-        """Pages one save() call takes at most."""
-        return sum(mb.batch_pages for mb in self.mailboxes)
-
-    def init(self) -> InitInfo:
-        """INIT on every helper; they must agree on the migration id and the key id."""
-        infos = [mb.init() for mb in self.mailboxes]
-        first = infos[0]
-        for mb, info in zip(self.mailboxes, infos, strict=True):
-            if (info.migration_id, info.key_id) != (first.migration_id, first.key_id):
-                raise MailboxError(
-                    f"MH vCPU {mb.mh_index} took another transport key or migration id than MH vCPU "
-                    f"{self.mailboxes[0].mh_index}",
-                    op=Op.INIT, mh_index=mb.mh_index, status=MhStatus.OK, hint="re-inject the launch secret",
-                )  # fmt: skip
-        return first
-
-    def reset(self) -> None:
-        for mb in self.mailboxes:
-            mb.reset()
-
-    def _split(self, n: int) -> list[tuple[Mailbox, int, int]]:
-        """(mailbox, first, count): ``n`` items shared out evenly, none over a mailbox's batch size."""
-        if n > self.capacity:
-            raise ValueError(f"{n} pages for {len(self.mailboxes)} mailboxes holding {self.capacity}")
-        parts, start, left = [], 0, n
-        for i, mb in enumerate(self.mailboxes):
-            take = min(mb.batch_pages, -(-left // (len(self.mailboxes) - i)))
-            if take:
-                parts.append((mb, start, take))
-            start, left = start + take, left - take
-        if left:  # uneven batch sizes: the rest goes wherever there is room
-            raise ValueError(f"{n} pages do not fit the mailboxes' batch sizes")
-        return parts
-
-    def save(self, gpas: array.array[int], generation: int) -> list[tuple[Mailbox, BatchResult]]:
-        """SAVE ``gpas`` spread over the helpers in parallel; raises if any page is refused."""
-        parts = self._split(len(gpas))
-        posted = [(mb, mb.post_save(gpas[a : a + n], generation), n) for mb, a, n in parts]
-        results = [(mb, mb.finish(Op.SAVE, seq, n)) for mb, seq, n in posted]
-        for mb, result in results:
-            raise_for_refusals(Op.SAVE, mb.mh_index, result)
-        return results
-
-    def load(self, counts: Sequence[int]) -> list[BatchResult]:
-        """LOAD in parallel: ``counts[i]`` records are already in mailbox i's slots (0 skips it)."""
-        posted = [(mb, mb.post_load(n), n) for mb, n in zip(self.mailboxes, counts, strict=True) if n]
-        return [mb.finish(Op.LOAD, seq, n) for mb, seq, n in posted]
-
-    def bank_sizes(self, banks: int) -> list[int]:
-        """Slots per bank of each mailbox: its slots split into ``banks`` (at most RING) equal banks."""
-        if banks < 1:
-            raise ValueError(f"banks must be at least 1, got {banks}")
-        return [max(1, mb.batch_pages // min(banks, RING, mb.batch_pages)) for mb in self.mailboxes]
-
-    def save_stream(
-        self, gpas: array.array[int], generation: int, consume: Consume, *, banks: int = DEFAULT_BANKS
-    ) -> int:
-        """SAVE any number of pages, pipelined; returns the number of ops.
-
-        Each mailbox's slots are split into ``banks`` banks; every bank gets an op queued at once, and as
-        each op is done (oldest first) ``consume(mailbox, result)`` gets its records (``result.gpas`` are
-        the pages asked for; the view is valid only during the call) and the bank is refilled and queued
-        again. The helper works through the queue without parking or ringing, so the VMM's framing of one
-        bank overlaps the sealing of the next. Raises MailboxError (after the other queued ops finish on
-        their own) if a page is refused.
-        """
-        sizes = self.bank_sizes(banks)
-        chunks: list[list[tuple[int, int]]] = [[] for _ in self.mailboxes]
-        pos, turn = 0, 0
-        while pos < len(gpas):  # round robin, one bank's worth each
-            i = turn % len(self.mailboxes)
-            chunks[i].append((pos, min(sizes[i], len(gpas) - pos)))
-            pos, turn = pos + sizes[i], turn + 1
-        nexts = [iter(c) for c in chunks]
-        pending: collections.deque[tuple[int, int, int, array.array[int]]] = collections.deque()
-
-        def post(i: int, first: int) -> None:
-            part = next(nexts[i], None)
-            if part is not None:
-                chunk = gpas[part[0] : part[0] + part[1]]
-                pending.append((i, self.mailboxes[i].post_save(chunk, generation, first=first), first, chunk))
-
-        for bank in range(max(len(c) for c in chunks) if gpas else 0):
-            for i in range(len(self.mailboxes)):
-                if (bank + 1) * sizes[i] <= self.mailboxes[i].batch_pages:  # whole banks only
-                    post(i, bank * sizes[i])
-        ops = 0
-        while pending:
-            i, seq, first, chunk = pending.popleft()
-            mb = self.mailboxes[i]
-            result = mb.finish(Op.SAVE, seq, len(chunk), first=first, gpas=chunk)
-            raise_for_refusals(Op.SAVE, mb.mh_index, result)
-            consume(mb, result)
-            ops += 1
-            post(i, first)
-        return ops
-
-    def load_stream(
-        self, fill: Fill, consume: Consume | None = None, *, banks: int = DEFAULT_BANKS
-    ) -> int:
-        """LOAD pipelined; returns the number of ops.
-
-        ``fill(mailbox, slots)`` writes records into ``slots`` (a free bank of that mailbox's slots) and
-        returns how many, 0 when there are no more. Each filled bank is queued at once; as each op is done
-        (oldest first) ``consume(mailbox, result)`` gets its statuses, then the bank is filled again.
-        Without ``consume`` a refused page raises MailboxError.
-        """
-        sizes = self.bank_sizes(banks)
-        pending: collections.deque[tuple[int, int, int, int]] = collections.deque()
-        more = True
-
-        def post(i: int, first: int) -> None:
-            nonlocal more
-            mb = self.mailboxes[i]
-            n = fill(mb, mb.slots[first * SLOT_SIZE : (first + sizes[i]) * SLOT_SIZE]) if more else 0
-            if n > sizes[i]:
-                raise ValueError(f"fill wrote {n} records into a bank of {sizes[i]} slots")
-            more = more and n > 0
-            if n:
-                pending.append((i, mb.post_load(n, first=first), first, n))
-
-        for bank in range(min(banks, RING)):
-            for i, mb in enumerate(self.mailboxes):
-                if (bank + 1) * sizes[i] <= mb.batch_pages:
-                    post(i, bank * sizes[i])
-        ops = 0
-        while pending:
-            i, seq, first, n = pending.popleft()
-            mb = self.mailboxes[i]
-            result = mb.finish(Op.LOAD, seq, n, first=first)
-            if consume is None:
-                raise_for_refusals(Op.LOAD, mb.mh_index, result)
-            else:
-                consume(mb, result)
-            ops += 1
-            post(i, first)
-        return ops
-
-    def digest(self, start: int, npages: int, *, chunk_pages: int = 16384) -> list[bytes]:
-        """Digests of ``npages`` from ``start`` in fixed chunks (same for any helper count), in parallel."""
-        chunks = [
-            (start + p * PAGE_SIZE, min(chunk_pages, npages - p)) for p in range(0, npages, chunk_pages)
-        ]
-        out: list[bytes] = []
-        for i in range(0, len(chunks), len(self.mailboxes)):
-            wave = list(zip(self.mailboxes, chunks[i : i + len(self.mailboxes)], strict=False))
-            posted = [(mb, mb.post(Op.DIGEST, arg0=a, arg1=n)) for mb, (a, n) in wave]
-            out.extend(_digest_result(mb, seq) for mb, seq in posted)
-        return out
-
-
-    # ---- the per-page MAC table (v3): verify's cost in the pause follows the pages changed, not RAM ----
-    def _ranges(self, start: int, npages: int, chunk_pages: int) -> list[tuple[Mailbox, int, int]]:
-        """(mailbox, first page, pages): the range cut at chunk boundaries into one part per helper."""
-        chunks = -(-npages // chunk_pages)
-        per = -(-chunks // len(self.mailboxes))
-        parts = []
-        for i, mb in enumerate(self.mailboxes):
-            first = i * per * chunk_pages
-            if first < npages:
-                parts.append((mb, start // PAGE_SIZE + first, min(per * chunk_pages, npages - first)))
-        return parts
-
-    def mac_range(self, start: int, npages: int, *, chunk_pages: int = 16384) -> int:
-        """MAC every page of the range into the helpers' table, in parallel; returns the pages MAC'd."""
-        posted = [
-            (mb, mb.post_mac_range(p * PAGE_SIZE, n)) for mb, p, n in self._ranges(start, npages, chunk_pages)
-        ]
-        return sum(mb.finish_mac(Op.MAC_RANGE, seq) for mb, seq in posted)
-
-    def mac_list(self, gpas: array.array[int]) -> int:
-        """MAC the pages at ``gpas`` (any number; duplicates cost time only), spread over the helpers."""
-        done, pos = 0, 0
-        while pos < len(gpas):
-            posted = []
-            for mb in self.mailboxes:
-                share = min(mb.mac_list_capacity, -(-(len(gpas) - pos) // len(self.mailboxes)))
-                if pos < len(gpas):
-                    posted.append((mb, mb.post_mac_list(gpas[pos : pos + share])))
-                    pos += share
-            done += sum(mb.finish_mac(Op.MAC_LIST, seq) for mb, seq in posted)
-        return done
-
-    def fold(self, start: int, npages: int, *, chunk_pages: int = 16384) -> list[bytes]:
-        """The chunk digests of the range folded from the MAC table: equal to ``digest`` of the same
-        range while every page's MAC is current. One op per helper."""
-        return self.mac_and_fold(array.array("Q"), start, npages, chunk_pages=chunk_pages)[1]
-
-    def mac_and_fold(
-        self, gpas: array.array[int], start: int, npages: int, *, chunk_pages: int = 16384
-    ) -> tuple[int, list[bytes]]:
-        """MAC the pages at ``gpas``, then ``fold``; returns (pages MAC'd, digests). Each helper MACs the
-        pages in the range it folds, with its FOLD queued right behind that MAC_LIST: a helper takes its
-        ops in order and no other helper's MAC_LIST touches its range, so no wake-up sits between them."""
-        ranges = self._ranges(start, npages, chunk_pages)
-        shares = []
-        for mb, first, n in ranges:
-            low, high = first * PAGE_SIZE, (first + n) * PAGE_SIZE
-            shares.append((mb, array.array("Q", (g for g in gpas if low <= g < high))))
-        maced = 0
-        fits = all(len(mine) <= mb.mac_list_capacity for mb, mine in shares)
-        if not fits or sum(len(mine) for _, mine in shares) < len(gpas):
-            # more than a data area for one helper, or pages outside the range: MAC them first, apart
-            maced, shares = self.mac_list(gpas), []
-        lists = [(mb, mb.post_mac_list(mine)) for mb, mine in shares if len(mine)]
-        folds = [
-            (mb, mb.post_fold(p * PAGE_SIZE, n, chunk_pages), -(-n // chunk_pages)) for mb, p, n in ranges
-        ]
-        digests = [d for mb, seq, chunks in folds for d in mb.finish_fold(seq, chunks)]
-        maced += sum(mb.finish_mac(Op.MAC_LIST, seq) for mb, seq in lists)  # done before their FOLDs
-        return maced, digests
-
-
-def _digest_result(mb: Mailbox, seq: int) -> bytes:
-    status = mb.wait(Op.DIGEST, seq)
-    if status != MhStatus.OK:
-        mb._fail(Op.DIGEST, status)
-    off = FIELD_OFFSETS["digest"]
-    return bytes(mb._ctl[off : off + DIGEST_BYTES])

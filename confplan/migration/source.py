@@ -32,9 +32,11 @@ from confplan.core.wire import (
 from confplan.errors import ConfplanError
 from confplan.migration.dirty import DirtyTracker, concat_gpas
 from confplan.migration.helper import require_helper
-from confplan.migration.mailbox import BatchResult, Mailbox, MailboxSet
+from confplan.migration.mailbox import BatchResult, Mailbox
+from confplan.migration.mailbox_set import MailboxSet
 from confplan.migration.precopy import RoundStats
 from confplan.migration.session import ENC_BITMAP_DEVICE, ENC_BITMAP_FORMAT, VCPU_FORMAT, vcpu_blob
+from confplan.vmm import Machine
 
 BANKS = 4  # slot banks per mailbox: the MH seals one while the VMM frames and sends another
 # Shared pages per frame: 1 MiB frames cost no more per page than the wire's 2048-page maximum, and keep
@@ -56,7 +58,7 @@ class Outgoing:
     the stream (the source MH refuses a generation it already sealed a page under)."""
 
     def __init__(
-        self, machine: Any, sock: socket.socket, *, hello: Hello, mailboxes: MailboxSet | None,
+        self, machine: Machine, sock: socket.socket, *, hello: Hello, mailboxes: MailboxSet | None,
         tracker: DirtyTracker, next_generation: int, bandwidth: float | None = None, peer: str = "the target",
     ) -> None:  # fmt: skip
         self.machine, self.sock, self.hello, self.peer = machine, sock, hello, peer

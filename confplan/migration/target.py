@@ -3,15 +3,16 @@
 A thread reads frames (``FrameReader`` checks header and sequence) and applies each once it is checked
 completely: shared pages are scattered by the core straight into guest RAM above the helper's area (a
 shared page aimed anywhere lower is refused: the host path must never write the helper or the firmware);
-sealed records are copied by the core into the next MH vCPU's mailbox slots and opened there by the MH
-(LOAD), round robin so the helpers work in parallel. vCPU states and the encryption bitmap are kept until
-resume. Any refusal ends the stream: the source is told why (an ERROR frame) and nothing more is applied.
+sealed records are copied by the core into a free bank of an MH vCPU's mailbox slots and opened there by
+the MH (LOAD) while the next frames arrive: ``MailboxSet.load_stream``, banks round robin over the helpers
+so they work in parallel, every LOAD done before the frame that ends the pages (ROUND_END) is applied.
+vCPU states and the encryption bitmap are kept until resume. Any refusal ends the stream: the source is
+told why (an ERROR frame) and nothing more is applied.
 """
 
 from __future__ import annotations
 
 import array
-import collections
 import contextlib
 import enum
 import socket
@@ -19,7 +20,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from confplan.core import HostMemory, unframe_sealed_pages, unframe_shared_pages
+from confplan.core import CoreStatus, HostMemory, PageCoreError, unframe_sealed_pages, unframe_shared_pages
 from confplan.core.stream import Frame, FrameReader, FrameWriter
 from confplan.core.wire import (
     MAX_FRAME_PAGES,
@@ -35,9 +36,12 @@ from confplan.core.wire import (
 from confplan.errors import ConfplanError
 from confplan.migration.dirty import concat_gpas
 from confplan.migration.helper import require_helper
-from confplan.migration.mailbox import SLOT_SIZE, MailboxSet, Op, raise_for_refusals
+from confplan.migration.mailbox import Mailbox
+from confplan.migration.mailbox_layout import SLOT_SIZE
+from confplan.migration.mailbox_set import MailboxSet
 from confplan.migration.session import ENC_BITMAP_DEVICE, ENC_BITMAP_FORMAT, SavedVcpu, vcpu_from_blob
 from confplan.migration.source import BANKS
+from confplan.vmm import Machine
 
 DRAIN_SECONDS = 5.0
 
@@ -73,7 +77,7 @@ class Incoming:
     """Accepts one connection on ``listener`` and applies its stream to ``machine`` in a thread."""
 
     def __init__(
-        self, machine: Any, listener: socket.socket, *, hello: Hello, mailboxes: MailboxSet | None,
+        self, machine: Machine, listener: socket.socket, *, hello: Hello, mailboxes: MailboxSet | None,
         accept_timeout: float = 60.0,
     ) -> None:  # fmt: skip
         self.machine, self.listener, self.hello, self.mailboxes = machine, listener, hello, mailboxes
@@ -86,9 +90,6 @@ class Incoming:
         self._written: list[array.array[int]] | None = None
         self._shared_written: list[array.array[int]] = []  # GPAs of every shared-page frame (see below)
         self._shared_taken = 0  # how many of those take_shared_gpas() has handed out
-        self._bank_order: list[tuple[int, int, int]] = []
-        self._next_bank = 0
-        self._posted: collections.deque[tuple[int, int, int, int]] = collections.deque()  # LOADs in flight
         low = int(machine.layout.mh_end)
         self._shared_ram = HostMemory(machine.ram.address + low, machine.config.memory - low)
         self._shared_base = low
@@ -151,31 +152,76 @@ class Incoming:
         if not isinstance(hello, Hello):
             raise ConfplanError(f"the stream starts with a {first.header.type.name} frame, not HELLO")
         hello.require_match(self.hello)
+        while not self._apply(self._receive_pages(reader)):
+            pass
+
+    def _next_frame(self, reader: FrameReader) -> Frame:
+        """The next frame that is neither shared pages (applied as they come) nor ERROR (raised at once,
+        whatever LOADs are in flight)."""
         while True:
             frame = reader.recv()
             self.status.bytes_received += len(frame.data)
-            if self._apply(frame):
-                return
+            kind = frame.header.type
+            if kind is FrameType.SHARED_PAGES:
+                self._apply_shared(frame)
+            elif kind is FrameType.ERROR:
+                self._apply(frame)  # raises: the source gave up
+            else:
+                return frame
+
+    def _receive_pages(self, reader: FrameReader) -> Frame:
+        """Apply page frames up to the next other frame and return that one, once every LOAD of the sealed
+        pages before it is done: ``fill`` unframes each sealed frame into the bank ``load_stream`` hands it
+        and says how many records, or 0 at the first other frame."""
+        if self.mailboxes is None:
+            frame = self._next_frame(reader)
+            if frame.header.type is FrameType.SEALED_PAGES:
+                require_helper(self.mailboxes, "target", 1)  # raises: no helper to open them
+            return frame
+        ended: list[Frame] = []
+
+        def fill(mailbox: Mailbox, bank: memoryview) -> int:
+            frame = self._next_frame(reader)
+            if frame.header.type is not FrameType.SEALED_PAGES:
+                ended.append(frame)
+                return 0
+            return self._unframe_sealed(frame, mailbox, bank)
+
+        self.mailboxes.load_stream(fill, banks=BANKS)  # a refused record raises, once its LOAD is done
+        return ended[0]
+
+    def _apply_shared(self, frame: Frame) -> None:
+        gpas = self._gpas
+        info = unframe_shared_pages(frame.data, self._shared_ram, gpa_base=self._shared_base, gpas_out=gpas)
+        self._wrote(info.count)
+        self._shared_written.append(gpas[: info.count])
+        self.status.shared_pages += info.count
+        self.status.zero_pages += info.zero_pages
+
+    def _unframe_sealed(self, frame: Frame, mailbox: Mailbox, bank: memoryview) -> int:
+        """Check a sealed frame and copy its records into ``bank`` (of ``mailbox``'s slots); the count."""
+        slots = len(bank) // SLOT_SIZE
+        try:
+            info = unframe_sealed_pages(
+                frame.data, bank, ram_size=self.machine.config.memory, gpas_out=self._gpas
+            )
+        except PageCoreError as err:  # the core checks the whole frame before it looks at the room
+            if err.code is not CoreStatus.SPACE or err.value <= slots:
+                raise
+            raise ConfplanError(
+                f"SEALED_PAGES frame {frame.header.seq} holds {err.value} records, more than the {slots} "
+                f"slots of a LOAD bank of MH vCPU {mailbox.mh_index}'s mailbox",
+                hint="the source's helper seals larger batches than this target's opens: give both sides the "
+                "same helper batch_pages",
+            ) from None
+        self._wrote(info.count)
+        self.status.sealed_pages += info.count
+        return info.count
 
     def _apply(self, frame: Frame) -> bool:
-        """Apply one frame; True at DONE."""
-        kind = frame.header.type
-        if kind is FrameType.SHARED_PAGES:
-            gpas = self._gpas
-            info = unframe_shared_pages(
-                frame.data, self._shared_ram, gpa_base=self._shared_base, gpas_out=gpas
-            )
-            self._wrote(info.count)
-            self._shared_written.append(gpas[: info.count])
-            self.status.shared_pages += info.count
-            self.status.zero_pages += info.zero_pages
-            return False
-        if kind is FrameType.SEALED_PAGES:
-            self._load_sealed(frame)
-            return False
+        """Apply one frame that is not page data (every LOAD before it is done); True at DONE."""
         _, msg = decode(frame.data)
         if isinstance(msg, RoundEnd):
-            self._drain()
             self.status.rounds += 1
         elif isinstance(msg, VcpuState):
             self.status.vcpus[msg.vcpu] = vcpu_from_blob(msg.vcpu, msg.format_version, msg.blob)
@@ -211,45 +257,6 @@ class Incoming:
         taken, self._written = self._written or [], []
         return concat_gpas(taken)
 
-    def _banks(self, mailboxes: MailboxSet) -> list[tuple[int, int, int]]:
-        """(mailbox, first slot, slots) of every bank, in the round-robin order they are used."""
-        order = []
-        for bank in range(BANKS):
-            for i, mb in enumerate(mailboxes.mailboxes):
-                size = mb.batch_pages // BANKS or 1
-                if (bank + 1) * size <= mb.batch_pages:
-                    order.append((i, bank * size, size))
-        return order
-
-    def _load_sealed(self, frame: Frame) -> None:
-        """Copy the records into the next free bank and post its LOAD; the oldest LOAD is awaited only
-        when its bank comes round again, so the MHs open while the next frames arrive."""
-        mailboxes = require_helper(self.mailboxes, "target", 1)
-        if not self._bank_order:
-            self._bank_order = self._banks(mailboxes)
-        index, first, size = self._bank_order[self._next_bank]
-        self._next_bank = (self._next_bank + 1) % len(self._bank_order)
-        if len(self._posted) == len(self._bank_order):
-            self._finish_oldest()
-        mailbox = mailboxes.mailboxes[index]
-        bank = mailbox.slots[first * SLOT_SIZE : (first + size) * SLOT_SIZE]
-        info = unframe_sealed_pages(
-            frame.data, bank, ram_size=self.machine.config.memory, gpas_out=self._gpas
-        )
-        self._wrote(info.count)
-        self._posted.append((index, mailbox.post_load(info.count, first=first), info.count, first))
-        self.status.sealed_pages += info.count
-
-    def _finish_oldest(self) -> None:
-        index, seq, count, first = self._posted.popleft()
-        assert self.mailboxes is not None
-        mailbox = self.mailboxes.mailboxes[index]
-        raise_for_refusals(Op.LOAD, mailbox.mh_index, mailbox.finish(Op.LOAD, seq, count, first=first))
-
-    def _drain(self) -> None:
-        while self._posted:
-            self._finish_oldest()
-
     def _device(self, msg: DeviceState) -> None:
         if msg.name != ENC_BITMAP_DEVICE:
             raise ConfplanError(f"DEVICE_STATE for device {msg.name!r}: this VMM has no such device")
@@ -262,7 +269,6 @@ class Incoming:
         self.status.enc_bitmap = msg.blob
 
     def _check_done(self, done: Done) -> None:
-        self._drain()
         got = (self.status.rounds, self.status.shared_pages, self.status.sealed_pages)
         want = (done.rounds, done.shared_pages, done.sealed_pages)
         if got != want or self.status.enc_bitmap is None:
@@ -278,7 +284,7 @@ class Incoming:
         apply_enc_bitmap(self.machine, self.status.enc_bitmap)
 
 
-def apply_enc_bitmap(machine: Any, blob: bytes) -> None:
+def apply_enc_bitmap(machine: Machine, blob: bytes) -> None:
     """Install the source's encryption bitmap (which pages are shared) before the guest runs here."""
     view = machine.enc_bitmap.bitmap.view()
     view[: len(blob)] = blob

@@ -4,34 +4,37 @@ The host may read shared pages, so both VMMs checksum them with the core (the pa
 the frames' payloads CRC'd: no per-page Python); the rest is digested only by the MHs, keyed, so a host
 learns nothing from a digest but whether both sides hold the same plaintext.
 
-Shared pages the same way (``SharedTable``): each VMM keeps a CRC-32C per shared page, filled while the guest
-runs and dropped for every page written since (the same change lists as the MAC table), so the pause
-CRCs only the shared pages written since, then folds the table.
+Private digests are per chunk of ``CHUNK_PAGES`` pages, hashed from memory (``private_digests``: DIGEST of
+every chunk) or folded from the MHs' per-page MAC tables (``table_digests``), so that the pause costs the
+pages moved as shared since precopy filled the tables, not RAM. Mailbox v4: each SAVE on the source and
+each LOAD on the target sets the entry of every page it seals or opens to that record's tag, so the pages
+the stream moves sealed keep their entries current by themselves; only the pages moved as shared have none
+(or a stale one). So precopy's ``mac_table`` fill (the agent's) MACs the pages moved as shared so far while
+the guest still runs (``MailboxSet.mac_list``), and in the pause each side MACs those moved as shared since
+and folds every chunk from its table in one go (``MailboxSet.mac_and_fold``), which equals DIGEST of the
+chunk while each page's entry is current.
 
-Private digests are per chunk of ``CHUNK_PAGES`` pages. With the MHs' per-page MAC tables (mailbox v3)
-the pause costs the pages changed since the tables were filled, not RAM: both sides fill their table
-while the guest still runs (``MailboxSet.mac_range``), MAC again the pages written since
-(``MailboxSet.mac_list``: on the source the dirty log's pages, on the target the pages its stream wrote),
-then fold every chunk from the table (``MailboxSet.fold``), which equals DIGEST of the chunk while each
-page's MAC is current. Without tables, every chunk is digested from memory.
+Shared pages the same way (``SharedTable``): each VMM keeps a CRC-32C per shared page, filled by that same
+``mac_table`` call (a target, whose encryption bitmap arrives only at the end, fills the pages its stream
+wrote as shared) and dropped for every page written since (the stream's change lists: on the source the
+pages it sent, on the target the pages its stream wrote), so the pause CRCs only those, then folds the table.
 """
 
 from __future__ import annotations
 
 import array
-from typing import Any
 
 from confplan.core import HostMemory, crc32c, crc_table, frame_shared_pages, scan_dirty
 from confplan.core.wire import HEADER_SIZE, MAX_FRAME_PAGES, shared_frame_capacity
 from confplan.migration.dirty import DirtyTracker
-from confplan.migration.mailbox import MailboxSet
-from confplan.vmm import abi
+from confplan.migration.mailbox_set import MailboxSet
+from confplan.vmm import Machine, abi
 
 PAGE_SHIFT = abi.PAGE.bit_length() - 1  # GPA -> page number
 CHUNK_PAGES = 2048  # 8 MiB: a mismatch names an 8 MiB range
 
 
-def shared_digest(machine: Any) -> dict[str, int]:
+def shared_digest(machine: Machine) -> dict[str, int]:
     """{pages, crc32c} over every shared page of the workload area, in GPA order."""
     tracker = DirtyTracker(machine)  # only its bitmaps: building one does not touch the dirty log
     everything = tracker.migratable.to_bytes(tracker.nbytes, "little")
@@ -55,7 +58,7 @@ class SharedTable:
     became shared). Two sides with equal shared pages get equal digests; a page that differs changes its
     CRC and so the digest (CRC-32C catches any change of up to 32 bits; wider ones with 2^-32 chance)."""
 
-    def __init__(self, machine: Any) -> None:
+    def __init__(self, machine: Machine) -> None:
         self._machine = machine
         self._tracker = DirtyTracker(machine)  # only its bitmaps: building one does not touch the dirty log
         self._everything = self._tracker.migratable.to_bytes(self._tracker.nbytes, "little")
@@ -98,14 +101,16 @@ class SharedTable:
         return {"pages": len(gpas), "crc32c": self._compute(gpas, crc32c(gpas))}
 
 
-def private_digests(mailboxes: MailboxSet, machine: Any) -> dict[int, str]:
+def private_digests(mailboxes: MailboxSet, machine: Machine) -> dict[int, str]:
     """The MHs' keyed digests of every chunk, hashed from memory (the MH skips its own area)."""
     npages = int(machine.config.memory) // abi.PAGE
     digests = mailboxes.digest(0, npages, chunk_pages=CHUNK_PAGES)
     return {i: d.hex() for i, d in enumerate(digests)}
 
 
-def table_digests(mailboxes: MailboxSet, machine: Any, gpas: array.array[int]) -> tuple[int, dict[int, str]]:
+def table_digests(
+    mailboxes: MailboxSet, machine: Machine, gpas: array.array[int]
+) -> tuple[int, dict[int, str]]:
     """The same chunk digests folded from the MHs' MAC tables, once the pages at ``gpas`` (those the
     tables do not follow yet) are MAC'd; returns (pages MAC'd, digests)."""
     npages = int(machine.config.memory) // abi.PAGE

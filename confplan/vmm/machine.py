@@ -13,7 +13,6 @@ from typing import Protocol, TextIO
 from confplan.errors import ConfplanError
 from confplan.kvm import DEFAULT_KVM_PATH, Kvm, Vcpu
 from confplan.kvm import structs as s
-from confplan.migration.mailbox import Mailbox, MailboxSet
 from confplan.vmm import abi, cpu_setup
 from confplan.vmm.aux_vcpu import HelperHost, HelperVcpu
 from confplan.vmm.bootparams import HostCpu
@@ -91,7 +90,6 @@ class Machine:
         self.mirror: MirrorVm | None = None
         self.launch: AttachedLaunch | None = None
         self._log: TextIO | None = None
-        self._mailboxes: MailboxSet | None = None
         self.mailbox_doorbells = MailboxDoorbells(config.mh_vcpus)
         try:
             self._build(kvm_path, echo)
@@ -291,47 +289,16 @@ class Machine:
         if not self.events.wait(event, range(self.config.vcpus), timeout):
             raise ConfplanError(f"the guest workload did not report event {event} within {timeout} s")
 
+    @property
+    def started(self) -> bool:
+        """``start`` has run: the vCPU threads (the helper's among them) are up."""
+        return "start" in self.timings
+
     def wait_helpers_ready(self, timeout: float = 10.0) -> None:
+        """Wait until every helper vCPU announced its serve loop (EV_MH_READY); raise on timeout/failure."""
         if not self.events.wait(abi.EV_MH_READY, [h.runner.index for h in self.helpers], timeout):
             where = "mirror VM's" if self.mirror is not None else "aux vCPUs'"
             raise ConfplanError(f"the {where} migration helper did not start within {timeout} s")
-
-    def mailboxes(self, *, timeout: float = 30.0, ready_timeout: float = 10.0) -> MailboxSet:
-        """The migration helper's mailboxes, one per MH vCPU (aux vCPUs or the mirror VM's alike), ready
-        for INIT/SAVE/LOAD/DIGEST/RESET: views of guest RAM (control page + slots, never the secret
-        page), a kick per MH vCPU, and a wait that sleeps until that mailbox's doorbell rings.
-        Waits up to ``ready_timeout`` s for the helpers' serve loops; ``timeout`` bounds each op."""
-        if self._mailboxes is not None:
-            return self._mailboxes
-        if not self.helpers:
-            raise ConfplanError(
-                "this machine has no migration helper vCPUs, so no mailboxes",
-                hint="use helper mode aux-vcpu with aux_vcpus >= 1, or mirror-vm",
-            )
-        if "start" not in self.timings:
-            raise ConfplanError("the machine's helper is not running yet", hint="call start() first")
-        self.wait_helpers_ready(ready_timeout)
-        boxes = [self._mailbox(h, timeout) for h in sorted(self.helpers, key=lambda h: h.index)]
-        not_ready = [mb.mh_index for mb in boxes if not mb.ready]
-        if not_ready:
-            raise ConfplanError(
-                f"MH vCPUs {not_ready} announced themselves but their mailbox protocol block is missing",
-                hint="the firmware and this VMM disagree on the mailbox protocol: rebuild the firmware",
-            )
-        self._mailboxes = MailboxSet(boxes)
-        return self._mailboxes
-
-    def _mailbox(self, helper: HelperVcpu, timeout: float) -> Mailbox:
-        index, doorbells = helper.index, self.mailbox_doorbells
-
-        def wait(seq: int, seconds: float) -> None:
-            doorbells.wait(index, seq, seconds, self.check)
-
-        return Mailbox(
-            self.view(helper.control_gpa, self.layout.mailbox_stride), mh_index=index,
-            batch_pages=self.config.batch_pages, kick=helper.kick, wait=wait, timeout=timeout,
-            tsc_khz=self.host.tsc_khz,
-        )  # fmt: skip
 
     def pause(self, runners: list[VcpuRunner]) -> None:
         for r in runners:
@@ -462,11 +429,15 @@ class Machine:
                 elif now - r.last_progress > limit:
                     r.declare_stuck(now - r.last_progress)
 
+    def on_close(self, drop: Callable[[], None]) -> None:
+        """Have ``close`` call ``drop`` once the vCPU threads stopped, before the RAM goes: a user of the
+        machine lets go of what it holds on it (views of guest RAM) there."""
+        self._teardown.append(drop)
+
     def close(self, timeout: float = 5.0) -> None:
         """Stop every vCPU thread, then close fds and mappings in reverse order of creation."""
         self._closed.set()
         self.mailbox_doorbells.stop()
-        self._mailboxes = None  # its views go with the RAM (GuestRam.close copes with any still held)
         for r in self.runners:
             r.stop()
         stuck = [r.index for r in self.runners if not r.join(timeout)]

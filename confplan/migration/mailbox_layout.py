@@ -1,0 +1,142 @@
+"""The migration helper's mailbox layout and statuses (docs/mailbox.md): offsets, op codes, status codes.
+
+The one Python module that knows where each field of ``firmware/include/cp_mailbox.h`` lies;
+``tests/test_mailbox_layout.py`` pins every offset and constant here against that header compiled with gcc.
+One helper's protocol over this layout is ``mailbox.Mailbox``; the scheduling across helpers is
+``mailbox_set.MailboxSet``.
+"""
+
+from __future__ import annotations
+
+import array
+import enum
+import struct
+
+from confplan.errors import ConfplanError
+
+PAGE_SIZE = 4096
+PROTO_MAGIC = 0x504D4243  # "CBMP"
+PROTO_VERSION = 4
+PROTO_OFFSET = 0x40
+SLOTS_OFFSET = 0x1000
+RING_OFFSET = 0x400
+RING = 16  # op entries: op number seq lives in entry seq % RING
+CMD_SIZE = 64
+SLOT_SIZE = 4160
+SLOT_HEADER = 64
+DIGEST_BYTES = 32
+MAC_BYTES = 16  # one MAC table entry (CP_MB_MAC_BYTES)
+NO_INDEX = 0xFFFFFFFF
+MAX_GENERATION = 0xFFFFFFFE
+
+# Byte offsets inside the control page (CP_MB_PROTO_OFFSET + offsetof(struct cp_mb_proto, field)).
+FIELD_OFFSETS: dict[str, int] = {
+    name: PROTO_OFFSET + off
+    for name, off in {
+        "magic": 0, "version": 4, "flags": 6, "batch_pages": 8, "sender_id": 12, "seq": 16, "done": 24,
+        "ring": 32, "key_id": 36, "migration_id": 40, "digest": 56, "digest_pages": 88, "digest_skipped": 96,
+        "pages_sealed": 104, "pages_opened": 112, "pages_refused": 120, "ops": 128, "drains": 136,
+    }.items()
+}  # fmt: skip
+# Inside a ring entry (offsetof(struct cp_mb_cmd, field)).
+CMD_OFFSETS: dict[str, int] = {
+    "op": 0, "count": 4, "generation": 8, "first": 12, "arg0": 16, "arg1": 24, "status": 32, "n_ok": 36,
+    "n_refused": 40, "first_bad": 44, "tsc_start": 48, "tsc_end": 56,
+}  # fmt: skip
+CMD_ARGS = struct.Struct("<IIIIQQ")  # op, count, generation, first, arg0, arg1: the VMM's half
+CMD_RESULT = struct.Struct("<IIII")  # status, n_ok, n_refused, first_bad: the MH's
+CMD_TSC = struct.Struct("<QQ")
+PROTO_SIZE = 256
+# Inside a slot (struct cp_sealed_page).
+SLOT_GPA, SLOT_GENERATION, SLOT_STATUS, SLOT_NONCE, SLOT_KEY_ID, SLOT_TAG, SLOT_CT = 0, 8, 12, 16, 28, 32, 64
+
+
+class Op(enum.IntEnum):
+    """CP_MB_OP_*."""
+
+    INIT = 1
+    SAVE = 2
+    LOAD = 3
+    DIGEST = 4
+    RESET = 5
+    MAC_RANGE = 6
+    MAC_LIST = 7
+    FOLD = 8
+
+
+class MhStatus(enum.IntEnum):
+    """CP_MBS_*: the op status and the per-slot status."""
+
+    OK = 0
+    BAD_OP = 1
+    NO_KEY = 2
+    COUNT = 3
+    PARTIAL = 4
+    GPA_ALIGN = 5
+    GPA_RANGE = 6
+    GPA_MH = 7
+    GEN_INVALID = 8
+    GEN_STALE = 9
+    AUTH = 10
+    KEY_ID = 11
+    RESERVED = 12
+    NONCE = 13
+    SECRET_HEADER = 14
+    SECRET_LENGTH = 15
+    SECRET_ENTRY = 16
+    SECRET_NO_KEY = 17
+    SECRET_KEY_LEN = 18
+    SECRET_ID_LEN = 19
+    CONFIG = 20
+    MAC_MISSING = 21
+
+    @property
+    def meaning(self) -> str:
+        return _MEANING[self]
+
+
+_MEANING: dict[MhStatus, str] = {
+    MhStatus.OK: "done",
+    MhStatus.BAD_OP: "unknown op",
+    MhStatus.NO_KEY: "the helper has no transport key (INIT first; RESET forgets it)",
+    MhStatus.COUNT: "page count is 0 or above the mailbox's slots",
+    MhStatus.PARTIAL: "some pages were refused",
+    MhStatus.GPA_ALIGN: "GPA is not page-aligned",
+    MhStatus.GPA_RANGE: "GPA lies outside guest RAM",
+    MhStatus.GPA_MH: "GPA lies inside the migration helper's own area",
+    MhStatus.GEN_INVALID: "generation 0 or 0xffffffff is not allowed",
+    MhStatus.GEN_STALE: "generation is not newer than the one already sealed or placed for this GPA (replay)",
+    MhStatus.AUTH: "the GCM tag does not verify (ciphertext, tag, nonce, GPA or generation changed)",
+    MhStatus.KEY_ID: "the record was sealed under another transport key",
+    MhStatus.RESERVED: "the record's reserved bytes or status are not zero",
+    MhStatus.NONCE: "the helper's nonce sequence is used up: a new transport key is needed",
+    MhStatus.SECRET_HEADER: "no efi_secret table header GUID at the secret page",
+    MhStatus.SECRET_LENGTH: "the secret table's total length is out of range",
+    MhStatus.SECRET_ENTRY: "a secret table entry overruns the table (or more than 64 entries)",
+    MhStatus.SECRET_NO_KEY: "the secret table has no transport key entry",
+    MhStatus.SECRET_KEY_LEN: "the transport key entry is not 32 bytes",
+    MhStatus.SECRET_ID_LEN: "the migration id entry is not 16 bytes",
+    MhStatus.CONFIG: "the helper's context is inconsistent (firmware bug)",
+    MhStatus.MAC_MISSING: "a page of the range has no MAC in the helper's table yet (MAC_RANGE it first)",
+}
+
+
+def status_name(code: int) -> str:
+    """``NAME (meaning)`` for a status code, or the raw number for an unknown one."""
+    try:
+        st = MhStatus(code)
+    except ValueError:
+        return f"unknown status {code}"
+    return f"{st.name} ({st.meaning})"
+
+
+class MailboxError(ConfplanError):
+    """An op the helper refused or did not answer; names the op, the MH vCPU and the status."""
+
+    def __init__(
+        self, message: str, *, op: Op, mh_index: int, status: int, statuses: array.array[int] | None = None,
+        hint: str | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(message, hint=hint)
+        self.op, self.mh_index, self.status = op, mh_index, status
+        self.statuses = statuses

@@ -1,0 +1,241 @@
+"""Scheduling across all of one side's migration helpers (docs/mailbox.md): ``MailboxSet`` spreads a batch
+over the MH vCPUs' mailbox (``mailbox.Mailbox``) and runs them in parallel; ``save_stream``/``load_stream``
+pipeline SAVE/LOAD over banks of each mailbox's slots; digests, MAC table and folds go the same way.
+"""
+
+from __future__ import annotations
+
+import array
+import collections
+from collections.abc import Callable, Sequence
+
+from confplan.migration.mailbox import BatchResult, InitInfo, Mailbox, raise_for_refusals
+from confplan.migration.mailbox_layout import PAGE_SIZE, RING, SLOT_SIZE, MailboxError, MhStatus, Op
+
+# Streaming: a finished SAVE/LOAD handed to the VMM (mailbox, result); records valid during the call only.
+Consume = Callable[[Mailbox, BatchResult], None]
+# Streaming LOAD: (mailbox, a free bank of its slots) -> records written there, 0 when there are no more.
+Fill = Callable[[Mailbox, memoryview], int]
+DEFAULT_BANKS = 2  # slot banks per mailbox in save_stream/load_stream (docs/mailbox.md, "Pipelining")
+
+
+class MailboxSet:
+    """All MH vCPUs of one side: spreads a batch over them and runs them in parallel (post all, wait all)."""
+
+    def __init__(self, mailboxes: Sequence[Mailbox]) -> None:
+        if not mailboxes:
+            raise ValueError("a MailboxSet needs at least one mailbox")
+        self.mailboxes = list(mailboxes)
+
+    @property
+    def capacity(self) -> int:
+        """Pages one save() call takes at most."""
+        return sum(mb.batch_pages for mb in self.mailboxes)
+
+    def init(self) -> InitInfo:
+        """INIT on every helper; they must agree on the migration id and the key id."""
+        infos = [mb.init() for mb in self.mailboxes]
+        first = infos[0]
+        for mb, info in zip(self.mailboxes, infos, strict=True):
+            if (info.migration_id, info.key_id) != (first.migration_id, first.key_id):
+                raise MailboxError(
+                    f"MH vCPU {mb.mh_index} took another transport key or migration id than MH vCPU "
+                    f"{self.mailboxes[0].mh_index}",
+                    op=Op.INIT, mh_index=mb.mh_index, status=MhStatus.OK, hint="re-inject the launch secret",
+                )  # fmt: skip
+        return first
+
+    def reset(self) -> None:
+        for mb in self.mailboxes:
+            mb.reset()
+
+    def _split(self, n: int) -> list[tuple[Mailbox, int, int]]:
+        """(mailbox, first, count): ``n`` items shared out evenly, none over a mailbox's batch size."""
+        if n > self.capacity:
+            raise ValueError(f"{n} pages for {len(self.mailboxes)} mailboxes holding {self.capacity}")
+        parts, start, left = [], 0, n
+        for i, mb in enumerate(self.mailboxes):
+            take = min(mb.batch_pages, -(-left // (len(self.mailboxes) - i)))
+            if take:
+                parts.append((mb, start, take))
+            start, left = start + take, left - take
+        if left:  # uneven batch sizes: the rest goes wherever there is room
+            raise ValueError(f"{n} pages do not fit the mailboxes' batch sizes")
+        return parts
+
+    def save(self, gpas: array.array[int], generation: int) -> list[tuple[Mailbox, BatchResult]]:
+        """SAVE ``gpas`` spread over the helpers in parallel; raises if any page is refused."""
+        parts = self._split(len(gpas))
+        posted = [(mb, mb.post_save(gpas[a : a + n], generation), n) for mb, a, n in parts]
+        results = [(mb, mb.finish(Op.SAVE, seq, n)) for mb, seq, n in posted]
+        for mb, result in results:
+            raise_for_refusals(Op.SAVE, mb.mh_index, result)
+        return results
+
+    def load(self, counts: Sequence[int]) -> list[BatchResult]:
+        """LOAD in parallel: ``counts[i]`` records are already in mailbox i's slots (0 skips it)."""
+        posted = [(mb, mb.post_load(n), n) for mb, n in zip(self.mailboxes, counts, strict=True) if n]
+        return [mb.finish(Op.LOAD, seq, n) for mb, seq, n in posted]
+
+    def bank_sizes(self, banks: int) -> list[int]:
+        """Slots per bank of each mailbox: its slots split into ``banks`` (at most RING) equal banks."""
+        if banks < 1:
+            raise ValueError(f"banks must be at least 1, got {banks}")
+        return [max(1, mb.batch_pages // min(banks, RING, mb.batch_pages)) for mb in self.mailboxes]
+
+    def save_stream(
+        self, gpas: array.array[int], generation: int, consume: Consume, *, banks: int = DEFAULT_BANKS
+    ) -> int:
+        """SAVE any number of pages, pipelined; returns the number of ops.
+
+        Each mailbox's slots are split into ``banks`` banks; every bank gets an op queued at once, and as
+        each op is done (oldest first) ``consume(mailbox, result)`` gets its records (``result.gpas`` are
+        the pages asked for; the view is valid only during the call) and the bank is refilled and queued
+        again. The helper works through the queue without parking or ringing, so the VMM's framing of one
+        bank overlaps the sealing of the next. Raises MailboxError (after the other queued ops finish on
+        their own) if a page is refused.
+        """
+        sizes = self.bank_sizes(banks)
+        chunks: list[list[tuple[int, int]]] = [[] for _ in self.mailboxes]
+        pos, turn = 0, 0
+        while pos < len(gpas):  # round robin, one bank's worth each
+            i = turn % len(self.mailboxes)
+            chunks[i].append((pos, min(sizes[i], len(gpas) - pos)))
+            pos, turn = pos + sizes[i], turn + 1
+        nexts = [iter(c) for c in chunks]
+        pending: collections.deque[tuple[int, int, int, array.array[int]]] = collections.deque()
+
+        def post(i: int, first: int) -> None:
+            part = next(nexts[i], None)
+            if part is not None:
+                chunk = gpas[part[0] : part[0] + part[1]]
+                pending.append((i, self.mailboxes[i].post_save(chunk, generation, first=first), first, chunk))
+
+        for bank in range(max(len(c) for c in chunks) if gpas else 0):
+            for i in range(len(self.mailboxes)):
+                if (bank + 1) * sizes[i] <= self.mailboxes[i].batch_pages:  # whole banks only
+                    post(i, bank * sizes[i])
+        ops = 0
+        while pending:
+            i, seq, first, chunk = pending.popleft()
+            mb = self.mailboxes[i]
+            result = mb.finish(Op.SAVE, seq, len(chunk), first=first, gpas=chunk)
+            raise_for_refusals(Op.SAVE, mb.mh_index, result)
+            consume(mb, result)
+            ops += 1
+            post(i, first)
+        return ops
+
+    def load_stream(
+        self, fill: Fill, consume: Consume | None = None, *, banks: int = DEFAULT_BANKS
+    ) -> int:
+        """LOAD pipelined; returns the number of ops.
+
+        ``fill(mailbox, slots)`` writes records into ``slots`` (a free bank of that mailbox's slots) and
+        returns how many, 0 when there are no more. Each filled bank is queued at once; as each op is done
+        (oldest first) ``consume(mailbox, result)`` gets its statuses, then the bank is filled again.
+        Without ``consume`` a refused page raises MailboxError.
+        """
+        sizes = self.bank_sizes(banks)
+        pending: collections.deque[tuple[int, int, int, int]] = collections.deque()
+        more = True
+
+        def post(i: int, first: int) -> None:
+            nonlocal more
+            mb = self.mailboxes[i]
+            n = fill(mb, mb.slots[first * SLOT_SIZE : (first + sizes[i]) * SLOT_SIZE]) if more else 0
+            if n > sizes[i]:
+                raise ValueError(f"fill wrote {n} records into a bank of {sizes[i]} slots")
+            more = more and n > 0
+            if n:
+                pending.append((i, mb.post_load(n, first=first), first, n))
+
+        for bank in range(min(banks, RING)):
+            for i, mb in enumerate(self.mailboxes):
+                if (bank + 1) * sizes[i] <= mb.batch_pages:
+                    post(i, bank * sizes[i])
+        ops = 0
+        while pending:
+            i, seq, first, n = pending.popleft()
+            mb = self.mailboxes[i]
+            result = mb.finish(Op.LOAD, seq, n, first=first)
+            if consume is None:
+                raise_for_refusals(Op.LOAD, mb.mh_index, result)
+            else:
+                consume(mb, result)
+            ops += 1
+            post(i, first)
+        return ops
+
+    def digest(self, start: int, npages: int, *, chunk_pages: int = 16384) -> list[bytes]:
+        """Digests of ``npages`` from ``start`` in fixed chunks (same for any helper count), in parallel."""
+        chunks = [
+            (start + p * PAGE_SIZE, min(chunk_pages, npages - p)) for p in range(0, npages, chunk_pages)
+        ]
+        out: list[bytes] = []
+        for i in range(0, len(chunks), len(self.mailboxes)):
+            wave = list(zip(self.mailboxes, chunks[i : i + len(self.mailboxes)], strict=False))
+            posted = [(mb, mb.post_digest(a, n)) for mb, (a, n) in wave]
+            out.extend(mb.finish_digest(seq) for mb, seq in posted)
+        return out
+
+    # ---- the per-page MAC table (v3): verify's cost in the pause follows the pages changed, not RAM ----
+    def _ranges(self, start: int, npages: int, chunk_pages: int) -> list[tuple[Mailbox, int, int]]:
+        """(mailbox, first page, pages): the range cut at chunk boundaries into one part per helper."""
+        chunks = -(-npages // chunk_pages)
+        per = -(-chunks // len(self.mailboxes))
+        parts = []
+        for i, mb in enumerate(self.mailboxes):
+            first = i * per * chunk_pages
+            if first < npages:
+                parts.append((mb, start // PAGE_SIZE + first, min(per * chunk_pages, npages - first)))
+        return parts
+
+    def mac_range(self, start: int, npages: int, *, chunk_pages: int = 16384) -> int:
+        """MAC every page of the range into the helpers' table, in parallel; returns the pages MAC'd."""
+        posted = [
+            (mb, mb.post_mac_range(p * PAGE_SIZE, n)) for mb, p, n in self._ranges(start, npages, chunk_pages)
+        ]
+        return sum(mb.finish_mac(Op.MAC_RANGE, seq) for mb, seq in posted)
+
+    def mac_list(self, gpas: array.array[int]) -> int:
+        """MAC the pages at ``gpas`` (any number; duplicates cost time only), spread over the helpers."""
+        done, pos = 0, 0
+        while pos < len(gpas):
+            posted = []
+            for mb in self.mailboxes:
+                share = min(mb.mac_list_capacity, -(-(len(gpas) - pos) // len(self.mailboxes)))
+                if pos < len(gpas):
+                    posted.append((mb, mb.post_mac_list(gpas[pos : pos + share])))
+                    pos += share
+            done += sum(mb.finish_mac(Op.MAC_LIST, seq) for mb, seq in posted)
+        return done
+
+    def fold(self, start: int, npages: int, *, chunk_pages: int = 16384) -> list[bytes]:
+        """The chunk digests of the range folded from the MAC table: equal to ``digest`` of the same
+        range while every page's MAC is current. One op per helper."""
+        return self.mac_and_fold(array.array("Q"), start, npages, chunk_pages=chunk_pages)[1]
+
+    def mac_and_fold(
+        self, gpas: array.array[int], start: int, npages: int, *, chunk_pages: int = 16384
+    ) -> tuple[int, list[bytes]]:
+        """MAC the pages at ``gpas``, then ``fold``; returns (pages MAC'd, digests). Each helper MACs the
+        pages in the range it folds, with its FOLD queued right behind that MAC_LIST: a helper takes its
+        ops in order and no other helper's MAC_LIST touches its range, so no wake-up sits between them."""
+        ranges = self._ranges(start, npages, chunk_pages)
+        shares = []
+        for mb, first, n in ranges:
+            low, high = first * PAGE_SIZE, (first + n) * PAGE_SIZE
+            shares.append((mb, array.array("Q", (g for g in gpas if low <= g < high))))
+        maced = 0
+        fits = all(len(mine) <= mb.mac_list_capacity for mb, mine in shares)
+        if not fits or sum(len(mine) for _, mine in shares) < len(gpas):
+            # more than a data area for one helper, or pages outside the range: MAC them first, apart
+            maced, shares = self.mac_list(gpas), []
+        lists = [(mb, mb.post_mac_list(mine)) for mb, mine in shares if len(mine)]
+        folds = [
+            (mb, mb.post_fold(p * PAGE_SIZE, n, chunk_pages), -(-n // chunk_pages)) for mb, p, n in ranges
+        ]
+        digests = [d for mb, seq, chunks in folds for d in mb.finish_fold(seq, chunks)]
+        maced += sum(mb.finish_mac(Op.MAC_LIST, seq) for mb, seq in lists)  # done before their FOLDs
+        return maced, digests
