@@ -219,7 +219,7 @@ def test_confplan_launch_is_measured_and_says_emulated(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["launch", str(plan), "--duration", "0.3", "--interval", "0.15"])
     assert result.exit_code == 0, result.output
     assert "measured launch on the EMULATED secure processor" in result.output
-    assert (tmp_path / ".confplan" / "plan" / "emulated-psp-keys.bin").is_file()  # the plan's own folder
+    assert (tmp_path / ".confplan" / "plan.measured-launch" / "emulated-psp-keys.bin").is_file()  # its own
     assert "mirror VM with 2 vCPUs" in result.output and "mirror VM ready 2/2" in result.output
     plan.write_text(PLAN.replace("GENERATION", "sev-snp"))
     result = CliRunner().invoke(app, ["launch", str(plan), "--duration", "0.1"])
