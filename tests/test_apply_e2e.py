@@ -132,19 +132,38 @@ def test_idle_guest_is_verified_from_the_mac_tables(cli: typer.Typer, plan_dir: 
     assert max(verify["shared_pages_crcd_in_pause"]) < shared[0] // 10
 
 
-def test_past_the_completion_timeout_the_guest_is_throttled(cli: typer.Typer, plan_dir: Path) -> None:
-    """on_timeout: throttle: a guest that will not converge within 1 ms is slowed down, then moved anyway."""
+def test_a_pause_that_cannot_fit_is_throttled_then_refused(plan_dir: Path) -> None:
+    """on_timeout: throttle: a guest dirtying as fast as it can never fits 1 ms; it is slowed down, and when
+    the rounds run out the migration fails (max_downtime is a promise) with the source still running."""
+    from confplan.cli import main
+
     plan = _plan(plan_dir, "aux-vcpu")
-    text = plan.read_text().replace(
+    plan.write_text(plan.read_text().replace("dirty_rate: 32MiB/s", "dirty_rate: unlimited").replace(
         "limits: {max_downtime: 50ms, max_precopy_rounds: 8}",
-        "limits: {max_downtime: 1ms, max_precopy_rounds: 20, completion_timeout_per_gib: 1s,"
-        " on_timeout: throttle}",
-    )
-    plan.write_text(text)
+        "limits: {max_downtime: 1ms, max_precopy_rounds: 4, on_timeout: throttle}",
+    ))  # fmt: skip
+    assert main(["apply", str(plan)]) != 0
+    source = vmm_handle.find_local(plan_dir / "state", "source")
+    assert source is not None, "the source guest must keep running"
+    try:
+        assert source.call("info")["running"] and source.call("workload_check")["ok"]
+        assert source.call("info")["throttle"] == 0.0  # the undo stops the throttle too
+    finally:
+        source.close()
+
+
+def test_force_complete_accepts_the_longer_pause_and_says_so(cli: typer.Typer, plan_dir: Path) -> None:
+    plan = _plan(plan_dir, "aux-vcpu")
+    plan.write_text(plan.read_text().replace("dirty_rate: 32MiB/s", "dirty_rate: unlimited").replace(
+        "limits: {max_downtime: 50ms, max_precopy_rounds: 8}",
+        "limits: {max_downtime: 1ms, max_precopy_rounds: 4, on_timeout: force-complete}",
+    ))  # fmt: skip
     result = CliRunner().invoke(cli, ["apply", str(plan), "--output", "json"])
     assert result.exit_code == 0, result.output
-    precopy = json.loads(result.stdout)["stages"]["precopy"]["result"]
-    assert precopy["throttle"] >= 0.2  # it went past the timeout and slowed the guest down
+    report = json.loads(result.stdout)
+    precopy = report["stages"]["precopy"]["result"]
+    assert precopy["forced"] and precopy["limit"] == "max_precopy_rounds"
+    assert len(precopy["rounds"]) <= 4  # max_precopy_rounds is never exceeded
     target = vmm_handle.find_local(plan_dir / "state", "target")
     assert target is not None
     try:

@@ -75,7 +75,7 @@ def test_throttle_starts_early_enough_to_reach_its_maximum_within_the_rounds() -
         throttle = decision.throttle
     assert actions == [Action.CONTINUE, Action.THROTTLE, Action.THROTTLE, Action.THROTTLE, Action.THROTTLE,
                        Action.ABORT]  # fmt: skip
-    assert throttle == THROTTLE_MAX and "even with the guest throttled to its maximum" in decision.reason
+    assert throttle == THROTTLE_MAX and "with the guest throttled to 80% (its maximum)" in decision.reason
 
 
 def test_timeout_aborts_by_default() -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from confplan.errors import ConfplanError
 from confplan.rpc import PeerGone, RpcClient, RpcError, connect_tcp
 from confplan.sev.certs import PlatformChain
 from confplan.sev.launch_crypto import PlatformVersion
+from confplan.transport import sockets
 
 START_TIMEOUT = 15.0
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}  # VMMs this process started, to tell how they ended
@@ -123,8 +123,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _connect_unix(path: Path, role: str, pid: int | None, log: Path) -> VmmHandle:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(str(path))
+    sock = sockets.dial_unix(path)
     holder: dict[str, int | None] = {"pid": pid}
     client = RpcClient(
         sock, peer=f"the {role} VMM process", describe_gone=lambda: describe_end(holder["pid"], log)

@@ -17,27 +17,11 @@ import threading
 from pathlib import Path
 
 from confplan.agent.service import VmmService
+from confplan.errors import ConfplanError
 from confplan.rpc import RpcServer
+from confplan.transport import sockets
 
 ACCEPT_POLL = 0.2
-
-
-def bind_unix(path: Path) -> socket.socket:
-    """Listen on ``path``; a stale socket file (no one serving it) is replaced."""
-    if path.exists():
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            path.unlink()
-        else:
-            probe.close()
-            raise SystemExit(f"confplan vmm: {path} is already served by another VMM process")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
-    os.chmod(path, 0o600)
-    listener.listen(8)
-    return listener
 
 
 def serve(service: VmmService, listener: socket.socket, *, name: str, control_fd: int | None = None) -> int:
@@ -74,7 +58,10 @@ def _main_thread_setup() -> None:
 def run_vmm(socket_path: Path, *, psp_dir: Path, firmware_dir: Path | None, control_fd: int | None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _main_thread_setup()
-    listener = bind_unix(socket_path)
+    try:
+        listener = sockets.listen_unix(socket_path, what="confplan vmm")
+    except ConfplanError as err:
+        raise SystemExit(f"confplan vmm: {err.message}") from None
     print(f"confplan vmm {os.getpid()}: serving {socket_path}", file=sys.stderr, flush=True)
     try:
         return serve(VmmService(psp_dir=psp_dir, firmware_dir=firmware_dir), listener,
@@ -86,7 +73,7 @@ def run_vmm(socket_path: Path, *, psp_dir: Path, firmware_dir: Path | None, cont
 
 def run_agent(host: str, port: int, *, psp_dir: Path, firmware_dir: Path | None) -> int:
     _main_thread_setup()
-    listener = socket.create_server((host, port))
+    listener = sockets.listen_tcp(host, port, what="the agent's control port")
     print(f"listening {listener.getsockname()[1]}", flush=True)
     name = f"the agent at {host}:{listener.getsockname()[1]}"
     return serve(VmmService(psp_dir=psp_dir, firmware_dir=firmware_dir), listener, name=name)

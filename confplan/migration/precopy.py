@@ -131,7 +131,10 @@ def decide(rounds: list[RoundStats], limits: Limits, *, elapsed: float, throttle
         more = _more(throttle)
         return Decision(Action.THROTTLE, f"{over}: throttling the guest to {more:.0%}", bandwidth, eta, more,
                         limit)  # fmt: skip
-    tail = " even with the guest throttled to its maximum" if limits.on_timeout == "throttle" else ""
+    tail = ""
+    if limits.on_timeout == "throttle":
+        most = " (its maximum)" if throttle >= THROTTLE_MAX else ""
+        tail = f" with the guest throttled to {throttle:.0%}{most}"
     return Decision(Action.ABORT, f"{over}{tail} (on_timeout: {limits.on_timeout})", bandwidth, eta,
                     throttle, limit)  # fmt: skip
 

@@ -1,0 +1,186 @@
+"""One side of a migration as its VMM process holds it: the machine, its measured launch, its helper, and
+what both sides compute for verify. ``OutgoingMigration`` (the source) and ``IncomingMigration`` (the
+target) add their half of the stream; the agent's RPC service is a thin adapter over one of them, chosen
+when the machine is created (Firecracker keeps a controller per phase the same way).
+"""
+
+from __future__ import annotations
+
+import array
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+from confplan.core.wire import Hello, HelperMode
+from confplan.errors import ConfplanError
+from confplan.migration.helper import helper_mailboxes
+from confplan.migration.mailbox_set import MailboxSet
+from confplan.migration.verify import SharedTable, private_digests, shared_digest, table_digests
+from confplan.vmm import Machine, abi
+from confplan.vmm.sev_launch import MeasuredLaunch
+
+Log = Callable[[str], None]
+
+
+class StreamSide(Protocol):
+    """What verify asks of a side's stream (``source.Outgoing``, ``target.Incoming``): the pages it moved
+    since the last call."""
+
+    def take_changed_gpas(self) -> array.array[int]: ...
+    def take_shared_gpas(self) -> array.array[int]: ...
+
+
+class MigrationSide:
+    """The machine of one VMM process and everything both roles do with it."""
+
+    role: ClassVar[str] = ""
+
+    def __init__(self, machine: Machine, *, psp_dir: Path, log: Log) -> None:
+        self.machine, self.psp_dir, self.log = machine, psp_dir, log
+        self.launch: MeasuredLaunch | None = None
+        self.shared_table: SharedTable | None = None  # the stream's shared-page CRCs (mac_table fill)
+        self._mailboxes: MailboxSet | None = None
+        self._mh_ready = False
+
+    # ---- the machine ----
+    def need_machine(self) -> Machine:
+        self.machine.check()  # a guest that stopped says why, rather than a confusing later error
+        return self.machine
+
+    def info(self) -> dict[str, Any]:
+        m = self.machine
+        return {
+            "role": self.role, "machine": True, "running": m.started and m.error is None,
+            "guest_error": None if m.error is None else str(m.error),
+            "launch_state": None if self.launch is None else self.launch.state,
+        }  # fmt: skip
+
+    def created(self) -> dict[str, Any]:
+        """What ``create`` answers: the host facts the owner's digest depends on."""
+        host = self.machine.host
+        return {
+            "host": {"tsc_khz": host.tsc_khz, "features": host.features, "vendor_amd": host.vendor_amd},
+            "firmware_sha256": self.machine.firmware.sha256,
+            "prefault_seconds": self.machine.prefault_seconds,
+        }
+
+    def launch_measure(self, policy: int, godh: bytes, session: bytes) -> bytes:
+        from confplan.sev import EmulatedSecureProcessor
+
+        self.launch = MeasuredLaunch(self.need_machine(), EmulatedSecureProcessor.open(self.psp_dir))
+        measurement = self.launch.measure(policy, godh, session)
+        self.log(f"{self.role}: launch measured (LAUNCH_START, UPDATE_DATA, MEASURE)")
+        return measurement
+
+    def launch_secret(self, header: bytes, ciphertext: bytes) -> None:
+        if self.launch is None:
+            raise ConfplanError("no measured launch in progress", hint="call 'launch_measure' first")
+        self.launch.inject_secret(header, ciphertext)  # and LAUNCH_FINISH
+        self.log(f"{self.role}: launch secret injected, LAUNCH_FINISH")
+
+    def start(self) -> dict[str, Any]:
+        machine = self.need_machine()
+        machine.start()
+        if machine.helpers:
+            machine.wait_helpers_ready()
+        if not machine.config.mh_only:  # running = filled (its shared pages are reported after the fill)
+            machine.wait_workload(abi.EV_WL_FILLED, timeout=120.0)
+        return {"vcpus": len(machine.vcpus), "helpers": len(machine.helpers)}
+
+    def workload_check(self) -> dict[str, Any]:
+        result = self.need_machine().workload.check()
+        return {"ok": result.ok, "first_bad_page": result.first_bad_page,
+                "checked_pages": result.checked_pages}  # fmt: skip
+
+    # ---- the helper ----
+    def helper(self) -> MailboxSet | None:
+        """The MH's mailboxes, INIT done once (it reads the transport key from the secret page)."""
+        if self._mailboxes is None:
+            self._mailboxes = helper_mailboxes(self.need_machine())
+        if self._mailboxes is not None and not self._mh_ready:
+            self._mailboxes.init()
+            self._mh_ready = True
+        return self._mailboxes
+
+    def hello(self, migration_id: bytes) -> Hello:
+        cfg = self.need_machine().config
+        mode = HelperMode.MIRROR_VM if cfg.helper_mode == "mirror-vm" else HelperMode.AUX_VCPU
+        return Hello(cfg.memory, migration_id, mode, cfg.vcpus)
+
+    # ---- verify ----
+    def stream_side(self) -> StreamSide:
+        """The stream whose writes the MAC and CRC tables follow (each role has its own)."""
+        raise ConfplanError("no migration stream: the MAC table follows a stream's writes",
+                            hint="run start-incoming first")  # fmt: skip
+
+    def shared_for_fill(self) -> array.array[int] | None:
+        """The pages the shared CRC table fills: None = every page shared now (the source)."""
+        return None
+
+    def _changed_gpas(self) -> array.array[int]:
+        """Pages written since the last call: on the source what the stream sent (the dirty log's pages),
+        on the target what the stream wrote. The shared CRC table drops their entries."""
+        gpas = self.stream_side().take_changed_gpas()
+        if self.shared_table is not None:
+            self.shared_table.forget(gpas)  # their CRCs are stale: the next digest computes them again
+        return gpas
+
+    def mac_table_fill(self) -> dict[str, Any]:
+        """Fill the MHs' per-page MAC tables while the guest still runs. SAVE and LOAD keep the entries of
+        the private pages they move (mailbox v4); what is left is the pages the stream moved as shared: the
+        MHs MAC those sent so far, and the shared CRC table starts. Verify, in the pause, MACs the shared
+        pages moved after this."""
+        machine = self.need_machine()
+        mailboxes = self.helper()
+        if mailboxes is None:
+            return {"pages": None}
+        started = time.monotonic()
+        self._changed_gpas()  # the shared CRC table forgets these pages (the fill starts it afresh)
+        moved = self.stream_side().take_shared_gpas()
+        self.shared_table = SharedTable(machine)
+        with ThreadPoolExecutor(max_workers=1) as pool:  # host CRCs while the MHs MAC
+            shared = pool.submit(self.shared_table.fill, self.shared_for_fill())
+            pages = mailboxes.mac_list(moved) if len(moved) else 0
+            shared_pages = shared.result()
+        return {"pages": pages, "shared_pages": shared_pages, "seconds": time.monotonic() - started}
+
+    def digests(self, *, table: bool, shared: bool = True) -> dict[str, Any]:
+        """The MHs' digests of every chunk and the CRC of the shared pages. With ``table``: first MAC the
+        pages moved as shared since the tables were last brought up to date (SAVE and LOAD keep the private
+        pages' entries), then fold the chunks from the tables (cost: those pages, not RAM); else hash all
+        of RAM."""
+        machine = self.need_machine()
+        mailboxes = self.helper()
+        started = time.monotonic()
+        private, maced = None, 0
+        crc_table = self.shared_table if table else None
+        gpas = None
+        if table:
+            self._changed_gpas()  # before the shared digest, which must not use these pages' old CRCs
+            gpas = self.stream_side().take_shared_gpas()  # the MHs MAC only these
+        # The shared pages' CRC (host CPU, in C without the GIL) runs while the MHs hash (guest vCPUs).
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            crc = crc_table.digest if crc_table is not None else partial(shared_digest, machine)
+            future = pool.submit(_timed, crc) if shared else None
+            if mailboxes is not None and gpas is not None:
+                maced, private = table_digests(mailboxes, machine, gpas)
+            elif mailboxes is not None:
+                private = private_digests(mailboxes, machine)
+            hashed = time.monotonic() - started
+            crc_result, crc_seconds = future.result() if future is not None else (None, 0.0)
+        return {"shared": crc_result, "private": private, "pages_maced": maced,
+                "shared_pages_crcd": crc_table.computed if crc_table is not None else None,
+                "seconds": {"private": hashed, "shared": crc_seconds,
+                            "rpc": time.monotonic() - started}}  # fmt: skip
+
+    # ---- the end ----
+    def close(self) -> None:
+        self.machine.close()
+
+
+def _timed(fn: Callable[[], dict[str, int]]) -> tuple[dict[str, int], float]:
+    started = time.monotonic()
+    return fn(), time.monotonic() - started
