@@ -22,7 +22,7 @@
 _Static_assert(sizeof(struct cp_frame_header) == CP_HEADER_SIZE, "frame header is 32 bytes");
 _Static_assert(offsetof(struct cp_frame_header, header_crc32c) == 28, "header CRC is the last field");
 _Static_assert(sizeof(struct cp_sealed_page) == CP_SEALED_PAGE_SIZE, "sealed page record is 4160 bytes");
-_Static_assert(offsetof(struct cp_sealed_page, ct) == 64, "sealed page header is 64 bytes");
+_Static_assert(offsetof(struct cp_sealed_page, ct) == CP_SEALED_HEADER_SIZE, "sealed page header is 64 bytes");
 _Static_assert(offsetof(struct cp_sealed_page, tag) == 32, "tag is 16-byte aligned");
 _Static_assert(CP_HEADER_SIZE + CP_PAGES_PREFIX_SIZE +
                    (uint64_t)CP_MAX_FRAME_PAGES * (CP_SHARED_ENTRY_SIZE + CP_PAGE_SIZE) <= CP_MAX_PAYLOAD,
@@ -213,6 +213,7 @@ uint64_t cp_query(int which)
     case CP_Q_MAX_FRAME_PAGES: return CP_MAX_FRAME_PAGES;
     case CP_Q_SEALED_PAGE_SIZE: return CP_SEALED_PAGE_SIZE;
     case CP_Q_CRC_HW: return crc_hw;
+    case CP_Q_TAG_SIZE: return CP_TAG_SIZE;
     default: return 0;
     }
 }
@@ -406,12 +407,18 @@ int cp_header_check(const void *buf, size_t len, struct cp_frame_header *out, st
         return fail(err, CP_E_HEADER_CRC, NO_INDEX, h.header_crc32c, crc);
     if (h.type == 0 || h.type > CP_FT_LAST)
         return fail(err, CP_E_TYPE, NO_INDEX, h.type, CP_FT_LAST);
-    if (h.flags)
-        return fail(err, CP_E_FLAGS, NO_INDEX, h.flags, 0);
+    if (h.flags & ~CP_HF_PROTECTED)
+        return fail(err, CP_E_FLAGS, NO_INDEX, h.flags, CP_HF_PROTECTED);
     if (h.payload_len > CP_MAX_PAYLOAD)
         return fail(err, CP_E_PAYLOAD_LEN, NO_INDEX, h.payload_len, CP_MAX_PAYLOAD);
     *out = h;
     return CP_OK;
+}
+
+/* A PROTECTED frame's payload is encrypted (so without a CRC) unless its records travel in clear. */
+static bool crc_free(const struct cp_frame_header *h)
+{
+    return (h->flags & CP_HF_PROTECTED) && h->type != CP_FT_SEALED_PAGES;
 }
 
 int cp_frame_check(const void *frame, size_t len, struct cp_frame_header *out, struct cp_error *err)
@@ -422,9 +429,65 @@ int cp_frame_check(const void *frame, size_t len, struct cp_frame_header *out, s
     uint64_t need = (uint64_t)CP_HEADER_SIZE + out->payload_len;
     if (len < need)
         return fail(err, CP_E_TRUNCATED, NO_INDEX, len, need);
+    if (crc_free(out))
+        return out->payload_crc32c ? fail(err, CP_E_FLAGS, NO_INDEX, out->payload_crc32c, 0) : CP_OK;
     uint32_t crc = cp_crc32c(0, (const uint8_t *)frame + CP_HEADER_SIZE, out->payload_len);
     if (crc != out->payload_crc32c)
         return fail(err, CP_E_PAYLOAD_CRC, NO_INDEX, out->payload_crc32c, crc);
+    return CP_OK;
+}
+
+int cp_header_protect(const void *frame, size_t len, void *out_header, struct cp_frame_header *out,
+                      struct cp_error *err)
+{
+    struct cp_frame_header h;
+    int rc = cp_header_check(frame, len, &h, err);
+    if (rc == CP_OK && (!out_header || !out))
+        rc = fail(err, CP_E_ARG, NO_INDEX, 0, 0);
+    if (rc != CP_OK)
+        return rc;
+    if (h.flags)
+        return fail(err, CP_E_FLAGS, NO_INDEX, h.flags, 0);
+    h.flags = CP_HF_PROTECTED;
+    write_header(out_header, h.type, h.flags, h.seq, h.payload_len, crc_free(&h) ? 0 : h.payload_crc32c);
+    memcpy(out, out_header, CP_HEADER_SIZE);
+    return CP_OK;
+}
+
+int cp_sealed_aad(const void *header, const void *payload, size_t payload_cap, void *out, size_t cap,
+                  uint64_t *aad_len, struct cp_error *err)
+{
+    clear_error(err);
+    if (!payload || !out || !aad_len)
+        return fail(err, CP_E_ARG, NO_INDEX, 0, 0);
+    struct cp_frame_header h;
+    int rc = cp_header_check(header, CP_HEADER_SIZE, &h, err);
+    if (rc != CP_OK)
+        return rc;
+    if (h.type != CP_FT_SEALED_PAGES)
+        return fail(err, CP_E_TYPE, NO_INDEX, h.type, CP_FT_SEALED_PAGES);
+    if (payload_cap < h.payload_len)
+        return fail(err, CP_E_TRUNCATED, NO_INDEX, payload_cap, h.payload_len);
+    if (h.payload_len < CP_PAGES_PREFIX_SIZE)
+        return fail(err, CP_E_PAYLOAD_LEN, NO_INDEX, h.payload_len, CP_PAGES_PREFIX_SIZE);
+    const uint8_t *p = payload;
+    uint32_t count = ld32(p);
+    if (count > CP_MAX_FRAME_PAGES)
+        return fail(err, CP_E_COUNT, NO_INDEX, count, CP_MAX_FRAME_PAGES);
+    uint64_t want = CP_PAGES_PREFIX_SIZE + (uint64_t)count * CP_SEALED_PAGE_SIZE;
+    if (h.payload_len != want)
+        return fail(err, CP_E_PAYLOAD_LEN, NO_INDEX, h.payload_len, want);
+    size_t need = CP_HEADER_SIZE + CP_PAGES_PREFIX_SIZE + (size_t)count * CP_SEALED_HEADER_SIZE;
+    if (cap < need)
+        return fail(err, CP_E_SPACE, NO_INDEX, need, cap);
+    uint8_t *o = out;
+    memcpy(o, header, CP_HEADER_SIZE);
+    memcpy(o + CP_HEADER_SIZE, p, CP_PAGES_PREFIX_SIZE);
+    o += CP_HEADER_SIZE + CP_PAGES_PREFIX_SIZE;
+    for (uint32_t i = 0; i < count; i++)
+        memcpy(o + (size_t)i * CP_SEALED_HEADER_SIZE,
+               p + CP_PAGES_PREFIX_SIZE + (size_t)i * CP_SEALED_PAGE_SIZE, CP_SEALED_HEADER_SIZE);
+    *aad_len = need;
     return CP_OK;
 }
 
