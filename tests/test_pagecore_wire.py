@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from confplan.core import CoreStatus, PageCoreError, _lib, crc32c, frameauth, wire
-from confplan.core.frameauth import protect_header, sealed_aad
 from confplan.core.wire import (
     Auth,
     Challenge,
@@ -143,37 +143,50 @@ def test_hello_mismatch_names_every_differing_field() -> None:
     replace(HELLO, nonce=bytes(range(32))).require_match(HELLO)  # the handshake nonce is not geometry
 
 
+def protector() -> tuple[bytes, frameauth.FrameKey]:
+    key = bytes(range(32))
+    return key, frameauth.FrameKey(key, frameauth.Direction.SOURCE_TO_TARGET, 0)
+
+
 def test_protected_header_drops_the_crc_of_an_encrypted_payload_only() -> None:
     frame = wire.encode(Done(rounds=1, shared_pages=2, sealed_pages=3), seq=7)
-    out = bytearray(wire.HEADER_SIZE)
-    header = protect_header(frame, out)
+    key, writer = protector()
+    header, parts = writer.protect(frame)
+    sent = bytes(parts[0])
     assert header.protected and header.payload_crc32c == 0 and header.seq == 7
-    assert wire.parse_header(out) == header
-    protected = out + frame[wire.HEADER_SIZE :]
-    assert wire.check_frame(protected) == header  # no payload CRC to check: the stream's tag covers it
-    protected[24:28] = crc32c(bytes(frame[wire.HEADER_SIZE :])).to_bytes(4, "little")
-    protected[28:32] = crc32c(bytes(protected[:28])).to_bytes(4, "little")
+    assert wire.parse_header(sent) == header
+    ciphertext = bytes(parts[1])
+    assert AESGCM(key).decrypt(b"s>t\x00" + (7).to_bytes(8, "big"), ciphertext, sent) == frame[32:]
+    plain = bytearray(sent + frame[wire.HEADER_SIZE :])  # what the reader hands out once the tag verified
+    assert wire.check_frame(plain) == header  # no payload CRC to check: the stream's tag covers it
+    plain[24:28] = crc32c(bytes(frame[wire.HEADER_SIZE :])).to_bytes(4, "little")
+    plain[28:32] = crc32c(bytes(plain[:28])).to_bytes(4, "little")
     with pytest.raises(PageCoreError) as leaked:  # a plaintext CRC in the clear header is refused
-        wire.check_frame(protected)
+        wire.check_frame(plain)
     assert leaked.value.code is CoreStatus.FLAGS
     with pytest.raises(PageCoreError) as twice:
-        protect_header(out + frame[wire.HEADER_SIZE :], bytearray(wire.HEADER_SIZE))
+        writer.protect(sent + frame[wire.HEADER_SIZE :])
     assert twice.value.code is CoreStatus.FLAGS
 
 
-def test_sealed_aad_is_the_header_prefix_and_record_headers() -> None:
+def test_a_sealed_frame_tag_is_a_gmac_over_header_prefix_and_record_headers() -> None:
     records = [wire.pack_sealed_header(i * 4096, 1, bytes([i]) * 12, bytes([i]) * 16) + bytes([i]) * 4096
                for i in range(3)]  # fmt: skip
     payload = (3).to_bytes(4, "little") + bytes(4) + b"".join(records)
     frame = wire.build_frame(FrameType.SEALED_PAGES, payload, seq=4)
-    header = bytearray(wire.HEADER_SIZE)
-    assert protect_header(frame, header).payload_crc32c == crc32c(payload)  # records travel in clear: kept
-    out = bytearray(frameauth.MAX_SEALED_AAD)
-    n = sealed_aad(header, memoryview(frame)[wire.HEADER_SIZE :], out)
-    assert out[:n] == header + payload[:8] + b"".join(r[:64] for r in records)
+    key, writer = protector()
+    header, (sent, body, tag) = writer.protect(frame)
+    assert header.payload_crc32c == crc32c(payload)  # the records travel in clear: the CRC stays
+    assert bytes(body) == payload
+    aad = bytes(sent) + payload[:8] + b"".join(r[:64] for r in records)
+    assert AESGCM(key).encrypt(b"s>t\x00" + (4).to_bytes(8, "big"), b"", aad) == tag
     with pytest.raises(PageCoreError) as short:
-        sealed_aad(header, memoryview(frame)[wire.HEADER_SIZE : -1], out)
+        writer.protect(frame[:-1])
     assert short.value.code is CoreStatus.TRUNCATED
+    lying = wire.build_frame(FrameType.SEALED_PAGES, (4).to_bytes(4, "little") + payload[4:], seq=4)
+    with pytest.raises(PageCoreError) as count:  # a count that does not fill the payload
+        writer.protect(lying)
+    assert count.value.code is CoreStatus.PAYLOAD_LEN
 
 
 def test_hello_needs_a_16_byte_migration_id() -> None:

@@ -437,12 +437,48 @@ int cp_frame_check(const void *frame, size_t len, struct cp_frame_header *out, s
     return CP_OK;
 }
 
-int cp_header_protect(const void *frame, size_t len, void *out_header, struct cp_frame_header *out,
-                      struct cp_error *err)
+/* A SEALED_PAGES frame's GMAC input: `header` (the one sent), the payload's prefix, each record's header. */
+static int gather_sealed_aad(const uint8_t *header, const struct cp_frame_header *h, const uint8_t *payload,
+                             uint8_t *aad, size_t cap, uint64_t *aad_len, struct cp_error *err)
+{
+    if (h->payload_len < CP_PAGES_PREFIX_SIZE)
+        return fail(err, CP_E_PAYLOAD_LEN, NO_INDEX, h->payload_len, CP_PAGES_PREFIX_SIZE);
+    uint32_t count = ld32(payload);
+    if (count > CP_MAX_FRAME_PAGES)
+        return fail(err, CP_E_COUNT, NO_INDEX, count, CP_MAX_FRAME_PAGES);
+    uint64_t want = CP_PAGES_PREFIX_SIZE + (uint64_t)count * CP_SEALED_PAGE_SIZE;
+    if (h->payload_len != want)
+        return fail(err, CP_E_PAYLOAD_LEN, NO_INDEX, h->payload_len, want);
+    size_t need = CP_HEADER_SIZE + CP_PAGES_PREFIX_SIZE + (size_t)count * CP_SEALED_HEADER_SIZE;
+    if (!aad || cap < need)
+        return fail(err, CP_E_SPACE, NO_INDEX, need, cap);
+    memcpy(aad, header, CP_HEADER_SIZE);
+    memcpy(aad + CP_HEADER_SIZE, payload, CP_PAGES_PREFIX_SIZE);
+    uint8_t *o = aad + CP_HEADER_SIZE + CP_PAGES_PREFIX_SIZE;
+    const uint8_t *rec = payload + CP_PAGES_PREFIX_SIZE;
+    for (uint32_t i = 0; i < count; i++)
+        memcpy(o + (size_t)i * CP_SEALED_HEADER_SIZE, rec + (size_t)i * CP_SEALED_PAGE_SIZE,
+               CP_SEALED_HEADER_SIZE);
+    *aad_len = need;
+    return CP_OK;
+}
+
+/* A checked header, and the whole payload is there. */
+static int whole_frame(const void *frame, size_t len, struct cp_frame_header *h, struct cp_error *err)
+{
+    int rc = cp_header_check(frame, len, h, err);
+    if (rc != CP_OK)
+        return rc;
+    uint64_t need = (uint64_t)CP_HEADER_SIZE + h->payload_len;
+    return len < need ? fail(err, CP_E_TRUNCATED, NO_INDEX, len, need) : CP_OK;
+}
+
+int cp_frame_protect(const void *frame, size_t len, void *out_header, void *aad, size_t aad_cap,
+                     uint64_t *aad_len, struct cp_frame_header *out, struct cp_error *err)
 {
     struct cp_frame_header h;
-    int rc = cp_header_check(frame, len, &h, err);
-    if (rc == CP_OK && (!out_header || !out))
+    int rc = whole_frame(frame, len, &h, err);
+    if (rc == CP_OK && (!out_header || !aad_len || !out))
         rc = fail(err, CP_E_ARG, NO_INDEX, 0, 0);
     if (rc != CP_OK)
         return rc;
@@ -451,44 +487,25 @@ int cp_header_protect(const void *frame, size_t len, void *out_header, struct cp
     h.flags = CP_HF_PROTECTED;
     write_header(out_header, h.type, h.flags, h.seq, h.payload_len, crc_free(&h) ? 0 : h.payload_crc32c);
     memcpy(out, out_header, CP_HEADER_SIZE);
-    return CP_OK;
+    *aad_len = 0;
+    if (h.type != CP_FT_SEALED_PAGES)
+        return CP_OK;
+    return gather_sealed_aad(out_header, &h, (const uint8_t *)frame + CP_HEADER_SIZE, aad, aad_cap, aad_len,
+                             err);
 }
 
-int cp_sealed_aad(const void *header, const void *payload, size_t payload_cap, void *out, size_t cap,
-                  uint64_t *aad_len, struct cp_error *err)
+int cp_frame_aad(const void *frame, size_t len, void *aad, size_t aad_cap, uint64_t *aad_len,
+                 struct cp_error *err)
 {
-    clear_error(err);
-    if (!payload || !out || !aad_len)
-        return fail(err, CP_E_ARG, NO_INDEX, 0, 0);
     struct cp_frame_header h;
-    int rc = cp_header_check(header, CP_HEADER_SIZE, &h, err);
+    int rc = whole_frame(frame, len, &h, err);
+    if (rc == CP_OK && !aad_len)
+        rc = fail(err, CP_E_ARG, NO_INDEX, 0, 0);
     if (rc != CP_OK)
         return rc;
     if (h.type != CP_FT_SEALED_PAGES)
         return fail(err, CP_E_TYPE, NO_INDEX, h.type, CP_FT_SEALED_PAGES);
-    if (payload_cap < h.payload_len)
-        return fail(err, CP_E_TRUNCATED, NO_INDEX, payload_cap, h.payload_len);
-    if (h.payload_len < CP_PAGES_PREFIX_SIZE)
-        return fail(err, CP_E_PAYLOAD_LEN, NO_INDEX, h.payload_len, CP_PAGES_PREFIX_SIZE);
-    const uint8_t *p = payload;
-    uint32_t count = ld32(p);
-    if (count > CP_MAX_FRAME_PAGES)
-        return fail(err, CP_E_COUNT, NO_INDEX, count, CP_MAX_FRAME_PAGES);
-    uint64_t want = CP_PAGES_PREFIX_SIZE + (uint64_t)count * CP_SEALED_PAGE_SIZE;
-    if (h.payload_len != want)
-        return fail(err, CP_E_PAYLOAD_LEN, NO_INDEX, h.payload_len, want);
-    size_t need = CP_HEADER_SIZE + CP_PAGES_PREFIX_SIZE + (size_t)count * CP_SEALED_HEADER_SIZE;
-    if (cap < need)
-        return fail(err, CP_E_SPACE, NO_INDEX, need, cap);
-    uint8_t *o = out;
-    memcpy(o, header, CP_HEADER_SIZE);
-    memcpy(o + CP_HEADER_SIZE, p, CP_PAGES_PREFIX_SIZE);
-    o += CP_HEADER_SIZE + CP_PAGES_PREFIX_SIZE;
-    for (uint32_t i = 0; i < count; i++)
-        memcpy(o + (size_t)i * CP_SEALED_HEADER_SIZE,
-               p + CP_PAGES_PREFIX_SIZE + (size_t)i * CP_SEALED_PAGE_SIZE, CP_SEALED_HEADER_SIZE);
-    *aad_len = need;
-    return CP_OK;
+    return gather_sealed_aad(frame, &h, (const uint8_t *)frame + CP_HEADER_SIZE, aad, aad_cap, aad_len, err);
 }
 
 /* A checked frame of the expected type: its payload and the {count, reserved} prefix. */

@@ -147,16 +147,17 @@ int cp_header_check(const void *buf, size_t len, struct cp_frame_header *out, st
  * SEALED_PAGES has no payload CRC (the field must be 0): the stream reader has checked its tag. */
 int cp_frame_check(const void *frame, size_t len, struct cp_frame_header *out, struct cp_error *err);
 
-/* Stream protection (docs/stream-security.md). cp_header_protect: the header of an unprotected frame
- * (checked, flags 0) rewritten as the PROTECTED header a writer sends, into out_header (32 bytes, may be the
- * frame itself): flag set, payload CRC zeroed unless SEALED_PAGES, header CRC recomputed. */
-int cp_header_protect(const void *frame, size_t len, void *out_header, struct cp_frame_header *out,
-                      struct cp_error *err);
-/* The GMAC input of a SEALED_PAGES frame: `header` (32 bytes, checked), the payload's {count, reserved}
- * prefix and the 64-byte header of each record, gathered into out (40 + 64 * count bytes, *aad_len).
- * `payload` holds at least payload_len bytes; the count must fill payload_len exactly. */
-int cp_sealed_aad(const void *header, const void *payload, size_t payload_cap, void *out, size_t cap,
-                  uint64_t *aad_len, struct cp_error *err);
+/* Stream protection (docs/stream-security.md), one call per frame on each side.
+ * cp_frame_protect: a writer's view of the whole unprotected frame (checked, flags 0): the PROTECTED header
+ * it sends, into out_header (32 bytes; flag set, payload CRC zeroed unless SEALED_PAGES, header CRC redone)
+ * and, for SEALED_PAGES, the GMAC input into aad (*aad_len bytes; 0 for other types).
+ * cp_frame_aad: a reader's view of a received protected SEALED_PAGES frame: its GMAC input.
+ * The GMAC input is the header sent, the payload's {count, reserved} prefix and the first 64 bytes of each
+ * record (40 + 64 * count bytes); the count must fill payload_len exactly. */
+int cp_frame_protect(const void *frame, size_t len, void *out_header, void *aad, size_t aad_cap,
+                     uint64_t *aad_len, struct cp_frame_header *out, struct cp_error *err);
+int cp_frame_aad(const void *frame, size_t len, void *aad, size_t aad_cap, uint64_t *aad_len,
+                 struct cp_error *err);
 
 /* verify's shared-page CRC table: CRC-32C of each listed page (cached in crcs/valid), folded into *crc. */
 int cp_crc_table(const void *ram, uint64_t gpa_base, uint64_t ram_size, const void *gpas, uint64_t count,
