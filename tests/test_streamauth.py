@@ -29,7 +29,7 @@ from confplan.core import (
     wire,
 )
 from confplan.core.frameauth import Direction
-from confplan.core.stream import FrameReader
+from confplan.core.stream import FrameReader, send_parts
 from confplan.core.streamauth import (
     AuthFailure,
     SessionKeys,
@@ -228,6 +228,46 @@ def test_handshake_agrees_and_frames_round_trip_exactly(
             assert wire.decode(frame.data)[1] == wire.decode(sent)[1]
     joined(sender)
     assert dst_ram[2 * PAGE_SIZE : 10 * PAGE_SIZE] == ram[2 * PAGE_SIZE : 10 * PAGE_SIZE]
+
+
+def test_big_frames_cross_socket_buffers_in_pieces_and_grow_the_reader() -> None:
+    """A socket with a timeout sends in pieces (sendmsg returns short counts); the reader's buffer grows past
+    1 MiB for a 2.4 MiB frame and its tag."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        key, port = os.urandom(32), listener.getsockname()[1]
+        ram = bytearray(random.Random(4).randbytes(600 * PAGE_SIZE))
+        gpas = array.array("Q", [p * PAGE_SIZE for p in range(600)])
+        frame = bytearray(wire.shared_frame_capacity(600))
+        frame = frame[: frame_shared_pages(ram, gpas, frame, seq=2).frame_len]
+        sealed = sealed_frame(guest_ram(), 3)
+
+        def target() -> list[bytes]:
+            conn, _ = listener.accept()
+            with conn:
+                keys, _ = server_handshake(conn, key, HELLO)
+                reader = keys.reader(conn, "the source")
+                return [bytes(reader.recv().data) for _ in range(2)]
+
+        received = in_thread(target)
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+            sock.settimeout(10)  # a socket with a timeout is non-blocking underneath: short sends happen
+            writer = client_handshake(sock, key, HELLO).writer(sock)
+            writer.send(frame)
+            writer.send(sealed)
+        big, records = joined(received)
+    assert big[HEADER_SIZE:] == frame[HEADER_SIZE:] and records[HEADER_SIZE:] == sealed[HEADER_SIZE:]
+
+
+def test_send_parts_finishes_short_sends() -> None:
+    parts = [os.urandom(n) for n in (32, 3 << 20, 16)]
+    a, b = socket.socketpair()
+    with a, b:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)
+        a.settimeout(10)
+        drained = in_thread(lambda: b.recv(sum(map(len, parts)), socket.MSG_WAITALL))
+        send_parts(a, parts)
+        assert joined(drained) == b"".join(parts)
 
 
 def test_handshake_over_tcp_loopback_and_the_target_answers_errors_protected() -> None:
