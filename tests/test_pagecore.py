@@ -546,7 +546,7 @@ def test_stale_library_is_refused_by_its_abi_version(tmp_path: Path) -> None:
     built = tmp_path / "stale.so"
     subprocess.run(["gcc", "-shared", "-fPIC", str(source), "-o", str(built)], check=True)
     dll = ctypes.CDLL(str(built))
-    with pytest.raises(EnvironmentProblem, match="ABI version 99, this confplan needs 1"):
+    with pytest.raises(EnvironmentProblem, match="ABI version 99, this confplan needs 2"):
         _lib._check_layout(dll, built)
 
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from confplan.core import CoreStatus, PageCoreError, _lib, crc32c, wire
+from confplan.core import CoreStatus, PageCoreError, _lib, crc32c, frameauth, wire
 from confplan.core.wire import (
+    Auth,
+    Challenge,
     Control,
     DeviceState,
     Done,
@@ -30,6 +35,8 @@ MESSAGES: list[Control] = [
     Manifest(format_version=1, blob=bytes(range(256))),
     Done(rounds=5, shared_pages=12, sealed_pages=34),
     ErrorReport(code=7, message="target: out of memory at GPA 0x1000 ✗"),
+    Challenge(nonce=bytes(range(32)), proof=bytes(range(32, 64))),
+    Auth(proof=bytes(range(100, 132))),
 ]
 
 
@@ -41,6 +48,7 @@ def test_constants_agree_with_the_c_core() -> None:
     assert dll.cp_query(_lib.Q_MAX_PAYLOAD) == wire.MAX_PAYLOAD
     assert dll.cp_query(_lib.Q_MAX_FRAME_PAGES) == wire.MAX_FRAME_PAGES
     assert dll.cp_query(_lib.Q_SEALED_PAGE_SIZE) == wire.SEALED_PAGE_SIZE
+    assert dll.cp_query(_lib.Q_TAG_SIZE) == wire.TAG_SIZE == 16
     assert wire.SEALED_HEADER.size == wire.SEALED_HEADER_SIZE == 64
     assert wire.MAGIC.to_bytes(4, "little") == b"CFPL"
 
@@ -57,7 +65,7 @@ def test_control_frame_round_trip(msg: Control) -> None:
 def test_header_layout_on_the_wire() -> None:
     frame = wire.encode(Done(rounds=1, shared_pages=2, sealed_pages=3), seq=0x0102030405060708)
     assert frame[:4] == b"CFPL"
-    assert frame[4:6] == (1).to_bytes(2, "little")
+    assert frame[4:6] == (2).to_bytes(2, "little")
     assert frame[6:8] == int(FrameType.DONE).to_bytes(2, "little")
     assert frame[12:16] == (24).to_bytes(4, "little")
     assert frame[16:24] == bytes.fromhex("0807060504030201")
@@ -81,13 +89,14 @@ def test_foreign_stream_gets_a_clear_message() -> None:
     assert info.value.hint is not None
 
 
-def test_newer_wire_version_is_refused_with_advice() -> None:
+@pytest.mark.parametrize("version", [1, 3])
+def test_other_wire_version_is_refused_with_advice(version: int) -> None:
     frame = wire.encode(HELLO, seq=0)
-    frame[4:6] = (2).to_bytes(2, "little")
+    frame[4:6] = version.to_bytes(2, "little")
     with pytest.raises(PageCoreError) as info:
         wire.decode(frame)
     assert info.value.code is CoreStatus.VERSION
-    assert "wire version 2, this confplan speaks 1" in info.value.message
+    assert f"wire version {version}, this confplan speaks 2" in info.value.message
     assert info.value.hint == "run the same confplan version on the source and the target"
 
 
@@ -98,8 +107,10 @@ def forged(ftype: FrameType, payload: bytes) -> bytearray:
 @pytest.mark.parametrize(
     ("ftype", "payload", "words"),
     [
-        (FrameType.HELLO, HELLO.pack()[:-1], "payload of 39 bytes, expected 40"),
-        (FrameType.HELLO, HELLO.pack() + b"x", "payload of 41 bytes, expected 40"),
+        (FrameType.HELLO, HELLO.pack()[:-1], "payload of 71 bytes, expected 72"),
+        (FrameType.HELLO, HELLO.pack() + b"x", "payload of 73 bytes, expected 72"),
+        (FrameType.CHALLENGE, bytes(63), "payload of 63 bytes, expected 64"),
+        (FrameType.AUTH, bytes(33), "payload of 33 bytes, expected 32"),
         (FrameType.HELLO, HELLO.pack()[:2] + (9).to_bytes(2, "little") + HELLO.pack()[4:], "helper mode 9"),
         (FrameType.ROUND_END, RoundEnd.LAYOUT.pack(1, 2, 0, 0, 0), "unknown flags 0x2"),
         (FrameType.DEVICE_STATE, DeviceState.LAYOUT.pack(10, 0, 1) + b"abc", "name length 10"),
@@ -127,7 +138,55 @@ def test_hello_mismatch_names_every_differing_field() -> None:
         peer.require_match(HELLO)
     assert "ram_size: peer 536870912, here 268435456" in info.value.message
     assert "helper_mode" in info.value.message and "vcpus" not in info.value.message
+    assert f"migration_id: peer {bytes(16).hex()}, here {bytes(range(16)).hex()}" in info.value.message
     HELLO.require_match(HELLO)
+    replace(HELLO, nonce=bytes(range(32))).require_match(HELLO)  # the handshake nonce is not geometry
+
+
+def protector() -> tuple[bytes, frameauth.FrameKey]:
+    key = bytes(range(32))
+    return key, frameauth.FrameKey(key, frameauth.Direction.SOURCE_TO_TARGET, 0)
+
+
+def test_protected_header_drops_the_crc_of_an_encrypted_payload_only() -> None:
+    frame = wire.encode(Done(rounds=1, shared_pages=2, sealed_pages=3), seq=7)
+    key, writer = protector()
+    header, parts = writer.protect(frame)
+    sent = bytes(parts[0])
+    assert header.protected and header.payload_crc32c == 0 and header.seq == 7
+    assert wire.parse_header(sent) == header
+    ciphertext = bytes(parts[1])
+    assert AESGCM(key).decrypt(b"s>t\x00" + (7).to_bytes(8, "big"), ciphertext, sent) == frame[32:]
+    plain = bytearray(sent + frame[wire.HEADER_SIZE :])  # what the reader hands out once the tag verified
+    assert wire.check_frame(plain) == header  # no payload CRC to check: the stream's tag covers it
+    plain[24:28] = crc32c(bytes(frame[wire.HEADER_SIZE :])).to_bytes(4, "little")
+    plain[28:32] = crc32c(bytes(plain[:28])).to_bytes(4, "little")
+    with pytest.raises(PageCoreError) as leaked:  # a plaintext CRC in the clear header is refused
+        wire.check_frame(plain)
+    assert leaked.value.code is CoreStatus.FLAGS
+    with pytest.raises(PageCoreError) as twice:
+        writer.protect(sent + frame[wire.HEADER_SIZE :])
+    assert twice.value.code is CoreStatus.FLAGS
+
+
+def test_a_sealed_frame_tag_is_a_gmac_over_header_prefix_and_record_headers() -> None:
+    records = [wire.pack_sealed_header(i * 4096, 1, bytes([i]) * 12, bytes([i]) * 16) + bytes([i]) * 4096
+               for i in range(3)]  # fmt: skip
+    payload = (3).to_bytes(4, "little") + bytes(4) + b"".join(records)
+    frame = wire.build_frame(FrameType.SEALED_PAGES, payload, seq=4)
+    key, writer = protector()
+    header, (sent, body, tag) = writer.protect(frame)
+    assert header.payload_crc32c == crc32c(payload)  # the records travel in clear: the CRC stays
+    assert bytes(body) == payload
+    aad = bytes(sent) + payload[:8] + b"".join(r[:64] for r in records)
+    assert AESGCM(key).encrypt(b"s>t\x00" + (4).to_bytes(8, "big"), b"", aad) == tag
+    with pytest.raises(PageCoreError) as short:
+        writer.protect(frame[:-1])
+    assert short.value.code is CoreStatus.TRUNCATED
+    lying = wire.build_frame(FrameType.SEALED_PAGES, (4).to_bytes(4, "little") + payload[4:], seq=4)
+    with pytest.raises(PageCoreError) as count:  # a count that does not fill the payload
+        writer.protect(lying)
+    assert count.value.code is CoreStatus.PAYLOAD_LEN
 
 
 def test_hello_needs_a_16_byte_migration_id() -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from confplan.errors import EnvironmentProblem
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 _REBUILD_HINT = "rebuild the C core: run 'make install' (or 'pip install -e .') in the confplan checkout"
 
 
@@ -81,6 +81,7 @@ Q_MAX_PAYLOAD = 4
 Q_MAX_FRAME_PAGES = 5
 Q_SEALED_PAGE_SIZE = 6
 Q_CRC_HW = 7
+Q_TAG_SIZE = 8
 
 _vp = ctypes.c_void_p
 _u32 = ctypes.c_uint32
@@ -104,6 +105,8 @@ PROTOTYPES: dict[str, tuple[Any, tuple[Any, ...]]] = {
     "cp_frame_finish": (_int, (_vp, _size, _u32, _u32, _u64, _u32, _perr)),
     "cp_header_check": (_int, (_vp, _size, _phdr, _perr)),
     "cp_frame_check": (_int, (_vp, _size, _phdr, _perr)),
+    "cp_frame_protect": (_int, (_vp, _size, _vp, _vp, _size, _pu64, _phdr, _perr)),
+    "cp_frame_aad": (_int, (_vp, _size, _vp, _size, _pu64, _perr)),
     "cp_frame_shared": (_int, (_vp, _size, _vp, _u64, _u64, _vp, _u32, _u64, _pinfo, _perr)),
     "cp_unframe_shared": (_int, (_vp, _size, _vp, _u64, _u64, _vp, _u32, _pinfo, _perr)),
     "cp_frame_sealed": (_int, (_vp, _size, _vp, _u32, _vp, _u64, _u64, _u64, _pinfo, _perr)),

@@ -210,6 +210,7 @@ uint64_t cp_query(int which)
     case CP_Q_MAX_FRAME_PAGES: return CP_MAX_FRAME_PAGES;
     case CP_Q_SEALED_PAGE_SIZE: return CP_SEALED_PAGE_SIZE;
     case CP_Q_CRC_HW: return crc_hw;
+    case CP_Q_TAG_SIZE: return CP_TAG_SIZE;
     default: return 0;
     }
 }
@@ -403,12 +404,18 @@ int cp_header_check(const void *buf, size_t len, struct cp_frame_header *out, st
         return fail(err, CP_E_HEADER_CRC, NO_INDEX, h.header_crc32c, crc);
     if (h.type == 0 || h.type > CP_FT_LAST)
         return fail(err, CP_E_TYPE, NO_INDEX, h.type, CP_FT_LAST);
-    if (h.flags)
-        return fail(err, CP_E_FLAGS, NO_INDEX, h.flags, 0);
+    if (h.flags & ~CP_HF_PROTECTED)
+        return fail(err, CP_E_FLAGS, NO_INDEX, h.flags, CP_HF_PROTECTED);
     if (h.payload_len > CP_MAX_PAYLOAD)
         return fail(err, CP_E_PAYLOAD_LEN, NO_INDEX, h.payload_len, CP_MAX_PAYLOAD);
     *out = h;
     return CP_OK;
+}
+
+/* A PROTECTED frame's payload is encrypted (so without a CRC) unless its records travel in clear. */
+static bool crc_free(const struct cp_frame_header *h)
+{
+    return (h->flags & CP_HF_PROTECTED) && h->type != CP_FT_SEALED_PAGES;
 }
 
 int cp_frame_check(const void *frame, size_t len, struct cp_frame_header *out, struct cp_error *err)
@@ -419,10 +426,83 @@ int cp_frame_check(const void *frame, size_t len, struct cp_frame_header *out, s
     uint64_t need = (uint64_t)CP_HEADER_SIZE + out->payload_len;
     if (len < need)
         return fail(err, CP_E_TRUNCATED, NO_INDEX, len, need);
+    if (crc_free(out))
+        return out->payload_crc32c ? fail(err, CP_E_FLAGS, NO_INDEX, out->payload_crc32c, 0) : CP_OK;
     uint32_t crc = cp_crc32c(0, (const uint8_t *)frame + CP_HEADER_SIZE, out->payload_len);
     if (crc != out->payload_crc32c)
         return fail(err, CP_E_PAYLOAD_CRC, NO_INDEX, out->payload_crc32c, crc);
     return CP_OK;
+}
+
+/* A SEALED_PAGES frame's GMAC input: `header` (the one sent), the payload's prefix, each record's header. */
+static int gather_sealed_aad(const uint8_t *header, const struct cp_frame_header *h, const uint8_t *payload,
+                             uint8_t *aad, size_t cap, uint64_t *aad_len, struct cp_error *err)
+{
+    if (h->payload_len < CP_PAGES_PREFIX_SIZE)
+        return fail(err, CP_E_PAYLOAD_LEN, NO_INDEX, h->payload_len, CP_PAGES_PREFIX_SIZE);
+    uint32_t count = ld32(payload);
+    if (count > CP_MAX_FRAME_PAGES)
+        return fail(err, CP_E_COUNT, NO_INDEX, count, CP_MAX_FRAME_PAGES);
+    uint64_t want = CP_PAGES_PREFIX_SIZE + (uint64_t)count * CP_SEALED_PAGE_SIZE;
+    if (h->payload_len != want)
+        return fail(err, CP_E_PAYLOAD_LEN, NO_INDEX, h->payload_len, want);
+    size_t need = CP_HEADER_SIZE + CP_PAGES_PREFIX_SIZE + (size_t)count * CP_SEALED_HEADER_SIZE;
+    if (!aad || cap < need)
+        return fail(err, CP_E_SPACE, NO_INDEX, need, cap);
+    memcpy(aad, header, CP_HEADER_SIZE);
+    memcpy(aad + CP_HEADER_SIZE, payload, CP_PAGES_PREFIX_SIZE);
+    uint8_t *o = aad + CP_HEADER_SIZE + CP_PAGES_PREFIX_SIZE;
+    const uint8_t *rec = payload + CP_PAGES_PREFIX_SIZE;
+    for (uint32_t i = 0; i < count; i++)
+        memcpy(o + (size_t)i * CP_SEALED_HEADER_SIZE, rec + (size_t)i * CP_SEALED_PAGE_SIZE,
+               CP_SEALED_HEADER_SIZE);
+    *aad_len = need;
+    return CP_OK;
+}
+
+/* A checked header, and the whole payload is there. */
+static int whole_frame(const void *frame, size_t len, struct cp_frame_header *h, struct cp_error *err)
+{
+    int rc = cp_header_check(frame, len, h, err);
+    if (rc != CP_OK)
+        return rc;
+    uint64_t need = (uint64_t)CP_HEADER_SIZE + h->payload_len;
+    return len < need ? fail(err, CP_E_TRUNCATED, NO_INDEX, len, need) : CP_OK;
+}
+
+int cp_frame_protect(const void *frame, size_t len, void *out_header, void *aad, size_t aad_cap,
+                     uint64_t *aad_len, struct cp_frame_header *out, struct cp_error *err)
+{
+    struct cp_frame_header h;
+    int rc = whole_frame(frame, len, &h, err);
+    if (rc == CP_OK && (!out_header || !aad_len || !out))
+        rc = fail(err, CP_E_ARG, NO_INDEX, 0, 0);
+    if (rc != CP_OK)
+        return rc;
+    if (h.flags)
+        return fail(err, CP_E_FLAGS, NO_INDEX, h.flags, 0);
+    h.flags = CP_HF_PROTECTED;
+    write_header(out_header, h.type, h.flags, h.seq, h.payload_len, crc_free(&h) ? 0 : h.payload_crc32c);
+    memcpy(out, out_header, CP_HEADER_SIZE);
+    *aad_len = 0;
+    if (h.type != CP_FT_SEALED_PAGES)
+        return CP_OK;
+    return gather_sealed_aad(out_header, &h, (const uint8_t *)frame + CP_HEADER_SIZE, aad, aad_cap, aad_len,
+                             err);
+}
+
+int cp_frame_aad(const void *frame, size_t len, void *aad, size_t aad_cap, uint64_t *aad_len,
+                 struct cp_error *err)
+{
+    struct cp_frame_header h;
+    int rc = whole_frame(frame, len, &h, err);
+    if (rc == CP_OK && !aad_len)
+        rc = fail(err, CP_E_ARG, NO_INDEX, 0, 0);
+    if (rc != CP_OK)
+        return rc;
+    if (h.type != CP_FT_SEALED_PAGES)
+        return fail(err, CP_E_TYPE, NO_INDEX, h.type, CP_FT_SEALED_PAGES);
+    return gather_sealed_aad(frame, &h, (const uint8_t *)frame + CP_HEADER_SIZE, aad, aad_cap, aad_len, err);
 }
 
 /* A checked frame of the expected type: its payload and the {count, reserved} prefix. */

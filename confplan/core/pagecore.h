@@ -22,16 +22,21 @@
  * with the firmware (its _Static_asserts pin every field's offset). */
 #include "../../firmware/include/cp_sealed_page.h"
 
-#define CP_ABI_VERSION 1
+#define CP_ABI_VERSION 2
 
 #define CP_WIRE_MAGIC 0x4c504643u   /* the bytes "CFPL" */
-#define CP_WIRE_VERSION 1u
+#define CP_WIRE_VERSION 2u
 #define CP_PAGE_SIZE 4096u
 #define CP_HEADER_SIZE 32u
 #define CP_MAX_PAYLOAD (16u << 20)  /* a receiver can size one buffer for any frame */
 #define CP_MAX_FRAME_PAGES 2048u    /* pages (shared) or records (sealed) in one frame */
 #define CP_PAGES_PREFIX_SIZE 8u     /* {count u32, reserved u32} before the entries */
 #define CP_SHARED_ENTRY_SIZE 16u    /* {gpa u64, flags u32, reserved u32}, then 4096 bytes unless ZERO */
+#define CP_SEALED_HEADER_SIZE CP_SEALED_PAGE_HEADER  /* a record's header: everything but the ciphertext */
+#define CP_TAG_SIZE 16u             /* the AES-GCM tag after a PROTECTED frame's payload (not in payload_len) */
+
+/* Frame header flags (version 2) */
+#define CP_HF_PROTECTED 0x1u        /* a tag follows the payload; the payload CRC is 0 unless SEALED_PAGES */
 
 /* SHARED_PAGES entry flags */
 #define CP_PAGE_ZERO 0x1u           /* the page is all zeros: no payload follows the entry */
@@ -49,7 +54,9 @@ enum cp_frame_type {
     CP_FT_MANIFEST = 7,
     CP_FT_DONE = 8,
     CP_FT_ERROR = 9,
-    CP_FT_LAST = CP_FT_ERROR,
+    CP_FT_CHALLENGE = 10,    /* handshake, target -> source (docs/stream-security.md) */
+    CP_FT_AUTH = 11,         /* handshake, source -> target */
+    CP_FT_LAST = CP_FT_AUTH,
 };
 
 enum cp_status {
@@ -76,10 +83,10 @@ struct cp_frame_header {
     uint32_t magic;
     uint16_t version;
     uint16_t type;
-    uint32_t flags;          /* none defined in version 1: must be zero */
+    uint32_t flags;          /* CP_HF_PROTECTED or 0 */
     uint32_t payload_len;
     uint64_t seq;            /* 0, 1, 2, ... per stream; checked by the reader */
-    uint32_t payload_crc32c;
+    uint32_t payload_crc32c; /* 0 for a PROTECTED frame other than SEALED_PAGES (its tag covers it) */
     uint32_t header_crc32c;
 };
 
@@ -106,7 +113,7 @@ int cp_abi_version(void);
 /* The layout constants, so the binding can check a stale library; `which` is a CP_Q_* value. */
 uint64_t cp_query(int which);
 enum { CP_Q_MAGIC = 1, CP_Q_WIRE_VERSION, CP_Q_HEADER_SIZE, CP_Q_MAX_PAYLOAD, CP_Q_MAX_FRAME_PAGES,
-       CP_Q_SEALED_PAGE_SIZE, CP_Q_CRC_HW };
+       CP_Q_SEALED_PAGE_SIZE, CP_Q_CRC_HW, CP_Q_TAG_SIZE };
 
 /* CRC-32C (Castagnoli), chainable: cp_crc32c(cp_crc32c(0, a), b) == CRC of a||b. */
 uint32_t cp_crc32c(uint32_t crc, const void *buf, size_t len);
@@ -126,8 +133,21 @@ int cp_scan(const void *dirty, const void *shared, uint64_t npages, uint64_t gpa
 int cp_frame_finish(void *frame, size_t cap, uint32_t type, uint32_t flags, uint64_t seq, uint32_t payload_len,
                     struct cp_error *err);
 int cp_header_check(const void *buf, size_t len, struct cp_frame_header *out, struct cp_error *err);
-/* Header check, then the whole frame is present and its payload CRC matches. */
+/* Header check, then the whole frame is present and its payload CRC matches. A PROTECTED frame other than
+ * SEALED_PAGES has no payload CRC (the field must be 0): the stream reader has checked its tag. */
 int cp_frame_check(const void *frame, size_t len, struct cp_frame_header *out, struct cp_error *err);
+
+/* Stream protection (docs/stream-security.md), one call per frame on each side.
+ * cp_frame_protect: a writer's view of the whole unprotected frame (checked, flags 0): the PROTECTED header
+ * it sends, into out_header (32 bytes; flag set, payload CRC zeroed unless SEALED_PAGES, header CRC redone)
+ * and, for SEALED_PAGES, the GMAC input into aad (*aad_len bytes; 0 for other types).
+ * cp_frame_aad: a reader's view of a received protected SEALED_PAGES frame: its GMAC input.
+ * The GMAC input is the header sent, the payload's {count, reserved} prefix and the first 64 bytes of each
+ * record (40 + 64 * count bytes); the count must fill payload_len exactly. */
+int cp_frame_protect(const void *frame, size_t len, void *out_header, void *aad, size_t aad_cap,
+                     uint64_t *aad_len, struct cp_frame_header *out, struct cp_error *err);
+int cp_frame_aad(const void *frame, size_t len, void *aad, size_t aad_cap, uint64_t *aad_len,
+                 struct cp_error *err);
 
 /* verify's shared-page CRC table: CRC-32C of each listed page (cached in crcs/valid), folded into *crc. */
 int cp_crc_table(const void *ram, uint64_t gpa_base, uint64_t ram_size, const void *gpas, uint64_t count,

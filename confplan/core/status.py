@@ -33,7 +33,9 @@ class CoreStatus(enum.IntEnum):
     SPACE = -13
     SEAL_STATUS = -14
     GPA_MISMATCH = -15
-    SEQUENCE = -64  # Python side only (stream.FrameReader): a frame lost or repeated
+    SEQUENCE = -64  # Python side only (stream.FrameReader): a frame lost, repeated or moved
+    AUTH_TAG = -65  # Python side only (frameauth): a protected frame's tag does not verify
+    UNPROTECTED = -66  # Python side only (stream.FrameReader): PROTECTED flag not what the stream uses
 
 
 _WHAT: dict[CoreStatus, str] = {
@@ -52,7 +54,9 @@ _WHAT: dict[CoreStatus, str] = {
     CoreStatus.SPACE: "output buffer too small: {value} needed, {expected} available",
     CoreStatus.SEAL_STATUS: "the migration helper reported status {value} for this page",
     CoreStatus.GPA_MISMATCH: "sealed record for GPA {value:#x}, but GPA {expected:#x} was asked for",
-    CoreStatus.SEQUENCE: "frame number {value} where {expected} was expected",
+    CoreStatus.SEQUENCE: "frame number {value} where {expected} was expected: replayed or reordered",
+    CoreStatus.AUTH_TAG: "its tag does not verify: changed in transit or not sent by the peer",
+    CoreStatus.UNPROTECTED: "PROTECTED flag {value} on a stream that uses {expected}",
 }
 
 _STREAM_CODES = frozenset(

@@ -1,9 +1,11 @@
-"""The migration stream's wire format, version 1: the one module that owns its layout (docs/wire.md).
+"""The migration stream's wire format, version 2: the one module that owns its layout (docs/wire.md).
 
 Every frame is a 32-byte header {magic, version, type, flags, payload_len, seq, payload_crc32c,
-header_crc32c} and a payload. The per-page frames (SHARED_PAGES, SEALED_PAGES) are built and checked by
-the C core (``confplan.core.pages``); the small control frames are encoded here with ``struct``, and their
-header is still built and checked by the C core, so there is one implementation of the header.
+header_crc32c} and a payload, and on a protected stream a 16-byte tag after the payload (flag PROTECTED;
+docs/stream-security.md, ``confplan.core.frameauth``). The per-page frames (SHARED_PAGES, SEALED_PAGES)
+are built and checked by the C core (``confplan.core.pages``); the small control frames are encoded here
+with ``struct``, and their header is still built and checked by the C core, so there is one
+implementation of the header.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from confplan.core._lib import ErrorC, FrameHeaderC, lib
 from confplan.core.status import CoreStatus, PageCoreError, raise_for
 
 MAGIC = 0x4C504643  # b"CFPL"
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 HEADER_SIZE = 32
 PAGE_SIZE = 4096
 MAX_PAYLOAD = 16 << 20
@@ -31,6 +33,10 @@ SEALED_PAGE_SIZE = SEALED_HEADER_SIZE + PAGE_SIZE
 PAGE_ZERO = 0x1  # SHARED_PAGES entry flag
 SEAL_OK = 0
 MIGRATION_ID_SIZE = 16
+NONCE_SIZE = 32  # HELLO's and CHALLENGE's handshake nonces
+PROOF_SIZE = 32  # CHALLENGE's and AUTH's HMAC-SHA256 key proofs
+TAG_SIZE = 16  # AES-256-GCM tag after a PROTECTED frame's payload (not counted in payload_len)
+HF_PROTECTED = 0x1  # frame header flag
 MAX_ERROR_MESSAGE = 4096
 
 # struct cp_sealed_page without the ciphertext: gpa, generation, status, nonce, key_id, tag, reserved
@@ -51,6 +57,8 @@ class FrameType(enum.IntEnum):
     MANIFEST = 7
     DONE = 8
     ERROR = 9
+    CHALLENGE = 10
+    AUTH = 11
 
 
 class HelperMode(enum.IntEnum):
@@ -98,7 +106,12 @@ class FrameHeader:
 
     @property
     def frame_len(self) -> int:
+        """Header and payload: what the core checks and unframes (a PROTECTED frame's tag comes after)."""
         return HEADER_SIZE + self.payload_len
+
+    @property
+    def protected(self) -> bool:
+        return bool(self.flags & HF_PROTECTED)
 
     @classmethod
     def _from_c(cls, h: FrameHeaderC) -> Self:
@@ -165,10 +178,11 @@ def _split(
 
 @dataclass(frozen=True)
 class Hello:
-    """First frame of a stream: who is sending and the guest geometry the target must match."""
+    """First frame of a stream: who is sending, the guest geometry the target must match, and the source's
+    handshake nonce (the handshake, ``confplan.core.streamauth``, draws it; the engines leave it zero)."""
 
     TYPE: ClassVar[FrameType] = FrameType.HELLO
-    LAYOUT: ClassVar[struct.Struct] = struct.Struct("<HHIQII16s")
+    LAYOUT: ClassVar[struct.Struct] = struct.Struct("<HHIQII16s32s")
 
     ram_size: int
     migration_id: bytes
@@ -177,10 +191,13 @@ class Hello:
     page_size: int = PAGE_SIZE
     sealed_record_size: int = SEALED_PAGE_SIZE
     wire_version: int = WIRE_VERSION
+    nonce: bytes = bytes(NONCE_SIZE)
 
     def pack(self) -> bytes:
         if len(self.migration_id) != MIGRATION_ID_SIZE:
             raise ValueError(f"migration_id must be {MIGRATION_ID_SIZE} bytes, got {len(self.migration_id)}")
+        if len(self.nonce) != NONCE_SIZE:
+            raise ValueError(f"nonce must be {NONCE_SIZE} bytes, got {len(self.nonce)}")
         return self.LAYOUT.pack(
             self.wire_version,
             int(self.helper_mode),
@@ -189,20 +206,26 @@ class Hello:
             self.sealed_record_size,
             self.vcpus,
             self.migration_id,
+            self.nonce,
         )
 
     @classmethod
     def unpack(cls, payload: bytes) -> Self:
-        (version, mode, page, ram, rec, vcpus, mid), _ = _split(cls.TYPE, cls.LAYOUT, payload, exact=True)
+        (version, mode, page, ram, rec, vcpus, mid, nonce), _ = _split(
+            cls.TYPE, cls.LAYOUT, payload, exact=True
+        )
         if mode not in HelperMode.__members__.values():
             raise _refuse(cls.TYPE, f"unknown helper mode {mode}", mode)
-        return cls(int(ram), bytes(mid), HelperMode(mode), int(vcpus), int(page), int(rec), int(version))
+        geometry = (int(ram), bytes(mid), HelperMode(mode), int(vcpus), int(page), int(rec), int(version))
+        return cls(*geometry, bytes(nonce))
 
     def require_match(self, local: Hello) -> None:
-        """Raise a ConfplanError naming every field where the peer's geometry differs from ``local``."""
-        fields = ("wire_version", "page_size", "sealed_record_size", "ram_size", "vcpus", "helper_mode")
+        """Raise a ConfplanError naming every field where the peer's migration id or geometry differs from
+        ``local``'s (the nonce is the handshake's, not compared)."""
+        fields = ("wire_version", "migration_id", "page_size", "sealed_record_size", "ram_size", "vcpus",
+                  "helper_mode")  # fmt: skip
         diffs = [
-            f"{f}: peer {getattr(self, f)}, here {getattr(local, f)}"
+            f"{f}: peer {_show(getattr(self, f))}, here {_show(getattr(local, f))}"
             for f in fields
             if getattr(self, f) != getattr(local, f)
         ]
@@ -210,8 +233,50 @@ class Hello:
             raise PageCoreError(
                 "the peer's HELLO does not match this side: " + "; ".join(diffs),
                 code=CoreStatus.VERSION if self.wire_version != local.wire_version else CoreStatus.ARG,
-                hint="give the source and the target the same plan (guest memory, vCPUs, helper mode)",
+                hint="give the source and the target the same plan and migration (guest memory, vCPUs, "
+                "helper mode, migration id)",
             )
+
+
+def _show(value: object) -> str:
+    return value.hex() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True)
+class Challenge:
+    """Handshake, target to source: the target's nonce and its proof of the stream key."""
+
+    TYPE: ClassVar[FrameType] = FrameType.CHALLENGE
+    LAYOUT: ClassVar[struct.Struct] = struct.Struct(f"<{NONCE_SIZE}s{PROOF_SIZE}s")
+
+    nonce: bytes
+    proof: bytes
+
+    def pack(self) -> bytes:
+        return self.LAYOUT.pack(self.nonce, self.proof)
+
+    @classmethod
+    def unpack(cls, payload: bytes) -> Self:
+        (nonce, proof), _ = _split(cls.TYPE, cls.LAYOUT, payload, exact=True)
+        return cls(bytes(nonce), bytes(proof))
+
+
+@dataclass(frozen=True)
+class Auth:
+    """Handshake, source to target: the source's proof of the stream key over the transcript."""
+
+    TYPE: ClassVar[FrameType] = FrameType.AUTH
+    LAYOUT: ClassVar[struct.Struct] = struct.Struct(f"<{PROOF_SIZE}s")
+
+    proof: bytes
+
+    def pack(self) -> bytes:
+        return self.LAYOUT.pack(self.proof)
+
+    @classmethod
+    def unpack(cls, payload: bytes) -> Self:
+        (proof,), _ = _split(cls.TYPE, cls.LAYOUT, payload, exact=True)
+        return cls(bytes(proof))
 
 
 @dataclass(frozen=True)
@@ -354,9 +419,10 @@ class ErrorReport:
         return cls(code, rest.decode(errors="replace"))
 
 
-Control = Hello | RoundEnd | VcpuState | DeviceState | Manifest | Done | ErrorReport
+Control = Hello | RoundEnd | VcpuState | DeviceState | Manifest | Done | ErrorReport | Challenge | Auth
 _CONTROL: dict[FrameType, type[Control]] = {
-    cls.TYPE: cls for cls in (Hello, RoundEnd, VcpuState, DeviceState, Manifest, Done, ErrorReport)
+    cls.TYPE: cls
+    for cls in (Hello, RoundEnd, VcpuState, DeviceState, Manifest, Done, ErrorReport, Challenge, Auth)
 }
 
 
