@@ -311,9 +311,10 @@ class Reach(enum.StrEnum):
 
 @dataclass(frozen=True)
 class SourceView:
-    """What the source says it holds. ``guest_id``: the migration id (the guest's identity on both sides);
-    ``attempt``: the handover attempt the state belongs to. A source running its guest with no handover
-    under way is PRECOPY; a dead one without a record of this attempt has state None."""
+    """What the source says it holds, asked between two of its steps (never while a step's actions run).
+    ``guest_id``: the migration id (the guest's identity on both sides); ``attempt``: the handover attempt
+    the state belongs to. A source running its guest with no handover under way is PRECOPY; a dead one
+    without a record of this attempt (the checkpoint says it was launched, nothing serves it) has None."""
 
     reach: Reach
     state: SourceState | None = None
