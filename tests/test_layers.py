@@ -14,7 +14,7 @@ import confplan
 
 ROOT = Path(confplan.__file__).parent
 RANK = {
-    "errors": 0, "__init__": 0,
+    "errors": 0, "__init__": 0, "statefile": 0.5,
     "kvm": 1, "core": 1, "rpc": 1, "sev": 1, "transport": 1,
     "vmm": 2, "plan": 2,
     "migration": 3,
