@@ -25,7 +25,8 @@ class Action(enum.StrEnum):
 
 @dataclass(frozen=True)
 class RoundStats:
-    """One precopy round as the source measured it. ``dirty_after``: pages dirtied while it ran."""
+    """One precopy round as the source measured it. ``dirty_after``: pages dirtied while it ran;
+    ``bytes_shared``/``bytes_sealed``: the frames of each kind it sent, as the stream counted them."""
 
     round: int
     shared_pages: int
@@ -34,6 +35,8 @@ class RoundStats:
     bytes_sent: int
     seconds: float
     dirty_after: int
+    bytes_shared: int = 0
+    bytes_sealed: int = 0
 
     @property
     def pages(self) -> int:
@@ -48,7 +51,8 @@ class RoundStats:
         return {
             "round": self.round, "shared_pages": self.shared_pages, "zero_pages": self.zero_pages,
             "sealed_pages": self.sealed_pages, "bytes_sent": self.bytes_sent, "seconds": self.seconds,
-            "dirty_after": self.dirty_after,
+            "dirty_after": self.dirty_after, "bytes_shared": self.bytes_shared,
+            "bytes_sealed": self.bytes_sealed,
         }  # fmt: skip
 
     @classmethod
@@ -56,6 +60,7 @@ class RoundStats:
         return cls(
             int(doc["round"]), int(doc["shared_pages"]), int(doc["zero_pages"]), int(doc["sealed_pages"]),
             int(doc["bytes_sent"]), float(doc["seconds"]), int(doc["dirty_after"]),
+            int(doc.get("bytes_shared", 0)), int(doc.get("bytes_sealed", 0)),
         )  # fmt: skip
 
 

@@ -135,6 +135,7 @@ class Outgoing:
     def send_round(self, *, final: bool = False) -> RoundStats:
         """Send every pending page; for the final round the guest's vCPUs must already be paused."""
         started, sent_before = time.monotonic(), self._sent
+        shared_before, sealed_before = self.totals.bytes_shared, self.totals.bytes_sealed
         # Taken before anything is sealed: a round that fails half way has used its generation up.
         generation, self.generation = self.generation, self.generation + 1
         dirty = self.tracker.take()
@@ -152,7 +153,8 @@ class Outgoing:
         dirty_after = 0 if final else self.tracker.collect()
         return RoundStats(
             generation, len(shared), zero, len(private), self._sent - sent_before,
-            time.monotonic() - started, dirty_after,
+            time.monotonic() - started, dirty_after, self.totals.bytes_shared - shared_before,
+            self.totals.bytes_sealed - sealed_before,
         )  # fmt: skip
 
     def _send_shared(self, gpas: array.array[int]) -> int:

@@ -94,8 +94,8 @@ class Precopy(Stage):
             rounds.append(self._round(ctx, source, target))
         ctx.mac_tables = bool(tables)
         return StageResult(
-            bytes_shared=sum(r.shared_pages for r in rounds) * 4112,
-            bytes_sealed=sum(r.sealed_pages for r in rounds) * 4160,
+            bytes_shared=sum(r.bytes_shared for r in rounds),
+            bytes_sealed=sum(r.bytes_sealed for r in rounds),
             data={"rounds": [r.to_json() for r in rounds], "decision": decision.reason,
                   "limit": decision.limit, "forced": decision.forced, "bandwidth": decision.bandwidth,
                   "throttle": throttle, "mac_tables": tables},

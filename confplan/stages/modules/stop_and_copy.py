@@ -37,7 +37,7 @@ class StopAndCopy(Stage):
         final = sent["round"]
         steps = {**sent["steps"], "target_confirmed": time.monotonic() - paused}
         return StageResult(
-            bytes_shared=int(final["shared_pages"]) * 4112, bytes_sealed=int(final["sealed_pages"]) * 4160,
+            bytes_shared=int(final["bytes_shared"]), bytes_sealed=int(final["bytes_sealed"]),
             data={"final_round": final, "source_paused_seconds": sent["paused_seconds"], "target": status,
                   "steps": steps},
         )  # fmt: skip
