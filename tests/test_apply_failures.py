@@ -142,7 +142,9 @@ def test_corrupted_frame_is_refused_nothing_resumed(plan_dir: Path) -> None:
     relay = CorruptingRelay(port, offset=100_000)
     param = f"start-incoming: {{listen_port: {port}, connect_to: '127.0.0.1:{relay.port}'}}"
     plan = write_plan(plan_dir, {"start-incoming": param})
-    with pytest.raises(StageFailed, match=r"refused the migration stream: .*CRC-32C") as failed:
+    # wire v2: a flipped bit fails the frame's tag (shared and control frames) or its CRC (sealed records)
+    refused = r"refused the migration stream: .*(CRC-32C|authentication)"
+    with pytest.raises(StageFailed, match=refused) as failed:
         apply(plan)
     assert failed.value.stage == "precopy"
     assert source_ledger_ok(plan)

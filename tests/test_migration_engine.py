@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 from relay import CorruptingRelay
 
+from confplan.core.streamauth import StreamAuthError, client_handshake
 from confplan.core.wire import Hello, HelperMode
 from confplan.errors import ConfplanError
 from confplan.migration.dirty import DirtyTracker
@@ -45,7 +46,9 @@ def _secret(key: bytes) -> bytes:
 class Pair:
     """A running source, an MH-only target, both helpers, and a connected stream."""
 
-    def __init__(self, mode: str, *, relay: bool = False, dst_batch_pages: int = 64) -> None:
+    def __init__(
+        self, mode: str, *, relay: bool = False, dst_batch_pages: int = 64, strangers: int = 0
+    ) -> None:
         self.mode, self.key = mode, os.urandom(32)
         self.src = Machine(_config(mode))
         self.dst = Machine(_config(mode, mh_only=True, batch_pages=dst_batch_pages))
@@ -59,14 +62,18 @@ class Pair:
         hmode = HelperMode.MIRROR_VM if mode == "mirror-vm" else HelperMode.AUX_VCPU
         self.hello = hello = Hello(self.src.config.memory, MIGRATION_ID, hmode, 1)
         listener = socket.create_server(("127.0.0.1", 0))
-        self.incoming = Incoming(self.dst, listener, hello=hello, mailboxes=self.dst_mb)
+        self.stream_key = os.urandom(32)  # the orchestrator's per-attempt stream key (wire v2)
+        self.incoming = Incoming(self.dst, listener, hello=hello, stream_key=self.stream_key,
+                                 mailboxes=self.dst_mb)  # fmt: skip
         port = listener.getsockname()[1]
+        for _ in range(strangers):  # someone on the network reaches the page port before the source
+            _stranger(port, hello)
         self.relay = CorruptingRelay(port, offset=200_000, mask=0x40) if relay else None
         sock = socket.create_connection(("127.0.0.1", self.relay.port if self.relay else port))
         self.tracker = DirtyTracker(self.src)
         self.tracker.reset()
-        self.out = Outgoing(self.src, sock, hello=hello, mailboxes=self.src_mb, tracker=self.tracker,
-                            next_generation=1)  # fmt: skip
+        self.out = Outgoing(self.src, sock, hello=hello, stream_key=self.stream_key, mailboxes=self.src_mb,
+                            tracker=self.tracker, next_generation=1)  # fmt: skip
         self.out.start()
 
     def close(self) -> None:
@@ -74,6 +81,13 @@ class Pair:
         self.incoming.close()
         for m in (self.src, self.dst):
             m.close()
+
+
+def _stranger(port: int, hello: Hello) -> None:
+    """A peer without this migration's stream key: a right HELLO, then it cannot prove the key."""
+    refused = pytest.raises(StreamAuthError, match="does not prove this migration's stream key")
+    with socket.create_connection(("127.0.0.1", port)) as sock, refused:
+        client_handshake(sock, os.urandom(32), hello, timeout=10.0)
 
 
 @pytest.fixture
@@ -114,6 +128,21 @@ def test_migrate_resume_ledger_ok(pairs: list[Pair], mode: str) -> None:
     assert pair.src.workload.check().ok
 
 
+def test_a_stranger_on_the_page_port_is_refused_and_the_real_source_migrates(pairs: list[Pair]) -> None:
+    pair = Pair("aux-vcpu", strangers=2)  # two strangers connect first; the listener keeps going
+    pairs.append(pair)
+    pair.out.send_round()
+    pair.src.pause_all_vcpus_except_aux()
+    pair.out.send_round(final=True)
+    pair.out.send_state(time.time())
+    status = pair.incoming.wait(30)
+    assert status.state is IncomingState.COMPLETE, status.error
+    assert len(pair.incoming.refused) == 2  # each closed before it could prove the key
+    assert private_digests(pair.src_mb, pair.src) == private_digests(pair.dst_mb, pair.dst)
+    with pytest.raises(OSError):  # once the source is in, nobody else can even connect
+        socket.create_connection(("127.0.0.1", pair.incoming.listener.getsockname()[1]), timeout=2).close()
+
+
 def test_private_page_changed_after_copy_breaks_verify(pairs: list[Pair]) -> None:
     pair = Pair("aux-vcpu")
     pairs.append(pair)
@@ -135,13 +164,15 @@ def test_corrupted_frame_is_refused_and_nothing_applied(pairs: list[Pair]) -> No
     pair = Pair("aux-vcpu", relay=True)
     pairs.append(pair)
     before = bytes(pair.dst.ram.view(pair.dst.layout.wl_base, 64 * abi.PAGE))
-    with pytest.raises(ConfplanError, match=r"refused the migration stream: .*CRC") as refused:
+    # wire v2: a flipped bit in a protected frame fails its tag, in a sealed record's ciphertext its CRC
+    corrupt = r"refused the migration stream: .*(CRC|authentication)"
+    with pytest.raises(ConfplanError, match=corrupt) as refused:
         for _ in range(5):
             pair.out.send_round()
     print(refused.value.message)
     status = pair.incoming.wait(10)
     assert status.state is IncomingState.FAILED
-    assert "CRC" in (status.error or "") or "crc" in (status.error or "")
+    assert any(word in (status.error or "") for word in ("CRC", "crc", "authentication"))
     # the refused frame wrote nothing: the frames before it were the HELLO and at most one page frame
     assert status.shared_pages + status.sealed_pages <= 2048
     assert pair.dst.vcpus[0].state.name in ("CREATED", "PAUSED")  # never resumed
@@ -201,11 +232,13 @@ def test_replayed_records_are_refused_by_the_target_helper(pairs: list[Pair]) ->
         mailboxes = open_mailboxes(again)
         mailboxes.init()
         listener = socket.create_server(("127.0.0.1", 0))
-        pair.incoming = Incoming(pair.dst, listener, hello=pair.hello, mailboxes=pair.dst_mb)
+        pair.incoming = Incoming(pair.dst, listener, hello=pair.hello, stream_key=pair.stream_key,
+                                 mailboxes=pair.dst_mb)  # fmt: skip
         tracker = DirtyTracker(again)
         tracker.reset()
         sock = socket.create_connection(("127.0.0.1", listener.getsockname()[1]))
-        out = Outgoing(again, sock, hello=pair.hello, mailboxes=mailboxes, tracker=tracker, next_generation=1)
+        out = Outgoing(again, sock, hello=pair.hello, stream_key=pair.stream_key, mailboxes=mailboxes,
+                       tracker=tracker, next_generation=1)  # fmt: skip
         out.start()
         with pytest.raises(ConfplanError, match=r"refused the migration stream: .*GEN_STALE"):
             for _ in range(5):

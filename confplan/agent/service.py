@@ -194,10 +194,11 @@ def _set_throttle(side: OutgoingMigration, params: Params) -> Params:
 
 
 def _connect_outgoing(side: OutgoingMigration, params: Params) -> Params:
+    side.check_can_send()  # before the parameters: a machine that cannot send says so first
     bandwidth = params.get("bandwidth")
     side.connect(
         str(params["host"]), int(params["port"]), migration_id=_hex(params, "migration_id", 16),
-        bandwidth=float(bandwidth) if bandwidth else None,
+        stream_key=_hex(params, "stream_key", 32), bandwidth=float(bandwidth) if bandwidth else None,
     )  # fmt: skip
     return {}
 
@@ -215,7 +216,7 @@ def _pause_guest(side: Side, params: Params) -> Params:
 def _listen_incoming(side: IncomingMigration, params: Params) -> Params:
     return side.listen(
         str(params.get("host", "127.0.0.1")), int(params.get("port", 0)),
-        migration_id=_hex(params, "migration_id", 16),
+        migration_id=_hex(params, "migration_id", 16), stream_key=_hex(params, "stream_key", 32),
         accept_timeout=float(params.get("accept_timeout", 60.0)),
     )  # fmt: skip
 

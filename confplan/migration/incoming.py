@@ -33,8 +33,11 @@ class IncomingMigration(MigrationSide):
         return {**super().info(), "resumed": self.resumed, "incoming": stream}
 
     # ---- the stream ----
-    def listen(self, host: str, port: int, *, migration_id: bytes, accept_timeout: float) -> dict[str, Any]:
-        """Listen for the source's stream (a previous one is dropped); answers the port."""
+    def listen(
+        self, host: str, port: int, *, migration_id: bytes, stream_key: bytes, accept_timeout: float
+    ) -> dict[str, Any]:
+        """Listen for the source's stream (a previous one is dropped) and take the first connection that
+        proves ``stream_key``; answers the port."""
         machine = self.need_machine()
         if not machine.config.mh_only or self.resumed:
             raise ConfplanError("only a target VMM whose guest has not resumed accepts a migration stream")
@@ -42,8 +45,8 @@ class IncomingMigration(MigrationSide):
         listener = sockets.listen_tcp(host, port, what="the target's migration port")
         self.shared_table = None
         self.stream = Incoming(
-            machine, listener, hello=self.hello(migration_id), mailboxes=self.helper(),
-            accept_timeout=accept_timeout,
+            machine, listener, hello=self.hello(migration_id), stream_key=stream_key, mailboxes=self.helper(),
+            accept_timeout=accept_timeout, log=self.log,
         )  # fmt: skip
         return {"host": host, "port": listener.getsockname()[1]}
 

@@ -40,14 +40,12 @@ class OutgoingMigration(MigrationSide):
         return {**super().info(), "outgoing": self.stream is not None, "throttle": self.throttle}
 
     # ---- the stream ----
-    def connect(self, host: str, port: int, *, migration_id: bytes, bandwidth: float | None) -> None:
-        """Dial the target's migration port and say HELLO; a previous stream is replaced."""
-        machine = self.need_machine()
-        if not machine.config.dirty_logging:
-            raise ConfplanError(
-                f"this {self.role} machine keeps no dirty log, so it cannot send a live migration",
-                hint="migrate from a source machine (launch-source); a target is built without one",
-            )
+    def connect(
+        self, host: str, port: int, *, migration_id: bytes, stream_key: bytes, bandwidth: float | None
+    ) -> None:
+        """Dial the target's migration port and prove the stream key (the wire v2 handshake); a previous
+        stream is replaced."""
+        machine = self.check_can_send()
         self._close_stream("a new stream replaces it")
         sock = sockets.dial_tcp(host, port, timeout=10.0, what="the target's migration port")
         if self.tracker is None:
@@ -55,11 +53,25 @@ class OutgoingMigration(MigrationSide):
         self.tracker.reset()
         self.shared_table = None
         self.stream = Outgoing(
-            machine, sock, hello=self.hello(migration_id), mailboxes=self.helper(), tracker=self.tracker,
-            next_generation=self.next_generation, bandwidth=bandwidth, peer=f"the target at {host}:{port}",
+            machine, sock, hello=self.hello(migration_id), stream_key=stream_key, mailboxes=self.helper(),
+            tracker=self.tracker, next_generation=self.next_generation, bandwidth=bandwidth,
+            peer=f"the target at {host}:{port}",
         )  # fmt: skip
-        self.stream.start()
-        self.log(f"source: stream to {host}:{port} open")
+        try:
+            self.stream.start()
+        except BaseException:
+            self._close_stream("the handshake failed")
+            raise
+        self.log(f"source: stream to {host}:{port} open (authenticated)")
+
+    def check_can_send(self) -> Machine:
+        machine = self.need_machine()
+        if not machine.config.dirty_logging:
+            raise ConfplanError(
+                f"this {self.role} machine keeps no dirty log, so it cannot send a live migration",
+                hint="migrate from a source machine (launch-source); a target is built without one",
+            )
+        return machine
 
     def need_stream(self) -> Outgoing:
         self.need_machine()

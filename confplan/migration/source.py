@@ -18,6 +18,7 @@ from typing import Any
 
 from confplan.core import HostMemory, frame_sealed_pages, frame_shared_pages, scan_dirty
 from confplan.core.stream import FrameReader, FrameWriter
+from confplan.core.streamauth import client_handshake
 from confplan.core.wire import (
     DeviceState,
     Done,
@@ -58,14 +59,17 @@ class Outgoing:
     the stream (the source MH refuses a generation it already sealed a page under)."""
 
     def __init__(
-        self, machine: Machine, sock: socket.socket, *, hello: Hello, mailboxes: MailboxSet | None,
-        tracker: DirtyTracker, next_generation: int, bandwidth: float | None = None, peer: str = "the target",
+        self, machine: Machine, sock: socket.socket, *, hello: Hello, stream_key: bytes,
+        mailboxes: MailboxSet | None, tracker: DirtyTracker, next_generation: int,
+        bandwidth: float | None = None, peer: str = "the target",
     ) -> None:  # fmt: skip
         self.machine, self.sock, self.hello, self.peer = machine, sock, hello, peer
         self.mailboxes, self.tracker, self.bandwidth = mailboxes, tracker, bandwidth
         self.generation = next_generation
         self.totals = Totals()
-        self.writer = FrameWriter(sock)
+        self._key = stream_key
+        self.writer: FrameWriter | None = None  # after the handshake (``start``)
+        self._reader: FrameReader | None = None
         self.ram = HostMemory(machine.ram.address, machine.config.memory)
         self._shared_buf = bytearray(shared_frame_capacity(SHARED_FRAME_PAGES))
         # One frame per SAVE op, i.e. per bank (a bytearray is resident in full: no bigger than that)
@@ -77,10 +81,15 @@ class Outgoing:
         self._shared_sent: list[array.array[int]] = []  # shared pages sent since take_shared_gpas()
 
     # ---- the stream ----
+    def _writer(self) -> FrameWriter:
+        if self.writer is None:
+            raise ConfplanError("the migration stream is not open yet", hint="call start() first")
+        return self.writer
+
     def _send(self, frame: memoryview | bytearray) -> None:
         self._check_peer()
         try:
-            self.writer.send(frame)
+            self._writer().send(frame)
         except OSError as err:
             raise self._stream_broken(err) from None
         self._sent += len(frame)
@@ -112,24 +121,30 @@ class Outgoing:
             )
 
     def _peer_error(self) -> str | None:
-        """The ERROR frame the target sent before it hung up, if there is one."""
+        """The ERROR frame the target sent before it hung up (protected: only the target can write one),
+        if there is one."""
+        if self._reader is None:
+            return None
         try:
             self.sock.settimeout(2.0)
-            frame = FrameReader(self.sock, self.peer).recv()
+            frame = self._reader.recv()
             if frame.header.type is FrameType.ERROR:
-                return ErrorReport.unpack(bytes(frame.data[32:])).message
+                return ErrorReport.unpack(bytes(frame.data[32 : 32 + frame.header.payload_len])).message
         except (OSError, ConfplanError):
             return None
         return None
 
     def _control(self, msg: Any) -> None:
         try:
-            self.writer.send_control(msg)
+            self._writer().send_control(msg)
         except OSError as err:
             raise self._stream_broken(err) from None
 
     def start(self) -> None:
-        self._control(self.hello)
+        """The wire v2 handshake: HELLO, the target's proof of the stream key, AUTH (docs/stream-security.md);
+        from here every frame is protected under this session's keys."""
+        keys = client_handshake(self.sock, self._key, self.hello, peer=self.peer)
+        self.writer, self._reader = keys.writer(self.sock), keys.reader(self.sock, self.peer)
 
     # ---- rounds ----
     def send_round(self, *, final: bool = False) -> RoundStats:
@@ -162,7 +177,7 @@ class Outgoing:
         for first in range(0, len(gpas), SHARED_FRAME_PAGES):
             chunk = gpas[first : first + SHARED_FRAME_PAGES]
             info = frame_shared_pages(
-                self.ram, chunk, self._shared_buf, seq=self.writer.seq, ram_size=self.machine.config.memory
+                self.ram, chunk, self._shared_buf, seq=self._writer().seq, ram_size=self.machine.config.memory
             )
             self._send(memoryview(self._shared_buf)[: info.frame_len])
             zero += info.zero_pages
@@ -176,7 +191,7 @@ class Outgoing:
         def consume(_mailbox: Mailbox, result: BatchResult) -> None:
             count = len(result.statuses)
             info = frame_sealed_pages(
-                result.records, count, self._sealed_buf, seq=self.writer.seq,
+                result.records, count, self._sealed_buf, seq=self._writer().seq,
                 ram_size=self.machine.config.memory, expected_gpas=result.gpas,
             )  # fmt: skip
             self._send(memoryview(self._sealed_buf)[: info.frame_len])
@@ -208,6 +223,6 @@ class Outgoing:
 
     def abort(self, message: str) -> None:
         """Tell the target why the stream ends (best effort), then close it."""
-        with contextlib.suppress(OSError):
-            self.writer.send_control(ErrorReport(1, message))
+        with contextlib.suppress(OSError, ConfplanError):
+            self._writer().send_control(ErrorReport(1, message))
         self.sock.close()

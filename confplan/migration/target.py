@@ -17,11 +17,14 @@ import contextlib
 import enum
 import socket
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from confplan.core import CoreStatus, HostMemory, PageCoreError, unframe_sealed_pages, unframe_shared_pages
 from confplan.core.stream import Frame, FrameReader, FrameWriter
+from confplan.core.streamauth import HANDSHAKE_TIMEOUT, StreamAuthError, server_handshake
 from confplan.core.wire import (
     MAX_FRAME_PAGES,
     DeviceState,
@@ -41,6 +44,7 @@ from confplan.migration.mailbox_layout import SLOT_SIZE
 from confplan.migration.mailbox_set import MailboxSet
 from confplan.migration.session import ENC_BITMAP_DEVICE, ENC_BITMAP_FORMAT, SavedVcpu, vcpu_from_blob
 from confplan.migration.source import BANKS
+from confplan.transport.sockets import tune_accepted
 from confplan.vmm import Machine
 
 DRAIN_SECONDS = 5.0
@@ -77,11 +81,15 @@ class Incoming:
     """Accepts one connection on ``listener`` and applies its stream to ``machine`` in a thread."""
 
     def __init__(
-        self, machine: Machine, listener: socket.socket, *, hello: Hello, mailboxes: MailboxSet | None,
-        accept_timeout: float = 60.0,
+        self, machine: Machine, listener: socket.socket, *, hello: Hello, stream_key: bytes,
+        mailboxes: MailboxSet | None, accept_timeout: float = 60.0, log: Callable[[str], None] | None = None,
     ) -> None:  # fmt: skip
         self.machine, self.listener, self.hello, self.mailboxes = machine, listener, hello, mailboxes
         self.accept_timeout = accept_timeout
+        self._key = stream_key
+        self._log = log or (lambda line: None)
+        self.refused: list[str] = []  # connections that failed the handshake (strangers, replays)
+        self._writer: FrameWriter | None = None
         self.status = IncomingStatus()
         self._done = threading.Event()
         self._conn: socket.socket | None = None
@@ -114,13 +122,9 @@ class Incoming:
     # ---- the thread ----
     def _main(self) -> None:
         try:
-            self.listener.settimeout(self.accept_timeout)
-            conn, addr = self.listener.accept()
-            conn.settimeout(None)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._conn = conn
+            reader = self._accept_source()
             self.status.state = IncomingState.RECEIVING
-            self._receive(FrameReader(conn, f"the source at {addr[0]}:{addr[1]}"))
+            self._receive(reader)
             self.status.state = IncomingState.COMPLETE
         except BaseException as err:  # the thread's end: record it for the orchestrator, tell the source
             self.status.error = (
@@ -132,13 +136,49 @@ class Incoming:
         finally:
             self._done.set()
 
+    def _accept_source(self) -> FrameReader:
+        """Accept connections until one proves the migration's stream key (docs/stream-security.md): a
+        stranger, a replayed recording or another migration's source is logged, closed, and the next
+        connection accepted; the first that authenticates is the source, and the listener closes."""
+        deadline = time.monotonic() + self.accept_timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ConfplanError(
+                    f"no source proved this migration's stream key within {self.accept_timeout:g} s"
+                    + (f" ({len(self.refused)} connections refused)" if self.refused else ""),
+                    hint="check that the source VMM can reach this port, then rerun the apply",
+                )
+            self.listener.settimeout(left)
+            try:
+                conn, addr = self.listener.accept()
+            except TimeoutError:
+                continue
+            peer = f"the peer at {addr[0]}:{addr[1]}"
+            try:
+                sock, timeout = tune_accepted(conn), min(HANDSHAKE_TIMEOUT, left)
+                keys, _ = server_handshake(sock, self._key, self.hello, timeout=timeout, peer=peer)
+            except StreamAuthError as err:
+                self.refused.append(err.message)
+                self._log(f"target: refused a stream connection: {err.message}")
+                conn.close()
+                continue
+            except BaseException:
+                self._conn = conn  # the chosen source, misconfigured: it has been told; fail the stream
+                raise
+            self._conn = conn
+            self._writer = keys.writer(conn)
+            self.listener.close()  # one source per migration: nobody else may connect now
+            return keys.reader(conn, f"the source at {addr[0]}:{addr[1]}")
+
     def _tell_source(self, message: str) -> None:
         """Send an ERROR frame, then stop reading: the source sees it before its next frame and stops."""
         conn = self._conn
         if conn is None:
             return
         with contextlib.suppress(OSError, ConfplanError):
-            FrameWriter(conn).send_control(ErrorReport(2, message))
+            if self._writer is not None:
+                self._writer.send_control(ErrorReport(2, message))
         with contextlib.suppress(OSError):
             conn.shutdown(socket.SHUT_WR)
             conn.settimeout(DRAIN_SECONDS)
@@ -147,11 +187,7 @@ class Incoming:
         conn.close()
 
     def _receive(self, reader: FrameReader) -> None:
-        first = reader.recv()
-        _, hello = decode(first.data)
-        if not isinstance(hello, Hello):
-            raise ConfplanError(f"the stream starts with a {first.header.type.name} frame, not HELLO")
-        hello.require_match(self.hello)
+        # HELLO was the handshake's (migration id and geometry checked there): page frames follow
         while not self._apply(self._receive_pages(reader)):
             pass
 

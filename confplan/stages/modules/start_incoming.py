@@ -1,11 +1,14 @@
-"""start-incoming: the seed's start-migrate-incoming. The target listens for the stream, the source
-connects to it and says HELLO (the target checks the geometry and the migration id).
+"""start-incoming: the seed's start-migrate-incoming. The orchestrator makes a fresh stream key and hands it
+to both VMMs; the target listens, the source connects and both prove the key in the wire v2 handshake (the
+target checks the migration id and the geometry, and keeps listening past any connection that fails).
 
 Parameters: ``listen_port`` (default any free port), ``connect_to`` ("HOST:PORT" the source dials instead
 of the target's own address: a relay or NAT in between).
 """
 
 from __future__ import annotations
+
+import os
 
 from confplan.plan.models import StartIncomingParams
 from confplan.stages.base import Stage, StageContext, StageResult, TeardownWhen, register_stage
@@ -25,9 +28,12 @@ class StartIncoming(Stage):
         listen_host = "0.0.0.0" if remote else "127.0.0.1"
         params = StartIncomingParams.model_validate(self.params)
         port = params.listen_port
-        listening = target.call(
-            "listen_incoming", {"host": listen_host, "port": port, "migration_id": migration_id.hex()}
-        )
+        # A fresh stream key per attempt, handed to both VMMs over their authenticated control channels:
+        # only the source that proves it may feed the target (docs/stream-security.md).
+        stream_key = os.urandom(32).hex()
+        listening = target.call("listen_incoming", {
+            "host": listen_host, "port": port, "migration_id": migration_id.hex(), "stream_key": stream_key,
+        })  # fmt: skip
         ctx.add_teardown(
             "stop the target's incoming stream",
             lambda: target.call("abort_incoming"),
@@ -38,6 +44,6 @@ class StartIncoming(Stage):
             host, _, text = params.connect_to.rpartition(":")
             port = int(text)
         common.undo_on_source(ctx)
-        stream = {"host": host, "port": port, "migration_id": migration_id.hex()}
+        stream = {"host": host, "port": port, "migration_id": migration_id.hex(), "stream_key": stream_key}
         source.call("connect_outgoing", {**stream, "bandwidth": ctx.plan.limits.bandwidth})
         return StageResult(data={"listen_port": listening["port"], "source_dials": f"{host}:{port}"})
