@@ -5,13 +5,12 @@ the target after it resumed. The JSON report carries the rounds, the bytes and t
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import typer
+from agents import Agent
 from typer.testing import CliRunner
 
 from confplan.agent import handle as vmm_handle
@@ -88,29 +87,27 @@ def test_apply_migrates_and_the_guest_runs_on_the_target(cli: typer.Typer, plan_
     assert stopped.exit_code == 0 and "target: VMM process" in stopped.output
 
 
-def test_apply_to_a_remote_agent(cli: typer.Typer, plan_dir: Path) -> None:
-    """The target is a `confplan agent` reached over TCP: the same stages, the same engines."""
-    argv = [sys.executable, "-m", "confplan", "agent", "--listen", "127.0.0.1:0"]
-    agent = subprocess.Popen(
-        [*argv, "--psp-dir", str(plan_dir / "psp")],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
+def test_apply_to_a_remote_agent(
+    cli: typer.Typer, plan_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The target is a `confplan agent` reached over mutual TLS, its fingerprint pinned in the plan: the same
+    stages, the same engines."""
+    agent = Agent.start(plan_dir)
+    monkeypatch.setenv("CONFPLAN_HOME", str(agent.orchestrator_home))
     try:
-        assert agent.stdout is not None
-        port = int(agent.stdout.readline().split()[1])
         plan = _plan(plan_dir, "aux-vcpu")
-        plan.write_text(plan.read_text() + f'target: {{host: "tcp://127.0.0.1:{port}"}}\n')
+        target = f'target: {{host: "tcp://127.0.0.1:{agent.port}", fingerprint: "{agent.fingerprint}"}}\n'
+        plan.write_text(plan.read_text() + target)
         result = CliRunner().invoke(cli, ["apply", str(plan), "--output", "json"])
         assert result.exit_code == 0, result.output
-        assert json.loads(result.stdout)["target_pid"] == agent.pid
-        target = vmm_handle.connect_remote("127.0.0.1", port, "target")
-        assert target.call("workload_check")["ok"]
-        vmm_handle.stop(target)
-        assert agent.wait(timeout=10) == 0
+        assert json.loads(result.stdout)["target_pid"] == agent.process.pid
+        handle = vmm_handle.connect_remote("127.0.0.1", agent.port, "target", pin=agent.fingerprint)
+        assert handle.call("workload_check")["ok"]
+        vmm_handle.stop(handle)
+        assert agent.process.wait(timeout=10) == 0
+        assert (agent.home / "agent" / "console-target.log").exists()  # its own folder, not the caller's
     finally:
-        if agent.poll() is None:
-            agent.kill()
-            agent.wait()
+        agent.stop()
 
 
 def test_idle_guest_is_verified_from_the_mac_tables(cli: typer.Typer, plan_dir: Path) -> None:

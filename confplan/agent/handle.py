@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from confplan.errors import ConfplanError
-from confplan.rpc import PeerGone, RpcClient, RpcError, connect_tcp
+from confplan.rpc import PeerGone, RpcClient, RpcError
+from confplan.rpc.client import greeted
 from confplan.sev.certs import PlatformChain
 from confplan.sev.launch_crypto import PlatformVersion
 from confplan.transport import sockets
@@ -191,9 +192,23 @@ def start_local(directory: Path, role: str, *, firmware_dir: Path | None = None)
     )
 
 
-def connect_remote(host: str, port: int, role: str) -> VmmHandle:
-    client = connect_tcp(host, port, peer=f"the {role} agent at {host}:{port}")
-    info = client.call("info", {}, timeout=10.0)
+def connect_remote(
+    host: str, port: int, role: str, *, pin: str | None = None, home: Path | None = None
+) -> VmmHandle:
+    """The agent at ``host:port`` over mutual TLS 1.3 (docs/channel.md): this orchestrator's identity from
+    ``home`` (default ``transport.default_home()``), the agent checked against ``pin`` (the plan's
+    ``fingerprint``) or, without one, against the agents enrolled in the trust store."""
+    from confplan.transport import Identity, Role, TrustStore, default_home, dial
+
+    home = home or default_home()
+    identity = Identity.load_or_create(home, Role.ORCHESTRATOR)
+    sock = dial(host, port, identity=identity, pin=pin, trust=TrustStore.at_home(home), timeout=10.0)
+    client = greeted(RpcClient(sock, peer=f"the {role} agent at {host}:{port}"), 10.0)
+    try:
+        info = client.call("info", {}, timeout=10.0)
+    except BaseException:
+        client.close()
+        raise
     return VmmHandle(client, role=role, pid=int(info["pid"]), log=None)
 
 

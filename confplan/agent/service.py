@@ -9,6 +9,7 @@ an old one still hangs on) cannot interleave; ``info`` answers without it. docs/
 from __future__ import annotations
 
 import base64
+import dataclasses
 import os
 import sys
 import threading
@@ -16,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from confplan.errors import ConfplanError
 from confplan.migration.incoming import IncomingMigration
@@ -25,13 +26,25 @@ from confplan.rpc import Call, RpcServer
 from confplan.vmm import MachineConfig
 
 ROLES = ("source", "target")
+_HOST_ONLY = frozenset({"console_log", "console_echo"})  # chosen by the VMM's host, never by a caller
 Side = OutgoingMigration | IncomingMigration
 Params = dict[str, Any]
 
 
+_LOG_FILES: list[TextIO] = []
+
+
+def set_log_file(out: TextIO) -> None:
+    """Also write every log line to ``out`` (the agent's log in its state folder)."""
+    _LOG_FILES.append(out)
+
+
 def log(line: str) -> None:
-    """One line on stderr: the VMM's log file when the orchestrator started it."""
-    print(f"{time.strftime('%H:%M:%S')} {line}", file=sys.stderr, flush=True)
+    """One line on stderr (the VMM's log file when the orchestrator started it) and the agent's log."""
+    stamped = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}"
+    print(stamped, file=sys.stderr, flush=True)
+    for out in _LOG_FILES:
+        print(stamped, file=out, flush=True)
 
 
 def _b64(data: bytes) -> str:
@@ -66,8 +79,14 @@ class _Method:
 class VmmService:
     """One machine and its migration side; ``register`` puts the methods on an RpcServer."""
 
-    def __init__(self, *, psp_dir: Path, firmware_dir: Path | None = None) -> None:
-        self.psp_dir, self.firmware_dir = psp_dir, firmware_dir
+    def __init__(
+        self, *, psp_dir: Path, firmware_dir: Path | None = None, state_dir: Path | None = None,
+        remote: bool = False,
+    ) -> None:  # fmt: skip
+        """``state_dir``: where this VMM keeps its console log (the checkpoint folder of a local VMM, the
+        agent's own folder); ``remote``: an agent, which serves migration targets only."""
+        self.psp_dir, self.firmware_dir, self.state_dir = psp_dir, firmware_dir, state_dir
+        self.remote = remote
         self.side: Side | None = None
         self.stopping = threading.Event()
         self.started = time.time()
@@ -86,9 +105,13 @@ class VmmService:
     def _handler(self, name: str, method: _Method) -> Callable[[Params, Call], Any]:
         def handler(params: Params, call: Call) -> Any:
             with self._lock:
-                if not method.roles:
-                    return method.body(self, params)
-                return method.body(self._side_for(name, method.roles), params)
+                try:
+                    if not method.roles:
+                        return method.body(self, params)
+                    return method.body(self._side_for(name, method.roles), params)
+                except ConfplanError as err:
+                    log(f"refused {name!r} from {call.peer or 'the caller'}: {err.message}")
+                    raise
 
         return handler
 
@@ -122,12 +145,36 @@ class VmmService:
         role = str(params.get("role"))
         if role not in ROLES:
             raise ConfplanError(f"unknown role {role!r}", hint="use source or target")
-        config = MachineConfig(**params["config"])
+        if self.remote and role != "target":
+            raise ConfplanError(
+                "an agent serves migration targets only: it never runs a source or dials out",
+                hint="launch the source with `confplan apply` on its own host",
+            )
+        config = self._config(params.get("config"), role)
         firmware = Firmware.load(self.firmware_dir) if self.firmware_dir else None
         machine = Machine(config, firmware=firmware)
         kind = OutgoingMigration if role == "source" else IncomingMigration
         self.side = kind(machine, psp_dir=self.psp_dir, log=log)
         return self.side.created()
+
+    def _config(self, doc: object, role: str) -> MachineConfig:
+        """The machine config from the wire, with nothing that names a host path or host output: the
+        console log goes to this VMM's own state folder."""
+        if not isinstance(doc, dict):
+            raise ConfplanError("parameter 'config' must be an object of MachineConfig fields")
+        defaults = {f.name: f.default for f in dataclasses.fields(MachineConfig)}
+        host_set = sorted(key for key in _HOST_ONLY if doc.get(key, defaults[key]) != defaults[key])
+        if host_set:
+            raise ConfplanError(
+                f"config fields {', '.join(map(repr, host_set))} are not accepted over the control channel",
+                hint="a VMM decides its own files and output; send only the guest's fields",
+            )
+        doc = {key: value for key, value in doc.items() if key not in _HOST_ONLY}
+        log_path = str(self.state_dir / f"console-{role}.log") if self.state_dir is not None else None
+        try:
+            return MachineConfig(**doc, console_log=log_path)
+        except TypeError as err:
+            raise ConfplanError(f"config: {err}") from None
 
     def platform_chain(self, params: Params) -> Params:
         from confplan.sev import EmulatedSecureProcessor

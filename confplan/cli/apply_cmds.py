@@ -193,19 +193,34 @@ def vmm_cmd(
 
 
 def agent_cmd(
-    listen: Annotated[str, typer.Option(help="HOST:PORT to serve the control RPC on (port 0: any).")],
-    psp_dir: Annotated[Path, typer.Option(help="Folder of the emulated secure processor's keys.")],
+    listen: Annotated[
+        str, typer.Option(help="HOST:PORT to serve the control RPC on, over mutual TLS 1.3 (port 0: any).")
+    ],
+    home: Annotated[
+        Path | None,
+        typer.Option(help="Folder of this agent's identity, trust store and state (default: $CONFPLAN_HOME, "
+                     "else $XDG_STATE_HOME/confplan, else ~/.local/state/confplan)."),
+    ] = None,
+    psp_dir: Annotated[
+        Path | None, typer.Option(help="Folder of the emulated secure processor's keys (default: in HOME).")
+    ] = None,
     firmware: Annotated[Path | None, typer.Option(help="Folder with another firmware build.")] = None,
 ) -> None:
-    """Serve a VMM for a remote orchestrator (a migration target on this host)."""
+    """Serve a VMM for remote orchestrators (a migration target on this host).
+
+    Only orchestrators enrolled with `confplan trust add --orchestrator FILE` get past the TLS handshake;
+    the agent prints its fingerprint, which plans pin (target: {host: tcp://HOST:PORT, fingerprint: ...}).
+    It takes no host path from the wire: its logs and state live under HOME/agent.
+    """
     from confplan.agent.main import run_agent
+    from confplan.transport import default_home
 
     host, _, port = listen.rpartition(":")
-    if not port.isdigit():
+    if not port.isdigit() or not host:
         raise ConfplanError(f"--listen {listen!r} is not HOST:PORT", hint="e.g. --listen 0.0.0.0:4444")
-    raise typer.Exit(
-        run_agent(host.strip("[]") or "0.0.0.0", int(port), psp_dir=psp_dir, firmware_dir=firmware)
-    )
+    code = run_agent(host.strip("[]"), int(port), home=home or default_home(), psp_dir=psp_dir,
+                     firmware_dir=firmware)  # fmt: skip
+    raise typer.Exit(code)
 
 
 def stop_cmd(

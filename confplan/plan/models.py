@@ -267,6 +267,34 @@ class Endpoint(_Model):
         "local",
         description="'local' (a VMM child process on this machine) or tcp://HOST:PORT of a 'confplan agent'.",
     )
+    fingerprint: str | None = Field(
+        None,
+        description=(
+            "The agent's certificate fingerprint (sha256:..., printed by 'confplan agent' and 'confplan "
+            "identity show' on its host): the orchestrator talks only to the agent that holds it. Without "
+            "it, only agents enrolled with 'confplan trust add --agent' are trusted."
+        ),
+    )
+
+    @field_validator("fingerprint")
+    @classmethod
+    def _check_fingerprint(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        from confplan.transport.identity import parse_fingerprint
+
+        try:
+            return parse_fingerprint(value)
+        except ValueError as err:
+            raise plan_error("endpoint", f"{err}; copy it from `confplan agent`'s first line") from None
+
+    @model_validator(mode="after")
+    def _fingerprint_needs_an_agent(self) -> Endpoint:
+        if self.fingerprint is not None and self.is_local:
+            raise plan_error(
+                "endpoint", "a fingerprint pins a remote agent; a local endpoint has none: remove it"
+            )
+        return self
 
     @field_validator("host")
     @classmethod

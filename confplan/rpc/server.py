@@ -48,10 +48,12 @@ class _Sender:
 
 
 class Call:
-    """One call being handled: its method name and a way to send events to the caller."""
+    """One call being handled: its method name, who calls (as the transport authenticated it, e.g. a TLS
+    fingerprint; "" when the transport says nothing) and a way to send events to the caller."""
 
-    def __init__(self, method: str, sender: _Sender) -> None:
+    def __init__(self, method: str, sender: _Sender, peer: str = "") -> None:
         self.method = method
+        self.peer = peer
         self._sender = sender
 
     def notify(self, event: str, params: dict[str, Any] | None = None) -> None:
@@ -81,19 +83,20 @@ class RpcServer:
 
         return decorate
 
-    def serve_connection(self, sock: socket.socket) -> None:
-        """Serve one connection until the peer hangs up or breaks the protocol; then close it."""
+    def serve_connection(self, sock: socket.socket, peer: str = "") -> None:
+        """Serve one connection until the peer hangs up or breaks the protocol; then close it. ``peer``
+        names the caller to the handlers (``Call.peer``)."""
         sender = _Sender(sock, self.version, self.max_message)
         reader = LineReader(sock, self.max_message)
         try:
-            self._loop(reader, sender)
+            self._loop(reader, sender, peer)
         except (ConnectionError, BrokenPipeError):
             pass  # the caller went away: nothing left to answer
         finally:
             reader.close()
             sock.close()
 
-    def _loop(self, reader: LineReader, sender: _Sender) -> None:
+    def _loop(self, reader: LineReader, sender: _Sender, peer: str) -> None:
         greeted = False
         while True:
             try:
@@ -110,9 +113,9 @@ class RpcServer:
                 text = f"{self.name} speaks confplan RPC v{self.version}, the caller v{message.get('v')}"
                 _send_error(sender, message.get("id"), VERSION_MISMATCH, text)
                 return
-            greeted = self._handle(message, sender, greeted)
+            greeted = self._handle(message, sender, greeted, peer)
 
-    def _handle(self, message: dict[str, Any], sender: _Sender, greeted: bool) -> bool:
+    def _handle(self, message: dict[str, Any], sender: _Sender, greeted: bool, peer: str) -> bool:
         call_id, method, params = message.get("id"), message.get("method"), message.get("params", {})
         if not isinstance(call_id, int) or not isinstance(method, str) or not isinstance(params, dict):
             _send_error(sender, call_id, BAD_REQUEST, "a request needs an integer id, a method and params")
@@ -130,14 +133,14 @@ class RpcServer:
         if handler is None:
             _send_error(sender, call_id, UNKNOWN_METHOD, f"{self.name} has no method {method!r}")
             return greeted
-        self._dispatch(call_id, method, params, handler, sender)
+        self._dispatch(call_id, method, params, handler, sender, peer)
         return greeted
 
     def _dispatch(
-        self, call_id: int, method: str, params: dict[str, Any], handler: Handler, sender: _Sender
+        self, call_id: int, method: str, params: dict[str, Any], handler: Handler, sender: _Sender, peer: str
     ) -> None:
         try:
-            result = handler(params, Call(method, sender))
+            result = handler(params, Call(method, sender, peer))
         except ConfplanError as err:
             _send_error(sender, call_id, FAILED, err.message, err.hint)
             return

@@ -41,7 +41,7 @@ def vmm(ctx: StageContext, role: str) -> VmmHandle:
         handle = vmm_handle.find_local(state_dir(ctx.plan), role)
     else:
         host, port = endpoint.address or ("", 0)
-        handle = vmm_handle.connect_remote(host, port, role)
+        handle = vmm_handle.connect_remote(host, port, role, pin=endpoint.fingerprint)
     if handle is None:
         first = "launch-source" if role == "source" else "provision-target"
         raise ConfplanError(

@@ -40,7 +40,8 @@ class ProvisionTarget(Stage):
             ctx.add_teardown("stop the target VMM", lambda: vmm_handle.stop(handle))
         else:  # a remote agent outlives this migration: a failed attempt only discards its machine
             host, port = ctx.plan.target.address or ("", 0)
-            handle, socket = vmm_handle.connect_remote(host, port, "target"), ""
+            pin = ctx.plan.target.fingerprint
+            handle, socket = vmm_handle.connect_remote(host, port, "target", pin=pin), ""
             common.adopt(ctx, "target", handle)
             handle.call("discard")
             ctx.add_teardown("discard the target machine", lambda: handle.call("discard"))
