@@ -2,12 +2,14 @@
 own plain migration of a paused 1 GiB guest of random RAM over TCP loopback, measured in the same run.
 
     .venv/bin/python bench/bench_migration.py [--ram-mib 1024] [--channels 2] [--skip-qemu] [--repeat 3]
+                                               [--skip-protection]
 
 Per scenario it prints the total migration time (start-incoming until the guest runs on the target: what
 QEMU's total-time covers, plus our verify) as a ratio of QEMU's (goal <= 1.0x), the downtime
 (pause on the source to running on the target; goal <= 50 ms), the rounds, and each VMM process's
 memory beyond guest RAM (RSS minus the memfd guest RAM it maps; goal <= 64 MiB). Real VMM processes,
-real in-guest helpers, measured launches: the same path as `confplan apply`.
+real in-guest helpers, measured launches: the same path as `confplan apply`. Then, per repeat, the stream
+with its wire v2 protection against the previous unprotected path, same engines (stream_protection.py).
 """
 
 from __future__ import annotations
@@ -160,14 +162,21 @@ def main() -> int:
     parser.add_argument("--skip-qemu", action="store_true", help="no QEMU baseline (ratios not printed)")
     parser.add_argument("--batch-pages", type=int, default=1024, help="the plan's helper.batch_pages")
     parser.add_argument("--repeat", type=int, default=1, help="runs of everything, interleaved; then medians")
+    parser.add_argument("--skip-protection", action="store_true", help="no protected/unprotected comparison")
     args = parser.parse_args()
     scenarios = {"idle": "{kind: idle}", "64MiB/s": "{kind: dirty-writer, dirty_rate: 64MiB/s}"}
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in scenarios}
+    if not args.skip_protection:
+        runs["stream protection"] = []
     for _ in range(max(1, args.repeat)):
         baselines = {} if args.skip_qemu else qemu_baselines(args.ram_mib, args.channels)
         for name, workload in scenarios.items():
             result = run_scenario(args.ram_mib, workload, args.batch_pages)
             runs[name].append(report_run(args.ram_mib, name, result, baselines))
+        if not args.skip_protection:
+            from stream_protection import compare
+
+            runs["stream protection"].append(compare(args.ram_mib, args.batch_pages))
     if args.repeat > 1:
         print_summary(runs)
     return 0

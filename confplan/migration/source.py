@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import array
 import contextlib
+import dataclasses
+import os
 import select
 import socket
 import time
@@ -20,6 +22,7 @@ from confplan.core import HostMemory, frame_sealed_pages, frame_shared_pages, sc
 from confplan.core.stream import FrameReader, FrameWriter
 from confplan.core.streamauth import client_handshake
 from confplan.core.wire import (
+    NONCE_SIZE,
     DeviceState,
     Done,
     ErrorReport,
@@ -59,7 +62,7 @@ class Outgoing:
     the stream (the source MH refuses a generation it already sealed a page under)."""
 
     def __init__(
-        self, machine: Machine, sock: socket.socket, *, hello: Hello, stream_key: bytes,
+        self, machine: Machine, sock: socket.socket, *, hello: Hello, stream_key: bytes | None,
         mailboxes: MailboxSet | None, tracker: DirtyTracker, next_generation: int,
         bandwidth: float | None = None, peer: str = "the target",
     ) -> None:  # fmt: skip
@@ -142,7 +145,12 @@ class Outgoing:
 
     def start(self) -> None:
         """The wire v2 handshake: HELLO, the target's proof of the stream key, AUTH (docs/stream-security.md);
-        from here every frame is protected under this session's keys."""
+        from here every frame is protected under this session's keys. Without a key (``None``: only the
+        in-process benchmark of what protection costs, never a VMM) HELLO, then unprotected frames."""
+        if self._key is None:
+            self.writer, self._reader = FrameWriter(self.sock), FrameReader(self.sock, self.peer)
+            self._control(dataclasses.replace(self.hello, nonce=os.urandom(NONCE_SIZE)))
+            return
         keys = client_handshake(self.sock, self._key, self.hello, peer=self.peer)
         self.writer, self._reader = keys.writer(self.sock), keys.reader(self.sock, self.peer)
 

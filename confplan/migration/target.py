@@ -81,7 +81,7 @@ class Incoming:
     """Accepts one connection on ``listener`` and applies its stream to ``machine`` in a thread."""
 
     def __init__(
-        self, machine: Machine, listener: socket.socket, *, hello: Hello, stream_key: bytes,
+        self, machine: Machine, listener: socket.socket, *, hello: Hello, stream_key: bytes | None,
         mailboxes: MailboxSet | None, accept_timeout: float = 60.0, log: Callable[[str], None] | None = None,
     ) -> None:  # fmt: skip
         self.machine, self.listener, self.hello, self.mailboxes = machine, listener, hello, mailboxes
@@ -155,6 +155,8 @@ class Incoming:
             except TimeoutError:
                 continue
             peer = f"the peer at {addr[0]}:{addr[1]}"
+            if self._key is None:  # the in-process benchmark's unprotected path (see source.Outgoing.start)
+                return self._unprotected(tune_accepted(conn), peer)
             try:
                 sock, timeout = tune_accepted(conn), min(HANDSHAKE_TIMEOUT, left)
                 keys, _ = server_handshake(sock, self._key, self.hello, timeout=timeout, peer=peer)
@@ -170,6 +172,16 @@ class Incoming:
             self._writer = keys.writer(conn)
             self.listener.close()  # one source per migration: nobody else may connect now
             return keys.reader(conn, f"the source at {addr[0]}:{addr[1]}")
+
+    def _unprotected(self, conn: socket.socket, peer: str) -> FrameReader:
+        self._conn, self._writer = conn, FrameWriter(conn)
+        self.listener.close()
+        reader = FrameReader(conn, peer)
+        _, hello = decode(reader.recv().data)
+        if not isinstance(hello, Hello):
+            raise ConfplanError(f"{peer}'s stream does not start with HELLO")
+        hello.require_match(self.hello)
+        return reader
 
     def _tell_source(self, message: str) -> None:
         """Send an ERROR frame, then stop reading: the source sees it before its next frame and stops."""

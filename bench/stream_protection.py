@@ -1,0 +1,87 @@
+"""What the stream's protection costs (issue 10: at most 5 % of the 1 GiB idle migration), measured in the
+same run: the same engines, helpers and machines as `confplan apply`, once with the wire v2 protection (the
+stream key handshake, every non-sealed frame encrypted, every frame authenticated) and once on the
+previous, unprotected path (a stream key of None: only constructible here, never by a VMM process).
+
+The timed window is the stream: connect, precopy rounds until little is left, pause, final round, state,
+the target's DONE. Machine set-up (RAM pre-faulted on the target, as provision-target does) is outside.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any
+
+from confplan.core.wire import Hello, HelperMode
+from confplan.migration.dirty import DirtyTracker
+from confplan.migration.helper import open_mailboxes
+from confplan.migration.source import Outgoing
+from confplan.migration.target import Incoming, IncomingState
+from confplan.sev import CONFPLAN_TRANSPORT_KEY_GUID
+from confplan.sev.secret_table import CONFPLAN_MIGRATION_ID_GUID, build_secret_table
+from confplan.vmm import Machine, MachineConfig, abi
+
+MIGRATION_ID = os.urandom(16)
+
+
+def _config(ram_mib: int, batch_pages: int, *, target: bool) -> MachineConfig:
+    return MachineConfig(
+        memory=ram_mib * abi.MIB, vcpus=1, aux_vcpus=2, batch_pages=batch_pages, workload_kind="idle",
+        shared_fraction=0.05, mh_only=target, prefault=target, dirty_logging=not target,
+    )  # fmt: skip
+
+
+def migrate_once(ram_mib: int, batch_pages: int, *, protected: bool) -> dict[str, Any]:
+    """One migration of an idle guest between two fresh machines; the stream's seconds and bytes."""
+    key = os.urandom(32)
+    secret = build_secret_table({CONFPLAN_TRANSPORT_KEY_GUID: key, CONFPLAN_MIGRATION_ID_GUID: MIGRATION_ID})
+    src = Machine(_config(ram_mib, batch_pages, target=False))
+    dst = Machine(_config(ram_mib, batch_pages, target=True))
+    try:
+        for machine in (src, dst):
+            machine.write(abi.SECRET_GPA, secret)
+            machine.start()
+        src.wait_workload(abi.EV_WL_FILLED, timeout=120)
+        src_mb, dst_mb = open_mailboxes(src), open_mailboxes(dst)
+        src_mb.init()
+        dst_mb.init()
+        hello = Hello(src.config.memory, MIGRATION_ID, HelperMode.AUX_VCPU, 1)
+        stream_key = os.urandom(32) if protected else None
+        listener = socket.create_server(("127.0.0.1", 0))
+        incoming = Incoming(dst, listener, hello=hello, stream_key=stream_key, mailboxes=dst_mb)
+        tracker = DirtyTracker(src)
+        tracker.reset()
+        started = time.monotonic()
+        sock = socket.create_connection(("127.0.0.1", listener.getsockname()[1]))
+        out = Outgoing(src, sock, hello=hello, stream_key=stream_key, mailboxes=src_mb, tracker=tracker,
+                       next_generation=1)  # fmt: skip
+        out.start()
+        rounds = [out.send_round()]
+        while rounds[-1].dirty_after > 256 and len(rounds) < 10:
+            rounds.append(out.send_round())
+        src.pause_all_vcpus_except_aux()
+        rounds.append(out.send_round(final=True))
+        out.send_state(time.time())
+        status = incoming.wait(120)
+        seconds = time.monotonic() - started
+        if status.state is not IncomingState.COMPLETE:
+            raise RuntimeError(f"the benchmark's migration failed: {status.error}")
+        out.sock.close()
+        incoming.close()
+        return {"seconds": seconds, "rounds": len(rounds), "bytes": sum(r.bytes_sent for r in rounds)}
+    finally:
+        src.close()
+        dst.close()
+
+
+def compare(ram_mib: int, batch_pages: int) -> dict[str, float]:
+    """Unprotected then protected, back to back; the ratio of their stream times."""
+    plain = migrate_once(ram_mib, batch_pages, protected=False)
+    guarded = migrate_once(ram_mib, batch_pages, protected=True)
+    ratio = guarded["seconds"] / plain["seconds"]
+    print(f"{ram_mib} MiB idle stream: protected {guarded['seconds']:.2f} s vs previous unprotected path "
+          f"{plain['seconds']:.2f} s = {ratio:.3f}x (goal <= 1.05x); {guarded['bytes'] / 2**20:.0f} MiB "
+          f"in {guarded['rounds']} rounds")  # fmt: skip
+    return {"protected s": guarded["seconds"], "unprotected s": plain["seconds"], "x unprotected": ratio}
