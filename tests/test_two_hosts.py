@@ -55,5 +55,13 @@ def test_migrate_to_an_agent_on_another_host(
             vmm_handle.connect_remote(other_host.address, agent.port, "target", pin=agent.fingerprint,
                                       home=tmp_path / "stranger")  # fmt: skip
         assert "not an enrolled orchestrator" in agent.wait_log("not an enrolled orchestrator")
+        # `confplan stop` reaches the remote target too; the agent serves on, empty
+        assert main(["stop", str(plan)]) == 0
+        assert "target: the guest in the agent" in capsys.readouterr().out
+        handle = vmm_handle.connect_remote(other_host.address, agent.port, "target", pin=agent.fingerprint)
+        try:
+            assert not handle.call("info")["machine"]
+        finally:
+            handle.close()
     finally:
         agent.stop()

@@ -199,6 +199,17 @@ class VmmService:
         log("target: machine discarded")
         return {"discarded": True}
 
+    def stop_guest(self, params: Params) -> Params:
+        """Stop the guest this VMM holds, whatever it is doing (`confplan stop`); the process serves on
+        (an agent takes the next migration)."""
+        side = self.side
+        if side is None:
+            return {"stopped": None}
+        role = side.role
+        self.close()
+        log(f"{role}: guest stopped on request")
+        return {"stopped": role}
+
     def shutdown(self, params: Params) -> Params:
         """Stop the guest and this process (after the answer is sent)."""
         self.stopping.set()
@@ -278,6 +289,7 @@ _METHODS: dict[str, _Method] = {
     "platform_chain": _Method(_ANY, VmmService.platform_chain),
     "discard": _Method(_ANY, VmmService.discard),
     "shutdown": _Method(_ANY, VmmService.shutdown),
+    "stop_guest": _Method(_ANY, VmmService.stop_guest),
     "launch_measure": _Method(_BOTH, _launch_measure),
     "launch_secret": _Method(_BOTH, _launch_secret),
     "start": _Method(_BOTH, lambda side, params: side.start()),

@@ -226,12 +226,23 @@ def agent_cmd(
 def stop_cmd(
     plan_path: Annotated[Path, typer.Argument(metavar="PLAN", help="The plan whose VMM processes to stop.")],
 ) -> None:
-    """Shut down the local VMM processes of PLAN (their guests stop with them)."""
+    """Stop the guests of PLAN: its local VMM processes, and the guest in a remote target's agent (the
+    agent itself keeps serving)."""
     from confplan.agent import handle as vmm_handle
     from confplan.plan import load_plan
 
     plan = load_plan(plan_path)
-    for role in ("source", "target"):
+    for role, endpoint in (("source", plan.source), ("target", plan.target)):
+        if not endpoint.is_local:
+            host, port = endpoint.address or ("", 0)
+            remote = vmm_handle.connect_remote(host, port, role, pin=endpoint.fingerprint)
+            try:
+                stopped = remote.call("stop_guest")["stopped"]
+            finally:
+                remote.close()
+            typer.echo(f"{role}: the guest in the agent at {host}:{port} stopped" if stopped
+                       else f"{role}: the agent at {host}:{port} holds no guest")  # fmt: skip
+            continue
         found = vmm_handle.find_local(Path(plan.checkpoint.dir), role)
         if found is None:
             typer.echo(f"{role}: no VMM process")
