@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from confplan.errors import ConfplanError
+from confplan.migration.handover import Role
+from confplan.migration.handover_io import HandoverFiles, dead_view
 from confplan.migration.incoming import IncomingMigration
 from confplan.migration.outgoing import OutgoingMigration
 from confplan.rpc import Call, RpcServer
@@ -98,7 +100,11 @@ class VmmService:
 
     # ---- plumbing ----
     def register(self, server: RpcServer) -> None:
+        # Unlocked: answered while a long call (stop-and-copy) holds the lock; the handover's own lock
+        # keeps its view consistent.
         server.register("info", lambda params, call: self.info())
+        server.register("handover_state", lambda params, call: self.handover_state())
+        server.register("handover_order", self._handover_order)
         for name, method in _METHODS.items():
             server.register(name, self._handler(name, method))
 
@@ -127,6 +133,28 @@ class VmmService:
         side.need_machine()  # a guest that stopped says why, rather than a confusing later error
         return side
 
+    def handover_state(self) -> Params:
+        """This VMM's side of the handover (docs/handover.md), or what a dead predecessor's record says."""
+        if self.side is not None:
+            return {**self.side.handover_view(), "pid": os.getpid()}
+        if self.state_dir is not None:  # a restarted agent answers for the VMM that died before it
+            for role in (Role.TARGET, Role.SOURCE):
+                dead = dead_view(HandoverFiles(self.state_dir, role))
+                if dead is not None and dead.get("state") is not None:
+                    return {**dead, "pid": os.getpid()}
+        return {"reach": "alive", "role": self.role, "guest_id": None, "attempt": 0, "state": None,
+                "running": False, "pid": os.getpid()}  # fmt: skip
+
+    def _handover_order(self, params: Params, call: Call) -> Any:
+        side = self.side
+        try:
+            if side is None:
+                raise ConfplanError("this VMM has no machine, so no handover", hint="reconcile again")
+            return side.handover_order(str(params.get("order")), str(params.get("expect")))
+        except ConfplanError as err:
+            log(f"refused 'handover_order' from {call.peer or 'the caller'}: {err.message}")
+            raise
+
     # ---- calls on the service itself ----
     def info(self) -> Params:
         base = {"pid": os.getpid(), "role": self.role, "machine": False, "since": self.started}
@@ -154,7 +182,12 @@ class VmmService:
         firmware = Firmware.load(self.firmware_dir) if self.firmware_dir else None
         machine = Machine(config, firmware=firmware)
         kind = OutgoingMigration if role == "source" else IncomingMigration
-        self.side = kind(machine, psp_dir=self.psp_dir, log=log)
+        try:
+            self.side = kind(machine, psp_dir=self.psp_dir, log=log, state_dir=self.state_dir,
+                             on_exit=self.stopping.set)  # fmt: skip
+        except BaseException:
+            machine.close()
+            raise
         return self.side.created()
 
     def _config(self, doc: object, role: str) -> MachineConfig:
@@ -257,8 +290,14 @@ def _connect_outgoing(side: OutgoingMigration, params: Params) -> Params:
     side.connect(
         str(params["host"]), int(params["port"]), migration_id=_hex(params, "migration_id", 16),
         stream_key=_hex(params, "stream_key", 32), bandwidth=float(bandwidth) if bandwidth else None,
+        attempt=int(params.get("attempt", 0)),
     )  # fmt: skip
     return {}
+
+
+def _stop_and_copy(side: OutgoingMigration, params: Params) -> Params:
+    timeout, retry = float(params.get("verdict_timeout", 5.0)), float(params.get("retry_interval", 0.2))
+    return side.stop_and_copy(verdict_timeout=timeout, retry_interval=retry)
 
 
 def _resume_guest(side: OutgoingMigration, params: Params) -> Params:
@@ -275,7 +314,7 @@ def _listen_incoming(side: IncomingMigration, params: Params) -> Params:
     return side.listen(
         str(params.get("host", "127.0.0.1")), int(params.get("port", 0)),
         migration_id=_hex(params, "migration_id", 16), stream_key=_hex(params, "stream_key", 32),
-        accept_timeout=float(params.get("accept_timeout", 60.0)),
+        accept_timeout=float(params.get("accept_timeout", 60.0)), attempt=int(params.get("attempt", 0)),
     )  # fmt: skip
 
 
@@ -300,10 +339,9 @@ _METHODS: dict[str, _Method] = {
     "connect_outgoing": _Method(_SOURCE, _connect_outgoing),
     "precopy_round": _Method(_SOURCE, lambda side, params: side.precopy_round()),
     "set_throttle": _Method(_SOURCE, _set_throttle),
-    "stop_and_copy": _Method(_SOURCE, lambda side, params: side.stop_and_copy()),
+    "stop_and_copy": _Method(_SOURCE, _stop_and_copy),
     "resume_guest": _Method(_SOURCE, _resume_guest),
     "listen_incoming": _Method(_TARGET, _listen_incoming),
     "incoming_status": _Method(_TARGET, lambda side, p: side.status(float(p.get("wait", 0.0)))),
     "abort_incoming": _Method(_TARGET, _abort_incoming),
-    "resume_incoming": _Method(_TARGET, lambda side, params: side.resume()),
 }

@@ -56,7 +56,8 @@ enum cp_frame_type {
     CP_FT_ERROR = 9,
     CP_FT_CHALLENGE = 10,    /* handshake, target -> source (docs/stream-security.md) */
     CP_FT_AUTH = 11,         /* handshake, source -> target */
-    CP_FT_LAST = CP_FT_AUTH,
+    CP_FT_HANDOVER = 12,     /* the handover's messages, both ways (docs/handover.md) */
+    CP_FT_LAST = CP_FT_HANDOVER,
 };
 
 enum cp_status {

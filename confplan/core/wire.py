@@ -59,6 +59,7 @@ class FrameType(enum.IntEnum):
     ERROR = 9
     CHALLENGE = 10
     AUTH = 11
+    HANDOVER = 12
 
 
 class HelperMode(enum.IntEnum):
@@ -419,11 +420,47 @@ class ErrorReport:
         return cls(code, rest.decode(errors="replace"))
 
 
-Control = Hello | RoundEnd | VcpuState | DeviceState | Manifest | Done | ErrorReport | Challenge | Auth
-_CONTROL: dict[FrameType, type[Control]] = {
-    cls.TYPE: cls
-    for cls in (Hello, RoundEnd, VcpuState, DeviceState, Manifest, Done, ErrorReport, Challenge, Auth)
-}
+class HandoverCode(enum.IntEnum):
+    """The handover's messages (docs/handover.md), as the wire numbers them."""
+
+    COMMIT = 1  # source -> target: resume (answered with the target's state if it already decided)
+    ABORT = 2  # source -> target: the source runs the guest again; release your copy
+    VERIFIED = 3  # target -> source: the copy checks out, paused, waiting for COMMIT
+    REFUSED = 4  # target -> source: the check failed (``text`` says why); never resumes
+    RESUMED = 5  # target -> source: the guest runs here now
+    RELEASED = 6  # target -> source: released; never resumes this attempt
+
+
+@dataclass(frozen=True)
+class Handover:
+    """One handover message of attempt ``attempt``, with an optional UTF-8 ``text`` (a refusal's reason)."""
+
+    TYPE: ClassVar[FrameType] = FrameType.HANDOVER
+    LAYOUT: ClassVar[struct.Struct] = struct.Struct("<HHIQ")  # code, reserved, reserved, attempt
+
+    code: HandoverCode
+    attempt: int
+    text: str = ""
+
+    def pack(self) -> bytes:
+        return self.LAYOUT.pack(self.code, 0, 0, self.attempt) + self.text.encode()[:MAX_ERROR_MESSAGE]
+
+    @classmethod
+    def unpack(cls, payload: bytes) -> Self:
+        (code, reserved, more, attempt), rest = _split(cls.TYPE, cls.LAYOUT, payload, exact=False)
+        reserved |= more
+        if reserved or len(rest) > MAX_ERROR_MESSAGE or code not in HandoverCode._value2member_map_:
+            raise _refuse(cls.TYPE, f"code {code}, reserved {reserved:#x}, text of {len(rest)} bytes", code)
+        return cls(HandoverCode(code), attempt, rest.decode(errors="replace"))
+
+
+Control = (
+    Hello | RoundEnd | VcpuState | DeviceState | Manifest | Done | ErrorReport | Challenge | Auth | Handover
+)
+_CONTROL_TYPES: tuple[type[Control], ...] = (
+    Hello, RoundEnd, VcpuState, DeviceState, Manifest, Done, ErrorReport, Challenge, Auth, Handover,
+)  # fmt: skip
+_CONTROL: dict[FrameType, type[Control]] = {cls.TYPE: cls for cls in _CONTROL_TYPES}
 
 
 def encode(msg: Control, seq: int) -> bytearray:

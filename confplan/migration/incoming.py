@@ -1,32 +1,46 @@
-"""The target side of a migration: a machine booted helper-only, the incoming stream, and the resume.
-The stream itself is ``target.Incoming``; the guest's vCPUs stay paused until ``resume``.
+"""The target side of a migration: a machine booted helper-only, the incoming stream, and the target's part
+of the handover (docs/handover.md): once the copy is whole it checks it against the source's MANIFEST by
+itself, says VERIFIED (or REFUSED), and resumes only on COMMIT, with RESUMED on disk first. The stream
+itself is ``target.Incoming``; the guest's vCPUs stay paused until then.
 """
 
 from __future__ import annotations
 
 import array
 import dataclasses
+import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
+from confplan.core.wire import Handover
 from confplan.errors import ConfplanError
+from confplan.migration.handover import Do, Input, Msg, Role, TargetHandover, TargetState
+from confplan.migration.handover_io import RECEIVE_CODES, SEND_CODES, Driver
 from confplan.migration.session import resynced_tsc
 from confplan.migration.side import Log, MigrationSide, StreamSide
-from confplan.migration.target import Incoming, IncomingState
+from confplan.migration.target import HandoverHooks, Incoming, IncomingState
+from confplan.migration.verify import CHUNK_PAGES
 from confplan.transport import sockets
 from confplan.vmm import Machine
 
+MANIFEST_FORMAT = 1  # what outgoing.OutgoingMigration puts in its MANIFEST frame
 
-class IncomingMigration(MigrationSide):
-    """A target VMM's machine and the stream it receives."""
+
+class IncomingMigration(MigrationSide, HandoverHooks):
+    """A target VMM's machine, the stream it receives, and its side of the handover."""
 
     role: ClassVar[str] = "target"
 
-    def __init__(self, machine: Machine, *, psp_dir: Path, log: Log) -> None:
-        super().__init__(machine, psp_dir=psp_dir, log=log)
+    def __init__(
+        self, machine: Machine, *, psp_dir: Path, log: Log, state_dir: Path | None = None,
+        on_exit: Callable[[], None] | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(machine, psp_dir=psp_dir, log=log, state_dir=state_dir, on_exit=on_exit)
         self.stream: Incoming | None = None
         self.resumed = False
+        self.attempt = 0
 
     def info(self) -> dict[str, Any]:
         stream = None if self.stream is None else self.stream.status.to_json()
@@ -34,19 +48,30 @@ class IncomingMigration(MigrationSide):
 
     # ---- the stream ----
     def listen(
-        self, host: str, port: int, *, migration_id: bytes, stream_key: bytes, accept_timeout: float
-    ) -> dict[str, Any]:
-        """Listen for the source's stream (a previous one is dropped) and take the first connection that
-        proves ``stream_key``; answers the port."""
+        self, host: str, port: int, *, migration_id: bytes, stream_key: bytes, accept_timeout: float,
+        attempt: int = 0,
+    ) -> dict[str, Any]:  # fmt: skip
+        """Listen for the source's stream (a previous attempt's, settled, is dropped) and take the first
+        connection that proves ``stream_key``; answers the port."""
         machine = self.need_machine()
         if not machine.config.mh_only or self.resumed:
             raise ConfplanError("only a target VMM whose guest has not resumed accepts a migration stream")
+        if self.handover is not None and not self.handover.settled:
+            raise ConfplanError(
+                f"the handover of attempt {self.attempt} is {self.handover.state.value}: no new attempt now",
+                hint="rerun `confplan apply`: it reconciles with what both sides hold",
+            )
         self.abort()
         listener = sockets.listen_tcp(host, port, what="the target's migration port")
-        self.shared_table = None
+        self.shared_table, self.attempt = None, attempt
+        self.handover = Driver(
+            TargetHandover(), role=Role.TARGET, guest_id=migration_id.hex(), attempt=attempt,
+            files=self.files, send=self._send, log=self.log,
+            do={Do.VERIFY: self._verify, Do.RESUME_GUEST: self._resume_now, Do.DISCARD_GUEST: self._discard},
+        )  # fmt: skip
         self.stream = Incoming(
             machine, listener, hello=self.hello(migration_id), stream_key=stream_key, mailboxes=self.helper(),
-            accept_timeout=accept_timeout, log=self.log,
+            accept_timeout=accept_timeout, log=self.log, hooks=self,
         )  # fmt: skip
         return {"host": host, "port": listener.getsockname()[1]}
 
@@ -67,14 +92,92 @@ class IncomingMigration(MigrationSide):
         return self.need_stream().wait(wait).to_json()
 
     def abort(self) -> None:
+        """Drop the stream (before the handover: the orchestrator's undo). Refused once this side holds a
+        whole copy: from there the handover decides."""
+        if self.handover is not None and self.handover.state in (TargetState.VERIFYING, TargetState.VERIFIED):
+            raise ConfplanError(
+                f"the handover of attempt {self.attempt} is {self.handover.state.value}: not dropped",
+                hint="the two VMMs decide; rerun `confplan apply` to reconcile",
+            )
         if self.stream is not None:
             self.stream.close()
             self.stream = None
 
+    # ---- HandoverHooks: what the stream tells the handover ----
+    def done(self) -> None:
+        if self.handover is not None:
+            self.handover.feed(Msg.DONE)
+
+    def message(self, msg: Handover) -> None:
+        if self.handover is not None and msg.attempt == self.attempt:
+            self.handover.feed(RECEIVE_CODES[msg.code])
+
+    def link_down(self, why: str) -> None:
+        if self.handover is not None:
+            if not self.handover.settled:
+                self.log(f"target: the handover's link is down: {why}")
+            self.handover.feed(Input.LINK_DOWN)
+
+    # ---- the handover's actions ----
+    def _send(self, msg: Msg) -> None:
+        text = str(self.handover.notes.get("refused", "")) if self.handover is not None else ""
+        self.need_stream().send_handover(Handover(SEND_CODES[msg], self.attempt, text))
+
+    def _verify(self) -> None:
+        """The target's own check of the whole copy against the source's MANIFEST; VERIFY_OK or _FAIL."""
+        assert self.handover is not None
+        started = time.monotonic()
+        try:
+            problem, details = self._compare()
+        except ConfplanError as err:
+            problem, details = err.message, {}
+        details["check_seconds"] = time.monotonic() - started
+        self.handover.notes["verify"] = details
+        if problem is not None:
+            self.handover.notes["refused"] = problem
+            self.log(f"target: the copy does not check out: {problem}")
+        self.handover.feed(Input.VERIFY_FAIL if problem else Input.VERIFY_OK)
+
+    def _compare(self) -> tuple[str | None, dict[str, Any]]:
+        status = self.need_stream().status
+        if status.state is not IncomingState.COMPLETE or status.manifest is None:
+            return f"the stream is {status.state.value} and brought no manifest", {}
+        if status.manifest.format_version != MANIFEST_FORMAT:
+            return f"manifest format {status.manifest.format_version}, this VMM reads {MANIFEST_FORMAT}", {}
+        theirs = json.loads(status.manifest.blob)
+        ours = self.digests(table=bool(theirs.get("table")))
+        details = {"shared": ours["shared"], "chunks": len(ours["private"] or {}),
+                   "from_mac_tables": bool(theirs.get("table")),
+                   "pages_hashed_in_pause": [theirs.get("pages_maced"), ours["pages_maced"]],
+                   "shared_pages_crcd_in_pause": [theirs.get("shared_pages_crcd"), ours["shared_pages_crcd"]],
+                   "seconds": ours["seconds"]}  # fmt: skip
+        if ours["private"] is None:
+            return "private memory cannot be verified: this side has no migration helper", details
+        if theirs.get("shared") != ours["shared"]:
+            return f"shared pages differ: source {theirs.get('shared')}, target {ours['shared']}", details
+        mine, sent = ours["private"], {int(k): v for k, v in (theirs.get("private") or {}).items()}
+        bad = sorted(k for k in mine if mine[k] != sent.get(k))
+        if bad or len(mine) != len(sent):
+            return (f"the helpers' digests of guest memory differ in chunks {bad[:8]} of {len(mine)} "
+                    f"({CHUNK_PAGES * 4} KiB each)", details)  # fmt: skip
+        return None, details
+
+    def _resume_now(self) -> None:
+        """RESUMED is on disk: run the guest here."""
+        assert self.handover is not None
+        resumed = self.resume()
+        self.handover.notes.update(resumed)
+
+    def _discard(self) -> None:
+        """This attempt's copy will never run: the stream goes (the machine stays for a new attempt)."""
+        if self.stream is not None:
+            self.stream.close()
+        self.log(f"target: attempt {self.attempt} released; its copy will never run")
+
     # ---- the resume ----
     def resume(self) -> dict[str, Any]:
         """Run the guest here: the vCPU states (the encryption bitmap is already in place) with the TSC
-        moved on by the pause (clock re-sync), then the guest's vCPUs."""
+        moved on by the pause (clock re-sync), then the guest's vCPUs. Only the handover calls this."""
         status = self.need_stream().status
         if status.state is not IncomingState.COMPLETE or status.enc_bitmap is None:
             raise ConfplanError(
@@ -92,13 +195,16 @@ class IncomingMigration(MigrationSide):
         machine.resume_all_vcpus_except_aux()
         self.resumed = True
         self.log("target: guest resumed")
+        paused = min(saved.paused_wall for saved in status.vcpus.values())
         gap = max(now - saved.paused_wall for saved in status.vcpus.values())
-        return {"clock_gap_seconds": gap}
+        return {"clock_gap_seconds": gap, "paused_wall": paused, "resumed_wall": time.time()}
 
     def pause_guest(self) -> None:
         self.need_machine().pause_all_vcpus_except_aux()
         self.resumed = False
 
     def close(self) -> None:
-        self.abort()
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
         super().close()

@@ -7,19 +7,26 @@ an undo), so the throttle can never resume a guest that stop-and-copy just pause
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
+from confplan.core.wire import ErrorReport, Handover, Manifest
 from confplan.errors import ConfplanError
 from confplan.migration.dirty import DirtyTracker
+from confplan.migration.handover import Do, Input, Msg, Role, SourceHandover, SourceState
+from confplan.migration.handover_io import RECEIVE_CODES, SEND_CODES, Driver
 from confplan.migration.side import Log, MigrationSide, StreamSide
 from confplan.migration.source import Outgoing
 from confplan.transport import sockets
 from confplan.vmm import Machine
 
 THROTTLE_PERIOD = 0.02  # seconds per pause/run cycle while the guest is throttled
+MANIFEST_FORMAT = 1  # the MANIFEST frame's blob: JSON of the source's digests (docs/handover.md)
+_RAN_AGAIN = (SourceState.ABORTED, SourceState.RECLAIMED)  # the handover gave the guest back to the source
 
 
 class OutgoingMigration(MigrationSide):
@@ -27,9 +34,17 @@ class OutgoingMigration(MigrationSide):
 
     role: ClassVar[str] = "source"
 
-    def __init__(self, machine: Machine, *, psp_dir: Path, log: Log) -> None:
-        super().__init__(machine, psp_dir=psp_dir, log=log)
+    def __init__(
+        self, machine: Machine, *, psp_dir: Path, log: Log, state_dir: Path | None = None,
+        on_exit: Callable[[], None] | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(machine, psp_dir=psp_dir, log=log, state_dir=state_dir, on_exit=on_exit)
         self.tracker: DirtyTracker | None = None
+        self.migration_id = b""
+        self.attempt = 0
+        self._paused_at = self._paused_wall = 0.0
+        self._final: dict[str, Any] | None = None  # what the pause's copy sent (stop_and_copy's answer)
+        self._final_error: BaseException | None = None
         self.stream: Outgoing | None = None
         self.next_generation = 1  # the source MH refuses to seal a page twice under one generation
         self.throttle = 0.0
@@ -41,12 +56,21 @@ class OutgoingMigration(MigrationSide):
 
     # ---- the stream ----
     def connect(
-        self, host: str, port: int, *, migration_id: bytes, stream_key: bytes, bandwidth: float | None
-    ) -> None:
+        self, host: str, port: int, *, migration_id: bytes, stream_key: bytes, bandwidth: float | None,
+        attempt: int = 0,
+    ) -> None:  # fmt: skip
         """Dial the target's migration port and prove the stream key (the wire v2 handshake); a previous
-        stream is replaced."""
+        stream is replaced. ``attempt`` numbers this try of the migration (the handover's records say
+        which attempt their state belongs to). Refused while an earlier attempt's handover is undecided
+        or handed the guest over."""
         machine = self.check_can_send()
+        if self.handover is not None and self.handover.state not in _RAN_AGAIN:
+            raise ConfplanError(
+                f"the handover of attempt {self.attempt} is {self.handover.state.value}: no new attempt",
+                hint="rerun `confplan apply`: it reconciles with what both sides hold",
+            )
         self._close_stream("a new stream replaces it")
+        self.handover, self.migration_id, self.attempt = None, migration_id, attempt
         sock = sockets.dial_tcp(host, port, timeout=10.0, what="the target's migration port")
         if self.tracker is None:
             self.tracker = DirtyTracker(machine)
@@ -123,38 +147,127 @@ class OutgoingMigration(MigrationSide):
                     machine.resume_all_vcpus_except_aux()
             time.sleep(THROTTLE_PERIOD * (1.0 - self.throttle))
 
-    # ---- the pause ----
-    def stop_and_copy(self) -> dict[str, Any]:
-        """Pause the guest's vCPUs (the helper serves on), send the last dirty pages, the vCPU states and
-        the encryption bitmap, then DONE."""
-        stream = self.need_stream()
-        machine = self.need_machine()
+    # ---- the pause and the handover (docs/handover.md) ----
+    def stop_and_copy(self, *, verdict_timeout: float, retry_interval: float = 0.2) -> dict[str, Any]:
+        """START the handover: pause the guest's vCPUs (the helper serves on), send the last dirty pages,
+        the vCPU states, the encryption bitmap, this side's MANIFEST and DONE. From here the two VMMs end
+        the migration between themselves: the target checks and says VERIFIED, this side COMMITs, or it
+        aborts (and runs the guest again) when no verdict comes within ``verdict_timeout`` of the pause."""
+        self.need_stream()
+        if self.handover is not None:
+            raise ConfplanError(
+                f"the handover of attempt {self.attempt} already started ({self.handover.state.value})",
+                hint="rerun `confplan apply`: it reconciles with what both sides hold",
+            )
+        self._final, self._final_error = None, None
+        self.handover = Driver(
+            SourceHandover(verdict_timeout, retry_interval), role=Role.SOURCE,
+            guest_id=self.migration_id.hex(), attempt=self.attempt, files=self.files,
+            send=self._handover_send, log=self.log,
+            do={Do.PAUSE_GUEST: self._pause_for_handover, Do.RESUME_GUEST: self._resume_after_handover,
+                Do.REDIAL: self._redial, Do.EXIT: self.on_exit},
+        )  # fmt: skip
+        self.handover.feed(Input.START)
+        if self._final_error is not None or self._final is None:
+            why = self._final_error or ConfplanError("the final copy was not sent")
+            raise ConfplanError(
+                f"stop-and-copy failed: {why}; the handover is {self.handover.state.value}",
+                hint="the source guest runs again; rerun the apply to migrate again",
+            ) from None
+        threading.Thread(target=self._read_target, name="handover-reader", daemon=True).start()
+        return self._final
+
+    def _pause_for_handover(self) -> None:
         with self._vcpus:
             self.throttle = 0.0
-            paused = time.monotonic()
-            machine.pause_all_vcpus_except_aux()  # the seed's: the guest stops, the helper serves on
-        paused_wall, halted = time.time(), time.monotonic()
+            self._paused_at = time.monotonic()
+            self.machine.pause_all_vcpus_except_aux()  # the seed's: the guest stops, the helper serves on
+            self._paused_wall = time.time()
+
+    def _handover_send(self, msg: Msg) -> None:
+        if msg is Msg.DONE:
+            self._send_final()
+        else:
+            self.need_stream().send_handover(Handover(SEND_CODES[msg], self.attempt))
+
+    def _send_final(self) -> None:
+        """The pause's copy; a failure is remembered for stop_and_copy's answer and raised (LINK_DOWN)."""
+        stream = self.need_stream()
+        halted = time.monotonic()
         try:
             stats = stream.send_round(final=True)
             sent = time.monotonic()
-            stream.send_state(paused_wall)
-        except BaseException:
-            self._close_stream("stop-and-copy failed")
+            stream.send_state(self._paused_wall, self._manifest)
+        except BaseException as err:
+            self._final_error = err
             raise
         finally:
             self.next_generation = stream.generation
         done = time.monotonic()
-        self.log(f"source: stop-and-copy sent {stats.pages} pages and the state; guest paused")
-        return {
-            "round": stats.to_json(),
-            "paused_seconds": done - paused,
-            "steps": {"pause_vcpus": halted - paused, "final_pages": sent - halted,
+        self.log(f"source: stop-and-copy sent {stats.pages} pages, the state and the manifest; guest paused")
+        self._final = {
+            "round": stats.to_json(), "paused_seconds": done - self._paused_at,
+            "paused_wall": self._paused_wall,
+            "steps": {"pause_vcpus": halted - self._paused_at, "final_pages": sent - halted,
                       "vcpu_and_device_state": done - sent},
         }  # fmt: skip
 
+    def _manifest(self) -> Manifest:
+        """This side's digests of the guest as it was paused (the helpers' keyed MACs, the shared pages'
+        CRC): the target compares its own against them before it may resume."""
+        table = self.shared_table is not None
+        digests = self.digests(table=table)
+        doc = {"format": MANIFEST_FORMAT, "table": table, "shared": digests["shared"],
+               "private": digests["private"], "pages_maced": digests["pages_maced"],
+               "shared_pages_crcd": digests["shared_pages_crcd"]}  # fmt: skip
+        if self.handover is not None:
+            self.handover.notes["digest_seconds"] = digests["seconds"]
+        return Manifest(MANIFEST_FORMAT, json.dumps(doc, sort_keys=True).encode())
+
+    def _read_target(self) -> None:
+        stream, handover = self.stream, self.handover
+        if stream is None or handover is None:
+            return
+
+        def deliver(msg: Handover | ErrorReport) -> None:
+            if isinstance(msg, ErrorReport):
+                handover.notes["target_error"] = msg.message
+                handover.feed(Msg.RELEASED)  # the target gave the stream up: it will never resume
+            elif msg.attempt == self.attempt:
+                if msg.text:
+                    handover.notes["target_says"] = msg.text
+                handover.feed(RECEIVE_CODES[msg.code])
+
+        why = stream.read_handover(deliver)
+        if not handover.settled:
+            self.log(f"source: the handover's link is down: {why}")
+        handover.feed(Input.LINK_DOWN)
+
+    def _resume_after_handover(self) -> None:
+        """ABORTED or RECLAIMED is on disk: this copy runs again (the target never will)."""
+        with self._vcpus:
+            self.machine.resume_all_vcpus_except_aux()
+        state = self.handover.state.value if self.handover is not None else "none"
+        self.log(f"source: guest vCPUs running again (handover {state})")
+
+    def _redial(self) -> None:
+        # Re-dialling the target's port is not built yet: the orchestrator relays the COMMIT instead
+        # (docs/handover.md, in-doubt state B); the source stays paused meanwhile, which is safe.
+        self.log("source: in doubt after COMMIT: waiting for the target's answer or the orchestrator")
+
     def resume_guest(self, reason: str) -> None:
-        """Undo a migration attempt on the source: the stream closes, the guest's vCPUs run again."""
+        """Undo a migration attempt before its handover started: the stream closes, the guest's vCPUs run
+        again. Once the handover started the two VMMs decide: refused, except after an abort (a no-op)."""
         machine = self.need_machine()
+        if self.handover is not None:
+            state = self.handover.state
+            if state in _RAN_AGAIN:
+                return  # the handover already gave the guest back to this side
+            raise ConfplanError(
+                f"the handover of attempt {self.attempt} is {state.value}: the source does not resume on "
+                "request",
+                hint="the two VMMs decide; rerun `confplan apply` to reconcile with what each holds",
+            )
         with self._vcpus:
             self.throttle = 0.0
             self._close_stream(reason)

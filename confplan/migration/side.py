@@ -7,6 +7,7 @@ when the machine is created (Firecracker keeps a controller per phase the same w
 from __future__ import annotations
 
 import array
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +17,8 @@ from typing import Any, ClassVar, Protocol
 
 from confplan.core.wire import Hello, HelperMode
 from confplan.errors import ConfplanError
+from confplan.migration.handover import Command, Order, Role
+from confplan.migration.handover_io import Driver, HandoverFiles
 from confplan.migration.helper import helper_mailboxes
 from confplan.migration.mailbox_set import MailboxSet
 from confplan.migration.verify import SharedTable, private_digests, shared_digest, table_digests
@@ -38,8 +41,17 @@ class MigrationSide:
 
     role: ClassVar[str] = ""
 
-    def __init__(self, machine: Machine, *, psp_dir: Path, log: Log) -> None:
+    def __init__(
+        self, machine: Machine, *, psp_dir: Path, log: Log, state_dir: Path | None = None,
+        on_exit: Callable[[], None] | None = None,
+    ) -> None:  # fmt: skip
+        """``state_dir``: where this side keeps its handover record and holds its liveness lock (None: no
+        durable record, for in-process tests and benchmarks); ``on_exit``: stop this VMM process."""
         self.machine, self.psp_dir, self.log = machine, psp_dir, log
+        self.on_exit = on_exit or (lambda: None)
+        self.files = HandoverFiles(state_dir, Role(self.role)) if state_dir is not None else None
+        self._lock_fd = self.files.hold() if self.files is not None else None
+        self.handover: Driver | None = None
         self.launch: MeasuredLaunch | None = None
         self.shared_table: SharedTable | None = None  # the stream's shared-page CRCs (mac_table fill)
         self._mailboxes: MailboxSet | None = None
@@ -176,9 +188,39 @@ class MigrationSide:
                 "seconds": {"private": hashed, "shared": crc_seconds,
                             "rpc": time.monotonic() - started}}  # fmt: skip
 
+    # ---- the handover ----
+    def handover_view(self) -> dict[str, Any]:
+        """The handover as this side holds it (docs/handover.md): for the orchestrator's ``reconcile``."""
+        if self.handover is None:
+            return {"reach": "alive", "role": self.role, "guest_id": None, "attempt": 0, "state": None,
+                    "running": self.guest_running()}  # fmt: skip
+        return {**self.handover.view(), "running": self.guest_running()}
+
+    def guest_running(self) -> bool:
+        """The guest's own vCPUs run here now (started and not paused)."""
+        m = self.machine
+        return m.started and m.error is None and all(r.active for r in m.vcpus)
+
+    def handover_order(self, order: str, expect: str) -> dict[str, Any]:
+        """Apply the orchestrator's order if this side is still in ``expect`` (compare and set)."""
+        if self.handover is None:
+            raise ConfplanError("no handover under way on this VMM", hint="reconcile again")
+        state_type = type(self.handover.state)
+        try:
+            command = Command(Order(order), state_type(expect))
+        except ValueError as err:
+            raise ConfplanError(f"not a handover order for this side: {err}") from None
+        self.handover.feed(command)
+        return self.handover_view()
+
     # ---- the end ----
     def close(self) -> None:
+        if self.handover is not None:
+            self.handover.close()
         self.machine.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
 
 def _timed(fn: Callable[[], dict[str, int]]) -> tuple[dict[str, int], float]:

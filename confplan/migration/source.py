@@ -15,6 +15,7 @@ import os
 import select
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,9 +28,12 @@ from confplan.core.wire import (
     Done,
     ErrorReport,
     FrameType,
+    Handover,
     Hello,
+    Manifest,
     RoundEnd,
     VcpuState,
+    decode,
     sealed_frame_size,
     shared_frame_capacity,
 )
@@ -220,14 +224,41 @@ class Outgoing:
         return concat_gpas(taken)
 
     # ---- the end ----
-    def send_state(self, paused_wall: float) -> None:
-        """The guest's vCPU states and the encryption bitmap, then DONE (the guest must be paused)."""
+    def send_state(self, paused_wall: float, manifest: Callable[[], Manifest | None] | None = None) -> None:
+        """The guest's vCPU states and the encryption bitmap, then the ``manifest`` (made after the state is
+        on its way, so the target applies it while this side digests), then DONE (the guest must be
+        paused)."""
         for state in self.machine.save_vcpu_states():
             self._control(VcpuState(state.vcpu_id, VCPU_FORMAT, vcpu_blob(state, paused_wall)))
         bitmap = bytes(self.machine.enc_bitmap.bitmap.view())
         self._control(DeviceState(ENC_BITMAP_DEVICE, ENC_BITMAP_FORMAT, bitmap))
+        made = manifest() if manifest is not None else None
+        if made is not None:
+            self._control(made)
         t = self.totals
         self._control(Done(t.rounds, t.shared_pages, t.sealed_pages))
+
+    # ---- the handover (docs/handover.md) ----
+    def send_handover(self, msg: Handover) -> None:
+        try:
+            self._writer().send_control(msg)
+        except OSError as err:
+            raise self._stream_broken(err) from None
+
+    def read_handover(self, deliver: Callable[[Handover | ErrorReport], None]) -> str:
+        """Read the target's handover messages (and an ERROR, if it gives up) until the stream ends;
+        returns why it ended. Runs in a thread of its own once DONE is sent."""
+        reader = self._reader
+        if reader is None:
+            return "the stream was never opened"
+        try:
+            self.sock.settimeout(None)
+            while True:
+                _, msg = decode(reader.recv().data)
+                if isinstance(msg, Handover | ErrorReport):
+                    deliver(msg)
+        except (OSError, ConfplanError) as err:
+            return err.message if isinstance(err, ConfplanError) else str(err)
 
     def abort(self, message: str) -> None:
         """Tell the target why the stream ends (best effort), then close it."""

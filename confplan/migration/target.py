@@ -31,7 +31,9 @@ from confplan.core.wire import (
     Done,
     ErrorReport,
     FrameType,
+    Handover,
     Hello,
+    Manifest,
     RoundEnd,
     VcpuState,
     decode,
@@ -68,6 +70,7 @@ class IncomingStatus:
     bytes_received: int = 0
     vcpus: dict[int, SavedVcpu] = field(default_factory=dict)
     enc_bitmap: bytes | None = None
+    manifest: Manifest | None = None  # what the source says it sent, for the target's own check
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -77,17 +80,30 @@ class IncomingStatus:
         }  # fmt: skip
 
 
+class HandoverHooks:
+    """What the target's handover hears from the stream (``migration.incoming`` feeds its machine):
+    DONE once the copy is whole, each handover message after it, and the link going down."""
+
+    def done(self) -> None: ...
+    def message(self, msg: Handover) -> None: ...
+    def link_down(self, why: str) -> None: ...
+
+
 class Incoming:
-    """Accepts one connection on ``listener`` and applies its stream to ``machine`` in a thread."""
+    """Accepts one connection on ``listener`` and applies its stream to ``machine`` in a thread. After DONE
+    the connection stays open for the handover's messages (``hooks``), both ways."""
 
     def __init__(
         self, machine: Machine, listener: socket.socket, *, hello: Hello, stream_key: bytes | None,
         mailboxes: MailboxSet | None, accept_timeout: float = 60.0, log: Callable[[str], None] | None = None,
+        hooks: HandoverHooks | None = None,
     ) -> None:  # fmt: skip
         self.machine, self.listener, self.hello, self.mailboxes = machine, listener, hello, mailboxes
         self.accept_timeout = accept_timeout
         self._key = stream_key
         self._log = log or (lambda line: None)
+        self.hooks = hooks or HandoverHooks()
+        self._send_lock = threading.Lock()
         self.refused: list[str] = []  # connections that failed the handshake (strangers, replays)
         self._writer: FrameWriter | None = None
         self.status = IncomingStatus()
@@ -133,8 +149,34 @@ class Incoming:
             self.status.state = IncomingState.FAILED
             self._done.set()
             self._tell_source(self.status.error)
+            self.hooks.link_down(self.status.error)
+            return
         finally:
             self._done.set()
+        self.hooks.done()
+        self._handover_messages(reader)
+
+    def _handover_messages(self, reader: FrameReader) -> None:
+        """After DONE: the source's handover messages until it hangs up (or this side closes)."""
+        why = "the source closed the stream"
+        try:
+            while True:
+                _, msg = decode(reader.recv().data)
+                if isinstance(msg, Handover):
+                    self.hooks.message(msg)
+                elif isinstance(msg, ErrorReport):
+                    why = f"the source gave up: {msg.message}"
+                    break
+        except (OSError, ConfplanError) as err:
+            why = err.message if isinstance(err, ConfplanError) else str(err)
+        self.hooks.link_down(why)
+
+    def send_handover(self, msg: Handover) -> None:
+        """A handover message to the source (OSError / ConfplanError when the link is down)."""
+        if self._writer is None:
+            raise ConfplanError("no source is connected")
+        with self._send_lock:
+            self._writer.send_control(msg)
 
     def _accept_source(self) -> FrameReader:
         """Accept connections until one proves the migration's stream key (docs/stream-security.md): a
@@ -190,7 +232,8 @@ class Incoming:
             return
         with contextlib.suppress(OSError, ConfplanError):
             if self._writer is not None:
-                self._writer.send_control(ErrorReport(2, message))
+                with self._send_lock:
+                    self._writer.send_control(ErrorReport(2, message))
         with contextlib.suppress(OSError):
             conn.shutdown(socket.SHUT_WR)
             conn.settimeout(DRAIN_SECONDS)
@@ -275,6 +318,8 @@ class Incoming:
             self.status.vcpus[msg.vcpu] = vcpu_from_blob(msg.vcpu, msg.format_version, msg.blob)
         elif isinstance(msg, DeviceState):
             self._device(msg)
+        elif isinstance(msg, Manifest):
+            self.status.manifest = msg
         elif isinstance(msg, Done):
             self._check_done(msg)
             return True

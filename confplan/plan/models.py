@@ -341,6 +341,14 @@ class Limits(_Model):
         validate_default=True,
         description="Cap on the page stream, e.g. 64MiB/s or 1Gbit/s, or 'unlimited'.",
     )
+    handover_grace: Duration = Field(
+        "1s",
+        validate_default=True,
+        description=(
+            "How long past max_downtime the source waits for the target's verdict before it takes the "
+            "guest back (docs/handover.md): the pause never lasts longer than max_downtime plus this."
+        ),
+    )
     max_precopy_rounds: int = Field(
         30, ge=1, description="Most precopy rounds; never exceeded (then on_timeout decides)."
     )

@@ -97,7 +97,8 @@ class Precopy(Stage):
             bytes_shared=sum(r.bytes_shared for r in rounds),
             bytes_sealed=sum(r.bytes_sealed for r in rounds),
             data={"rounds": [r.to_json() for r in rounds], "decision": decision.reason,
-                  "limit": decision.limit, "forced": decision.forced, "bandwidth": decision.bandwidth,
+                  "limit": decision.limit, "forced": decision.forced, "eta": decision.eta,
+                  "bandwidth": decision.bandwidth,
                   "throttle": throttle, "mac_tables": tables},
         )  # fmt: skip
 

@@ -1,6 +1,7 @@
-"""resume-target: the target installs the encryption bitmap and the vCPU states (TSC moved on by the
-pause), runs the guest, and the workload's self-check ledger must pass. From here the source's undo is
-withdrawn: the guest lives on the target."""
+"""resume-target: the target resumes the guest on the source's COMMIT, with its RESUMED record on disk first
+(docs/handover.md); this stage waits until ``reconcile`` sees the guest run there (relaying the COMMIT if
+the link between the VMMs was cut), then checks the workload's self-check ledger on the target. Once the
+guest runs on the target it **is** the guest: a bad ledger is reported, never rolled back."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 from confplan.errors import ConfplanError
 from confplan.stages.base import ResumePolicy, Stage, StageContext, StageResult, TeardownWhen, register_stage
 from confplan.stages.modules import _common as common
+from confplan.stages.modules import _handover as handover
 
 
 @register_stage
@@ -16,38 +18,57 @@ class ResumeTarget(Stage):
     name = "resume-target"
     needs = ("verify",)
     provides = ("downtime_seconds", "clock_gap_seconds", "ledger_checked_pages", "target_pid")
+    # Before these apply, a rerun reconciles the records with what each side holds (stages/modules/
+    # _handover.py): a guest that runs on the target makes this stage done; one that runs on the source
+    # makes it failed; only a view that cannot be settled leaves it interrupted, and that blocks.
     policy = ResumePolicy(
         "start-incoming",
         "the target did not resume, so it is loaded again from the intact source",
         unsafe_if_interrupted=(
             "resume-target was interrupted: the guest may already run on the target while the source "
-            "still holds it"
+            "still holds it, and neither side's VMM says which"
         ),
     )
 
     def run(self, ctx: StageContext) -> StageResult:
-        target = common.vmm(ctx, "target")
-        common.undo_on_source(ctx)
-        pause = ctx.add_teardown("pause the target guest's vCPUs", lambda: target.call("pause_guest"))
+        timeout = float(ctx.result_of("stop-and-copy").get("verdict_timeout") or 10.0) + 5.0
         started = time.monotonic()
-        resumed = target.call("resume_incoming")
-        now = time.monotonic()
-        paused = ctx.pause_started
-        downtime = now - paused if paused is not None else None
-        ledger = target.call("workload_check", timeout=60.0)
-        if not ledger["ok"]:
+        views = handover.settle(ctx, {handover.Verdict.RUNS_ON_TARGET, handover.Verdict.RUNS_ON_SOURCE},
+                                timeout=timeout, what="resume-target")  # fmt: skip
+        if views.resolution().verdict is handover.Verdict.RUNS_ON_SOURCE:
             raise ConfplanError(
-                f"the guest's self-check failed on the target: data page {ledger['first_bad_page']} is wrong",
-                hint="the target is paused again and the source guest resumes; rerun the apply",
+                f"the handover ended with the guest on the source: {views.resolution().reason}",
+                hint="the source guest runs; rerun the apply to migrate again",
             )
-        pause.cancel()
+        now = time.monotonic()
         # Committed: the guest runs on the target now. No undo may resume the source or stop the target.
         for teardown in ctx.teardowns:
             if teardown.when is TeardownWhen.ON_FAILURE:
                 teardown.cancel()
+        target = common.vmm(ctx, "target")
+        notes = views.raw["target"]
+        downtime = _downtime(notes)
+        ledger = target.call("workload_check", timeout=60.0)
+        if not ledger["ok"]:
+            raise ConfplanError(
+                f"the guest's self-check failed on the target: data page {ledger['first_bad_page']} is wrong",
+                hint="the guest runs on the target (it is the guest now: running the source's older copy "
+                "would roll it back); report this as a bug in confplan",
+            )
+        paused = ctx.pause_started
+        over = downtime is not None and downtime > float(ctx.plan.limits.max_downtime)
         return StageResult(data={
-            "downtime_seconds": downtime, "clock_gap_seconds": resumed["clock_gap_seconds"],
-            "resume_seconds": now - started,
+            "downtime_seconds": downtime, "clock_gap_seconds": notes.get("clock_gap_seconds"),
+            "over_max_downtime": over, "resume_seconds": now - started,
             "started_since_pause": started - paused if paused is not None else None,
             "ledger_checked_pages": ledger["checked_pages"], "target_pid": target.pid,
         })  # fmt: skip
+
+
+def _downtime(notes: dict[str, object]) -> float | None:
+    """From the source's pause to the guest running on the target, by the two wall clocks the target saw
+    (the same clock for a local target; across hosts it includes their skew)."""
+    paused, resumed = notes.get("paused_wall"), notes.get("resumed_wall")
+    if isinstance(paused, int | float) and isinstance(resumed, int | float):
+        return max(0.0, float(resumed) - float(paused))
+    return None

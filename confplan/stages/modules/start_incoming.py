@@ -9,6 +9,7 @@ of the target's own address: a relay or NAT in between).
 from __future__ import annotations
 
 import os
+import time
 
 from confplan.plan.models import StartIncomingParams
 from confplan.stages.base import Stage, StageContext, StageResult, TeardownWhen, register_stage
@@ -31,8 +32,11 @@ class StartIncoming(Stage):
         # A fresh stream key per attempt, handed to both VMMs over their authenticated control channels:
         # only the source that proves it may feed the target (docs/stream-security.md).
         stream_key = os.urandom(32).hex()
+        # The attempt numbers this try in both sides' handover records; it only grows (milliseconds).
+        attempt = time.time_ns() // 1_000_000
         listening = target.call("listen_incoming", {
             "host": listen_host, "port": port, "migration_id": migration_id.hex(), "stream_key": stream_key,
+            "attempt": attempt,
         })  # fmt: skip
         ctx.add_teardown(
             "stop the target's incoming stream",
@@ -44,6 +48,8 @@ class StartIncoming(Stage):
             host, _, text = params.connect_to.rpartition(":")
             port = int(text)
         common.undo_on_source(ctx)
-        stream = {"host": host, "port": port, "migration_id": migration_id.hex(), "stream_key": stream_key}
+        stream = {"host": host, "port": port, "migration_id": migration_id.hex(), "stream_key": stream_key,
+                  "attempt": attempt}  # fmt: skip
         source.call("connect_outgoing", {**stream, "bandwidth": ctx.plan.limits.bandwidth})
-        return StageResult(data={"listen_port": listening["port"], "source_dials": f"{host}:{port}"})
+        return StageResult(data={"listen_port": listening["port"], "source_dials": f"{host}:{port}",
+                                 "attempt": attempt})  # fmt: skip

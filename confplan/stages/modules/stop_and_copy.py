@@ -1,13 +1,20 @@
-"""stop-and-copy: the guest's own vCPUs pause (aux vCPUs keep serving), the last dirty pages, the vCPU
-states and the encryption bitmap go across, and the target confirms it holds all of it."""
+"""stop-and-copy: START the handover (docs/handover.md). The source pauses the guest's vCPUs (the
+helpers serve on), sends the last dirty pages, the vCPU states, the encryption bitmap, its MANIFEST
+and DONE; from here the two VMMs end the migration between themselves, and this stage only waits
+until the target holds the whole copy. No undo of an earlier stage may resume the source any more:
+the source decides (it takes the guest back by itself when no verdict comes within max_downtime +
+limits.handover_grace).
+"""
 
 from __future__ import annotations
 
 import time
 
 from confplan.errors import ConfplanError
-from confplan.stages.base import ResumePolicy, Stage, StageContext, StageResult, register_stage
+from confplan.migration.handover import TargetState
+from confplan.stages.base import ResumePolicy, Stage, StageContext, StageResult, TeardownWhen, register_stage
 from confplan.stages.modules import _common as common
+from confplan.stages.modules import _handover as handover
 
 FINAL_TIMEOUT = 600.0
 
@@ -16,28 +23,44 @@ FINAL_TIMEOUT = 600.0
 class StopAndCopy(Stage):
     name = "stop-and-copy"
     needs = ("start-incoming",)
-    provides = ("final_round", "source_paused_seconds", "target", "steps")
+    provides = ("final_round", "source_paused_seconds", "target", "steps", "verdict_timeout")
     policy = ResumePolicy("start-incoming", "the target's state is incomplete after a failed final copy")
 
     def run(self, ctx: StageContext) -> StageResult:
-        source, target = common.vmm(ctx, "source"), common.vmm(ctx, "target")
-        common.undo_on_source(ctx)
+        source = common.vmm(ctx, "source")
         ctx.pause_started = paused = time.monotonic()
+        timeout = handover.verdict_timeout(ctx)
         try:
-            sent = source.call("stop_and_copy", timeout=FINAL_TIMEOUT)
+            sent = source.call("stop_and_copy", {"verdict_timeout": timeout}, timeout=FINAL_TIMEOUT)
         except ConfplanError as err:
             raise common.stream_error(ctx, err) from None
-        status = target.call("incoming_status", {"wait": FINAL_TIMEOUT / 2}, timeout=FINAL_TIMEOUT)
-        if status["state"] != "complete":
+        # The handover has started: from here the VMMs decide, so no earlier undo may run (resuming the
+        # source now could fork the guest, dropping the target's stream could freeze it).
+        for teardown in ctx.teardowns:
+            if teardown.when is TeardownWhen.ON_FAILURE:
+                teardown.cancel()
+        views = handover.wait_for(ctx, _whole_copy, timeout=timeout + 5.0, what="stop-and-copy")
+        target = views.raw["target"]
+        if handover.source_took_back(views):
             raise ConfplanError(
-                f"the target's incoming stream is {status['state']} after the final copy"
-                + (f": {status['error']}" if status.get("error") else ""),
-                hint="the source guest resumes; rerun the apply to migrate again",
+                f"the handover aborted before the target held the whole guest: {_why(views.raw)}",
+                hint="the source guest runs again; rerun the apply to migrate again",
             )
         final = sent["round"]
         steps = {**sent["steps"], "target_confirmed": time.monotonic() - paused}
         return StageResult(
             bytes_shared=int(final["bytes_shared"]), bytes_sealed=int(final["bytes_sealed"]),
-            data={"final_round": final, "source_paused_seconds": sent["paused_seconds"], "target": status,
-                  "steps": steps},
+            data={"final_round": final, "source_paused_seconds": sent["paused_seconds"], "target": target,
+                  "steps": steps, "verdict_timeout": timeout},
         )  # fmt: skip
+
+
+def _whole_copy(views: handover.Views) -> bool:
+    """The target holds (or held) the whole copy, or the source already took the guest back."""
+    held = views.target.state not in (None, TargetState.RECEIVING)
+    return held or handover.source_took_back(views)
+
+
+def _why(raw: dict[str, dict[str, object]]) -> str:
+    target = raw["target"]
+    return str(target.get("refused") or raw["source"].get("target_error") or target.get("state"))

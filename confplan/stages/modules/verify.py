@@ -1,7 +1,10 @@
-"""verify: both MHs' keyed digests of all guest memory are equal, and so are both VMMs' CRC-32C of the
-shared pages. The target resumes only after this. When precopy filled the MHs' MAC tables, each side MACs
-only the pages written since and folds its table (confplan/migration/verify.py); else all of RAM is
-hashed in the pause."""
+"""verify: the target checks the whole copy by itself against the source's MANIFEST (both helpers' keyed
+digests of all guest memory, and the CRC-32C of the shared pages) as part of the handover
+(docs/handover.md), and says VERIFIED or REFUSED; this stage waits for that verdict and reports the check.
+When precopy filled the MAC tables, each side MACs only the pages moved as shared since and folds its table
+(confplan/migration/verify.py); else all of RAM is hashed in the pause. A refused copy never runs: the
+source takes the guest back by itself.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +12,11 @@ import time
 from typing import Any
 
 from confplan.errors import ConfplanError
-from confplan.migration.helper import HelperUnavailable
-from confplan.migration.verify import CHUNK_PAGES
+from confplan.migration.handover import TargetState
 from confplan.stages.base import ResumePolicy, Stage, StageContext, StageResult, register_stage
-from confplan.stages.modules import _common as common
+from confplan.stages.modules import _handover as handover
+
+_VERDICT = (TargetState.VERIFIED, TargetState.RESUMED, TargetState.REFUSED, TargetState.RELEASED)
 
 
 @register_stage
@@ -23,41 +27,30 @@ class Verify(Stage):
     policy = ResumePolicy("start-incoming", "the target's memory cannot be trusted after a failed verify")
 
     def run(self, ctx: StageContext) -> StageResult:
-        source, target = common.vmm(ctx, "source"), common.vmm(ctx, "target")
-        common.undo_on_source(ctx)
-        tables = ctx.mac_tables
+        timeout = float(ctx.result_of("stop-and-copy").get("verdict_timeout") or 10.0) + 5.0
         started = time.monotonic()
-        here, there = common.both_digests(source, target, {"table": tables})
-        digested = time.monotonic()
-        self._check_shared(here, there)
-        if here["private"] is None or there["private"] is None:
-            raise HelperUnavailable(
-                "private memory cannot be verified: a side has no migration helper to digest it",
-                hint="the target resumes only after both helpers' digests match",
-            )
-        ours, theirs = here["private"], there["private"]
-        bad = sorted((int(k) for k in ours if ours[k] != theirs.get(k)), key=int)
-        if bad or len(ours) != len(theirs):
+        views = handover.wait_for(
+            ctx, lambda v: v.target.state in _VERDICT or handover.source_took_back(v), timeout=timeout,
+            what="verify",
+        )  # fmt: skip
+        target = views.raw["target"]
+        check: dict[str, Any] = dict(target.get("verify") or {})
+        refused = views.target.state in (TargetState.REFUSED, TargetState.RELEASED)
+        if refused or handover.source_took_back(views):
+            why = target.get("refused") or views.raw["source"].get("target_error") or views.target.state
             raise ConfplanError(
-                f"the helpers' digests of guest memory differ in chunks {bad[:8]} of {len(ours)} "
-                f"({CHUNK_PAGES * 4} KiB each)",
-                hint="the target's memory cannot be trusted; the source guest resumes, rerun the apply",
+                f"the target did not take the guest: {why}",
+                hint="the target's copy never runs; the source guest runs again; rerun the apply",
             )
         return StageResult(data={
-            "shared": here["shared"], "chunks": len(ours), "from_mac_tables": tables,
-            "pages_hashed_in_pause": [here["pages_maced"], there["pages_maced"]] if tables else None,
-            "shared_pages_crcd_in_pause": [here.get("shared_pages_crcd"), there.get("shared_pages_crcd")],
-            "seconds": {"source": here["seconds"], "target": there["seconds"]},
-            "since_pause": _since_pause(ctx, started=started, digested=digested),
+            "shared": check.get("shared"), "chunks": check.get("chunks"),
+            "from_mac_tables": check.get("from_mac_tables"),
+            "pages_hashed_in_pause": check.get("pages_hashed_in_pause"),
+            "shared_pages_crcd_in_pause": check.get("shared_pages_crcd_in_pause"),
+            "seconds": {"target": check.get("seconds"), "target_check": check.get("check_seconds"),
+                        "source_digest": views.raw["source"].get("digest_seconds")},
+            "since_pause": _since_pause(ctx, started=started, verified=time.monotonic()),
         })  # fmt: skip
-
-    @staticmethod
-    def _check_shared(here: dict[str, Any], there: dict[str, Any]) -> None:
-        if here["shared"] != there["shared"]:
-            raise ConfplanError(
-                f"shared pages differ: source {here['shared']}, target {there['shared']}",
-                hint="the target's memory cannot be trusted; the source guest resumes, rerun the apply",
-            )
 
 
 def _since_pause(ctx: StageContext, **moments: float) -> dict[str, float] | None:
