@@ -41,3 +41,29 @@ class CorruptingRelay:
             conn.shutdown(socket.SHUT_WR)
         except OSError:
             pass
+
+
+class StallingRelay:
+    """Listens on any free port and forwards to ``target_port`` until ``after`` bytes have passed, then
+    stops forwarding without closing anything: a network that silently drops everything from there."""
+
+    def __init__(self, target_port: int, *, after: int) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.target_port, self.after = target_port, after
+        self.stalled = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        conn, _ = self.listener.accept()
+        up = socket.create_connection(("127.0.0.1", self.target_port))
+        threading.Thread(target=CorruptingRelay._back, args=(up, conn), daemon=True).start()
+        seen = 0
+        try:
+            while seen < self.after and (data := conn.recv(65536)):
+                up.sendall(data)
+                seen += len(data)
+        except OSError:
+            return
+        self.stalled.set()  # from here nothing is read: the sender's window fills and its sends stall
+        self._keep = (conn, up)

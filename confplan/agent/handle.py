@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from confplan.errors import ConfplanError
-from confplan.rpc import PeerGone, RpcClient, RpcError
+from confplan.rpc import RpcClient, RpcError
 from confplan.rpc.client import greeted
 from confplan.sev.certs import PlatformChain
 from confplan.sev.launch_crypto import PlatformVersion
@@ -104,8 +105,6 @@ def describe_end(pid: int | None, log: Path | None) -> str:
             code = child.wait(timeout=2.0)
             how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
             if code < 0:
-                import signal
-
                 how = f"was killed by {signal.Signals(-code).name}"
     elif pid is not None and not _pid_alive(pid):
         how = "has exited"
@@ -213,9 +212,10 @@ def connect_remote(
 
 
 def stop(handle: VmmHandle, timeout: float = 10.0) -> None:
-    """Ask the VMM to shut down (its guest stops), and wait until it has."""
-    with contextlib.suppress(PeerGone):
-        handle.call("shutdown", timeout=timeout)
+    """Ask the VMM to shut down (its guest stops) and wait until it has; a local VMM that does not (wedged
+    in a dead peer, a stuck vCPU) is killed when ``timeout`` has passed."""
+    with contextlib.suppress(RpcError):
+        handle.call("shutdown", timeout=min(timeout, 5.0))
     handle.close()
     child = _CHILDREN.pop(handle.pid or -1, None)
     deadline = time.monotonic() + timeout
@@ -226,3 +226,6 @@ def stop(handle: VmmHandle, timeout: float = 10.0) -> None:
         elif not _pid_alive(handle.pid):
             return
         time.sleep(0.02)
+    if handle.pid is not None and handle.log is not None and _pid_alive(handle.pid):  # local, and wedged
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(handle.pid, signal.SIGKILL)

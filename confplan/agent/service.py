@@ -276,6 +276,11 @@ def _mac_table(side: Side, params: Params) -> Params:
     return side.mac_table_fill()
 
 
+def _seconds(params: Params, key: str) -> float | None:
+    value = params.get(key)
+    return float(value) if value else None
+
+
 def _digests(side: Side, params: Params) -> Params:
     return side.digests(table=bool(params.get("table")), shared=bool(params.get("shared", True)))
 
@@ -290,7 +295,7 @@ def _connect_outgoing(side: OutgoingMigration, params: Params) -> Params:
     side.connect(
         str(params["host"]), int(params["port"]), migration_id=_hex(params, "migration_id", 16),
         stream_key=_hex(params, "stream_key", 32), bandwidth=float(bandwidth) if bandwidth else None,
-        attempt=int(params.get("attempt", 0)),
+        attempt=int(params.get("attempt", 0)), progress_timeout=_seconds(params, "progress_timeout"),
     )  # fmt: skip
     return {}
 

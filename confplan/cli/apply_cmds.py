@@ -50,6 +50,9 @@ class RichObserver(Observer):
     def run_chosen(self, choice: RunChoice) -> None:
         self.text.run_chosen(choice)
 
+    def reconciled(self, note: str) -> None:
+        self.text.reconciled(note)
+
     def steps_planned(self, steps: Sequence[Step], dry_run: bool) -> None:
         self.text.steps_planned(steps, dry_run)
         if not dry_run:

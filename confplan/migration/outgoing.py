@@ -57,7 +57,7 @@ class OutgoingMigration(MigrationSide):
     # ---- the stream ----
     def connect(
         self, host: str, port: int, *, migration_id: bytes, stream_key: bytes, bandwidth: float | None,
-        attempt: int = 0,
+        attempt: int = 0, progress_timeout: float | None = None,
     ) -> None:  # fmt: skip
         """Dial the target's migration port and prove the stream key (the wire v2 handshake); a previous
         stream is replaced. ``attempt`` numbers this try of the migration (the handover's records say
@@ -79,7 +79,7 @@ class OutgoingMigration(MigrationSide):
         self.stream = Outgoing(
             machine, sock, hello=self.hello(migration_id), stream_key=stream_key, mailboxes=self.helper(),
             tracker=self.tracker, next_generation=self.next_generation, bandwidth=bandwidth,
-            peer=f"the target at {host}:{port}",
+            peer=f"the target at {host}:{port}", progress_timeout=progress_timeout,
         )  # fmt: skip
         try:
             self.stream.start()
@@ -87,6 +87,9 @@ class OutgoingMigration(MigrationSide):
             self._close_stream("the handshake failed")
             raise
         self.log(f"source: stream to {host}:{port} open (authenticated)")
+
+    def current_attempt(self) -> tuple[str | None, int]:
+        return (self.migration_id.hex() or None), self.attempt
 
     def check_can_send(self) -> Machine:
         machine = self.need_machine()
@@ -194,6 +197,9 @@ class OutgoingMigration(MigrationSide):
         """The pause's copy; a failure is remembered for stop_and_copy's answer and raised (LINK_DOWN)."""
         stream = self.need_stream()
         halted = time.monotonic()
+        assert isinstance(self.handover, Driver) and isinstance(self.handover.machine, SourceHandover)
+        # A stall in the pause must not outlast the source's deadline: the guest runs again by then.
+        stream.bound_sends(self.handover.machine.verdict_timeout)
         try:
             stats = stream.send_round(final=True)
             sent = time.monotonic()

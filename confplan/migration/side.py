@@ -191,10 +191,15 @@ class MigrationSide:
     # ---- the handover ----
     def handover_view(self) -> dict[str, Any]:
         """The handover as this side holds it (docs/handover.md): for the orchestrator's ``reconcile``."""
-        if self.handover is None:
-            return {"reach": "alive", "role": self.role, "guest_id": None, "attempt": 0, "state": None,
-                    "running": self.guest_running()}  # fmt: skip
+        if self.handover is None:  # before the handover: the attempt the stream belongs to, if any
+            guest_id, attempt = self.current_attempt()
+            return {"reach": "alive", "role": self.role, "guest_id": guest_id, "attempt": attempt,
+                    "state": None, "running": self.guest_running()}  # fmt: skip
         return {**self.handover.view(), "running": self.guest_running()}
+
+    def current_attempt(self) -> tuple[str | None, int]:
+        """(guest id, attempt) of the stream this side has, before its handover starts."""
+        return None, 0
 
     def guest_running(self) -> bool:
         """The guest's own vCPUs run here now (started and not paused)."""

@@ -68,13 +68,14 @@ class Outgoing:
     def __init__(
         self, machine: Machine, sock: socket.socket, *, hello: Hello, stream_key: bytes | None,
         mailboxes: MailboxSet | None, tracker: DirtyTracker, next_generation: int,
-        bandwidth: float | None = None, peer: str = "the target",
+        bandwidth: float | None = None, peer: str = "the target", progress_timeout: float | None = None,
     ) -> None:  # fmt: skip
         self.machine, self.sock, self.hello, self.peer = machine, sock, hello, peer
         self.mailboxes, self.tracker, self.bandwidth = mailboxes, tracker, bandwidth
         self.generation = next_generation
         self.totals = Totals()
         self._key = stream_key
+        self.progress_timeout = progress_timeout  # a send that makes no progress this long fails the stream
         self.writer: FrameWriter | None = None  # after the handshake (``start``)
         self._reader: FrameReader | None = None
         self.ram = HostMemory(machine.ram.address, machine.config.memory)
@@ -110,6 +111,13 @@ class Outgoing:
                 time.sleep(ahead)
 
     def _stream_broken(self, err: OSError) -> ConfplanError:
+        if isinstance(err, TimeoutError):
+            return ConfplanError(
+                f"the migration stream to {self.peer} made no progress for {self.sock.gettimeout()} s "
+                "(nothing was acknowledged): the network or the target stalled",
+                hint="the source guest keeps running; check the path to the target, then rerun the apply "
+                "(limits.progress_timeout sets how long a stall may last)",
+            )
         reason = self._peer_error()
         detail = f": {reason}" if reason else f" ({err.strerror or err})"
         return ConfplanError(
@@ -132,6 +140,7 @@ class Outgoing:
         if there is one."""
         if self._reader is None:
             return None
+        saved = self.sock.gettimeout()
         try:
             self.sock.settimeout(2.0)
             frame = self._reader.recv()
@@ -139,6 +148,9 @@ class Outgoing:
                 return ErrorReport.unpack(bytes(frame.data[32 : 32 + frame.header.payload_len])).message
         except (OSError, ConfplanError):
             return None
+        finally:
+            with contextlib.suppress(OSError):
+                self.sock.settimeout(saved)
         return None
 
     def _control(self, msg: Any) -> None:
@@ -157,6 +169,11 @@ class Outgoing:
             return
         keys = client_handshake(self.sock, self._key, self.hello, peer=self.peer)
         self.writer, self._reader = keys.writer(self.sock), keys.reader(self.sock, self.peer)
+        self.sock.settimeout(self.progress_timeout)
+
+    def bound_sends(self, seconds: float | None) -> None:
+        """From now on a send that makes no progress for ``seconds`` fails (the pause's deadline)."""
+        self.sock.settimeout(seconds)
 
     # ---- rounds ----
     def send_round(self, *, final: bool = False) -> RoundStats:

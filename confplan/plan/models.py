@@ -341,6 +341,14 @@ class Limits(_Model):
         validate_default=True,
         description="Cap on the page stream, e.g. 64MiB/s or 1Gbit/s, or 'unlimited'.",
     )
+    progress_timeout: Duration = Field(
+        "30s",
+        validate_default=True,
+        description=(
+            "A page stream that makes no progress (nothing acknowledged) this long fails; the source "
+            "guest keeps running (like KubeVirt's progressTimeout)."
+        ),
+    )
     handover_grace: Duration = Field(
         "1s",
         validate_default=True,

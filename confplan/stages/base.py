@@ -171,6 +171,23 @@ StageRegistry = dict[str, type[Stage]]
 REGISTRY: StageRegistry = {}
 
 
+@dataclass
+class Reconciled:
+    """What a rerun found out about the world before it decides anything from the checkpoint: stages the
+    world settled (``done``, with the result to record; ``failed``, with the error), whether stages' products
+    are still there (``still_valid``, over their own ``resume_safe``), and what it saw (``notes``)."""
+
+    done: dict[str, dict[str, Any]] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    still_valid: dict[str, bool] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+# (plan, the run's records) -> what really is; raises ConfplanError when no rerun may go on (a lost guest).
+Reconciler = Callable[[Plan, Mapping[str, StageRecord]], Reconciled]
+RECONCILERS: list[Reconciler] = []  # the pipeline's (stages.modules registers it)
+
+
 def stage_policies(registry: StageRegistry | None = None) -> dict[str, ResumePolicy]:
     """Each registered stage's resume policy, by name (the real pipeline's: ``confplan.stages.modules``)."""
     return {name: cls.policy for name, cls in (REGISTRY if registry is None else registry).items()}

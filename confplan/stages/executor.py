@@ -18,8 +18,11 @@ from typing import NoReturn
 from confplan.errors import ConfplanError
 from confplan.plan import Plan, StageSpec
 from confplan.stages.base import (
+    RECONCILERS,
     REGISTRY,
     Progress,
+    Reconciled,
+    Reconciler,
     ResumePolicy,
     Stage,
     StageContext,
@@ -185,6 +188,7 @@ class Observer:
     def stage_failed(self, step: Step, error: str) -> None: ...
     def teardown_ran(self, teardown: Teardown, error: str | None) -> None: ...
     def run_finished(self, run: RunRecord) -> None: ...
+    def reconciled(self, note: str) -> None: ...
 
 
 class StageFailed(ConfplanError):
@@ -214,9 +218,14 @@ def apply(
     dry_run: bool = False,
     restart: bool = False,
     plan_ref: str = "PLAN",
+    reconciler: Reconciler | None = None,
 ) -> ApplyReport:
     """Run ``plan``'s stages, resuming its last run where that is safe. ``plan_ref`` names the plan file
-    in messages. Raises StageFailed after recording the failure and running the tear-downs."""
+    in messages. A rerun first asks ``reconciler`` (default: the pipeline's) what really is, and decides
+    from that and the checkpoint. Raises StageFailed after recording the failure and running the
+    tear-downs."""
+    if reconciler is None and registry is None and RECONCILERS:
+        reconciler = RECONCILERS[0]
     registry = REGISTRY if registry is None else registry
     observer = observer or Observer()
     directory = plan.checkpoint.dir
@@ -229,7 +238,7 @@ def apply(
             records = store.stage_records(choice.run_id) if choice.run_id is not None else {}
             return _report_dry(plan, choice, records, registry, observer)
         with store.exclusive():
-            return _Apply(plan, store, classes, observer, plan_ref).execute(restart)
+            return _Apply(plan, store, classes, observer, plan_ref, reconciler).execute(restart)
 
 
 def _report_dry(
@@ -271,8 +280,10 @@ class _Apply:
         classes: dict[str, type[Stage]],
         observer: Observer,
         plan_ref: str,
+        reconciler: Reconciler | None = None,
     ) -> None:
         self.plan = plan
+        self.reconciler = reconciler
         self.store = store
         self.stages: dict[str, Stage] = {spec.name: classes[spec.name](spec.params) for spec in plan.stages}
         self.observer = observer
@@ -285,11 +296,16 @@ class _Apply:
         records = self.store.stage_records(choice.run_id) if choice.run_id is not None else {}
         # After a success nothing is probed: the source is gone by design, and nothing is left to do.
         probe = latest is not None and latest.outcome is not RunOutcome.SUCCEEDED
+        found = Reconciled()
+        if probe and choice.run_id is not None and self.reconciler is not None:
+            found = self.reconciler(self.plan, records)  # raises when the guest is lost or in doubt
+            records = self._settle_records(choice.run_id, found)
         valid = {
             name: self.stages[name].resume_safe(record)
             for name, record in records.items()
-            if probe and record.status in _FINISHED and name in self.stages
+            if probe and record.status in _FINISHED and name in self.stages and name not in found.still_valid
         }
+        valid.update(found.still_valid)
         steps = plan_steps(self.plan.stages, records, policies=self.policies, still_valid=valid)
         self.observer.run_chosen(choice)
         self.observer.steps_planned(steps, False)
@@ -309,6 +325,16 @@ class _Apply:
         run = self.store.run(run.run_id)
         self.observer.run_finished(run)
         return ApplyReport(choice, steps, run, self.store.stage_records(run.run_id))
+
+    def _settle_records(self, run_id: int, found: Reconciled) -> dict[str, StageRecord]:
+        """Write what the world settled into the run's records, before anything is planned from them."""
+        for note in found.notes:
+            self.observer.reconciled(note)
+        for stage, result in found.done.items():
+            self.store.mark_done(run_id, stage, duration=0.0, bytes_shared=0, bytes_sealed=0, result=result)
+        for stage, error in found.failed.items():
+            self.store.mark_failed(run_id, stage, duration=0.0, error=error)
+        return self.store.stage_records(run_id)
 
     def _open_run(self, choice: RunChoice, steps: list[Step]) -> RunRecord:
         if choice.run_id is None:

@@ -43,6 +43,9 @@ class TextObserver(Observer):
     def run_chosen(self, choice: RunChoice) -> None:
         self.emit(choice.reason)
 
+    def reconciled(self, note: str) -> None:
+        self.emit(f"reconciled: {note}")
+
     def steps_planned(self, steps: Sequence[Step], dry_run: bool) -> None:
         todo = [step for step in steps if step.action is not StepAction.SKIP]
         if not todo:
@@ -94,6 +97,9 @@ class JsonObserver(Observer):
 
     def run_chosen(self, choice: RunChoice) -> None:
         self._event("run-chosen", **choice.to_json())
+
+    def reconciled(self, note: str) -> None:
+        self._event("reconciled", note=note)
 
     def steps_planned(self, steps: Sequence[Step], dry_run: bool) -> None:
         self._event("steps", dry_run=dry_run, steps=[step.to_json() for step in steps])

@@ -6,6 +6,7 @@ guest running: resume its vCPUs, close the stream. docs/migration.md walks throu
 """
 
 from confplan.stages.modules import (
+    _reconcile,
     attest_target,
     cleanup_source,
     launch_source,
@@ -18,6 +19,7 @@ from confplan.stages.modules import (
 )
 
 __all__ = [
+    "_reconcile",
     "attest_target",
     "cleanup_source",
     "launch_source",

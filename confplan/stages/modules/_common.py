@@ -20,6 +20,7 @@ from confplan.stages import machines
 from confplan.stages.base import StageContext, Teardown, TeardownWhen
 
 DIGEST_TIMEOUT = 300.0
+TEARDOWN_TIMEOUT = 5.0  # a tear-down never waits long on a dead peer
 
 
 def state_dir(plan: Plan) -> Path:
@@ -105,11 +106,21 @@ def _classify(role: str, info: dict[str, Any]) -> LiveVmm:
 
 
 def probe_local(previous_result: dict[str, Any] | Any, role: str, **want: Any) -> bool:
-    """resume_safe helper: does the VMM recorded in a stage result still serve, in the wanted state?"""
+    """resume_safe helper: does the VMM recorded in a stage result (its local socket, or the remote agent
+    and its pin) still serve, in the wanted state? A restarted agent holds no machine: the stage redoes."""
     socket = previous_result.get("socket") if previous_result else None
-    if not socket:
-        return True  # a remote agent: probed when the next stage connects
-    handle = vmm_handle.find_local(Path(socket).parent, role)
+    agent = previous_result.get("agent") if previous_result else None
+    handle: VmmHandle | None = None
+    if socket:
+        handle = vmm_handle.find_local(Path(socket).parent, role)
+    elif agent:
+        try:
+            pin = previous_result.get("pin")
+            handle = vmm_handle.connect_remote(str(agent[0]), int(agent[1]), role, pin=pin)
+        except ConfplanError:
+            return False
+    else:
+        return True  # nothing recorded to probe
     if handle is None:
         return False
     try:
@@ -192,7 +203,8 @@ def undo_on_source(ctx: StageContext) -> Teardown:
     """Register 'resume the source guest' (stream closed, vCPUs running); resume-target cancels it."""
 
     def resume() -> None:
-        vmm(ctx, "source").call("resume_guest", {"reason": f"stage {ctx.current} failed"})
+        reason = {"reason": f"stage {ctx.current} failed"}
+        vmm(ctx, "source").call("resume_guest", reason, timeout=TEARDOWN_TIMEOUT)
 
     return ctx.add_teardown("resume the source guest's vCPUs", resume)
 

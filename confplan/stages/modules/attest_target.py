@@ -23,7 +23,9 @@ class AttestTarget(Stage):
         handle = common.vmm(ctx, "target")
         digest = common.measured_launch(ctx.plan, handle, provisioned["created"], provisioned["config"])
         started = handle.call("start", timeout=60.0)
-        return StageResult(data={"launch_digest": digest, "socket": provisioned.get("socket"), **started})
+        return StageResult(data={"launch_digest": digest, "socket": provisioned.get("socket"),
+                                 "agent": provisioned.get("agent"), "pin": provisioned.get("pin"),
+                                 **started})  # fmt: skip
 
     def resume_safe(self, previous: StageRecord) -> bool:
         return common.probe_local(previous.result, "target", running=True, resumed=False)

@@ -44,11 +44,14 @@ class ProvisionTarget(Stage):
             handle, socket = vmm_handle.connect_remote(host, port, "target", pin=pin), ""
             common.adopt(ctx, "target", handle)
             handle.call("discard")
-            ctx.add_teardown("discard the target machine", lambda: handle.call("discard"))
+            ctx.add_teardown("discard the target machine", lambda: handle.call("discard", timeout=5.0))
         config = common.machine_config(ctx.plan, mh_only=True)
         config["prefault"] = params.prefault
         created = handle.call("create", {"role": "target", "config": config})
-        return StageResult(data={"pid": handle.pid, "socket": socket, "created": created, "config": config})
+        agent = list(ctx.plan.target.address) if ctx.plan.target.address else None
+        return StageResult(data={"pid": handle.pid, "socket": socket, "agent": agent,
+                                 "pin": ctx.plan.target.fingerprint, "created": created,
+                                 "config": config})  # fmt: skip
 
     def resume_safe(self, previous: StageRecord) -> bool:
         return common.probe_local(previous.result, "target", machine=True, resumed=False)

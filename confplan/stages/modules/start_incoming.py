@@ -40,7 +40,7 @@ class StartIncoming(Stage):
         })  # fmt: skip
         ctx.add_teardown(
             "stop the target's incoming stream",
-            lambda: target.call("abort_incoming"),
+            lambda: target.call("abort_incoming", timeout=5.0),
             when=TeardownWhen.ON_FAILURE,
         )
         host, port = (remote[0] if remote else "127.0.0.1"), int(listening["port"])
@@ -50,6 +50,8 @@ class StartIncoming(Stage):
         common.undo_on_source(ctx)
         stream = {"host": host, "port": port, "migration_id": migration_id.hex(), "stream_key": stream_key,
                   "attempt": attempt}  # fmt: skip
-        source.call("connect_outgoing", {**stream, "bandwidth": ctx.plan.limits.bandwidth})
+        limits = ctx.plan.limits
+        source.call("connect_outgoing", {**stream, "bandwidth": limits.bandwidth,
+                                         "progress_timeout": float(limits.progress_timeout)})  # fmt: skip
         return StageResult(data={"listen_port": listening["port"], "source_dials": f"{host}:{port}",
                                  "attempt": attempt})  # fmt: skip
