@@ -50,3 +50,30 @@ def test_restart_names_the_running_guest_and_needs_consent(
     again = capsys.readouterr()
     assert f"would stop the target VMM (pid {target_pid})" in again.err
     assert json.loads(again.out)["target_pid"] != target_pid
+
+
+def test_another_plan_in_the_same_folder_never_touches_this_ones_guest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    body = (
+        "guest:\n  memory: 32MiB\n  workload: {kind: idle}\n"
+        "helper: {mode: aux-vcpu, aux_vcpus: 1, batch_pages: 64}\ncheckpoint: {dir: shared}\n"
+    )
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text(body)
+    second.write_text(body)  # another plan (name b), told to share the folder
+    try:
+        assert main(["apply", str(first), "--output", "json"]) == 0
+        target_pid = json.loads(capsys.readouterr().out)["target_pid"]
+        assert main(["apply", str(second)]) == 5
+        assert "of plan 'a', not of 'b'" in capsys.readouterr().err
+        assert main(["stop", str(second)]) == 5  # not even `stop` reaches another plan's guest
+        assert "of plan 'a', not of 'b'" in capsys.readouterr().err
+        target = vmm_handle.find_local(tmp_path / "shared", "target")
+        assert target is not None and target.pid == target_pid and target.call("info")["resumed"]
+        target.close()
+    finally:
+        for role in ("source", "target"):
+            found = vmm_handle.find_local(tmp_path / "shared", role)
+            if found is not None:
+                vmm_handle.stop(found)

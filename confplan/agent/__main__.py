@@ -18,8 +18,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--socket", type=Path, required=True, help="unix socket to serve the control RPC on")
     parser.add_argument("--psp-dir", type=Path, required=True, help="the emulated secure processor's keys")
     parser.add_argument("--firmware", type=Path, default=None, help="folder with another firmware build")
+    parser.add_argument("--plan", default=None, help="the plan this VMM serves (other plans are refused)")
     args = parser.parse_args(argv)
-    return run_vmm(args.socket, psp_dir=args.psp_dir, firmware_dir=args.firmware, control_fd=None)
+    return run_vmm(args.socket, psp_dir=args.psp_dir, firmware_dir=args.firmware, control_fd=None,
+                   plan=args.plan)  # fmt: skip
 
 
 if __name__ == "__main__":

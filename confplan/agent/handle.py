@@ -17,12 +17,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from confplan.errors import ConfplanError
+from confplan.errors import ConfplanError, PlanBusy
 from confplan.rpc import RpcClient, RpcError
 from confplan.rpc.client import greeted
 from confplan.sev.certs import PlatformChain
 from confplan.sev.launch_crypto import PlatformVersion
 from confplan.transport import sockets
+from confplan.transport.files import private_dir
 
 START_TIMEOUT = 15.0
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}  # VMMs this process started, to tell how they ended
@@ -47,8 +48,10 @@ def _last_line(path: Path) -> str | None:
 class VmmHandle:
     """RPC to one VMM process. ``describe_end`` tells how it went away, for error messages."""
 
-    def __init__(self, client: RpcClient, *, role: str, pid: int | None, log: Path | None) -> None:
-        self.client, self.role, self.pid, self.log = client, role, pid, log
+    def __init__(
+        self, client: RpcClient, *, role: str, pid: int | None, log: Path | None, plan: str | None = None
+    ) -> None:
+        self.client, self.role, self.pid, self.log, self.plan = client, role, pid, log, plan
 
     @property
     def name(self) -> str:
@@ -136,26 +139,38 @@ def _connect_unix(path: Path, role: str, pid: int | None, log: Path) -> VmmHandl
         raise
     holder["pid"] = int(info["pid"])
     client.peer = f"the {role} VMM process (pid {info['pid']})"
-    return VmmHandle(client, role=role, pid=int(info["pid"]), log=log)
+    return VmmHandle(client, role=role, pid=int(info["pid"]), log=log, plan=info.get("plan"))
 
 
-def find_local(directory: Path, role: str) -> VmmHandle | None:
-    """The VMM serving ``<dir>/vmm-<role>.sock``, or None when nothing answers there."""
+def find_local(directory: Path, role: str, *, plan: str | None = None) -> VmmHandle | None:
+    """The VMM serving ``<dir>/vmm-<role>.sock``, or None when nothing answers there. With ``plan``: a VMM
+    of another plan there is refused (``PlanBusy``), never used or stopped on this plan's behalf."""
     path = socket_path(directory, role)
     if not path.exists():
         return None
     try:
-        return _connect_unix(path, role, None, log_path(directory, role))
+        handle = _connect_unix(path, role, None, log_path(directory, role))
     except (OSError, RpcError):
         return None
+    if plan is not None and handle.plan not in (None, plan):
+        handle.close()
+        raise PlanBusy(
+            f"{directory} holds the {role} VMM (pid {handle.pid}) of plan {handle.plan!r}, not of {plan!r}",
+            hint=f"give plan {plan!r} its own checkpoint.dir (the default is one folder per plan); "
+            "plans never touch each other's VMMs",
+        )
+    return handle
 
 
-def start_local(directory: Path, role: str, *, firmware_dir: Path | None = None) -> VmmHandle:
-    """Start a VMM process (``python -m confplan.agent``, i.e. ``confplan vmm``) for ``role`` detached,
-    wait for its socket, connect."""
-    directory.mkdir(parents=True, exist_ok=True)
+def start_local(
+    directory: Path, role: str, *, firmware_dir: Path | None = None, plan: str | None = None
+) -> VmmHandle:
+    """Start a VMM process (``python -m confplan.agent``, i.e. ``confplan vmm``) for ``role`` of ``plan``
+    detached, wait for its socket, connect. An old VMM of the same plan there is stopped; another plan's
+    is refused."""
+    private_dir(directory, use="the plan's checkpoint folder")
     path, log = socket_path(directory, role), log_path(directory, role)
-    old = find_local(directory, role)
+    old = find_local(directory, role, plan=plan)
     if old is not None:
         stop(old)
     argv = [
@@ -169,6 +184,8 @@ def start_local(directory: Path, role: str, *, firmware_dir: Path | None = None)
     ]
     if firmware_dir is not None:
         argv += ["--firmware", str(firmware_dir)]
+    if plan is not None:
+        argv += ["--plan", plan]
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True

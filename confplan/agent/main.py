@@ -70,7 +70,10 @@ def _main_thread_setup() -> None:
     install_kick_handler()
 
 
-def run_vmm(socket_path: Path, *, psp_dir: Path, firmware_dir: Path | None, control_fd: int | None) -> int:
+def run_vmm(
+    socket_path: Path, *, psp_dir: Path, firmware_dir: Path | None, control_fd: int | None,
+    plan: str | None = None,
+) -> int:  # fmt: skip
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _main_thread_setup()
     try:
@@ -78,7 +81,7 @@ def run_vmm(socket_path: Path, *, psp_dir: Path, firmware_dir: Path | None, cont
     except ConfplanError as err:
         raise SystemExit(f"confplan vmm: {err.message}") from None
     print(f"confplan vmm {os.getpid()}: serving {socket_path}", file=sys.stderr, flush=True)
-    service = VmmService(psp_dir=psp_dir, firmware_dir=firmware_dir, state_dir=socket_path.parent)
+    service = VmmService(psp_dir=psp_dir, firmware_dir=firmware_dir, state_dir=socket_path.parent, plan=plan)
     try:
         return serve(service, _unix_accept(listener), name=f"the VMM process {os.getpid()}",
                      control_fd=control_fd)  # fmt: skip

@@ -83,12 +83,12 @@ class VmmService:
 
     def __init__(
         self, *, psp_dir: Path, firmware_dir: Path | None = None, state_dir: Path | None = None,
-        remote: bool = False,
+        remote: bool = False, plan: str | None = None,
     ) -> None:  # fmt: skip
         """``state_dir``: where this VMM keeps its console log (the checkpoint folder of a local VMM, the
         agent's own folder); ``remote``: an agent, which serves migration targets only."""
         self.psp_dir, self.firmware_dir, self.state_dir = psp_dir, firmware_dir, state_dir
-        self.remote = remote
+        self.remote, self.plan = remote, plan
         self.side: Side | None = None
         self.stopping = threading.Event()
         self.started = time.time()
@@ -157,7 +157,8 @@ class VmmService:
 
     # ---- calls on the service itself ----
     def info(self) -> Params:
-        base = {"pid": os.getpid(), "role": self.role, "machine": False, "since": self.started}
+        base = {"pid": os.getpid(), "role": self.role, "machine": False, "since": self.started,
+                "plan": self.plan}
         if self.side is None:
             return {**base, "running": False, "guest_error": None, "resumed": False, "incoming": None,
                     "outgoing": False, "throttle": 0.0, "launch_state": None}  # fmt: skip

@@ -246,7 +246,7 @@ def stop_cmd(
             typer.echo(f"{role}: the guest in the agent at {host}:{port} stopped" if stopped
                        else f"{role}: the agent at {host}:{port} holds no guest")  # fmt: skip
             continue
-        found = vmm_handle.find_local(Path(plan.checkpoint.dir), role)
+        found = vmm_handle.find_local(Path(plan.checkpoint.dir), role, plan=plan.metadata.name)
         if found is None:
             typer.echo(f"{role}: no VMM process")
             continue

@@ -39,7 +39,7 @@ def vmm(ctx: StageContext, role: str) -> VmmHandle:
         return handle
     endpoint = ctx.plan.target if role == "target" else ctx.plan.source
     if endpoint.is_local:
-        handle = vmm_handle.find_local(state_dir(ctx.plan), role)
+        handle = vmm_handle.find_local(state_dir(ctx.plan), role, plan=ctx.plan.metadata.name)
     else:
         host, port = endpoint.address or ("", 0)
         handle = vmm_handle.connect_remote(host, port, role, pin=endpoint.fingerprint)
@@ -77,7 +77,7 @@ def live_vmms(plan: Plan) -> list[LiveVmm]:
     """The local VMMs of ``plan`` that serve now (a new run would stop them), with what they hold."""
     found = []
     for role in ("source", "target"):
-        handle = vmm_handle.find_local(state_dir(plan), role)
+        handle = vmm_handle.find_local(state_dir(plan), role, plan=plan.metadata.name)
         if handle is None:
             continue
         try:

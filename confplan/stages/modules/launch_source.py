@@ -27,7 +27,7 @@ class LaunchSource(Stage):
 
     def run(self, ctx: StageContext) -> StageResult:
         directory = common.state_dir(ctx.plan)
-        handle = vmm_handle.start_local(directory, "source")
+        handle = vmm_handle.start_local(directory, "source", plan=ctx.plan.metadata.name)
         common.adopt(ctx, "source", handle)
         # Until launch-source is done nothing is precious yet: a failed launch takes its VMM down.
         undo = ctx.add_teardown("stop the half-launched source VMM", lambda: vmm_handle.stop(handle))

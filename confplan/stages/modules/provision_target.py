@@ -33,7 +33,8 @@ class ProvisionTarget(Stage):
         firmware = params.firmware
         if ctx.plan.target.is_local:
             handle = vmm_handle.start_local(
-                directory, "target", firmware_dir=Path(firmware) if firmware else None
+                directory, "target", firmware_dir=Path(firmware) if firmware else None,
+                plan=ctx.plan.metadata.name,
             )
             socket = str(vmm_handle.socket_path(directory, "target"))
             common.adopt(ctx, "target", handle)
