@@ -196,6 +196,36 @@ def test_a_complete_move_checks_and_every_changed_byte_is_refused(pair: Pair) ->
     pair.check(sealed)  # the refusals changed nothing: the good one still checks
 
 
+def _reseal(record: bytes, label: bytes, sender_id: int) -> bytes:
+    """The record sealed again under the seal key with a nonce of another sender (what only a helper can do:
+    the test holds the key)."""
+    body = _open(record, label)
+    nonce = struct.pack(">IQ", sender_id, 1 << 40)
+    head = bytearray(record[: mbx.SEALED_AAD])
+    head[mbx.SEALED_OFFSETS["nonce"] : mbx.SEALED_OFFSETS["nonce"] + 12] = nonce
+    sealed = AESGCM(_keys()["seal"]).encrypt(nonce, body, label + bytes(head))
+    return bytes(head) + sealed[-16:] + sealed[:-16]
+
+
+def test_only_a_source_helpers_seal_counts(pair: Pair) -> None:
+    """A manifest sealed with a target's sender id (side 1) is refused although its tag is good: a target host
+    must not get its own helper to vouch for its own tables."""
+    sealed = pair.seal()
+    pair.check(_reseal(sealed, mbx.LABEL_MANIFEST, 0x0000_0007))  # another source sender: fine
+    with pytest.raises(ManifestRefused) as err:
+        pair.check(_reseal(sealed, mbx.LABEL_MANIFEST, 0x0001_0000))
+    assert err.value.status == mbx.MhStatus.MANIFEST_AUTH
+    record = pair.src.mailboxes.seal_state(0, b'{"vcpu_id": 0}')
+    with pytest.raises(mbx.MailboxError) as err:
+        pair.dst.mailboxes.open_state(0, _reseal(record, mbx.LABEL_STATE, 0x0001_0003))
+    assert err.value.status == mbx.MhStatus.AUTH
+    # a state record offered as a manifest does not open (its magic and label are bound)
+    as_manifest = bytearray(record)
+    as_manifest[:4] = struct.pack("<I", mbx.MANIFEST_MAGIC)
+    with pytest.raises(ManifestRefused):
+        pair.check(bytes(as_manifest))
+
+
 def test_each_field_that_differs_is_named(pair: Pair) -> None:
     sealed = pair.seal()
     shared = _bitmap()

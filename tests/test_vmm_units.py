@@ -101,6 +101,18 @@ def test_mh_state_follows_the_mailboxes_inside_the_mh_area() -> None:
     assert (bp.mh_ctx_stride, bp.mh_gen_entries, bp.mh_size) == (0xC000, 65536, lay.mh_end - abi.MH_BASE)
 
 
+def test_only_the_emulated_cpu_reads_the_vmsa_slots() -> None:
+    """``Machine.hardware_vmsa_view`` stands in for the CPU loading an SEV-ES VMSA: apart from its own
+    definition, only vmm/vmsa_slot.py may reach the slots (docs/mailbox.md)."""
+    root = Path(__file__).resolve().parents[1] / "confplan"
+    users = sorted(
+        str(path.relative_to(root))
+        for path in root.rglob("*.py")
+        if "hardware_vmsa_view" in path.read_text(encoding="utf-8")
+    )
+    assert users == ["vmm/machine.py", "vmm/vmsa_slot.py"]
+
+
 def test_host_features_need_ymm_state_for_the_avx_group() -> None:
     bits = abi.FEATURE_BITS
     user = {"aes", "pclmulqdq", "ssse3", "sse4_1"}
