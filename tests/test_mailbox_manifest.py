@@ -366,11 +366,23 @@ def test_sealed_state_opens_into_the_vmsa_slot_and_nowhere_else(pair: Pair) -> N
     assert all(
         BLOB[:64] not in bytes(mb.slots) for mb in pair.dst.mailboxes.mailboxes
     )  # not in the data area
-    # a check makes it VERIFIED; a LOAD after takes that back
+    # a check makes it VERIFIED and the helper says so; a LOAD after takes both back
+    assert not pair.dst.mailboxes.verified()
     pair.check(pair.seal())
     assert pair.dst.vmsa_slot(1).state == abi.VMSA_VERIFIED and pair.dst.vmsa_slot(0).state == abi.VMSA_EMPTY
+    assert pair.dst.mailboxes.verified()
     pair.move(range(5, 6), 2)
-    assert pair.dst.vmsa_slot(1).state == abi.VMSA_OPENED
+    assert pair.dst.vmsa_slot(1).state == abi.VMSA_OPENED and not pair.dst.mailboxes.verified()
+    pair.check(pair.seal())
+    assert pair.dst.mailboxes.verified()
+    with pytest.raises(ManifestRefused):  # a failed check takes it back too
+        pair.check(pair.seal(), rounds=9)
+    assert not pair.dst.mailboxes.verified() and pair.dst.vmsa_slot(1).state == abi.VMSA_OPENED
+    for guest in (pair.src, pair.dst):  # (both sides: the entries must match)
+        guest.mailboxes.mac_list(array.array("Q", [WORK]))
+    pair.check(pair.seal())
+    pair.dst.mailboxes.mac_list(array.array("Q", [WORK]))  # so does a MAC_LIST
+    assert not pair.dst.mailboxes.verified()
 
 
 def test_a_changed_sealed_state_is_refused_and_writes_nothing(pair: Pair) -> None:

@@ -411,6 +411,15 @@ class Mailbox:
         self._put(Op.SEAL_STATE, blob)
         return self._sealed(Op.SEAL_STATE, self.post(Op.SEAL_STATE, arg0=vcpu, arg1=len(blob)))
 
+    def verified(self) -> bool:
+        """VERIFIED: whether a CHECK_MANIFEST passed for the helper's migration id and nothing (LOAD,
+        MAC_LIST, MAC_RANGE, OPEN_STATE) changed what it checked since."""
+        seq = self.post(Op.VERIFIED)
+        status = self.wait(Op.VERIFIED, seq)
+        if status != MhStatus.OK:
+            self._fail(Op.VERIFIED, status)
+        return self.result(seq)[1] == 1
+
     def open_state(self, vcpu: int, sealed: bytes) -> None:
         """OPEN_STATE (target): open a sealed state into the helper's VMSA slot ``vcpu``; raises MailboxError
         (AUTH for a changed byte: nothing is written) unless it was opened."""

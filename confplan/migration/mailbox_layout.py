@@ -97,6 +97,7 @@ class Op(enum.IntEnum):
     CHECK_MANIFEST = 10
     SEAL_STATE = 11
     OPEN_STATE = 12
+    VERIFIED = 13
 
 
 class MhStatus(enum.IntEnum):

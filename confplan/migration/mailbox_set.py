@@ -287,6 +287,11 @@ class MailboxSet:
         head = manifest.sealed_head(sealed)
         return ManifestResult(head.migration_id, start, npages, chunk_pages, -(-npages // chunk_pages))
 
+    def verified(self) -> bool:
+        """Ask the helper (the target's) whether a manifest check passed and still holds: what a later step
+        (the resume, a rerun after a crash) relies on rather than on this VMM's memory."""
+        return self.mailboxes[0].verified()
+
     def _for_vcpu(self, vcpu: int) -> Mailbox:
         return self.mailboxes[vcpu % len(self.mailboxes)]
 

@@ -56,7 +56,8 @@
 #define CP_MB_OP_CHECK_MANIFEST 10u /* target: open a manifest and compare it with its own tables */
 #define CP_MB_OP_SEAL_STATE 11u    /* source: seal arg1 bytes of vCPU arg0's state (SEV-ES/SNP registers) */
 #define CP_MB_OP_OPEN_STATE 12u    /* target: open a sealed state of arg1 bytes into VMSA slot arg0 */
-#define CP_MB_OP_LAST CP_MB_OP_OPEN_STATE
+#define CP_MB_OP_VERIFIED 13u      /* n_ok = 1 if a CHECK_MANIFEST passed and nothing changed the tables since */
+#define CP_MB_OP_LAST CP_MB_OP_VERIFIED
 
 /*
  * Statuses: cp_mb_proto.status for the op, cp_sealed_page.status per slot. 0 is success everywhere; the

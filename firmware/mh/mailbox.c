@@ -384,7 +384,10 @@ static uint32_t op_v5(struct cp_mh_ctx *ctx, volatile struct cp_mb_cmd *c, uint8
         return cp_mh_check_manifest(ctx, c, data, room, arg0, arg1, count);
     if (op == CP_MB_OP_SEAL_STATE)
         return cp_mh_seal_state(ctx, c, data, room, arg0, arg1);
-    return cp_mh_open_state(ctx, data, room, arg0, arg1);
+    if (op == CP_MB_OP_OPEN_STATE)
+        return cp_mh_open_state(ctx, data, room, arg0, arg1);
+    c->n_ok = cp_mh_verified(ctx);
+    return CP_MBS_OK;
 }
 
 /* The guest TSC for the ring entry's profiling stamps (CPL3 may read it: the VMM leaves CR4.TSD clear). */

@@ -62,6 +62,14 @@ void cp_mh_tables_changed(struct cp_mh_ctx *ctx)
     cp_mh_unlock(ctx->cfg.shared);
 }
 
+uint32_t cp_mh_verified(struct cp_mh_ctx *ctx)
+{
+    cp_mh_lock(ctx->cfg.shared);
+    uint32_t verified = ctx->cfg.shared->verified;
+    cp_mh_unlock(ctx->cfg.shared);
+    return verified;
+}
+
 void cp_mh_forget_states(struct cp_mh_ctx *ctx)
 {
     cp_mh_wipe(ctx->cfg.vmsa, ctx->cfg.vmsa_slots * CP_VMSA_SLOT_SIZE);

@@ -30,6 +30,9 @@ uint32_t cp_mh_seal_state(struct cp_mh_ctx *ctx, volatile struct cp_mb_cmd *c, u
 uint32_t cp_mh_open_state(struct cp_mh_ctx *ctx, const uint8_t *data, uint64_t room, uint64_t vcpu,
                           uint64_t size);
 
+/* VERIFIED: 1 if a CHECK_MANIFEST passed for this migration id and nothing changed the tables since. */
+uint32_t cp_mh_verified(struct cp_mh_ctx *ctx);
+
 /* Something a check reads is about to change or just changed (LOAD, MAC_LIST, MAC_RANGE): take back
  * "verified". Cheap; call it before and after such an op. */
 void cp_mh_tables_changed(struct cp_mh_ctx *ctx);
