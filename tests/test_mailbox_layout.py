@@ -191,6 +191,9 @@ def test_v5_records_match_the_c_header(c_values: dict[str, int], c_labels: dict[
     assert {k: c_values[k] for k in constants} == constants
     assert c_labels == {"manifest": mbx.LABEL_MANIFEST.rstrip(b"\0"), "state": mbx.LABEL_STATE}
     assert len(mbx.LABEL_MANIFEST) == len(mbx.LABEL_STATE) == 16
+    from confplan.migration.manifest import FIELDS
+
+    assert set(FIELDS) == mbx.MANIFEST_REFUSALS  # every refusal names its field
     # the default chunk is verify's, so a refused chunk names the range verify would
     from confplan.migration.verify import CHUNK_PAGES
 

@@ -27,6 +27,7 @@ from confplan.migration.mailbox_layout import (
     CMD_TSC,
     DIGEST_BYTES,
     FIELD_OFFSETS,
+    MANIFEST_REFUSALS,
     NO_INDEX,
     PROTO_MAGIC,
     PROTO_VERSION,
@@ -400,10 +401,13 @@ class Mailbox:
     def check_manifest(
         self, start: int, npages: int, chunk_pages: int, request: bytes
     ) -> tuple[int, int, int, int]:
-        """CHECK_MANIFEST (target): (status, n_ok, n_refused, first_bad); the caller names a refusal."""
+        """CHECK_MANIFEST (target): (status, n_ok, n_refused, first_bad), OK or a MANIFEST_* status (the
+        caller names the refusal: ``manifest.refusal``); any other status (SIDE, NO_KEY, COUNT) raises."""
         self._put(Op.CHECK_MANIFEST, request)
         seq = self.post(Op.CHECK_MANIFEST, count=chunk_pages, arg0=start, arg1=npages)
-        self.wait(Op.CHECK_MANIFEST, seq)
+        status = self.wait(Op.CHECK_MANIFEST, seq)
+        if status != MhStatus.OK and status not in MANIFEST_REFUSALS:
+            self._fail(Op.CHECK_MANIFEST, status)
         return self.result(seq)
 
     def seal_state(self, vcpu: int, blob: bytes) -> bytes:

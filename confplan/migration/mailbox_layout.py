@@ -183,6 +183,10 @@ _MEANING: dict[MhStatus, str] = {
 }
 
 
+# CHECK_MANIFEST's statuses that refuse a manifest (each names a field); any other is the op's own failure.
+MANIFEST_REFUSALS = frozenset(MhStatus(c) for c in range(MhStatus.MANIFEST_AUTH, MhStatus.MANIFEST_BUSY + 1))
+
+
 def status_name(code: int) -> str:
     """``NAME (meaning)`` for a status code, or the raw number for an unknown one."""
     try:

@@ -277,13 +277,11 @@ class MailboxSet:
             sealed=sealed,
         )  # fmt: skip
         status, _, n_refused, first_bad = mb.check_manifest(start, npages, chunk_pages, request)
-        if status in manifest.FIELDS:
+        if status != MhStatus.OK:
             raise manifest.refusal(
                 status, first_bad=first_bad, n_refused=n_refused, start=start, chunk_pages=chunk_pages,
                 mh_index=mb.mh_index,
             )  # fmt: skip
-        if status != MhStatus.OK:
-            mb._fail(Op.CHECK_MANIFEST, status)
         head = manifest.sealed_head(sealed)
         return ManifestResult(head.migration_id, start, npages, chunk_pages, -(-npages // chunk_pages))
 

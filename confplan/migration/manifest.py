@@ -26,7 +26,7 @@ from confplan.migration.mailbox_layout import (
     status_name,
 )
 
-# What each refusal names: the manifest field that differs.
+# What each refusal names: the manifest field that differs (one per status of MANIFEST_REFUSALS).
 FIELDS: dict[MhStatus, str] = {
     MhStatus.MANIFEST_AUTH: "seal",
     MhStatus.MANIFEST_ID: "migration id",
