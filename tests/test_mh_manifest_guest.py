@@ -129,10 +129,15 @@ def launcher(psp: EmulatedSecureProcessor, host: HostCpu, tmp_path: Path) -> Ite
 
 
 @pytest.fixture
-def migrated(launcher: Launcher) -> Migrated:
+def migrated(launcher: Launcher, request: pytest.FixtureRequest) -> Migrated:
+    """Helper mode aux-vcpu, or the test's parameter (``indirect``)."""
+    mode = getattr(request, "param", "aux-vcpu")
+    helper: dict[str, object] = (
+        {"aux_vcpus": 2} if mode == "aux-vcpu" else {"helper_mode": "mirror-vm", "mirror_vcpus": 2}
+    )
     mig = os.urandom(16)
-    src_cfg = MachineConfig(memory=MEM, vcpus=2, workload_kind="quiet", aux_vcpus=2, batch_pages=64,
-                            measured_launch=True)  # fmt: skip
+    src_cfg = MachineConfig(memory=MEM, vcpus=2, workload_kind="quiet", batch_pages=64, measured_launch=True,
+                            **helper)  # type: ignore[arg-type]  # fmt: skip
     src = launcher.boot(src_cfg, mig)
     dst = launcher.boot(dataclasses.replace(src_cfg, mh_only=True), mig)
     src.wait_workload(abi.EV_WL_FILLED)
@@ -230,6 +235,7 @@ def test_sealed_state_reaches_only_the_vmsa_slot_a_changed_byte_nothing(migrated
     dst.check()
 
 
+@pytest.mark.parametrize("migrated", ["aux-vcpu", "mirror-vm"], indirect=True)
 def test_sev_es_state_is_loaded_only_from_verified_slots_and_the_guest_runs_on(migrated: Migrated) -> None:
     src, dst = migrated.src, migrated.dst
     records = [migrated.src_mb.seal_state(i, blob) for i, blob in enumerate(migrated.blobs)]
