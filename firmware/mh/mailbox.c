@@ -333,13 +333,14 @@ static uint32_t op_fold(struct cp_mh_ctx *ctx, volatile struct cp_mb_proto *p, u
     return rc;
 }
 
-/* Largest MAC_LIST from slot `first`: the GPAs fill the data area from there on, 8 bytes each (FOLD's
- * 32-byte digests: a quarter of that). */
+/* Bytes of the data area from slot `first` on (the v5 ops' requests and records live there). */
 static uint64_t data_room(const struct cp_mh_ctx *ctx, uint32_t first)
 {
     return first >= ctx->cfg.batch_pages ? 0 : (uint64_t)(ctx->cfg.batch_pages - first) * CP_MB_SLOT_SIZE;
 }
 
+/* Largest MAC_LIST from slot `first`: the GPAs fill the data area from there on, 8 bytes each (FOLD's
+ * 32-byte digests: a quarter of that). */
 static uint64_t mac_list_room(const struct cp_mh_ctx *ctx, uint32_t first)
 {
     return data_room(ctx, first) / 8;
@@ -375,9 +376,9 @@ static uint32_t op_v5(struct cp_mh_ctx *ctx, volatile struct cp_mb_cmd *c, uint8
                       uint32_t count, uint32_t first, uint64_t arg0, uint64_t arg1)
 {
     uint64_t room = data_room(ctx, first);
-    uint8_t *data = slots + (size_t)first * CP_MB_SLOT_SIZE;
     if (room == 0)
         return CP_MBS_COUNT;
+    uint8_t *data = slots + (size_t)first * CP_MB_SLOT_SIZE;
     if (op == CP_MB_OP_SEAL_MANIFEST)
         return cp_mh_seal_manifest(ctx, c, data, room, arg0, arg1, count);
     if (op == CP_MB_OP_CHECK_MANIFEST)
