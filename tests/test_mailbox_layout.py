@@ -54,18 +54,41 @@ int main(void) {
     F(cp_mh_config, shared) F(cp_mh_config, gen_table) F(cp_mh_config, gen_entries) F(cp_mh_config, secret)
     F(cp_mh_config, secret_size) F(cp_mh_config, doorbell) F(cp_mh_config, cpu_features) F(cp_mh_config, side)
     F(cp_mh_config, mh_index) F(cp_mh_config, batch_pages) F(cp_mh_config, pad) F(cp_mh_config, mac_table)
-    F(cp_mh_config, mac_entries)
+    F(cp_mh_config, mac_entries) F(cp_mh_config, vmsa) F(cp_mh_config, vmsa_slots)
     printf("sizeof.cp_mh_config %zu\n", sizeof(struct cp_mh_config));
     C(CP_MB_PROTO_MAGIC) C(CP_MB_PROTO_VERSION) C(CP_MB_PROTO_OFFSET) C(CP_MB_SLOTS_OFFSET) C(CP_MB_SLOT_SIZE)
     C(CP_MB_SLOT_HEADER) C(CP_MB_DIGEST_BYTES) C(CP_MB_NO_INDEX) C(CP_MB_RING_OFFSET) C(CP_MB_RING)
     C(CP_MB_CMD_SIZE)
     C(CP_MB_OP_INIT) C(CP_MB_OP_SAVE) C(CP_MB_OP_LOAD) C(CP_MB_OP_DIGEST) C(CP_MB_OP_RESET)
     C(CP_MB_OP_MAC_RANGE) C(CP_MB_OP_MAC_LIST) C(CP_MB_OP_FOLD) C(CP_MB_MAC_BYTES)
+    C(CP_MB_OP_SEAL_MANIFEST) C(CP_MB_OP_CHECK_MANIFEST) C(CP_MB_OP_SEAL_STATE) C(CP_MB_OP_OPEN_STATE)
+    C(CP_MB_OP_VERIFIED)
     C(CP_MBS_OK) C(CP_MBS_BAD_OP) C(CP_MBS_NO_KEY) C(CP_MBS_COUNT) C(CP_MBS_PARTIAL) C(CP_MBS_GPA_ALIGN)
     C(CP_MBS_GPA_RANGE) C(CP_MBS_GPA_MH) C(CP_MBS_GEN_INVALID) C(CP_MBS_GEN_STALE) C(CP_MBS_AUTH)
     C(CP_MBS_KEY_ID) C(CP_MBS_RESERVED) C(CP_MBS_NONCE) C(CP_MBS_SECRET_HEADER) C(CP_MBS_SECRET_LENGTH)
     C(CP_MBS_SECRET_ENTRY) C(CP_MBS_SECRET_NO_KEY) C(CP_MBS_SECRET_KEY_LEN) C(CP_MBS_SECRET_ID_LEN)
-    C(CP_MBS_CONFIG) C(CP_MBS_MAC_MISSING) C(CP_MBS_LAST)
+    C(CP_MBS_CONFIG) C(CP_MBS_MAC_MISSING) C(CP_MBS_SIDE) C(CP_MBS_MANIFEST_AUTH) C(CP_MBS_MANIFEST_ID)
+    C(CP_MBS_MANIFEST_RANGE) C(CP_MBS_MANIFEST_BITMAP) C(CP_MBS_MANIFEST_STATE) C(CP_MBS_MANIFEST_ROUNDS)
+    C(CP_MBS_MANIFEST_VMSA) C(CP_MBS_MANIFEST_GENERATIONS) C(CP_MBS_MANIFEST_MAC) C(CP_MBS_MANIFEST_BUSY)
+    C(CP_MBS_STATE_LABEL) C(CP_MBS_LAST)
+    F(cp_sealed_blob, magic) F(cp_sealed_blob, version) F(cp_sealed_blob, flags) F(cp_sealed_blob, length)
+    F(cp_sealed_blob, key_id) F(cp_sealed_blob, migration_id) F(cp_sealed_blob, nonce)
+    F(cp_sealed_blob, label) F(cp_sealed_blob, tag)
+    F(cp_manifest_request, state_hash) F(cp_manifest_request, rounds) F(cp_manifest_request, bitmap_bytes)
+    F(cp_manifest_request, sealed_bytes)
+    F(cp_manifest_body, start) F(cp_manifest_body, npages) F(cp_manifest_body, chunk_pages)
+    F(cp_manifest_body, chunks) F(cp_manifest_body, rounds) F(cp_manifest_body, max_generation)
+    F(cp_manifest_body, vcpus) F(cp_manifest_body, bitmap_digest) F(cp_manifest_body, state_hash)
+    printf("sizeof.cp_sealed_blob %zu\n", sizeof(struct cp_sealed_blob));
+    printf("sizeof.cp_manifest_request %zu\n", sizeof(struct cp_manifest_request));
+    printf("sizeof.cp_manifest_body %zu\n", sizeof(struct cp_manifest_body));
+    C(CP_MB_MANIFEST_MAGIC) C(CP_MB_STATE_MAGIC) C(CP_MB_SEALED_VERSION) C(CP_MB_SEALED_HEAD)
+    C(CP_MB_SEALED_AAD) C(CP_MB_SEALED_MAX) C(CP_MB_LABEL_BYTES) C(CP_MB_REQUEST_BYTES)
+    C(CP_MB_MANIFEST_CHUNK_ALIGN) C(CP_MB_MANIFEST_CHUNK_MAX) C(CP_MB_MANIFEST_ENTRY) C(CP_MB_VMSA_TAG)
+    C(CP_MB_OP_LAST)
+    C(CP_VMSA_SLOT_SIZE) C(CP_VMSA_DATA_BYTES)
+    printf("label.manifest %s\n", CP_MB_LABEL_MANIFEST);
+    printf("label.state %s\n", CP_MB_LABEL_STATE);
     return 0;
 }
 """
@@ -77,7 +100,7 @@ def lib(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
 
 
 @pytest.fixture(scope="module")
-def c_values(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
+def c_output(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
     out = tmp_path_factory.mktemp("mh-offsets")
     src, exe = out / "offsets.c", out / "offsets"
     src.write_text(OFFSETS_C)
@@ -86,8 +109,20 @@ def c_values(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
          "-o", str(exe), str(src)],
         check=True,
     )  # fmt: skip
-    lines = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.split("\n")
-    return {name: int(value) for name, value in (line.split() for line in lines if line)}
+    stdout = subprocess.run([str(exe)], check=True, capture_output=True).stdout
+    return [line for line in stdout.split(b"\n") if line]
+
+
+@pytest.fixture(scope="module")
+def c_values(c_output: list[bytes]) -> dict[str, int]:
+    pairs = (line.decode().split() for line in c_output if not line.startswith(b"label."))
+    return {name: int(value) for name, value in pairs}
+
+
+@pytest.fixture(scope="module")
+def c_labels(c_output: list[bytes]) -> dict[str, bytes]:
+    pairs = (line.removeprefix(b"label.").split(b" ", 1) for line in c_output if line.startswith(b"label."))
+    return {name.decode(): value for name, value in pairs}
 
 
 def test_control_page_offsets_match_the_c_header(c_values: dict[str, int]) -> None:
@@ -114,13 +149,55 @@ def test_control_page_offsets_match_the_c_header(c_values: dict[str, int]) -> No
 
 
 def test_ops_and_statuses_match_the_c_header(c_values: dict[str, int]) -> None:
-    assert {op.name: op.value for op in mbx.Op} == {
-        k.removeprefix("CP_MB_OP_"): v for k, v in c_values.items() if k.startswith("CP_MB_OP_")
-    }
+    c_ops = {k.removeprefix("CP_MB_OP_"): v for k, v in c_values.items() if k.startswith("CP_MB_OP_")}
+    assert c_ops.pop("LAST") == max(mbx.Op)
+    assert {op.name: op.value for op in mbx.Op} == c_ops
     c_status = {k.removeprefix("CP_MBS_"): v for k, v in c_values.items() if k.startswith("CP_MBS_")}
     assert c_status.pop("LAST") == max(mbx.MhStatus)
     assert {st.name: st.value for st in mbx.MhStatus} == c_status
     assert all(st.meaning for st in mbx.MhStatus)
+
+
+def test_v5_records_match_the_c_header(c_values: dict[str, int], c_labels: dict[str, bytes]) -> None:
+    """The sealed record head, the manifest request and body (docs/mailbox.md, "The manifest")."""
+
+    def fields(struct_name: str) -> dict[str, int]:
+        prefix = f"{struct_name}."
+        return {k.removeprefix(prefix): v for k, v in c_values.items() if k.startswith(prefix)}
+
+    assert fields("cp_sealed_blob") == mbx.SEALED_OFFSETS
+    assert fields("cp_manifest_request") == mbx.REQUEST_OFFSETS
+    body = fields("cp_manifest_body")
+    assert body == mbx.BODY_OFFSETS
+    sizes = (c_values["sizeof.cp_sealed_blob"], c_values["sizeof.cp_manifest_request"],
+             c_values["sizeof.cp_manifest_body"])  # fmt: skip
+    assert sizes == (mbx.SEALED_HEAD, mbx.REQUEST_BYTES, mbx.BODY_BYTES)
+    assert mbx.SEALED_HEAD_STRUCT.size == mbx.SEALED_HEAD and mbx.REQUEST_STRUCT.size == mbx.REQUEST_BYTES
+    # the struct formats put each field where the C header does
+    head = mbx.SEALED_HEAD_STRUCT.pack(1, 2, 3, 4, 5, b"\x06" * 16, b"\x07" * 12, 8, b"\x09" * 16)
+    assert head[mbx.SEALED_OFFSETS["nonce"]] == 7 and head[mbx.SEALED_OFFSETS["label"]] == 8
+    assert head[mbx.SEALED_OFFSETS["tag"] :] == b"\x09" * 16 == head[mbx.SEALED_AAD :]
+    request = mbx.REQUEST_STRUCT.pack(b"\x01" * 32, 2, 3, 4)
+    assert [request[mbx.REQUEST_OFFSETS[k]] for k in ("rounds", "bitmap_bytes", "sealed_bytes")] == [2, 3, 4]
+    constants = {
+        "CP_MB_MANIFEST_MAGIC": mbx.MANIFEST_MAGIC, "CP_MB_STATE_MAGIC": mbx.STATE_MAGIC,
+        "CP_MB_SEALED_VERSION": mbx.SEALED_VERSION, "CP_MB_SEALED_HEAD": mbx.SEALED_HEAD,
+        "CP_MB_SEALED_AAD": mbx.SEALED_AAD, "CP_MB_SEALED_MAX": mbx.SEALED_MAX, "CP_MB_LABEL_BYTES": 16,
+        "CP_MB_REQUEST_BYTES": mbx.REQUEST_BYTES, "CP_MB_MANIFEST_CHUNK_ALIGN": mbx.MANIFEST_CHUNK_ALIGN,
+        "CP_MB_MANIFEST_CHUNK_MAX": mbx.MANIFEST_CHUNK_MAX, "CP_MB_MANIFEST_ENTRY": mbx.MANIFEST_ENTRY,
+        "CP_MB_VMSA_TAG": mbx.VMSA_TAG, "CP_VMSA_SLOT_SIZE": abi.VMSA_SLOT_SIZE,
+        "CP_VMSA_DATA_BYTES": abi.VMSA_DATA_BYTES,
+    }  # fmt: skip
+    assert {k: c_values[k] for k in constants} == constants
+    assert c_labels == {"manifest": mbx.LABEL_MANIFEST.rstrip(b"\0"), "state": mbx.LABEL_STATE}
+    assert len(mbx.LABEL_MANIFEST) == len(mbx.LABEL_STATE) == 16
+    from confplan.migration.manifest import FIELDS
+
+    assert set(FIELDS) == mbx.MANIFEST_REFUSALS  # every refusal names its field
+    # the default chunk is verify's, so a refused chunk names the range verify would
+    from confplan.migration.verify import CHUNK_PAGES
+
+    assert mbx.MANIFEST_CHUNK_PAGES == CHUNK_PAGES and CHUNK_PAGES % mbx.MANIFEST_CHUNK_ALIGN == 0
 
 
 def test_host_config_mirror_matches_the_c_struct(c_values: dict[str, int]) -> None:

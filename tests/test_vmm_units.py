@@ -84,16 +84,33 @@ def test_mh_state_follows_the_mailboxes_inside_the_mh_area() -> None:
     cfg = MachineConfig(memory=256 * abi.MIB, vcpus=1, aux_vcpus=3, batch_pages=256)
     lay = GuestLayout.for_config(cfg)
     assert lay.mh_shared_gpa == abi.MAILBOX_GPA + 3 * lay.mailbox_stride
-    assert lay.mh_ctx_gpa == lay.mh_shared_gpa + abi.PAGE and lay.mh_ctx_of(2) == lay.mh_ctx_gpa + 2 * 0x3000
+    assert lay.mh_ctx_gpa == lay.mh_shared_gpa + abi.PAGE and lay.mh_ctx_of(2) == lay.mh_ctx_gpa + 2 * 0xC000
     assert lay.mh_gen_gpa == lay.mh_ctx_of(3) and lay.mh_gen_entries == 256 * abi.MIB // abi.PAGE
-    assert lay.mh_gen_gpa + 4 * lay.mh_gen_entries <= lay.mh_end == lay.wl_base  # 256 KiB table for 256 MiB
+    assert lay.mh_gen_gpa + 4 * lay.mh_gen_entries <= lay.mh_mac_gpa  # 256 KiB table for 256 MiB
+    # v4: one 8 KiB VMSA slot per guest vCPU after the MAC table, still inside the MH area
+    assert lay.mh_vmsa_gpa == lay.mh_mac_gpa + 16 * lay.npages and lay.vmsa_slot_gpa(0) == lay.mh_vmsa_gpa
+    assert lay.mh_vmsa_gpa + lay.vmsa_bytes <= lay.mh_end == lay.wl_base
     bp = boot_params(cfg, lay, HostCpu(tsc_khz=1, features=0, vendor_amd=False))
-    assert (bp.mh_shared_gpa, bp.mh_ctx_gpa, bp.mh_gen_gpa) == (
+    assert (bp.mh_shared_gpa, bp.mh_ctx_gpa, bp.mh_gen_gpa, bp.mh_vmsa_gpa, bp.mh_vmsa_slots) == (
         lay.mh_shared_gpa,
         lay.mh_ctx_gpa,
         lay.mh_gen_gpa,
+        lay.mh_vmsa_gpa,
+        1,
     )
-    assert (bp.mh_ctx_stride, bp.mh_gen_entries, bp.mh_size) == (0x3000, 65536, lay.mh_end - abi.MH_BASE)
+    assert (bp.mh_ctx_stride, bp.mh_gen_entries, bp.mh_size) == (0xC000, 65536, lay.mh_end - abi.MH_BASE)
+
+
+def test_only_the_emulated_cpu_reads_the_vmsa_slots() -> None:
+    """``Machine.hardware_vmsa_view`` stands in for the CPU loading an SEV-ES VMSA: apart from its own
+    definition, only vmm/vmsa_slot.py may reach the slots (docs/mailbox.md)."""
+    root = Path(__file__).resolve().parents[1] / "confplan"
+    users = sorted(
+        str(path.relative_to(root))
+        for path in root.rglob("*.py")
+        if "hardware_vmsa_view" in path.read_text(encoding="utf-8")
+    )
+    assert users == ["vmm/machine.py", "vmm/vmsa_slot.py"]
 
 
 def test_host_features_need_ymm_state_for_the_avx_group() -> None:

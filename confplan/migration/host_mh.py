@@ -50,6 +50,8 @@ class MhConfigC(ctypes.Structure):
         ("pad", ctypes.c_uint32),
         ("mac_table", ctypes.c_void_p),
         ("mac_entries", ctypes.c_uint64),
+        ("vmsa", ctypes.c_void_p),
+        ("vmsa_slots", ctypes.c_uint64),
     )
 
 
@@ -115,7 +117,7 @@ class HostGuest:
 
     def __init__(
         self, lib: ctypes.CDLL, *, ram_size: int, secret: bytes, mh_vcpus: int = 1, batch_pages: int = 64,
-        side: int = SIDE_SOURCE, cpu_features: int | None = None, timeout: float = 30.0,
+        side: int = SIDE_SOURCE, cpu_features: int | None = None, timeout: float = 30.0, vcpus: int = 1,
     ) -> None:  # fmt: skip
         self.lib, self.ram_size, self.batch_pages = lib, ram_size, batch_pages
         self.stride = SLOTS_OFFSET + _round_up(batch_pages * SLOT_SIZE, abi.PAGE)
@@ -130,6 +132,8 @@ class HostGuest:
         self._shared = ctypes.create_string_buffer(int(lib.cp_mh_shared_size()))
         self._gen = (ctypes.c_uint32 * (ram_size // abi.PAGE))()
         self._macs = (ctypes.c_uint8 * (ram_size // abi.PAGE * abi.MH_MAC_ENTRY))()
+        self.vcpus = vcpus  # the guest's vCPUs: one VMSA slot each
+        self._vmsa = (abi.VmsaSlot * vcpus)()
         features = host_cpu_features(lib) if cpu_features is None else cpu_features
         self._ctxs = [self._setup(i, side, features) for i in range(mh_vcpus)]
         self._idles = [ctypes.create_string_buffer(int(lib.cp_mh_host_idle_size())) for _ in range(mh_vcpus)]
@@ -147,7 +151,7 @@ class HostGuest:
             self.ram_address, self.ram_size, self.mh_base, self.mh_size, ctypes.addressof(self._shared),
             ctypes.addressof(self._gen), len(self._gen), self.ram_address + abi.SECRET_GPA, SECRET_PAGE_SIZE,
             None, features, side, index, self.batch_pages, 0, ctypes.addressof(self._macs),
-            self.ram_size // abi.PAGE,
+            self.ram_size // abi.PAGE, ctypes.addressof(self._vmsa), self.vcpus,
         )  # fmt: skip
         rc = self.lib.cp_mh_setup(ctx, ctypes.byref(cfg))
         if rc != 0:
@@ -188,6 +192,10 @@ class HostGuest:
         """The MAC table entry for ``gpa`` (MH private memory; zero = never MAC'd)."""
         at = gpa // abi.PAGE * abi.MH_MAC_ENTRY
         return bytes(self._macs[at : at + abi.MH_MAC_ENTRY])
+
+    def vmsa_slot(self, vcpu: int) -> abi.VmsaSlot:
+        """VMSA slot ``vcpu`` (MH private memory: tests look, the VMM cannot)."""
+        return self._vmsa[vcpu]
 
     def close(self) -> None:
         for index, thread in enumerate(self._threads):

@@ -27,6 +27,7 @@ from confplan.migration.mailbox_layout import (
     CMD_TSC,
     DIGEST_BYTES,
     FIELD_OFFSETS,
+    MANIFEST_REFUSALS,
     NO_INDEX,
     PROTO_MAGIC,
     PROTO_VERSION,
@@ -365,6 +366,71 @@ class Mailbox:
         if status != MhStatus.OK:
             self._fail(Op.FOLD, status)
         return [bytes(self.slots[i * DIGEST_BYTES : (i + 1) * DIGEST_BYTES]) for i in range(chunks)]
+
+    # ---- v5: the manifest and sealed vCPU state (the request formats: ``migration.manifest``) ----
+    def _put(self, op: Op, data: bytes) -> None:
+        """``data`` into the data area from slot 0, or a refusal that says how many slots it needs."""
+        if len(data) > len(self.slots):
+            raise MailboxError(
+                f"{op.name} on MH vCPU {self.mh_index}: {len(data)} bytes of request do not fit its data "
+                f"area ({self.batch_pages} slots, {len(self.slots)} bytes)",
+                op=op, mh_index=self.mh_index, status=MhStatus.COUNT,
+                hint=f"give the helper at least {-(-len(data) // SLOT_SIZE)} batch_pages",
+            )  # fmt: skip
+        self.slots[: len(data)] = data
+
+    def result(self, seq: int) -> tuple[int, int, int, int]:
+        """Op ``seq``'s status, n_ok, n_refused, first_bad (until RING later ops reuse its entry)."""
+        at = self._entry(seq) + CMD_OFFSETS["status"]
+        status, n_ok, n_refused, first_bad = CMD_RESULT.unpack_from(self._ctl, at)
+        return int(status), int(n_ok), int(n_refused), int(first_bad)
+
+    def _sealed(self, op: Op, seq: int) -> bytes:
+        """Wait for a SEAL_MANIFEST / SEAL_STATE; the record it wrote at slot 0 (``n_ok`` bytes)."""
+        status = self.wait(op, seq)
+        if status != MhStatus.OK:
+            self._fail(op, status)
+        return bytes(self.slots[: self.result(seq)[1]])
+
+    def seal_manifest(self, start: int, npages: int, chunk_pages: int, request: bytes) -> bytes:
+        """SEAL_MANIFEST (source): the sealed manifest of this side's tables over the range."""
+        self._put(Op.SEAL_MANIFEST, request)
+        seq = self.post(Op.SEAL_MANIFEST, count=chunk_pages, arg0=start, arg1=npages)
+        return self._sealed(Op.SEAL_MANIFEST, seq)
+
+    def check_manifest(
+        self, start: int, npages: int, chunk_pages: int, request: bytes
+    ) -> tuple[int, int, int, int]:
+        """CHECK_MANIFEST (target): (status, n_ok, n_refused, first_bad), OK or a MANIFEST_* status (the
+        caller names the refusal: ``manifest.refusal``); any other status (SIDE, NO_KEY, COUNT) raises."""
+        self._put(Op.CHECK_MANIFEST, request)
+        seq = self.post(Op.CHECK_MANIFEST, count=chunk_pages, arg0=start, arg1=npages)
+        status = self.wait(Op.CHECK_MANIFEST, seq)
+        if status != MhStatus.OK and status not in MANIFEST_REFUSALS:
+            self._fail(Op.CHECK_MANIFEST, status)
+        return self.result(seq)
+
+    def seal_state(self, vcpu: int, blob: bytes) -> bytes:
+        """SEAL_STATE (source): vCPU ``vcpu``'s state blob sealed (head + ciphertext)."""
+        self._put(Op.SEAL_STATE, blob)
+        return self._sealed(Op.SEAL_STATE, self.post(Op.SEAL_STATE, arg0=vcpu, arg1=len(blob)))
+
+    def verified(self) -> bool:
+        """VERIFIED: whether a CHECK_MANIFEST passed for the helper's migration id and nothing (LOAD,
+        MAC_LIST, MAC_RANGE, OPEN_STATE) changed what it checked since."""
+        seq = self.post(Op.VERIFIED)
+        status = self.wait(Op.VERIFIED, seq)
+        if status != MhStatus.OK:
+            self._fail(Op.VERIFIED, status)
+        return self.result(seq)[1] == 1
+
+    def open_state(self, vcpu: int, sealed: bytes) -> None:
+        """OPEN_STATE (target): open a sealed state into the helper's VMSA slot ``vcpu``; raises MailboxError
+        (AUTH for a changed byte: nothing is written) unless it was opened."""
+        self._put(Op.OPEN_STATE, sealed)
+        status = self.wait(Op.OPEN_STATE, self.post(Op.OPEN_STATE, arg0=vcpu, arg1=len(sealed)))
+        if status != MhStatus.OK:
+            self._fail(Op.OPEN_STATE, status, f" (vCPU {vcpu}'s state, {len(sealed)} bytes)")
 
 
 def raise_for_refusals(op: Op, mh_index: int, result: BatchResult) -> None:

@@ -16,7 +16,7 @@ from confplan.errors import ConfplanError
 
 PAGE_SIZE = 4096
 PROTO_MAGIC = 0x504D4243  # "CBMP"
-PROTO_VERSION = 4
+PROTO_VERSION = 5
 PROTO_OFFSET = 0x40
 SLOTS_OFFSET = 0x1000
 RING_OFFSET = 0x400
@@ -50,6 +50,37 @@ PROTO_SIZE = 256
 # Inside a slot (struct cp_sealed_page).
 SLOT_GPA, SLOT_GENERATION, SLOT_STATUS, SLOT_NONCE, SLOT_KEY_ID, SLOT_TAG, SLOT_CT = 0, 8, 12, 16, 28, 32, 64
 
+# v5: sealed manifests and vCPU states (struct cp_sealed_blob: a 64-byte head, then the ciphertext).
+MANIFEST_MAGIC = 0x464D5043  # "CPMF"
+STATE_MAGIC = 0x53565043  # "CPVS"
+SEALED_VERSION = 1
+SEALED_HEAD = 64
+SEALED_AAD = 48  # head bytes the tag covers
+SEALED_MAX = 0x9000  # largest sealed record, head included (the MH's private seal buffer)
+LABEL_MANIFEST = b"CP-MANIFEST-V1\0\0"  # AAD domain labels
+LABEL_STATE = b"CP-VCPU-STATE-V1"
+SEALED_OFFSETS: dict[str, int] = {
+    "magic": 0, "version": 4, "flags": 6, "length": 8, "key_id": 12, "migration_id": 16, "nonce": 32,
+    "label": 44, "tag": 48,
+}  # fmt: skip
+SEALED_HEAD_STRUCT = struct.Struct("<IHHII16s12sI16s")
+# The request SEAL_MANIFEST / CHECK_MANIFEST read at slot `first` (struct cp_manifest_request), then the
+# range's bitmap bits (padded to 16), then (CHECK) the sealed manifest.
+REQUEST_BYTES = 64
+REQUEST_OFFSETS: dict[str, int] = {"state_hash": 0, "rounds": 32, "bitmap_bytes": 36, "sealed_bytes": 40}
+REQUEST_STRUCT = struct.Struct("<32sIII20x")
+# The manifest's plaintext (struct cp_manifest_body), then per vCPU a VMSA tag, then per chunk two digests.
+BODY_BYTES = 112
+BODY_OFFSETS: dict[str, int] = {
+    "start": 0, "npages": 8, "chunk_pages": 16, "chunks": 20, "rounds": 24, "max_generation": 28, "vcpus": 32,
+    "bitmap_digest": 48, "state_hash": 80,
+}  # fmt: skip
+MANIFEST_CHUNK_ALIGN = 128  # chunk pages: a multiple of this ...
+MANIFEST_CHUNK_MAX = 32768  # ... and at most this
+MANIFEST_CHUNK_PAGES = 2048  # the default: verify's CHUNK_PAGES (8 MiB), so a mismatch names the same range
+MANIFEST_ENTRY = 64  # per chunk: generation digest || MAC digest
+VMSA_TAG = 16
+
 
 class Op(enum.IntEnum):
     """CP_MB_OP_*."""
@@ -62,6 +93,11 @@ class Op(enum.IntEnum):
     MAC_RANGE = 6
     MAC_LIST = 7
     FOLD = 8
+    SEAL_MANIFEST = 9
+    CHECK_MANIFEST = 10
+    SEAL_STATE = 11
+    OPEN_STATE = 12
+    VERIFIED = 13
 
 
 class MhStatus(enum.IntEnum):
@@ -89,6 +125,18 @@ class MhStatus(enum.IntEnum):
     SECRET_ID_LEN = 19
     CONFIG = 20
     MAC_MISSING = 21
+    SIDE = 22
+    MANIFEST_AUTH = 23
+    MANIFEST_ID = 24
+    MANIFEST_RANGE = 25
+    MANIFEST_BITMAP = 26
+    MANIFEST_STATE = 27
+    MANIFEST_ROUNDS = 28
+    MANIFEST_VMSA = 29
+    MANIFEST_GENERATIONS = 30
+    MANIFEST_MAC = 31
+    MANIFEST_BUSY = 32
+    STATE_LABEL = 33
 
     @property
     def meaning(self) -> str:
@@ -118,7 +166,25 @@ _MEANING: dict[MhStatus, str] = {
     MhStatus.SECRET_ID_LEN: "the migration id entry is not 16 bytes",
     MhStatus.CONFIG: "the helper's context is inconsistent (firmware bug)",
     MhStatus.MAC_MISSING: "a page of the range has no MAC in the helper's table yet (MAC_RANGE it first)",
+    MhStatus.SIDE: "the op is not allowed on this side (seal on the source, check and open on the target)",
+    MhStatus.MANIFEST_AUTH: "the sealed manifest does not open (changed, malformed, another key, or not "
+    "sealed by a source helper)",
+    MhStatus.MANIFEST_ID: "the manifest belongs to another migration id",
+    MhStatus.MANIFEST_RANGE: "the manifest covers another range, chunk size or number of vCPUs",
+    MhStatus.MANIFEST_BITMAP: "the encryption bitmap differs from the source's",
+    MhStatus.MANIFEST_STATE: "the hash of the vCPU and device state differs from the source's",
+    MhStatus.MANIFEST_ROUNDS: "the number of rounds differs from the source's",
+    MhStatus.MANIFEST_VMSA: "a vCPU's opened register state is not the one the source sealed last",
+    MhStatus.MANIFEST_GENERATIONS: "a page's final generation differs from the source's (its last sealed "
+    "copy did not arrive)",
+    MhStatus.MANIFEST_MAC: "a page's MAC differs from the source's (its content differs)",
+    MhStatus.MANIFEST_BUSY: "the helper's tables changed while the manifest was checked: check again",
+    MhStatus.STATE_LABEL: "the sealed vCPU state is authentic but was sealed for another vCPU or migration",
 }
+
+
+# CHECK_MANIFEST's statuses that refuse a manifest (each names a field); any other is the op's own failure.
+MANIFEST_REFUSALS = frozenset(MhStatus(c) for c in range(MhStatus.MANIFEST_AUTH, MhStatus.MANIFEST_BUSY + 1))
 
 
 def status_name(code: int) -> str:

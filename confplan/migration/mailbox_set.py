@@ -9,8 +9,18 @@ import array
 import collections
 from collections.abc import Callable, Sequence
 
+from confplan.migration import manifest
 from confplan.migration.mailbox import BatchResult, InitInfo, Mailbox, raise_for_refusals
-from confplan.migration.mailbox_layout import PAGE_SIZE, RING, SLOT_SIZE, MailboxError, MhStatus, Op
+from confplan.migration.mailbox_layout import (
+    MANIFEST_CHUNK_PAGES,
+    PAGE_SIZE,
+    RING,
+    SLOT_SIZE,
+    MailboxError,
+    MhStatus,
+    Op,
+)
+from confplan.migration.manifest import ManifestResult
 
 # Streaming: a finished SAVE/LOAD handed to the VMM (mailbox, result); records valid during the call only.
 Consume = Callable[[Mailbox, BatchResult], None]
@@ -239,3 +249,56 @@ class MailboxSet:
         digests = [d for mb, seq, chunks in folds for d in mb.finish_fold(seq, chunks)]
         maced += sum(mb.finish_mac(Op.MAC_LIST, seq) for mb, seq in lists)  # done before their FOLDs
         return maced, digests
+
+    # ---- v5: the manifest and sealed vCPU state (docs/mailbox.md); one helper does each op, in ms ----
+    def seal_manifest(
+        self, start: int, npages: int, *, enc_bitmap: bytes | memoryview, state_hash: bytes, rounds: int,
+        chunk_pages: int = MANIFEST_CHUNK_PAGES,
+    ) -> bytes:  # fmt: skip
+        """SEAL_MANIFEST on the source: the helper's sealed statement of what its tables say it sent over the
+        range, with ``state_hash`` (``manifest.state_hash`` of the state this VMM sends), ``rounds`` and the
+        range's bits of ``enc_bitmap`` (the whole guest's encryption bitmap). Every page of the range outside
+        the helper's area needs a MAC (MAC its shared pages first: MAC_MISSING otherwise)."""
+        request = manifest.request(
+            start, npages, chunk_pages, enc_bitmap=enc_bitmap, state_hash=state_hash, rounds=rounds
+        )
+        return self.mailboxes[0].seal_manifest(start, npages, chunk_pages, request)
+
+    def check_manifest(
+        self, sealed: bytes, start: int, npages: int, *, enc_bitmap: bytes | memoryview, state_hash: bytes,
+        rounds: int, chunk_pages: int = MANIFEST_CHUNK_PAGES,
+    ) -> ManifestResult:  # fmt: skip
+        """CHECK_MANIFEST on the target, with this VMM's own bitmap, state hash and round count. Raises
+        ``ManifestRefused`` naming the first field that differs (and the chunk or vCPU); on success the helper
+        holds "verified" for this migration, which the VMSA slots it opened now carry."""
+        mb = self.mailboxes[0]
+        request = manifest.request(
+            start, npages, chunk_pages, enc_bitmap=enc_bitmap, state_hash=state_hash, rounds=rounds,
+            sealed=sealed,
+        )  # fmt: skip
+        status, _, n_refused, first_bad = mb.check_manifest(start, npages, chunk_pages, request)
+        if status != MhStatus.OK:
+            raise manifest.refusal(
+                status, first_bad=first_bad, n_refused=n_refused, start=start, chunk_pages=chunk_pages,
+                mh_index=mb.mh_index,
+            )  # fmt: skip
+        head = manifest.sealed_head(sealed)
+        return ManifestResult(head.migration_id, start, npages, chunk_pages, -(-npages // chunk_pages))
+
+    def verified(self) -> bool:
+        """Ask the helper (the target's) whether a manifest check passed and still holds: what a later step
+        (the resume, a rerun after a crash) relies on rather than on this VMM's memory."""
+        return self.mailboxes[0].verified()
+
+    def _for_vcpu(self, vcpu: int) -> Mailbox:
+        return self.mailboxes[vcpu % len(self.mailboxes)]
+
+    def seal_state(self, vcpu: int, blob: bytes) -> bytes:
+        """SEAL_STATE on the source: vCPU ``vcpu``'s state blob (``session.vcpu_blob``) sealed by the helper
+        (head + ciphertext, ~64 bytes more than the blob); the manifest binds the last one per vCPU."""
+        return self._for_vcpu(vcpu).seal_state(vcpu, blob)
+
+    def open_state(self, vcpu: int, sealed: bytes) -> None:
+        """OPEN_STATE on the target: the helper opens a sealed state into its VMSA slot ``vcpu`` (never where
+        this VMM can read it); a changed byte raises MailboxError (AUTH) and writes nothing."""
+        self._for_vcpu(vcpu).open_state(vcpu, sealed)

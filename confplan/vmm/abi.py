@@ -17,7 +17,7 @@ HUGE: Final = 2 * MIB
 
 # Values exported by the firmware as ABI_<lowercase name>.
 ABI: Final[dict[str, int]] = {
-    "version": 3,
+    "version": 4,
     "gdt_gpa": 0x1000,
     "idt_gpa": 0x2000,
     "tss_gpa": 0x3000,
@@ -37,9 +37,16 @@ ABI: Final[dict[str, int]] = {
     "secret_gpa": 0x280000,
     "mailbox_gpa": 0x281000,
     "mailbox_slot_tag": 64,
-    "mh_ctx_stride": 0x3000,
+    "mh_ctx_stride": 0xC000,
     "mh_gen_entry": 4,
     "mh_mac_entry": 16,
+    "vmsa_slot_size": 0x2000,
+    "vmsa_slot_header": 64,
+    "vmsa_magic": 0x41534D56,
+    "vmsa_empty": 0,
+    "vmsa_sealed": 1,
+    "vmsa_opened": 2,
+    "vmsa_verified": 3,
     "mmio_base": 0xE0000000,
     "mmio_size": 0x200000,
     "mmio_console": 0xE0000000,
@@ -99,6 +106,13 @@ MAILBOX_SLOT_TAG: Final = ABI["mailbox_slot_tag"]
 MH_CTX_STRIDE: Final = ABI["mh_ctx_stride"]
 MH_GEN_ENTRY: Final = ABI["mh_gen_entry"]
 MH_MAC_ENTRY: Final = ABI["mh_mac_entry"]
+VMSA_SLOT_SIZE: Final = ABI["vmsa_slot_size"]
+VMSA_SLOT_HEADER: Final = ABI["vmsa_slot_header"]
+VMSA_DATA_BYTES: Final = VMSA_SLOT_SIZE - VMSA_SLOT_HEADER
+VMSA_MAGIC: Final = ABI["vmsa_magic"]
+VMSA_EMPTY, VMSA_SEALED, VMSA_OPENED, VMSA_VERIFIED = (
+    ABI["vmsa_empty"], ABI["vmsa_sealed"], ABI["vmsa_opened"], ABI["vmsa_verified"]
+)
 MMIO_BASE: Final = ABI["mmio_base"]
 MMIO_SIZE: Final = ABI["mmio_size"]
 MMIO_CONSOLE: Final = ABI["mmio_console"]
@@ -210,6 +224,9 @@ class BootParams(ctypes.Structure):
         # ABI v3: the per-page MAC table verify folds (docs/mailbox.md)
         ("mh_mac_gpa", u64),
         ("mh_mac_entries", u64),
+        # ABI v4: the VMSA slots where the target MH opens SEV-ES/SNP register state (docs/mailbox.md)
+        ("mh_vmsa_gpa", u64),
+        ("mh_vmsa_slots", u64),
     ]
 
 
@@ -263,12 +280,29 @@ class MailboxHeader(ctypes.Structure):
     ]
 
 
+class VmsaSlot(ctypes.Structure):
+    """``struct cp_vmsa_slot``: a VMSA slot in MH memory, its 64-byte header, then the state. Only the
+    emulated hardware loader (``vmm.vmsa_slot``) reads one."""
+
+    _fields_: ClassVar = [
+        ("magic", u32),
+        ("state", u32),
+        ("vcpu", u32),
+        ("length", u32),
+        ("tag", ctypes.c_uint8 * 16),
+        ("migration_id", ctypes.c_uint8 * 16),
+        ("reserved", ctypes.c_uint8 * 16),
+        ("data", ctypes.c_uint8 * VMSA_DATA_BYTES),
+    ]
+
+
 # Struct prefix used by the firmware's ABI_<prefix>_<field> symbols.
 ABI_STRUCTS: Final[dict[str, type[ctypes.Structure]]] = {
     "bp": BootParams,
     "wlst": WlVcpuStatus,
     "wlctl": WlControl,
     "mb": MailboxHeader,
+    "vslot": VmsaSlot,
 }
 
 

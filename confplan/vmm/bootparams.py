@@ -62,6 +62,7 @@ def boot_params(config: MachineConfig, layout: GuestLayout, host: HostCpu) -> ab
     bp.mh_ctx_stride = abi.MH_CTX_STRIDE
     bp.mh_gen_gpa, bp.mh_gen_entries = layout.mh_gen_gpa, layout.mh_gen_entries
     bp.mh_mac_gpa, bp.mh_mac_entries = layout.mh_mac_gpa, layout.npages
+    bp.mh_vmsa_gpa, bp.mh_vmsa_slots = layout.mh_vmsa_gpa, config.vcpus
     bp.wl_base, bp.wl_size = layout.wl_base, config.memory - layout.wl_base
     bp.wl_ctl_gpa, bp.wl_stack_gpa = layout.wl_ctl_gpa, layout.wl_stack_gpa
     bp.wl_stack_size = layout.wl_stack_top(0) - layout.wl_stack_gpa

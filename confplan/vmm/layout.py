@@ -23,6 +23,7 @@ class GuestLayout:
     mh_ctx_gpa: int
     mh_gen_gpa: int
     mh_mac_gpa: int  # one keyed MAC (16 bytes) per guest page, after the generation table
+    mh_vmsa_gpa: int  # one VMSA slot per guest vCPU (SEV-ES/SNP register state), after the MAC table
     mh_end: int  # the MH area is [abi.MH_BASE, mh_end), 2 MiB aligned
     wl_vcpus: int
     wl_ctl_gpa: int
@@ -47,6 +48,14 @@ class GuestLayout:
     def mailbox_gpa(self, mh_index: int) -> int:
         return abi.MAILBOX_GPA + mh_index * self.mailbox_stride
 
+    @property
+    def vmsa_bytes(self) -> int:
+        """The VMSA slots together: one per guest vCPU."""
+        return self.wl_vcpus * abi.VMSA_SLOT_SIZE
+
+    def vmsa_slot_gpa(self, vcpu: int) -> int:
+        return self.mh_vmsa_gpa + vcpu * abi.VMSA_SLOT_SIZE
+
     def mh_ctx_of(self, mh_index: int) -> int:
         return self.mh_ctx_gpa + mh_index * abi.MH_CTX_STRIDE
 
@@ -67,12 +76,14 @@ class GuestLayout:
     @classmethod
     def for_config(cls, config: MachineConfig) -> GuestLayout:
         stride = PAGE + round_up(config.batch_pages * (PAGE + abi.MAILBOX_SLOT_TAG), PAGE)
-        # The MH's private state follows the mailboxes: shared block, contexts, generation and MAC tables.
+        # The MH's private state follows the mailboxes: shared block, contexts, generation and MAC tables,
+        # the VMSA slots.
         shared = abi.MAILBOX_GPA + config.mh_vcpus * stride
         ctxs = shared + PAGE
         gen = ctxs + config.mh_vcpus * abi.MH_CTX_STRIDE
         mac = gen + round_up(config.memory // PAGE * abi.MH_GEN_ENTRY, PAGE)
-        mh_end = round_up(mac + round_up(config.memory // PAGE * abi.MH_MAC_ENTRY, PAGE), HUGE)
+        vmsa = mac + round_up(config.memory // PAGE * abi.MH_MAC_ENTRY, PAGE)
+        mh_end = round_up(vmsa + config.vcpus * abi.VMSA_SLOT_SIZE, HUGE)
         ctl = mh_end
         stacks = ctl + round_up(ctypes.sizeof(abi.WlControl), PAGE)
         ledger = stacks + config.vcpus * WL_STACK_SIZE
@@ -94,6 +105,7 @@ class GuestLayout:
             mh_ctx_gpa=ctxs,
             mh_gen_gpa=gen,
             mh_mac_gpa=mac,
+            mh_vmsa_gpa=vmsa,
             mh_end=mh_end,
             wl_vcpus=config.vcpus,
             wl_ctl_gpa=ctl,

@@ -222,23 +222,41 @@ class Machine:
         return launch_blobs(self.config, self.firmware, self.host)
 
     # ---- guest memory, as the VMM (and the secure processor) may touch it ----
-    def _refuse_secret(self, gpa: int, n: int, what: str) -> None:
+    def _refuse_private(self, gpa: int, n: int, what: str) -> None:
+        """The secret page and the VMSA slots are the MH's alone: refuse any range that touches them."""
         if gpa < abi.SECRET_GPA + abi.PAGE and gpa + n > abi.SECRET_GPA:
             raise ConfplanError(
                 f"{what} of guest range [{gpa:#x}, {gpa + n:#x}) refused: it overlaps the secret page at "
                 f"{abi.SECRET_GPA:#x}, which holds the launch secret (the transport key)",
                 hint="only the migration helper reads the secret page; leave it out of the range",
             )
+        vmsa, size = self.layout.mh_vmsa_gpa, self.layout.vmsa_bytes
+        if gpa < vmsa + size and gpa + n > vmsa:
+            raise ConfplanError(
+                f"{what} of guest range [{gpa:#x}, {gpa + n:#x}) refused: it overlaps the VMSA slots at "
+                f"[{vmsa:#x}, {vmsa + size:#x}), which hold the guest's vCPU register state",
+                hint="only the migration helper writes the VMSA slots and only the (emulated) CPU loads "
+                "them; leave them out of the range",
+            )
 
     def read(self, gpa: int, n: int) -> bytes:
-        """Guest bytes [gpa, gpa+n) (``confplan.sev.GuestMemory``); the secret page is refused."""
-        self._refuse_secret(gpa, n, "read")
+        """Guest bytes [gpa, gpa+n) (``confplan.sev.GuestMemory``); the secret page and the VMSA slots are
+        refused."""
+        self._refuse_private(gpa, n, "read")
         return self.ram.read(gpa, n)
 
     def view(self, gpa: int, n: int) -> memoryview:
-        """A zero-copy view of guest bytes; the secret page is refused, as by ``read``."""
-        self._refuse_secret(gpa, n, "view")
+        """A zero-copy view of guest bytes; the secret page and the VMSA slots are refused, as by ``read``."""
+        self._refuse_private(gpa, n, "view")
         return self.ram.view(gpa, n)
+
+    def hardware_vmsa_view(self, vcpu: int) -> memoryview:
+        """EMULATED HARDWARE ONLY: VMSA slot ``vcpu`` (``abi.VmsaSlot``), for ``vmm.vmsa_slot``, which stands
+        in for the CPU loading an SEV-ES vCPU's encrypted VMSA. No VMM code may call this (a test checks
+        that only vmsa_slot.py does); the VMM's own API refuses the slots."""
+        if not 0 <= vcpu < self.config.vcpus:
+            raise ConfplanError(f"no VMSA slot {vcpu}: this guest has {self.config.vcpus} vCPUs")
+        return self.ram.view(self.layout.vmsa_slot_gpa(vcpu), abi.VMSA_SLOT_SIZE)
 
     def write(self, gpa: int, data: bytes) -> None:
         """Store guest bytes (``confplan.sev.GuestMemory``: LAUNCH_UPDATE_DATA and LAUNCH_SECRET land here).

@@ -1,9 +1,13 @@
 """vCPU state as plain Python objects, with a save/restore contract (Firecracker's ``Persist``), so the
-migration can send it: general registers, segment/control registers, FPU/SSE, XCR0 and the TSC."""
+migration can send it: general registers, segment/control registers, FPU/SSE, XCR0 and the TSC.
+
+``state_blob`` / ``state_from_blob`` are its one byte form (JSON), used by the stream's VCPU_STATE frames
+(``migration.session``) and by the VMSA slots an SEV-ES target loads from (``vmm.vmsa_slot``)."""
 
 from __future__ import annotations
 
 import ctypes
+import json
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -56,3 +60,35 @@ class VcpuState:
         vcpu.set_fpu(_unblob(s.KvmFpu, self.fpu, "fpu"))
         vcpu.set_xcrs(_unblob(s.KvmXcrs, self.xcrs, "xcrs"))
         vcpu.set_msr(s.MSR_IA32_TSC, self.tsc)
+
+
+def state_blob(state: VcpuState, paused_wall: float) -> bytes:
+    """The state as JSON: registers by name, the KVM structs' bytes in hex, the TSC, and the wall clock
+    at the pause (for the target's clock re-sync)."""
+    doc = {
+        "vcpu_id": state.vcpu_id, "regs": state.regs, "sregs": state.sregs.hex(), "fpu": state.fpu.hex(),
+        "xcrs": state.xcrs.hex(), "tsc": state.tsc, "paused_wall": paused_wall,
+    }  # fmt: skip
+    return json.dumps(doc, sort_keys=True).encode()
+
+
+def state_from_blob(blob: bytes) -> tuple[VcpuState, float]:
+    """The state and the pause's wall clock from ``state_blob``'s bytes. Raises ValueError (also for a
+    missing or mistyped field) when they do not decode."""
+    try:
+        doc = json.loads(blob)
+        state = VcpuState(
+            vcpu_id=int(doc["vcpu_id"]), regs={str(k): int(v) for k, v in doc["regs"].items()},
+            sregs=bytes.fromhex(doc["sregs"]), fpu=bytes.fromhex(doc["fpu"]), xcrs=bytes.fromhex(doc["xcrs"]),
+            tsc=int(doc["tsc"]),
+        )  # fmt: skip
+        return state, float(doc["paused_wall"])
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(str(err)) from None
+
+
+def tsc_after_pause(tsc: int, paused_wall: float, now_wall: float, tsc_khz: int) -> int:
+    """The TSC to restore so guest time moves on by the wall time the pause took (the seed's kvm-clock
+    re-sync): the guest sees the downtime pass instead of time standing still."""
+    gap = max(0.0, now_wall - paused_wall)
+    return tsc + int(gap * tsc_khz * 1000)

@@ -39,6 +39,13 @@ void cp_abi_export(void)
     SYM(mh_ctx_stride, CP_MH_CTX_STRIDE);
     SYM(mh_gen_entry, CP_MH_GEN_ENTRY);
     SYM(mh_mac_entry, CP_MH_MAC_ENTRY);
+    SYM(vmsa_slot_size, CP_VMSA_SLOT_SIZE);
+    SYM(vmsa_slot_header, CP_VMSA_SLOT_HEADER);
+    SYM(vmsa_magic, CP_VMSA_MAGIC);
+    SYM(vmsa_empty, CP_VMSA_EMPTY);
+    SYM(vmsa_sealed, CP_VMSA_SEALED);
+    SYM(vmsa_opened, CP_VMSA_OPENED);
+    SYM(vmsa_verified, CP_VMSA_VERIFIED);
     SYM(mmio_base, CP_MMIO_BASE);
     SYM(mmio_size, CP_MMIO_SIZE);
     SYM(mmio_console, CP_MMIO_CONSOLE);
@@ -114,6 +121,8 @@ void cp_abi_export(void)
     OFF(bp, cp_boot_params, mh_gen_entries);
     OFF(bp, cp_boot_params, mh_mac_gpa);
     OFF(bp, cp_boot_params, mh_mac_entries);
+    OFF(bp, cp_boot_params, mh_vmsa_gpa);
+    OFF(bp, cp_boot_params, mh_vmsa_slots);
 
     SYM(wlst_size, sizeof(struct cp_wl_vcpu_status));
     OFF(wlst, cp_wl_vcpu_status, heartbeat);
@@ -131,6 +140,16 @@ void cp_abi_export(void)
     OFF(wlctl, cp_wl_control, list_count);
     OFF(wlctl, cp_wl_control, vcpu);
     OFF(wlctl, cp_wl_control, list);
+
+    SYM(vslot_size, sizeof(struct cp_vmsa_slot));
+    OFF(vslot, cp_vmsa_slot, magic);
+    OFF(vslot, cp_vmsa_slot, state);
+    OFF(vslot, cp_vmsa_slot, vcpu);
+    OFF(vslot, cp_vmsa_slot, length);
+    OFF(vslot, cp_vmsa_slot, tag);
+    OFF(vslot, cp_vmsa_slot, migration_id);
+    OFF(vslot, cp_vmsa_slot, reserved);
+    OFF(vslot, cp_vmsa_slot, data);
 
     SYM(mb_size, sizeof(struct cp_mailbox_header));
     OFF(mb, cp_mailbox_header, magic);

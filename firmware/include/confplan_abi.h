@@ -9,7 +9,7 @@
 #ifndef CONFPLAN_ABI_H
 #define CONFPLAN_ABI_H
 
-#define CP_ABI_VERSION 3
+#define CP_ABI_VERSION 4
 #define CP_PAGE_SIZE 0x1000
 
 /* ---- low area (first 2 MiB, mapped with 4 KiB pages) ---- */
@@ -37,9 +37,21 @@
 /* After the mailboxes (GPAs in the boot parameters, laid out by the VMM): the MH's shared block (one page),
  * one context per MH vCPU (CP_MH_CTX_STRIDE apart), the anti-replay generation table (4 bytes per guest
  * page) and (v3) the per-page MAC table (16 bytes per guest page, docs/mailbox.md). Private to the MH: only its page tables map them. */
-#define CP_MH_CTX_STRIDE 0x3000    /* >= sizeof(struct cp_mh_ctx) (firmware/mh/context.h), checked in mh.c */
+#define CP_MH_CTX_STRIDE 0xC000    /* >= sizeof(struct cp_mh_ctx) (firmware/mh/context.h), checked in mh.c */
 #define CP_MH_GEN_ENTRY 4
 #define CP_MH_MAC_ENTRY 16
+/* (v4) After the MAC table: one VMSA slot per guest vCPU (bp.mh_vmsa_gpa, bp.mh_vmsa_slots), where the target
+ * MH opens a vCPU's sealed register state (OPEN_STATE, docs/mailbox.md) and the source MH keeps the tag of
+ * the state it sealed last. MH-private like the rest: the workload never maps it, the VMM's read API refuses
+ * it; only the emulated "hardware" loader (confplan/vmm/vmsa_slot.py) reads it. */
+#define CP_VMSA_SLOT_SIZE 0x2000
+#define CP_VMSA_SLOT_HEADER 64
+#define CP_VMSA_DATA_BYTES (CP_VMSA_SLOT_SIZE - CP_VMSA_SLOT_HEADER)
+#define CP_VMSA_MAGIC 0x41534d56u /* "VMSA" */
+#define CP_VMSA_EMPTY 0u
+#define CP_VMSA_SEALED 1u   /* source: `tag` is that of the state it sealed last (no data) */
+#define CP_VMSA_OPENED 2u   /* target: the state is in `data`, not (or no longer) verified */
+#define CP_VMSA_VERIFIED 3u /* target: opened, and a CHECK_MANIFEST since vouched for it */
 
 /* ---- MMIO (no memslot behind it: every access exits to the VMM) ---- */
 #define CP_MMIO_BASE 0xE0000000
@@ -161,6 +173,9 @@ struct cp_boot_params {
     /* ABI v3 */
     uint64_t mh_mac_gpa;     /* CP_MH_MAC_ENTRY bytes (a keyed MAC) per guest page, zero at boot */
     uint64_t mh_mac_entries; /* = ram_bytes / CP_PAGE_SIZE */
+    /* ABI v4 */
+    uint64_t mh_vmsa_gpa;    /* CP_VMSA_SLOT_SIZE bytes per guest vCPU (struct cp_vmsa_slot), zero at boot */
+    uint64_t mh_vmsa_slots;  /* = nr_vcpus */
 };
 
 struct cp_wl_vcpu_status {
@@ -188,6 +203,18 @@ struct cp_wl_control {
 struct cp_ledger_entry {
     uint32_t seq;  /* 0 = never written */
     uint32_t csum; /* cp_page_csum of the page content */
+};
+
+/* The head of a VMSA slot (at bp.mh_vmsa_gpa + i * CP_VMSA_SLOT_SIZE); CP_VMSA_DATA_BYTES of state follow. */
+struct cp_vmsa_slot {
+    uint32_t magic;           /* CP_VMSA_MAGIC once written */
+    uint32_t state;           /* CP_VMSA_* */
+    uint32_t vcpu;            /* the slot's own index, as sealed */
+    uint32_t length;          /* bytes of state in data */
+    uint8_t tag[16];          /* GCM tag of the sealed record it came from (or, on the source, went into) */
+    uint8_t migration_id[16];
+    uint8_t reserved[16];
+    uint8_t data[CP_VMSA_DATA_BYTES];
 };
 
 struct cp_mailbox_header {

@@ -1,5 +1,5 @@
 /*
- * confplan migration-helper (MH) mailbox protocol, version 4: the layout shared by the MH (firmware/mh/) and
+ * confplan migration-helper (MH) mailbox protocol, version 5: the layout shared by the MH (firmware/mh/) and
  * the VMM (confplan/migration/mailbox.py, whose offsets a test checks against this header). docs/mailbox.md
  * is the prose contract. Any layout change bumps CP_MB_PROTO_VERSION.
  *
@@ -24,7 +24,7 @@
 #include "cp_sealed_page.h"
 
 #define CP_MB_PROTO_MAGIC 0x504d4243u /* "CBMP" */
-#define CP_MB_PROTO_VERSION 4u
+#define CP_MB_PROTO_VERSION 5u
 #define CP_MB_PROTO_OFFSET 0x40u
 #define CP_MB_SLOTS_OFFSET 0x1000u
 #define CP_MB_RING_OFFSET 0x400u
@@ -50,6 +50,14 @@
 /* v4: SAVE and LOAD also set the table entry of each page they seal or open to that record's GCM tag, so
  * both sides' tables follow the stream without a pass over the pages; MAC_RANGE/MAC_LIST are then needed
  * only for pages that moved otherwise (shared pages). */
+/* v5: the target resumes only what its helper verified (docs/mailbox.md, "The manifest"). The request and
+ * the records live in the data area from slot `first` on; the v5 ops are allowed on one side only. */
+#define CP_MB_OP_SEAL_MANIFEST 9u  /* source: seal a manifest of its tables over npages = arg1 from GPA arg0 */
+#define CP_MB_OP_CHECK_MANIFEST 10u /* target: open a manifest and compare it with its own tables */
+#define CP_MB_OP_SEAL_STATE 11u    /* source: seal arg1 bytes of vCPU arg0's state (SEV-ES/SNP registers) */
+#define CP_MB_OP_OPEN_STATE 12u    /* target: open a sealed state of arg1 bytes into VMSA slot arg0 */
+#define CP_MB_OP_VERIFIED 13u      /* n_ok = 1 if a CHECK_MANIFEST passed and nothing changed the tables since */
+#define CP_MB_OP_LAST CP_MB_OP_VERIFIED
 
 /*
  * Statuses: cp_mb_proto.status for the op, cp_sealed_page.status per slot. 0 is success everywhere; the
@@ -77,7 +85,19 @@
 #define CP_MBS_SECRET_ID_LEN 19u  /* migration id entry data is not 16 bytes */
 #define CP_MBS_CONFIG 20u         /* the MH context was set up inconsistently (firmware bug) */
 #define CP_MBS_MAC_MISSING 21u    /* FOLD: a page of the range has no MAC in the table yet (MAC it first) */
-#define CP_MBS_LAST CP_MBS_MAC_MISSING
+#define CP_MBS_SIDE 22u           /* v5 op not allowed on this side (seal: source only; check/open: target only) */
+#define CP_MBS_MANIFEST_AUTH 23u  /* sealed manifest does not open (tag, head, key, not from a source MH) */
+#define CP_MBS_MANIFEST_ID 24u    /* authentic manifest of another migration id */
+#define CP_MBS_MANIFEST_RANGE 25u /* manifest covers another range / chunk size / chunk count / vCPU count */
+#define CP_MBS_MANIFEST_BITMAP 26u /* encryption bitmap differs */
+#define CP_MBS_MANIFEST_STATE 27u /* the VMMs' hashes of the vCPU and device state differ */
+#define CP_MBS_MANIFEST_ROUNDS 28u /* round counts differ */
+#define CP_MBS_MANIFEST_VMSA 29u  /* VMSA slot first_bad does not hold the state the source sealed last */
+#define CP_MBS_MANIFEST_GENERATIONS 30u /* final generations of chunk first_bad differ */
+#define CP_MBS_MANIFEST_MAC 31u   /* MACs of chunk first_bad differ (or have a gap) */
+#define CP_MBS_MANIFEST_BUSY 32u  /* the tables changed while the check ran (another MH vCPU): check again */
+#define CP_MBS_STATE_LABEL 33u    /* OPEN_STATE: authentic state sealed for another vCPU or migration id */
+#define CP_MBS_LAST CP_MBS_STATE_LABEL
 
 #define CP_MB_MAC_BYTES 16u       /* one table entry: the page's keyed MAC h(gpa), see docs/mailbox.md */
 
@@ -122,7 +142,71 @@ struct cp_mb_cmd {
     uint64_t tsc_end;    /* 56 MH: guest TSC when it finished */
 };
 
+/*
+ * v5 records (docs/mailbox.md, "The manifest and sealed vCPU state"). A sealed manifest or vCPU state is this
+ * 64-byte head then `length` bytes of AES-256-GCM ciphertext under the seal key; AAD = the 16-byte domain
+ * label (CP_MB_LABEL_*) || head bytes 0..47. Only a source MH seals them (the nonce's sender side is 0).
+ */
+#define CP_MB_MANIFEST_MAGIC 0x464d5043u /* "CPMF" */
+#define CP_MB_STATE_MAGIC 0x53565043u    /* "CPVS" */
+#define CP_MB_SEALED_VERSION 1u
+#define CP_MB_SEALED_HEAD 64u
+#define CP_MB_SEALED_AAD 48u             /* head bytes the tag covers (all but the tag) */
+#define CP_MB_SEALED_MAX 0x9000u         /* largest record, head included (the MH's private seal buffer) */
+#define CP_MB_LABEL_BYTES 16u
+#define CP_MB_LABEL_MANIFEST "CP-MANIFEST-V1\0\0"
+#define CP_MB_LABEL_STATE "CP-VCPU-STATE-V1"
+#define CP_MB_REQUEST_BYTES 64u
+#define CP_MB_MANIFEST_CHUNK_ALIGN 128u  /* chunk pages: a multiple of this (whole 16-byte blocks of bits) */
+#define CP_MB_MANIFEST_CHUNK_MAX 32768u  /* ... and at most this (one chunk's bits fit the MH's bounce buffer) */
+#define CP_MB_MANIFEST_ENTRY 64u         /* per chunk: generation digest (32) || MAC digest (32) */
+#define CP_MB_VMSA_TAG 16u               /* per vCPU in the manifest: the tag of its sealed state */
+
+struct cp_sealed_blob {
+    uint32_t magic;           /*  0: CP_MB_MANIFEST_MAGIC or CP_MB_STATE_MAGIC */
+    uint16_t version;         /*  4: CP_MB_SEALED_VERSION */
+    uint16_t flags;           /*  6: 0 */
+    uint32_t length;          /*  8: ciphertext bytes after the head */
+    uint32_t key_id;          /* 12 */
+    uint8_t migration_id[16]; /* 16 */
+    uint8_t nonce[12];        /* 32: sender id BE32 || counter BE64 */
+    uint32_t label;           /* 44: vCPU index (state), 0 (manifest) */
+    uint8_t tag[16];          /* 48 */
+};
+
+/* What the VMM hands SEAL_MANIFEST / CHECK_MANIFEST at slot `first`; then bitmap_bytes of the range's
+ * encryption bitmap (bit i = page arg0 / 4096 + i, 1 = private), zero-padded to 16; then (CHECK) the sealed
+ * manifest, sealed_bytes long. */
+struct cp_manifest_request {
+    uint8_t state_hash[32];   /*  0: SHA-256 of the vCPU and device state the VMM sent / received */
+    uint32_t rounds;          /* 32: rounds sent / received, the final one included */
+    uint32_t bitmap_bytes;    /* 36: >= ceil(arg1 / 8) */
+    uint32_t sealed_bytes;    /* 40: CHECK: the sealed manifest's size; SEAL: 0 */
+    uint32_t reserved[5];     /* 44: zero */
+};
+
+/* The manifest's plaintext: this, then vcpus x CP_MB_VMSA_TAG, then chunks x CP_MB_MANIFEST_ENTRY. */
+struct cp_manifest_body {
+    uint64_t start;           /*   0: first GPA */
+    uint64_t npages;          /*   8 */
+    uint32_t chunk_pages;     /*  16 */
+    uint32_t chunks;          /*  20 */
+    uint32_t rounds;          /*  24: the source VMM's */
+    uint32_t max_generation;  /*  28: highest entry of the masked generation table */
+    uint32_t vcpus;           /*  32: VMSA tags that follow */
+    uint32_t reserved0;       /*  36 */
+    uint64_t reserved1;       /*  40 */
+    uint8_t bitmap_digest[32]; /* 48 */
+    uint8_t state_hash[32];   /*  80: the source VMM's */
+};
+
 _Static_assert(sizeof(struct cp_mb_proto) == 256, "cp_mb_proto layout");
+_Static_assert(sizeof(struct cp_sealed_blob) == CP_MB_SEALED_HEAD, "sealed record head");
+_Static_assert(offsetof(struct cp_sealed_blob, tag) == CP_MB_SEALED_AAD, "the tag ends the head");
+_Static_assert(sizeof(struct cp_manifest_request) == CP_MB_REQUEST_BYTES, "manifest request");
+_Static_assert(sizeof(struct cp_manifest_body) == 112, "manifest body");
+_Static_assert(sizeof(CP_MB_LABEL_MANIFEST) - 1 == CP_MB_LABEL_BYTES, "manifest label");
+_Static_assert(sizeof(CP_MB_LABEL_STATE) - 1 == CP_MB_LABEL_BYTES, "state label");
 _Static_assert(sizeof(struct cp_mb_cmd) == CP_MB_CMD_SIZE, "cp_mb_cmd layout");
 _Static_assert(CP_MB_SLOT_SIZE == sizeof(struct cp_sealed_page), "a slot is one sealed page record");
 _Static_assert(CP_MB_SLOT_HEADER == offsetof(struct cp_sealed_page, ct), "slot header = record header");

@@ -10,6 +10,7 @@
 #include <stdint.h>
 
 #include "../crypto/cp_gcm.h"
+#include "confplan_abi.h"
 #include "cp_mailbox.h"
 #include "cp_sealed_page.h"
 #include "secret.h"
@@ -18,6 +19,7 @@
 #define CP_MH_GEN_BUSY 0xffffffffu /* generation-table marker: a LOAD of this GPA is in flight */
 #define CP_MH_MAX_SENDERS 0x10000u /* sender index space per side */
 #define CP_MH_DIGEST_CHUNK 256u    /* page hashes folded per chain step */
+#define CP_MH_SEAL_BUF CP_MB_SEALED_MAX /* private buffer for a manifest or vCPU state being sealed or opened */
 
 /* The one state all MH vCPUs of a guest share (in MH memory; zero-initialised before the first setup). */
 struct cp_mh_shared {
@@ -26,7 +28,22 @@ struct cp_mh_shared {
     uint32_t have_id;     /* last_id is valid */
     uint32_t pad;
     uint8_t last_id[CP_MH_ID_BYTES]; /* migration id the generation table belongs to */
+    /* v5, under `lock`: a CHECK_MANIFEST passed for last_id, and nothing changed the tables since */
+    uint32_t verified;
+    uint32_t changes;  /* bumped by every op that changes what a check reads (LOAD, MAC_*, OPEN_STATE) */
 };
+
+/* The shared block's spin lock: INIT's table decision and (v5) the "verified" record. */
+static inline void cp_mh_lock(struct cp_mh_shared *sh)
+{
+    while (__atomic_exchange_n(&sh->lock, 1u, __ATOMIC_ACQUIRE))
+        __asm__ volatile("pause");
+}
+
+static inline void cp_mh_unlock(struct cp_mh_shared *sh)
+{
+    __atomic_store_n(&sh->lock, 0u, __ATOMIC_RELEASE);
+}
 
 /* What the firmware (or the host test) tells one MH vCPU about its guest. Pointers are host pointers on
  * the host build and GPAs (identity mapped) in the guest. */
@@ -52,6 +69,8 @@ struct cp_mh_config {
     uint32_t pad;
     uint8_t *mac_table;         /* CP_MB_MAC_BYTES per guest page, shared by every MH vCPU, in MH memory */
     uint64_t mac_entries;
+    uint8_t *vmsa;              /* (v5) vmsa_slots x CP_VMSA_SLOT_SIZE (struct cp_vmsa_slot), in MH memory */
+    uint64_t vmsa_slots;        /* the guest's vCPUs; at most CP_MAX_VCPUS */
 };
 
 /* One MH vCPU's private state: keys, nonce sequence, bounce buffers. Lives in MH memory, never shared. */
@@ -67,9 +86,11 @@ struct cp_mh_ctx {
     cp_gcm_ctx transport;       /* seals/opens pages */
     cp_gcm_ctx digest_key;      /* per-page GMAC and chain */
     cp_gcm_ctx final_key;       /* digest finalisation (a PRF over the chain value) */
+    cp_gcm_ctx seal_key;        /* (v5) manifests and vCPU state: never the transport key */
     uint8_t migration_id[CP_MH_ID_BYTES];
     struct cp_sealed_page bounce __attribute__((aligned(64))); /* private copy of one record */
     uint8_t chain[16 + 16 * CP_MH_DIGEST_CHUNK] __attribute__((aligned(64))); /* digest chain || page hashes */
+    uint8_t seal_buf[CP_MH_SEAL_BUF] __attribute__((aligned(64))); /* (v5) a record sealed or opened here */
 };
 
 #endif /* CP_MH_CONTEXT_H */

@@ -3,12 +3,16 @@
  *
  * Derivation: the AES-256-GCM keystream under the transport key for the reserved IV ff ff ff ff "CPKDF v1"
  * (sender id 0xffffffff is never handed to a nonce sequence): bytes 0..31 digest key, 32..63 final key,
- * 64..79 the key-derived migration id, 80..83 key id (u32 LE).
+ * 64..79 the key-derived migration id, 80..83 key id (u32 LE), (v5) 96..127 the seal key for manifests and
+ * vCPU state.
  *
  * Digest: h(gpa) = GMAC_Kd(IV ff ff ff fe || gpa BE64, AAD = page) per page outside the MH area; the chain
  * starts as c = start LE64 || npages LE64 and folds every 256 hashes: c = GMAC_Kd(IV ff ff ff fd || j BE64,
  * AAD = c || h...). The result is the keystream of the final key at IV c[0..11] (32 bytes): a PRF of the
  * chain value, so published digests say nothing about the GHASH key or the memory.
+ *
+ * IV kinds under the digest key (ff ff ff kind || value BE64): fe page hash, fd chain step, (v5) fc the
+ * manifest's generation chain, fb its bitmap chain (manifest.c).
  */
 #include "bytes.h"
 #include "digest.h"
@@ -26,14 +30,15 @@ static void make_iv(uint8_t iv[CP_GCM_IV_BYTES], uint8_t kind, uint64_t value)
 
 uint32_t cp_mh_derive(struct cp_mh_ctx *ctx, const uint8_t key[CP_MH_KEY_BYTES], const uint8_t *owner_id)
 {
-    uint8_t ks[96] __attribute__((aligned(16)));
+    uint8_t ks[128] __attribute__((aligned(16)));
     uint8_t tag[CP_GCM_TAG_BYTES];
     uint32_t rc = CP_MBS_CONFIG;
     cp_mh_wipe(ks, sizeof(ks));
     if (cp_gcm_init(&ctx->transport, key, ctx->impl) != 0 ||
         cp_gcm_seal(&ctx->transport, kdf_iv, 0, 0, ks, ks, sizeof(ks), tag) != 0)
         goto out;
-    if (cp_gcm_init(&ctx->digest_key, ks, ctx->impl) != 0 || cp_gcm_init(&ctx->final_key, ks + 32, ctx->impl) != 0)
+    if (cp_gcm_init(&ctx->digest_key, ks, ctx->impl) != 0 || cp_gcm_init(&ctx->final_key, ks + 32, ctx->impl) != 0 ||
+        cp_gcm_init(&ctx->seal_key, ks + 96, ctx->impl) != 0)
         goto out;
     cp_mh_copy(ctx->migration_id, owner_id ? owner_id : ks + 64, CP_MH_ID_BYTES);
     ctx->key_id = cp_mh_load_le32(ks + 80);
@@ -44,15 +49,36 @@ out:
     return rc;
 }
 
-static int fold(struct cp_mh_ctx *ctx, uint64_t step, uint32_t hashes)
+int cp_mh_gmac(struct cp_mh_ctx *ctx, uint8_t kind, uint64_t value, const uint8_t *aad, size_t len,
+               uint8_t out[CP_GCM_TAG_BYTES])
 {
     uint8_t iv[CP_GCM_IV_BYTES];
+    make_iv(iv, kind, value);
+    return cp_gcm_seal(&ctx->digest_key, iv, aad, len, 0, 0, 0, out);
+}
+
+int cp_mh_prf(struct cp_mh_ctx *ctx, const uint8_t c[CP_GCM_TAG_BYTES], uint8_t out[CP_MB_DIGEST_BYTES])
+{
+    uint8_t tag[CP_GCM_TAG_BYTES];
+    cp_mh_wipe(out, CP_MB_DIGEST_BYTES);
+    int rc = cp_gcm_seal(&ctx->final_key, c, 0, 0, out, out, CP_MB_DIGEST_BYTES, tag);
+    cp_mh_wipe(tag, sizeof(tag));
+    return rc;
+}
+
+/* One chain step: chain[0..16) = GMAC_Kd(IV ff ff ff kind || step, AAD = chain[0..16 + bytes)). */
+static int fold_kind(struct cp_mh_ctx *ctx, uint8_t kind, uint64_t step, size_t bytes)
+{
     uint8_t c[CP_GCM_TAG_BYTES];
-    make_iv(iv, 0xfd, step);
-    if (cp_gcm_seal(&ctx->digest_key, iv, ctx->chain, 16u + 16u * hashes, ctx->chain, ctx->chain, 0, c) != 0)
+    if (cp_mh_gmac(ctx, kind, step, ctx->chain, 16u + bytes, c) != 0)
         return -1;
     cp_mh_copy(ctx->chain, c, sizeof(c));
     return 0;
+}
+
+static int fold(struct cp_mh_ctx *ctx, uint64_t step, uint32_t hashes)
+{
+    return fold_kind(ctx, 0xfd, step, 16u * hashes);
 }
 
 static int hash_page(struct cp_mh_ctx *ctx, uint64_t gpa, uint8_t out[CP_GCM_TAG_BYTES])
@@ -89,7 +115,6 @@ static int mac_missing(const uint8_t *mac)
 static uint32_t chain_range(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages, int from_table,
                             uint8_t out[CP_MB_DIGEST_BYTES], uint64_t *hashed, uint64_t *skipped)
 {
-    uint8_t tag[CP_GCM_TAG_BYTES];
     uint32_t m = 0;
     uint64_t step = 0;
     *hashed = *skipped = 0;
@@ -122,8 +147,7 @@ static uint32_t chain_range(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npag
     }
     if (m && fold(ctx, step, m) != 0)
         return CP_MBS_CONFIG;
-    cp_mh_wipe(out, CP_MB_DIGEST_BYTES);
-    if (cp_gcm_seal(&ctx->final_key, ctx->chain, 0, 0, out, out, CP_MB_DIGEST_BYTES, tag) != 0)
+    if (cp_mh_prf(ctx, ctx->chain, out) != 0)
         return CP_MBS_CONFIG;
     cp_mh_wipe(ctx->chain, sizeof(ctx->chain));
     return CP_MBS_OK;
@@ -183,5 +207,46 @@ uint32_t cp_mh_mac_range(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages,
         rc = cp_mh_mac_page(ctx, gpa);
         *hashed += rc == CP_MBS_OK;
     }
+    return rc;
+}
+
+/* v5: the manifest's generation digest of one chunk. Entry of page p: its generation-table entry if the
+ * chunk's private bitmap copy marks it private (bit p - start of `bits`), else 0; MH-area pages skipped.
+ * Packed as u32 LE, 4 to a 16-byte block, 1024 per chain step (IV kind fc). */
+#define GEN_STEP (4u * CP_MH_DIGEST_CHUNK)
+
+uint32_t cp_mh_gen_digest(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages, const uint8_t *bits,
+                          uint8_t out[CP_MB_DIGEST_BYTES], uint32_t *max_gen)
+{
+    uint32_t m = 0;
+    uint64_t step = 0;
+    uint32_t rc = check_range(&ctx->cfg, start, npages);
+    if (rc != CP_MBS_OK)
+        return rc;
+    cp_mh_store_le64(ctx->chain, start);
+    cp_mh_store_le64(ctx->chain + 8, npages);
+    for (uint64_t p = 0; p < npages; p++) {
+        uint64_t gpa = start + p * CP_MH_PAGE;
+        if (in_mh_area(&ctx->cfg, gpa))
+            continue;
+        uint32_t gen = 0;
+        if (bits[p / 8] >> (p % 8) & 1u)
+            gen = __atomic_load_n(&ctx->cfg.gen_table[gpa / CP_MH_PAGE], __ATOMIC_ACQUIRE);
+        *max_gen = gen > *max_gen ? gen : *max_gen;
+        cp_mh_store_le32(ctx->chain + 16 + 4 * m, gen);
+        if (++m == GEN_STEP) {
+            if (fold_kind(ctx, 0xfc, step++, 4u * m) != 0)
+                return CP_MBS_CONFIG;
+            m = 0;
+        }
+    }
+    if (m) {
+        while (m % 4)
+            cp_mh_store_le32(ctx->chain + 16 + 4 * m++, 0);
+        if (fold_kind(ctx, 0xfc, step, 4u * m) != 0)
+            return CP_MBS_CONFIG;
+    }
+    rc = cp_mh_prf(ctx, ctx->chain, out) != 0 ? CP_MBS_CONFIG : CP_MBS_OK;
+    cp_mh_wipe(ctx->chain, sizeof(ctx->chain));
     return rc;
 }

@@ -17,6 +17,15 @@ uint32_t cp_mh_mac_range(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages,
 uint32_t cp_mh_mac_page(struct cp_mh_ctx *ctx, uint64_t gpa);
 /* v4: SAVE and LOAD store each record's GCM tag as the page's entry (no second pass over the page). */
 void cp_mh_mac_set(struct cp_mh_ctx *ctx, uint64_t gpa, const uint8_t tag[CP_GCM_TAG_BYTES]);
+/* v5 building blocks for the manifest (manifest.c): GMAC under the digest key at IV ff ff ff kind || value
+ * BE64, and the PRF that ends every digest (32 bytes of the final key's keystream at IV c[0..11]). */
+int cp_mh_gmac(struct cp_mh_ctx *ctx, uint8_t kind, uint64_t value, const uint8_t *aad, size_t len,
+               uint8_t out[CP_GCM_TAG_BYTES]);
+int cp_mh_prf(struct cp_mh_ctx *ctx, const uint8_t c[CP_GCM_TAG_BYTES], uint8_t out[CP_MB_DIGEST_BYTES]);
+/* The generation digest of one chunk, masked by `bits` (private memory: bit i = page start + i, 1 = private);
+ * raises *max_gen to the highest entry it took. */
+uint32_t cp_mh_gen_digest(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages, const uint8_t *bits,
+                          uint8_t out[CP_MB_DIGEST_BYTES], uint32_t *max_gen);
 uint32_t cp_mh_fold(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages, uint8_t out[CP_MB_DIGEST_BYTES],
                     uint64_t *folded, uint64_t *skipped);
 

@@ -9,6 +9,7 @@
 #include "confplan_abi.h"
 #include "cp_sealed_page.h"
 #include "digest.h"
+#include "manifest.h"
 #include "secret.h"
 
 #define MH_CTX_MAGIC 0x5854434du /* "MCTX" */
@@ -52,8 +53,9 @@ static int config_ok(const struct cp_mh_config *c)
     uint64_t pages = c->ram_size / CP_MH_PAGE;
     /* c->ram is not checked: in the guest it is GPA 0 (identity mapping), i.e. a null pointer. */
     return c->shared && c->gen_table && c->secret && c->mac_table && c->ram_size % CP_MH_PAGE == 0 &&
-           c->gen_entries >= pages && c->mac_entries >= pages && c->mh_base % CP_MH_PAGE == 0 && c->side <= 1 && c->batch_pages > 0 &&
-           c->secret_size >= 20;
+           c->gen_entries >= pages && c->mac_entries >= pages && c->mh_base % CP_MH_PAGE == 0 && c->side <= 1 &&
+           c->batch_pages > 0 && c->secret_size >= 20 && c->vmsa_slots <= CP_MAX_VCPUS &&
+           (c->vmsa || c->vmsa_slots == 0);
 }
 
 uint32_t cp_mh_setup(struct cp_mh_ctx *ctx, const struct cp_mh_config *cfg)
@@ -81,7 +83,9 @@ static void forget_key(struct cp_mh_ctx *ctx)
     cp_gcm_wipe(&ctx->transport);
     cp_gcm_wipe(&ctx->digest_key);
     cp_gcm_wipe(&ctx->final_key);
+    cp_gcm_wipe(&ctx->seal_key);
     cp_mh_wipe(&ctx->bounce, sizeof(ctx->bounce));
+    cp_mh_wipe(ctx->seal_buf, sizeof(ctx->seal_buf));
     cp_mh_wipe(ctx->chain, sizeof(ctx->chain));
     ctx->keyed = 0;
     ctx->key_id = 0;
@@ -89,22 +93,22 @@ static void forget_key(struct cp_mh_ctx *ctx)
 
 /* The generation table belongs to one migration id: a new id starts it afresh, the same id (INIT again
  * after RESET) keeps it, so re-INIT cannot reopen the door to replayed records. The MAC table goes with
- * it: MACs under another id's key must never be folded. */
+ * it: MACs under another id's key must never be folded; so do (v5) the VMSA slots and "verified". */
 static void adopt_migration(struct cp_mh_ctx *ctx)
 {
     struct cp_mh_shared *sh = ctx->cfg.shared;
-    while (__atomic_exchange_n(&sh->lock, 1u, __ATOMIC_ACQUIRE))
-        __asm__ volatile("pause");
+    cp_mh_lock(sh);
     uint32_t same = sh->have_id;
     for (uint32_t i = 0; i < CP_MH_ID_BYTES; i++)
         same &= sh->last_id[i] == ctx->migration_id[i];
     if (!same) {
         cp_mh_wipe(ctx->cfg.gen_table, ctx->cfg.gen_entries * sizeof(uint32_t));
         cp_mh_wipe(ctx->cfg.mac_table, ctx->cfg.mac_entries * CP_MB_MAC_BYTES);
+        cp_mh_forget_states(ctx);
         cp_mh_copy(sh->last_id, ctx->migration_id, CP_MH_ID_BYTES);
         sh->have_id = 1;
     }
-    __atomic_store_n(&sh->lock, 0u, __ATOMIC_RELEASE);
+    cp_mh_unlock(sh);
 }
 
 static uint32_t op_init(struct cp_mh_ctx *ctx, volatile struct cp_mb_proto *p)
@@ -257,6 +261,8 @@ static uint32_t run_batch(struct cp_mh_ctx *ctx, volatile struct cp_mb_proto *p,
     uint32_t ok = 0, refused = 0, first_bad = CP_MB_NO_INDEX;
     if (op == CP_MB_OP_SAVE && !gen_valid(gen))
         return CP_MBS_GEN_INVALID;
+    if (op == CP_MB_OP_LOAD)
+        cp_mh_tables_changed(ctx); /* before and after: a check racing this op cannot end "verified" */
     for (uint32_t i = 0; i < count; i++) {
         uint8_t *slot = slots + (size_t)i * CP_MB_SLOT_SIZE;
         uint32_t st = op == CP_MB_OP_SAVE ? seal_one(ctx, slot, gen) : open_one(ctx, slot);
@@ -268,6 +274,8 @@ static uint32_t run_batch(struct cp_mh_ctx *ctx, volatile struct cp_mb_proto *p,
         }
     }
     cp_mh_wipe(&ctx->bounce, sizeof(ctx->bounce));
+    if (op == CP_MB_OP_LOAD)
+        cp_mh_tables_changed(ctx);
     c->n_ok = ok;
     c->n_refused = refused;
     c->first_bad = first_bad;
@@ -294,7 +302,9 @@ static uint32_t op_digest(struct cp_mh_ctx *ctx, volatile struct cp_mb_proto *p,
 static uint32_t op_mac_range(struct cp_mh_ctx *ctx, volatile struct cp_mb_proto *p, uint64_t start, uint64_t n)
 {
     uint64_t hashed = 0, skipped = 0;
+    cp_mh_tables_changed(ctx);
     uint32_t rc = cp_mh_mac_range(ctx, start, n, &hashed, &skipped);
+    cp_mh_tables_changed(ctx);
     p->digest_pages = hashed;
     p->digest_skipped = skipped;
     return rc;
@@ -323,34 +333,62 @@ static uint32_t op_fold(struct cp_mh_ctx *ctx, volatile struct cp_mb_proto *p, u
     return rc;
 }
 
+/* Bytes of the data area from slot `first` on (the v5 ops' requests and records live there). */
+static uint64_t data_room(const struct cp_mh_ctx *ctx, uint32_t first)
+{
+    return first >= ctx->cfg.batch_pages ? 0 : (uint64_t)(ctx->cfg.batch_pages - first) * CP_MB_SLOT_SIZE;
+}
+
 /* Largest MAC_LIST from slot `first`: the GPAs fill the data area from there on, 8 bytes each (FOLD's
  * 32-byte digests: a quarter of that). */
 static uint64_t mac_list_room(const struct cp_mh_ctx *ctx, uint32_t first)
 {
-    return first >= ctx->cfg.batch_pages ? 0 : (uint64_t)(ctx->cfg.batch_pages - first) * CP_MB_SLOT_SIZE / 8;
+    return data_room(ctx, first) / 8;
 }
 
 /* MAC each listed page; a refused GPA (alignment, range, MH area) is counted, not MAC'd. */
 static uint32_t op_mac_list(struct cp_mh_ctx *ctx, volatile struct cp_mb_cmd *c, const uint8_t *list,
                             uint32_t count)
 {
-    uint32_t ok = 0, refused = 0, first_bad = CP_MB_NO_INDEX;
-    for (uint32_t i = 0; i < count; i++) {
+    uint32_t ok = 0, refused = 0, first_bad = CP_MB_NO_INDEX, rc = CP_MBS_OK;
+    cp_mh_tables_changed(ctx);
+    for (uint32_t i = 0; rc == CP_MBS_OK && i < count; i++) {
         uint64_t gpa = cp_mh_load_le64(list + (size_t)i * 8); /* read once */
         uint32_t st = check_gpa(&ctx->cfg, gpa);
         if (st == CP_MBS_OK)
             st = cp_mh_mac_page(ctx, gpa);
         if (st == CP_MBS_CONFIG)
-            return st;
-        if (st == CP_MBS_OK)
+            rc = st;
+        else if (st == CP_MBS_OK)
             ok++;
         else
             first_bad = refused++ ? first_bad : i;
     }
+    cp_mh_tables_changed(ctx);
     c->n_ok = ok;
     c->n_refused = refused;
     c->first_bad = first_bad;
-    return refused ? CP_MBS_PARTIAL : CP_MBS_OK;
+    return rc != CP_MBS_OK ? rc : refused ? CP_MBS_PARTIAL : CP_MBS_OK;
+}
+
+/* v5: the manifest and the sealed vCPU state (manifest.c), over the data area from slot `first`. */
+static uint32_t op_v5(struct cp_mh_ctx *ctx, volatile struct cp_mb_cmd *c, uint8_t *slots, uint32_t op,
+                      uint32_t count, uint32_t first, uint64_t arg0, uint64_t arg1)
+{
+    uint64_t room = data_room(ctx, first);
+    if (room == 0)
+        return CP_MBS_COUNT;
+    uint8_t *data = slots + (size_t)first * CP_MB_SLOT_SIZE;
+    if (op == CP_MB_OP_SEAL_MANIFEST)
+        return cp_mh_seal_manifest(ctx, c, data, room, arg0, arg1, count);
+    if (op == CP_MB_OP_CHECK_MANIFEST)
+        return cp_mh_check_manifest(ctx, c, data, room, arg0, arg1, count);
+    if (op == CP_MB_OP_SEAL_STATE)
+        return cp_mh_seal_state(ctx, c, data, room, arg0, arg1);
+    if (op == CP_MB_OP_OPEN_STATE)
+        return cp_mh_open_state(ctx, data, room, arg0, arg1);
+    c->n_ok = cp_mh_verified(ctx);
+    return CP_MBS_OK;
 }
 
 /* The guest TSC for the ring entry's profiling stamps (CPL3 may read it: the VMM leaves CR4.TSD clear). */
@@ -384,10 +422,12 @@ uint32_t cp_mh_handle(struct cp_mh_ctx *ctx, volatile uint8_t *ctl, uint8_t *slo
     } else if (op == CP_MB_OP_RESET) {
         forget_key(ctx);
         rc = CP_MBS_OK;
-    } else if (op < CP_MB_OP_SAVE || op > CP_MB_OP_FOLD || op == CP_MB_OP_RESET) {
+    } else if (op < CP_MB_OP_SAVE || op > CP_MB_OP_LAST) {
         rc = CP_MBS_BAD_OP;
     } else if (!ctx->keyed) {
         rc = CP_MBS_NO_KEY;
+    } else if (op >= CP_MB_OP_SEAL_MANIFEST) {
+        rc = op_v5(ctx, c, slots, op, count, first, arg0, arg1);
     } else if (op == CP_MB_OP_DIGEST) {
         rc = op_digest(ctx, p, arg0, arg1);
     } else if (op == CP_MB_OP_MAC_RANGE) {

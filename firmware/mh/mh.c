@@ -11,6 +11,7 @@ _Static_assert(sizeof(struct cp_mh_ctx) <= CP_MH_CTX_STRIDE, "MH context outgrew
 _Static_assert(sizeof(struct cp_mh_shared) <= CP_PAGE_SIZE, "MH shared block is one page");
 _Static_assert(CP_MH_GEN_ENTRY == sizeof(uint32_t), "generation table entry");
 _Static_assert(CP_MH_MAC_ENTRY == CP_MB_MAC_BYTES, "MAC table entry");
+_Static_assert(sizeof(struct cp_vmsa_slot) == CP_VMSA_SLOT_SIZE, "VMSA slot");
 
 void mh_entry(uint64_t idx) __attribute__((noreturn));
 
@@ -58,6 +59,8 @@ static void fill_config(struct cp_mh_config *cfg, uint64_t idx)
     cfg->gen_entries = bp->mh_gen_entries;
     cfg->mac_table = (uint8_t *)(uintptr_t)bp->mh_mac_gpa;
     cfg->mac_entries = bp->mh_mac_entries;
+    cfg->vmsa = (uint8_t *)(uintptr_t)bp->mh_vmsa_gpa;
+    cfg->vmsa_slots = bp->mh_vmsa_slots;
     cfg->secret = (const uint8_t *)(uintptr_t)bp->secret_gpa;
     cfg->secret_size = CP_PAGE_SIZE;
     cfg->doorbell = (volatile uint64_t *)(uintptr_t)(bp->mmio_mailbox + 8 * idx);
