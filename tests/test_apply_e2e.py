@@ -168,3 +168,21 @@ def test_force_complete_accepts_the_longer_pause_and_says_so(cli: typer.Typer, p
         assert target.call("info")["throttle"] == 0.0  # throttling is the source's, never carried over
     finally:
         target.close()
+
+
+def test_an_sev_es_guest_migrates_with_its_registers_sealed(cli: typer.Typer, plan_dir: Path) -> None:
+    """SEV-ES: the vCPU state travels sealed by the source helper, the target's helper opens it into its
+    VMSA slots and checks the manifest; the (emulated) CPU loads the vCPUs only from verified slots."""
+    plan = _plan(plan_dir, "aux-vcpu")
+    plan.write_text(plan.read_text() + "sev: {generation: sev-es, policy: {nodbg: true, es: true}}\n")
+    result = CliRunner().invoke(cli, ["apply", str(plan), "--output", "json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    target = vmm_handle.find_local(plan_dir / "state", "target")
+    assert target is not None
+    try:
+        view = target.call("handover_state")
+        assert view["state"] == "resumed" and view["verify"]["sealed_state"] is True
+        assert target.call("workload_check")["ok"] and report["downtime_seconds"] > 0
+    finally:
+        target.close()

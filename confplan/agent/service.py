@@ -297,6 +297,7 @@ def _connect_outgoing(side: OutgoingMigration, params: Params) -> Params:
         str(params["host"]), int(params["port"]), migration_id=_hex(params, "migration_id", 16),
         stream_key=_hex(params, "stream_key", 32), bandwidth=float(bandwidth) if bandwidth else None,
         attempt=int(params.get("attempt", 0)), progress_timeout=_seconds(params, "progress_timeout"),
+        sealed_state=bool(params.get("sealed_state", False)),
     )  # fmt: skip
     return {}
 
@@ -321,6 +322,7 @@ def _listen_incoming(side: IncomingMigration, params: Params) -> Params:
         str(params.get("host", "127.0.0.1")), int(params.get("port", 0)),
         migration_id=_hex(params, "migration_id", 16), stream_key=_hex(params, "stream_key", 32),
         accept_timeout=float(params.get("accept_timeout", 60.0)), attempt=int(params.get("attempt", 0)),
+        sealed_state=bool(params.get("sealed_state", False)),
     )  # fmt: skip
 
 

@@ -10,7 +10,7 @@ import array
 import dataclasses
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -18,14 +18,16 @@ from confplan.core.wire import Handover
 from confplan.errors import ConfplanError
 from confplan.migration.handover import Do, Input, Msg, Role, TargetHandover, TargetState
 from confplan.migration.handover_io import RECEIVE_CODES, SEND_CODES, Driver
+from confplan.migration.mailbox_layout import MailboxError
+from confplan.migration.manifest import state_hash
 from confplan.migration.session import resynced_tsc
 from confplan.migration.side import Log, MigrationSide, StreamSide
 from confplan.migration.target import HandoverHooks, Incoming, IncomingState
-from confplan.migration.verify import CHUNK_PAGES
 from confplan.transport import sockets
-from confplan.vmm import Machine
+from confplan.vmm import Machine, vmsa_slot
 
-MANIFEST_FORMAT = 1  # what outgoing.OutgoingMigration puts in its MANIFEST frame
+MANIFEST_FORMAT = 1  # outgoing.OutgoingMigration's MANIFEST frames: the host's digests (JSON)
+SEALED_MANIFEST_FORMAT = 2  # and the source helper's sealed manifest (mailbox v5)
 
 
 class IncomingMigration(MigrationSide, HandoverHooks):
@@ -41,6 +43,7 @@ class IncomingMigration(MigrationSide, HandoverHooks):
         self.stream: Incoming | None = None
         self.resumed = False
         self.attempt = 0
+        self.sealed_state = False  # SEV-ES/SNP: the vCPU state must arrive sealed by the source helper
 
     def info(self) -> dict[str, Any]:
         stream = None if self.stream is None else self.stream.status.to_json()
@@ -49,7 +52,7 @@ class IncomingMigration(MigrationSide, HandoverHooks):
     # ---- the stream ----
     def listen(
         self, host: str, port: int, *, migration_id: bytes, stream_key: bytes, accept_timeout: float,
-        attempt: int = 0,
+        attempt: int = 0, sealed_state: bool = False,
     ) -> dict[str, Any]:  # fmt: skip
         """Listen for the source's stream (a previous attempt's, settled, is dropped) and take the first
         connection that proves ``stream_key``; answers the port."""
@@ -63,7 +66,7 @@ class IncomingMigration(MigrationSide, HandoverHooks):
             )
         self.abort()
         listener = sockets.listen_tcp(host, port, what="the target's migration port")
-        self.shared_table, self.attempt = None, attempt
+        self.shared_table, self.attempt, self.sealed_state = None, attempt, sealed_state
         self.handover = Driver(
             TargetHandover(), role=Role.TARGET, guest_id=migration_id.hex(), attempt=attempt,
             files=self.files, send=self._send, log=self.log,
@@ -139,28 +142,47 @@ class IncomingMigration(MigrationSide, HandoverHooks):
         self.handover.feed(Input.VERIFY_FAIL if problem else Input.VERIFY_OK)
 
     def _compare(self) -> tuple[str | None, dict[str, Any]]:
+        """The copy against the source's manifests: the shared pages' digest (host CRCs), then the
+        helpers: the sealed vCPU states opened into their VMSA slots (SEV-ES/SNP) and CHECK_MANIFEST,
+        which recomputes the source helper's statement from this helper's own tables."""
         status = self.need_stream().status
-        if status.state is not IncomingState.COMPLETE or status.manifest is None:
-            return f"the stream is {status.state.value} and brought no manifest", {}
-        if status.manifest.format_version != MANIFEST_FORMAT:
-            return f"manifest format {status.manifest.format_version}, this VMM reads {MANIFEST_FORMAT}", {}
-        theirs = json.loads(status.manifest.blob)
-        ours = self.digests(table=bool(theirs.get("table")))
-        details = {"shared": ours["shared"], "chunks": len(ours["private"] or {}),
-                   "from_mac_tables": bool(theirs.get("table")),
-                   "pages_hashed_in_pause": [theirs.get("pages_maced"), ours["pages_maced"]],
-                   "shared_pages_crcd_in_pause": [theirs.get("shared_pages_crcd"), ours["shared_pages_crcd"]],
-                   "seconds": ours["seconds"]}  # fmt: skip
-        if ours["private"] is None:
-            return "private memory cannot be verified: this side has no migration helper", details
-        if theirs.get("shared") != ours["shared"]:
-            return f"shared pages differ: source {theirs.get('shared')}, target {ours['shared']}", details
-        mine, sent = ours["private"], {int(k): v for k, v in (theirs.get("private") or {}).items()}
-        bad = sorted(k for k in mine if mine[k] != sent.get(k))
-        if bad or len(mine) != len(sent):
-            return (f"the helpers' digests of guest memory differ in chunks {bad[:8]} of {len(mine)} "
-                    f"({CHUNK_PAGES * 4} KiB each)", details)  # fmt: skip
+        plain, sealed = status.manifests.get(MANIFEST_FORMAT), status.manifests.get(SEALED_MANIFEST_FORMAT)
+        if status.state is not IncomingState.COMPLETE or plain is None or sealed is None:
+            return f"the stream is {status.state.value} and brought no complete manifest", {}
+        theirs = json.loads(plain.blob)
+        problem = self._state_kind(status.vcpus.keys(), status.sealed_vcpus.keys(), theirs)
+        if problem:
+            return problem, {}
+        tables = self.pause_tables()
+        details = {"shared": tables["shared"], "from_mac_tables": bool(tables["table"]),
+                   "pages_hashed_in_pause": [theirs.get("pages_maced"), tables["pages_maced"]],
+                   "shared_pages_crcd_in_pause": [theirs.get("shared_pages_crcd"),
+                                                  tables["shared_pages_crcd"]],
+                   "seconds": tables["seconds"], "sealed_state": self.sealed_state}  # fmt: skip
+        if theirs.get("shared") != tables["shared"]:
+            return f"shared pages differ: source {theirs.get('shared')}, target {tables['shared']}", details
+        mailboxes = self.helper()
+        if mailboxes is None or status.enc_bitmap is None:
+            return "the copy cannot be checked: this side has no migration helper", details
+        try:
+            for vcpu, record in sorted(status.sealed_vcpus.items()):
+                mailboxes.open_state(vcpu, record)
+            checked = mailboxes.check_manifest(
+                sealed.blob, 0, self.machine.layout.npages, enc_bitmap=status.enc_bitmap,
+                state_hash=state_hash(status.state_parts), rounds=status.rounds,
+            )  # fmt: skip
+        except MailboxError as err:
+            return f"the helper refused the copy: {err.message}", details
+        details["chunks"] = checked.chunks
         return None, details
+
+    def _state_kind(self, clear: Iterable[int], sealed: Iterable[int], theirs: dict[str, Any]) -> str | None:
+        """SEV-ES/SNP register state must arrive sealed by the source helper; plain SEV's in clear."""
+        if self.sealed_state and (list(clear) or not theirs.get("sealed_state")):
+            return "this guest's register state must arrive sealed by the source's helper (SEV-ES/SNP)"
+        if not self.sealed_state and list(sealed):
+            return "sealed register state for a guest whose plan says plain SEV"
+        return None
 
     def _resume_now(self) -> None:
         """RESUMED is on disk: run the guest here."""
@@ -186,18 +208,20 @@ class IncomingMigration(MigrationSide, HandoverHooks):
             )
         machine = self.need_machine()
         now = time.time()
-        tsc_khz = machine.host.tsc_khz
-        states = [
-            dataclasses.replace(saved.state, tsc=resynced_tsc(saved, now, tsc_khz))
-            for _, saved in sorted(status.vcpus.items())
-        ]
-        machine.restore_vcpu_states(states)
+        if status.sealed_vcpus:  # SEV-ES/SNP: the (emulated) CPU loads each vCPU from its verified slot
+            gap = vmsa_slot.load_vcpus(machine, now_wall=now)
+        else:
+            tsc_khz = machine.host.tsc_khz
+            states = [
+                dataclasses.replace(saved.state, tsc=resynced_tsc(saved, now, tsc_khz))
+                for _, saved in sorted(status.vcpus.items())
+            ]
+            machine.restore_vcpu_states(states)
+            gap = max(now - saved.paused_wall for saved in status.vcpus.values())
         machine.resume_all_vcpus_except_aux()
         self.resumed = True
         self.log("target: guest resumed")
-        paused = min(saved.paused_wall for saved in status.vcpus.values())
-        gap = max(now - saved.paused_wall for saved in status.vcpus.values())
-        return {"clock_gap_seconds": gap, "paused_wall": paused, "resumed_wall": time.time()}
+        return {"clock_gap_seconds": gap, "paused_wall": now - gap, "resumed_wall": time.time()}
 
     def pause_guest(self) -> None:
         self.need_machine().pause_all_vcpus_except_aux()

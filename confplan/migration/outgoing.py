@@ -19,13 +19,16 @@ from confplan.errors import ConfplanError
 from confplan.migration.dirty import DirtyTracker
 from confplan.migration.handover import Do, Input, Msg, Role, SourceHandover, SourceState
 from confplan.migration.handover_io import RECEIVE_CODES, SEND_CODES, Driver
+from confplan.migration.helper import require_helper
+from confplan.migration.manifest import state_hash
 from confplan.migration.side import Log, MigrationSide, StreamSide
 from confplan.migration.source import Outgoing
 from confplan.transport import sockets
 from confplan.vmm import Machine
 
 THROTTLE_PERIOD = 0.02  # seconds per pause/run cycle while the guest is throttled
-MANIFEST_FORMAT = 1  # the MANIFEST frame's blob: JSON of the source's digests (docs/handover.md)
+MANIFEST_FORMAT = 1  # a MANIFEST frame of the host's digests (JSON; docs/handover.md)
+SEALED_MANIFEST_FORMAT = 2  # a MANIFEST frame holding the source helper's SEAL_MANIFEST record (mailbox v5)
 _RAN_AGAIN = (SourceState.ABORTED, SourceState.RECLAIMED)  # the handover gave the guest back to the source
 
 
@@ -42,6 +45,7 @@ class OutgoingMigration(MigrationSide):
         self.tracker: DirtyTracker | None = None
         self.migration_id = b""
         self.attempt = 0
+        self.sealed_state = False  # SEV-ES/SNP: the vCPU state travels sealed by the helper
         self._paused_at = self._paused_wall = 0.0
         self._final: dict[str, Any] | None = None  # what the pause's copy sent (stop_and_copy's answer)
         self._final_error: BaseException | None = None
@@ -57,7 +61,7 @@ class OutgoingMigration(MigrationSide):
     # ---- the stream ----
     def connect(
         self, host: str, port: int, *, migration_id: bytes, stream_key: bytes, bandwidth: float | None,
-        attempt: int = 0, progress_timeout: float | None = None,
+        attempt: int = 0, progress_timeout: float | None = None, sealed_state: bool = False,
     ) -> None:  # fmt: skip
         """Dial the target's migration port and prove the stream key (the wire v2 handshake); a previous
         stream is replaced. ``attempt`` numbers this try of the migration (the handover's records say
@@ -71,6 +75,7 @@ class OutgoingMigration(MigrationSide):
             )
         self._close_stream("a new stream replaces it")
         self.handover, self.migration_id, self.attempt = None, migration_id, attempt
+        self.sealed_state = sealed_state
         sock = sockets.dial_tcp(host, port, timeout=10.0, what="the target's migration port")
         if self.tracker is None:
             self.tracker = DirtyTracker(machine)
@@ -203,7 +208,8 @@ class OutgoingMigration(MigrationSide):
         try:
             stats = stream.send_round(final=True)
             sent = time.monotonic()
-            stream.send_state(self._paused_wall, self._manifest)
+            seal = self._seal_state if self.sealed_state else None
+            stream.send_state(self._paused_wall, seal=seal, manifest=self._manifest)
         except BaseException as err:
             self._final_error = err
             raise
@@ -218,17 +224,30 @@ class OutgoingMigration(MigrationSide):
                       "vcpu_and_device_state": done - sent},
         }  # fmt: skip
 
-    def _manifest(self) -> Manifest:
-        """This side's digests of the guest as it was paused (the helpers' keyed MACs, the shared pages'
-        CRC): the target compares its own against them before it may resume."""
-        table = self.shared_table is not None
-        digests = self.digests(table=table)
-        doc = {"format": MANIFEST_FORMAT, "table": table, "shared": digests["shared"],
-               "private": digests["private"], "pages_maced": digests["pages_maced"],
-               "shared_pages_crcd": digests["shared_pages_crcd"]}  # fmt: skip
+    def _seal_state(self, vcpu: int, blob: bytes) -> bytes:
+        """SEV-ES/SNP: the vCPU's register state sealed by the source helper, so no host reads or edits it."""
+        mailboxes = require_helper(self.helper(), "source", 0)
+        return mailboxes.seal_state(vcpu, blob)
+
+    def _manifest(self, state_parts: list[bytes]) -> list[Manifest]:
+        """What the target checks before it may resume: the host's shared-page digest (format 1) and the
+        source helper's sealed manifest of its own tables, the encryption bitmap, the state sent and the
+        rounds (format 2, mailbox v5): only the two helpers can make or check it."""
+        tables = self.pause_tables()
+        stream = self.need_stream()
+        mailboxes = require_helper(self.helper(), "source", 0)
+        started = time.monotonic()
+        sealed = mailboxes.seal_manifest(
+            0, self.machine.layout.npages, enc_bitmap=bytes(self.machine.enc_bitmap.bitmap.view()),
+            state_hash=state_hash(state_parts), rounds=stream.totals.rounds,
+        )  # fmt: skip
         if self.handover is not None:
-            self.handover.notes["digest_seconds"] = digests["seconds"]
-        return Manifest(MANIFEST_FORMAT, json.dumps(doc, sort_keys=True).encode())
+            self.handover.notes["digest_seconds"] = {**tables["seconds"], "seal": time.monotonic() - started}
+        doc = {"format": MANIFEST_FORMAT, "table": tables["table"], "shared": tables["shared"],
+               "pages_maced": tables["pages_maced"], "shared_pages_crcd": tables["shared_pages_crcd"],
+               "sealed_state": self.sealed_state}  # fmt: skip
+        return [Manifest(MANIFEST_FORMAT, json.dumps(doc, sort_keys=True).encode()),
+                Manifest(SEALED_MANIFEST_FORMAT, sealed)]  # fmt: skip
 
     def _read_target(self) -> None:
         stream, handover = self.stream, self.handover

@@ -16,6 +16,7 @@ from confplan.errors import ConfplanError
 from confplan.vmm.state import VcpuState, state_blob, state_from_blob, tsc_after_pause
 
 VCPU_FORMAT = 1
+VCPU_SEALED_FORMAT = 2  # the blob is the source helper's SEAL_STATE record (SEV-ES/SNP: no host reads it)
 ENC_BITMAP_DEVICE = "enc-bitmap"
 ENC_BITMAP_FORMAT = 1
 

@@ -188,6 +188,26 @@ class MigrationSide:
                 "seconds": {"private": hashed, "shared": crc_seconds,
                             "rpc": time.monotonic() - started}}  # fmt: skip
 
+    def pause_tables(self) -> dict[str, Any]:
+        """In the pause, before a manifest is sealed or checked: the helpers MAC the pages moved as shared
+        since their tables were last brought up to date (SAVE and LOAD keep the private pages' entries), so
+        every page has its MAC; meanwhile the host CRCs the shared pages (from its table where precopy
+        filled one). Returns the shared digest and what it cost."""
+        machine = self.need_machine()
+        mailboxes = self.helper()
+        started = time.monotonic()
+        crc_table = self.shared_table
+        self._changed_gpas()  # before the shared digest, which must not use these pages' old CRCs
+        gpas = self.stream_side().take_shared_gpas()
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            crc = crc_table.digest if crc_table is not None else partial(shared_digest, machine)
+            future = pool.submit(_timed, crc)
+            maced = mailboxes.mac_list(gpas) if mailboxes is not None and len(gpas) else 0
+            shared, crc_seconds = future.result()
+        return {"table": crc_table is not None, "shared": shared, "pages_maced": maced,
+                "shared_pages_crcd": crc_table.computed if crc_table is not None else None,
+                "seconds": {"shared": crc_seconds, "tables": time.monotonic() - started}}  # fmt: skip
+
     # ---- the handover ----
     def handover_view(self) -> dict[str, Any]:
         """The handover as this side holds it (docs/handover.md): for the orchestrator's ``reconcile``."""

@@ -43,7 +43,13 @@ from confplan.migration.helper import require_helper
 from confplan.migration.mailbox import BatchResult, Mailbox
 from confplan.migration.mailbox_set import MailboxSet
 from confplan.migration.precopy import RoundStats
-from confplan.migration.session import ENC_BITMAP_DEVICE, ENC_BITMAP_FORMAT, VCPU_FORMAT, vcpu_blob
+from confplan.migration.session import (
+    ENC_BITMAP_DEVICE,
+    ENC_BITMAP_FORMAT,
+    VCPU_FORMAT,
+    VCPU_SEALED_FORMAT,
+    vcpu_blob,
+)
 from confplan.vmm import Machine
 
 BANKS = 4  # slot banks per mailbox: the MH seals one while the VMM frames and sends another
@@ -241,16 +247,24 @@ class Outgoing:
         return concat_gpas(taken)
 
     # ---- the end ----
-    def send_state(self, paused_wall: float, manifest: Callable[[], Manifest | None] | None = None) -> None:
-        """The guest's vCPU states and the encryption bitmap, then the ``manifest`` (made after the state is
-        on its way, so the target applies it while this side digests), then DONE (the guest must be
-        paused)."""
+    def send_state(
+        self, paused_wall: float, *, seal: Callable[[int, bytes], bytes] | None = None,
+        manifest: Callable[[list[bytes]], list[Manifest]] | None = None,
+    ) -> None:  # fmt: skip
+        """The guest's vCPU states (each sealed by the source helper with ``seal``: SEV-ES/SNP), the
+        encryption bitmap, then the ``manifest`` frames made from the state blobs as sent (after the state
+        is on its way, so the target applies it while this side seals), then DONE (the guest is paused)."""
+        parts: list[bytes] = []
         for state in self.machine.save_vcpu_states():
-            self._control(VcpuState(state.vcpu_id, VCPU_FORMAT, vcpu_blob(state, paused_wall)))
+            blob = vcpu_blob(state, paused_wall)
+            frame = VcpuState(state.vcpu_id, VCPU_FORMAT, blob) if seal is None else VcpuState(
+                state.vcpu_id, VCPU_SEALED_FORMAT, seal(state.vcpu_id, blob))  # fmt: skip
+            self._control(frame)
+            parts.append(frame.blob)
         bitmap = bytes(self.machine.enc_bitmap.bitmap.view())
         self._control(DeviceState(ENC_BITMAP_DEVICE, ENC_BITMAP_FORMAT, bitmap))
-        made = manifest() if manifest is not None else None
-        if made is not None:
+        parts.append(bitmap)
+        for made in manifest(parts) if manifest is not None else []:
             self._control(made)
         t = self.totals
         self._control(Done(t.rounds, t.shared_pages, t.sealed_pages))

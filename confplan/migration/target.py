@@ -44,7 +44,13 @@ from confplan.migration.helper import require_helper
 from confplan.migration.mailbox import Mailbox
 from confplan.migration.mailbox_layout import SLOT_SIZE
 from confplan.migration.mailbox_set import MailboxSet
-from confplan.migration.session import ENC_BITMAP_DEVICE, ENC_BITMAP_FORMAT, SavedVcpu, vcpu_from_blob
+from confplan.migration.session import (
+    ENC_BITMAP_DEVICE,
+    ENC_BITMAP_FORMAT,
+    VCPU_SEALED_FORMAT,
+    SavedVcpu,
+    vcpu_from_blob,
+)
 from confplan.migration.source import BANKS
 from confplan.transport.sockets import tune_accepted
 from confplan.vmm import Machine
@@ -69,8 +75,10 @@ class IncomingStatus:
     sealed_pages: int = 0
     bytes_received: int = 0
     vcpus: dict[int, SavedVcpu] = field(default_factory=dict)
+    sealed_vcpus: dict[int, bytes] = field(default_factory=dict)  # SEV-ES/SNP: the helper opens them
+    state_parts: list[bytes] = field(default_factory=list)  # the state blobs as received (manifest's hash)
     enc_bitmap: bytes | None = None
-    manifest: Manifest | None = None  # what the source says it sent, for the target's own check
+    manifests: dict[int, Manifest] = field(default_factory=dict)  # by format: for the target's own check
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -133,7 +141,8 @@ class Incoming:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
                 sock.close()
-        self._thread.join(timeout=5.0)
+        if threading.current_thread() is not self._thread:  # the handover may close from its own thread
+            self._thread.join(timeout=5.0)
 
     # ---- the thread ----
     def _main(self) -> None:
@@ -315,11 +324,16 @@ class Incoming:
         if isinstance(msg, RoundEnd):
             self.status.rounds += 1
         elif isinstance(msg, VcpuState):
-            self.status.vcpus[msg.vcpu] = vcpu_from_blob(msg.vcpu, msg.format_version, msg.blob)
+            self.status.state_parts.append(msg.blob)
+            if msg.format_version == VCPU_SEALED_FORMAT:
+                self.status.sealed_vcpus[msg.vcpu] = msg.blob  # opened by the helper, never here
+            else:
+                self.status.vcpus[msg.vcpu] = vcpu_from_blob(msg.vcpu, msg.format_version, msg.blob)
         elif isinstance(msg, DeviceState):
             self._device(msg)
+            self.status.state_parts.append(msg.blob)
         elif isinstance(msg, Manifest):
-            self.status.manifest = msg
+            self.status.manifests[msg.format_version] = msg
         elif isinstance(msg, Done):
             self._check_done(msg)
             return True
@@ -370,7 +384,8 @@ class Incoming:
                 + ("" if self.status.enc_bitmap is not None else " and no encryption bitmap"),
                 hint="frames were lost: rerun the migration",
             )
-        missing = [r.index for r in self.machine.vcpus if r.index not in self.status.vcpus]
+        have = self.status.vcpus.keys() | self.status.sealed_vcpus.keys()
+        missing = [r.index for r in self.machine.vcpus if r.index not in have]
         if missing:
             raise ConfplanError(f"the stream ended without the state of vCPUs {missing}")
         # Installed now, while the guest's vCPUs are still parked: verify reads which pages are shared.

@@ -34,9 +34,11 @@ class StartIncoming(Stage):
         stream_key = os.urandom(32).hex()
         # The attempt numbers this try in both sides' handover records; it only grows (milliseconds).
         attempt = time.time_ns() // 1_000_000
+        # SEV-ES/SNP: the register state travels sealed by the helpers, and the target takes no other.
+        sealed_state = ctx.plan.sev.generation in ("sev-es", "sev-snp")
         listening = target.call("listen_incoming", {
             "host": listen_host, "port": port, "migration_id": migration_id.hex(), "stream_key": stream_key,
-            "attempt": attempt,
+            "attempt": attempt, "sealed_state": sealed_state,
         })  # fmt: skip
         ctx.add_teardown(
             "stop the target's incoming stream",
@@ -49,7 +51,7 @@ class StartIncoming(Stage):
             port = int(text)
         common.undo_on_source(ctx)
         stream = {"host": host, "port": port, "migration_id": migration_id.hex(), "stream_key": stream_key,
-                  "attempt": attempt}  # fmt: skip
+                  "attempt": attempt, "sealed_state": sealed_state}  # fmt: skip
         limits = ctx.plan.limits
         source.call("connect_outgoing", {**stream, "bandwidth": limits.bandwidth,
                                          "progress_timeout": float(limits.progress_timeout)})  # fmt: skip
