@@ -28,13 +28,14 @@ class Agent:
 
     @classmethod
     def start(
-        cls, tmp: Path, *, host: str = "127.0.0.1", enrol: bool = True, prefix: list[str] | None = None
+        cls, tmp: Path, *, host: str = "127.0.0.1", enrol: bool = True, prefix: list[str] | None = None,
+        port: int = 0,
     ) -> Agent:
         home, orchestrator = tmp / "agent-home", tmp / "orchestrator-home"
         if enrol:
             me = Identity.load_or_create(orchestrator, Role.ORCHESTRATOR)
             TrustStore.at_home(home).add(Role.ORCHESTRATOR, me.pem)
-        argv = [*(prefix or []), sys.executable, "-m", "confplan", "agent", "--listen", f"{host}:0",
+        argv = [*(prefix or []), sys.executable, "-m", "confplan", "agent", "--listen", f"{host}:{port}",
                 "--home", str(home)]  # fmt: skip
         process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         assert process.stdout is not None

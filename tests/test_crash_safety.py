@@ -198,3 +198,27 @@ def _free_port() -> int:
 
 def test_a_lost_guest_is_an_error_the_cli_names(plan_dir: Path) -> None:
     assert issubclass(GuestLost, ConfplanError) and GuestLost.exit_code == 6
+
+
+def test_a_restarted_agent_is_provisioned_again_and_the_source_is_kept(
+    plan_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agents import Agent
+
+    agent = Agent.start(plan_dir)
+    monkeypatch.setenv("CONFPLAN_HOME", str(agent.orchestrator_home))
+    target = f'target: {{host: "tcp://127.0.0.1:{agent.port}", fingerprint: "{agent.fingerprint}"}}\n'
+    plan = write_plan(plan_dir, target)
+    try:
+        with pytest.raises(Crash):
+            apply(plan, observer=CrashAt("stop-and-copy"))  # the orchestrator dies in precopy...
+        source_pid = _pid(plan, "source")
+        agent.stop()  # ...and the target host's agent restarts, its machine gone
+        agent = Agent.start(plan_dir, port=agent.port, enrol=False)
+        report = apply(plan)  # a plain rerun: the target is provisioned again, the source kept
+        assert report.run is not None and report.run.outcome.value == "succeeded"
+        actions = {step.stage: step.action.value for step in report.steps}
+        assert actions["launch-source"] == "skip" and actions["provision-target"] == "redo"
+        assert report.records["launch-source"].result["pid"] == source_pid
+    finally:
+        agent.stop()
