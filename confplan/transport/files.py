@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 import stat
-import tempfile
 from pathlib import Path
 
+from confplan import statefile
 from confplan.errors import ConfplanError
 
 DIR_MODE = 0o700
@@ -43,27 +43,13 @@ def _unwritable(path: Path, use: str, err: OSError) -> ConfplanError:
 
 
 def write_private(path: Path, data: bytes, *, use: str) -> None:
-    """Write ``data`` to ``path`` with mode 0600: temp file, fsync, rename (never half a file)."""
+    """Write ``data`` to ``path`` with mode 0600 (``statefile.write_private``: temp file, fsync, rename,
+    never half a file), in a 0700 folder made for ``use``."""
     private_dir(path.parent, use=use)
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        statefile.write_private(path, data)
     except OSError as err:
         raise _unwritable(path.parent, use, err) from None
-    try:
-        os.fchmod(fd, FILE_MODE)
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def check_private(path: Path, *, what: str) -> None:

@@ -138,21 +138,7 @@ def relay(ctx: StageContext, resolution: Resolution) -> None:
 def settle(ctx: StageContext, done: set[Verdict], *, timeout: float, what: str) -> Views:
     """Watch (and relay for) the VMMs until ``reconcile`` gives one of ``done``; LOST, CONFLICT and a
     lasting IN_DOUBT end it with an error that says what happened and what to do."""
-    deadline = time.monotonic() + timeout
-    while True:
-        views = read_views(ctx)
-        resolution = views.resolution()
-        if resolution.verdict in done:
-            return views
-        fail_if_final(resolution, views)
-        if time.monotonic() > deadline:
-            raise HandoverInDoubt(
-                f"{what}: the handover did not settle within {timeout:.1f} s: {resolution.reason}",
-                hint="the two VMMs go on settling it by themselves; rerun `confplan apply` to see and act "
-                "on what each holds",
-            )
-        relay(ctx, resolution)
-        time.sleep(POLL)
+    return wait_for(ctx, lambda views: views.resolution().verdict in done, timeout=timeout, what=what)
 
 
 def wait_for(ctx: StageContext, want: Callable[[Views], bool], *, timeout: float, what: str) -> Views:
