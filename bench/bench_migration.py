@@ -94,8 +94,11 @@ def pause_breakdown(records: Any) -> dict[str, Any]:
     final = sc["final_round"]
     ms = {f"sc_{k}": round(v * 1e3, 1) for k, v in sc.get("steps", {}).items()}
     ms["final_pages"] = int(final["sealed_pages"]) + int(final["shared_pages"])
-    for side, secs in verify.get("seconds", {}).items():
-        ms.update({f"verify_{side}_{k}": round(v * 1e3, 1) for k, v in secs.items()})
+    for side, secs in (verify.get("seconds") or {}).items():
+        if isinstance(secs, dict):
+            ms.update({f"verify_{side}_{k}": round(v * 1e3, 1) for k, v in secs.items() if v is not None})
+        elif secs is not None:
+            ms[f"verify_{side}"] = round(secs * 1e3, 1)
     ms["verify_pages_hashed"] = verify.get("pages_hashed_in_pause")
     for moment, secs in (verify.get("since_pause") or {}).items():
         ms[f"at_verify_{moment}"] = round(secs * 1e3, 1)
