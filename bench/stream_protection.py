@@ -3,12 +3,15 @@ same run: the same engines, helpers and machines as `confplan apply`, once with 
 stream key handshake, every non-sealed frame encrypted, every frame authenticated) and once on the
 previous, unprotected path (a stream key of None: only constructible here, never by a VMM process).
 
-The timed window is the stream: connect, precopy rounds until little is left, pause, final round, state,
-the target's DONE. Machine set-up (RAM pre-faulted on the target, as provision-target does) is outside.
+The source runs in this process and the target in another (as two VMM processes do: each has its own
+GIL). The timed window is the stream: connect, precopy rounds until little is left, pause, final round,
+state, the target's DONE. Machine set-up (RAM pre-faulted on the target, as provision-target does) is
+outside.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import socket
 import time
@@ -23,7 +26,7 @@ from confplan.sev import CONFPLAN_TRANSPORT_KEY_GUID
 from confplan.sev.secret_table import CONFPLAN_MIGRATION_ID_GUID, build_secret_table
 from confplan.vmm import Machine, MachineConfig, abi
 
-MIGRATION_ID = os.urandom(16)
+MIGRATION_ID = bytes(range(48, 64))  # the same in the target process (spawned: it imports this anew)
 
 
 def _config(ram_mib: int, batch_pages: int, *, target: bool) -> MachineConfig:
@@ -33,28 +36,48 @@ def _config(ram_mib: int, batch_pages: int, *, target: bool) -> MachineConfig:
     )  # fmt: skip
 
 
-def migrate_once(ram_mib: int, batch_pages: int, *, protected: bool) -> dict[str, Any]:
-    """One migration of an idle guest between two fresh machines; the stream's seconds and bytes."""
-    key = os.urandom(32)
-    secret = build_secret_table({CONFPLAN_TRANSPORT_KEY_GUID: key, CONFPLAN_MIGRATION_ID_GUID: MIGRATION_ID})
-    src = Machine(_config(ram_mib, batch_pages, target=False))
+def _target(ram_mib: int, batch_pages: int, secret: bytes, stream_key: bytes | None, conn: Any) -> None:
+    """The target in a process of its own, as a target VMM is: listen, receive, say when complete."""
     dst = Machine(_config(ram_mib, batch_pages, target=True))
     try:
-        for machine in (src, dst):
-            machine.write(abi.SECRET_GPA, secret)
-            machine.start()
-        src.wait_workload(abi.EV_WL_FILLED, timeout=120)
-        src_mb, dst_mb = open_mailboxes(src), open_mailboxes(dst)
-        src_mb.init()
-        dst_mb.init()
-        hello = Hello(src.config.memory, MIGRATION_ID, HelperMode.AUX_VCPU, 1)
-        stream_key = os.urandom(32) if protected else None
+        dst.write(abi.SECRET_GPA, secret)
+        dst.start()
+        mailboxes = open_mailboxes(dst)
+        mailboxes.init()
+        hello = Hello(dst.config.memory, MIGRATION_ID, HelperMode.AUX_VCPU, 1)
         listener = socket.create_server(("127.0.0.1", 0))
-        incoming = Incoming(dst, listener, hello=hello, stream_key=stream_key, mailboxes=dst_mb)
+        incoming = Incoming(dst, listener, hello=hello, stream_key=stream_key, mailboxes=mailboxes)
+        conn.send(listener.getsockname()[1])
+        status = incoming.wait(300)
+        conn.send((status.state.value, status.error))
+        incoming.close()
+    finally:
+        dst.close()
+
+
+def migrate_once(ram_mib: int, batch_pages: int, *, protected: bool) -> dict[str, Any]:
+    """One migration of an idle guest from a machine here to a fresh target in another process (two VMM
+    processes, as in `confplan apply`); the stream's seconds and bytes."""
+    key = os.urandom(32)
+    secret = build_secret_table({CONFPLAN_TRANSPORT_KEY_GUID: key, CONFPLAN_MIGRATION_ID_GUID: MIGRATION_ID})
+    stream_key = os.urandom(32) if protected else None
+    context = multiprocessing.get_context("spawn")
+    here, there = context.Pipe()
+    child = context.Process(target=_target, args=(ram_mib, batch_pages, secret, stream_key, there))
+    child.start()
+    src = Machine(_config(ram_mib, batch_pages, target=False))
+    try:
+        src.write(abi.SECRET_GPA, secret)
+        src.start()
+        src.wait_workload(abi.EV_WL_FILLED, timeout=120)
+        src_mb = open_mailboxes(src)
+        src_mb.init()
+        hello = Hello(src.config.memory, MIGRATION_ID, HelperMode.AUX_VCPU, 1)
+        port = here.recv()
         tracker = DirtyTracker(src)
         tracker.reset()
         started = time.monotonic()
-        sock = socket.create_connection(("127.0.0.1", listener.getsockname()[1]))
+        sock = socket.create_connection(("127.0.0.1", port))
         out = Outgoing(src, sock, hello=hello, stream_key=stream_key, mailboxes=src_mb, tracker=tracker,
                        next_generation=1)  # fmt: skip
         out.start()
@@ -64,16 +87,15 @@ def migrate_once(ram_mib: int, batch_pages: int, *, protected: bool) -> dict[str
         src.pause_all_vcpus_except_aux()
         rounds.append(out.send_round(final=True))
         out.send_state(time.time())
-        status = incoming.wait(120)
+        state, error = here.recv()
         seconds = time.monotonic() - started
-        if status.state is not IncomingState.COMPLETE:
-            raise RuntimeError(f"the benchmark's migration failed: {status.error}")
+        if state != IncomingState.COMPLETE.value:
+            raise RuntimeError(f"the benchmark's migration failed: {error}")
         out.sock.close()
-        incoming.close()
         return {"seconds": seconds, "rounds": len(rounds), "bytes": sum(r.bytes_sent for r in rounds)}
     finally:
         src.close()
-        dst.close()
+        child.join(timeout=30)
 
 
 def compare(ram_mib: int, batch_pages: int) -> dict[str, float]:
