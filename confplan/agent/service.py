@@ -76,6 +76,7 @@ class _Method:
 
     roles: tuple[str, ...]
     body: Callable[[Any, Params], Any]
+    locked: bool = True  # False: answered while a long call (stop-and-copy) holds the service's lock
 
 
 class VmmService:
@@ -100,24 +101,24 @@ class VmmService:
 
     # ---- plumbing ----
     def register(self, server: RpcServer) -> None:
-        # Unlocked: answered while a long call (stop-and-copy) holds the lock; the handover's own lock
-        # keeps its view consistent.
-        server.register("info", lambda params, call: self.info())
-        server.register("handover_state", lambda params, call: self.handover_state())
-        server.register("handover_order", self._handover_order)
         for name, method in _METHODS.items():
             server.register(name, self._handler(name, method))
 
     def _handler(self, name: str, method: _Method) -> Callable[[Params, Call], Any]:
+        def run(params: Params) -> Any:
+            if not method.roles:
+                return method.body(self, params)
+            return method.body(self._side_for(name, method.roles), params)
+
         def handler(params: Params, call: Call) -> Any:
-            with self._lock:
-                try:
-                    if not method.roles:
-                        return method.body(self, params)
-                    return method.body(self._side_for(name, method.roles), params)
-                except ConfplanError as err:
-                    log(f"refused {name!r} from {call.peer or 'the caller'}: {err.message}")
-                    raise
+            try:
+                if not method.locked:  # the handover's own lock keeps its view and orders consistent
+                    return run(params)
+                with self._lock:
+                    return run(params)
+            except ConfplanError as err:
+                log(f"refused {name!r} from {call.peer or 'the caller'}: {err.message}")
+                raise
 
         return handler
 
@@ -145,25 +146,19 @@ class VmmService:
         return {"reach": "alive", "role": self.role, "guest_id": None, "attempt": 0, "state": None,
                 "running": False, "pid": os.getpid()}  # fmt: skip
 
-    def _handover_order(self, params: Params, call: Call) -> Any:
-        side = self.side
-        try:
-            if side is None:
-                raise ConfplanError("this VMM has no machine, so no handover", hint="reconcile again")
-            return side.handover_order(str(params.get("order")), str(params.get("expect")))
-        except ConfplanError as err:
-            log(f"refused 'handover_order' from {call.peer or 'the caller'}: {err.message}")
-            raise
+    def handover_order(self, params: Params) -> Params:
+        """The orchestrator's order (compare and set), whatever state the guest is in."""
+        if self.side is None:
+            raise ConfplanError("this VMM has no machine, so no handover", hint="reconcile again")
+        return self.side.handover_order(str(params.get("order")), str(params.get("expect")))
 
     # ---- calls on the service itself ----
     def info(self) -> Params:
+        """Who this VMM is and what it holds; the side's own fields over the defaults of an empty VMM."""
         base = {"pid": os.getpid(), "role": self.role, "machine": False, "since": self.started,
-                "plan": self.plan}
-        if self.side is None:
-            return {**base, "running": False, "guest_error": None, "resumed": False, "incoming": None,
-                    "outgoing": False, "throttle": 0.0, "launch_state": None}  # fmt: skip
-        return {**base, "resumed": False, "incoming": None, "outgoing": False, "throttle": 0.0,
-                **self.side.info()}  # fmt: skip
+                "plan": self.plan, "running": False, "guest_error": None, "resumed": False,
+                "incoming": None, "outgoing": False, "throttle": 0.0, "launch_state": None}  # fmt: skip
+        return base if self.side is None else {**base, **self.side.info()}
 
     def create(self, params: Params) -> Params:
         from confplan.vmm import Machine
@@ -282,10 +277,6 @@ def _seconds(params: Params, key: str) -> float | None:
     return float(value) if value else None
 
 
-def _digests(side: Side, params: Params) -> Params:
-    return side.digests(table=bool(params.get("table")), shared=bool(params.get("shared", True)))
-
-
 def _set_throttle(side: OutgoingMigration, params: Params) -> Params:
     return {"throttle": side.set_throttle(float(params.get("fraction", 0.0)))}
 
@@ -312,11 +303,6 @@ def _resume_guest(side: OutgoingMigration, params: Params) -> Params:
     return {"running": True}
 
 
-def _pause_guest(side: Side, params: Params) -> Params:
-    side.pause_guest()
-    return {}
-
-
 def _listen_incoming(side: IncomingMigration, params: Params) -> Params:
     return side.listen(
         str(params.get("host", "127.0.0.1")), int(params.get("port", 0)),
@@ -332,6 +318,9 @@ def _abort_incoming(side: IncomingMigration, params: Params) -> Params:
 
 
 _METHODS: dict[str, _Method] = {
+    "info": _Method(_ANY, lambda service, params: service.info(), locked=False),
+    "handover_state": _Method(_ANY, lambda service, params: service.handover_state(), locked=False),
+    "handover_order": _Method(_ANY, VmmService.handover_order, locked=False),
     "create": _Method(_ANY, VmmService.create),
     "platform_chain": _Method(_ANY, VmmService.platform_chain),
     "discard": _Method(_ANY, VmmService.discard),
@@ -341,9 +330,7 @@ _METHODS: dict[str, _Method] = {
     "launch_secret": _Method(_BOTH, _launch_secret),
     "start": _Method(_BOTH, lambda side, params: side.start()),
     "workload_check": _Method(_BOTH, lambda side, params: side.workload_check()),
-    "digests": _Method(_BOTH, _digests),
     "mac_table": _Method(_BOTH, _mac_table),
-    "pause_guest": _Method(_BOTH, _pause_guest),
     "connect_outgoing": _Method(_SOURCE, _connect_outgoing),
     "precopy_round": _Method(_SOURCE, lambda side, params: side.precopy_round()),
     "set_throttle": _Method(_SOURCE, _set_throttle),

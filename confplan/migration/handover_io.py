@@ -14,7 +14,6 @@ actions carried out in order, their durable record written before what it licens
 from __future__ import annotations
 
 import collections
-import contextlib
 import fcntl
 import os
 import threading
@@ -204,9 +203,8 @@ def dead_view(files: HandoverFiles) -> dict[str, Any] | None:
     """What a dead VMM's record says (``reach: dead``), or None while a live process holds its lock."""
     if not files.holder_dead():
         return None
-    with contextlib.suppress(FileNotFoundError):
-        record = files.load()
-        if record is not None:
-            return {"reach": "dead", "role": record.role.value, "guest_id": record.guest_id,
-                    "attempt": record.attempt, "state": record.state.value}  # fmt: skip
-    return {"reach": "dead", "role": files.role.value, "guest_id": None, "attempt": 0, "state": None}
+    record = files.load()  # None when it never wrote one
+    if record is None:
+        return {"reach": "dead", "role": files.role.value, "guest_id": None, "attempt": 0, "state": None}
+    return {"reach": "dead", "role": record.role.value, "guest_id": record.guest_id,
+            "attempt": record.attempt, "state": record.state.value}  # fmt: skip

@@ -223,10 +223,6 @@ class IncomingMigration(MigrationSide, HandoverHooks):
         self.log("target: guest resumed")
         return {"clock_gap_seconds": gap, "paused_wall": now - gap, "resumed_wall": time.time()}
 
-    def pause_guest(self) -> None:
-        self.need_machine().pause_all_vcpus_except_aux()
-        self.resumed = False
-
     def close(self) -> None:
         if self.stream is not None:
             self.stream.close()

@@ -299,10 +299,6 @@ class OutgoingMigration(MigrationSide):
             machine.resume_all_vcpus_except_aux()
         self.log(f"source: guest vCPUs running ({reason})")
 
-    def pause_guest(self) -> None:
-        with self._vcpus:
-            self.need_machine().pause_all_vcpus_except_aux()
-
     def close(self) -> None:
         self._closed.set()
         self.throttle = 0.0

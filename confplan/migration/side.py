@@ -21,7 +21,7 @@ from confplan.migration.handover import Command, Order, Role
 from confplan.migration.handover_io import Driver, HandoverFiles
 from confplan.migration.helper import helper_mailboxes
 from confplan.migration.mailbox_set import MailboxSet
-from confplan.migration.verify import SharedTable, private_digests, shared_digest, table_digests
+from confplan.migration.verify import SharedTable, shared_digest
 from confplan.vmm import Machine, abi
 from confplan.vmm.sev_launch import MeasuredLaunch
 
@@ -158,35 +158,6 @@ class MigrationSide:
             pages = mailboxes.mac_list(moved) if len(moved) else 0
             shared_pages = shared.result()
         return {"pages": pages, "shared_pages": shared_pages, "seconds": time.monotonic() - started}
-
-    def digests(self, *, table: bool, shared: bool = True) -> dict[str, Any]:
-        """The MHs' digests of every chunk and the CRC of the shared pages. With ``table``: first MAC the
-        pages moved as shared since the tables were last brought up to date (SAVE and LOAD keep the private
-        pages' entries), then fold the chunks from the tables (cost: those pages, not RAM); else hash all
-        of RAM."""
-        machine = self.need_machine()
-        mailboxes = self.helper()
-        started = time.monotonic()
-        private, maced = None, 0
-        crc_table = self.shared_table if table else None
-        gpas = None
-        if table:
-            self._changed_gpas()  # before the shared digest, which must not use these pages' old CRCs
-            gpas = self.stream_side().take_shared_gpas()  # the MHs MAC only these
-        # The shared pages' CRC (host CPU, in C without the GIL) runs while the MHs hash (guest vCPUs).
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            crc = crc_table.digest if crc_table is not None else partial(shared_digest, machine)
-            future = pool.submit(_timed, crc) if shared else None
-            if mailboxes is not None and gpas is not None:
-                maced, private = table_digests(mailboxes, machine, gpas)
-            elif mailboxes is not None:
-                private = private_digests(mailboxes, machine)
-            hashed = time.monotonic() - started
-            crc_result, crc_seconds = future.result() if future is not None else (None, 0.0)
-        return {"shared": crc_result, "private": private, "pages_maced": maced,
-                "shared_pages_crcd": crc_table.computed if crc_table is not None else None,
-                "seconds": {"private": hashed, "shared": crc_seconds,
-                            "rpc": time.monotonic() - started}}  # fmt: skip
 
     def pause_tables(self) -> dict[str, Any]:
         """In the pause, before a manifest is sealed or checked: the helpers MAC the pages moved as shared

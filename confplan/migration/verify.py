@@ -5,14 +5,12 @@ the frames' payloads CRC'd: no per-page Python); the rest is digested only by th
 learns nothing from a digest but whether both sides hold the same plaintext.
 
 Private digests are per chunk of ``CHUNK_PAGES`` pages, hashed from memory (``private_digests``: DIGEST of
-every chunk) or folded from the MHs' per-page MAC tables (``table_digests``), so that the pause costs the
-pages moved as shared since precopy filled the tables, not RAM. Mailbox v4: each SAVE on the source and
-each LOAD on the target sets the entry of every page it seals or opens to that record's tag, so the pages
-the stream moves sealed keep their entries current by themselves; only the pages moved as shared have none
-(or a stale one). So precopy's ``mac_table`` fill (the agent's) MACs the pages moved as shared so far while
-the guest still runs (``MailboxSet.mac_list``), and in the pause each side MACs those moved as shared since
-and folds every chunk from its table in one go (``MailboxSet.mac_and_fold``), which equals DIGEST of the
-chunk while each page's entry is current.
+every chunk). A migration's own check no longer compares them: the MHs keep a per-page MAC table (mailbox
+v4: each SAVE on the source and each LOAD on the target sets the entry of every page it seals or opens to
+that record's tag; only the pages moved as shared need a MAC of their own), precopy's ``mac_table`` fill
+MACs the pages moved as shared so far while the guest still runs (``MailboxSet.mac_list``), the pause MACs
+those moved since (``migration.side.pause_tables``), and the source helper seals a manifest of its table
+that the target helper checks against its own (mailbox v5, ``MailboxSet.seal_manifest``/``check_manifest``).
 
 Shared pages the same way (``SharedTable``): each VMM keeps a CRC-32C per shared page, filled by that same
 ``mac_table`` call (a target, whose encryption bitmap arrives only at the end, fills the pages its stream
@@ -107,12 +105,3 @@ def private_digests(mailboxes: MailboxSet, machine: Machine) -> dict[int, str]:
     digests = mailboxes.digest(0, npages, chunk_pages=CHUNK_PAGES)
     return {i: d.hex() for i, d in enumerate(digests)}
 
-
-def table_digests(
-    mailboxes: MailboxSet, machine: Machine, gpas: array.array[int]
-) -> tuple[int, dict[int, str]]:
-    """The same chunk digests folded from the MHs' MAC tables, once the pages at ``gpas`` (those the
-    tables do not follow yet) are MAC'd; returns (pages MAC'd, digests)."""
-    npages = int(machine.config.memory) // abi.PAGE
-    maced, digests = mailboxes.mac_and_fold(gpas, 0, npages, chunk_pages=CHUNK_PAGES)
-    return maced, {i: d.hex() for i, d in enumerate(digests)}

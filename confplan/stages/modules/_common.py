@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -219,12 +218,3 @@ def stream_error(ctx: StageContext, err: ConfplanError) -> ConfplanError:
         return ConfplanError(f"{err.message}; the target says: {status['error']}", hint=err.hint)
     return err
 
-
-def both_digests(
-    source: VmmHandle, target: VmmHandle, params: dict[str, Any]
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Both sides digest at once (in the pause this is downtime)."""
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        theirs = pool.submit(target.call, "digests", params, timeout=DIGEST_TIMEOUT)
-        here = source.call("digests", params, timeout=DIGEST_TIMEOUT)
-        return here, theirs.result()

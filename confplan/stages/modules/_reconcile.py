@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from confplan.migration.handover import SourceState, TargetState
+from confplan.migration.handover import SourceState
 from confplan.plan import Plan
 from confplan.stages.base import RECONCILERS, Reconciled, StageContext
 from confplan.stages.checkpoint import StageRecord, StageStatus
@@ -89,8 +89,6 @@ def _on_source(records: Mapping[str, StageRecord], views: handover.Views, note: 
         last = began[-1] if began else "stop-and-copy"
         why = views.raw["target"].get("refused") or views.raw["source"].get("target_error") or note
         found.failed[last] = f"the handover ended with the guest on the source: {why}"
-    if views.target.state is TargetState.RESUMED:  # reconcile never says "source" then; defensive
-        found.still_valid.clear()
     return found
 
 
