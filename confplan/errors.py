@@ -6,6 +6,22 @@ says what to do. Anything else that escapes to the CLI is an internal error (exi
 
 from __future__ import annotations
 
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    """Every exit code of the ``confplan`` command, one per class of outcome (``confplan --help``)."""
+
+    OK = 0  # done
+    INTERNAL = 1  # a bug in confplan
+    USAGE = 2  # a wrong command line or an invalid plan
+    ENVIRONMENT = 3  # the machine lacks something (preflight): nothing was launched or changed
+    MIGRATION_FAILED = 4  # the migration failed; the guest runs on the source
+    BUSY = 5  # the plan is in use, or going on would stop a running guest without consent
+    GUEST_LOST = 6  # the guest's only current copy is gone
+    HANDOVER_IN_DOUBT = 7  # neither side may run the guest until the silent one answers
+    INTERRUPTED = 130  # Ctrl-C (the shell's convention for SIGINT)
+
 
 class ConfplanError(Exception):
     """A failure the user can act on. ``exit_code`` is what the CLI exits with."""
