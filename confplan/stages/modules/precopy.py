@@ -69,7 +69,7 @@ class RoundWatch:
     def __init__(self, ctx: StageContext) -> None:
         self.ctx = ctx
         self.bytes_before = 0  # sent by the rounds before this one
-        self.error: BaseException | None = None  # what an observer raised: the stage raises it after the round
+        self.error: BaseException | None = None  # an observer raised it: the stage raises it after the round
 
     def on_event(self, event: str, params: dict[str, Any]) -> None:
         if event != "precopy-progress" or self.error is not None:
