@@ -4,11 +4,11 @@ terminal, no --yes: exit 5); with --yes it says what it stops and starts over. R
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from reports import check_report
 
 from confplan.agent import handle as vmm_handle
 from confplan.cli import main
@@ -36,7 +36,7 @@ def test_restart_names_the_running_guest_and_needs_consent(
     plan: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["apply", str(plan), "--output", "json"]) == 0
-    target_pid = json.loads(capsys.readouterr().out)["target_pid"]
+    target_pid = check_report(capsys.readouterr().out)["migration"]["target_pid"]
 
     assert main(["apply", str(plan), "--restart"]) == 5  # stdin is no terminal here, and no --yes
     refused = capsys.readouterr().err
@@ -49,7 +49,7 @@ def test_restart_names_the_running_guest_and_needs_consent(
     assert main(["apply", str(plan), "--restart", "--yes", "--output", "json"]) == 0
     again = capsys.readouterr()
     assert f"would stop the target VMM (pid {target_pid})" in again.err
-    assert json.loads(again.out)["target_pid"] != target_pid
+    assert check_report(again.out)["migration"]["target_pid"] != target_pid
 
 
 def test_another_plan_in_the_same_folder_never_touches_this_ones_guest(
@@ -64,7 +64,7 @@ def test_another_plan_in_the_same_folder_never_touches_this_ones_guest(
     second.write_text(body)  # another plan (name b), told to share the folder
     try:
         assert main(["apply", str(first), "--output", "json"]) == 0
-        target_pid = json.loads(capsys.readouterr().out)["target_pid"]
+        target_pid = check_report(capsys.readouterr().out)["migration"]["target_pid"]
         assert main(["apply", str(second)]) == 5
         assert "of plan 'a', not of 'b'" in capsys.readouterr().err
         assert main(["stop", str(second)]) == 5  # not even `stop` reaches another plan's guest

@@ -4,13 +4,13 @@ the target after it resumed. The JSON report carries the rounds, the bytes and t
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import typer
 from agents import Agent
+from reports import check_report
 from typer.testing import CliRunner
 
 from confplan.agent import handle as vmm_handle
@@ -60,20 +60,26 @@ def test_apply_migrates_and_the_guest_runs_on_the_target(cli: typer.Typer, plan_
     plan = _plan(plan_dir, mode, NO_PREFAULT if mode == "mirror-vm" else "")
     result = CliRunner().invoke(cli, ["apply", str(plan), "--output", "json"])
     assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
-    assert all(stage["status"] == "done" for stage in report["stages"].values())
-    prefaulted = report["stages"]["provision-target"]["result"]["created"]["prefault_seconds"]
+    report = check_report(result.stdout)
+    assert report["outcome"] == "succeeded" and report["exit_code"] == 0 and report["error"] is None
+    stages = {stage["name"]: stage for stage in report["stages"]}
+    assert all(stage["status"] == "done" for stage in stages.values())
+    prefaulted = stages["provision-target"]["result"]["created"]["prefault_seconds"]
     assert (prefaulted is None) == (mode == "mirror-vm")  # the target's RAM allocated up front by default
-    rounds = report["rounds"]
+    moved = report["migration"]
+    rounds = moved["rounds"]
     assert rounds[0]["sealed_pages"] > 10_000 and rounds[0]["shared_pages"] > 100  # all of RAM first
-    assert rounds[-1].get("final") and len(rounds) >= 2
-    assert report["bytes_sealed"] > 40 << 20 and report["bytes_shared"] > 0
-    assert 0 < report["downtime_seconds"] < 5.0  # measured: pause on the source to resume on the target
+    assert rounds[-1]["final"] and len(rounds) >= 2
+    assert moved["bytes_sealed"] > 40 << 20 and moved["bytes_shared"] > 0
+    assert 0 < moved["downtime_seconds"] < 5.0  # measured: pause on the source to resume on the target
+    assert set(moved["pause"]) >= {"pause_vcpus", "final_pages", "target_confirmed"}
+    alive = {proc["role"]: proc["alive"] for proc in report["processes"]}
+    assert alive == {"source": False, "target": True}  # the source is gone, the target runs the guest
     # the source is gone; the guest runs on the target and its ledger still checks out there
     state = plan_dir / "state"
     assert vmm_handle.find_local(state, "source") is None
     target = vmm_handle.find_local(state, "target")
-    assert target is not None and target.pid == report["target_pid"]
+    assert target is not None and target.pid == moved["target_pid"]
     try:
         info = target.call("info")
         assert info["resumed"] and info["running"]
@@ -100,7 +106,10 @@ def test_apply_to_a_remote_agent(
         plan.write_text(plan.read_text() + target)
         result = CliRunner().invoke(cli, ["apply", str(plan), "--output", "json"])
         assert result.exit_code == 0, result.output
-        assert json.loads(result.stdout)["target_pid"] == agent.process.pid
+        report = check_report(result.stdout)
+        assert report["migration"]["target_pid"] == agent.process.pid
+        remote = {"role": "target", "pid": agent.process.pid, "host": f"127.0.0.1:{agent.port}"}
+        assert {**remote, "alive": None} in report["processes"]  # an agent's process is not probed
         handle = vmm_handle.connect_remote("127.0.0.1", agent.port, "target", pin=agent.fingerprint)
         assert handle.call("workload_check")["ok"]
         vmm_handle.stop(handle)
@@ -117,7 +126,7 @@ def test_idle_guest_is_verified_from_the_mac_tables(cli: typer.Typer, plan_dir: 
     plan.write_text(plan.read_text().replace("kind: dirty-writer, dirty_rate: 32MiB/s", "kind: idle"))
     result = CliRunner().invoke(cli, ["apply", str(plan), "--output", "json"])
     assert result.exit_code == 0, result.output
-    stages = json.loads(result.stdout)["stages"]
+    stages = {stage["name"]: stage for stage in check_report(result.stdout)["stages"]}
     verify, precopy = stages["verify"]["result"], stages["precopy"]["result"]
     assert verify["chunks"] == 8 and verify["from_mac_tables"]  # 64 MiB in 8 MiB chunks, all compared
     filled = precopy["mac_tables"]["fill_pages"]
@@ -129,9 +138,12 @@ def test_idle_guest_is_verified_from_the_mac_tables(cli: typer.Typer, plan_dir: 
     assert max(verify["shared_pages_crcd_in_pause"]) < shared[0] // 10
 
 
-def test_a_pause_that_cannot_fit_is_throttled_then_refused(plan_dir: Path) -> None:
+def test_a_pause_that_cannot_fit_is_throttled_then_refused(
+    plan_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """on_timeout: throttle: a guest dirtying as fast as it can never fits 1 ms; it is slowed down, and when
-    the rounds run out the migration fails (max_downtime is a promise) with the source still running."""
+    the rounds run out the migration fails (max_downtime is a promise) with the source still running. The
+    failure's report is the same v1 report as a success's."""
     from confplan.cli import main
 
     plan = _plan(plan_dir, "aux-vcpu")
@@ -139,7 +151,15 @@ def test_a_pause_that_cannot_fit_is_throttled_then_refused(plan_dir: Path) -> No
         "limits: {max_downtime: 50ms, max_precopy_rounds: 8}",
         "limits: {max_downtime: 1ms, max_precopy_rounds: 4, on_timeout: throttle}",
     ))  # fmt: skip
-    assert main(["apply", str(plan)]) != 0
+    code = main(["apply", str(plan), "-o", "json"])
+    report = check_report(capsys.readouterr().out)
+    assert code == report["exit_code"] != 0 and report["outcome"] == "failed"
+    assert report["error"]["stage"] == "precopy" and "max_downtime" in report["error"]["message"]
+    assert report["run"]["outcome"] == "failed"
+    assert {stage["name"]: stage["status"] for stage in report["stages"]}["precopy"] == "failed"
+    # the source guest runs on; the target VMM was stopped by the undo
+    alive = [(proc["role"], proc["alive"]) for proc in report["processes"]]
+    assert alive == [("source", True), ("target", False)]
     source = vmm_handle.find_local(plan_dir / "state", "source")
     assert source is not None, "the source guest must keep running"
     try:
@@ -157,8 +177,8 @@ def test_force_complete_accepts_the_longer_pause_and_says_so(cli: typer.Typer, p
     ))  # fmt: skip
     result = CliRunner().invoke(cli, ["apply", str(plan), "--output", "json"])
     assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
-    precopy = report["stages"]["precopy"]["result"]
+    report = check_report(result.stdout)
+    precopy = next(stage for stage in report["stages"] if stage["name"] == "precopy")["result"]
     assert precopy["forced"] and precopy["limit"] == "max_precopy_rounds"
     assert len(precopy["rounds"]) <= 4  # max_precopy_rounds is never exceeded
     target = vmm_handle.find_local(plan_dir / "state", "target")
@@ -177,12 +197,12 @@ def test_an_sev_es_guest_migrates_with_its_registers_sealed(cli: typer.Typer, pl
     plan.write_text(plan.read_text() + "sev: {generation: sev-es, policy: {nodbg: true, es: true}}\n")
     result = CliRunner().invoke(cli, ["apply", str(plan), "--output", "json"])
     assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
+    report = check_report(result.stdout)
     target = vmm_handle.find_local(plan_dir / "state", "target")
     assert target is not None
     try:
         view = target.call("handover_state")
         assert view["state"] == "resumed" and view["verify"]["sealed_state"] is True
-        assert target.call("workload_check")["ok"] and report["downtime_seconds"] > 0
+        assert target.call("workload_check")["ok"] and report["migration"]["downtime_seconds"] > 0
     finally:
         target.close()

@@ -20,6 +20,7 @@ RANK = {
     "migration": 3,
     "agent": 4,
     "stages": 5,
+    "report": 5.5,
     "cli": 6, "__main__": 7,
 }  # fmt: skip
 

@@ -1,13 +1,16 @@
-"""`confplan status PLAN`: the checkpoint as a table or JSON, and what the next apply would do."""
+"""`confplan status PLAN`: the checkpoint as a table or the report (validated against its schema), what the
+next apply would do, and an exit code that says how the last run ended."""
 
 from __future__ import annotations
 
-import json
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 from typing import ClassVar
 
 import pytest
+from reports import check_report
 from typer.testing import CliRunner
 
 from confplan.cli import app, main
@@ -47,16 +50,19 @@ def test_status_before_any_apply(plan_file: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "the plan has not been applied" in result.output
     assert not (plan_file.parent / "state").exists()  # status creates nothing
-    document = json.loads(CliRunner().invoke(app, ["status", str(plan_file), "-o", "json"]).output)
-    assert document["run"] is None and document["stages"] == []
-    assert [step["action"] for step in document["next_apply"]["steps"]] == ["run"] * 9
+    result = CliRunner().invoke(app, ["status", str(plan_file), "-o", "json"])
+    document = check_report(result.output)
+    assert result.exit_code == document["exit_code"] == 0
+    assert document["kind"] == "status" and document["outcome"] == "none"
+    assert document["run"] is None and document["stages"] == [] and document["processes"] == []
+    assert [step["action"] for step in document["steps"]] == ["run"] * 9
 
 
 def test_status_after_a_failure(plan_file: Path) -> None:
     with pytest.raises(StageFailed):
         apply(load_plan(plan_file), registry=registry_failing_at("verify"))
     result = CliRunner().invoke(app, ["status", str(plan_file)])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 4, result.output  # the last run failed
     lines = result.output.splitlines()
     assert lines[0].startswith("plan mig (hash ")
     assert lines[1].startswith("run 1: failed, started ")
@@ -68,19 +74,24 @@ def test_status_after_a_failure(plan_file: Path) -> None:
     assert next(line for line in lines if line.strip().startswith("cleanup-source")).split()[1] == "pending"
     assert lines[-1].startswith("next apply: resume at stage start-incoming (verify failed and ")
 
-    document = json.loads(CliRunner().invoke(app, ["status", str(plan_file), "--output", "json"]).output)
-    assert document["run"]["outcome"] == "failed" and document["run"]["run_id"] == 1
-    by_stage = {record["stage"]: record for record in document["stages"]}
+    result = CliRunner().invoke(app, ["status", str(plan_file), "--output", "json"])
+    document = check_report(result.output)
+    assert result.exit_code == document["exit_code"] == 4
+    assert document["outcome"] == "failed" and document["error"] is None  # status itself worked
+    assert document["run"]["outcome"] == "failed" and document["run"]["id"] == 1
+    assert document["run"]["started"].endswith("Z")
+    by_stage = {record["name"]: record for record in document["stages"]}
     assert by_stage["verify"]["error"].startswith("RuntimeError: digest mismatch")
     assert by_stage["precopy"]["bytes_sealed"] == 3 << 20
-    assert document["next_apply"]["resume"] is True
+    assert document["run_choice"]["resume"] is True
+    assert next(step["stage"] for step in document["steps"] if step["action"] != "skip") == "start-incoming"
     assert document["checkpoint"] == str(plan_file.parent / "state" / DB_NAME)
 
 
 def test_status_after_success_and_after_a_plan_change(plan_file: Path) -> None:
     apply(load_plan(plan_file), registry=registry_failing_at("none"))
     result = CliRunner().invoke(app, ["status", str(plan_file)])
-    assert "run 1: succeeded" in result.output
+    assert result.exit_code == 0 and "run 1: succeeded" in result.output
     assert result.output.splitlines()[-1] == "next apply: nothing to do: every stage is done"
     plan_file.write_text(PLAN.replace("64MiB", "128MiB"))
     changed = CliRunner().invoke(app, ["status", str(plan_file)])
@@ -99,3 +110,63 @@ def test_status_of_a_newer_checkpoint_schema_is_a_clean_error(
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "schema version 99; this confplan reads version 1" in err
     assert "\nhint: " in err
+
+
+def test_status_of_an_interrupted_run(plan_file: Path) -> None:
+    registry = registry_failing_at("none")
+
+    class Interrupted(registry["precopy"]):  # type: ignore[misc,valid-type]
+        def run(self, ctx: StageContext) -> StageResult:
+            raise KeyboardInterrupt
+
+    registry["precopy"] = Interrupted
+    with pytest.raises(StageFailed):
+        apply(load_plan(plan_file), registry=registry)
+    result = CliRunner().invoke(app, ["status", str(plan_file), "-o", "json"])
+    document = check_report(result.output)
+    assert document["outcome"] == "interrupted" and result.exit_code == document["exit_code"] == 4
+
+
+def test_status_names_the_vmm_processes_and_whether_they_live(plan_file: Path) -> None:
+    """A pid the run recorded is checked now: a dead VMM is never reported as running."""
+    registry = registry_failing_at("verify")
+    # stands in for a VMM process: alive, and a confplan one by its command line
+    alive = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()", "confplan"],
+                             stdin=subprocess.PIPE)  # fmt: skip
+
+    class Launch(registry["launch-source"]):  # type: ignore[misc,valid-type]
+        def run(self, ctx: StageContext) -> StageResult:
+            return StageResult(data={"pid": alive.pid})
+
+    class Provision(registry["provision-target"]):  # type: ignore[misc,valid-type]
+        def run(self, ctx: StageContext) -> StageResult:
+            return StageResult(data={"pid": dead_pid()})
+
+    registry["launch-source"], registry["provision-target"] = Launch, Provision
+    try:
+        with pytest.raises(StageFailed):
+            apply(load_plan(plan_file), registry=registry)
+        document = check_report(CliRunner().invoke(app, ["status", str(plan_file), "-o", "json"]).output)
+        text = CliRunner().invoke(app, ["status", str(plan_file)]).output
+    finally:
+        alive.communicate(b"")
+    assert [(p["role"], p["alive"]) for p in document["processes"]] == [("source", True), ("target", False)]
+    assert f"source VMM pid {alive.pid}: running" in text and "target VMM pid" in text and ": gone" in text
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def test_status_of_an_invalid_plan_prints_a_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plan = tmp_path / "bad.yaml"
+    plan.write_text("guest: {memory: 12}\n")
+    code = main(["status", str(plan), "-o", "json"])
+    document = check_report(capsys.readouterr().out)
+    assert code == document["exit_code"] == 2
+    assert document["outcome"] == "failed" and document["error"]["class"] == "plan"
+    assert document["diagnostics"][0]["field"] == "guest.memory"

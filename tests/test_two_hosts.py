@@ -5,13 +5,13 @@ a fresh stream key, and the guest's ledger checks out on the target. Skipped whe
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from agents import Agent
 from netns import Host
+from reports import check_report
 
 from confplan.agent import handle as vmm_handle
 from confplan.cli import main
@@ -43,7 +43,7 @@ def test_migrate_to_an_agent_on_another_host(
             f'target: {{host: "{where}", fingerprint: "{agent.fingerprint}"}}\n'
         )
         assert main(["apply", str(plan), "--output", "json"]) == 0
-        report = json.loads(capsys.readouterr().out)
+        report = check_report(capsys.readouterr().out)["migration"]
         assert report["target_pid"] is not None and report["downtime_seconds"] > 0
         handle = vmm_handle.connect_remote(other_host.address, agent.port, "target", pin=agent.fingerprint)
         try:

@@ -75,8 +75,9 @@ class _Method:
     """An RPC method: the roles that serve it (empty: any, even before ``create``) and its body."""
 
     roles: tuple[str, ...]
-    body: Callable[[Any, Params], Any]
+    body: Callable[..., Any]
     locked: bool = True  # False: answered while a long call (stop-and-copy) holds the service's lock
+    with_call: bool = False  # the body also gets the Call (to send events while it runs)
 
 
 class VmmService:
@@ -105,17 +106,16 @@ class VmmService:
             server.register(name, self._handler(name, method))
 
     def _handler(self, name: str, method: _Method) -> Callable[[Params, Call], Any]:
-        def run(params: Params) -> Any:
-            if not method.roles:
-                return method.body(self, params)
-            return method.body(self._side_for(name, method.roles), params)
+        def run(params: Params, call: Call) -> Any:
+            target = self if not method.roles else self._side_for(name, method.roles)
+            return method.body(target, params, call) if method.with_call else method.body(target, params)
 
         def handler(params: Params, call: Call) -> Any:
             try:
                 if not method.locked:  # the handover's own lock keeps its view and orders consistent
-                    return run(params)
+                    return run(params, call)
                 with self._lock:
-                    return run(params)
+                    return run(params, call)
             except ConfplanError as err:
                 log(f"refused {name!r} from {call.peer or 'the caller'}: {err.message}")
                 raise
@@ -293,6 +293,14 @@ def _connect_outgoing(side: OutgoingMigration, params: Params) -> Params:
     return {}
 
 
+def _precopy_round(side: OutgoingMigration, params: Params, call: Call) -> Params:
+    """One round; with ``progress_interval`` > 0, ``precopy-progress`` events while it runs (docs/rpc.md)."""
+    interval = float(params.get("progress_interval") or 0.0)
+    if interval <= 0:
+        return side.precopy_round()
+    return side.precopy_round(lambda doc: call.notify("precopy-progress", doc), interval)
+
+
 def _stop_and_copy(side: OutgoingMigration, params: Params) -> Params:
     timeout, retry = float(params.get("verdict_timeout", 5.0)), float(params.get("retry_interval", 0.2))
     return side.stop_and_copy(verdict_timeout=timeout, retry_interval=retry)
@@ -332,7 +340,8 @@ _METHODS: dict[str, _Method] = {
     "workload_check": _Method(_BOTH, lambda side, params: side.workload_check()),
     "mac_table": _Method(_BOTH, _mac_table),
     "connect_outgoing": _Method(_SOURCE, _connect_outgoing),
-    "precopy_round": _Method(_SOURCE, lambda side, params: side.precopy_round()),
+    "precopy_round": _Method(_SOURCE, _precopy_round, with_call=True),
+    "cancel": _Method(_SOURCE, lambda side, params: {"cancelled": side.cancel_round()}, locked=False),
     "set_throttle": _Method(_SOURCE, _set_throttle),
     "stop_and_copy": _Method(_SOURCE, _stop_and_copy),
     "resume_guest": _Method(_SOURCE, _resume_guest),

@@ -8,6 +8,7 @@ and any other exception into a one-line internal error (exit 1), never a traceba
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 from typing import Annotated
@@ -61,6 +62,8 @@ _register_areas()
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit code (the console script exits with it)."""
+    if isinstance(sys.stdout, io.TextIOWrapper):  # a pipe gets each line as it is printed, not at the end
+        sys.stdout.reconfigure(line_buffering=True)
     try:
         # standalone mode: typer prints usage errors itself and exits (SystemExit) with their code.
         app(args=argv, prog_name="confplan")

@@ -3,128 +3,33 @@ process the orchestrator drives (locally a detached child, remotely an agent); `
 shut down the VMM processes a plan left running (the migrated guest on the target, or a source that an
 interrupted apply left to be resumed).
 
-Output: a rich live view on a terminal, plain lines otherwise, and with ``--output json`` one JSON report
-at the end (per-stage timings, rounds, bytes shared/sealed, downtime).
+Output (``confplan.cli.output``): a rich live view on a terminal, plain lines otherwise; ``--output json``
+prints the report (docs/report.md) at the end, ``--output ndjson`` streams events and ends with it.
 """
 
 from __future__ import annotations
 
-import enum
-import json
+import contextlib
 import sys
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 # Registers the migration's stages, so `confplan status` sees their resume policies too.
 import confplan.stages.modules  # noqa: F401
+from confplan.cli.output import Output, ReportOutput, interruptible
 from confplan.errors import ConfplanError, PlanBusy
 from confplan.plan import Plan
-from confplan.stages.base import Progress, Teardown
-from confplan.stages.checkpoint import RunRecord, StageRecord
-from confplan.stages.executor import ApplyReport, Observer, RunChoice, StageFailed, Step
-from confplan.stages.observers import TextObserver
-
-
-class Output(enum.StrEnum):
-    TEXT = "text"
-    JSON = "json"
-
-
-class RichObserver(Observer):
-    """A live line per stage on a terminal: the stage, its round, dirty pages left, throughput, ETA."""
-
-    def __init__(self, console: Any = None) -> None:
-        from rich.console import Console
-        from rich.progress import Progress as Bar
-        from rich.progress import SpinnerColumn, TextColumn, TimeElapsedColumn
-
-        self.console = console if console is not None else Console()
-        self.text = TextObserver(self.console.print)
-        columns = (SpinnerColumn(), TextColumn("[bold]{task.description:<16}"), TimeElapsedColumn())
-        self.bar = Bar(*columns, TextColumn("{task.fields[status]}"), console=self.console)
-        self.tasks: dict[str, Any] = {}
-
-    def run_chosen(self, choice: RunChoice) -> None:
-        self.text.run_chosen(choice)
-
-    def reconciled(self, note: str) -> None:
-        self.text.reconciled(note)
-
-    def steps_planned(self, steps: Sequence[Step], dry_run: bool) -> None:
-        self.text.steps_planned(steps, dry_run)
-        if not dry_run:
-            self.bar.start()
-
-    def stage_started(self, step: Step) -> None:
-        self.tasks[step.stage] = self.bar.add_task(step.stage, total=None, status=step.action.value)
-
-    def stage_progress(self, stage: str, progress: Progress) -> None:
-        if stage in self.tasks:
-            self.bar.update(self.tasks[stage], status=progress.message or f"{progress.done} {progress.unit}")
-
-    def stage_skipped(self, step: Step) -> None:
-        self.bar.console.print(f"[dim]{step.stage}: skipped ({step.reason})")
-
-    def stage_finished(self, step: Step, record: StageRecord) -> None:
-        task = self.tasks.get(step.stage)
-        if task is not None:
-            self.bar.update(task, total=1, completed=1, status=f"[green]done in {record.duration or 0:.2f}s")
-
-    def stage_failed(self, step: Step, error: str) -> None:
-        task = self.tasks.get(step.stage)
-        if task is not None:
-            self.bar.update(task, total=1, completed=0, status=f"[red]FAILED: {error.splitlines()[0]}")
-
-    def teardown_ran(self, teardown: Teardown, error: str | None) -> None:
-        self.bar.console.print(f"  tear-down {teardown.label}: {'ok' if error is None else error}")
-
-    def run_finished(self, run: RunRecord) -> None:
-        self.bar.stop()
-        self.text.run_finished(run)
-
-
-def final_report(report: ApplyReport) -> dict[str, Any]:
-    """The JSON report: per-stage status and timings, precopy rounds, bytes, downtime."""
-    records = report.records
-    stages = {name: rec.to_json() for name, rec in records.items()}
-
-    def data(stage: str) -> dict[str, Any]:
-        rec = records.get(stage)
-        return dict(rec.result) if rec is not None and rec.result else {}
-
-    precopy, final, resume = data("precopy"), data("stop-and-copy"), data("resume-target")
-    rounds = list(precopy.get("rounds", []))
-    if final.get("final_round"):
-        rounds.append({**final["final_round"], "final": True})
-    return {
-        "plan": report.run.plan_name if report.run else None,
-        "run": report.run.to_json() if report.run else None,
-        "stages": stages,
-        "rounds": rounds,
-        "bytes_shared": sum(rec.bytes_shared for rec in records.values()),
-        "bytes_sealed": sum(rec.bytes_sealed for rec in records.values()),
-        "downtime_seconds": resume.get("downtime_seconds"),
-        "source_paused_seconds": final.get("source_paused_seconds"),
-        "target_pid": resume.get("target_pid"),
-    }
-
-
-def _observer(output: Output) -> Observer:
-    if output is Output.JSON:
-        return Observer()  # only the final report goes to stdout
-    if sys.stdout.isatty():
-        return RichObserver()
-    return TextObserver(typer.echo)
 
 
 def apply_cmd(
     plan_path: Annotated[Path, typer.Argument(metavar="PLAN", help="The migration plan to carry out.")],
-    output: Annotated[Output, typer.Option("--output", "-o", help="text (live) or json (final report).")] = (
-        Output.TEXT
-    ),
+    output: Annotated[
+        Output,
+        typer.Option("--output", "-o", help="text (live), json (the report at the end) or ndjson (one event "
+                     "per line as it happens, the report last); docs/report.md."),
+    ] = Output.TEXT,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would run; run nothing.")] = False,
     restart: Annotated[bool, typer.Option("--restart", help="Start a new run instead of resuming.")] = False,
     yes: Annotated[
@@ -138,24 +43,20 @@ def apply_cmd(
     from confplan.plan import load_plan
     from confplan.stages import apply
 
-    plan = load_plan(plan_path)
-    if not dry_run:
-        _consent_to_replace(plan, restart=restart, yes=yes, plan_ref=str(plan_path))
-    observer = _observer(output)
-    try:
-        report = apply(plan, observer=observer, dry_run=dry_run, restart=restart, plan_ref=str(plan_path))
-    except StageFailed as err:
-        if output is Output.JSON:
-            typer.echo(json.dumps({"plan": plan.metadata.name, "failed": err.stage, "error": err.message,
-                                   "hint": err.hint}, indent=2))  # fmt: skip
-        raise
-    if output is Output.JSON:
-        typer.echo(json.dumps(final_report(report), indent=2, sort_keys=True))
-        return
-    doc = final_report(report)
-    if doc["downtime_seconds"] is not None:
-        typer.echo(f"downtime {doc['downtime_seconds'] * 1e3:.1f} ms; the guest runs in the target VMM "
-                   f"(pid {doc['target_pid']}); `confplan stop {plan_path}` shuts it down")  # fmt: skip
+    out = ReportOutput(output, kind="dry-run" if dry_run else "apply", plan_file=str(plan_path))
+    with out.reporting():
+        plan = out.plan = load_plan(plan_path)
+        if not dry_run:
+            _consent_to_replace(plan, restart=restart, yes=yes, plan_ref=str(plan_path))
+        with interruptible() if not dry_run else contextlib.nullcontext():
+            result = apply(
+                plan, observer=out.observer, dry_run=dry_run, restart=restart, plan_ref=str(plan_path)
+            )
+        doc = out.succeeded(result)
+    moved = doc["migration"]
+    if output is Output.TEXT and moved["downtime_seconds"] is not None:
+        typer.echo(f"downtime {moved['downtime_seconds'] * 1e3:.1f} ms; the guest runs in the target VMM "
+                   f"(pid {moved['target_pid']}); `confplan stop {plan_path}` shuts it down")  # fmt: skip
 
 
 def _consent_to_replace(plan: Plan, *, restart: bool, yes: bool, plan_ref: str) -> None:

@@ -1,4 +1,4 @@
-"""Plan commands: ``confplan validate PLAN...`` and ``confplan schema``.
+"""Plan commands: ``confplan validate PLAN...`` and ``confplan schema [--report]``.
 
 validate exits 0 when every plan is valid and 2 when any is not (diagnostics on stderr, compiler-style, or
 one JSON document on stdout with ``--output json``); anything unexpected reaches ``cli.main`` as exit 1.
@@ -89,8 +89,18 @@ def _print_text(results: list[CheckedPlan]) -> None:
         typer.echo(HINT, err=True)
 
 
-def schema() -> None:
-    """Print the plan's JSON Schema (the same file ships as confplan/plan/schema.json)."""
+def schema(
+    report: Annotated[
+        bool, typer.Option("--report", help="Print the report's schema (confplan.report/v1) instead.")
+    ] = False,
+) -> None:
+    """Print the plan's JSON Schema (confplan/plan/schema.json), or with --report the schema of the report
+    that apply, status and the others print with -o json (confplan/report_schema.json)."""
+    if report:
+        from confplan.report import schema_text as report_schema_text
+
+        typer.echo(report_schema_text(), nl=False)
+        return
     typer.echo(schema_text(), nl=False)
 
 

@@ -1,21 +1,23 @@
 """Stage commands: ``confplan status PLAN`` shows the checkpoint of a plan's latest run.
 
 It reads the checkpoint only (no lock, nothing created), and says what the next ``confplan apply`` would
-do, using the same pure decision (``choose_run`` + ``plan_steps``) that apply uses.
+do, using the same pure decision (``choose_run`` + ``plan_steps``) that apply uses. ``-o json`` prints the
+report (docs/report.md, kind ``status``); the exit code is the report's.
 """
 
 from __future__ import annotations
 
 import enum
-import json
 import time
 from typing import Annotated, Any
 
 import typer
 
+from confplan.cli.output import Output, ReportOutput
 from confplan.plan import Plan, load_plan
+from confplan.report import read_run, report_for_plan
 from confplan.stages.base import stage_policies
-from confplan.stages.checkpoint import DB_NAME, CheckpointStore, RunRecord, StageRecord
+from confplan.stages.checkpoint import DB_NAME, RunRecord, StageRecord
 from confplan.stages.executor import RunChoice, Step, StepAction, choose_run, plan_steps
 from confplan.stages.observers import format_bytes
 
@@ -28,45 +30,33 @@ class OutputFormat(enum.StrEnum):
 def status(
     plan_file: Annotated[str, typer.Argument(help="The plan file.", metavar="PLAN")],
     output: Annotated[
-        OutputFormat, typer.Option("--output", "-o", help="text (a table) or json (for pipelines).")
+        OutputFormat, typer.Option("--output", "-o", help="text (a table) or json (the report).")
     ] = OutputFormat.TEXT,
 ) -> None:
-    """Show the checkpoint of PLAN's latest run: each stage's status, duration, bytes and error."""
-    plan = load_plan(plan_file)
-    run, records = _read_checkpoint(plan)
-    choice = choose_run(run, plan.plan_hash())
-    policies = stage_policies()
-    steps = plan_steps(plan.stages, records if choice.resume else {}, policies=policies)
+    """Show the checkpoint of PLAN's latest run: each stage's status, duration, bytes and error, and its VMM
+    processes. Exits 4 when that run failed or was interrupted."""
+    out = ReportOutput(Output(output.value), kind="status", plan_file=plan_file)
+    with out.reporting():
+        plan = out.plan = load_plan(plan_file)
+        doc = report_for_plan(plan, plan_file)
     if output is OutputFormat.JSON:
-        typer.echo(json.dumps(_document(plan, plan_file, run, records, choice, steps), indent=2))
-        return
-    for line in _text(plan, run, records, choice, steps):
-        typer.echo(line)
+        out.report(doc)
+    else:
+        run, records = read_run(plan)
+        choice = choose_run(run, plan.plan_hash())
+        steps = plan_steps(plan.stages, records if choice.resume else {}, policies=stage_policies())
+        for line in [*_text(plan, run, records, choice, steps), *_processes(doc["processes"])]:
+            typer.echo(line)
+    raise typer.Exit(doc["exit_code"])
 
 
-def _read_checkpoint(plan: Plan) -> tuple[RunRecord | None, dict[str, StageRecord]]:
-    if not (plan.checkpoint.dir / DB_NAME).exists():
-        return None, {}
-    with CheckpointStore.open(plan.checkpoint.dir, create=False) as store:
-        run = store.latest_run(plan.metadata.name)
-        return run, store.stage_records(run.run_id) if run is not None else {}
-
-
-def _document(
-    plan: Plan,
-    plan_file: str,
-    run: RunRecord | None,
-    records: dict[str, StageRecord],
-    choice: RunChoice,
-    steps: list[Step],
-) -> dict[str, Any]:
-    return {
-        "plan": {"file": plan_file, "name": plan.metadata.name, "hash": plan.plan_hash()},
-        "checkpoint": str(plan.checkpoint.dir / DB_NAME),
-        "run": run.to_json() if run is not None else None,
-        "stages": [record.to_json() for record in records.values()],
-        "next_apply": {**choice.to_json(), "steps": [step.to_json() for step in steps]},
-    }
+def _processes(processes: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for proc in processes:
+        state = {True: "running", False: "gone", None: "not checked (remote)"}[proc["alive"]]
+        where = "" if proc["host"] == "local" else f" at {proc['host']}"
+        lines.append(f"{proc['role']} VMM pid {proc['pid']}{where}: {state}")
+    return lines
 
 
 def _text(

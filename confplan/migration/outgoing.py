@@ -26,10 +26,33 @@ from confplan.migration.source import Outgoing
 from confplan.transport import sockets
 from confplan.vmm import Machine
 
+Progress = Callable[[dict[str, Any]], None]
 THROTTLE_PERIOD = 0.02  # seconds per pause/run cycle while the guest is throttled
 MANIFEST_FORMAT = 1  # a MANIFEST frame of the host's digests (JSON; docs/handover.md)
 SEALED_MANIFEST_FORMAT = 2  # a MANIFEST frame holding the source helper's SEAL_MANIFEST record (mailbox v5)
 _RAN_AGAIN = (SourceState.ABORTED, SourceState.RECLAIMED)  # the handover gave the guest back to the source
+
+
+class _Sampler:
+    """Calls ``report(read())`` every ``interval`` seconds from a thread until ``stop``; a report that
+    fails (the orchestrator hung up) ends the reports, never the round."""
+
+    def __init__(self, read: Callable[[], dict[str, Any]], report: Progress, interval: float) -> None:
+        self._read, self._report, self._interval = read, report, max(interval, 0.05)
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="round-progress", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self._interval):
+            try:
+                self._report(self._read())
+            except (OSError, ConfplanError):
+                return
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=1.0)
 
 
 class OutgoingMigration(MigrationSide):
@@ -120,8 +143,11 @@ class OutgoingMigration(MigrationSide):
             self.stream = None
 
     # ---- precopy ----
-    def precopy_round(self) -> dict[str, Any]:
+    def precopy_round(self, progress: Progress | None = None, interval: float = 0.5) -> dict[str, Any]:
+        """One precopy round; with ``progress``, that is told how far the round is every ``interval``
+        seconds while it runs (from a thread of its own: the data path is not touched)."""
         stream = self.need_stream()
+        sampler = _Sampler(stream.round_progress, progress, interval) if progress is not None else None
         try:
             stats = stream.send_round(final=False)
         except BaseException as err:
@@ -130,7 +156,18 @@ class OutgoingMigration(MigrationSide):
             raise
         finally:
             self.next_generation = stream.generation
+            if sampler is not None:
+                sampler.stop()
         return stats.to_json()
+
+    def cancel_round(self) -> bool:
+        """Cut the precopy round in flight short (Ctrl-C in the orchestrator): it fails at its next frame,
+        the stream closes, the guest runs on. True when a round was in flight."""
+        stream = self.stream
+        cancelled = stream is not None and stream.cancel_round()
+        if cancelled:
+            self.log("source: the precopy round is cancelled")
+        return cancelled
 
     def set_throttle(self, fraction: float) -> float:
         """Keep the guest's vCPUs paused ``fraction`` of the time (QEMU's auto-converge); 0 stops it."""

@@ -14,6 +14,7 @@ import dataclasses
 import os
 import select
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,6 +68,17 @@ class Totals:
     bytes_sealed: int = 0
 
 
+@dataclass
+class RoundInFlight:
+    """The round being sent, as another thread may read it (``Outgoing.round_progress``)."""
+
+    round: int = 0
+    pages: int = 0  # pages this round sends (shared and private)
+    pages_sent: int = 0
+    started: float = 0.0  # monotonic
+    sent_before: int = 0  # stream bytes sent before the round began
+
+
 class Outgoing:
     """One outgoing stream. ``generations`` hands out the round numbers the MH seals under; it outlives
     the stream (the source MH refuses a generation it already sealed a page under)."""
@@ -93,6 +105,10 @@ class Outgoing:
         self._sent = 0
         self._changed: list[array.array[int]] = []  # GPAs sent since take_changed_gpas(), per round and kind
         self._shared_sent: list[array.array[int]] = []  # shared pages sent since take_shared_gpas()
+        # The round in flight, as ``round_progress`` reads it from another thread (per frame, never per page)
+        self._round = RoundInFlight()
+        self._cancel = threading.Event()  # set by cancel_round(): the precopy round stops at the next frame
+        self._cancellable = False  # a precopy round is in flight (the pause's final round never is)
 
     # ---- the stream ----
     def _writer(self) -> FrameWriter:
@@ -101,6 +117,11 @@ class Outgoing:
         return self.writer
 
     def _send(self, frame: memoryview | bytearray) -> None:
+        if self._cancel.is_set():
+            raise ConfplanError(
+                "the precopy round was cancelled by the orchestrator (Ctrl-C)",
+                hint="the source guest keeps running; rerun the apply to migrate again",
+            )
         self._check_peer()
         try:
             self._writer().send(frame)
@@ -114,7 +135,7 @@ class Outgoing:
         if self.bandwidth:
             ahead = self._sent / self.bandwidth - (time.monotonic() - self._started)
             if ahead > 0:
-                time.sleep(ahead)
+                self._cancel.wait(ahead)  # a cancel ends the wait: the next frame sees it
 
     def _stream_broken(self, err: OSError) -> ConfplanError:
         if isinstance(err, TimeoutError):
@@ -183,13 +204,23 @@ class Outgoing:
 
     # ---- rounds ----
     def send_round(self, *, final: bool = False) -> RoundStats:
-        """Send every pending page; for the final round the guest's vCPUs must already be paused."""
+        """Send every pending page; for the final round the guest's vCPUs must already be paused. Only a
+        precopy round (not ``final``) can be cut short by ``cancel_round``."""
+        self._cancel.clear()
+        self._cancellable = not final
+        try:
+            return self._send_round(final)
+        finally:
+            self._cancellable = False
+
+    def _send_round(self, final: bool) -> RoundStats:
         started, sent_before = time.monotonic(), self._sent
         shared_before, sealed_before = self.totals.bytes_shared, self.totals.bytes_sealed
         # Taken before anything is sealed: a round that fails half way has used its generation up.
         generation, self.generation = self.generation, self.generation + 1
         dirty = self.tracker.take()
         shared, private = scan_dirty(dirty, self.tracker.shared_bitmap(), self.tracker.npages)
+        self._round = RoundInFlight(generation, len(shared) + len(private), 0, started, sent_before)
         self._changed += (shared, private)  # kept as scanned: taking them is a concatenation, no rescan
         zero = self._send_shared(shared)
         if len(shared):
@@ -215,6 +246,7 @@ class Outgoing:
                 self.ram, chunk, self._shared_buf, seq=self._writer().seq, ram_size=self.machine.config.memory
             )
             self._send(memoryview(self._shared_buf)[: info.frame_len])
+            self._round.pages_sent += len(chunk)
             zero += info.zero_pages
             self.totals.bytes_shared += info.frame_len
         return zero
@@ -230,9 +262,26 @@ class Outgoing:
                 ram_size=self.machine.config.memory, expected_gpas=result.gpas,
             )  # fmt: skip
             self._send(memoryview(self._sealed_buf)[: info.frame_len])
+            self._round.pages_sent += count
             self.totals.bytes_sealed += info.frame_len
 
         mailboxes.save_stream(gpas, generation, consume, banks=BANKS)
+
+    def round_progress(self) -> dict[str, float | int]:
+        """How far the round in flight is: its number, its pages, the pages and bytes sent so far, its
+        seconds. Read from another thread while ``send_round`` runs (the counters move per frame)."""
+        now, current = time.monotonic(), self._round
+        return {"round": current.round, "pages": current.pages, "pages_sent": current.pages_sent,
+                "bytes_sent": self._sent - current.sent_before,
+                "seconds": now - current.started if current.started else 0.0}  # fmt: skip
+
+    def cancel_round(self) -> bool:
+        """Stop the precopy round in flight at its next frame (it fails, and so does the stream); the
+        pause's final round is never cut short. True when a round was in flight."""
+        if not self._cancellable:
+            return False
+        self._cancel.set()
+        return True
 
     def take_shared_gpas(self) -> array.array[int]:
         """The pages sent as shared since the last call (duplicates possible): the ones whose MH MAC table

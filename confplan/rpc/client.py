@@ -69,6 +69,7 @@ class RpcClient:
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._broken: RpcError | None = None
+        self._closing = False  # this side hangs up: the end of stream needs no explaining
         self._thread = threading.Thread(target=self._read_loop, name=f"rpc-reader {peer}", daemon=True)
         self._thread.start()
 
@@ -168,6 +169,8 @@ class RpcClient:
         pending.done.set()
 
     def _gone(self, detail: str | None = None) -> PeerGone:
+        if self._closing:  # asking how the peer ended would wait for a process that is not ending
+            return PeerGone(f"the connection to {self.peer} was closed by this side")
         with self._lock:
             methods = sorted({pending.method for pending in self._pending.values()})
         during = f" during call {', '.join(repr(m) for m in methods)}" if methods else ""
@@ -194,6 +197,7 @@ class RpcClient:
 
     def close(self) -> None:
         """Hang up; the peer sees end of stream."""
+        self._closing = True
         with contextlib.suppress(OSError):  # already closed by the peer
             self._sock.shutdown(socket.SHUT_RDWR)
         self._thread.join(timeout=5.0)

@@ -67,10 +67,16 @@ class StageResult:
 
 @dataclass(frozen=True)
 class Progress:
+    """How far a stage is. ``fields``: its own figures for machine readers (precopy: round, bytes_sent,
+    rate_bytes_per_second, dirty_pages_left, eta_seconds); ``milestone``: a step worth a line of its own
+    (a round's end), never thinned out the way frequent progress is."""
+
     done: int
     total: int | None = None
     unit: str = ""
     message: str = ""
+    fields: Mapping[str, Any] = field(default_factory=dict)
+    milestone: bool = False
 
 
 class TeardownWhen(enum.Enum):
@@ -124,8 +130,12 @@ class StageContext:
             )
         return record.result
 
-    def progress(self, done: int, total: int | None = None, *, unit: str = "", message: str = "") -> None:
-        self._report_progress(self.current, Progress(done, total, unit, message))
+    def progress(
+        self, done: int, total: int | None = None, *, unit: str = "", message: str = "",
+        fields: Mapping[str, Any] | None = None, milestone: bool = False,
+    ) -> None:  # fmt: skip
+        """Tell the observer how far the current stage is (also from another thread: an RPC event)."""
+        self._report_progress(self.current, Progress(done, total, unit, message, fields or {}, milestone))
 
     def add_teardown(
         self, label: str, action: Callable[[], None], *, when: TeardownWhen = TeardownWhen.ON_FAILURE

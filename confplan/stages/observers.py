@@ -1,4 +1,4 @@
-"""Renderers of an apply's progress: plain lines (logs, pipes) and JSON lines (tools).
+"""Renderers of an apply's progress: plain lines (logs, pipes) and JSON lines (tools, ``-o ndjson``).
 
 Both write through an ``emit(line)`` callable so the CLI decides where lines go (typer.echo, a file).
 """
@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from confplan.stages.base import Progress, Teardown
@@ -59,7 +60,8 @@ class TextObserver(Observer):
 
     def stage_progress(self, stage: str, progress: Progress) -> None:
         now = time.monotonic()
-        if now - self._last_progress.get(stage, -self.progress_interval) < self.progress_interval:
+        last = self._last_progress.get(stage, -self.progress_interval)
+        if not progress.milestone and now - last < self.progress_interval:
             return
         self._last_progress[stage] = now
         total = f"/{progress.total}" if progress.total is not None else ""
@@ -86,30 +88,48 @@ class TextObserver(Observer):
         self.emit(f"run {run.run_id}: {run.outcome.value}")
 
 
+EVENT_SCHEMA = "confplan.event/v1"
+
+
+def iso(stamp: float | None) -> str | None:
+    """Epoch seconds as ISO-8601 UTC with milliseconds and a Z (None stays None)."""
+    if stamp is None:
+        return None
+    text = datetime.fromtimestamp(stamp, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")
+    return f"{text[:-3]}Z"
+
+
 class JsonObserver(Observer):
-    """One JSON object per line: {"event": ..., ...}; every progress event is passed on."""
+    """One ``confplan.event/v1`` object per line (docs/report.md, "Events"); every progress is passed on.
+    ``record_json`` shapes a stage record in stage-finished (the report's ``stages[]`` form, say)."""
 
-    def __init__(self, emit: Emit) -> None:
+    def __init__(
+        self, emit: Emit, *, record_json: Callable[[StageRecord], Mapping[str, Any]] | None = None
+    ) -> None:
         self.emit = emit
+        self.record_json = record_json or StageRecord.to_json
 
-    def _event(self, event: str, **fields: Any) -> None:
-        self.emit(json.dumps({"event": event, "time": time.time(), **fields}, sort_keys=True))
+    def event(self, event: str, **fields: Any) -> None:
+        """Emit one event; the fields are the event's own."""
+        line = {"schema": EVENT_SCHEMA, "event": event, "time": iso(time.time()), **fields}
+        self.emit(json.dumps(line))
 
     def run_chosen(self, choice: RunChoice) -> None:
-        self._event("run-chosen", **choice.to_json())
+        self.event("run-chosen", **choice.to_json())
 
     def reconciled(self, note: str) -> None:
-        self._event("reconciled", note=note)
+        self.event("reconciled", note=note)
 
     def steps_planned(self, steps: Sequence[Step], dry_run: bool) -> None:
-        self._event("steps", dry_run=dry_run, steps=[step.to_json() for step in steps])
+        self.event("steps", dry_run=dry_run, steps=[step.to_json() for step in steps])
 
     def stage_started(self, step: Step) -> None:
-        self._event("stage-started", **step.to_json())
+        self.event("stage-started", **step.to_json())
 
     def stage_progress(self, stage: str, progress: Progress) -> None:
-        self._event(
+        self.event(
             "stage-progress",
+            **progress.fields,
             stage=stage,
             done=progress.done,
             total=progress.total,
@@ -118,16 +138,17 @@ class JsonObserver(Observer):
         )
 
     def stage_skipped(self, step: Step) -> None:
-        self._event("stage-skipped", **step.to_json())
+        self.event("stage-skipped", **step.to_json())
 
     def stage_finished(self, step: Step, record: StageRecord) -> None:
-        self._event("stage-finished", record=record.to_json())
+        self.event("stage-finished", stage=step.stage, record=dict(self.record_json(record)))
 
     def stage_failed(self, step: Step, error: str) -> None:
-        self._event("stage-failed", stage=step.stage, error=error)
+        self.event("stage-failed", stage=step.stage, error=error)
 
     def teardown_ran(self, teardown: Teardown, error: str | None) -> None:
-        self._event("teardown", label=teardown.label, stage=teardown.stage, error=error)
+        self.event("teardown", label=teardown.label, stage=teardown.stage, error=error)
 
     def run_finished(self, run: RunRecord) -> None:
-        self._event("run-finished", run=run.to_json())
+        self.event("run-finished", run={**run.to_json(), "started": iso(run.started),
+                                        "finished": iso(run.finished)})  # fmt: skip

@@ -202,10 +202,34 @@ def undo_on_source(ctx: StageContext) -> Teardown:
     """Register 'resume the source guest' (stream closed, vCPUs running); resume-target cancels it."""
 
     def resume() -> None:
+        cancel_round(ctx.plan)  # else the resume waits for the round (seconds of a big guest) to end
         reason = {"reason": f"stage {ctx.current} failed"}
         vmm(ctx, "source").call("resume_guest", reason, timeout=TEARDOWN_TIMEOUT)
 
     return ctx.add_teardown("resume the source guest's vCPUs", resume)
+
+
+def cancel_round(plan: Plan) -> bool:
+    """Cut short a precopy round the source VMM may be running (the stage was interrupted while it waited
+    for it): over a connection of its own, since the stage's connection waits for the round's answer. The
+    round fails at its next frame and the guest runs on. False when nothing was cancelled (no round, no
+    source VMM, or one without ``cancel``)."""
+    if not plan.source.is_local:
+        return False
+    try:
+        handle = vmm_handle.find_local(state_dir(plan), "source", plan=plan.metadata.name)
+    except ConfplanError:
+        return False
+    if handle is None:
+        return False
+    try:
+        if "cancel" not in handle.client.server_info.get("methods", ()):
+            return False  # an older VMM: the round runs to its end
+        return bool(handle.call("cancel", timeout=TEARDOWN_TIMEOUT)["cancelled"])
+    except ConfplanError:
+        return False
+    finally:
+        handle.close()
 
 
 def stream_error(ctx: StageContext, err: ConfplanError) -> ConfplanError:

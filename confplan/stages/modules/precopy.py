@@ -19,12 +19,13 @@ from typing import Any
 
 from confplan.agent.handle import VmmHandle
 from confplan.errors import ConfplanError
-from confplan.migration.precopy import Action, Limits, RoundStats, decide
+from confplan.migration.precopy import WIRE_BYTES_PER_PAGE, Action, Limits, RoundStats, decide
 from confplan.plan.models import PrecopyParams
 from confplan.stages.base import ResumePolicy, Stage, StageContext, StageResult, register_stage
 from confplan.stages.modules import _common as common
 
 ROUND_TIMEOUT = 600.0
+PROGRESS_INTERVAL = 0.5  # seconds between the source's progress events within a round
 MAC_FILL_ROUNDS = 2
 _ABORT_HINTS = {
     "max_precopy_rounds": "the source guest keeps running; raise limits.max_precopy_rounds or max_downtime, "
@@ -44,10 +45,51 @@ def limits_of(ctx: StageContext, max_rounds: int | None) -> Limits:
     )  # fmt: skip
 
 
+def _seconds(value: float | None) -> str:
+    return f"{value:.1f}s" if value is not None else "?"
+
+
 def _status_line(stats: RoundStats, eta: float | None, bandwidth: float) -> str:
     eta_text = f"ETA {eta:.2f}s" if eta is not None else "ETA ?"
     return (f"round {stats.round}: {stats.dirty_after} dirty pages left, {bandwidth / (1 << 20):.0f} MiB/s, "
             f"{eta_text}")  # fmt: skip
+
+
+def progress_fields(
+    round_: int, bytes_sent: int, rate: float | None, left: int | None, eta: float | None
+) -> dict[str, Any]:
+    """precopy's figures in a stage-progress event (docs/report.md, "Events")."""
+    return {"round": round_, "bytes_sent": bytes_sent, "rate_bytes_per_second": rate,
+            "dirty_pages_left": left, "eta_seconds": eta}  # fmt: skip
+
+
+class RoundWatch:
+    """Turns the source's ``precopy-progress`` events (RPC reader thread) into the stage's progress."""
+
+    def __init__(self, ctx: StageContext) -> None:
+        self.ctx = ctx
+        self.bytes_before = 0  # sent by the rounds before this one
+        self.error: BaseException | None = None  # an observer raised it: the stage raises it after the round
+
+    def on_event(self, event: str, params: dict[str, Any]) -> None:
+        if event != "precopy-progress" or self.error is not None:
+            return
+        try:
+            self._progress(params)
+        except BaseException as err:  # never in the RPC reader thread: that would cut the connection
+            self.error = err
+
+    def _progress(self, params: dict[str, Any]) -> None:
+        pages, sent = int(params.get("pages", 0)), int(params.get("pages_sent", 0))
+        seconds, sent_bytes = float(params.get("seconds", 0.0)), int(params.get("bytes_sent", 0))
+        rate = sent_bytes / seconds if seconds > 0 and sent_bytes else None
+        left = max(pages - sent, 0)
+        eta = left * WIRE_BYTES_PER_PAGE / rate if rate else None
+        round_ = int(params.get("round", 0))
+        speed = f"{rate / (1 << 20):.0f} MiB/s" if rate else "? MiB/s"
+        message = f"round {round_}: {speed}, {left} pages to go, ETA {_seconds(eta)}"
+        fields = progress_fields(round_, self.bytes_before + sent_bytes, rate, left, eta)
+        self.ctx.progress(sent, pages, unit="pages", message=message, fields=fields)
 
 
 @register_stage
@@ -67,16 +109,18 @@ class Precopy(Stage):
         judge = dataclasses.replace(limits, max_rounds=limits.max_rounds - reserve)
         rounds: list[RoundStats] = []
         started, throttle, sent_pages = time.monotonic(), 0.0, 0
+        watch = RoundWatch(ctx)
         ctx.mac_tables = False
         tables: dict[str, Any] = {}
         while True:
-            stats = self._round(ctx, source, target)
+            stats = self._round(ctx, source, target, watch)
             rounds.append(stats)
             sent_pages += stats.pages
             decision = decide(rounds, judge, elapsed=time.monotonic() - started, throttle=throttle)
-            ctx.progress(
-                sent_pages, None, unit="pages", message=_status_line(stats, decision.eta, decision.bandwidth)
-            )
+            fields = progress_fields(stats.round, watch.bytes_before, decision.bandwidth or None,
+                                     stats.dirty_after, decision.eta)  # fmt: skip
+            ctx.progress(sent_pages, None, unit="pages", message=_status_line(stats, decision.eta,
+                         decision.bandwidth), fields=fields, milestone=True)  # fmt: skip
             if decision.action is Action.ABORT:
                 raise ConfplanError(decision.reason, hint=_ABORT_HINTS.get(decision.limit or "", ""))
             if decision.action is Action.THROTTLE:
@@ -91,7 +135,7 @@ class Precopy(Stage):
             # One more short round: the pause then sends only what the guest writes during it, not what it
             # wrote during the fill and the round after. No MAC update in between (mailbox v4): SAVE and
             # LOAD keep the sealed pages' entries, and the pause MACs the few pages moved as shared since.
-            rounds.append(self._round(ctx, source, target))
+            rounds.append(self._round(ctx, source, target, watch))
         ctx.mac_tables = bool(tables)
         return StageResult(
             bytes_shared=sum(r.bytes_shared for r in rounds),
@@ -102,12 +146,22 @@ class Precopy(Stage):
                   "throttle": throttle, "mac_tables": tables},
         )  # fmt: skip
 
-    def _round(self, ctx: StageContext, source: VmmHandle, target: VmmHandle) -> RoundStats:
-        """One precopy round on the source; a stream the target refused fails the stage."""
+    def _round(
+        self, ctx: StageContext, source: VmmHandle, target: VmmHandle, watch: RoundWatch
+    ) -> RoundStats:
+        """One precopy round on the source, its progress reported while it runs; a stream the target
+        refused fails the stage."""
+        previous, source.client.on_event = source.client.on_event, watch.on_event
         try:
-            stats = RoundStats.from_json(source.call("precopy_round", timeout=ROUND_TIMEOUT))
+            params = {"progress_interval": PROGRESS_INTERVAL}
+            stats = RoundStats.from_json(source.call("precopy_round", params, timeout=ROUND_TIMEOUT))
         except ConfplanError as err:
             raise common.stream_error(ctx, err) from None
+        finally:
+            source.client.on_event = previous
+        if watch.error is not None:
+            raise watch.error
+        watch.bytes_before += stats.bytes_sent
         self._check_target(target)
         return stats
 
