@@ -153,6 +153,7 @@ MB_MAGIC: Final = ABI["mailbox_magic"]
 BP_MAGIC: Final = 0x31304F4F424E4643  # "CFNBOO01"
 NO_PAGE: Final = 0xFFFFFFFFFFFFFFFF
 CHECK_OK, CHECK_BAD = 1, 2
+VEC_UNCHECKED, VEC_INTACT, VEC_LOST = 0, 1, 2
 WL_STATE_NAMES: Final = {0: "off", 1: "starting", 2: "filling", 3: "running", 4: "parked"}
 
 # workload kinds (CP_WL_*)
@@ -238,7 +239,7 @@ class WlVcpuStatus(ctypes.Structure):
         ("state", u32),
         ("ack_seq", u32),
         ("result", u32),
-        ("pad0", u32),
+        ("vector", u32),
         ("first_bad", u64),
         ("pages_written", u64),
         ("checked", u64),

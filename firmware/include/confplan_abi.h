@@ -122,6 +122,10 @@
 #define CP_WL_ST_PARKED 4
 #define CP_CHECK_OK 1
 #define CP_CHECK_BAD 2
+/* cp_wl_vcpu_status.vector: ymm15 holds a per-vCPU pattern from the start (where the CPU has AVX) */
+#define CP_VEC_UNCHECKED 0 /* no AVX here (or no CHECK yet): nothing kept */
+#define CP_VEC_INTACT 1
+#define CP_VEC_LOST 2
 #define CP_NO_PAGE 0xffffffffffffffffULL
 
 /* ---- MH mailbox control page header (the rest of the page belongs to the helper protocol) ---- */
@@ -183,7 +187,7 @@ struct cp_wl_vcpu_status {
     uint32_t state;
     uint32_t ack_seq;
     uint32_t result;
-    uint32_t pad0;
+    uint32_t vector;       /* CP_VEC_*: the last CHECK's look at the vector register the workload keeps */
     uint64_t first_bad;    /* data page index, CP_NO_PAGE when none */
     uint64_t pages_written;
     uint64_t checked;      /* pages verified by the last CHECK */

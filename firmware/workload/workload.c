@@ -25,8 +25,45 @@ static void write_page(struct wl *w, uint64_t p)
     w->st->pages_written++;
 }
 
+/* The vector state the workload keeps for its whole life where the CPU has AVX: a per-vCPU pattern in all
+ * 256 bits of ymm15, which no other user code touches (it is built with -ffixed-xmm15). A migration that
+ * drops the upper YMM halves (KVM_SET_FPU carries only the XMM part) or any of it shows in the next CHECK. */
+static int has_avx(void)
+{
+    return (CP_BP->cpu_features & CP_FEAT_AVX) != 0;
+}
+
+static void vec_pattern(const struct wl *w, uint64_t idx, uint64_t v[4])
+{
+    for (int i = 0; i < 4; i++)
+        v[i] = (w->seed ^ 0x5ec7a7e5ec7a7e00ULL) + (idx << 8) + (uint64_t)i * 0x9e3779b97f4a7c15ULL;
+}
+
+static void vec_keep(const struct wl *w, uint64_t idx)
+{
+    uint64_t v[4];
+    if (!has_avx())
+        return;
+    vec_pattern(w, idx, v);
+    __asm__ volatile("vmovdqu %0, %%ymm15" : : "m"(*(const uint64_t(*)[4])v));
+}
+
+static uint32_t vec_check(const struct wl *w, uint64_t idx)
+{
+    uint64_t want[4], now[4];
+    if (!has_avx())
+        return CP_VEC_UNCHECKED;
+    vec_pattern(w, idx, want);
+    __asm__ volatile("vmovdqu %%ymm15, %0" : "=m"(*(uint64_t(*)[4])now));
+    for (int i = 0; i < 4; i++)
+        if (now[i] != want[i])
+            return CP_VEC_LOST;
+    return CP_VEC_INTACT;
+}
+
 static void check_pages(struct wl *w)
 {
+    w->st->vector = vec_check(w, (uint64_t)(w->st - w->ctl->vcpu));
     uint64_t bad = CP_NO_PAGE;
     for (uint64_t p = w->first; p < w->first + w->count; p++) {
         const struct cp_ledger_entry *e = &w->ledger[p];
@@ -155,6 +192,7 @@ void wl_entry(uint64_t idx)
     w.first = idx * n / nr;
     w.count = (idx + 1) * n / nr - w.first;
     w.st->state = CP_WL_ST_STARTING;
+    vec_keep(&w, idx);
     cp_event(CP_EV_WL_STARTED);
     if (idx == 0)
         cp_printf("workload: kind %u on %u vCPUs, %lu data pages", CP_BP->wl_kind, CP_BP->nr_vcpus, n);

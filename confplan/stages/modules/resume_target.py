@@ -17,7 +17,7 @@ from confplan.stages.modules import _handover as handover
 class ResumeTarget(Stage):
     name = "resume-target"
     needs = ("verify",)
-    provides = ("downtime_seconds", "clock_gap_seconds", "ledger_checked_pages", "target_pid")
+    provides = ("downtime_seconds", "clock_gap_seconds", "ledger_checked_pages", "vector_state", "target_pid")
     # Before these apply, a rerun reconciles the records with what each side holds (stages/modules/
     # _handover.py): a guest that runs on the target makes this stage done; one that runs on the source
     # makes it failed; only a view that cannot be settled leaves it interrupted, and that blocks.
@@ -50,8 +50,11 @@ class ResumeTarget(Stage):
         downtime = _downtime(notes)
         ledger = target.call("workload_check", timeout=60.0)
         if not ledger["ok"]:
+            what = f"data page {ledger['first_bad_page']} is wrong"
+            if ledger["first_bad_page"] is None:
+                what = "a vector register it keeps (ymm15) changed: the vCPU's XSAVE state was lost"
             raise ConfplanError(
-                f"the guest's self-check failed on the target: data page {ledger['first_bad_page']} is wrong",
+                f"the guest's self-check failed on the target: {what}",
                 hint="the guest runs on the target (it is the guest now: running the source's older copy "
                 "would roll it back); report this as a bug in confplan",
             )
@@ -61,7 +64,8 @@ class ResumeTarget(Stage):
             "downtime_seconds": downtime, "clock_gap_seconds": notes.get("clock_gap_seconds"),
             "over_max_downtime": over, "resume_seconds": now - started,
             "started_since_pause": started - paused if paused is not None else None,
-            "ledger_checked_pages": ledger["checked_pages"], "target_pid": target.pid,
+            "ledger_checked_pages": ledger["checked_pages"], "vector_state": ledger.get("vector"),
+            "target_pid": target.pid,
         })  # fmt: skip
 
 
