@@ -31,6 +31,7 @@ class CheckResult:
 class WorkloadProgress:
     pages_written: int
     states: list[str]
+    conversions: int = 0  # pages converted private <-> shared since the fill
 
 
 class WorkloadControl:
@@ -56,6 +57,7 @@ class WorkloadControl:
         statuses = [self.status(i) for i in range(self._layout.wl_vcpus)]
         return WorkloadProgress(
             pages_written=sum(st.pages_written for st in statuses),
+            conversions=sum(st.conversions for st in statuses),
             states=[abi.WL_STATE_NAMES.get(st.state, str(st.state)) for st in statuses],
         )
 
