@@ -35,12 +35,12 @@ def plan_dir(tmp_path: Path) -> Iterator[Path]:
             vmm_handle.stop(found)
 
 
-def _plan(tmp: Path, mode: str, stages: str = "") -> Path:
+def _plan(tmp: Path, mode: str, stages: str = "", *, vcpus: int = 1, workload: str = "") -> Path:
     path = tmp / "plan.yaml"
     path.write_text(
         "metadata: {name: e2e}\n"
-        "guest:\n  memory: 64MiB\n  vcpus: 1\n"
-        "  workload: {kind: dirty-writer, dirty_rate: 32MiB/s, shared_fraction: 0.05}\n"
+        f"guest:\n  memory: 64MiB\n  vcpus: {vcpus}\n"
+        f"  workload: {{kind: dirty-writer, dirty_rate: 32MiB/s, shared_fraction: 0.05{workload}}}\n"
         f"helper: {{mode: {mode}, aux_vcpus: 2, batch_pages: 128}}\n"
         "limits: {max_downtime: 50ms, max_precopy_rounds: 8}\n"
         "checkpoint: {dir: state}\n" + (f"stages: [{stages}]\n" if stages else "")
@@ -57,7 +57,9 @@ NO_PREFAULT = (
 
 @pytest.mark.parametrize("mode", ["aux-vcpu", "mirror-vm"])
 def test_apply_migrates_and_the_guest_runs_on_the_target(cli: typer.Typer, plan_dir: Path, mode: str) -> None:
-    plan = _plan(plan_dir, mode, NO_PREFAULT if mode == "mirror-vm" else "")
+    # aux-vcpu: a guest that behaves more like an OS, on 2 vCPUs converting pages while it migrates
+    busy = {"vcpus": 2, "workload": ", conversion_rate: 400/s"} if mode == "aux-vcpu" else {}
+    plan = _plan(plan_dir, mode, NO_PREFAULT if mode == "mirror-vm" else "", **busy)  # type: ignore[arg-type]
     result = CliRunner().invoke(cli, ["apply", str(plan), "--output", "json"])
     assert result.exit_code == 0, result.output
     report = check_report(result.stdout)
@@ -75,6 +77,10 @@ def test_apply_migrates_and_the_guest_runs_on_the_target(cli: typer.Typer, plan_
     assert set(moved["pause"]) >= {"pause_vcpus", "final_pages", "target_confirmed"}
     alive = {proc["role"]: proc["alive"] for proc in report["processes"]}
     assert alive == {"source": False, "target": True}  # the source is gone, the target runs the guest
+    resumed = stages["resume-target"]["result"]
+    assert resumed["enc_bitmap"]["equal"]  # the target holds the source's bitmap, conversions and all
+    if busy:  # the fill's reports, then ~400/s while it ran
+        assert resumed["enc_bitmap"]["conversions"] > rounds[0]["shared_pages"] + 50
     # the source is gone; the guest runs on the target and its ledger still checks out there
     state = plan_dir / "state"
     assert vmm_handle.find_local(state, "source") is None

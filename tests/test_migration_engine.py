@@ -4,6 +4,7 @@ stream. The guest runs, migrates, resumes on the target, and its self-check ledg
 
 from __future__ import annotations
 
+import array
 import os
 import re
 import socket
@@ -32,11 +33,9 @@ MIGRATION_ID = bytes(range(16))
 
 def _config(mode: str, **extra: object) -> MachineConfig:
     helpers = {"aux_vcpus": 2} if mode == "aux-vcpu" else {"helper_mode": "mirror-vm", "mirror_vcpus": 2}
-    fields = {"batch_pages": 64, **helpers, **extra}
-    return MachineConfig(
-        memory=32 * abi.MIB, vcpus=1, shared_fraction=0.1, dirty_rate=16 * abi.MIB,
-        **fields,  # type: ignore[arg-type]
-    )  # fmt: skip
+    fields = {"memory": 32 * abi.MIB, "vcpus": 1, "shared_fraction": 0.1, "dirty_rate": 16 * abi.MIB,
+              "batch_pages": 64, **helpers, **extra}  # fmt: skip
+    return MachineConfig(**fields)  # type: ignore[arg-type]
 
 
 def _secret(key: bytes) -> bytes:
@@ -47,11 +46,12 @@ class Pair:
     """A running source, an MH-only target, both helpers, and a connected stream."""
 
     def __init__(
-        self, mode: str, *, relay: bool = False, dst_batch_pages: int = 64, strangers: int = 0
-    ) -> None:
+        self, mode: str, *, relay: bool = False, dst_batch_pages: int = 64, strangers: int = 0,
+        **guest: object,
+    ) -> None:  # fmt: skip
         self.mode, self.key = mode, os.urandom(32)
-        self.src = Machine(_config(mode))
-        self.dst = Machine(_config(mode, mh_only=True, batch_pages=dst_batch_pages))
+        self.src = Machine(_config(mode, **guest))
+        self.dst = Machine(_config(mode, mh_only=True, batch_pages=dst_batch_pages, **guest))
         for m in (self.src, self.dst):
             m.write(abi.SECRET_GPA, _secret(self.key))
             m.start()
@@ -120,12 +120,74 @@ def test_migrate_resume_ledger_ok(pairs: list[Pair], mode: str) -> None:
     assert resynced_tsc(saved, saved.paused_wall + 1.0, 1000) == saved.state.tsc + 1_000_000
     pair.dst.restore_vcpu_states(states)
     pair.dst.resume_all_vcpus_except_aux()
-    assert pair.dst.workload.check().ok
+    check = pair.dst.workload.check()
+    assert check.ok
+    if pair.dst.host.features & abi.FEATURE_BITS["avx"]:
+        assert check.vector == "intact"  # the upper YMM halves crossed with the vCPU's XSAVE area
     written = pair.dst.workload.progress().pages_written
     time.sleep(0.2)
     assert pair.dst.workload.progress().pages_written > written  # it goes on writing on the target
     pair.src.resume_all_vcpus_except_aux()
     assert pair.src.workload.check().ok
+
+
+def test_pages_converted_while_the_guest_migrates_arrive_as_their_final_kind(pairs: list[Pair]) -> None:
+    """The workload converts pages private <-> shared (KVM_HC_MAP_GPA_RANGE over the MMIO channel) while
+    the rounds run: each converted page goes again as its new kind, the target's bitmap ends equal to the
+    source's, both sides' digests agree and the guest's ledger passes on the target."""
+    pair = Pair("aux-vcpu", conversion_rate=5000, dirty_rate=4 * abi.MIB)
+    pairs.append(pair)
+    before = pair.src.enc_bitmap.stats.conversions
+    rounds = []
+    while len(rounds) < 20 and (len(rounds) < 3 or pair.src.enc_bitmap.stats.conversions - before < 200):
+        rounds.append(pair.out.send_round())
+    converted = pair.src.enc_bitmap.stats.conversions - before
+    assert converted >= 200 and pair.src.workload.progress().conversions >= converted
+    pair.src.pause_all_vcpus_except_aux()
+    pair.out.send_round(final=True)
+    pair.out.send_state(time.time())
+    status = pair.incoming.wait(30)
+    assert status.state is IncomingState.COMPLETE, status.error
+    src_bits, dst_bits = pair.src.enc_bitmap.bitmap.view(), pair.dst.enc_bitmap.bitmap.view()
+    assert bytes(dst_bits) == bytes(src_bits)
+    assert shared_digest(pair.src) == shared_digest(pair.dst)
+    assert private_digests(pair.src_mb, pair.src) == private_digests(pair.dst_mb, pair.dst)
+    pair.dst.restore_vcpu_states([s.state for s in status.vcpus.values()])
+    pair.dst.resume_all_vcpus_except_aux()
+    assert pair.dst.workload.check().ok
+    done = pair.dst.workload.progress().conversions
+    deadline = time.monotonic() + 5
+    while pair.dst.workload.progress().conversions == done and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert pair.dst.workload.progress().conversions > done  # it goes on converting on the target
+
+
+def test_a_page_converted_after_the_scan_is_held_back_and_sent_next_round(pairs: list[Pair]) -> None:
+    """The race a confidential migration must not lose: the round read a page's kind as shared, then the
+    guest converted it to private (and may have written secrets into it) before the frame was read. That
+    page must not leave in the clear: it is held back and goes in the next round, sealed."""
+    pair = Pair("aux-vcpu", workload_kind="quiet")
+    pairs.append(pair)
+    pair.out.send_round()  # the first round sends everything
+    lay, enc = pair.src.layout, pair.src.enc_bitmap
+    shared_data = [p for p in range(lay.wl_data_pages) if not enc.is_private(lay.data_page_gpa(p) >> 12)]
+    page = shared_data[len(shared_data) // 2]
+    pair.src.workload.write_pages([page])  # dirty, and shared: the next scan puts it in a shared frame
+    gpa = pair.src.layout.data_page_gpa(page)
+    real_frame = pair.out._frame_shared
+
+    def guest_converts_first(chunk: array.array[int], scanned: int) -> object:
+        if gpa in chunk:  # between the scan and the frame, as a running vCPU could
+            pair.src.enc_bitmap.map_gpa_range(gpa, 1, abi.MAP_GPA_RANGE_ENCRYPTED)
+        return real_frame(chunk, scanned)
+
+    pair.out._frame_shared = guest_converts_first  # type: ignore[method-assign]
+    second = pair.out.send_round()
+    assert pair.out.totals.held_back == 1 and second.shared_pages == 0
+    pair.out._frame_shared = real_frame  # type: ignore[method-assign]
+    third = pair.out.send_round()  # the conversion log put it in this round's set: sealed now
+    assert third.sealed_pages >= 1 and third.shared_pages == 0
+    assert gpa in pair.out.take_changed_gpas()
 
 
 def test_a_stranger_on_the_page_port_is_refused_and_the_real_source_migrates(pairs: list[Pair]) -> None:

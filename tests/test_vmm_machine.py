@@ -3,6 +3,7 @@ self-check and vCPU state. Small guests (32 MiB) keep the whole file to a few se
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 
@@ -93,7 +94,10 @@ def test_self_check_finds_a_corrupted_page(quiet: Machine) -> None:
     page = 1234
     content = quiet.ram.read(lay.data_page_gpa(page), abi.PAGE)
     ledger = quiet.ram.struct_at(abi.LedgerEntry, lay.wl_ledger_gpa + 8 * page)
-    assert (ledger.seq, ledger.csum) == (1, page_csum(content))
+    assert (ledger.seq & ~abi.LEDGER_SHARED, ledger.csum) == (1, page_csum(content))
+    # the ledger's kind bit is the guest's own record of what it reported (here: shared, in the first 25%)
+    assert ledger.seq & abi.LEDGER_SHARED
+    assert not quiet.enc_bitmap.is_private(lay.data_page_gpa(page) // abi.PAGE)
     assert content == page_fill(quiet.config.seed, page, 1)  # the firmware's generator, bit for bit
     quiet.ram.write(lay.data_page_gpa(page) + 100, b"\xff")
     result = quiet.workload.check()
@@ -130,9 +134,36 @@ def test_vcpu_state_round_trip(quiet: Machine) -> None:
     again = quiet.save_vcpu_states()
     assert again[0].regs == saved[0].regs and again[0].sregs == saved[0].sregs
     assert again[0].fpu == saved[0].fpu and again[0].xcrs == saved[0].xcrs
+    assert again[0].xsave == saved[0].xsave and saved[0].xsave[:2] == saved[0].fpu[128:130]  # FCW
     assert saved[0].tsc <= again[0].tsc
     quiet.resume_all_vcpus_except_aux()
     assert quiet.workload.check().ok
+
+
+# In the XSAVE area (standard format), the YMM_Hi128 component: the upper halves of ymm0..15.
+YMM_HI = slice(576, 576 + 256)
+YMM15_HI = slice(576 + 15 * 16, 576 + 16 * 16)
+
+
+def test_kept_vector_state_round_trips_through_xsave_and_its_loss_is_seen(quiet: Machine) -> None:
+    if not quiet.host.features & abi.FEATURE_BITS["avx"]:
+        pytest.skip("this CPU has no AVX: the workload keeps no vector state")
+    assert quiet.workload.check().vector == "intact"
+    quiet.pause_all_vcpus_except_aux()
+    saved = quiet.save_vcpu_states()[0]
+    assert any(saved.xsave[YMM15_HI]), "ymm15's upper half holds the workload's pattern"
+    quiet.restore_vcpu_states([saved])  # the XSAVE area carries it: still intact after a round trip
+    quiet.resume_all_vcpus_except_aux()
+    assert quiet.workload.check().vector == "intact"
+    # What a migration without XSAVE did: only the FPU/SSE part survives, the upper YMM halves are zero.
+    quiet.pause_all_vcpus_except_aux()
+    saved = quiet.save_vcpu_states()[0]
+    area = bytearray(saved.xsave.ljust(YMM_HI.stop, b"\0"))
+    area[YMM_HI] = bytes(256)
+    quiet.restore_vcpu_states([dataclasses.replace(saved, xsave=bytes(area))])
+    quiet.resume_all_vcpus_except_aux()
+    result = quiet.workload.check()
+    assert result.vector == "lost" and not result.ok and result.first_bad_page is None
 
 
 def test_workload_touching_the_helper_area_faults_cleanly() -> None:

@@ -148,7 +148,9 @@ class Vm:
     def create_vcpu(self, vcpu_id: int) -> Vcpu:
         """KVM_CREATE_VCPU and the mmap of its kvm_run page."""
         fd = ioctl(self.fd, s.KVM_CREATE_VCPU, vcpu_id, f"KVM_CREATE_VCPU({vcpu_id})")
-        return Vcpu(vcpu_id, fd, self.kvm.vcpu_mmap_size())
+        vcpu = Vcpu(vcpu_id, fd, self.kvm.vcpu_mmap_size())
+        vcpu.xsave_size = self.check_extension(s.KVM_CAP_XSAVE2)  # 0 where only the 4 KiB ioctls exist
+        return vcpu
 
     def stats(self) -> StatsFd:
         """KVM_GET_STATS_FD for the VM."""
@@ -172,6 +174,7 @@ class Vcpu:
     def __init__(self, vcpu_id: int, fd: int, mmap_size: int) -> None:
         self.id = vcpu_id
         self.fd = fd
+        self.xsave_size = 0  # the VM's XSAVE area size when larger than 4 KiB (KVM_CAP_XSAVE2)
         try:
             self._mm: mmap.mmap | None = mmap.mmap(
                 fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
@@ -234,6 +237,27 @@ class Vcpu:
     def set_xcrs(self, xcrs: s.KvmXcrs) -> None:
         """KVM_SET_XCRS."""
         ioctl(self.fd, s.KVM_SET_XCRS, xcrs, "KVM_SET_XCRS")
+
+    def get_xsave(self) -> bytes:
+        """The vCPU's XSAVE area (x87, SSE, the upper YMM halves and whatever else XCR0 enables):
+        KVM_GET_XSAVE2 when the VM's area is larger than 4 KiB, else KVM_GET_XSAVE."""
+        size = self.xsave_size
+        if size > ctypes.sizeof(s.KvmXsave):
+            area = (ctypes.c_uint8 * size)()
+            ioctl(self.fd, s.KVM_GET_XSAVE2, area, "KVM_GET_XSAVE2")
+            return bytes(area)
+        legacy = s.KvmXsave()
+        ioctl(self.fd, s.KVM_GET_XSAVE, legacy, "KVM_GET_XSAVE")
+        return bytes(memoryview(legacy).cast("B"))
+
+    def set_xsave(self, area: bytes) -> None:
+        """KVM_SET_XSAVE from ``area``, zero-padded to the VM's XSAVE size (at least 4 KiB); KVM checks
+        the header's feature bits against what this vCPU may use."""
+        length = max(self.xsave_size, ctypes.sizeof(s.KvmXsave))
+        if len(area) > length:
+            raise KvmError(errno.E2BIG, f"KVM_SET_XSAVE ({len(area)} bytes, at most {length})")
+        buf = (ctypes.c_uint8 * length).from_buffer_copy(area.ljust(length, b"\0"))
+        ioctl(self.fd, s.KVM_SET_XSAVE, buf, "KVM_SET_XSAVE")
 
     def set_cpuid2(self, cpuid: s.KvmCpuid2) -> None:
         """KVM_SET_CPUID2."""

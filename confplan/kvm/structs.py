@@ -130,6 +130,13 @@ class KvmXcr(ctypes.Structure):
 KVM_MAX_XCRS = 16
 
 
+class KvmXsave(ctypes.Structure):
+    """``struct kvm_xsave``: the legacy 4 KiB XSAVE area (KVM_GET_XSAVE2 may fill a larger buffer, of the
+    size KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) gives; its ioctl number still encodes this struct's size)."""
+
+    _fields_: ClassVar = [("region", u32 * 1024)]
+
+
 class KvmXcrs(ctypes.Structure):
     _fields_: ClassVar = [
         ("nr_xcrs", u32),
@@ -295,14 +302,18 @@ KVM_SET_FPU = _iow(0x8D, KvmFpu)
 KVM_SET_CPUID2 = _iow(0x90, KvmCpuid2Header)
 KVM_ENABLE_CAP = _iow(0xA3, KvmEnableCap)
 KVM_GET_TSC_KHZ = _io(0xA3)
+KVM_GET_XSAVE = _ior(0xA4, KvmXsave)
+KVM_SET_XSAVE = _iow(0xA5, KvmXsave)
 KVM_GET_XCRS = _ior(0xA6, KvmXcrs)
 KVM_SET_XCRS = _iow(0xA7, KvmXcrs)
 KVM_GET_STATS_FD = _io(0xCE)
+KVM_GET_XSAVE2 = _ior(0xCF, KvmXsave)
 
 # ---- capabilities (KVM_CHECK_EXTENSION) ----
 KVM_CAP_USER_MEMORY = 3
 KVM_CAP_EXT_CPUID = 7
 KVM_CAP_NR_VCPUS = 9
+KVM_CAP_XSAVE = 55
 KVM_CAP_XCRS = 56
 KVM_CAP_GET_TSC_KHZ = 61
 KVM_CAP_MAX_VCPUS = 66
@@ -312,6 +323,7 @@ KVM_CAP_DIRTY_LOG_RING = 192
 KVM_CAP_VM_COPY_ENC_CONTEXT_FROM = 197
 KVM_CAP_EXIT_HYPERCALL = 201
 KVM_CAP_BINARY_STATS_FD = 203
+KVM_CAP_XSAVE2 = 208
 
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 KVM_HC_MAP_GPA_RANGE = 12

@@ -28,10 +28,12 @@ class DirtyTracker:
         self.first_page = int(machine.layout.mh_end) // abi.PAGE
         self.migratable = _mask(self.first_page, self.npages)
         self.pending = self.migratable
+        self.generation = 0  # the encryption bitmap's generation the last take covers
 
     def reset(self) -> None:
         """A new stream: everything is pending again (the target starts from nothing)."""
         self._machine.dirty_log.fetch()  # drop KVM's log: those pages are covered by the full set
+        self._machine.enc_bitmap.take_converted()  # and the conversions: the full set covers them too
         self.pending = self.migratable
 
     def collect(self) -> int:
@@ -41,9 +43,12 @@ class DirtyTracker:
         return self.pending.bit_count()
 
     def take(self) -> bytes:
-        """Collect, hand out the pending set as a bitmap, and start the next one empty."""
+        """Collect, add every page converted between private and shared since the last take (it must go
+        again as its new kind, written or not), hand out the pending set as a bitmap, and start the next
+        one empty. ``generation`` is then the encryption bitmap's generation this set covers."""
         self.collect()
-        out, self.pending = self.pending, 0
+        converted, self.generation = self._machine.enc_bitmap.take_converted()
+        out, self.pending = (self.pending | converted) & self.migratable, 0
         return out.to_bytes(self.nbytes, "little")
 
     def shared_bitmap(self) -> bytes:

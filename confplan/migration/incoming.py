@@ -218,10 +218,12 @@ class IncomingMigration(MigrationSide, HandoverHooks):
             ]
             machine.restore_vcpu_states(states)
             gap = max(now - saved.paused_wall for saved in status.vcpus.values())
+        bitmap = machine.enc_bitmap.sha256()  # what the guest starts from here, before it converts more
         machine.resume_all_vcpus_except_aux()
         self.resumed = True
         self.log("target: guest resumed")
-        return {"clock_gap_seconds": gap, "paused_wall": now - gap, "resumed_wall": time.time()}
+        return {"clock_gap_seconds": gap, "paused_wall": now - gap, "resumed_wall": time.time(),
+                "enc_bitmap_sha256": bitmap}  # fmt: skip
 
     def close(self) -> None:
         if self.stream is not None:

@@ -256,7 +256,10 @@ class OutgoingMigration(MigrationSide):
         self.log(f"source: stop-and-copy sent {stats.pages} pages, the state and the manifest; guest paused")
         self._final = {
             "round": stats.to_json(), "paused_seconds": done - self._paused_at,
-            "paused_wall": self._paused_wall,
+            "paused_wall": self._paused_wall, "held_back_pages": stream.totals.held_back,
+            # the bitmap as sent (the guest is paused): resume-target compares the target's with it
+            "enc_bitmap_sha256": self.need_machine().enc_bitmap.sha256(),
+            "conversions": self.need_machine().enc_bitmap.stats.conversions,
             "steps": {"pause_vcpus": halted - self._paused_at, "final_pages": sent - halted,
                       "vcpu_and_device_state": done - sent},
         }  # fmt: skip

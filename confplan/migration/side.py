@@ -105,7 +105,7 @@ class MigrationSide:
     def workload_check(self) -> dict[str, Any]:
         result = self.need_machine().workload.check()
         return {"ok": result.ok, "first_bad_page": result.first_bad_page,
-                "checked_pages": result.checked_pages}  # fmt: skip
+                "checked_pages": result.checked_pages, "vector": result.vector}  # fmt: skip
 
     # ---- the helper ----
     def helper(self) -> MailboxSet | None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from confplan.core import HostMemory, frame_sealed_pages, frame_shared_pages, scan_dirty
+from confplan.core.pages import FrameInfo
 from confplan.core.stream import FrameReader, FrameWriter
 from confplan.core.streamauth import client_handshake
 from confplan.core.wire import (
@@ -51,12 +52,13 @@ from confplan.migration.session import (
     VCPU_SEALED_FORMAT,
     vcpu_blob,
 )
-from confplan.vmm import Machine
+from confplan.vmm import Machine, abi
 
 BANKS = 4  # slot banks per mailbox: the MH seals one while the VMM frames and sends another
 # Shared pages per frame: 1 MiB frames cost no more per page than the wire's 2048-page maximum, and keep
 # the frame buffer (and the target's receive buffer) 7 MiB smaller in each VMM process.
 SHARED_FRAME_PAGES = 256
+PAGE_SHIFT = abi.PAGE.bit_length() - 1
 
 
 @dataclass
@@ -66,6 +68,7 @@ class Totals:
     sealed_pages: int = 0
     bytes_shared: int = 0
     bytes_sealed: int = 0
+    held_back: int = 0  # shared pages left out of a frame: converted after the scan (sent the next round)
 
 
 @dataclass
@@ -219,10 +222,11 @@ class Outgoing:
         # Taken before anything is sealed: a round that fails half way has used its generation up.
         generation, self.generation = self.generation, self.generation + 1
         dirty = self.tracker.take()
+        scanned = self.tracker.generation  # the kinds are read after this: conversions since are checked
         shared, private = scan_dirty(dirty, self.tracker.shared_bitmap(), self.tracker.npages)
         self._round = RoundInFlight(generation, len(shared) + len(private), 0, started, sent_before)
         self._changed += (shared, private)  # kept as scanned: taking them is a concatenation, no rescan
-        zero = self._send_shared(shared)
+        shared, zero = self._send_shared(shared, scanned)
         if len(shared):
             self._shared_sent.append(shared)
         if len(private):
@@ -238,18 +242,45 @@ class Outgoing:
             self.totals.bytes_sealed - sealed_before,
         )  # fmt: skip
 
-    def _send_shared(self, gpas: array.array[int]) -> int:
-        zero = 0
+    def _send_shared(self, gpas: array.array[int], scanned: int) -> tuple[array.array[int], int]:
+        """Frame and send the pages the scan found shared; (the GPAs sent, how many were zero pages)."""
+        sent, zero = array.array("Q"), 0
         for first in range(0, len(gpas), SHARED_FRAME_PAGES):
             chunk = gpas[first : first + SHARED_FRAME_PAGES]
+            framed = self._frame_shared(chunk, scanned)
+            if framed is None:
+                continue
+            chunk, info = framed
+            self._send(memoryview(self._shared_buf)[: info.frame_len])
+            self._round.pages_sent += len(chunk)
+            sent.extend(chunk)
+            zero += info.zero_pages
+            self.totals.bytes_shared += info.frame_len
+        return sent, zero
+
+    def _frame_shared(
+        self, chunk: array.array[int], scanned: int
+    ) -> tuple[array.array[int], FrameInfo] | None:
+        """Frame ``chunk`` from guest RAM, leaving out every page converted since the scan read its kind.
+
+        Such a page may already hold what the guest wrote as private (it converts, then writes), so the
+        frame read after the conversion must not leave this host; it is in the next round's set (the
+        conversion log) and goes then as its new kind. The check comes after the read: a conversion the
+        read could have seen is logged by then (docs/migration.md, "Conversions while the guest runs")."""
+        enc = self.machine.enc_bitmap
+        while len(chunk):
             info = frame_shared_pages(
                 self.ram, chunk, self._shared_buf, seq=self._writer().seq, ram_size=self.machine.config.memory
             )
-            self._send(memoryview(self._shared_buf)[: info.frame_len])
-            self._round.pages_sent += len(chunk)
-            zero += info.zero_pages
-            self.totals.bytes_shared += info.frame_len
-        return zero
+            if enc.generation == scanned:
+                return chunk, info
+            converted = enc.converted_since(scanned)
+            kept = array.array("Q", (gpa for gpa in chunk if gpa >> PAGE_SHIFT not in converted))
+            if len(kept) == len(chunk):
+                return chunk, info
+            self.totals.held_back += len(chunk) - len(kept)
+            chunk = kept
+        return None
 
     def _send_private(self, gpas: array.array[int], generation: int) -> None:
         """Pipelined: the MHs seal the next banks while each done bank is framed and sent."""

@@ -88,6 +88,13 @@ Duration = Annotated[
 Rate = Annotated[
     float | None, _unit_parser(units.parse_rate, positive=True), _either(units.RATE_PATTERN, "number")
 ]
+EventRate = Annotated[
+    float,
+    _unit_parser(units.parse_event_rate),
+    WithJsonSchema(
+        {"anyOf": [{"type": "number", "minimum": 0}, {"type": "string", "pattern": units.EVENT_RATE_PATTERN}]}
+    ),
+]
 
 
 class _Model(BaseModel):
@@ -120,6 +127,14 @@ class Workload(_Model):
     )
     shared_fraction: float = Field(
         0.05, ge=0.0, le=1.0, description="Fraction of guest pages that are shared (unencrypted), 0 to 1."
+    )
+    conversion_rate: EventRate = Field(
+        0.0,
+        le=1_000_000,
+        description=(
+            "Pages dirty-writer converts between private and shared per second while it runs, through "
+            "KVM_HC_MAP_GPA_RANGE as Linux does for bounce buffers, e.g. 200/s; 0: none after its fill."
+        ),
     )
     seed: int = Field(
         1, ge=0, description="Seed of the workload's page-choice generator, for repeatable runs."

@@ -34,6 +34,8 @@ DURATION_UNITS: dict[str, float] = {
 # Network-style rates; bits, so divided by 8 to get bytes.
 BIT_RATE_UNITS: dict[str, float] = {"bit": 1 / 8, "kbit": 1e3 / 8, "Mbit": 1e6 / 8, "Gbit": 1e9 / 8}
 UNLIMITED = "unlimited"
+# Rates of events (page conversions): a count per unit of time, in seconds.
+EVENT_RATE_UNITS: dict[str, float] = {"s": 1.0, "min": 60.0}
 
 _NUMBER = r"(?P<num>[0-9]+(?:\.[0-9]+)?|\.[0-9]+)"
 _QUANTITY = re.compile(rf"^{_NUMBER}\s*(?P<unit>[A-Za-zµ]*)$")
@@ -50,6 +52,8 @@ RATE_PATTERN = (
     + "|".join([*SIZE_UNITS, *BIT_RATE_UNITS])
     + r")/s)\s*$"
 )
+
+EVENT_RATE_PATTERN = r"^\s*([0-9]+(\.[0-9]+)?|\.[0-9]+)\s*/(s|min)\s*$"
 
 
 def _split(text: str) -> tuple[float, str] | None:
@@ -130,6 +134,19 @@ def parse_rate(value: object) -> float | None:
         )
     number, unit = parts
     return number * (SIZE_UNITS[unit] if unit in SIZE_UNITS else BIT_RATE_UNITS[unit])
+
+
+def parse_event_rate(value: object) -> float:
+    """Events per second from "200/s", "12000/min" or a bare number (per second)."""
+    number = _plain_number(value, "a rate")
+    if number is not None:
+        return number
+    text = _require_text(value, "a rate", "200/s").strip()
+    per = next((unit for unit in EVENT_RATE_UNITS if text.endswith(f"/{unit}")), None)
+    parts = _split(text[: -len(per) - 1]) if per is not None else None
+    if per is None or parts is None or parts[1]:
+        raise ValueError(f"{text!r} is not a rate of events; write a number per s or min, e.g. '200/s'")
+    return parts[0] / EVENT_RATE_UNITS[per]
 
 
 def format_size(size: int) -> str:

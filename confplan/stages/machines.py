@@ -25,6 +25,7 @@ def machine_config(plan: Plan, *, measured: bool = False, mh_only: bool = False)
         workload_kind=guest.workload.kind,
         dirty_rate=guest.workload.dirty_rate,
         shared_fraction=guest.workload.shared_fraction,
+        conversion_rate=guest.workload.conversion_rate,
         seed=guest.workload.seed,
         measured_launch=measured,
         mh_only=mh_only,

@@ -17,7 +17,7 @@ HUGE: Final = 2 * MIB
 
 # Values exported by the firmware as ABI_<lowercase name>.
 ABI: Final[dict[str, int]] = {
-    "version": 4,
+    "version": 5,
     "gdt_gpa": 0x1000,
     "idt_gpa": 0x2000,
     "tss_gpa": 0x3000,
@@ -153,6 +153,8 @@ MB_MAGIC: Final = ABI["mailbox_magic"]
 BP_MAGIC: Final = 0x31304F4F424E4643  # "CFNBOO01"
 NO_PAGE: Final = 0xFFFFFFFFFFFFFFFF
 CHECK_OK, CHECK_BAD = 1, 2
+LEDGER_SHARED = 0x8000_0000  # a ledger entry's seq bit 31: the workload's record that the page is shared
+VEC_UNCHECKED, VEC_INTACT, VEC_LOST = 0, 1, 2
 WL_STATE_NAMES: Final = {0: "off", 1: "starting", 2: "filling", 3: "running", 4: "parked"}
 
 # workload kinds (CP_WL_*)
@@ -227,6 +229,8 @@ class BootParams(ctypes.Structure):
         # ABI v4: the VMSA slots where the target MH opens SEV-ES/SNP register state (docs/mailbox.md)
         ("mh_vmsa_gpa", u64),
         ("mh_vmsa_slots", u64),
+        # ABI v5: the workload's private <-> shared conversions per second
+        ("wl_conv_rate", u64),
     ]
 
 
@@ -238,11 +242,12 @@ class WlVcpuStatus(ctypes.Structure):
         ("state", u32),
         ("ack_seq", u32),
         ("result", u32),
-        ("pad0", u32),
+        ("vector", u32),
         ("first_bad", u64),
         ("pages_written", u64),
         ("checked", u64),
-        ("pad1", u64 * 2),
+        ("conversions", u64),
+        ("pad1", u64),
     ]
 
 

@@ -74,6 +74,7 @@ def boot_params(config: MachineConfig, layout: GuestLayout, host: HostCpu) -> ab
     bp.wl_kind, bp.wl_shared_ppm = config.wl_kind, round(config.shared_fraction * 1_000_000)
     bp.wl_rate_bps = 0 if config.dirty_rate is None else max(1, int(config.dirty_rate))
     bp.wl_seed = config.seed & ((1 << 64) - 1)
+    bp.wl_conv_rate = round(config.conversion_rate)
     return bp
 
 

@@ -15,7 +15,8 @@ EncChannel = Literal["mmio", "hypercall"]
 @dataclass(frozen=True)
 class MachineConfig:
     """One guest. ``dirty_rate`` is bytes/s, None = unlimited; ``shared_fraction`` of the workload's
-    pages is reported shared; ``mh_only`` boots only the helper vCPUs (a migration target);
+    pages is reported shared; ``conversion_rate``: pages per second the workload converts between private
+    and shared while it runs (0: none after its fill); ``mh_only`` boots only the helper vCPUs (a target);
     ``prefault`` allocates all guest RAM at creation; ``dirty_logging`` off: no dirty log (cannot send).
     ``mirror_vcpus``: the mirror VM's vCPUs in helper mode mirror-vm. ``measured_launch``: the firmware and
     boot parameters are placed by the secure processor's LAUNCH_UPDATE_DATA (``sev_launch``), and no vCPU
@@ -27,6 +28,7 @@ class MachineConfig:
     workload_kind: str = "dirty-writer"
     dirty_rate: float | None = None
     shared_fraction: float = 0.0
+    conversion_rate: float = 0.0
     seed: int = 1
     helper_mode: HelperMode = "aux-vcpu"
     batch_pages: int = 64
@@ -91,6 +93,10 @@ class MachineConfig:
         if self.dirty_rate is not None and self.dirty_rate <= 0:
             raise ConfplanError(
                 f"{where}: dirty_rate {self.dirty_rate}", hint="use a positive rate or unlimited"
+            )
+        if not 0.0 <= self.conversion_rate <= 1e6:
+            raise ConfplanError(
+                f"{where}: conversion_rate {self.conversion_rate}", hint="use 0 to 1000000 pages per second"
             )
         if not 1 <= self.batch_pages <= 4096:
             raise ConfplanError(f"{where}: batch_pages {self.batch_pages}", hint="use 1..4096")

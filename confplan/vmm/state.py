@@ -1,11 +1,13 @@
 """vCPU state as plain Python objects, with a save/restore contract (Firecracker's ``Persist``), so the
-migration can send it: general registers, segment/control registers, FPU/SSE, XCR0 and the TSC.
+migration can send it: general registers, segment/control registers, FPU/SSE, XCR0, the XSAVE area
+(the upper YMM halves and every other state component XCR0 enables) and the TSC.
 
 ``state_blob`` / ``state_from_blob`` are its one byte form (JSON), used by the stream's VCPU_STATE frames
 (``migration.session``) and by the VMSA slots an SEV-ES target loads from (``vmm.vmsa_slot``)."""
 
 from __future__ import annotations
 
+import base64
 import ctypes
 import json
 from dataclasses import dataclass
@@ -38,6 +40,7 @@ class VcpuState:
     fpu: bytes
     xcrs: bytes
     tsc: int
+    xsave: bytes = b""  # the XSAVE area without its trailing zero bytes; b"": not saved (older sources)
 
     @classmethod
     def save(cls, vcpu: Vcpu) -> VcpuState:
@@ -50,15 +53,20 @@ class VcpuState:
             fpu=_blob(vcpu.get_fpu()),
             xcrs=_blob(vcpu.get_xcrs()),
             tsc=vcpu.get_msr(s.MSR_IA32_TSC),
+            xsave=vcpu.get_xsave().rstrip(b"\0"),
         )
 
     def restore(self, vcpu: Vcpu) -> None:
         """Write this state into a vCPU that is not running. Order: SREGS before REGS (CR0/EFER decide
-        how the registers are read), XCRS after FPU, the TSC last so little time passes after it."""
+        how the registers are read), XCRS after FPU, then XSAVE (its header names components XCR0 must
+        already enable; it carries the FPU/SSE state too, so it wins over SET_FPU), the TSC last so little
+        time passes after it."""
         vcpu.set_sregs(_unblob(s.KvmSregs, self.sregs, "sregs"))
         vcpu.set_regs(s.KvmRegs(**self.regs))
         vcpu.set_fpu(_unblob(s.KvmFpu, self.fpu, "fpu"))
         vcpu.set_xcrs(_unblob(s.KvmXcrs, self.xcrs, "xcrs"))
+        if self.xsave:
+            vcpu.set_xsave(self.xsave)
         vcpu.set_msr(s.MSR_IA32_TSC, self.tsc)
 
 
@@ -68,6 +76,7 @@ def state_blob(state: VcpuState, paused_wall: float) -> bytes:
     doc = {
         "vcpu_id": state.vcpu_id, "regs": state.regs, "sregs": state.sregs.hex(), "fpu": state.fpu.hex(),
         "xcrs": state.xcrs.hex(), "tsc": state.tsc, "paused_wall": paused_wall,
+        "xsave": base64.b64encode(state.xsave).decode(),  # base64: it must fit a VMSA slot with the rest
     }  # fmt: skip
     return json.dumps(doc, sort_keys=True).encode()
 
@@ -80,7 +89,7 @@ def state_from_blob(blob: bytes) -> tuple[VcpuState, float]:
         state = VcpuState(
             vcpu_id=int(doc["vcpu_id"]), regs={str(k): int(v) for k, v in doc["regs"].items()},
             sregs=bytes.fromhex(doc["sregs"]), fpu=bytes.fromhex(doc["fpu"]), xcrs=bytes.fromhex(doc["xcrs"]),
-            tsc=int(doc["tsc"]),
+            tsc=int(doc["tsc"]), xsave=base64.b64decode(doc.get("xsave", ""), validate=True),
         )  # fmt: skip
         return state, float(doc["paused_wall"])
     except (ValueError, KeyError, TypeError, AttributeError) as err:

@@ -21,15 +21,17 @@ FNV_OFFSET, FNV_PRIME = 0xCBF29CE484222325, 0x100000001B3
 
 @dataclass(frozen=True)
 class CheckResult:
-    ok: bool
+    ok: bool  # every page matches its ledger entry and no kept vector register changed
     first_bad_page: int | None  # data page index
     checked_pages: int
+    vector: str = "unchecked"  # the vector state each vCPU keeps: intact, lost, or unchecked (no AVX)
 
 
 @dataclass(frozen=True)
 class WorkloadProgress:
     pages_written: int
     states: list[str]
+    conversions: int = 0  # pages converted private <-> shared since the fill
 
 
 class WorkloadControl:
@@ -55,6 +57,7 @@ class WorkloadControl:
         statuses = [self.status(i) for i in range(self._layout.wl_vcpus)]
         return WorkloadProgress(
             pages_written=sum(st.pages_written for st in statuses),
+            conversions=sum(st.conversions for st in statuses),
             states=[abi.WL_STATE_NAMES.get(st.state, str(st.state)) for st in statuses],
         )
 
@@ -64,9 +67,13 @@ class WorkloadControl:
         bad = [self.ctl.vcpu[i].first_bad for i in range(self._layout.wl_vcpus)]
         bad_pages = sorted(p for p in bad if p != abi.NO_PAGE)
         checked = sum(int(self.ctl.vcpu[i].checked) for i in range(self._layout.wl_vcpus))
+        vectors = {int(self.ctl.vcpu[i].vector) for i in range(self._layout.wl_vcpus)}
+        vector = "intact" if vectors == {abi.VEC_INTACT} else "unchecked"
+        vector = "lost" if abi.VEC_LOST in vectors else vector
         return CheckResult(
-            ok=not bad_pages, first_bad_page=bad_pages[0] if bad_pages else None, checked_pages=checked
-        )
+            ok=not bad_pages and vector != "lost", first_bad_page=bad_pages[0] if bad_pages else None,
+            checked_pages=checked, vector=vector,
+        )  # fmt: skip
 
     def write_pages(self, pages: Sequence[int], timeout: float = 10.0) -> None:
         """Have the workload rewrite exactly these data pages (each vCPU those in its partition)."""

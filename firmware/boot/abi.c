@@ -123,6 +123,7 @@ void cp_abi_export(void)
     OFF(bp, cp_boot_params, mh_mac_entries);
     OFF(bp, cp_boot_params, mh_vmsa_gpa);
     OFF(bp, cp_boot_params, mh_vmsa_slots);
+    OFF(bp, cp_boot_params, wl_conv_rate);
 
     SYM(wlst_size, sizeof(struct cp_wl_vcpu_status));
     OFF(wlst, cp_wl_vcpu_status, heartbeat);

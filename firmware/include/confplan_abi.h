@@ -9,7 +9,7 @@
 #ifndef CONFPLAN_ABI_H
 #define CONFPLAN_ABI_H
 
-#define CP_ABI_VERSION 4
+#define CP_ABI_VERSION 5
 #define CP_PAGE_SIZE 0x1000
 
 /* ---- low area (first 2 MiB, mapped with 4 KiB pages) ---- */
@@ -122,6 +122,10 @@
 #define CP_WL_ST_PARKED 4
 #define CP_CHECK_OK 1
 #define CP_CHECK_BAD 2
+/* cp_wl_vcpu_status.vector: ymm15 holds a per-vCPU pattern from the start (where the CPU has AVX) */
+#define CP_VEC_UNCHECKED 0 /* no AVX here (or no CHECK yet): nothing kept */
+#define CP_VEC_INTACT 1
+#define CP_VEC_LOST 2
 #define CP_NO_PAGE 0xffffffffffffffffULL
 
 /* ---- MH mailbox control page header (the rest of the page belongs to the helper protocol) ---- */
@@ -176,6 +180,8 @@ struct cp_boot_params {
     /* ABI v4 */
     uint64_t mh_vmsa_gpa;    /* CP_VMSA_SLOT_SIZE bytes per guest vCPU (struct cp_vmsa_slot), zero at boot */
     uint64_t mh_vmsa_slots;  /* = nr_vcpus */
+    /* ABI v5 */
+    uint64_t wl_conv_rate;   /* pages the workload converts private <-> shared per second; 0 = none */
 };
 
 struct cp_wl_vcpu_status {
@@ -183,11 +189,12 @@ struct cp_wl_vcpu_status {
     uint32_t state;
     uint32_t ack_seq;
     uint32_t result;
-    uint32_t pad0;
+    uint32_t vector;       /* CP_VEC_*: the last CHECK's look at the vector register the workload keeps */
     uint64_t first_bad;    /* data page index, CP_NO_PAGE when none */
     uint64_t pages_written;
     uint64_t checked;      /* pages verified by the last CHECK */
-    uint64_t pad1[2];
+    uint64_t conversions;  /* pages converted private <-> shared since the fill */
+    uint64_t pad1;
 };
 
 struct cp_wl_control {
@@ -199,6 +206,10 @@ struct cp_wl_control {
     struct cp_wl_vcpu_status vcpu[CP_MAX_VCPUS];
     uint64_t list[CP_WL_LIST_MAX]; /* data page indices for CP_WL_CMD_WRITE_LIST */
 };
+
+/* Bit 31 of a ledger entry's seq: the workload's own record that the page is shared now (the count of
+ * writes is the other 31 bits). */
+#define CP_LEDGER_SHARED 0x80000000u
 
 struct cp_ledger_entry {
     uint32_t seq;  /* 0 = never written */

@@ -18,15 +18,68 @@ void wl_entry(uint64_t idx) __attribute__((noreturn));
 static void write_page(struct wl *w, uint64_t p)
 {
     struct cp_ledger_entry *e = &w->ledger[p];
-    uint32_t seq = e->seq + 1;
+    uint32_t kind = e->seq & CP_LEDGER_SHARED;
+    uint32_t seq = ((e->seq & ~CP_LEDGER_SHARED) + 1) & ~CP_LEDGER_SHARED;
     uint32_t csum = cp_page_fill((uint64_t *)(w->data + p * CP_PAGE_SIZE), w->seed, p, seq);
-    e->seq = seq;
+    e->seq = seq | kind;
     e->csum = csum;
     w->st->pages_written++;
 }
 
+/* Convert data page p to the other kind the way a Linux guest does for a bounce buffer: known contents
+ * written as the old kind, KVM_HC_MAP_GPA_RANGE (here its MMIO doorbell or hypercall service), then the
+ * page written again as the new kind (what it held means nothing in the new kind). The ledger's bit 31
+ * keeps the kind, so the guest knows which way to convert next time. */
+static void convert_page(struct wl *w, uint64_t p)
+{
+    struct cp_ledger_entry *e = &w->ledger[p];
+    int shared = (e->seq & CP_LEDGER_SHARED) != 0;
+    write_page(w, p);
+    cp_map_gpa_range((uint64_t)(uintptr_t)(w->data + p * CP_PAGE_SIZE), 1, shared ? CP_MAP_GPA_RANGE_ENCRYPTED : 0);
+    e->seq ^= CP_LEDGER_SHARED;
+    write_page(w, p);
+    w->st->conversions++;
+}
+
+/* The vector state the workload keeps for its whole life where the CPU has AVX: a per-vCPU pattern in all
+ * 256 bits of ymm15, which no other user code touches (it is built with -ffixed-xmm15). A migration that
+ * drops the upper YMM halves (KVM_SET_FPU carries only the XMM part) or any of it shows in the next CHECK. */
+static int has_avx(void)
+{
+    return (CP_BP->cpu_features & CP_FEAT_AVX) != 0;
+}
+
+static void vec_pattern(const struct wl *w, uint64_t idx, uint64_t v[4])
+{
+    for (int i = 0; i < 4; i++)
+        v[i] = (w->seed ^ 0x5ec7a7e5ec7a7e00ULL) + (idx << 8) + (uint64_t)i * 0x9e3779b97f4a7c15ULL;
+}
+
+static void vec_keep(const struct wl *w, uint64_t idx)
+{
+    uint64_t v[4];
+    if (!has_avx())
+        return;
+    vec_pattern(w, idx, v);
+    __asm__ volatile("vmovdqu %0, %%ymm15" : : "m"(*(const uint64_t(*)[4])v));
+}
+
+static uint32_t vec_check(const struct wl *w, uint64_t idx)
+{
+    uint64_t want[4], now[4];
+    if (!has_avx())
+        return CP_VEC_UNCHECKED;
+    vec_pattern(w, idx, want);
+    __asm__ volatile("vmovdqu %%ymm15, %0" : "=m"(*(uint64_t(*)[4])now));
+    for (int i = 0; i < 4; i++)
+        if (now[i] != want[i])
+            return CP_VEC_LOST;
+    return CP_VEC_INTACT;
+}
+
 static void check_pages(struct wl *w)
 {
+    w->st->vector = vec_check(w, (uint64_t)(w->st - w->ctl->vcpu));
     uint64_t bad = CP_NO_PAGE;
     for (uint64_t p = w->first; p < w->first + w->count; p++) {
         const struct cp_ledger_entry *e = &w->ledger[p];
@@ -87,20 +140,51 @@ static uint64_t burst_pages(uint64_t rate)
     return pages ? pages : 1;
 }
 
+/* The conversions due by now (wl_conv_rate per second, this vCPU's share of it), done between writes. */
+struct conv_pace {
+    uint64_t tsc_per_conv; /* 0: no conversions */
+    uint64_t t0, done;
+};
+
+static void convert_due(struct wl *w, struct conv_pace *c, uint64_t *rnd)
+{
+    if (!c->tsc_per_conv)
+        return;
+    uint64_t due = (cp_rdtsc() - c->t0) / c->tsc_per_conv;
+    for (int i = 0; c->done < due && i < 16; i++, c->done++)
+        convert_page(w, w->first + next_rand(rnd) % w->count);
+}
+
+static uint64_t conv_interval(void)
+{
+    uint64_t rate = CP_BP->wl_conv_rate, nr = CP_BP->nr_vcpus ? CP_BP->nr_vcpus : 1;
+    return rate ? CP_BP->tsc_khz * 1000 * nr / rate : 0; /* each vCPU does 1/nr of the rate */
+}
+
+/* This vCPU's share of the guest's dirty rate (bytes/s; 0 = unlimited). */
+static uint64_t own_rate(void)
+{
+    uint64_t rate = CP_BP->wl_rate_bps, nr = CP_BP->nr_vcpus ? CP_BP->nr_vcpus : 1;
+    return rate ? (rate / nr ? rate / nr : 1) : 0;
+}
+
 /* Rewrite random pages of the partition: unlimited (a tight loop), or paced to rate bytes/s by the TSC:
- * write what is due, then sleep (SLEEP_NS doorbell) until the next burst is due. The schedule is the same
- * as pacing page by page (page n is due at n * tsc_per_page), only grouped into bursts. */
+ * write what is due, then sleep (SLEEP_NS doorbell) until the next burst (or conversion) is due. The
+ * schedule is the same as pacing page by page (page n is due at n * tsc_per_page), only grouped into
+ * bursts. Conversions, if any, are paced the same way between the writes. */
 static void __attribute__((noreturn)) dirty_loop(struct wl *w, uint64_t idx)
 {
-    uint64_t rate = CP_BP->wl_rate_bps;
+    uint64_t rate = own_rate();
     uint64_t tsc_per_us = CP_BP->tsc_khz / 1000 ? CP_BP->tsc_khz / 1000 : 1;
     uint64_t tsc_per_page = rate ? CP_BP->tsc_khz * 1000 * CP_PAGE_SIZE / rate : 0;
     uint64_t burst = rate ? burst_pages(rate) : 0;
     uint64_t rnd = (w->seed ^ (idx + 1) * 0x9e3779b97f4a7c15ULL) | 1;
     uint64_t t0 = cp_rdtsc(), done = 0;
+    struct conv_pace conv = {conv_interval(), t0, 0};
     for (;;) {
         w->st->heartbeat++;
         poll_command(w);
+        convert_due(w, &conv, &rnd);
         if (tsc_per_page == 0) {
             for (int i = 0; i < 16; i++)
                 write_page(w, w->first + next_rand(&rnd) % w->count);
@@ -116,6 +200,8 @@ static void __attribute__((noreturn)) dirty_loop(struct wl *w, uint64_t idx)
             continue;
         }
         uint64_t next = (done + burst) * tsc_per_page; /* the TSC at which the next burst is due */
+        if (conv.tsc_per_conv && (conv.done + 1) * conv.tsc_per_conv < next)
+            next = (conv.done + 1) * conv.tsc_per_conv; /* or the next conversion, if sooner */
         uint64_t wait_ns = next > elapsed ? (next - elapsed) * 1000 / tsc_per_us : 0;
         if (wait_ns)
             cp_sleep_ns(wait_ns > CP_WL_MAX_SLEEP_NS ? CP_WL_MAX_SLEEP_NS : wait_ns);
@@ -141,6 +227,8 @@ static void fill(struct wl *w)
     uint64_t shared = w->count * CP_BP->wl_shared_ppm / 1000000;
     if (shared)
         cp_map_gpa_range((uint64_t)(uintptr_t)(w->data + w->first * CP_PAGE_SIZE), shared, 0);
+    for (uint64_t p = w->first; p < w->first + shared; p++)
+        w->ledger[p].seq |= CP_LEDGER_SHARED;
 }
 
 void wl_entry(uint64_t idx)
@@ -155,6 +243,7 @@ void wl_entry(uint64_t idx)
     w.first = idx * n / nr;
     w.count = (idx + 1) * n / nr - w.first;
     w.st->state = CP_WL_ST_STARTING;
+    vec_keep(&w, idx);
     cp_event(CP_EV_WL_STARTED);
     if (idx == 0)
         cp_printf("workload: kind %u on %u vCPUs, %lu data pages", CP_BP->wl_kind, CP_BP->nr_vcpus, n);

@@ -6,6 +6,7 @@ guest runs on the target it **is** the guest: a bad ledger is reported, never ro
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from confplan.errors import ConfplanError
 from confplan.stages.base import ResumePolicy, Stage, StageContext, StageResult, TeardownWhen, register_stage
@@ -17,7 +18,8 @@ from confplan.stages.modules import _handover as handover
 class ResumeTarget(Stage):
     name = "resume-target"
     needs = ("verify",)
-    provides = ("downtime_seconds", "clock_gap_seconds", "ledger_checked_pages", "target_pid")
+    provides = ("downtime_seconds", "clock_gap_seconds", "ledger_checked_pages", "vector_state", "enc_bitmap",
+                "target_pid")
     # Before these apply, a rerun reconciles the records with what each side holds (stages/modules/
     # _handover.py): a guest that runs on the target makes this stage done; one that runs on the source
     # makes it failed; only a view that cannot be settled leaves it interrupted, and that blocks.
@@ -50,19 +52,33 @@ class ResumeTarget(Stage):
         downtime = _downtime(notes)
         ledger = target.call("workload_check", timeout=60.0)
         if not ledger["ok"]:
+            what = f"data page {ledger['first_bad_page']} is wrong"
+            if ledger["first_bad_page"] is None:
+                what = "a vector register it keeps (ymm15) changed: the vCPU's XSAVE state was lost"
             raise ConfplanError(
-                f"the guest's self-check failed on the target: data page {ledger['first_bad_page']} is wrong",
+                f"the guest's self-check failed on the target: {what}",
                 hint="the guest runs on the target (it is the guest now: running the source's older copy "
                 "would roll it back); report this as a bug in confplan",
             )
+        bitmaps = _enc_bitmaps(ctx, notes)
         paused = ctx.pause_started
         over = downtime is not None and downtime > float(ctx.plan.limits.max_downtime)
         return StageResult(data={
             "downtime_seconds": downtime, "clock_gap_seconds": notes.get("clock_gap_seconds"),
             "over_max_downtime": over, "resume_seconds": now - started,
             "started_since_pause": started - paused if paused is not None else None,
-            "ledger_checked_pages": ledger["checked_pages"], "target_pid": target.pid,
+            "ledger_checked_pages": ledger["checked_pages"], "vector_state": ledger.get("vector"),
+            "enc_bitmap": bitmaps, "target_pid": target.pid,
         })  # fmt: skip
+
+
+def _enc_bitmaps(ctx: StageContext, notes: dict[str, Any]) -> dict[str, Any]:
+    """The page-encryption bitmap the source sent in the pause against the one the target's guest started
+    from (each VMM's own digest of its live bitmap): equal, conversions and all."""
+    sent = dict(ctx.result_of("stop-and-copy").get("enc_bitmap") or {})
+    there = notes.get("enc_bitmap_sha256")
+    equal = None if sent.get("sha256") is None or there is None else sent["sha256"] == there
+    return {**sent, "target_sha256": there, "equal": equal}
 
 
 def _downtime(notes: dict[str, object]) -> float | None:

@@ -23,7 +23,7 @@ FINAL_TIMEOUT = 600.0
 class StopAndCopy(Stage):
     name = "stop-and-copy"
     needs = ("start-incoming",)
-    provides = ("final_round", "source_paused_seconds", "target", "steps", "verdict_timeout")
+    provides = ("final_round", "source_paused_seconds", "target", "steps", "verdict_timeout", "enc_bitmap")
     policy = ResumePolicy("start-incoming", "the target's state is incomplete after a failed final copy")
 
     def run(self, ctx: StageContext) -> StageResult:
@@ -48,10 +48,13 @@ class StopAndCopy(Stage):
             )
         final = sent["round"]
         steps = {**sent["steps"], "target_confirmed": time.monotonic() - paused}
+        bitmap = {"sha256": sent.get("enc_bitmap_sha256"), "conversions": sent.get("conversions"),
+                  "held_back_pages": sent.get("held_back_pages")}  # fmt: skip
         return StageResult(
             bytes_shared=int(final["bytes_shared"]), bytes_sealed=int(final["bytes_sealed"]),
             data={"final_round": final, "source_paused_seconds": sent["paused_seconds"], "target": target,
-                  "steps": steps, "verdict_timeout": timeout},
+                  "steps": steps, "verdict_timeout": timeout,
+                  "enc_bitmap": bitmap},
         )  # fmt: skip
 
 
