@@ -155,6 +155,11 @@ class Helper(_Model):
         256, ge=1, le=4096, description="Pages the MH seals or opens per mailbox request (1 to 4096)."
     )
 
+    @property
+    def mh_vcpus(self) -> int:
+        """The vCPUs the MH runs on: the guest's aux vCPUs, or the mirror VM's (at least one)."""
+        return self.aux_vcpus if self.mode == "aux-vcpu" else max(1, self.aux_vcpus)
+
 
 class PolicyFlags(_Model):
     """The policy as named flags; unset flags take the defaults of the guest's generation."""
