@@ -23,6 +23,19 @@ class ExitCode(enum.IntEnum):
     INTERRUPTED = 130  # Ctrl-C (the shell's convention for SIGINT)
 
 
+EXIT_CODE_MEANINGS: dict[ExitCode, str] = {
+    ExitCode.OK: "done",
+    ExitCode.INTERNAL: "internal error (a bug in confplan)",
+    ExitCode.USAGE: "usage error or invalid plan",
+    ExitCode.ENVIRONMENT: "the host lacks something (preflight); nothing was launched",
+    ExitCode.MIGRATION_FAILED: "the migration failed; the guest runs on the source",
+    ExitCode.BUSY: "plan busy, or it would stop a running guest without consent",
+    ExitCode.GUEST_LOST: "the guest's only current copy is gone",
+    ExitCode.HANDOVER_IN_DOUBT: "handover in doubt: no side may run the guest yet",
+    ExitCode.INTERRUPTED: "interrupted (Ctrl-C)",
+}
+
+
 class ConfplanError(Exception):
     """A failure the user can act on. ``exit_code`` is what the CLI exits with."""
 

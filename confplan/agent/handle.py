@@ -49,9 +49,11 @@ class VmmHandle:
     """RPC to one VMM process. ``describe_end`` tells how it went away, for error messages."""
 
     def __init__(
-        self, client: RpcClient, *, role: str, pid: int | None, log: Path | None, plan: str | None = None
-    ) -> None:
+        self, client: RpcClient, *, role: str, pid: int | None, log: Path | None, plan: str | None = None,
+        peer_fingerprint: str | None = None,
+    ) -> None:  # fmt: skip
         self.client, self.role, self.pid, self.log, self.plan = client, role, pid, log, plan
+        self.peer_fingerprint = peer_fingerprint  # a remote agent's certificate, as seen in the handshake
 
     @property
     def name(self) -> str:
@@ -123,6 +125,23 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def vmm_alive(pid: int) -> bool | None:
+    """Is ``pid`` a live confplan VMM process (not a dead one, a zombie, or a recycled pid now running
+    something else)? None when this host cannot tell (no /proc). ``confplan status`` reports with it."""
+    if not _pid_alive(pid):
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return False  # exited just now
+    except OSError:
+        return None
+    if stat.rpartition(")")[2].split()[0] in ("Z", "X"):  # the state field, after the command's name
+        return False
+    return b"confplan" in cmdline
 
 
 def _connect_unix(path: Path, role: str, pid: int | None, log: Path) -> VmmHandle:
@@ -215,17 +234,20 @@ def connect_remote(
     ``home`` (default ``transport.default_home()``), the agent checked against ``pin`` (the plan's
     ``fingerprint``) or, without one, against the agents enrolled in the trust store."""
     from confplan.transport import Identity, Role, TrustStore, default_home, dial
+    from confplan.transport.identity import fingerprint
 
     home = home or default_home()
     identity = Identity.load_or_create(home, Role.ORCHESTRATOR)
     sock = dial(host, port, identity=identity, pin=pin, trust=TrustStore.at_home(home), timeout=10.0)
+    der = sock.getpeercert(binary_form=True)
     client = greeted(RpcClient(sock, peer=f"the {role} agent at {host}:{port}"), 10.0)
     try:
         info = client.call("info", {}, timeout=10.0)
     except BaseException:
         client.close()
         raise
-    return VmmHandle(client, role=role, pid=int(info["pid"]), log=None)
+    seen = fingerprint(der) if der else None
+    return VmmHandle(client, role=role, pid=int(info["pid"]), log=None, peer_fingerprint=seen)
 
 
 def stop(handle: VmmHandle, timeout: float = 10.0) -> None:

@@ -14,18 +14,22 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 # Registers the migration's stages, so `confplan status` sees their resume policies too.
 import confplan.stages.modules  # noqa: F401
+from confplan.cli.preflight_cmds import CheckpointDirOption, load_plan_at
 from confplan.errors import ConfplanError, PlanBusy
 from confplan.plan import Plan
 from confplan.stages.base import Progress, Teardown
 from confplan.stages.checkpoint import RunRecord, StageRecord
 from confplan.stages.executor import ApplyReport, Observer, RunChoice, StageFailed, Step
 from confplan.stages.observers import TextObserver
+
+if TYPE_CHECKING:
+    from confplan.preflight import Check
 
 
 class Output(enum.StrEnum):
@@ -46,6 +50,9 @@ class RichObserver(Observer):
         columns = (SpinnerColumn(), TextColumn("[bold]{task.description:<16}"), TimeElapsedColumn())
         self.bar = Bar(*columns, TextColumn("{task.fields[status]}"), console=self.console)
         self.tasks: dict[str, Any] = {}
+
+    def preflight_checked(self, check: Check) -> None:
+        self.text.preflight_checked(check)
 
     def run_chosen(self, choice: RunChoice) -> None:
         self.text.run_chosen(choice)
@@ -133,15 +140,18 @@ def apply_cmd(
             "--yes", "-y", help="Consent to stopping a guest that runs (a new run replaces the plan's VMMs)."
         ),
     ] = False,
+    checkpoint_dir: CheckpointDirOption = None,
 ) -> None:
     """Live-migrate the plan's guest, resuming an earlier failed run where that is safe."""
-    from confplan.plan import load_plan
+    from confplan import preflight
     from confplan.stages import apply
 
-    plan = load_plan(plan_path)
+    plan = load_plan_at(plan_path, checkpoint_dir)
+    observer = _observer(output)
+    # The hosts first: a host that lacks something stops the apply here, before a VMM starts.
+    preflight.require(plan, on_check=observer.preflight_checked, shown=output is Output.TEXT)
     if not dry_run:
         _consent_to_replace(plan, restart=restart, yes=yes, plan_ref=str(plan_path))
-    observer = _observer(output)
     try:
         report = apply(plan, observer=observer, dry_run=dry_run, restart=restart, plan_ref=str(plan_path))
     except StageFailed as err:
@@ -228,13 +238,13 @@ def agent_cmd(
 
 def stop_cmd(
     plan_path: Annotated[Path, typer.Argument(metavar="PLAN", help="The plan whose VMM processes to stop.")],
+    checkpoint_dir: CheckpointDirOption = None,
 ) -> None:
     """Stop the guests of PLAN: its local VMM processes, and the guest in a remote target's agent (the
     agent itself keeps serving)."""
     from confplan.agent import handle as vmm_handle
-    from confplan.plan import load_plan
 
-    plan = load_plan(plan_path)
+    plan = load_plan_at(plan_path, checkpoint_dir)
     for role, endpoint in (("source", plan.source), ("target", plan.target)):
         if not endpoint.is_local:
             host, port = endpoint.address or ("", 0)

@@ -13,7 +13,8 @@ from typing import Annotated, Any
 
 import typer
 
-from confplan.plan import Plan, load_plan
+from confplan.cli.preflight_cmds import CheckpointDirOption, load_plan_at
+from confplan.plan import Plan
 from confplan.stages.base import stage_policies
 from confplan.stages.checkpoint import DB_NAME, CheckpointStore, RunRecord, StageRecord
 from confplan.stages.executor import RunChoice, Step, StepAction, choose_run, plan_steps
@@ -30,9 +31,10 @@ def status(
     output: Annotated[
         OutputFormat, typer.Option("--output", "-o", help="text (a table) or json (for pipelines).")
     ] = OutputFormat.TEXT,
+    checkpoint_dir: CheckpointDirOption = None,
 ) -> None:
     """Show the checkpoint of PLAN's latest run: each stage's status, duration, bytes and error."""
-    plan = load_plan(plan_file)
+    plan = load_plan_at(plan_file, checkpoint_dir)
     run, records = _read_checkpoint(plan)
     choice = choose_run(run, plan.plan_hash())
     policies = stage_policies()

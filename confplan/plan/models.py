@@ -565,6 +565,14 @@ class Plan(_Model):
             data["checkpoint"] = {**checkpoint, "dir": default_state_dir(stem, data.get("metadata"))}
         return data
 
+    def with_checkpoint_dir(self, directory: Path | str | None) -> Plan:
+        """This plan with its checkpoint folder moved (``--checkpoint-dir``; relative to the current
+        folder, as a command-line path is); the plan hash does not change."""
+        if directory is None:
+            return self
+        moved = Checkpoint(dir=Path(directory).absolute())
+        return self.model_copy(update={"checkpoint": moved})
+
     def stage_names(self) -> list[str]:
         return [stage.name for stage in self.stages]
 

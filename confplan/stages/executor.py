@@ -13,7 +13,7 @@ import sqlite3
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from confplan.errors import ConfplanError
 from confplan.plan import Plan, StageSpec
@@ -40,6 +40,9 @@ from confplan.stages.checkpoint import (
     StageRecord,
     StageStatus,
 )
+
+if TYPE_CHECKING:
+    from confplan.preflight import Check
 
 _FINISHED = (StageStatus.DONE, StageStatus.SKIPPED)
 
@@ -179,6 +182,7 @@ def _first_line(text: str) -> str:
 class Observer:
     """Hears what ``apply`` does; every method is a no-op here, renderers override what they show."""
 
+    def preflight_checked(self, check: Check) -> None: ...
     def run_chosen(self, choice: RunChoice) -> None: ...
     def steps_planned(self, steps: Sequence[Step], dry_run: bool) -> None: ...
     def stage_started(self, step: Step) -> None: ...

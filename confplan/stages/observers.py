@@ -8,11 +8,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from confplan.stages.base import Progress, Teardown
 from confplan.stages.checkpoint import RunRecord, StageRecord
 from confplan.stages.executor import Observer, RunChoice, Step, StepAction
+
+if TYPE_CHECKING:
+    from confplan.preflight import Check
 
 Emit = Callable[[str], None]
 
@@ -39,6 +42,10 @@ class TextObserver(Observer):
         self.emit = emit
         self.progress_interval = progress_interval
         self._last_progress: dict[str, float] = {}
+
+    def preflight_checked(self, check: Check) -> None:
+        for line in check.lines():
+            self.emit(line)
 
     def run_chosen(self, choice: RunChoice) -> None:
         self.emit(choice.reason)
