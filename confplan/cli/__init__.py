@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from confplan import __version__
-from confplan.errors import EXIT_CODE_MEANINGS, ConfplanError
+from confplan.errors import EXIT_CODE_MEANINGS, ConfplanError, environment_problem
 
 
 def _exit_codes() -> str:
@@ -112,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # the last line of defence: no traceback for users
         if os.environ.get("CONFPLAN_DEBUG"):
             raise
+        problem = environment_problem(err)  # a full disk, a read-only filesystem: the host's, not a bug
+        if problem is not None:
+            typer.echo(problem.render(), err=True)
+            return problem.exit_code
         typer.echo(
             f"internal error: {type(err).__name__}: {err}\n"
             "hint: this is a bug in confplan; rerun with CONFPLAN_DEBUG=1 for the traceback and report it",

@@ -83,7 +83,7 @@ class RichObserver(Observer):
     def stage_failed(self, step: Step, error: str) -> None:
         task = self.tasks.get(step.stage)
         if task is not None:
-            self.bar.update(task, total=1, completed=0, status=f"[red]FAILED: {error.splitlines()[0]}")
+            self.bar.update(task, total=1, completed=0, status="[red]FAILED (the error follows below)")
 
     def teardown_ran(self, teardown: Teardown, error: str | None) -> None:
         self.bar.console.print(f"  tear-down {teardown.label}: {'ok' if error is None else error}")
@@ -228,12 +228,28 @@ def agent_cmd(
     from confplan.agent.main import run_agent
     from confplan.transport import default_home
 
-    host, _, port = listen.rpartition(":")
-    if not port.isdigit() or not host:
-        raise ConfplanError(f"--listen {listen!r} is not HOST:PORT", hint="e.g. --listen 0.0.0.0:4444")
-    code = run_agent(host.strip("[]"), int(port), home=home or default_home(), psp_dir=psp_dir,
+    host, port = _listen_address(listen)
+    code = run_agent(host, port, home=home or default_home(), psp_dir=psp_dir,
                      firmware_dir=firmware)  # fmt: skip
     raise typer.Exit(code)
+
+
+def _listen_address(listen: str) -> tuple[str, int]:
+    """``--listen HOST:PORT`` checked as written (a usage error, exit 2); whether this host has that
+    address is the listener's to say (an environment problem, exit 3)."""
+    import ipaddress
+
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    fix = "e.g. --listen 0.0.0.0:4444 (port 0: any free one), or --listen [::1]:4444"
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise ConfplanError(f"--listen {listen!r} is not HOST:PORT with a port from 0 to 65535", hint=fix)
+    if all(part.isdigit() for part in host.split(".")):  # looks like IPv4: must be one
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError as err:
+            raise ConfplanError(f"--listen {listen!r}: {err}", hint=fix) from None
+    return host, int(port)
 
 
 def stop_cmd(

@@ -13,10 +13,19 @@ from typing import Annotated, Any
 
 import typer
 
+from confplan.agent import handle as vmm_handle
 from confplan.cli.preflight_cmds import CheckpointDirOption, load_plan_at
+from confplan.errors import ExitCode
 from confplan.plan import Plan
 from confplan.stages.base import stage_policies
-from confplan.stages.checkpoint import DB_NAME, CheckpointStore, RunRecord, StageRecord
+from confplan.stages.checkpoint import (
+    DB_NAME,
+    CheckpointStore,
+    RunOutcome,
+    RunRecord,
+    StageRecord,
+    StageStatus,
+)
 from confplan.stages.executor import RunChoice, Step, StepAction, choose_run, plan_steps
 from confplan.stages.observers import format_bytes
 
@@ -39,11 +48,46 @@ def status(
     choice = choose_run(run, plan.plan_hash())
     policies = stage_policies()
     steps = plan_steps(plan.stages, records if choice.resume else {}, policies=policies)
+    processes = vmm_processes(records)
     if output is OutputFormat.JSON:
-        typer.echo(json.dumps(_document(plan, plan_file, run, records, choice, steps), indent=2))
-        return
-    for line in _text(plan, run, records, choice, steps):
-        typer.echo(line)
+        document = {**_document(plan, plan_file, run, records, choice, steps), "processes": processes}
+        typer.echo(json.dumps(document, indent=2))
+    else:
+        for line in [*_text(plan, run, records, choice, steps), *_process_lines(processes)]:
+            typer.echo(line)
+    raise typer.Exit(status_exit_code(run, records))
+
+
+def status_exit_code(run: RunRecord | None, records: dict[str, StageRecord]) -> int:
+    """0 unless the last run failed: 4 (the migration failed), 130 when it was interrupted."""
+    if run is None or run.outcome is not RunOutcome.FAILED:
+        return int(ExitCode.OK)
+    failed = [rec for rec in records.values() if rec.status is StageStatus.FAILED]
+    if failed and (failed[-1].error or "").startswith("interrupted"):
+        return int(ExitCode.INTERRUPTED)
+    return int(ExitCode.MIGRATION_FAILED)
+
+
+def vmm_processes(records: dict[str, StageRecord]) -> list[dict[str, Any]]:
+    """``{role, pid, host, alive}`` of the VMMs the run recorded (docs/report.md ``processes``): a local
+    pid is checked with ``agent.handle.vmm_alive`` (a dead or recycled pid is not alive); a remote
+    agent's is null (this host cannot tell)."""
+    found = []
+    for stage, role in (("launch-source", "source"), ("provision-target", "target")):
+        record = records.get(stage)
+        result = record.result if record is not None and isinstance(record.result, dict) else {}
+        if not result.get("pid"):
+            continue
+        agent = result.get("agent")
+        host = f"{agent[0]}:{agent[1]}" if agent else "local"
+        alive = None if agent else vmm_handle.vmm_alive(int(result["pid"]))
+        found.append({"role": role, "pid": int(result["pid"]), "host": host, "alive": alive})
+    return found
+
+
+def _process_lines(processes: list[dict[str, Any]]) -> list[str]:
+    state = {True: "running", False: "not running (dead)", None: "not checked (on the agent's host)"}
+    return [f"{p['role']} VMM: pid {p['pid']} on {p['host']}: {state[p['alive']]}" for p in processes]
 
 
 def _read_checkpoint(plan: Plan) -> tuple[RunRecord | None, dict[str, StageRecord]]:

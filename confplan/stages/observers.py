@@ -83,7 +83,7 @@ class TextObserver(Observer):
         self.emit(f"[{step.stage}] done in {record.duration or 0.0:.2f}s{size}")
 
     def stage_failed(self, step: Step, error: str) -> None:
-        self.emit(f"[{step.stage}] FAILED: {error}")
+        self.emit(f"[{step.stage}] FAILED (the error follows below)")  # printed once, with its hint
 
     def teardown_ran(self, teardown: Teardown, error: str | None) -> None:
         outcome = "ok" if error is None else f"failed: {error}"
