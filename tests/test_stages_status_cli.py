@@ -56,7 +56,7 @@ def test_status_after_a_failure(plan_file: Path) -> None:
     with pytest.raises(StageFailed):
         apply(load_plan(plan_file), registry=registry_failing_at("verify"))
     result = CliRunner().invoke(app, ["status", str(plan_file)])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 4, result.output  # the last run failed
     lines = result.output.splitlines()
     assert lines[0].startswith("plan mig (hash ")
     assert lines[1].startswith("run 1: failed, started ")
@@ -99,3 +99,40 @@ def test_status_of_a_newer_checkpoint_schema_is_a_clean_error(
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "schema version 99; this confplan reads version 1" in err
     assert "\nhint: " in err
+
+
+def test_status_exits_130_after_an_interrupt_and_checks_the_pids(plan_file: Path) -> None:
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    registry: StageRegistry = {}
+    for stage_name in STAGE_NAMES:
+
+        class Simple(Stage):
+            name: ClassVar[str] = stage_name
+
+            def run(self, ctx: StageContext) -> StageResult:
+                if ctx.current == "verify":
+                    raise KeyboardInterrupt
+                return StageResult(data={"pid": dead.pid} if ctx.current == "launch-source" else {})
+
+        register_stage(Simple, registry)
+    with pytest.raises(StageFailed):
+        apply(load_plan(plan_file), registry=registry)
+    result = CliRunner().invoke(app, ["status", str(plan_file)])
+    assert result.exit_code == 130, result.output
+    assert f"source VMM: pid {dead.pid} on local: not running (dead)" in result.output
+    document = json.loads(CliRunner().invoke(app, ["status", str(plan_file), "-o", "json"]).output)
+    assert document["processes"] == [{"role": "source", "pid": dead.pid, "host": "local", "alive": False}]
+
+
+def test_checkpoint_dir_overrides_the_plans(plan_file: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    apply(load_plan(plan_file).with_checkpoint_dir(elsewhere), registry=registry_failing_at("none"))
+    assert (elsewhere / DB_NAME).exists() and not (plan_file.parent / "state").exists()
+    moved = CliRunner().invoke(app, ["status", str(plan_file), "--checkpoint-dir", str(elsewhere)])
+    assert moved.exit_code == 0 and "run 1: succeeded" in moved.output
+    plain = CliRunner().invoke(app, ["status", str(plan_file)])
+    assert "the plan has not been applied" in plain.output
