@@ -7,6 +7,10 @@ says what to do. Anything else that escapes to the CLI is an internal error (exi
 from __future__ import annotations
 
 import enum
+import errno
+import os
+import sqlite3
+from pathlib import Path
 
 
 class ExitCode(enum.IntEnum):
@@ -21,6 +25,19 @@ class ExitCode(enum.IntEnum):
     GUEST_LOST = 6  # the guest's only current copy is gone
     HANDOVER_IN_DOUBT = 7  # neither side may run the guest until the silent one answers
     INTERRUPTED = 130  # Ctrl-C (the shell's convention for SIGINT)
+
+
+EXIT_CODE_MEANINGS: dict[ExitCode, str] = {
+    ExitCode.OK: "done",
+    ExitCode.INTERNAL: "internal error (a bug in confplan)",
+    ExitCode.USAGE: "usage error or invalid plan",
+    ExitCode.ENVIRONMENT: "the host lacks something (preflight); nothing was launched",
+    ExitCode.MIGRATION_FAILED: "the migration failed; the guest runs on the source",
+    ExitCode.BUSY: "plan busy, or it would stop a running guest without consent",
+    ExitCode.GUEST_LOST: "the guest's only current copy is gone",
+    ExitCode.HANDOVER_IN_DOUBT: "handover in doubt: no side may run the guest yet",
+    ExitCode.INTERRUPTED: "interrupted (Ctrl-C)",
+}
 
 
 class ConfplanError(Exception):
@@ -50,3 +67,30 @@ class PlanBusy(ConfplanError):
     """Going on would stop or replace a guest that runs (or another plan's VMM): refused without consent."""
 
     exit_code = 5
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def environment_problem(err: BaseException, *, where: str | Path | None = None) -> EnvironmentProblem | None:
+    """``err`` as the host's problem when it is one: no space left (ENOSPC, a quota, SQLite's "database
+    or disk is full") or a read-only filesystem, naming the folder (``where``, else the file's folder);
+    None for anything else, which stays what it is."""
+    if isinstance(err, EnvironmentProblem):
+        return err
+    full = isinstance(err, sqlite3.OperationalError) and "disk is full" in str(err)
+    if isinstance(err, OSError) and err.filename is not None and where is None:
+        where = os.path.dirname(os.path.abspath(os.fsdecode(err.filename)))
+    place = f" holding {where}" if where is not None else ""
+    if full or (isinstance(err, OSError) and err.errno in _NO_SPACE):
+        return EnvironmentProblem(
+            f"no space left on the device{place} ({err})",
+            hint=f"free space there (`df -h {where or '.'}` shows it), or give the plan a checkpoint folder "
+            "on a device with room (checkpoint.dir, or --checkpoint-dir DIR)",
+        )
+    if isinstance(err, OSError) and err.errno == errno.EROFS:
+        return EnvironmentProblem(
+            f"the filesystem{place} is read-only ({err})",
+            hint="give the plan a checkpoint folder on a writable filesystem (--checkpoint-dir DIR)",
+        )
+    return None

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any, Final, Protocol
 # Registers the pipeline's stages, so the steps of the next apply use their resume policies.
 import confplan.stages.modules  # noqa: F401
 from confplan import __version__
+from confplan.agent.handle import vmm_alive
 from confplan.errors import ConfplanError, ExitCode
 from confplan.plan import Plan, PlanError
 from confplan.stages.base import stage_policies
@@ -147,22 +147,7 @@ def migration_json(records: Mapping[str, StageRecord]) -> dict[str, Any]:
     }
 
 
-def pid_alive(pid: int) -> bool:
-    """Is ``pid`` a live confplan process here (a VMM), not a stranger that reused the pid?"""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return True  # no /proc to tell by: it is alive, whatever it is
-    return b"confplan" in cmdline
-
-
-def processes_json(records: Mapping[str, StageRecord], probe: PidProbe = pid_alive) -> list[dict[str, Any]]:
+def processes_json(records: Mapping[str, StageRecord], probe: PidProbe = vmm_alive) -> list[dict[str, Any]]:
     """The VMM processes the run's records name (the source launch-source started, the target
     provision-target started or reached), each checked now: a local pid with ``probe``, a remote agent's
     not at all (``alive`` null)."""
@@ -215,7 +200,7 @@ def build_report(
     diagnostics: Sequence[Mapping[str, Any] | _Json] = (),
     choice: RunChoice | None = None,
     apply_running: bool = True,
-    probe: PidProbe = pid_alive,
+    probe: PidProbe = vmm_alive,
     now: float | None = None,
 ) -> dict[str, Any]:
     """The ``confplan.report/v1`` document of ``kind`` (apply, dry-run, preflight, status).
@@ -296,7 +281,7 @@ def apply_holds(plan: Plan) -> bool:
         return False
 
 
-def report_for_plan(plan: Plan, plan_file: str, *, probe: PidProbe = pid_alive) -> dict[str, Any]:
+def report_for_plan(plan: Plan, plan_file: str, *, probe: PidProbe = vmm_alive) -> dict[str, Any]:
     """The ``status`` report of ``plan`` from its checkpoint: the latest run, its stages, and the steps
     the next ``confplan apply`` would take (the same pure decision apply makes)."""
     run, records = read_run(plan)

@@ -7,6 +7,7 @@ import io
 import json
 from pathlib import Path
 
+import pytest
 import typer
 from reports import check_report
 from rich.console import Console
@@ -26,6 +27,7 @@ def _app() -> typer.Typer:
     return app
 
 
+@pytest.mark.kvm  # a dry run checks the host first (the preflight): it needs a usable KVM
 def test_dry_run_lists_the_stages_and_runs_nothing(tmp_path: Path) -> None:
     plan = tmp_path / "p.yaml"
     plan.write_text("guest: {memory: 32MiB}\ncheckpoint: {dir: state}\n")

@@ -14,11 +14,12 @@ import confplan
 
 ROOT = Path(confplan.__file__).parent
 RANK = {
-    "errors": 0, "__init__": 0, "statefile": 0.5,
+    "errors": 0, "__init__": 0, "statefile": 0.5, "guest": 0.75,
     "kvm": 1, "core": 1, "rpc": 1, "sev": 1, "transport": 1,
     "vmm": 2, "plan": 2,
     "migration": 3,
     "agent": 4,
+    "preflight": 4.5,
     "stages": 5,
     "report": 5.5,
     "cli": 6, "__main__": 7,

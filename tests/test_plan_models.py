@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
-from confplan.plan import STAGE_NAMES, PlanError, load_plan, load_plan_text
+from confplan.plan import STAGE_NAMES, Endpoint, PlanError, Sev, load_plan, load_plan_text
 from confplan.sev.policy import SNP_RESERVED_ONE, SevPolicyFlag, SnpPolicyFlag
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,8 +58,8 @@ def test_memory_is_the_one_required_field() -> None:
 
 
 def test_checkpoint_dir_is_taken_from_the_plans_folder(tmp_path: Path) -> None:
-    relative = load_plan_text("guest: {memory: 2MiB}\ncheckpoint: {dir: state}\n", str(tmp_path / "a.yaml"))
-    absolute = load_plan_text("guest: {memory: 2MiB}\ncheckpoint: {dir: /var/x}\n", str(tmp_path / "a.yaml"))
+    relative = load_plan_text("guest: {memory: 64MiB}\ncheckpoint: {dir: state}\n", str(tmp_path / "a.yaml"))
+    absolute = load_plan_text("guest: {memory: 64MiB}\ncheckpoint: {dir: /var/x}\n", str(tmp_path / "a.yaml"))
     assert relative.checkpoint.dir == tmp_path / "state"
     assert absolute.checkpoint.dir == Path("/var/x")
 
@@ -75,16 +76,17 @@ def test_checkpoint_dir_is_taken_from_the_plans_folder(tmp_path: Path) -> None:
     ],
 )
 def test_policy_word(policy: str, generation: str, expected: int) -> None:
-    text = f"guest: {{memory: 2MiB}}\nsev: {{generation: {generation}, policy: {policy}}}\n"
-    assert load_plan_text(text, "p.yaml").sev.policy_int == expected
+    # The model computes every generation's word; the rules refuse sev-snp plans (this VMM cannot migrate
+    # them), so the model is checked on its own here.
+    sev = Sev.model_validate(yaml.safe_load(f"{{generation: {generation}, policy: {policy}}}"))
+    assert sev.policy_int == expected
 
 
 def test_endpoint_addresses() -> None:
-    text = 'guest: {memory: 2MiB}\nsource: {host: "tcp://[::1]:7000"}\ntarget: {host: "tcp://Host-B:7001"}\n'
-    plan = load_plan_text(text, "p.yaml")
-    assert plan.source.address == ("::1", 7000)
+    assert Endpoint(host="tcp://[::1]:7000").address == ("::1", 7000)
+    plan = load_plan_text('guest: {memory: 64MiB}\ntarget: {host: "tcp://Host-B:7001"}\n', "p.yaml")
     assert plan.target.address == ("host-b", 7001)
-    assert load_plan_text("guest: {memory: 2MiB}\n", "p.yaml").target.address is None
+    assert load_plan_text("guest: {memory: 64MiB}\n", "p.yaml").target.address is None
 
 
 def test_plan_hash_is_of_the_normalised_plan(tmp_path: Path) -> None:
@@ -102,24 +104,25 @@ def test_plan_hash_is_of_the_normalised_plan(tmp_path: Path) -> None:
 
 
 def test_plans_are_frozen() -> None:
-    plan = load_plan_text("guest: {memory: 2MiB}\n", "p.yaml")
+    plan = load_plan_text("guest: {memory: 64MiB}\n", "p.yaml")
     with pytest.raises(ValueError, match="frozen"):
         plan.guest.vcpus = 4  # type: ignore[misc]
 
 
 def test_yaml_anchors_and_merge_keys_work() -> None:
     text = (
-        'source: &side {host: "tcp://a:1"}\ntarget: {<<: *side, host: "tcp://b:1"}\nguest: {memory: 2MiB}\n'
+        'source: &side {host: "tcp://a:1"}\ntarget: {<<: *side, host: "tcp://b:1"}\nguest: {memory: 64MiB}\n'
+        "stages: [provision-target]\n"  # launch-source needs a local source
     )
     plan = load_plan_text(text, "p.yaml")
     assert plan.source.address == ("a", 1) and plan.target.address == ("b", 1)  # own keys win over merged
-    text = "guest:\n  <<: {memory: 2MiB, vcpus: 3}\n  vcpus: 2\n"
+    text = "guest:\n  <<: {memory: 64MiB, vcpus: 3}\n  vcpus: 2\n"
     assert load_plan_text(text, "p.yaml").guest.vcpus == 2
 
 
 def test_a_recursive_alias_is_an_error_not_a_hang() -> None:
     with pytest.raises(PlanError) as caught:
-        load_plan_text("guest: &a {memory: 2MiB, workload: *a}\n", "p.yaml")
+        load_plan_text("guest: &a {memory: 64MiB, workload: *a}\n", "p.yaml")
     assert "nested too deeply" in caught.value.render()
 
 
@@ -137,8 +140,8 @@ def test_many_errors_are_reported_together() -> None:
 
 
 def test_every_plan_gets_its_own_state_folder(tmp_path: Path) -> None:
-    a = load_plan_text("guest: {memory: 2MiB}\n", str(tmp_path / "a.yaml"))
-    b = load_plan_text("guest: {memory: 2MiB}\nmetadata: {name: other}\n", str(tmp_path / "b.yaml"))
+    a = load_plan_text("guest: {memory: 64MiB}\n", str(tmp_path / "a.yaml"))
+    b = load_plan_text("guest: {memory: 64MiB}\nmetadata: {name: other}\n", str(tmp_path / "b.yaml"))
     assert a.checkpoint.dir == tmp_path / ".confplan/a"
     assert b.checkpoint.dir == tmp_path / ".confplan/b.other"
     assert len({a.checkpoint.dir, b.checkpoint.dir}) == 2

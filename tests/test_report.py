@@ -69,6 +69,7 @@ def test_iso_times_are_utc_with_z() -> None:
     assert iso(None) is None
 
 
+@pytest.mark.kvm  # a dry run runs the preflight, which needs a usable KVM to pass
 def test_dry_run_json_is_a_planned_report(plan_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_cli(capsys, "apply", str(plan_file), "--dry-run", "-o", "json")
     doc = check_report(out)
@@ -77,9 +78,11 @@ def test_dry_run_json_is_a_planned_report(plan_file: Path, capsys: pytest.Captur
     assert doc["plan"] == {"file": str(plan_file), "name": "mig", "hash": load_plan(plan_file).plan_hash()}
     assert doc["run"] is None and doc["stages"] == []
     assert [step["action"] for step in doc["steps"]] == ["run"] * len(STAGE_NAMES)
+    assert doc["preflight"] and all(check["ok"] for check in doc["preflight"])
     assert not (plan_file.parent / "state").exists()  # a dry run creates nothing
 
 
+@pytest.mark.kvm  # a dry run runs the preflight, which needs a usable KVM to pass
 def test_dry_run_after_a_failure_is_about_the_run_it_would_resume(
     plan_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -87,7 +90,9 @@ def test_dry_run_after_a_failure_is_about_the_run_it_would_resume(
         apply(load_plan(plan_file), registry=registry_failing_at("verify"))
     code, out, _ = run_cli(capsys, "apply", str(plan_file), "--dry-run", "-o", "ndjson")
     events = check_events(out)
-    assert [event["event"] for event in events] == ["run-chosen", "steps", "report"]
+    checks = [event for event in events if event["event"] == "preflight-check"]
+    assert checks and events[: len(checks)] == checks  # the hosts are checked first
+    assert [event["event"] for event in events[len(checks) :]] == ["run-chosen", "steps", "report"]
     doc = events[-1]["report"]
     assert code == doc["exit_code"] == 0 and doc["outcome"] == "planned"
     assert doc["run"]["id"] == 1 and doc["run"]["outcome"] == "failed"

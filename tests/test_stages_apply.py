@@ -115,7 +115,7 @@ def test_failure_tears_down_in_reverse_and_resume_skips_what_is_done(tmp_path: P
     with pytest.raises(StageFailed) as caught:
         apply(plan, registry=registry, plan_ref="demo.yaml")
     err = caught.value
-    assert err.stage == "precopy" and not err.interrupted and err.exit_code == 2
+    assert err.stage == "precopy" and not err.interrupted and err.exit_code == 4
     assert err.message == "stage precopy failed: RuntimeError: stream reset by peer"
     assert err.hint is not None
     assert "rerun `confplan apply demo.yaml` to resume at stage start-incoming" in err.hint

@@ -170,3 +170,13 @@ def test_status_of_an_invalid_plan_prints_a_report(
     assert code == document["exit_code"] == 2
     assert document["outcome"] == "failed" and document["error"]["class"] == "plan"
     assert document["diagnostics"][0]["field"] == "guest.memory"
+
+
+def test_checkpoint_dir_overrides_the_plans(plan_file: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    apply(load_plan(plan_file).with_checkpoint_dir(elsewhere), registry=registry_failing_at("none"))
+    assert (elsewhere / DB_NAME).exists() and not (plan_file.parent / "state").exists()
+    moved = CliRunner().invoke(app, ["status", str(plan_file), "--checkpoint-dir", str(elsewhere)])
+    assert moved.exit_code == 0 and "run 1: succeeded" in moved.output
+    plain = CliRunner().invoke(app, ["status", str(plan_file)])
+    assert "the plan has not been applied" in plain.output

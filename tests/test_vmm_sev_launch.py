@@ -223,7 +223,8 @@ def test_confplan_launch_is_measured_and_says_emulated(tmp_path: Path) -> None:
     assert "mirror VM with 2 vCPUs" in result.output and "mirror VM ready 2/2" in result.output
     plan.write_text(PLAN.replace("GENERATION", "sev-snp"))
     result = CliRunner().invoke(app, ["launch", str(plan), "--duration", "0.1"])
-    assert isinstance(result.exception, ConfplanError) and "sev-snp" in result.exception.message
+    assert isinstance(result.exception, ConfplanError) and result.exception.exit_code == 2
+    assert "sev.generation: this confplan cannot migrate sev-snp" in result.exception.render()
 
 
 @pytest.mark.kvm

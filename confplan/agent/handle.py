@@ -27,6 +27,36 @@ from confplan.transport.files import private_dir
 
 START_TIMEOUT = 15.0
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}  # VMMs this process started, to tell how they ended
+_OOM_KILLS_AT_START: dict[int, int | None] = {}  # the host's OOM-kill count when each VMM started
+VMSTAT = "/proc/vmstat"
+
+
+def oom_kills(vmstat: str = VMSTAT) -> int | None:
+    """How many processes the kernel's OOM killer has killed since boot (``oom_kill`` in /proc/vmstat,
+    Linux 4.13+); None where the kernel does not say."""
+    try:
+        with open(vmstat, encoding="ascii") as lines:
+            for line in lines:
+                name, _, value = line.partition(" ")
+                if name == "oom_kill":
+                    return int(value)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _oom_suspected(pid: int | None) -> str | None:
+    """Why a VMM killed by SIGKILL was probably killed for memory, or None: the OOM killer struck since
+    it started, or this host has little memory left now."""
+    from confplan.vmm.memory import mem_available
+
+    before, now = _OOM_KILLS_AT_START.get(pid or -1), oom_kills()
+    if before is not None and now is not None and now > before:
+        return f"the kernel's OOM killer killed {now - before} process(es) since it started"
+    avail = mem_available()
+    if avail is not None and avail < 256 << 20:
+        return f"only {avail >> 20} MiB of memory is available on this host now"
+    return None
 
 
 def socket_path(directory: Path, role: str) -> Path:
@@ -49,9 +79,11 @@ class VmmHandle:
     """RPC to one VMM process. ``describe_end`` tells how it went away, for error messages."""
 
     def __init__(
-        self, client: RpcClient, *, role: str, pid: int | None, log: Path | None, plan: str | None = None
-    ) -> None:
+        self, client: RpcClient, *, role: str, pid: int | None, log: Path | None, plan: str | None = None,
+        peer_fingerprint: str | None = None,
+    ) -> None:  # fmt: skip
         self.client, self.role, self.pid, self.log, self.plan = client, role, pid, log, plan
+        self.peer_fingerprint = peer_fingerprint  # a remote agent's certificate, as seen in the handshake
 
     @property
     def name(self) -> str:
@@ -109,6 +141,10 @@ def describe_end(pid: int | None, log: Path | None) -> str:
             how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
             if code < 0:
                 how = f"was killed by {signal.Signals(-code).name}"
+            why = _oom_suspected(pid) if code == -signal.SIGKILL else None
+            if why is not None:
+                how += (f": probably out of memory ({why}); free memory on this host or lower "
+                        "guest.memory in the plan")  # fmt: skip
     elif pid is not None and not _pid_alive(pid):
         how = "has exited"
     last = _last_line(log) if log is not None else None
@@ -123,6 +159,23 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def vmm_alive(pid: int) -> bool | None:
+    """Is ``pid`` a live confplan VMM process (not a dead one, a zombie, or a recycled pid now running
+    something else)? None when this host cannot tell (no /proc). ``confplan status`` reports with it."""
+    if not _pid_alive(pid):
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return False  # exited just now
+    except OSError:
+        return None
+    if stat.rpartition(")")[2].split()[0] in ("Z", "X"):  # the state field, after the command's name
+        return False
+    return b"confplan" in cmdline
 
 
 def _connect_unix(path: Path, role: str, pid: int | None, log: Path) -> VmmHandle:
@@ -191,6 +244,7 @@ def start_local(
             argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
         )
     _CHILDREN[proc.pid] = proc
+    _OOM_KILLS_AT_START[proc.pid] = oom_kills()
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -215,17 +269,20 @@ def connect_remote(
     ``home`` (default ``transport.default_home()``), the agent checked against ``pin`` (the plan's
     ``fingerprint``) or, without one, against the agents enrolled in the trust store."""
     from confplan.transport import Identity, Role, TrustStore, default_home, dial
+    from confplan.transport.identity import fingerprint
 
     home = home or default_home()
     identity = Identity.load_or_create(home, Role.ORCHESTRATOR)
     sock = dial(host, port, identity=identity, pin=pin, trust=TrustStore.at_home(home), timeout=10.0)
+    der = sock.getpeercert(binary_form=True)
     client = greeted(RpcClient(sock, peer=f"the {role} agent at {host}:{port}"), 10.0)
     try:
         info = client.call("info", {}, timeout=10.0)
     except BaseException:
         client.close()
         raise
-    return VmmHandle(client, role=role, pid=int(info["pid"]), log=None)
+    seen = fingerprint(der) if der else None
+    return VmmHandle(client, role=role, pid=int(info["pid"]), log=None, peer_fingerprint=seen)
 
 
 def stop(handle: VmmHandle, timeout: float = 10.0) -> None:

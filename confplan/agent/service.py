@@ -153,11 +153,14 @@ class VmmService:
         return self.side.handover_order(str(params.get("order")), str(params.get("expect")))
 
     # ---- calls on the service itself ----
-    def info(self) -> Params:
-        """Who this VMM is and what it holds; the side's own fields over the defaults of an empty VMM."""
+    def info(self, params: Params | None = None) -> Params:
+        """Who this VMM is and what it holds; the side's own fields over the defaults of an empty VMM.
+        With ``{"host": true}`` also this host's facts for a preflight: KVM usable, memory available."""
         base = {"pid": os.getpid(), "role": self.role, "machine": False, "since": self.started,
                 "plan": self.plan, "running": False, "guest_error": None, "resumed": False,
                 "incoming": None, "outgoing": False, "throttle": 0.0, "launch_state": None}  # fmt: skip
+        if params and params.get("host"):
+            base["host"] = host_facts()
         return base if self.side is None else {**base, **self.side.info()}
 
     def create(self, params: Params) -> Params:
@@ -251,6 +254,18 @@ class VmmService:
             side.close()
 
 
+def host_facts() -> Params:
+    """What a remote preflight asks of this host: is KVM usable, how much memory is available."""
+    from confplan.kvm import probe_kvm
+    from confplan.vmm.memory import mem_available
+
+    try:
+        kvm: Params = {"ok": True, "detail": probe_kvm(), "hint": None}
+    except ConfplanError as err:
+        kvm = {"ok": False, "detail": err.message, "hint": err.hint}
+    return {"kvm": kvm, "mem_available": mem_available()}
+
+
 # ---- the methods, by the roles that serve them ----
 _ANY: tuple[str, ...] = ()
 _BOTH, _SOURCE, _TARGET = ("source", "target"), ("source",), ("target",)
@@ -326,7 +341,7 @@ def _abort_incoming(side: IncomingMigration, params: Params) -> Params:
 
 
 _METHODS: dict[str, _Method] = {
-    "info": _Method(_ANY, lambda service, params: service.info(), locked=False),
+    "info": _Method(_ANY, lambda service, params: service.info(params), locked=False),
     "handover_state": _Method(_ANY, lambda service, params: service.handover_state(), locked=False),
     "handover_order": _Method(_ANY, VmmService.handover_order, locked=False),
     "create": _Method(_ANY, VmmService.create),

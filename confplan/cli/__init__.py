@@ -16,14 +16,23 @@ from typing import Annotated
 import typer
 
 from confplan import __version__
-from confplan.errors import ConfplanError
+from confplan.errors import EXIT_CODE_MEANINGS, ConfplanError, environment_problem
+
+
+def _exit_codes() -> str:
+    """The root help's list of exit codes, from ``errors.ExitCode`` (one source; docs/cli.md)."""
+    lines = [f"  {int(code):>3}  {text}" for code, text in EXIT_CODE_MEANINGS.items()]
+    return "\b\nExit codes:\n" + "\n".join(lines)
+
 
 app = typer.Typer(
     name="confplan",
     help=(
         "Live-migrate a confidential VM so no host sees its private memory.\n\n"
-        "Write a YAML plan, check it with 'confplan validate PLAN', run it with 'confplan apply PLAN'."
+        "Write a YAML plan, check it with 'confplan validate PLAN', check the hosts with 'confplan "
+        "preflight PLAN', run it with 'confplan apply PLAN'."
     ),
+    epilog=_exit_codes(),
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -51,10 +60,38 @@ def _root(
 
 def _register_areas() -> None:
     # Imported here, not at the top, so each area module can import ``app`` from this one.
-    from confplan.cli import apply_cmds, machine_cmds, owner_cmds, plan_cmds, stage_cmds, trust_cmds
+    from confplan.cli import (
+        apply_cmds,
+        machine_cmds,
+        owner_cmds,
+        plan_cmds,
+        preflight_cmds,
+        stage_cmds,
+        trust_cmds,
+    )
 
-    for area in (plan_cmds, apply_cmds, stage_cmds, machine_cmds, owner_cmds, trust_cmds):
+    for area in (plan_cmds, preflight_cmds, apply_cmds, stage_cmds, machine_cmds, owner_cmds, trust_cmds):
         area.register(app)
+    _full_summaries()
+
+
+def _full_summaries() -> None:
+    """Each command's summary in `confplan --help` is its docstring's first sentence, whole: typer would
+    cut it at the terminal's width with "..." (the formatter wraps it instead)."""
+    for command in app.registered_commands:
+        if command.short_help is None and command.callback is not None:
+            command.short_help = _first_sentence(command.help or command.callback.__doc__ or "")
+    for group in app.registered_groups:  # typer keeps unset options as Default placeholders, not None
+        info = group.typer_instance.info if group.typer_instance is not None else None
+        text = group.help if isinstance(group.help, str) else (info.help if info else None)
+        if not isinstance(group.short_help, str) and isinstance(text, str):
+            group.short_help = _first_sentence(text)
+
+
+def _first_sentence(text: str) -> str:
+    paragraph = " ".join(text.strip().split("\n\n")[0].split())
+    end = paragraph.find(". ")
+    return paragraph if end < 0 else paragraph[: end + 1]
 
 
 _register_areas()
@@ -78,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # the last line of defence: no traceback for users
         if os.environ.get("CONFPLAN_DEBUG"):
             raise
+        problem = environment_problem(err)  # a full disk, a read-only filesystem: the host's, not a bug
+        if problem is not None:
+            typer.echo(problem.render(), err=True)
+            return problem.exit_code
         typer.echo(
             f"internal error: {type(err).__name__}: {err}\n"
             "hint: this is a bug in confplan; rerun with CONFPLAN_DEBUG=1 for the traceback and report it",

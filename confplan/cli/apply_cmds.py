@@ -19,6 +19,7 @@ import typer
 # Registers the migration's stages, so `confplan status` sees their resume policies too.
 import confplan.stages.modules  # noqa: F401
 from confplan.cli.output import Output, ReportOutput, interruptible
+from confplan.cli.preflight_cmds import CheckpointDirOption, load_plan_at
 from confplan.errors import ConfplanError, PlanBusy
 from confplan.plan import Plan
 
@@ -38,14 +39,17 @@ def apply_cmd(
             "--yes", "-y", help="Consent to stopping a guest that runs (a new run replaces the plan's VMMs)."
         ),
     ] = False,
+    checkpoint_dir: CheckpointDirOption = None,
 ) -> None:
     """Live-migrate the plan's guest, resuming an earlier failed run where that is safe."""
-    from confplan.plan import load_plan
+    from confplan import preflight
     from confplan.stages import apply
 
     out = ReportOutput(output, kind="dry-run" if dry_run else "apply", plan_file=str(plan_path))
     with out.reporting():
-        plan = out.plan = load_plan(plan_path)
+        plan = out.plan = load_plan_at(plan_path, checkpoint_dir)
+        # The hosts first: a host that lacks something stops the apply here, before a VMM starts.
+        preflight.require(plan, on_check=out.observer.preflight_checked, shown=output is Output.TEXT)
         if not dry_run:
             _consent_to_replace(plan, restart=restart, yes=yes, plan_ref=str(plan_path))
         with interruptible() if not dry_run else contextlib.nullcontext():
@@ -119,23 +123,39 @@ def agent_cmd(
     from confplan.agent.main import run_agent
     from confplan.transport import default_home
 
-    host, _, port = listen.rpartition(":")
-    if not port.isdigit() or not host:
-        raise ConfplanError(f"--listen {listen!r} is not HOST:PORT", hint="e.g. --listen 0.0.0.0:4444")
-    code = run_agent(host.strip("[]"), int(port), home=home or default_home(), psp_dir=psp_dir,
+    host, port = _listen_address(listen)
+    code = run_agent(host, port, home=home or default_home(), psp_dir=psp_dir,
                      firmware_dir=firmware)  # fmt: skip
     raise typer.Exit(code)
 
 
+def _listen_address(listen: str) -> tuple[str, int]:
+    """``--listen HOST:PORT`` checked as written (a usage error, exit 2); whether this host has that
+    address is the listener's to say (an environment problem, exit 3)."""
+    import ipaddress
+
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    fix = "e.g. --listen 0.0.0.0:4444 (port 0: any free one), or --listen [::1]:4444"
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise ConfplanError(f"--listen {listen!r} is not HOST:PORT with a port from 0 to 65535", hint=fix)
+    if all(part.isdigit() for part in host.split(".")):  # looks like IPv4: must be one
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError as err:
+            raise ConfplanError(f"--listen {listen!r}: {err}", hint=fix) from None
+    return host, int(port)
+
+
 def stop_cmd(
     plan_path: Annotated[Path, typer.Argument(metavar="PLAN", help="The plan whose VMM processes to stop.")],
+    checkpoint_dir: CheckpointDirOption = None,
 ) -> None:
     """Stop the guests of PLAN: its local VMM processes, and the guest in a remote target's agent (the
     agent itself keeps serving)."""
     from confplan.agent import handle as vmm_handle
-    from confplan.plan import load_plan
 
-    plan = load_plan(plan_path)
+    plan = load_plan_at(plan_path, checkpoint_dir)
     for role, endpoint in (("source", plan.source), ("target", plan.target)):
         if not endpoint.is_local:
             host, port = endpoint.address or ("", 0)

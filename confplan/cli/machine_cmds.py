@@ -8,15 +8,11 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
-from confplan.errors import ConfplanError
 from confplan.vmm import Machine, abi
-
-if TYPE_CHECKING:
-    from confplan.plan import Plan
 
 
 def _status_line(m: Machine, dirty_pages: int, seconds: float) -> str:
@@ -60,15 +56,6 @@ def _measured_launch(m: Machine, policy: int, psp_dir: Path) -> None:
     )
 
 
-def _launch_policy(plan: Plan) -> int:
-    if plan.sev.generation == "sev-snp":
-        raise ConfplanError(
-            "the VMM's measured launch speaks the SEV/SEV-ES flow (LAUNCH_SECRET); this plan says sev-snp",
-            hint="use generation sev or sev-es for `confplan launch`, or pass --unmeasured",
-        )
-    return int(plan.sev.policy_int)
-
-
 def launch(
     plan_path: Annotated[Path, typer.Argument(metavar="PLAN", help="The plan whose guest to boot.")],
     duration: Annotated[
@@ -93,7 +80,7 @@ def launch(
     from confplan.stages.machines import machine_config
 
     plan = load_plan(plan_path)
-    policy = _launch_policy(plan) if measured else None
+    policy = int(plan.sev.policy_int) if measured else None  # sev-snp: refused by the plan's rules
     config = machine_config(plan, measured=measured)
     echo = (lambda line: typer.echo(f"  {line}")) if console else None
     with Machine(config, echo=echo) as m:

@@ -18,7 +18,7 @@ import sys
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -29,6 +29,9 @@ from confplan.stages.base import Progress, Teardown
 from confplan.stages.checkpoint import RunRecord, StageRecord
 from confplan.stages.executor import ApplyReport, Observer, RunChoice, Step
 from confplan.stages.observers import JsonObserver, TextObserver
+
+if TYPE_CHECKING:
+    from confplan.preflight import Check
 
 STOPPING = "stopping at the next safe point..."
 STILL_STOPPING = (
@@ -57,6 +60,9 @@ class RichObserver(Observer):
                    TaskProgressColumn(), TimeElapsedColumn())  # fmt: skip
         self.bar = Bar(*columns, TextColumn("{task.fields[status]}"), console=self.console)
         self.tasks: dict[str, Any] = {}
+
+    def preflight_checked(self, check: Check) -> None:
+        self.text.preflight_checked(check)
 
     def run_chosen(self, choice: RunChoice) -> None:
         self.text.run_chosen(choice)
@@ -95,7 +101,7 @@ class RichObserver(Observer):
     def stage_failed(self, step: Step, error: str) -> None:
         task = self.tasks.get(step.stage)
         if task is not None:
-            self.bar.update(task, status=f"[red]FAILED: {error.splitlines()[0]}")
+            self.bar.update(task, status="[red]FAILED (the error follows below)")
 
     def teardown_ran(self, teardown: Teardown, error: str | None) -> None:
         self.bar.console.print(f"  tear-down {teardown.label}: {'ok' if error is None else error}")
@@ -115,6 +121,11 @@ class Recorder(Observer):
         self.steps: list[Step] = []
         self.run: RunRecord | None = None
         self.started = False
+        self.preflight: list[dict[str, Any]] = []  # the preflight checks run, in the report
+
+    def preflight_checked(self, check: Check) -> None:
+        self.preflight.append(check.to_json())
+        self.inner.preflight_checked(check)
 
     def run_chosen(self, choice: RunChoice) -> None:
         self.choice = choice
@@ -158,7 +169,6 @@ class ReportOutput:
     def __init__(self, output: Output, *, kind: str, plan_file: str) -> None:
         self.output, self.kind, self.plan_file = output, kind, plan_file
         self.plan: Plan | None = None  # once loaded
-        self.preflight: list[Mapping[str, Any]] = []  # the preflight checks run, in the report
         self._lock = threading.Lock()  # progress arrives from RPC threads too: whole lines only
         self.events = JsonObserver(self.line, record_json=stage_json) if output is Output.NDJSON else None
         self.observer = Recorder(self.events or _display(output))
@@ -166,12 +176,6 @@ class ReportOutput:
     def line(self, text: str) -> None:
         with self._lock:
             typer.echo(text)  # flushed: a pipe gets each line as it happens
-
-    def preflight_check(self, check: Mapping[str, Any]) -> None:
-        """Record one preflight check (``{check, side, ok, detail, hint}``); ndjson streams it."""
-        self.preflight.append(dict(check))
-        if self.events is not None:
-            self.events.event("preflight-check", check=dict(check))
 
     def report(self, doc: Mapping[str, Any]) -> None:
         if self.output is Output.JSON:
@@ -199,7 +203,7 @@ class ReportOutput:
                 run, records = read_run(self.plan, recorder.run.run_id if recorder.run else None)
         return build_report(
             kind=self.kind, plan=self.plan, plan_file=self.plan_file, run=run, records=records,
-            steps=recorder.steps, error=error, preflight=self.preflight, choice=recorder.choice,
+            steps=recorder.steps, error=error, preflight=self.observer.preflight, choice=recorder.choice,
         )  # fmt: skip
 
     def succeeded(self, result: ApplyReport) -> dict[str, Any]:
@@ -209,7 +213,7 @@ class ReportOutput:
         if run is None and result.choice.run_id is not None:  # a dry run: the run it would go on with
             run = read_run(self.plan, result.choice.run_id)[0]
         doc = build_report(kind=self.kind, plan=self.plan, plan_file=self.plan_file, run=run,
-                           records=result.records, steps=result.steps, preflight=self.preflight,
+                           records=result.records, steps=result.steps, preflight=self.observer.preflight,
                            choice=result.choice)  # fmt: skip
         if self.output is not Output.TEXT:
             self.report(doc)

@@ -14,7 +14,8 @@ from typing import Annotated, Any
 import typer
 
 from confplan.cli.output import Output, ReportOutput
-from confplan.plan import Plan, load_plan
+from confplan.cli.preflight_cmds import CheckpointDirOption, load_plan_at
+from confplan.plan import Plan
 from confplan.report import read_run, report_for_plan
 from confplan.stages.base import stage_policies
 from confplan.stages.checkpoint import DB_NAME, RunRecord, StageRecord
@@ -32,12 +33,13 @@ def status(
     output: Annotated[
         OutputFormat, typer.Option("--output", "-o", help="text (a table) or json (the report).")
     ] = OutputFormat.TEXT,
+    checkpoint_dir: CheckpointDirOption = None,
 ) -> None:
     """Show the checkpoint of PLAN's latest run: each stage's status, duration, bytes and error, and its VMM
     processes. Exits 4 when that run failed or was interrupted."""
     out = ReportOutput(Output(output.value), kind="status", plan_file=plan_file)
     with out.reporting():
-        plan = out.plan = load_plan(plan_file)
+        plan = out.plan = load_plan_at(plan_file, checkpoint_dir)
         doc = report_for_plan(plan, plan_file)
     if output is OutputFormat.JSON:
         out.report(doc)

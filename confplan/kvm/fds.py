@@ -18,6 +18,12 @@ from confplan.kvm._ioctl import KvmError, ioctl, ioctl_errno
 from confplan.kvm.stats import StatsFd
 
 DEFAULT_KVM_PATH: Final = "/dev/kvm"
+KVM_DEVICE_ENV: Final = "CONFPLAN_KVM_DEVICE"  # another KVM device node (a container's, or a test's)
+
+
+def kvm_device_path() -> str:
+    """The KVM device confplan opens: ``$CONFPLAN_KVM_DEVICE``, else /dev/kvm. VMM processes inherit it."""
+    return os.environ.get(KVM_DEVICE_ENV) or DEFAULT_KVM_PATH
 
 # Capabilities the VMM cannot run without, checked once and reported by name.
 REQUIRED_CAPS: Final = {
@@ -28,8 +34,9 @@ REQUIRED_CAPS: Final = {
 }
 
 
-def open_kvm_fd(path: str = DEFAULT_KVM_PATH) -> int:
+def open_kvm_fd(path: str | None = None) -> int:
     """Open the KVM device, or raise EnvironmentProblem saying what is wrong and what to do."""
+    path = path or kvm_device_path()
     try:
         return os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -52,11 +59,13 @@ def open_kvm_fd(path: str = DEFAULT_KVM_PATH) -> int:
 class Kvm:
     """The system fd: API version, capabilities, supported CPUID, VM creation."""
 
-    def __init__(self, path: str = DEFAULT_KVM_PATH) -> None:
-        self.path = path
+    def __init__(self, path: str | None = None) -> None:
+        """Open ``path`` (default ``kvm_device_path()``) and check it is KVM with the needed features;
+        EnvironmentProblem otherwise (a device that is not KVM included)."""
+        self.path = path = path or kvm_device_path()
         self.fd = open_kvm_fd(path)
         try:
-            version = ioctl(self.fd, s.KVM_GET_API_VERSION, None, "KVM_GET_API_VERSION")
+            version = self._api_version()
             if version != s.KVM_API_VERSION:
                 raise EnvironmentProblem(
                     f"{path} speaks KVM API {version}, confplan needs {s.KVM_API_VERSION}",
@@ -66,6 +75,19 @@ class Kvm:
         except BaseException:
             self.close()
             raise
+
+    def _api_version(self) -> int:
+        """KVM_GET_API_VERSION; a device that does not know it (ENOTTY, EINVAL) is not KVM."""
+        try:
+            return ioctl(self.fd, s.KVM_GET_API_VERSION, None, "KVM_GET_API_VERSION")
+        except KvmError as err:
+            if err.errno not in (errno.ENOTTY, errno.EINVAL):
+                raise
+            raise EnvironmentProblem(
+                f"{self.path} is not a KVM device (KVM_GET_API_VERSION: {os.strerror(err.errno)})",
+                hint=f"point {KVM_DEVICE_ENV} at the KVM device (unset it for /dev/kvm), or check that "
+                "/dev/kvm is the kvm module's device (`ls -l /dev/kvm`: character device 10,232)",
+            ) from None
 
     def check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION: 0 when the capability is absent, else its value."""
@@ -301,3 +323,10 @@ class Vcpu:
 def addressof(obj: ctypes.Structure | ctypes.Array[ctypes.c_uint64]) -> int:
     """Host address of a ctypes object (for ioctls that take pointers inside structs)."""
     return ctypes.addressof(obj)
+
+
+def probe_kvm(path: str | None = None) -> str:
+    """Open the KVM device and check its API and capabilities as a VMM will; what was found, or
+    EnvironmentProblem saying what is wrong (the preflight's and the agent's KVM check)."""
+    with Kvm(path) as kvm:
+        return f"{kvm.path}: KVM API {s.KVM_API_VERSION}, {', '.join(REQUIRED_CAPS)}"

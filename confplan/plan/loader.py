@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Union, get_args, get_origin
@@ -20,22 +21,39 @@ from confplan.plan.models import UNION_TAGS, Plan, stage_params_model
 from confplan.plan.rules import check_sections
 from confplan.plan.yamlsrc import DataPath, SourceMap, describe, read_yaml, render_path
 
+MAX_PLAN_BYTES = 1 << 20  # a plan is a page of YAML; far more is a mistake or an attack on the parser
+
 
 def load_plan(path: str | Path) -> Plan:
-    """Read and check the plan at ``path``; raises ``PlanError`` listing every problem."""
+    """Read and check the plan at ``path``; raises ``PlanError`` listing every problem. A file over
+    ``MAX_PLAN_BYTES`` is refused before it is parsed (by its size, then by a read that stops there)."""
     name = str(path)
     try:
-        raw = Path(path).read_bytes()
+        raw = _read_bounded(Path(path))
     except OSError as err:
         raise PlanError(
             name, [Diagnostic(name, 1, 1, "", f"cannot read the plan: {err.strerror or err}")]
         ) from None
+    if raw is None:
+        limit = MAX_PLAN_BYTES >> 20
+        raise PlanError(name, [Diagnostic(name, 1, 1, "", f"the plan is larger than {limit} MiB, the most a "
+                                          "plan may be; nothing was parsed (is this the right file?)")])
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
         raise PlanError(name, [Diagnostic(name, line, 1, "", "the plan is not UTF-8 text")]) from None
     return load_plan_text(text, name)
+
+
+def _read_bounded(path: Path) -> bytes | None:
+    """The file's bytes, or None when it holds more than ``MAX_PLAN_BYTES`` (a pipe or a file that grows
+    is read no further than that)."""
+    with path.open("rb") as file:
+        if path.is_file() and os.fstat(file.fileno()).st_size > MAX_PLAN_BYTES:
+            return None
+        raw = file.read(MAX_PLAN_BYTES + 1)
+    return None if len(raw) > MAX_PLAN_BYTES else raw
 
 
 def load_plan_text(text: str, filename: str = "<plan>") -> Plan:

@@ -170,6 +170,11 @@ class Helper(_Model):
         256, ge=1, le=4096, description="Pages the MH seals or opens per mailbox request (1 to 4096)."
     )
 
+    @property
+    def mh_vcpus(self) -> int:
+        """The vCPUs the MH runs on: the guest's aux vCPUs, or the mirror VM's (at least one)."""
+        return self.aux_vcpus if self.mode == "aux-vcpu" else max(1, self.aux_vcpus)
+
 
 class PolicyFlags(_Model):
     """The policy as named flags; unset flags take the defaults of the guest's generation."""
@@ -574,6 +579,14 @@ class Plan(_Model):
         if isinstance(checkpoint, dict) and "dir" not in checkpoint:
             data["checkpoint"] = {**checkpoint, "dir": default_state_dir(stem, data.get("metadata"))}
         return data
+
+    def with_checkpoint_dir(self, directory: Path | str | None) -> Plan:
+        """This plan with its checkpoint folder moved (``--checkpoint-dir``; relative to the current
+        folder, as a command-line path is); the plan hash does not change."""
+        if directory is None:
+            return self
+        moved = Checkpoint(dir=Path(directory).absolute())
+        return self.model_copy(update={"checkpoint": moved})
 
     def stage_names(self) -> list[str]:
         return [stage.name for stage in self.stages]

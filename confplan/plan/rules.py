@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from confplan.guest import abi
+from confplan.guest.layout import minimum_memory
 from confplan.plan.models import (
     SEV_ONLY_FLAGS,
     SNP_ONLY_FLAGS,
@@ -28,7 +30,7 @@ Finding = tuple[DataPath, str]
 RuleFn = Callable[..., Iterator[Finding]]
 RULES: list[tuple[tuple[str, ...], RuleFn]] = []
 
-HUGE_PAGE = 2 << 20
+HUGE_PAGE = abi.HUGE  # guest RAM is mapped in 2 MiB pages
 
 
 def rule(*sections: str) -> Callable[[RuleFn], RuleFn]:
@@ -75,6 +77,66 @@ def memory_in_huge_pages(guest: Guest) -> Iterator[Finding]:
         f"{format_size(guest.memory)} is not a multiple of 2MiB (guest memory is mapped in 2MiB pages); "
         f"use {' or '.join(options)}",
     )
+
+
+@rule("guest")
+def memory_within_the_vmm(guest: Guest) -> Iterator[Finding]:
+    # Guest RAM is one slot below the MMIO window (docs/memory-map.md): the VMM cannot map more.
+    if guest.memory > abi.MAX_RAM:
+        yield (
+            ("guest", "memory"),
+            f"{format_size(guest.memory)} is above the {format_size(abi.MAX_RAM)} this VMM supports "
+            f"(guest RAM ends where its devices begin); use at most {format_size(abi.MAX_RAM)}",
+        )
+
+
+@rule("guest", "helper")
+def vcpus_within_the_vmm(guest: Guest, helper: Helper) -> Iterator[Finding]:
+    # The firmware has per-vCPU tables (TSS, stacks) for MAX_VCPUS in all, helpers included.
+    total, helpers = guest.vcpus + helper.mh_vcpus, helper.mh_vcpus
+    if helpers > abi.MAX_MH_VCPUS:
+        yield (
+            ("helper", "aux_vcpus"),
+            f"{helpers} helper vCPUs are more than the {abi.MAX_MH_VCPUS} this VMM supports; "
+            f"use at most {abi.MAX_MH_VCPUS}",
+        )
+    elif total > abi.MAX_VCPUS:
+        yield (
+            ("guest", "vcpus"),
+            f"{_count(guest.vcpus, 'vCPU')} and {_count(helpers, 'helper vCPU')} ({helper.mode}) make "
+            f"{total}, more than the {abi.MAX_VCPUS} this VMM supports (helpers included); "
+            f"use at most {abi.MAX_VCPUS - helpers}",
+        )
+
+
+def _count(number: int, thing: str) -> str:
+    return f"{number} {thing}{'' if number == 1 else 's'}"
+
+
+@rule("guest", "helper")
+def memory_holds_the_guest(guest: Guest, helper: Helper) -> Iterator[Finding]:
+    # The helper's area (mailboxes, per-page tables, VMSA slots) comes first; the workload needs room after.
+    if guest.memory % HUGE_PAGE or guest.memory > abi.MAX_RAM or helper.mh_vcpus > abi.MAX_MH_VCPUS:
+        return  # the rules above speak
+    minimum = minimum_memory(guest.vcpus, helper.mh_vcpus, helper.batch_pages)
+    if guest.memory < minimum:
+        yield (
+            ("guest", "memory"),
+            f"{format_size(guest.memory)} is too small for {_count(guest.vcpus, 'vCPU')} with "
+            f"{_count(helper.mh_vcpus, 'helper vCPU')} and batch_pages {helper.batch_pages}: the helper's "
+            f"area and the workload need {format_size(minimum)}; use at least {format_size(minimum)}",
+        )
+
+
+@rule("sev")
+def generation_can_migrate(sev: Sev) -> Iterator[Finding]:
+    # The VMM's measured launch and key release speak the SEV/SEV-ES flow (LAUNCH_SECRET), not SNP's.
+    if sev.generation == "sev-snp":
+        yield (
+            ("sev", "generation"),
+            "this confplan cannot migrate sev-snp guests: its measured launch speaks the SEV/SEV-ES flow "
+            "(LAUNCH_SECRET); use sev or sev-es",
+        )
 
 
 @rule("sev")
@@ -164,6 +226,17 @@ def target_is_elsewhere(source: Endpoint, target: Endpoint) -> Iterator[Finding]
         yield (
             ("target", "host"),
             f"{target.host} is also the source; a remote target must be a different agent than the source",
+        )
+
+
+@rule("source", "stages")
+def source_is_local(source: Endpoint, stages: list[StageSpec]) -> Iterator[Finding]:
+    # launch-source starts the source VMM as a child of `confplan apply`, on this host.
+    if not source.is_local and any(stage.name == "launch-source" for stage in stages):
+        yield (
+            ("source", "host"),
+            f"{source.host} is remote, but launch-source starts the source on the host that runs "
+            "`confplan apply`; write host: local and run apply on the source's host",
         )
 
 

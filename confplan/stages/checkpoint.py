@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from confplan.errors import ConfplanError
+from confplan.errors import ConfplanError, EnvironmentProblem, environment_problem
 
 SCHEMA_VERSION: Final = 1
 DB_NAME: Final = "checkpoint.db"
@@ -134,6 +134,16 @@ class StageRecord:
         }
 
 
+class CheckpointDiskFull(EnvironmentProblem, sqlite3.OperationalError):
+    """The checkpoint could not be written: the device is full (or read-only). An environment problem
+    (exit 3, a clean message) that code catching ``sqlite3.Error`` still catches."""
+
+
+def _host_problem(err: sqlite3.OperationalError, directory: Path) -> sqlite3.OperationalError:
+    found = environment_problem(err, where=directory)
+    return err if found is None else CheckpointDiskFull(found.message, hint=found.hint)
+
+
 class CheckpointStore:
     """The SQLite checkpoint of one checkpoint folder. Use as a context manager, or call ``close``."""
 
@@ -157,6 +167,9 @@ class CheckpointStore:
             # autocommit mode: transactions are explicit (``_transaction``), never implicit.
             connection = sqlite3.connect(path, isolation_level=None, timeout=10.0)
         except (OSError, sqlite3.Error) as err:
+            problem = environment_problem(err, where=directory)
+            if problem is not None:
+                raise problem from None
             raise ConfplanError(
                 f"cannot open the checkpoint {path}: {err}",
                 hint="check that checkpoint.dir in the plan is a writable folder",
@@ -176,13 +189,18 @@ class CheckpointStore:
             self._db.execute("PRAGMA foreign_keys=ON")
             tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         except sqlite3.DatabaseError as err:
+            if isinstance(err, sqlite3.OperationalError) and environment_problem(err) is not None:
+                raise _host_problem(err, self.path.parent) from err
             raise ConfplanError(
                 f"{self.path} is not a confplan checkpoint ({err})",
                 hint="move the file aside (its history is then forgotten) or point checkpoint.dir elsewhere",
             ) from None
         if not tables:
             # One script, one transaction; IF NOT EXISTS: two first applies may race to create it.
-            self._db.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}COMMIT;")
+            try:
+                self._db.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}COMMIT;")
+            except sqlite3.OperationalError as err:
+                raise _host_problem(err, self.path.parent) from err
             tables = {"schema_version"}
         self._check_version(tables)
 
@@ -205,13 +223,17 @@ class CheckpointStore:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
-        self._db.execute("BEGIN IMMEDIATE")
         try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):  # a full disk may have ended it already
+                    self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        except sqlite3.OperationalError as err:
+            raise _host_problem(err, self.path.parent) from err
 
     def close(self) -> None:
         self._db.close()

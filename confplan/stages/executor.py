@@ -13,9 +13,9 @@ import sqlite3
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-from confplan.errors import ConfplanError
+from confplan.errors import ConfplanError, ExitCode, environment_problem
 from confplan.plan import Plan, StageSpec
 from confplan.stages.base import (
     RECONCILERS,
@@ -40,6 +40,9 @@ from confplan.stages.checkpoint import (
     StageRecord,
     StageStatus,
 )
+
+if TYPE_CHECKING:
+    from confplan.preflight import Check
 
 _FINISHED = (StageStatus.DONE, StageStatus.SKIPPED)
 
@@ -179,6 +182,7 @@ def _first_line(text: str) -> str:
 class Observer:
     """Hears what ``apply`` does; every method is a no-op here, renderers override what they show."""
 
+    def preflight_checked(self, check: Check) -> None: ...
     def run_chosen(self, choice: RunChoice) -> None: ...
     def steps_planned(self, steps: Sequence[Step], dry_run: bool) -> None: ...
     def stage_started(self, step: Step) -> None: ...
@@ -192,14 +196,21 @@ class Observer:
 
 
 class StageFailed(ConfplanError):
-    """A stage failed (or was interrupted); the checkpoint records it and the tear-downs have run."""
+    """A stage failed (or was interrupted); the checkpoint records it and the tear-downs have run.
+    Exit code 4 (the migration failed, the source keeps the guest), 130 when interrupted, or the cause's
+    own code when that says more (the guest lost, the handover in doubt, busy)."""
 
-    def __init__(self, message: str, *, hint: str, stage: str, interrupted: bool) -> None:
+    def __init__(
+        self, message: str, *, hint: str, stage: str, interrupted: bool, cause_code: int | None = None
+    ) -> None:
         super().__init__(message, hint=hint)
         self.stage = stage
         self.interrupted = interrupted
+        self.exit_code = int(ExitCode.MIGRATION_FAILED)
         if interrupted:
-            self.exit_code = 130  # the shell's convention for SIGINT
+            self.exit_code = int(ExitCode.INTERRUPTED)
+        elif cause_code in (ExitCode.BUSY, ExitCode.GUEST_LOST, ExitCode.HANDOVER_IN_DOUBT):
+            self.exit_code = int(cause_code)
 
 
 @dataclass(frozen=True)
@@ -402,18 +413,24 @@ class _Apply:
         message = f"stage {step.stage} {'was interrupted' if interrupted else 'failed'}: {error}"
         if problems:
             message += "\n" + "\n".join(problems)
-        hint = self._resume_hint(run)
-        if isinstance(err, ConfplanError) and err.hint:
-            hint = f"{err.hint}; then {hint}"
-        raise StageFailed(message, hint=hint, stage=step.stage, interrupted=interrupted) from err
+        hint = self._resume_hint(run, step.stage)
+        cause = environment_problem(err) or err
+        if isinstance(cause, ConfplanError) and cause.hint:
+            hint = f"{cause.hint}; then {hint}"
+        code = err.exit_code if isinstance(err, ConfplanError) else None
+        raise StageFailed(
+            message, hint=hint, stage=step.stage, interrupted=interrupted, cause_code=code
+        ) from err
 
-    def _resume_hint(self, run: RunRecord) -> str:
+    def _resume_hint(self, run: RunRecord, failed: str) -> str:
         # The same pure function the next apply will use, so the hint cannot disagree with it.
         steps = plan_steps(self.plan.stages, self.store.stage_records(run.run_id), policies=self.policies)
         first = next((step for step in steps if step.action is not StepAction.SKIP), None)
         if first is None or first.action is StepAction.BLOCKED:
             return f"check the VMs, then `confplan apply --restart {self.plan_ref}`"
-        return f"rerun `confplan apply {self.plan_ref}` to resume at stage {first.stage} ({first.reason})"
+        # The failed stage's own reason is the error just printed: say it once.
+        why = "" if first.stage == failed else f" ({first.reason})"
+        return f"rerun `confplan apply {self.plan_ref}` to resume at stage {first.stage}{why}"
 
     def _teardown(self, ctx: StageContext, *, failed: bool) -> list[str]:
         """Run the registered tear-downs in reverse; every one runs even when another fails."""
@@ -435,6 +452,9 @@ class _Apply:
 def _describe(err: BaseException) -> str:
     if isinstance(err, KeyboardInterrupt):
         return "interrupted (Ctrl-C)"
+    problem = environment_problem(err)  # a full disk is the host's, never "OSError: [Errno 28] ..."
+    if problem is not None:
+        return problem.message
     if isinstance(err, ConfplanError):
         return err.message
     return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__

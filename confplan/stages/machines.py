@@ -19,7 +19,7 @@ def machine_config(plan: Plan, *, measured: bool = False, mh_only: bool = False)
         memory=int(guest.memory),
         vcpus=guest.vcpus,
         aux_vcpus=0 if mirror else helper.aux_vcpus,
-        mirror_vcpus=max(1, helper.aux_vcpus) if mirror else 1,
+        mirror_vcpus=helper.mh_vcpus if mirror else 1,
         helper_mode=helper.mode,
         batch_pages=helper.batch_pages,
         workload_kind=guest.workload.kind,

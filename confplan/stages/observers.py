@@ -9,11 +9,14 @@ import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from confplan.stages.base import Progress, Teardown
 from confplan.stages.checkpoint import RunRecord, StageRecord
 from confplan.stages.executor import Observer, RunChoice, Step, StepAction
+
+if TYPE_CHECKING:
+    from confplan.preflight import Check
 
 Emit = Callable[[str], None]
 
@@ -40,6 +43,10 @@ class TextObserver(Observer):
         self.emit = emit
         self.progress_interval = progress_interval
         self._last_progress: dict[str, float] = {}
+
+    def preflight_checked(self, check: Check) -> None:
+        for line in check.lines():
+            self.emit(line)
 
     def run_chosen(self, choice: RunChoice) -> None:
         self.emit(choice.reason)
@@ -78,7 +85,7 @@ class TextObserver(Observer):
         self.emit(f"[{step.stage}] done in {record.duration or 0.0:.2f}s{size}")
 
     def stage_failed(self, step: Step, error: str) -> None:
-        self.emit(f"[{step.stage}] FAILED: {error}")
+        self.emit(f"[{step.stage}] FAILED (the error follows below)")  # printed once, with its hint
 
     def teardown_ran(self, teardown: Teardown, error: str | None) -> None:
         outcome = "ok" if error is None else f"failed: {error}"
@@ -113,6 +120,9 @@ class JsonObserver(Observer):
         """Emit one event; the fields are the event's own."""
         line = {"schema": EVENT_SCHEMA, "event": event, "time": iso(time.time()), **fields}
         self.emit(json.dumps(line))
+
+    def preflight_checked(self, check: Check) -> None:
+        self.event("preflight-check", check=check.to_json())
 
     def run_chosen(self, choice: RunChoice) -> None:
         self.event("run-chosen", **choice.to_json())

@@ -41,6 +41,12 @@ def _listen_error(err: OSError, host: str, port: int, what: str) -> ConfplanErro
             f"{what}: {host} is not an address of this host",
             hint="give an IP address this host has (`ip -brief address`), or 0.0.0.0 for all",
         )
+    if err.errno is not None and err.errno < 0:  # getaddrinfo's EAI_* codes (create_server re-raises them)
+        return EnvironmentProblem(
+            f"{what}: {host!r} is not a name or address this host can resolve "
+            f"({str(err.strerror).split(' (while')[0]})",
+            hint="give an IP address of this host (`ip -brief address`), or 0.0.0.0 for all",
+        )
     if err.errno == errno.EACCES:
         return EnvironmentProblem(f"{what}: no permission to listen on {where}", hint="use a port above 1023")
     return EnvironmentProblem(f"{what}: cannot listen on {where}: {err.strerror or err}")

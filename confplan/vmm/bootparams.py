@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from confplan.kvm import DEFAULT_KVM_PATH, Kvm
+from confplan.kvm import Kvm
 from confplan.vmm import abi, cpu_setup
 from confplan.vmm.config import MachineConfig
 from confplan.vmm.layout import GuestLayout
@@ -24,7 +24,7 @@ class HostCpu:
     vendor_amd: bool
 
     @classmethod
-    def probe(cls, kvm_path: str = DEFAULT_KVM_PATH) -> HostCpu:
+    def probe(cls, kvm_path: str | None = None) -> HostCpu:
         """Ask this host's KVM (a throwaway VM and vCPU, for KVM_GET_TSC_KHZ)."""
         with Kvm(kvm_path) as kvm, kvm.create_vm() as vm:
             info = cpu_setup.cpu_info(kvm.supported_cpuid())

@@ -82,8 +82,10 @@ class MachineConfig:
                 hint="aux vCPUs exist only in helper mode aux-vcpu",
             )
         if self.memory % abi.HUGE or self.memory > abi.MAX_RAM:
+            size = f"{self.memory / abi.MIB:g} MiB" if self.memory >= abi.MIB else f"{self.memory} bytes"
             raise ConfplanError(
-                f"{where}: memory {self.memory} bytes",
+                f"{where}: memory {size} is not a multiple of 2 MiB of at most the "
+                f"{abi.MAX_RAM // abi.MIB} MiB this VMM supports",
                 hint=f"use a multiple of 2 MiB, at most {abi.MAX_RAM // abi.MIB} MiB",
             )
         if not 0.0 <= self.shared_fraction <= 1.0:

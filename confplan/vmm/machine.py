@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Protocol, TextIO
 
 from confplan.errors import ConfplanError
-from confplan.kvm import DEFAULT_KVM_PATH, Kvm, Vcpu
+from confplan.kvm import Kvm, Vcpu
 from confplan.kvm import structs as s
 from confplan.vmm import abi, cpu_setup
 from confplan.vmm.aux_vcpu import HelperHost, HelperVcpu
@@ -71,7 +71,7 @@ class Machine:
         self,
         config: MachineConfig,
         *,
-        kvm_path: str = DEFAULT_KVM_PATH,
+        kvm_path: str | None = None,
         firmware: Firmware | None = None,
         echo: Callable[[str], None] | None = None,
     ) -> None:
@@ -98,7 +98,7 @@ class Machine:
             raise
 
     # ---- set-up ----
-    def _build(self, kvm_path: str, echo: Callable[[str], None] | None) -> None:
+    def _build(self, kvm_path: str | None, echo: Callable[[str], None] | None) -> None:
         cfg, lay = self.config, self.layout
         self.kvm = Kvm(kvm_path)
         self._teardown.append(self.kvm.close)

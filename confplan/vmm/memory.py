@@ -20,6 +20,20 @@ _libc = ctypes.CDLL(None, use_errno=True)  # the symbols already in this process
 _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
 
+def mem_available(meminfo: str = "/proc/meminfo") -> int | None:
+    """Bytes this host can give new guests without swapping (the kernel's MemAvailable estimate), or
+    None where the kernel does not say."""
+    try:
+        with open(meminfo, encoding="ascii") as lines:
+            for line in lines:
+                name, _, value = line.partition(":")
+                if name == "MemAvailable":
+                    return int(value.split()[0]) * 1024  # "MemAvailable:  123456 kB"
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 class GuestRam:
     """``size`` bytes of guest RAM at GPA 0, from a memfd mapped shared into this process."""
 

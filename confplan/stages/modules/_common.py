@@ -136,14 +136,6 @@ def machine_config(plan: Plan, *, mh_only: bool) -> dict[str, Any]:
     return dataclasses.asdict(machines.machine_config(plan, measured=True, mh_only=mh_only))
 
 
-def check_generation(plan: Plan) -> None:
-    if plan.sev.generation == "sev-snp":
-        raise ConfplanError(
-            "the VMM's measured launch speaks the SEV/SEV-ES flow (LAUNCH_SECRET); this plan says sev-snp",
-            hint="use sev.generation sev or sev-es to migrate with this confplan",
-        )
-
-
 def _write_secret(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_suffix(".tmp")

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from confplan.agent import handle as vmm_handle
-from confplan.errors import ConfplanError
 from confplan.stages.base import Stage, StageContext, StageResult, register_stage
 from confplan.stages.checkpoint import StageRecord
 from confplan.stages.modules import _common as common
@@ -16,14 +15,7 @@ class LaunchSource(Stage):
     name = "launch-source"
     provides = ("pid", "socket", "log", "launch_digest", "firmware_sha256")
 
-    def check(self, ctx: StageContext) -> None:
-        super().check(ctx)
-        common.check_generation(ctx.plan)
-        if not ctx.plan.source.is_local:
-            raise ConfplanError(
-                f"the source {ctx.plan.source.host} is remote: this confplan launches the source locally",
-                hint="run `confplan apply` on the source host with source.host: local",
-            )
+    # A remote source or an sev-snp guest is refused by the plan's rules (confplan/plan/rules.py).
 
     def run(self, ctx: StageContext) -> StageResult:
         directory = common.state_dir(ctx.plan)

@@ -23,10 +23,6 @@ class ProvisionTarget(Stage):
     name = "provision-target"
     provides = ("pid", "socket", "created", "config")
 
-    def check(self, ctx: StageContext) -> None:
-        super().check(ctx)
-        common.check_generation(ctx.plan)
-
     def run(self, ctx: StageContext) -> StageResult:
         directory = common.state_dir(ctx.plan)
         params = ProvisionTargetParams.model_validate(self.params)
