@@ -17,7 +17,7 @@ from typing import Any, Final, Protocol
 # Registers the pipeline's stages, so the steps of the next apply use their resume policies.
 import confplan.stages.modules  # noqa: F401
 from confplan import __version__
-from confplan.agent.handle import vmm_alive
+from confplan.agent.handle import connect_remote, vmm_alive
 from confplan.errors import ConfplanError, ExitCode
 from confplan.plan import Plan, PlanError
 from confplan.stages.base import stage_policies
@@ -50,6 +50,7 @@ class _Json(Protocol):
 
 
 PidProbe = Callable[[int], bool | None]
+AgentProbe = Callable[[str, str, int], Mapping[str, Any] | None]  # role, host, port -> the agent's info
 
 
 def schema_text() -> str:
@@ -147,10 +148,13 @@ def migration_json(records: Mapping[str, StageRecord]) -> dict[str, Any]:
     }
 
 
-def processes_json(records: Mapping[str, StageRecord], probe: PidProbe = vmm_alive) -> list[dict[str, Any]]:
+def processes_json(
+    records: Mapping[str, StageRecord], probe: PidProbe = vmm_alive, remote: AgentProbe | None = None
+) -> list[dict[str, Any]]:
     """The VMM processes the run's records name (the source launch-source started, the target
-    provision-target started or reached), each checked now: a local pid with ``probe``, a remote agent's
-    not at all (``alive`` null)."""
+    provision-target started or reached), each checked now: a local pid with ``probe``; a remote agent's
+    guest with ``remote`` (the agent's ``info``: ``alive`` = it holds the guest), else not at all
+    (``alive`` null)."""
     found = []
     for role, stage in (("source", "launch-source"), ("target", "provision-target")):
         record = records.get(stage)
@@ -158,10 +162,14 @@ def processes_json(records: Mapping[str, StageRecord], probe: PidProbe = vmm_ali
         if not isinstance(pid, int):
             continue
         agent = record.result.get("agent") if record is not None else None
-        if agent:
-            found.append({"role": role, "pid": pid, "host": f"{agent[0]}:{agent[1]}", "alive": None})
-        else:
+        if not agent:
             found.append({"role": role, "pid": pid, "host": "local", "alive": probe(pid)})
+            continue
+        entry: dict[str, Any] = {"role": role, "pid": pid, "host": f"{agent[0]}:{agent[1]}", "alive": None}
+        info = remote(role, str(agent[0]), int(agent[1])) if remote is not None else None
+        if info is not None:
+            entry.update(alive=bool(info.get("machine")), guest_running=bool(info.get("running")))
+        found.append(entry)
     return found
 
 
@@ -201,6 +209,7 @@ def build_report(
     choice: RunChoice | None = None,
     apply_running: bool = True,
     probe: PidProbe = vmm_alive,
+    remote: AgentProbe | None = None,
     now: float | None = None,
 ) -> dict[str, Any]:
     """The ``confplan.report/v1`` document of ``kind`` (apply, dry-run, preflight, status).
@@ -210,7 +219,8 @@ def build_report(
     and class follow from it; a PlanError's diagnostics are taken when ``diagnostics`` is empty);
     ``preflight``: the checks run (dicts or objects with ``to_json``); ``choice``: the run apply chose;
     ``apply_running``: for status, whether an apply holds the checkpoint (a ``running`` run without one
-    was interrupted); ``probe``: tells whether a local VMM pid is alive."""
+    was interrupted); ``probe``: tells whether a local VMM pid is alive; ``remote``: asks a remote agent
+    (status does, through the agent's ``info``)."""
     if kind not in KINDS:
         raise ValueError(f"unknown report kind {kind!r}")
     records = dict(records or {})
@@ -243,7 +253,7 @@ def build_report(
         "stages": [stage_json(record) for record in records.values()],
         "preflight": [_plain(check) for check in preflight],
         "migration": migration_json(records),
-        "processes": processes_json(records, probe),
+        "processes": processes_json(records, probe, remote),
         "diagnostics": [_plain(diagnostic) for diagnostic in diagnostics],
     }
 
@@ -281,12 +291,37 @@ def apply_holds(plan: Plan) -> bool:
         return False
 
 
-def report_for_plan(plan: Plan, plan_file: str, *, probe: PidProbe = vmm_alive) -> dict[str, Any]:
-    """The ``status`` report of ``plan`` from its checkpoint: the latest run, its stages, and the steps
-    the next ``confplan apply`` would take (the same pure decision apply makes)."""
+def report_for_plan(
+    plan: Plan, plan_file: str, *, probe: PidProbe = vmm_alive, remote: AgentProbe | None = None
+) -> dict[str, Any]:
+    """The ``status`` report of ``plan`` from its checkpoint: the latest run, its stages, the steps the
+    next ``confplan apply`` would take (the same pure decision apply makes), and its VMMs as they are now
+    (a remote target asked through its agent, pinned as the plan pins it: ``ask_agent``)."""
     run, records = read_run(plan)
     choice = choose_run(run, plan.plan_hash())
     steps = plan_steps(plan.stages, records if choice.resume else {}, policies=stage_policies())
     running = run is not None and run.outcome is RunOutcome.RUNNING and apply_holds(plan)
     return build_report(kind="status", plan=plan, plan_file=plan_file, run=run, records=records,
-                        steps=steps, choice=choice, apply_running=running, probe=probe)  # fmt: skip
+                        steps=steps, choice=choice, apply_running=running, probe=probe,
+                        remote=remote if remote is not None else ask_agent(plan))  # fmt: skip
+
+
+def ask_agent(plan: Plan) -> AgentProbe:
+    """An ``AgentProbe`` for ``plan``: the agent's ``info`` over mutual TLS, pinned as the plan pins that
+    side; None when it cannot be reached (the report then says it cannot tell)."""
+
+    def info(role: str, host: str, port: int) -> Mapping[str, Any] | None:
+        endpoint = plan.target if role == "target" else plan.source
+        try:
+            handle = connect_remote(host, port, role, pin=endpoint.fingerprint)
+        except (ConfplanError, OSError):
+            return None
+        try:
+            answer: Mapping[str, Any] = handle.call("info", timeout=5.0)
+            return answer
+        except (ConfplanError, OSError):
+            return None
+        finally:
+            handle.close()
+
+    return info

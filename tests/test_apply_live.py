@@ -82,7 +82,9 @@ def test_ndjson_streams_events_as_they_happen_and_ends_with_the_report(plan_dir:
     assert proc.returncode == 0, err
     events = seen + check_events(rest)
     names = [event["event"] for event in events]
-    assert names[:2] == ["run-chosen", "steps"] and names[-2:] == ["run-finished", "report"]
+    checks = names.count("preflight-check")  # the hosts are checked first
+    assert checks and names[:checks] == ["preflight-check"] * checks
+    assert names[checks : checks + 2] == ["run-chosen", "steps"] and names[-2:] == ["run-finished", "report"]
     started = [e["stage"] for e in events if e["event"] == "stage-started"]
     finished = [e["stage"] for e in events if e["event"] == "stage-finished"]
     assert started == finished and started[0] == "launch-source" and started[-1] == "cleanup-source"

@@ -55,9 +55,17 @@ def test_migrate_to_an_agent_on_another_host(
             vmm_handle.connect_remote(other_host.address, agent.port, "target", pin=agent.fingerprint,
                                       home=tmp_path / "stranger")  # fmt: skip
         assert "not an enrolled orchestrator" in agent.wait_log("not an enrolled orchestrator")
+        # `confplan status` asks the agent: it holds the guest, which runs
+        assert main(["status", str(plan), "-o", "json"]) == 0
+        target = {p["role"]: p for p in check_report(capsys.readouterr().out)["processes"]}["target"]
+        assert target["host"] == f"{other_host.address}:{agent.port}"
+        assert target["alive"] is True and target["guest_running"] is True
         # `confplan stop` reaches the remote target too; the agent serves on, empty
         assert main(["stop", str(plan)]) == 0
         assert "target: the guest in the agent" in capsys.readouterr().out
+        assert main(["status", str(plan)]) == 0
+        said = capsys.readouterr().out
+        assert f"target VMM pid {target['pid']} at {target['host']}: holds no guest" in said
         handle = vmm_handle.connect_remote(other_host.address, agent.port, "target", pin=agent.fingerprint)
         try:
             assert not handle.call("info")["machine"]

@@ -55,7 +55,11 @@ def status(
 def _processes(processes: list[dict[str, Any]]) -> list[str]:
     lines = []
     for proc in processes:
-        state = {True: "running", False: "gone", None: "not checked (remote)"}[proc["alive"]]
+        state = {True: "running", False: "gone", None: "cannot tell (no answer)"}[proc["alive"]]
+        if proc["alive"] and proc["host"] != "local":
+            state = "holds the guest, " + ("running" if proc.get("guest_running") else "not running")
+        elif proc["alive"] is False and proc["host"] != "local":
+            state = "holds no guest"
         where = "" if proc["host"] == "local" else f" at {proc['host']}"
         lines.append(f"{proc['role']} VMM pid {proc['pid']}{where}: {state}")
     return lines
