@@ -104,9 +104,7 @@ def _preflight_suite(report: Mapping[str, Any], plan: str, checks: Sequence[Mapp
     return suite
 
 
-def _add_error_case(
-    report: Mapping[str, Any], plan: str, stages: ET.Element, suites: ET.Element
-) -> None:
+def _add_error_case(report: Mapping[str, Any], plan: str, stages: ET.Element, suites: ET.Element) -> None:
     """An error no stage or check testcase carries gets a testcase named after the command."""
     error = report.get("error")
     if not error:
