@@ -49,7 +49,8 @@ def plots(report: Mapping[str, Any]) -> list[Plot]:
         {
             "svg.fonttype": "none",  # text stays <text>, not glyph outlines: searchable, and smaller
             "text.parse_math": False,  # a '$' in a stage or step name is a dollar, not TeX
-            "font.family": ["DejaVu Sans", "Liberation Sans", "sans-serif"],
+            "font.family": "sans-serif",
+            "font.sans-serif": ["DejaVu Sans", "Liberation Sans", "Arial"],
             "font.size": 9.0,
             "axes.spines.top": False,
             "axes.spines.right": False,
