@@ -21,7 +21,7 @@ from confplan.report_plots import DIRTY, SEALED, SHARED, STATUS_COLOURS
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(),
-    reason="needs Debian's chromium at /usr/bin/chromium (`make test` installs it with apt-get when run as root)",
+    reason="needs Debian's chromium at /usr/bin/chromium (`make test` installs it with apt-get as root)",
 )
 WIDTH, HEIGHT = 1200, 3000
 PLOTS = ("plot-rounds", "plot-throughput", "plot-pause", "plot-timeline")

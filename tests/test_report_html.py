@@ -79,8 +79,10 @@ def test_a_failure_shows_the_error_and_says_why_plots_are_empty() -> None:
     assert "failed" in page.text("stage-table") and "pending" in page.text("stage-table")
 
 
-@pytest.mark.parametrize(("outcome", "why"), [("dry-run", "a dry run moves nothing"),
-                                              ("preflight-refused", "preflight refused the run")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("outcome", "why"),
+    [("dry-run", "a dry run moves nothing"), ("preflight-refused", "preflight refused the run")],
+)
 def test_without_a_run_every_plot_is_a_note_and_the_tables_come_first(outcome: str, why: str) -> None:
     html = rendered(outcome)
     page = Page(html)
