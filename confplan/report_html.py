@@ -132,9 +132,13 @@ def _header(report: Mapping[str, Any]) -> str:
 
 
 def _error(report: Mapping[str, Any]) -> str:
+    """The error and its hint; for a status report (no error of its own), the failed stage's error."""
     error = report.get("error")
     if not error:
-        return ""
+        failed = next((s for s in report.get("stages") or [] if s.get("status") == "failed"), None)
+        if failed is None:
+            return ""
+        error = {"class": "stage", "stage": failed.get("name"), "message": failed.get("error") or "failed"}
     where = f" in stage {_e(error.get('stage'))}" if error.get("stage") else ""
     hint = f"<p><b>hint:</b> {_e(error.get('hint'))}</p>" if error.get("hint") else ""
     return (

@@ -77,7 +77,8 @@ def _stage_case(report: Mapping[str, Any], plan: str, stage: Mapping[str, Any]) 
     if status == "failed":
         own = error if error.get("stage") == name else {}
         message = _text(own.get("message") or stage.get("error") or f"stage {name} failed")
-        kind = _text(own.get("class") or "migration")
+        interrupted = report.get("outcome") == "interrupted"  # a status report has no error of its own
+        kind = _text(own.get("class") or ("interrupted" if interrupted else "migration"))
         tag = "error" if kind in _ERROR_CLASSES else "failure"
         _fault(case, tag, message, own.get("hint"), kind)
     elif status == "running" and report.get("outcome") != "running":

@@ -224,7 +224,8 @@ def _why_missing(report: Mapping[str, Any]) -> str:
         return "preflight refused the run; nothing was launched"
     if outcome == "none":
         return "the plan was never applied"
-    stage = (report.get("error") or {}).get("stage")
+    failed = [s.get("name") for s in report.get("stages") or [] if s.get("status") == "failed"]
+    stage = (report.get("error") or {}).get("stage") or (failed[0] if failed else None)
     if stage:
         return f"the run ended in {stage}, and the report holds none"
     return "the report has no data for it"

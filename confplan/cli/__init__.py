@@ -1,6 +1,7 @@
 """The ``confplan`` command line: one module per area, each adding its commands to ``app``.
 
 Areas: ``plan_cmds`` (validate, schema), ``apply_cmds`` (apply, vmm, agent), ``stage_cmds`` (status),
+``report_cmds`` (report: HTML and JUnit),
 ``machine_cmds`` (launch), ``owner_cmds`` (the guest owner's key broker), ``trust_cmds`` (identity, trust).
 ``main`` is the console-script entry: it turns a ``ConfplanError`` into a clean message and its exit code,
 and any other exception into a one-line internal error (exit 1), never a traceback.
@@ -50,9 +51,17 @@ def _root(
 
 def _register_areas() -> None:
     # Imported here, not at the top, so each area module can import ``app`` from this one.
-    from confplan.cli import apply_cmds, machine_cmds, owner_cmds, plan_cmds, stage_cmds, trust_cmds
+    from confplan.cli import (
+        apply_cmds,
+        machine_cmds,
+        owner_cmds,
+        plan_cmds,
+        report_cmds,
+        stage_cmds,
+        trust_cmds,
+    )
 
-    for area in (plan_cmds, apply_cmds, stage_cmds, machine_cmds, owner_cmds, trust_cmds):
+    for area in (plan_cmds, apply_cmds, stage_cmds, report_cmds, machine_cmds, owner_cmds, trust_cmds):
         area.register(app)
 
 

@@ -133,6 +133,11 @@ def apply_cmd(
             "--yes", "-y", help="Consent to stopping a guest that runs (a new run replaces the plan's VMMs)."
         ),
     ] = False,
+    junit: Annotated[
+        Path | None,
+        typer.Option("--junit", metavar="FILE", help="Also write the run's report as JUnit XML to FILE (a "
+                     "testcase per stage and preflight check), whatever the outcome."),
+    ] = None,
 ) -> None:
     """Live-migrate the plan's guest, resuming an earlier failed run where that is safe."""
     from confplan.plan import load_plan
