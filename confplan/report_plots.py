@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 MIB = 1024 * 1024
+# stop-and-copy's steps (migration/outgoing.py, stages/modules/stop_and_copy.py), in the order they happen.
+PAUSE_ORDER = ("pause_vcpus", "final_pages", "vcpu_and_device_state", "target_confirmed")
 SHARED, SEALED, DIRTY, FINAL = "#4c78a8", "#f58518", "#54a24b", "#b279a2"
 STATUS_COLOURS = {"done": "#54a24b", "failed": "#e45756", "running": "#eeca3b", "skipped": "#bab0ac",
                   "pending": "#bab0ac"}  # fmt: skip
@@ -96,7 +98,7 @@ def _rounds_figure(rounds: Sequence[Mapping[str, Any]]) -> Figure:
                    edgecolor="white")  # fmt: skip
     top.bar_label(bars, labels=[_mib(a + b) for a, b in zip(shared, sealed, strict=True)], fontsize=8)
     top.set_ylabel("MiB sent")
-    top.legend(loc="upper right", frameon=False)
+    top.legend(loc="upper center", frameon=False)
     dirty = [_num(r.get("dirty_after")) or 0 for r in rounds]
     colours = [FINAL if r.get("final") else DIRTY for r in rounds]
     bars = bottom.bar(xs, dirty, color=colours, hatch=hatch, edgecolor="white")
@@ -197,10 +199,14 @@ def _timeline_figure(
 
 
 def _pause_steps(migration: Mapping[str, Any]) -> list[tuple[str, float]]:
+    """The pause's steps in the order they happen (the checkpoint keeps them sorted by name); steps this
+    reader does not know follow in the report's order."""
     pause = migration.get("pause")
     if not isinstance(pause, Mapping):
         return []
-    return [(str(name), float(value)) for name, value in pause.items() if _num(value) is not None]
+    steps = [(str(name), float(value)) for name, value in pause.items() if _num(value) is not None]
+    known = {name: index for index, name in enumerate(PAUSE_ORDER)}
+    return sorted(steps, key=lambda step: known.get(step[0], len(known)))
 
 
 def _timed_stages(report: Mapping[str, Any]) -> list[tuple[str, str, float, float | None]]:

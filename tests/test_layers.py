@@ -20,7 +20,7 @@ RANK = {
     "migration": 3,
     "agent": 4,
     "stages": 5,
-    "report_junit": 5.5, "report_html": 5.5, "report_plots": 5.5,
+    "report_junit": 5.5, "report_html": 5.5, "report_plots": 5.4,
     "cli": 6, "__main__": 7,
 }  # fmt: skip
 

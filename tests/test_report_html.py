@@ -133,3 +133,13 @@ def test_the_cli_and_the_html_module_start_without_matplotlib() -> None:
         "assert 'matplotlib' not in sys.modules, sorted(m for m in sys.modules if 'matplotlib' in m)[:3]\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_pause_steps_are_drawn_in_the_order_they_happen() -> None:
+    """The checkpoint stores a stage's result with its keys sorted: the reader puts the steps back in time
+    order, and keeps steps it does not know, after the others."""
+    doc = load("success")
+    doc["migration"]["pause"] = dict(sorted({**doc["migration"]["pause"], "a_new_step": 0.002}.items()))
+    texts = Page(render_html(doc)).texts["plot-pause-svg"]
+    order = [t for t in texts if t in doc["migration"]["pause"]]
+    assert order == ["pause_vcpus", "final_pages", "vcpu_and_device_state", "target_confirmed", "a_new_step"]
