@@ -29,7 +29,8 @@ _ERROR_CLASSES = {"interrupted", "internal"}
 
 def junit_xml(report: Mapping[str, Any]) -> str:
     """The JUnit XML document (UTF-8 text with its XML declaration) for one v1 report."""
-    plan = _text(_get(report, "plan", "name")) or "plan"
+    # An invalid plan has no name in its report: its file's name stands in.
+    plan = _text(_get(report, "plan", "name")) or Path(_text(_get(report, "plan", "file")) or "plan").stem
     suites = ET.Element("testsuites", name=f"confplan {report.get('kind') or 'report'} {plan}")
     checks = report.get("preflight") or []
     if checks:  # first: it ran first
@@ -85,8 +86,10 @@ def _stage_case(report: Mapping[str, Any], plan: str, stage: Mapping[str, Any]) 
         _fault(case, "error", f"stage {name} was still running when the run ended", None, "interrupted")
     elif status == "skipped":
         ET.SubElement(case, "skipped", message=_clean(f"skipped: {_step_reason(report, name)}"))
-    elif status in ("pending", "running"):
-        ET.SubElement(case, "skipped", message=_clean(f"not run: {status}"))
+    elif status == "running":
+        ET.SubElement(case, "skipped", message="running: the run is still in progress")
+    elif status == "pending":
+        ET.SubElement(case, "skipped", message="not run")
     return case
 
 
@@ -117,7 +120,9 @@ def _add_error_case(report: Mapping[str, Any], plan: str, stages: ET.Element, su
     kind = _text(error.get("class") or "internal")
     case = _case(f"confplan.{plan}", _text(report.get("kind") or "apply"), None)
     tag = "error" if kind in _ERROR_CLASSES else "failure"
-    _fault(case, tag, _text(error.get("message")) or "failed", error.get("hint"), kind)
+    message = _text(error.get("message")) or "failed"
+    where = [_diagnostic(d) for d in report.get("diagnostics") or [] if isinstance(d, Mapping)]
+    _fault(case, tag, "\n".join([message, *where]), error.get("hint"), kind)
     stages.insert(_first_case_index(stages), case)
 
 
@@ -210,6 +215,17 @@ def _summary(report: Mapping[str, Any]) -> str:
         if migration.get(key) is not None:
             lines.append(f"{key}: {migration[key]}")
     return "\n".join(lines)
+
+
+def _diagnostic(diagnostic: Mapping[str, Any]) -> str:
+    """An invalid plan's finding as compilers print theirs: ``file:line:column: field: message``."""
+    place = ":".join(_text(diagnostic.get(key)) for key in ("file", "line", "column") if diagnostic.get(key))
+    field = f"{diagnostic['field']}: " if diagnostic.get("field") else ""
+    return (
+        f"{place}: {field}{_text(diagnostic.get('message'))}"
+        if place
+        else f"{field}{diagnostic.get('message')}"
+    )
 
 
 def _step_reason(report: Mapping[str, Any], stage: str) -> str:

@@ -153,3 +153,23 @@ def test_write_junit_is_readable_by_others_and_names_a_path_it_cannot_write(tmp_
     with pytest.raises(ConfplanError) as err:
         write_junit(blocker / "junit.xml", load("success"))
     assert str(blocker / "junit.xml") in err.value.message and err.value.exit_code == 2
+
+
+def test_an_invalid_plan_fails_with_its_diagnostics_under_the_file_name(tmp_path: Path) -> None:
+    """An apply of an invalid plan: no name, no run, the findings in ``diagnostics`` (docs/report.md)."""
+    doc = load("dry-run")
+    doc.update(kind="apply", outcome="failed", exit_code=2, preflight=[], steps=[],
+               plan={"file": "plans/edge.yaml", "name": None, "hash": None},
+               error={"class": "plan", "stage": None, "message": "plans/edge.yaml: 1 problem", "hint": None},
+               diagnostics=[{"file": "plans/edge.yaml", "line": 4, "column": 11, "field": "guest.memory",
+                             "message": "6 MiB is below the 8 MiB minimum"}])  # fmt: skip
+    root, parsed = parse(doc, tmp_path)
+    case = cases(root, "confplan.edge")["apply"]
+    failure = case.find("failure")
+    assert failure is not None and failure.get("type") == "plan"
+    assert failure.get("message") == "plans/edge.yaml: 1 problem"
+    assert (
+        failure.text
+        == "plans/edge.yaml: 1 problem\nplans/edge.yaml:4:11: guest.memory: 6 MiB is below the 8 MiB minimum"
+    )
+    assert parsed.failures == 1
