@@ -3,7 +3,8 @@ checkpoint by the real report builder, written as a page and as JUnit.
 
 The runs here are real applies (real checkpoint, real executor) of stand-in stages that record what the
 real precopy and stop-and-copy record (rounds, the final round, the pause's steps), so the readers meet
-the builder's real field names without booting a guest. Skipped before ``confplan.report`` is merged.
+the builder's real field names without booting a guest; and the hand-written fixtures are checked
+against the builder's published schema. Skipped before ``confplan.report`` is merged.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import json
 from pathlib import Path
 from typing import Any, ClassVar
 
+import jsonschema
 import pytest
 import xmlschema
 from htmlpage import Page
-from reportdata import DATA
+from reportdata import DATA, OUTCOMES, load
 from typer.testing import CliRunner
 
 from confplan.cli import app, main
@@ -120,3 +122,11 @@ def test_an_unwritable_path_is_an_error_with_a_hint(
     assert main(["report", str(plan_file), "--html", str(blocker / "r.html")]) == 2
     err = capsys.readouterr().err
     assert f"error: cannot write the HTML report to {blocker / 'r.html'}" in err and "hint:" in err
+
+
+@pytest.mark.parametrize("outcome", OUTCOMES)
+def test_the_hand_written_fixtures_follow_the_published_schema(outcome: str) -> None:
+    """The readers' fixtures stay what the builder writes: valid against ``confplan schema --report``."""
+    from confplan.report import report_schema
+
+    jsonschema.Draft202012Validator(report_schema()).validate(load(outcome))
