@@ -1,7 +1,8 @@
 """Small files that must never be half-written or silently damaged: magic, version, length, SHA-256.
 
 Used by the secure processor's and the key broker's state (sev/) and the handover's durable records
-(migration/handover.py); it sits beside ``errors`` so any layer may use it.
+(migration/handover.py), and (``write_output``) for the reports a user asks for; it sits beside
+``errors`` so any layer may use it.
 
 Layout: MAGIC[8] | u32 version | u32 payload length | payload | SHA-256(header + payload)[32].
 Written atomically (temp file in the same directory, fsync, rename, fsync the directory), mode 0600.
@@ -9,23 +10,29 @@ Written atomically (temp file in the same directory, fsync, rename, fsync the di
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import struct
 import tempfile
 from pathlib import Path
 
-from confplan.errors import ConfplanError
+from confplan.errors import ConfplanError, EnvironmentProblem
 
 _HEAD = struct.Struct("<8sII")
 
 
 def write_private(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically with mode 0600."""
+    write_atomic(path, data, mode=0o600)
+
+
+def write_atomic(path: Path, data: bytes, *, mode: int) -> None:
+    """Write ``data`` to ``path`` with ``mode``, atomically: readers see the old file or all the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        os.fchmod(fd, 0o600)
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as out:
             out.write(data)
             out.flush()
@@ -39,6 +46,22 @@ def write_private(path: Path, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
+
+
+def write_output(path: Path, text: str, *, what: str) -> None:
+    """Write a file the user asked for (a report) atomically, mode 0644; a path that cannot be written is
+    the user's to fix (exit 2), a full or read-only disk the machine's (exit 3)."""
+    try:
+        write_atomic(path, text.encode(), mode=0o644)
+    except OSError as err:
+        kind = EnvironmentProblem if err.errno in _FULL else ConfplanError
+        raise kind(
+            f"cannot write the {what} to {path}: {err.strerror or err}",
+            hint="give a path in a folder that exists and that you can write, on a disk with free space",
+        ) from None
 
 
 def pack_state(magic: bytes, version: int, payload: bytes) -> bytes:

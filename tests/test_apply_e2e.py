@@ -60,9 +60,12 @@ def test_apply_migrates_and_the_guest_runs_on_the_target(cli: typer.Typer, plan_
     # aux-vcpu: a guest that behaves more like an OS, on 2 vCPUs converting pages while it migrates
     busy = {"vcpus": 2, "workload": ", conversion_rate: 400/s"} if mode == "aux-vcpu" else {}
     plan = _plan(plan_dir, mode, NO_PREFAULT if mode == "mirror-vm" else "", **busy)  # type: ignore[arg-type]
-    result = CliRunner().invoke(cli, ["apply", str(plan), "--output", "json"])
+    junit = plan_dir / "junit.xml"
+    result = CliRunner().invoke(cli, ["apply", str(plan), "--output", "json", "--junit", str(junit)])
     assert result.exit_code == 0, result.output
     report = check_report(result.stdout)
+    assert 'failures="0"' in junit.read_text() and '<testcase classname="confplan.e2e" name="verify"' in (
+        junit.read_text())  # fmt: skip
     assert report["outcome"] == "succeeded" and report["exit_code"] == 0 and report["error"] is None
     stages = {stage["name"]: stage for stage in report["stages"]}
     assert all(stage["status"] == "done" for stage in stages.values())

@@ -22,6 +22,7 @@ RANK = {
     "preflight": 4.5,
     "stages": 5,
     "report": 5.5,
+    "report_junit": 5.5, "report_html": 5.5, "report_plots": 5.4,
     "cli": 6, "__main__": 7,
 }  # fmt: skip
 

@@ -1,6 +1,7 @@
 """The ``confplan`` command line: one module per area, each adding its commands to ``app``.
 
 Areas: ``plan_cmds`` (validate, schema), ``apply_cmds`` (apply, vmm, agent), ``stage_cmds`` (status),
+``report_cmds`` (report: HTML and JUnit),
 ``machine_cmds`` (launch), ``owner_cmds`` (the guest owner's key broker), ``trust_cmds`` (identity, trust).
 ``main`` is the console-script entry: it turns a ``ConfplanError`` into a clean message and its exit code,
 and any other exception into a one-line internal error (exit 1), never a traceback.
@@ -66,11 +67,13 @@ def _register_areas() -> None:
         owner_cmds,
         plan_cmds,
         preflight_cmds,
+        report_cmds,
         stage_cmds,
         trust_cmds,
     )
 
-    for area in (plan_cmds, preflight_cmds, apply_cmds, stage_cmds, machine_cmds, owner_cmds, trust_cmds):
+    for area in (plan_cmds, preflight_cmds, apply_cmds, stage_cmds, report_cmds, machine_cmds, owner_cmds,
+                 trust_cmds):
         area.register(app)
     _full_summaries()
 

@@ -40,12 +40,17 @@ def apply_cmd(
         ),
     ] = False,
     checkpoint_dir: CheckpointDirOption = None,
+    junit: Annotated[
+        Path | None,
+        typer.Option("--junit", metavar="FILE", help="Also write the run's report as JUnit XML to FILE (a "
+                     "testcase per stage and preflight check), whatever the outcome."),
+    ] = None,
 ) -> None:
     """Live-migrate the plan's guest, resuming an earlier failed run where that is safe."""
     from confplan import preflight
     from confplan.stages import apply
 
-    out = ReportOutput(output, kind="dry-run" if dry_run else "apply", plan_file=str(plan_path))
+    out = ReportOutput(output, kind="dry-run" if dry_run else "apply", plan_file=str(plan_path), junit=junit)
     with out.reporting():
         plan = out.plan = load_plan_at(plan_path, checkpoint_dir)
         # The hosts first: a host that lacks something stops the apply here, before a VMM starts.

@@ -17,6 +17,7 @@ import sqlite3
 import sys
 import threading
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -166,8 +167,9 @@ class ReportOutput:
     """What one command prints, by ``output``: ``observer`` hears the apply; ``succeeded``/``reporting``
     print the report (json: at the end; ndjson: as the last event; text: nothing)."""
 
-    def __init__(self, output: Output, *, kind: str, plan_file: str) -> None:
+    def __init__(self, output: Output, *, kind: str, plan_file: str, junit: Path | None = None) -> None:
         self.output, self.kind, self.plan_file = output, kind, plan_file
+        self.junit = junit  # also write the report as JUnit XML here, whatever the outcome
         self.plan: Plan | None = None  # once loaded
         self._lock = threading.Lock()  # progress arrives from RPC threads too: whole lines only
         self.events = JsonObserver(self.line, record_json=stage_json) if output is Output.NDJSON else None
@@ -189,9 +191,26 @@ class ReportOutput:
         try:
             yield
         except (Exception, KeyboardInterrupt) as err:
-            if self.output is not Output.TEXT:
-                self.report(self.failed(err))
+            if self.output is not Output.TEXT or self.junit is not None:
+                doc = self.failed(err)
+                if self.output is not Output.TEXT:
+                    self.report(doc)
+                self._write_junit(doc, after=err)
             raise
+
+    def _write_junit(self, doc: Mapping[str, Any], *, after: BaseException | None = None) -> None:
+        """``--junit FILE``: the report as JUnit XML. When the command failed already, a failure to write
+        is said on stderr and the command's own error (and exit code) stands."""
+        if self.junit is None:
+            return
+        from confplan.report_junit import write_junit
+
+        try:
+            write_junit(self.junit, doc)
+        except ConfplanError as err:
+            if after is None:
+                raise
+            typer.echo(err.render(), err=True)
 
     def failed(self, error: BaseException) -> dict[str, Any]:
         """The report of a command that ``error`` ended, with its run as the checkpoint has it."""
@@ -217,6 +236,7 @@ class ReportOutput:
                            choice=result.choice)  # fmt: skip
         if self.output is not Output.TEXT:
             self.report(doc)
+        self._write_junit(doc)
         return doc
 
 
