@@ -27,6 +27,7 @@ class GuestLayout:
     mh_end: int  # the MH area is [abi.MH_BASE, mh_end), 2 MiB aligned
     wl_vcpus: int
     wl_ctl_gpa: int
+    wl_pvclock_gpa: int  # one page: a pvclock struct (kvm-clock) per workload vCPU, written by KVM
     wl_stack_gpa: int
     wl_ledger_gpa: int
     wl_data_gpa: int
@@ -85,7 +86,8 @@ class GuestLayout:
         vmsa = mac + round_up(config.memory // PAGE * abi.MH_MAC_ENTRY, PAGE)
         mh_end = round_up(vmsa + config.vcpus * abi.VMSA_SLOT_SIZE, HUGE)
         ctl = mh_end
-        stacks = ctl + round_up(ctypes.sizeof(abi.WlControl), PAGE)
+        pvclock = ctl + round_up(ctypes.sizeof(abi.WlControl), PAGE)
+        stacks = pvclock + PAGE
         ledger = stacks + config.vcpus * WL_STACK_SIZE
         room = config.memory - ledger - PAGE  # a page of slack for rounding the ledger
         data_pages = max(room // (PAGE + LEDGER_ENTRY), 0)
@@ -109,6 +111,7 @@ class GuestLayout:
             mh_end=mh_end,
             wl_vcpus=config.vcpus,
             wl_ctl_gpa=ctl,
+            wl_pvclock_gpa=pvclock,
             wl_stack_gpa=stacks,
             wl_ledger_gpa=ledger,
             wl_data_gpa=data,
