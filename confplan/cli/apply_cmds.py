@@ -107,6 +107,8 @@ def final_report(report: ApplyReport) -> dict[str, Any]:
         "bytes_shared": sum(rec.bytes_shared for rec in records.values()),
         "bytes_sealed": sum(rec.bytes_sealed for rec in records.values()),
         "downtime_seconds": resume.get("downtime_seconds"),
+        "guest_downtime_seconds": resume.get("guest_downtime_seconds"),
+        "clock_monotonic": resume.get("clock_monotonic"),
         "source_paused_seconds": final.get("source_paused_seconds"),
         "target_pid": resume.get("target_pid"),
     }
@@ -154,7 +156,9 @@ def apply_cmd(
         return
     doc = final_report(report)
     if doc["downtime_seconds"] is not None:
-        typer.echo(f"downtime {doc['downtime_seconds'] * 1e3:.1f} ms; the guest runs in the target VMM "
+        guest = doc.get("guest_downtime_seconds")
+        seen = f" (the guest saw {guest * 1e3:.1f} ms)" if guest is not None else ""
+        typer.echo(f"downtime {doc['downtime_seconds'] * 1e3:.1f} ms{seen}; the guest runs in the target VMM "
                    f"(pid {doc['target_pid']}); `confplan stop {plan_path}` shuts it down")  # fmt: skip
 
 
