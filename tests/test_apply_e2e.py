@@ -71,6 +71,9 @@ def test_apply_migrates_and_the_guest_runs_on_the_target(cli: typer.Typer, plan_
     assert rounds[-1].get("final") and len(rounds) >= 2
     assert report["bytes_sealed"] > 40 << 20 and report["bytes_shared"] > 0
     assert 0 < report["downtime_seconds"] < 5.0  # measured: pause on the source to resume on the target
+    # the guest's own view of it: its kvm-clock never went back, and it saw the pause as a gap
+    assert report["clock_monotonic"] is True
+    assert 0 < report["guest_downtime_seconds"] < 60
     resumed = report["stages"]["resume-target"]["result"]
     assert resumed["enc_bitmap"]["equal"]  # the target holds the source's bitmap, conversions and all
     if busy:  # the fill's reports, then ~400/s while it ran
