@@ -141,6 +141,8 @@ def migration_json(records: Mapping[str, StageRecord]) -> dict[str, Any]:
         "bytes_shared": sum(record.bytes_shared for record in records.values()),
         "bytes_sealed": sum(record.bytes_sealed for record in records.values()),
         "downtime_seconds": resume.get("downtime_seconds"),
+        "guest_downtime_seconds": resume.get("guest_downtime_seconds"),
+        "clock_monotonic": resume.get("clock_monotonic"),
         "source_paused_seconds": final.get("source_paused_seconds"),
         "pause": dict(final["steps"]) if final.get("steps") else None,
         "decision": precopy.get("decision"),

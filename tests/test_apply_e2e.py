@@ -81,6 +81,9 @@ def test_apply_migrates_and_the_guest_runs_on_the_target(cli: typer.Typer, plan_
     alive = {proc["role"]: proc["alive"] for proc in report["processes"]}
     assert alive == {"source": False, "target": True}  # the source is gone, the target runs the guest
     resumed = stages["resume-target"]["result"]
+    # the guest's own view of it: its kvm-clock never went back, and it saw the pause as a gap
+    assert moved["clock_monotonic"] is True
+    assert 0 < moved["guest_downtime_seconds"] < 60
     assert resumed["enc_bitmap"]["equal"]  # the target holds the source's bitmap, conversions and all
     if busy:  # the fill's reports, then ~400/s while it ran
         assert resumed["enc_bitmap"]["conversions"] > rounds[0]["shared_pages"] + 50

@@ -25,6 +25,10 @@ from confplan.kvm import structs as s
         (s.KvmMsrEntry, 16),
         (s.KvmStatsHeader, 24),
         (s.KvmStatsDescHead, 16),
+        (s.KvmLapicState, 1024),
+        (s.KvmClockData, 48),
+        (s.KvmVcpuEvents, 64),
+        (s.KvmMpState, 4),
     ],
 )
 def test_struct_sizes(struct: type[ctypes.Structure], size: int) -> None:
@@ -39,6 +43,8 @@ def test_field_offsets() -> None:
     assert s.KvmRunMmio.len.offset == 16 and s.KvmRunMmio.is_write.offset == 20
     assert s.KvmRunHypercall.ret.offset == 56
     assert s.KvmRunIo.data_offset.offset == 8
+    assert s.KvmVcpuEvents.flags.offset == 20 and s.KvmVcpuEvents.exception_payload.offset == 56
+    assert s.KvmClockData.realtime.offset == 16 and s.KvmClockData.host_tsc.offset == 24
 
 
 @pytest.mark.parametrize(
@@ -58,6 +64,15 @@ def test_field_offsets() -> None:
         (s.KVM_GET_XCRS, 0x8188AEA6),
         (s.KVM_ENABLE_CAP, 0x4068AEA3),
         (s.KVM_GET_MSRS, 0xC008AE88),
+        (s.KVM_CREATE_IRQCHIP, 0xAE60),
+        (s.KVM_GET_LAPIC, 0x8400AE8E),
+        (s.KVM_SET_LAPIC, 0x4400AE8F),
+        (s.KVM_GET_CLOCK, 0x8030AE7C),
+        (s.KVM_SET_CLOCK, 0x4030AE7B),
+        (s.KVM_GET_VCPU_EVENTS, 0x8040AE9F),
+        (s.KVM_SET_VCPU_EVENTS, 0x4040AEA0),
+        (s.KVM_GET_MP_STATE, 0x8004AE98),
+        (s.KVM_SET_MP_STATE, 0x4004AE99),
     ],
 )
 def test_ioctl_numbers(number: int, value: int) -> None:

@@ -21,7 +21,7 @@ from confplan.migration.dirty import DirtyTracker
 from confplan.migration.helper import open_mailboxes
 from confplan.migration.session import resynced_tsc
 from confplan.migration.source import Outgoing
-from confplan.migration.target import Incoming, IncomingState
+from confplan.migration.target import Incoming, IncomingState, apply_clock
 from confplan.migration.verify import private_digests, shared_digest
 from confplan.sev import CONFPLAN_TRANSPORT_KEY_GUID
 from confplan.sev.secret_table import CONFPLAN_MIGRATION_ID_GUID, build_secret_table
@@ -119,9 +119,20 @@ def test_migrate_resume_ledger_ok(pairs: list[Pair], mode: str) -> None:
     saved = next(iter(status.vcpus.values()))
     assert resynced_tsc(saved, saved.paused_wall + 1.0, 1000) == saved.state.tsc + 1_000_000
     pair.dst.restore_vcpu_states(states)
+    assert status.clock is not None  # the source's kvm-clock (DEVICE_STATE kvm-clock)
+    apply_clock(pair.dst, status, time.time())
+    ticks = pair.dst.workload.clock().ticks
     pair.dst.resume_all_vcpus_except_aux()
     check = pair.dst.workload.check()
     assert check.ok
+    # time went on in the guest across the migration: never backwards, the pause seen as a gap > 0
+    assert pair.dst.workload.wait_clock_read()
+    seen = pair.dst.workload.clock()
+    assert seen.monotonic and seen.max_gap_seconds is not None and 0 < seen.max_gap_seconds < 60
+    deadline = time.monotonic() + 5
+    while pair.dst.workload.clock().ticks <= ticks and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert pair.dst.workload.clock().ticks > ticks  # the LAPIC timer (restored with the LAPIC) ticks there
     if pair.dst.host.features & abi.FEATURE_BITS["avx"]:
         assert check.vector == "intact"  # the upper YMM halves crossed with the vCPU's XSAVE area
     written = pair.dst.workload.progress().pages_written
@@ -312,3 +323,22 @@ def test_replayed_records_are_refused_by_the_target_helper(pairs: list[Pair]) ->
         sock.close()
     finally:
         again.close()
+
+
+def test_a_kvm_clock_restored_backwards_is_seen_by_the_guest(pairs: list[Pair]) -> None:
+    """The guest's monotonic-clock check can fail: a target that sets the source's kvm-clock 5 s back
+    (instead of moved on by the pause) makes the guest read time going backwards."""
+    pair = Pair("aux-vcpu", dirty_rate=4 * abi.MIB)
+    pairs.append(pair)
+    pair.out.send_round()
+    assert pair.src.workload.wait_clock_read()
+    pair.src.pause_all_vcpus_except_aux()
+    pair.out.send_round(final=True)
+    pair.out.send_state(time.time())
+    status = pair.incoming.wait(30)
+    assert status.state is IncomingState.COMPLETE, status.error
+    pair.dst.restore_vcpu_states([s.state for s in status.vcpus.values()])
+    apply_clock(pair.dst, status, time.time(), offset_ns=-5_000_000_000)
+    pair.dst.resume_all_vcpus_except_aux()
+    assert pair.dst.workload.wait_clock_read()
+    assert not pair.dst.workload.clock().monotonic

@@ -9,8 +9,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from confplan.errors import ConfplanError
+from confplan.kvm import structs as s
 from confplan.vmm import Machine, MachineConfig, abi
 from confplan.vmm.exits import GuestError, GuestFault
+from confplan.vmm.state import state_blob, state_from_blob
 from confplan.vmm.workload import page_csum, page_fill
 
 pytestmark = pytest.mark.kvm
@@ -69,9 +72,11 @@ def test_dirty_log_reports_exactly_the_written_pages(quiet: Machine) -> None:
     dirty = quiet.dirty_log.fetch()
     first_data = lay.wl_data_gpa // abi.PAGE
     assert dirty.pages(first_data, lay.npages) == [first_data + p for p in pages]
-    # Everything else written is bookkeeping: page-table A/D bits, the control page, stack, ledger.
+    # Everything else written is bookkeeping: page-table A/D bits, the control page, stack, ledger,
+    # the CPL0 stacks (timer interrupt frames), the pvclock page (kvm-clock).
     ledger = {(lay.wl_ledger_gpa + 8 * p) // abi.PAGE for p in pages}
-    allowed = set(range(abi.PT_WL_GPA // abi.PAGE, abi.KSTACK_GPA // abi.PAGE)) | ledger
+    kstacks = (abi.KSTACK_GPA + abi.KSTACK_SIZE * abi.MAX_VCPUS) // abi.PAGE
+    allowed = set(range(abi.PT_WL_GPA // abi.PAGE, kstacks)) | ledger
     allowed |= set(range(lay.wl_ctl_gpa // abi.PAGE, lay.wl_ledger_gpa // abi.PAGE))
     assert set(dirty.pages(0, first_data)) <= allowed
     assert ledger <= set(dirty.pages(0, first_data))
@@ -82,7 +87,9 @@ def test_encryption_bitmap_follows_the_guest_reports(quiet: Machine) -> None:
     shared = lay.wl_data_pages * 250_000 // 1_000_000
     first = lay.wl_data_gpa // abi.PAGE
     enc = quiet.enc_bitmap
-    assert enc.shared_pages() == shared and enc.stats.reports == 1
+    # the fill's one report, and the pvclock page (KVM writes it: shared, as Linux's hv_clock)
+    assert enc.shared_pages() == shared + 1 and enc.stats.reports == 2
+    assert not enc.is_private(lay.wl_pvclock_gpa // abi.PAGE)
     assert not enc.is_private(first) and not enc.is_private(first + shared - 1)
     assert enc.is_private(first + shared) and enc.is_private(first - 1) and enc.is_private(lay.npages - 1)
 
@@ -136,6 +143,16 @@ def test_vcpu_state_round_trip(quiet: Machine) -> None:
     assert again[0].fpu == saved[0].fpu and again[0].xcrs == saved[0].xcrs
     assert again[0].xsave == saved[0].xsave and saved[0].xsave[:2] == saved[0].fpu[128:130]  # FCW
     assert saved[0].tsc <= again[0].tsc
+    # the interrupt and time state: the LAPIC (its timer programmed), MP state, events, the MSRs
+    lvt_timer = (0x20000 | abi.TIMER_VECTOR).to_bytes(4, "little")
+    assert saved[0].lapic[0x320:0x324] == again[0].lapic[0x320:0x324] == lvt_timer
+    assert again[0].mp_state == saved[0].mp_state == s.KVM_MP_STATE_RUNNABLE and again[0].events
+    msrs = dict(again[0].msrs)
+    assert msrs == dict(saved[0].msrs)
+    assert msrs[abi.MSR_KVM_SYSTEM_TIME_NEW] == quiet.layout.wl_pvclock_gpa | 1
+    blob = state_blob(saved[0], time.time())
+    assert len(blob) <= abi.VMSA_DATA_BYTES  # an SEV-ES target opens it into a VMSA slot
+    assert state_from_blob(blob)[0] == saved[0]
     quiet.resume_all_vcpus_except_aux()
     assert quiet.workload.check().ok
 
@@ -208,3 +225,73 @@ def test_a_paced_dirty_writer_sleeps_between_bursts_and_keeps_its_rate() -> None
         assert exits >= 10  # parks in bursts of ~4 ms (125 in 0.5 s); a spinning writer makes none
         assert 0 < written <= (elapsed * rate / abi.PAGE) * 1.2 + 64  # never ahead of the schedule
         assert m.workload.progress().states == ["running"]
+
+
+def test_the_lapic_timer_ticks_and_kvm_clock_runs_in_the_guest() -> None:
+    """Each workload vCPU programs its LAPIC timer (100 Hz; a CPL0 handler counts the ticks and EOIs) and
+    kvm-clock at CPL0, then reads kvm-clock natively once a loop. The helper's vCPUs have interrupts
+    masked and no timer."""
+    cfg = MachineConfig(memory=MEM, vcpus=2, aux_vcpus=1, dirty_rate=4 * abi.MIB)
+    with Machine(cfg) as m:
+        aux = m.aux[0].runner.vcpu
+        assert not aux.get_regs().rflags & 0x200  # IF clear from the start
+        m.start()
+        m.wait_workload(abi.EV_WL_FILLED, timeout=20)
+        first = m.workload.clock()
+        ticks = [int(m.workload.status(i).ticks) for i in range(2)]
+        deadline = time.monotonic() + 10
+        def ticked() -> bool:
+            return all(m.workload.status(i).ticks >= t + 3 for i, t in enumerate(ticks))
+
+        while time.monotonic() < deadline and not ticked():
+            time.sleep(0.05)
+        later = m.workload.clock()
+        assert ticked(), "every vCPU's timer ticks"
+        assert later.reads > first.reads and later.monotonic
+        # the guest's reading is kvm-clock: never ahead of the VM's clock read after it
+        seen = max(int(m.workload.status(i).clock_ns) for i in range(2))
+        assert 0 < seen <= m.save_clock().clock_ns
+        lvt = int.from_bytes(aux.get_lapic()[0x320:0x324], "little")
+        assert lvt & 0x10000  # the helper's LAPIC timer stays masked (its reset state)
+        assert m.workload.check().ok
+
+
+def test_the_guest_measures_its_pause_and_sees_a_clock_set_back() -> None:
+    """Pause, then set kvm-clock moved on by the pause: the guest's largest gap is the pause, its clock
+    monotonic. Set it back instead: the guest sees time go backwards (the check can fail)."""
+    with Machine(MachineConfig(memory=MEM, aux_vcpus=1, dirty_rate=4 * abi.MIB)) as m:
+        m.start()
+        m.wait_workload(abi.EV_WL_FILLED, timeout=20)
+        assert m.workload.wait_clock_read()  # a reading before the pause, for the gap to start from
+        m.pause_all_vcpus_except_aux()
+        clock = m.save_clock()
+        time.sleep(0.2)
+        m.restore_clock(clock, time.time())
+        m.workload.reset_gap()
+        m.resume_all_vcpus_except_aux()
+        assert m.workload.wait_clock_read()
+        seen = m.workload.clock()
+        assert seen.monotonic and seen.max_gap_seconds is not None and 0 < seen.max_gap_seconds < 60
+        m.pause_all_vcpus_except_aux()
+        m.restore_clock(m.save_clock(), time.time(), offset_ns=-2_000_000_000)
+        m.resume_all_vcpus_except_aux()
+        assert m.workload.wait_clock_read()
+        assert not m.workload.clock().monotonic
+
+
+def test_a_cpl0_stack_in_the_state_is_restored_only_into_that_vcpus_own_stack(quiet: Machine) -> None:
+    """A vCPU paused inside its timer handler returns through the frame on its CPL0 stack (set up per
+    side): the state carries the used part, restore writes it back, and refuses a range outside it."""
+    quiet.pause_all_vcpus_except_aux()
+    saved = quiet.save_vcpu_states()[0]
+    assert not saved.kstack  # paused at CPL3 (nearly always): nothing to carry
+    top = abi.KSTACK_GPA + abi.KSTACK_SIZE
+    inside = dataclasses.replace(saved, kstack_gpa=top - 40, kstack=bytes(range(40)))
+    assert state_from_blob(state_blob(inside, 0.0))[0] == inside  # the blob carries it
+    quiet.restore_vcpu_states([inside])
+    assert quiet.ram.read(top - 40, 40) == bytes(range(40))
+    with pytest.raises(ConfplanError, match="CPL0 stack is not its own"):
+        quiet.restore_vcpu_states([dataclasses.replace(inside, kstack_gpa=top)])
+    quiet.restore_vcpu_states([saved])
+    quiet.resume_all_vcpus_except_aux()
+    assert quiet.workload.check().ok

@@ -64,8 +64,10 @@ def apply_cmd(
         doc = out.succeeded(result)
     moved = doc["migration"]
     if output is Output.TEXT and moved["downtime_seconds"] is not None:
-        typer.echo(f"downtime {moved['downtime_seconds'] * 1e3:.1f} ms; the guest runs in the target VMM "
-                   f"(pid {moved['target_pid']}); `confplan stop {plan_path}` shuts it down")  # fmt: skip
+        guest = moved.get("guest_downtime_seconds")
+        seen = f" (the guest saw {guest * 1e3:.1f} ms)" if guest is not None else ""
+        typer.echo(f"downtime {moved['downtime_seconds'] * 1e3:.1f} ms{seen}; the guest runs in the target "
+                   f"VMM (pid {moved['target_pid']}); `confplan stop {plan_path}` shuts it down")  # fmt: skip
 
 
 def _consent_to_replace(plan: Plan, *, restart: bool, yes: bool, plan_ref: str) -> None:

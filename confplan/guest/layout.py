@@ -52,7 +52,8 @@ def _data_pages(shape: GuestShape) -> tuple[int, int, int]:
     stride = PAGE + round_up(shape.batch_pages * (PAGE + abi.MAILBOX_SLOT_TAG), PAGE)
     vmsa = _mh_private(shape, stride)[4]
     mh_end = round_up(vmsa + shape.vcpus * abi.VMSA_SLOT_SIZE, HUGE)
-    stacks = mh_end + round_up(ctypes.sizeof(abi.WlControl), PAGE)
+    pvclock = mh_end + round_up(ctypes.sizeof(abi.WlControl), PAGE)
+    stacks = pvclock + PAGE
     ledger = stacks + shape.vcpus * WL_STACK_SIZE
     room = shape.memory - ledger - PAGE  # a page of slack for rounding the ledger
     return mh_end, ledger, max(room // (PAGE + LEDGER_ENTRY), 0)
@@ -100,6 +101,7 @@ class GuestLayout:
     mh_end: int  # the MH area is [abi.MH_BASE, mh_end), 2 MiB aligned
     wl_vcpus: int
     wl_ctl_gpa: int
+    wl_pvclock_gpa: int  # one page: a pvclock struct (kvm-clock) per workload vCPU, written by KVM
     wl_stack_gpa: int
     wl_ledger_gpa: int
     wl_data_gpa: int
@@ -159,6 +161,7 @@ class GuestLayout:
                 minimum=minimum_memory(config.vcpus, config.mh_vcpus, config.batch_pages),
             )
         ctl = mh_end
+        pvclock = ctl + round_up(ctypes.sizeof(abi.WlControl), PAGE)
         return cls(
             ram_bytes=config.memory,
             mh_vcpus=config.mh_vcpus,
@@ -171,7 +174,8 @@ class GuestLayout:
             mh_end=mh_end,
             wl_vcpus=config.vcpus,
             wl_ctl_gpa=ctl,
-            wl_stack_gpa=ctl + round_up(ctypes.sizeof(abi.WlControl), PAGE),
+            wl_pvclock_gpa=pvclock,
+            wl_stack_gpa=pvclock + PAGE,
             wl_ledger_gpa=ledger,
             wl_data_gpa=ledger + round_up(data_pages * LEDGER_ENTRY, PAGE),
             wl_data_pages=data_pages,

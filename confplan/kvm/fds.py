@@ -31,6 +31,7 @@ REQUIRED_CAPS: Final = {
     "KVM_CAP_EXT_CPUID": s.KVM_CAP_EXT_CPUID,
     "KVM_CAP_IMMEDIATE_EXIT": s.KVM_CAP_IMMEDIATE_EXIT,
     "KVM_CAP_XCRS": s.KVM_CAP_XCRS,
+    "KVM_CAP_IRQCHIP": s.KVM_CAP_IRQCHIP,
 }
 
 
@@ -163,6 +164,22 @@ class Vm:
         log = s.KvmDirtyLog(slot=slot, dirty_bitmap=bitmap_addr)
         ioctl(self.fd, s.KVM_GET_DIRTY_LOG, log, "KVM_GET_DIRTY_LOG")
 
+    def create_irqchip(self) -> None:
+        """KVM_CREATE_IRQCHIP: the in-kernel interrupt controllers (a LAPIC per vCPU, IOAPIC, PIC). Before
+        any vCPU exists."""
+        ioctl(self.fd, s.KVM_CREATE_IRQCHIP, None, "KVM_CREATE_IRQCHIP")
+
+    def get_clock(self) -> s.KvmClockData:
+        """KVM_GET_CLOCK: the VM's kvm-clock in ns (``clock``), as every vCPU's pvclock derives it."""
+        data = s.KvmClockData()
+        ioctl(self.fd, s.KVM_GET_CLOCK, data, "KVM_GET_CLOCK")
+        return data
+
+    def set_clock(self, clock_ns: int) -> None:
+        """KVM_SET_CLOCK to ``clock_ns`` (no flags: the value is taken as of now); KVM updates every vCPU's
+        pvclock before it next runs."""
+        ioctl(self.fd, s.KVM_SET_CLOCK, s.KvmClockData(clock=clock_ns), "KVM_SET_CLOCK")
+
     def set_tss_addr(self, gpa: int) -> None:
         """KVM_SET_TSS_ADDR: three pages KVM may use on VMX hosts (outside RAM and MMIO)."""
         ioctl(self.fd, s.KVM_SET_TSS_ADDR, gpa, "KVM_SET_TSS_ADDR")
@@ -280,6 +297,40 @@ class Vcpu:
             raise KvmError(errno.E2BIG, f"KVM_SET_XSAVE ({len(area)} bytes, at most {length})")
         buf = (ctypes.c_uint8 * length).from_buffer_copy(area.ljust(length, b"\0"))
         ioctl(self.fd, s.KVM_SET_XSAVE, buf, "KVM_SET_XSAVE")
+
+    def get_lapic(self) -> bytes:
+        """KVM_GET_LAPIC: the in-kernel LAPIC's 1 KiB register page (needs KVM_CREATE_IRQCHIP)."""
+        state = s.KvmLapicState()
+        ioctl(self.fd, s.KVM_GET_LAPIC, state, "KVM_GET_LAPIC")
+        return bytes(state.regs)
+
+    def set_lapic(self, regs: bytes) -> None:
+        """KVM_SET_LAPIC from ``regs`` (zero-padded to 1 KiB): the registers, and the timer restarted
+        from them."""
+        if len(regs) > ctypes.sizeof(s.KvmLapicState):
+            raise KvmError(errno.E2BIG, f"KVM_SET_LAPIC ({len(regs)} bytes)")
+        state = s.KvmLapicState.from_buffer_copy(regs.ljust(ctypes.sizeof(s.KvmLapicState), b"\0"))
+        ioctl(self.fd, s.KVM_SET_LAPIC, state, "KVM_SET_LAPIC")
+
+    def get_vcpu_events(self) -> s.KvmVcpuEvents:
+        """KVM_GET_VCPU_EVENTS: pending and injected exceptions, interrupts, NMI, SMI."""
+        events = s.KvmVcpuEvents()
+        ioctl(self.fd, s.KVM_GET_VCPU_EVENTS, events, "KVM_GET_VCPU_EVENTS")
+        return events
+
+    def set_vcpu_events(self, events: s.KvmVcpuEvents) -> None:
+        """KVM_SET_VCPU_EVENTS (``flags`` says which optional parts to take)."""
+        ioctl(self.fd, s.KVM_SET_VCPU_EVENTS, events, "KVM_SET_VCPU_EVENTS")
+
+    def get_mp_state(self) -> int:
+        """KVM_GET_MP_STATE (needs the in-kernel irqchip)."""
+        state = s.KvmMpState()
+        ioctl(self.fd, s.KVM_GET_MP_STATE, state, "KVM_GET_MP_STATE")
+        return int(state.mp_state)
+
+    def set_mp_state(self, mp_state: int) -> None:
+        """KVM_SET_MP_STATE: e.g. RUNNABLE for a vCPU that should run without INIT/SIPI."""
+        ioctl(self.fd, s.KVM_SET_MP_STATE, s.KvmMpState(mp_state=mp_state), f"KVM_SET_MP_STATE({mp_state})")
 
     def set_cpuid2(self, cpuid: s.KvmCpuid2) -> None:
         """KVM_SET_CPUID2."""

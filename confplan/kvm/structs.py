@@ -190,6 +190,47 @@ class KvmMsrs1(ctypes.Structure):
     _fields_: ClassVar = [("nmsrs", u32), ("pad", u32), ("entries", KvmMsrEntry * 1)]
 
 
+class KvmLapicState(ctypes.Structure):
+    """``struct kvm_lapic_state``: the in-kernel LAPIC's 1 KiB register page (timer state included)."""
+
+    _fields_: ClassVar = [("regs", ctypes.c_uint8 * 1024)]
+
+
+class KvmClockData(ctypes.Structure):
+    """``struct kvm_clock_data``: the VM's kvm-clock (ns), and with flags the host's realtime and TSC."""
+
+    _fields_: ClassVar = [
+        ("clock", u64),
+        ("flags", u32),
+        ("pad0", u32),
+        ("realtime", u64),
+        ("host_tsc", u64),
+        ("pad", u32 * 4),
+    ]
+
+
+class KvmVcpuEvents(ctypes.Structure):
+    """``struct kvm_vcpu_events``: pending/injected exception, interrupt, NMI, SMI (the parts are kept as
+    bytes; only ``flags`` is read here)."""
+
+    _fields_: ClassVar = [
+        ("exception", u8 * 8),
+        ("interrupt", u8 * 4),
+        ("nmi", u8 * 4),
+        ("sipi_vector", u32),
+        ("flags", u32),
+        ("smi", u8 * 4),
+        ("triple_fault", u8),
+        ("reserved", u8 * 26),
+        ("exception_has_payload", u8),
+        ("exception_payload", u64),
+    ]
+
+
+class KvmMpState(ctypes.Structure):
+    _fields_: ClassVar = [("mp_state", u32)]
+
+
 class KvmDirtyLog(ctypes.Structure):
     _fields_: ClassVar = [("slot", u32), ("padding1", u32), ("dirty_bitmap", u64)]
 
@@ -290,6 +331,9 @@ KVM_CREATE_VCPU = _io(0x41)
 KVM_GET_DIRTY_LOG = _iow(0x42, KvmDirtyLog)
 KVM_SET_USER_MEMORY_REGION = _iow(0x46, KvmUserspaceMemoryRegion)
 KVM_SET_TSS_ADDR = _io(0x47)
+KVM_CREATE_IRQCHIP = _io(0x60)
+KVM_SET_CLOCK = _iow(0x7B, KvmClockData)
+KVM_GET_CLOCK = _ior(0x7C, KvmClockData)
 KVM_RUN = _io(0x80)
 KVM_GET_REGS = _ior(0x81, KvmRegs)
 KVM_SET_REGS = _iow(0x82, KvmRegs)
@@ -298,8 +342,14 @@ KVM_SET_SREGS = _iow(0x84, KvmSregs)
 KVM_GET_MSRS = _iowr(0x88, KvmMsrsHeader)
 KVM_SET_MSRS = _iow(0x89, KvmMsrsHeader)
 KVM_GET_FPU = _ior(0x8C, KvmFpu)
+KVM_GET_LAPIC = _ior(0x8E, KvmLapicState)
+KVM_SET_LAPIC = _iow(0x8F, KvmLapicState)
 KVM_SET_FPU = _iow(0x8D, KvmFpu)
 KVM_SET_CPUID2 = _iow(0x90, KvmCpuid2Header)
+KVM_GET_MP_STATE = _ior(0x98, KvmMpState)
+KVM_SET_MP_STATE = _iow(0x99, KvmMpState)
+KVM_GET_VCPU_EVENTS = _ior(0x9F, KvmVcpuEvents)
+KVM_SET_VCPU_EVENTS = _iow(0xA0, KvmVcpuEvents)
 KVM_ENABLE_CAP = _iow(0xA3, KvmEnableCap)
 KVM_GET_TSC_KHZ = _io(0xA3)
 KVM_GET_XSAVE = _ior(0xA4, KvmXsave)
@@ -310,9 +360,12 @@ KVM_GET_STATS_FD = _io(0xCE)
 KVM_GET_XSAVE2 = _ior(0xCF, KvmXsave)
 
 # ---- capabilities (KVM_CHECK_EXTENSION) ----
+KVM_CAP_IRQCHIP = 0
 KVM_CAP_USER_MEMORY = 3
 KVM_CAP_EXT_CPUID = 7
 KVM_CAP_NR_VCPUS = 9
+KVM_CAP_ADJUST_CLOCK = 39
+KVM_CAP_VCPU_EVENTS = 41
 KVM_CAP_XSAVE = 55
 KVM_CAP_XCRS = 56
 KVM_CAP_GET_TSC_KHZ = 61
@@ -326,6 +379,12 @@ KVM_CAP_BINARY_STATS_FD = 203
 KVM_CAP_XSAVE2 = 208
 
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
+KVM_MP_STATE_RUNNABLE = 0
+# kvm_vcpu_events.flags: which optional parts KVM_SET_VCPU_EVENTS takes from the struct
+KVM_VCPUEVENT_VALID_NMI_PENDING, KVM_VCPUEVENT_VALID_SIPI_VECTOR = 0x1, 0x2
+MSR_IA32_APICBASE = 0x1B
+MSR_IA32_TSC_DEADLINE = 0x6E0
+MSR_KVM_SYSTEM_TIME_NEW = 0x4B564D01
 KVM_HC_MAP_GPA_RANGE = 12
 MSR_IA32_TSC = 0x10
 

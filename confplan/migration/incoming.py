@@ -22,7 +22,7 @@ from confplan.migration.mailbox_layout import MailboxError
 from confplan.migration.manifest import state_hash
 from confplan.migration.session import resynced_tsc
 from confplan.migration.side import Log, MigrationSide, StreamSide
-from confplan.migration.target import HandoverHooks, Incoming, IncomingState
+from confplan.migration.target import HandoverHooks, Incoming, IncomingState, apply_clock
 from confplan.transport import sockets
 from confplan.vmm import Machine, vmsa_slot
 
@@ -199,7 +199,8 @@ class IncomingMigration(MigrationSide, HandoverHooks):
     # ---- the resume ----
     def resume(self) -> dict[str, Any]:
         """Run the guest here: the vCPU states (the encryption bitmap is already in place) with the TSC
-        moved on by the pause (clock re-sync), then the guest's vCPUs. Only the handover calls this."""
+        and the VM's kvm-clock moved on by the pause (clock re-sync), then the guest's vCPUs. Only the
+        handover calls this."""
         status = self.need_stream().status
         if status.state is not IncomingState.COMPLETE or status.enc_bitmap is None:
             raise ConfplanError(
@@ -218,6 +219,7 @@ class IncomingMigration(MigrationSide, HandoverHooks):
             ]
             machine.restore_vcpu_states(states)
             gap = max(now - saved.paused_wall for saved in status.vcpus.values())
+        apply_clock(machine, status, now)
         bitmap = machine.enc_bitmap.sha256()  # what the guest starts from here, before it converts more
         machine.resume_all_vcpus_except_aux()
         self.resumed = True

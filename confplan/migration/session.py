@@ -6,6 +6,9 @@ target's clock re-sync). For SEV-ES/SNP the same bytes are what the source MH se
 target MH opens into a VMSA slot, which ``vmm.vmsa_slot`` loads.
 ``ENC_BITMAP_DEVICE``: the page-encryption bitmap travels as a DEVICE_STATE frame of that name (its raw
 64-bit words), so the target knows which pages are shared before the guest runs there.
+``KVM_CLOCK_DEVICE``: the VM's kvm-clock as read in the pause (``vmm.clock.clock_blob``: JSON of the clock
+in ns and the source's wall clock of the reading), a DEVICE_STATE frame of that name; the target sets it
+moved on by the pause.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ VCPU_FORMAT = 1
 VCPU_SEALED_FORMAT = 2  # the blob is the source helper's SEAL_STATE record (SEV-ES/SNP: no host reads it)
 ENC_BITMAP_DEVICE = "enc-bitmap"
 ENC_BITMAP_FORMAT = 1
+KVM_CLOCK_DEVICE = "kvm-clock"
+KVM_CLOCK_FORMAT = 1
 
 
 @dataclass(frozen=True)

@@ -103,9 +103,14 @@ class MigrationSide:
         return {"vcpus": len(machine.vcpus), "helpers": len(machine.helpers)}
 
     def workload_check(self) -> dict[str, Any]:
-        result = self.need_machine().workload.check()
+        workload = self.need_machine().workload
+        result = workload.check()
+        workload.wait_clock_read()  # a reading after the resume: the pause is in the largest gap now
+        clock = workload.clock()
         return {"ok": result.ok, "first_bad_page": result.first_bad_page,
-                "checked_pages": result.checked_pages, "vector": result.vector}  # fmt: skip
+                "checked_pages": result.checked_pages, "vector": result.vector,
+                "guest_max_gap_seconds": clock.max_gap_seconds, "clock_monotonic": clock.monotonic,
+                "timer_ticks": clock.ticks}  # fmt: skip
 
     # ---- the helper ----
     def helper(self) -> MailboxSet | None:

@@ -48,11 +48,14 @@ from confplan.migration.precopy import RoundStats
 from confplan.migration.session import (
     ENC_BITMAP_DEVICE,
     ENC_BITMAP_FORMAT,
+    KVM_CLOCK_DEVICE,
+    KVM_CLOCK_FORMAT,
     VCPU_FORMAT,
     VCPU_SEALED_FORMAT,
     vcpu_blob,
 )
 from confplan.vmm import Machine, abi
+from confplan.vmm.clock import clock_blob
 
 BANKS = 4  # slot banks per mailbox: the MH seals one while the VMM frames and sends another
 # Shared pages per frame: 1 MiB frames cost no more per page than the wire's 2048-page maximum, and keep
@@ -332,8 +335,9 @@ class Outgoing:
         manifest: Callable[[list[bytes]], list[Manifest]] | None = None,
     ) -> None:  # fmt: skip
         """The guest's vCPU states (each sealed by the source helper with ``seal``: SEV-ES/SNP), the
-        encryption bitmap, then the ``manifest`` frames made from the state blobs as sent (after the state
-        is on its way, so the target applies it while this side seals), then DONE (the guest is paused)."""
+        encryption bitmap, the VM's kvm-clock, then the ``manifest`` frames made from the state blobs as
+        sent (after the state is on its way, so the target applies it while this side seals), then DONE
+        (the guest is paused)."""
         parts: list[bytes] = []
         for state in self.machine.save_vcpu_states():
             blob = vcpu_blob(state, paused_wall)
@@ -344,6 +348,9 @@ class Outgoing:
         bitmap = bytes(self.machine.enc_bitmap.bitmap.view())
         self._control(DeviceState(ENC_BITMAP_DEVICE, ENC_BITMAP_FORMAT, bitmap))
         parts.append(bitmap)
+        clock = clock_blob(self.machine.save_clock())
+        self._control(DeviceState(KVM_CLOCK_DEVICE, KVM_CLOCK_FORMAT, clock))
+        parts.append(clock)
         for made in manifest(parts) if manifest is not None else []:
             self._control(made)
         t = self.totals

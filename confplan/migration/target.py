@@ -47,6 +47,8 @@ from confplan.migration.mailbox_set import MailboxSet
 from confplan.migration.session import (
     ENC_BITMAP_DEVICE,
     ENC_BITMAP_FORMAT,
+    KVM_CLOCK_DEVICE,
+    KVM_CLOCK_FORMAT,
     VCPU_SEALED_FORMAT,
     SavedVcpu,
     vcpu_from_blob,
@@ -54,6 +56,7 @@ from confplan.migration.session import (
 from confplan.migration.source import BANKS
 from confplan.transport.sockets import tune_accepted
 from confplan.vmm import Machine
+from confplan.vmm.clock import VmClock, clock_from_blob
 
 DRAIN_SECONDS = 5.0
 
@@ -78,6 +81,7 @@ class IncomingStatus:
     sealed_vcpus: dict[int, bytes] = field(default_factory=dict)  # SEV-ES/SNP: the helper opens them
     state_parts: list[bytes] = field(default_factory=list)  # the state blobs as received (manifest's hash)
     enc_bitmap: bytes | None = None
+    clock: VmClock | None = None  # the source VM's kvm-clock in the pause (None: an older source sent none)
     manifests: dict[int, Manifest] = field(default_factory=dict)  # by format: for the target's own check
 
     def to_json(self) -> dict[str, Any]:
@@ -365,6 +369,9 @@ class Incoming:
         return concat_gpas(taken)
 
     def _device(self, msg: DeviceState) -> None:
+        if msg.name == KVM_CLOCK_DEVICE:
+            self._clock(msg)
+            return
         if msg.name != ENC_BITMAP_DEVICE:
             raise ConfplanError(f"DEVICE_STATE for device {msg.name!r}: this VMM has no such device")
         want = self.machine.enc_bitmap.bitmap.nbytes
@@ -374,6 +381,18 @@ class Incoming:
                 f"expected format {ENC_BITMAP_FORMAT}, {want} bytes"
             )
         self.status.enc_bitmap = msg.blob
+
+    def _clock(self, msg: DeviceState) -> None:
+        if msg.format_version != KVM_CLOCK_FORMAT:
+            raise ConfplanError(
+                f"the kvm-clock state is format {msg.format_version}; "
+                f"this VMM reads format {KVM_CLOCK_FORMAT}",
+                hint="run the same confplan version on the source and the target",
+            )
+        try:
+            self.status.clock = clock_from_blob(msg.blob)
+        except ValueError as err:
+            raise ConfplanError(f"the kvm-clock state does not decode: {err}") from None
 
     def _check_done(self, done: Done) -> None:
         got = (self.status.rounds, self.status.shared_pages, self.status.sealed_pages)
@@ -390,6 +409,15 @@ class Incoming:
             raise ConfplanError(f"the stream ended without the state of vCPUs {missing}")
         # Installed now, while the guest's vCPUs are still parked: verify reads which pages are shared.
         apply_enc_bitmap(self.machine, self.status.enc_bitmap)
+
+
+def apply_clock(machine: Machine, status: IncomingStatus, now_wall: float, *, offset_ns: int = 0) -> None:
+    """The guest's time, once its vCPUs are restored and before it runs: the source's kvm-clock moved on
+    by the pause (nothing when the source sent none), and the workload's largest gap forgotten, so the next
+    one it measures is the pause. ``offset_ns`` is for tests only (a clock set wrong)."""
+    if status.clock is not None:
+        machine.restore_clock(status.clock, now_wall, offset_ns=offset_ns)
+    machine.workload.reset_gap()
 
 
 def apply_enc_bitmap(machine: Machine, blob: bytes) -> None:

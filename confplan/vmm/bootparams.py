@@ -35,6 +35,16 @@ class HostCpu:
                 vcpu.close()
 
 
+# KVM's in-kernel LAPIC counts at 1 GHz (APIC_BUS_CYCLE_NS = 1 unless KVM_CAP_X86_APIC_BUS_CYCLES_NS changes
+# it); the guest's timer divides by 1, so the initial count is nanoseconds per tick.
+LAPIC_BUS_HZ = 1_000_000_000
+
+
+def timer_count(timer_hz: int) -> int:
+    """The LAPIC timer's initial count for ``timer_hz`` ticks a second (0: no timer)."""
+    return LAPIC_BUS_HZ // timer_hz if timer_hz else 0
+
+
 def boot_params(config: MachineConfig, layout: GuestLayout, host: HostCpu) -> abi.BootParams:
     bp = abi.BootParams()
     bp.magic, bp.version = abi.BP_MAGIC, abi.ABI_VERSION
@@ -75,6 +85,8 @@ def boot_params(config: MachineConfig, layout: GuestLayout, host: HostCpu) -> ab
     bp.wl_rate_bps = 0 if config.dirty_rate is None else max(1, int(config.dirty_rate))
     bp.wl_seed = config.seed & ((1 << 64) - 1)
     bp.wl_conv_rate = round(config.conversion_rate)
+    bp.wl_pvclock_gpa = layout.wl_pvclock_gpa
+    bp.timer_count = timer_count(config.timer_hz)
     return bp
 
 

@@ -20,7 +20,8 @@ class MachineConfig:
     ``prefault`` allocates all guest RAM at creation; ``dirty_logging`` off: no dirty log (cannot send).
     ``mirror_vcpus``: the mirror VM's vCPUs in helper mode mirror-vm. ``measured_launch``: the firmware and
     boot parameters are placed by the secure processor's LAUNCH_UPDATE_DATA (``sev_launch``), and no vCPU
-    starts before LAUNCH_FINISH."""
+    starts before LAUNCH_FINISH. ``timer_hz``: the LAPIC timer each workload vCPU programs (0: none;
+    kvm-clock runs either way)."""
 
     memory: int = 64 * abi.MIB
     vcpus: int = 1
@@ -38,6 +39,7 @@ class MachineConfig:
     enc_channel: EncChannel = "mmio"
     measured_launch: bool = False
     dirty_logging: bool = True
+    timer_hz: int = 100
     watchdog_s: float | None = 10.0
     console_echo: bool = False
     console_log: str | None = None
@@ -100,5 +102,7 @@ class MachineConfig:
             raise ConfplanError(
                 f"{where}: conversion_rate {self.conversion_rate}", hint="use 0 to 1000000 pages per second"
             )
+        if not 0 <= self.timer_hz <= 1000:
+            raise ConfplanError(f"{where}: timer_hz {self.timer_hz}", hint="use 0 (no timer) to 1000")
         if not 1 <= self.batch_pages <= 4096:
             raise ConfplanError(f"{where}: batch_pages {self.batch_pages}", hint="use 1..4096")

@@ -13,7 +13,8 @@ from confplan.vmm import abi, tables
 CR0 = 0x80050033  # PE MP ET NE WP AM PG
 CR4 = 0x40620  # PAE OSFXSR OSXMMEXCPT OSXSAVE
 EFER = 0xD01  # SCE LME LMA NXE
-RFLAGS = 0x202
+RFLAGS = 0x202  # IF set: the guest takes its timer interrupts
+RFLAGS_MASKED = 0x2  # the helper's vCPUs: no interrupt may disturb the mailbox protocol
 
 # (leaf, subleaf, register, bit) -> boot-params feature name
 _FEATURES = {
@@ -129,9 +130,13 @@ def configure(
     cr3: int,
     arg: int,
     nr_vcpus: int,
+    interrupts: bool = True,
+    irqchip: bool = False,
 ) -> None:
     """CPUID, then segments/control registers, then registers, FPU and XCR0 (SET_XCRS needs the CPUID
-    that advertises XSAVE, so CPUID goes first)."""
+    that advertises XSAVE, so CPUID goes first). ``interrupts`` off: RFLAGS.IF clear (helper vCPUs).
+    ``irqchip``: the VM has the in-kernel LAPIC, which holds every vCPU but the boot CPU in wait-for-SIPI;
+    these start directly at their entry, so each is made RUNNABLE."""
     vcpu.set_cpuid2(_cpuid_for(cpuid, vcpu.id))
     sregs = vcpu.get_sregs()
     sregs.cs = _segment(tables.USER_CS, code=True)
@@ -146,8 +151,11 @@ def configure(
     sregs.idt.base, sregs.idt.limit = abi.IDT_GPA, 256 * 16 - 1
     sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer = CR0, cr3, CR4, EFER
     vcpu.set_sregs(sregs)
-    regs = s.KvmRegs(rip=entry, rsp=stack_top - 8, rdi=arg, rflags=RFLAGS)  # -8: SysV entry alignment
+    flags = RFLAGS if interrupts else RFLAGS_MASKED
+    regs = s.KvmRegs(rip=entry, rsp=stack_top - 8, rdi=arg, rflags=flags)  # -8: SysV entry alignment
     vcpu.set_regs(regs)
+    if irqchip:
+        vcpu.set_mp_state(s.KVM_MP_STATE_RUNNABLE)
     fpu = s.KvmFpu(fcw=0x37F, mxcsr=0x1F80)
     vcpu.set_fpu(fpu)
     xcrs = s.KvmXcrs(nr_xcrs=1)

@@ -4,6 +4,7 @@ Set-up registers its tear-down; ``close`` runs it in reverse."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import threading
 import time
@@ -16,6 +17,7 @@ from confplan.kvm import structs as s
 from confplan.vmm import abi, cpu_setup
 from confplan.vmm.aux_vcpu import HelperHost, HelperVcpu
 from confplan.vmm.bootparams import HostCpu
+from confplan.vmm.clock import VmClock
 from confplan.vmm.config import MachineConfig
 from confplan.vmm.devices import MmioBus
 from confplan.vmm.devices.console import Console
@@ -105,6 +107,8 @@ class Machine:
         self.vm = self.kvm.create_vm()
         self._teardown.append(self.vm.close)
         self.vm.set_tss_addr(TSS_ADDR)
+        # In-kernel LAPIC (and IOAPIC/PIC, unused) before any vCPU: the guest's timer and kvm-clock.
+        self.vm.create_irqchip()
         self.hypercall_exits = self._enable_hypercall_exit()
         self.ram = GuestRam(cfg.memory)
         self._teardown.append(self.ram.close)
@@ -168,13 +172,13 @@ class Machine:
             vcpu = self.vm.create_vcpu(vcpu_id)
             self._teardown.append(vcpu.close)
             if vcpu_id >= cfg.vcpus:
-                self._configure_helper(vcpu, vcpu_id - cfg.vcpus)
+                self._configure_helper(vcpu, vcpu_id - cfg.vcpus, irqchip=True)
                 self._add_helper(vcpu, vcpu_id - cfg.vcpus, "aux-vcpu")
                 continue
             cpu_setup.configure(
                 vcpu, self._cpuid, self.cpu, entry=self.firmware.sym("wl_entry"),
                 stack_top=self.layout.wl_stack_top(vcpu_id), cr3=abi.PT_WL_GPA, arg=vcpu_id,
-                nr_vcpus=self._cpu_slots,
+                nr_vcpus=self._cpu_slots, irqchip=True,
             )  # fmt: skip
             self.runners.append(self._runner(vcpu, aux=False))
 
@@ -183,18 +187,19 @@ class Machine:
         cfg = self.config
         self.mirror = MirrorVm(
             self.kvm, self.vm, self.ram, first_id=cfg.vcpus, count=cfg.mirror_vcpus,
-            configure=self._configure_helper,
+            configure=lambda vcpu, i: self._configure_helper(vcpu, i, irqchip=False),
         )  # fmt: skip
         self._teardown.append(self.mirror.close)
         for i, vcpu in enumerate(self.mirror.vcpus):
             self._add_helper(vcpu, i, "mirror-vm")
 
-    def _configure_helper(self, vcpu: Vcpu, mh_index: int) -> None:
-        """Both helper modes: start at mh_entry(mh_index), helper page tables, own MH stack."""
+    def _configure_helper(self, vcpu: Vcpu, mh_index: int, *, irqchip: bool) -> None:
+        """Both helper modes: start at mh_entry(mh_index), helper page tables, own MH stack, interrupts
+        masked (it programs no timer; nothing may interrupt its mailbox protocol)."""
         cpu_setup.configure(
             vcpu, self._cpuid, self.cpu, entry=self.firmware.sym("mh_entry"),
             stack_top=self.layout.mh_stack_top(mh_index), cr3=abi.PT_MH_GPA, arg=mh_index,
-            nr_vcpus=self._cpu_slots,
+            nr_vcpus=self._cpu_slots, interrupts=False, irqchip=irqchip,
         )  # fmt: skip
 
     def _add_helper(self, vcpu: Vcpu, mh_index: int, mode: HelperHost) -> None:
@@ -337,7 +342,30 @@ class Machine:
     def save_vcpu_states(self) -> list[VcpuState]:
         """State of the guest's own vCPUs (they must be paused); aux vCPUs are not migrated."""
         self._require_paused()
-        return [VcpuState.save(r.vcpu) for r in self.vcpus]
+        return [self._with_kstack(VcpuState.save(r.vcpu, irqchip=True)) for r in self.vcpus]
+
+    def _kstack_top(self, vcpu_id: int) -> int:
+        return abi.KSTACK_GPA + (vcpu_id + 1) * abi.KSTACK_SIZE
+
+    def _with_kstack(self, st: VcpuState) -> VcpuState:
+        """A vCPU paused at CPL0 (inside its timer handler) returns through the frame on its CPL0 stack,
+        which each side sets up for itself: keep the used part with the state (until the CPL0 area
+        migrates as guest memory)."""
+        cs = s.KvmSregs.from_buffer_copy(st.sregs).cs
+        top, rsp = self._kstack_top(st.vcpu_id), st.regs["rsp"]
+        if cs.selector & 3 or not top - abi.KSTACK_SIZE <= rsp < top:
+            return st
+        return dataclasses.replace(st, kstack_gpa=rsp, kstack=self.ram.read(rsp, top - rsp))
+
+    def save_clock(self) -> VmClock:
+        """The VM's kvm-clock (read with the host wall clock of the reading), for a migration."""
+        return VmClock.save(self.vm)
+
+    def restore_clock(self, clock: VmClock, now_wall: float, *, offset_ns: int = 0) -> int:
+        """Set the VM's kvm-clock moved on by the wall time since ``clock`` was read (the guest must be
+        paused); ``offset_ns`` is for tests only. Returns the value set."""
+        self._require_paused()
+        return clock.restore(self.vm, now_wall, offset_ns=offset_ns)
 
     def restore_vcpu_states(self, states: list[VcpuState]) -> None:
         self._require_paused()
@@ -347,6 +375,11 @@ class Machine:
                 raise ConfplanError(
                     f"vCPU state for vCPU {st.vcpu_id}, but this guest has {len(by_id)} vCPUs"
                 )
+            top = self._kstack_top(st.vcpu_id)
+            if st.kstack and not top - abi.KSTACK_SIZE <= st.kstack_gpa == top - len(st.kstack):
+                raise ConfplanError(f"vCPU state for vCPU {st.vcpu_id}: its CPL0 stack is not its own")
+            if st.kstack:
+                self.ram.write(st.kstack_gpa, st.kstack)
             st.restore(by_id[st.vcpu_id].vcpu)
 
     def _require_paused(self) -> None:

@@ -34,7 +34,7 @@ TSS_LIMIT = 0x67
 ISR_STUB_STRIDE = 16
 
 # page-table entry bits
-P, RW, US, PS = 0x1, 0x2, 0x4, 0x80
+P, RW, US, PWT, PCD, PS = 0x1, 0x2, 0x4, 0x8, 0x10, 0x80
 PT_PAGES = 7  # PML4, PDPT, PD0..PD3, PT for the low 2 MiB
 
 
@@ -123,3 +123,6 @@ def _write_set(ram: GuestWrites, base: int, layout: GuestLayout, low: dict[int, 
             ram.write(pd0 + (gpa // HUGE) * 8, struct.pack("<Q", gpa | P | RW | US | PS))
     for gpa in range(abi.MMIO_BASE, abi.MMIO_BASE + abi.MMIO_SIZE, HUGE):
         ram.write(pd0 + (gpa // HUGE) * 8, struct.pack("<Q", gpa | P | RW | US | PS))
+    # The xAPIC page (the in-kernel LAPIC): CPL0 only, uncached, in the 2 MiB page that holds it.
+    lapic = abi.LAPIC_GPA & ~(HUGE - 1)
+    ram.write(pd0 + (lapic // HUGE) * 8, struct.pack("<Q", lapic | P | RW | PWT | PCD | PS))

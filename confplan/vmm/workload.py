@@ -28,6 +28,16 @@ class CheckResult:
 
 
 @dataclass(frozen=True)
+class GuestClock:
+    """What the workload saw of time (kvm-clock, read once a loop) and of its LAPIC timer, over its vCPUs."""
+
+    ticks: int  # timer interrupts taken
+    reads: int  # kvm-clock readings
+    monotonic: bool  # no reading was ever earlier than the one before it
+    max_gap_seconds: float | None  # the longest stop it did not ask for (None: nothing measured yet)
+
+
+@dataclass(frozen=True)
 class WorkloadProgress:
     pages_written: int
     states: list[str]
@@ -60,6 +70,32 @@ class WorkloadControl:
             conversions=sum(st.conversions for st in statuses),
             states=[abi.WL_STATE_NAMES.get(st.state, str(st.state)) for st in statuses],
         )
+
+    def clock(self) -> GuestClock:
+        statuses = [self.status(i) for i in range(self._layout.wl_vcpus)]
+        gap = max(int(st.max_gap_ns) for st in statuses)
+        return GuestClock(
+            ticks=sum(int(st.ticks) for st in statuses), reads=sum(int(st.clock_reads) for st in statuses),
+            monotonic=all(st.clock_back == 0 for st in statuses), max_gap_seconds=gap / 1e9 if gap else None,
+        )  # fmt: skip
+
+    def wait_clock_read(self, timeout: float = 2.0) -> bool:
+        """Wait until every workload vCPU read its clock again (kicked out of an idle park first); False on
+        timeout. After it, any pause before this call is in ``clock()``."""
+        before = [int(self.ctl.vcpu[i].clock_reads) for i in range(self._layout.wl_vcpus)]
+        self._kick()
+        deadline = time.monotonic() + timeout
+        while any(int(self.ctl.vcpu[i].clock_reads) == n for i, n in enumerate(before)):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.001)
+        return True
+
+    def reset_gap(self) -> None:
+        """Forget the largest gap each vCPU saw (the guest paused), so the next one measured is the pause:
+        a migration target does this just before it resumes the guest."""
+        for i in range(self._layout.wl_vcpus):
+            self.ctl.vcpu[i].max_gap_ns = 0
 
     def check(self, timeout: float = 30.0) -> CheckResult:
         """Ask every workload vCPU to verify its pages against the ledger; OK or the first bad page."""

@@ -14,6 +14,13 @@
 
 void cp_abi_export(void);
 
+/* The CPL0 timer handler (isr.S) addresses these fields by the header's numbers. */
+_Static_assert(offsetof(struct cp_boot_params, wl_ctl_gpa) == CP_BP_WL_CTL_OFF, "CP_BP_WL_CTL_OFF");
+_Static_assert(offsetof(struct cp_wl_control, vcpu) == CP_WLCTL_VCPU_OFF, "CP_WLCTL_VCPU_OFF");
+_Static_assert(offsetof(struct cp_wl_vcpu_status, ticks) == CP_WLST_TICKS_OFF, "CP_WLST_TICKS_OFF");
+_Static_assert(sizeof(struct cp_wl_vcpu_status) == CP_WLST_SIZE, "CP_WLST_SIZE");
+_Static_assert(sizeof(struct cp_pvclock) == CP_PVCLOCK_SIZE, "CP_PVCLOCK_SIZE");
+
 void cp_abi_export(void)
 {
     SYM(version, CP_ABI_VERSION);
@@ -80,6 +87,12 @@ void cp_abi_export(void)
     SYM(wl_cmd_write_list, CP_WL_CMD_WRITE_LIST);
     SYM(wl_list_max, CP_WL_LIST_MAX);
     SYM(mailbox_magic, CP_MB_MAGIC);
+    SYM(svc_time_init, CP_SVC_TIME_INIT);
+    SYM(lapic_gpa, CP_LAPIC_GPA);
+    SYM(timer_vector, CP_TIMER_VECTOR);
+    SYM(spurious_vector, CP_SPURIOUS_VECTOR);
+    SYM(msr_kvm_system_time_new, CP_MSR_KVM_SYSTEM_TIME_NEW);
+    SYM(pvclock_size, CP_PVCLOCK_SIZE);
 
     SYM(bp_size, sizeof(struct cp_boot_params));
     OFF(bp, cp_boot_params, magic);
@@ -124,6 +137,8 @@ void cp_abi_export(void)
     OFF(bp, cp_boot_params, mh_vmsa_gpa);
     OFF(bp, cp_boot_params, mh_vmsa_slots);
     OFF(bp, cp_boot_params, wl_conv_rate);
+    OFF(bp, cp_boot_params, wl_pvclock_gpa);
+    OFF(bp, cp_boot_params, timer_count);
 
     SYM(wlst_size, sizeof(struct cp_wl_vcpu_status));
     OFF(wlst, cp_wl_vcpu_status, heartbeat);
@@ -133,6 +148,12 @@ void cp_abi_export(void)
     OFF(wlst, cp_wl_vcpu_status, first_bad);
     OFF(wlst, cp_wl_vcpu_status, pages_written);
     OFF(wlst, cp_wl_vcpu_status, checked);
+    OFF(wlst, cp_wl_vcpu_status, conversions);
+    OFF(wlst, cp_wl_vcpu_status, ticks);
+    OFF(wlst, cp_wl_vcpu_status, clock_ns);
+    OFF(wlst, cp_wl_vcpu_status, max_gap_ns);
+    OFF(wlst, cp_wl_vcpu_status, clock_back);
+    OFF(wlst, cp_wl_vcpu_status, clock_reads);
 
     SYM(wlctl_size, sizeof(struct cp_wl_control));
     OFF(wlctl, cp_wl_control, magic);

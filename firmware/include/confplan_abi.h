@@ -9,7 +9,7 @@
 #ifndef CONFPLAN_ABI_H
 #define CONFPLAN_ABI_H
 
-#define CP_ABI_VERSION 5
+#define CP_ABI_VERSION 6
 #define CP_PAGE_SIZE 0x1000
 
 /* ---- low area (first 2 MiB, mapped with 4 KiB pages) ---- */
@@ -88,7 +88,28 @@
 /* ---- CPL0 services (int 0x80, DPL 3): rax = service, args rbx, rcx, rdx like a KVM hypercall ---- */
 #define CP_SVC_VECTOR 0x80
 #define CP_SVC_MAP_GPA_RANGE 1
+/* (v6) a CPL3 `hlt` with rax = 2 (its #GP handler serves it): rbx = this vCPU's pvclock GPA | 1,
+ * rdx = LAPIC timer initial count (0: none) */
+#define CP_SVC_TIME_INIT 2
 #define CP_KVM_HC_MAP_GPA_RANGE 12
+
+/* ---- (v6) interrupts and time: the in-kernel LAPIC (xAPIC page, supervisor-only) and kvm-clock ---- */
+#define CP_LAPIC_GPA 0xFEE00000
+#define CP_LAPIC_EOI 0xB0
+#define CP_LAPIC_SVR 0xF0
+#define CP_LAPIC_LVT_TIMER 0x320
+#define CP_LAPIC_TIMER_ICR 0x380     /* initial count: writing it starts the timer */
+#define CP_LAPIC_TIMER_DCR 0x3E0     /* divide configuration: 0xB = divide by 1 */
+#define CP_LAPIC_TIMER_PERIODIC 0x20000
+#define CP_TIMER_VECTOR 0xEC         /* Linux's LOCAL_TIMER_VECTOR */
+#define CP_SPURIOUS_VECTOR 0xFF
+#define CP_MSR_KVM_SYSTEM_TIME_NEW 0x4b564d01
+#define CP_PVCLOCK_SIZE 32           /* struct cp_pvclock: one per workload vCPU in the pvclock page */
+/* Offsets the CPL0 timer handler (isr.S) uses; abi.c checks them against the structs below. */
+#define CP_BP_WL_CTL_OFF 0x90        /* offsetof(struct cp_boot_params, wl_ctl_gpa) */
+#define CP_WLCTL_VCPU_OFF 0x40       /* offsetof(struct cp_wl_control, vcpu) */
+#define CP_WLST_TICKS_OFF 0x38       /* offsetof(struct cp_wl_vcpu_status, ticks) */
+#define CP_WLST_SIZE 0x60            /* sizeof(struct cp_wl_vcpu_status) */
 
 /* ---- boot parameters ---- */
 #define CP_BP_MAGIC 0x31304f4f424e4643ULL /* "CFNBOO01" little-endian */
@@ -182,6 +203,9 @@ struct cp_boot_params {
     uint64_t mh_vmsa_slots;  /* = nr_vcpus */
     /* ABI v5 */
     uint64_t wl_conv_rate;   /* pages the workload converts private <-> shared per second; 0 = none */
+    /* ABI v6 */
+    uint64_t wl_pvclock_gpa; /* one page: struct cp_pvclock per workload vCPU, filled by KVM (kvm-clock) */
+    uint64_t timer_count;    /* LAPIC timer initial count (divide by 1, periodic); 0 = no timer */
 };
 
 struct cp_wl_vcpu_status {
@@ -194,7 +218,11 @@ struct cp_wl_vcpu_status {
     uint64_t pages_written;
     uint64_t checked;      /* pages verified by the last CHECK */
     uint64_t conversions;  /* pages converted private <-> shared since the fill */
-    uint64_t pad1;
+    uint64_t ticks;        /* (v6) LAPIC timer interrupts this vCPU took (the CPL0 handler counts) */
+    uint64_t clock_ns;     /* (v6) the workload loop's last kvm-clock reading */
+    uint64_t max_gap_ns;   /* (v6) largest gap between two readings, less the sleep asked for between */
+    uint64_t clock_back;   /* (v6) readings that were earlier than the one before (never, if time is right) */
+    uint64_t clock_reads;  /* (v6) readings taken */
 };
 
 struct cp_wl_control {
@@ -210,6 +238,18 @@ struct cp_wl_control {
 /* Bit 31 of a ledger entry's seq: the workload's own record that the page is shared now (the count of
  * writes is the other 31 bits). */
 #define CP_LEDGER_SHARED 0x80000000u
+
+/* (v6) struct pvclock_vcpu_time_info: KVM writes it (MSR_KVM_SYSTEM_TIME_NEW); the guest reads it. */
+struct cp_pvclock {
+    uint32_t version; /* odd while KVM updates it */
+    uint32_t pad0;
+    uint64_t tsc_timestamp;
+    uint64_t system_time;
+    uint32_t tsc_to_system_mul;
+    int8_t tsc_shift;
+    uint8_t flags;
+    uint8_t pad[2];
+};
 
 struct cp_ledger_entry {
     uint32_t seq;  /* 0 = never written */

@@ -28,6 +28,8 @@ static inline void cp_sleep_ns(uint64_t ns) { cp_mmio_store(CP_MMIO_DOORBELL + C
 
 __attribute__((noreturn)) void cp_park_forever(void);
 void cp_map_gpa_range(uint64_t gpa, uint64_t npages, uint64_t attrs);
+void cp_time_init(uint64_t pvclock_gpa, uint64_t timer_count);
+uint64_t cp_clock_ns(const volatile struct cp_pvclock *pv);
 void cp_printf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 uint32_t cp_page_fill(uint64_t *page, uint64_t seed, uint64_t index, uint32_t seq);

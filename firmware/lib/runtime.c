@@ -21,6 +21,34 @@ void cp_map_gpa_range(uint64_t gpa, uint64_t npages, uint64_t attrs)
     cp_mmio_store(CP_MMIO_ENCSTATUS + CP_ENC_ATTRS, attrs);
 }
 
+/* kvm-clock and the LAPIC timer for this vCPU, set up at CPL0 (wrmsr and the xAPIC page are privileged).
+ * The request is a `hlt` with rax = CP_SVC_TIME_INIT: its #GP is the one way into CPL0 that works on
+ * kvm_pvm (an `int n` from CPL3 raises #UD there); the #GP handler serves it and returns past the hlt. */
+void cp_time_init(uint64_t pvclock_gpa, uint64_t timer_count)
+{
+    uint64_t rax = CP_SVC_TIME_INIT;
+    __asm__ volatile("hlt" : "+a"(rax) : "b"(pvclock_gpa | 1), "d"(timer_count) : "memory");
+}
+
+/* Nanoseconds of kvm-clock, read natively at CPL3 as Linux's pvclock_clocksource_read does: the struct's
+ * system_time plus the TSC ticks since tsc_timestamp, scaled; retried while KVM updates it (odd or
+ * changed version). */
+uint64_t cp_clock_ns(const volatile struct cp_pvclock *pv)
+{
+    uint32_t version;
+    uint64_t ns;
+    do {
+        version = pv->version;
+        __asm__ volatile("" ::: "memory");
+        uint64_t delta = cp_rdtsc() - pv->tsc_timestamp;
+        int8_t shift = pv->tsc_shift;
+        delta = shift >= 0 ? delta << shift : delta >> -shift;
+        ns = pv->system_time + (uint64_t)(((unsigned __int128)delta * pv->tsc_to_system_mul) >> 32);
+        __asm__ volatile("" ::: "memory");
+    } while ((version & 1) || version != pv->version);
+    return ns;
+}
+
 void *memset(void *dst, int c, size_t n)
 {
     unsigned char *d = dst;

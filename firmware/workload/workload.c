@@ -7,6 +7,7 @@
 struct wl {
     volatile struct cp_wl_control *ctl;
     volatile struct cp_wl_vcpu_status *st;
+    const volatile struct cp_pvclock *pv; /* this vCPU's kvm-clock */
     struct cp_ledger_entry *ledger;
     uint8_t *data;
     uint64_t seed;
@@ -121,6 +122,27 @@ static void poll_command(struct wl *w)
     cp_event(CP_EV_WL_CMD_DONE);
 }
 
+/* Read kvm-clock once a loop, as an OS's timekeeping does: time never goes back (clock_back counts it
+ * if it does) and the largest gap between two readings, less the sleep this vCPU asked for in between
+ * (`slept_ns`; CP_SLEPT_UNKNOWN after an IDLE park, whose length the guest cannot know), is the longest
+ * it was stopped without asking: a migration's pause shows there. */
+#define CP_SLEPT_UNKNOWN 0xffffffffffffffffULL
+
+static void clock_watch(struct wl *w, uint64_t slept_ns)
+{
+    uint64_t now = cp_clock_ns(w->pv), last = w->st->clock_ns;
+    if (w->st->clock_reads && now < last)
+        w->st->clock_back++;
+    else if (w->st->clock_reads && slept_ns != CP_SLEPT_UNKNOWN) {
+        uint64_t gap = now - last;
+        gap = gap > slept_ns ? gap - slept_ns : 0;
+        if (gap > w->st->max_gap_ns)
+            w->st->max_gap_ns = gap;
+    }
+    w->st->clock_ns = now;
+    w->st->clock_reads++;
+}
+
 static inline uint64_t next_rand(uint64_t *s)
 {
     *s ^= *s << 13;
@@ -181,8 +203,11 @@ static void __attribute__((noreturn)) dirty_loop(struct wl *w, uint64_t idx)
     uint64_t rnd = (w->seed ^ (idx + 1) * 0x9e3779b97f4a7c15ULL) | 1;
     uint64_t t0 = cp_rdtsc(), done = 0;
     struct conv_pace conv = {conv_interval(), t0, 0};
+    uint64_t slept = 0;
     for (;;) {
         w->st->heartbeat++;
+        clock_watch(w, slept);
+        slept = 0;
         poll_command(w);
         convert_due(w, &conv, &rnd);
         if (tsc_per_page == 0) {
@@ -203,8 +228,10 @@ static void __attribute__((noreturn)) dirty_loop(struct wl *w, uint64_t idx)
         if (conv.tsc_per_conv && (conv.done + 1) * conv.tsc_per_conv < next)
             next = (conv.done + 1) * conv.tsc_per_conv; /* or the next conversion, if sooner */
         uint64_t wait_ns = next > elapsed ? (next - elapsed) * 1000 / tsc_per_us : 0;
-        if (wait_ns)
-            cp_sleep_ns(wait_ns > CP_WL_MAX_SLEEP_NS ? CP_WL_MAX_SLEEP_NS : wait_ns);
+        if (wait_ns) {
+            slept = wait_ns > CP_WL_MAX_SLEEP_NS ? CP_WL_MAX_SLEEP_NS : wait_ns;
+            cp_sleep_ns(slept);
+        }
     }
 }
 
@@ -212,6 +239,7 @@ static void __attribute__((noreturn)) quiet_loop(struct wl *w)
 {
     for (;;) {
         w->st->heartbeat++;
+        clock_watch(w, CP_SLEPT_UNKNOWN);
         poll_command(w);
         cp_idle();
     }
@@ -242,8 +270,12 @@ void wl_entry(uint64_t idx)
     w.seed = CP_BP->wl_seed;
     w.first = idx * n / nr;
     w.count = (idx + 1) * n / nr - w.first;
+    w.pv = (const volatile struct cp_pvclock *)(uintptr_t)(CP_BP->wl_pvclock_gpa + idx * CP_PVCLOCK_SIZE);
     w.st->state = CP_WL_ST_STARTING;
     vec_keep(&w, idx);
+    cp_time_init((uint64_t)(uintptr_t)w.pv, CP_BP->timer_count);
+    if (idx == 0) /* KVM writes the pvclock page: shared, as Linux marks its hv_clock (__bss_decrypted) */
+        cp_map_gpa_range(CP_BP->wl_pvclock_gpa, 1, 0);
     cp_event(CP_EV_WL_STARTED);
     if (idx == 0)
         cp_printf("workload: kind %u on %u vCPUs, %lu data pages", CP_BP->wl_kind, CP_BP->nr_vcpus, n);

@@ -18,8 +18,8 @@ from confplan.stages.modules import _handover as handover
 class ResumeTarget(Stage):
     name = "resume-target"
     needs = ("verify",)
-    provides = ("downtime_seconds", "clock_gap_seconds", "ledger_checked_pages", "vector_state", "enc_bitmap",
-                "target_pid")
+    provides = ("downtime_seconds", "clock_gap_seconds", "guest_downtime_seconds", "clock_monotonic",
+                "ledger_checked_pages", "vector_state", "enc_bitmap", "target_pid")
     # Before these apply, a rerun reconciles the records with what each side holds (stages/modules/
     # _handover.py): a guest that runs on the target makes this stage done; one that runs on the source
     # makes it failed; only a view that cannot be settled leaves it interrupted, and that blocks.
@@ -60,11 +60,19 @@ class ResumeTarget(Stage):
                 hint="the guest runs on the target (it is the guest now: running the source's older copy "
                 "would roll it back); report this as a bug in confplan",
             )
+        if ledger.get("clock_monotonic") is False:
+            raise ConfplanError(
+                "the guest's kvm-clock went backwards on the target: its time was not carried over",
+                hint="the guest runs on the target (it is the guest now); report this as a bug in confplan",
+            )
         bitmaps = _enc_bitmaps(ctx, notes)
         paused = ctx.pause_started
         over = downtime is not None and downtime > float(ctx.plan.limits.max_downtime)
         return StageResult(data={
             "downtime_seconds": downtime, "clock_gap_seconds": notes.get("clock_gap_seconds"),
+            # the pause as the guest saw it: its largest kvm-clock gap since the resume (None: not measured)
+            "guest_downtime_seconds": ledger.get("guest_max_gap_seconds"),
+            "clock_monotonic": ledger.get("clock_monotonic"), "timer_ticks": ledger.get("timer_ticks"),
             "over_max_downtime": over, "resume_seconds": now - started,
             "started_since_pause": started - paused if paused is not None else None,
             "ledger_checked_pages": ledger["checked_pages"], "vector_state": ledger.get("vector"),
