@@ -17,7 +17,7 @@ HUGE: Final = 2 * MIB
 
 # Values exported by the firmware as ABI_<lowercase name>.
 ABI: Final[dict[str, int]] = {
-    "version": 5,
+    "version": 6,
     "gdt_gpa": 0x1000,
     "idt_gpa": 0x2000,
     "tss_gpa": 0x3000,
@@ -81,6 +81,12 @@ ABI: Final[dict[str, int]] = {
     "wl_cmd_write_list": 2,
     "wl_list_max": 1024,
     "mailbox_magic": 0x58424D43,
+    "svc_time_init": 2,
+    "lapic_gpa": 0xFEE00000,
+    "timer_vector": 0xEC,
+    "spurious_vector": 0xFF,
+    "msr_kvm_system_time_new": 0x4B564D01,
+    "pvclock_size": 32,
 }
 
 ABI_VERSION: Final = ABI["version"]
@@ -149,6 +155,10 @@ WL_CMD_CHECK: Final = ABI["wl_cmd_check"]
 WL_CMD_WRITE_LIST: Final = ABI["wl_cmd_write_list"]
 WL_LIST_MAX: Final = ABI["wl_list_max"]
 MB_MAGIC: Final = ABI["mailbox_magic"]
+LAPIC_GPA: Final = ABI["lapic_gpa"]
+TIMER_VECTOR: Final = ABI["timer_vector"]
+MSR_KVM_SYSTEM_TIME_NEW: Final = ABI["msr_kvm_system_time_new"]
+PVCLOCK_SIZE: Final = ABI["pvclock_size"]
 
 BP_MAGIC: Final = 0x31304F4F424E4643  # "CFNBOO01"
 NO_PAGE: Final = 0xFFFFFFFFFFFFFFFF
@@ -231,6 +241,9 @@ class BootParams(ctypes.Structure):
         ("mh_vmsa_slots", u64),
         # ABI v5: the workload's private <-> shared conversions per second
         ("wl_conv_rate", u64),
+        # ABI v6: kvm-clock (one pvclock struct per workload vCPU in this page) and the LAPIC timer
+        ("wl_pvclock_gpa", u64),
+        ("timer_count", u64),
     ]
 
 
@@ -247,7 +260,11 @@ class WlVcpuStatus(ctypes.Structure):
         ("pages_written", u64),
         ("checked", u64),
         ("conversions", u64),
-        ("pad1", u64),
+        ("ticks", u64),  # v6: LAPIC timer interrupts taken (the CPL0 handler counts them)
+        ("clock_ns", u64),  # v6: the workload loop's last kvm-clock reading
+        ("max_gap_ns", u64),  # v6: largest gap between two readings, less the sleep asked for between
+        ("clock_back", u64),  # v6: readings earlier than the one before
+        ("clock_reads", u64),  # v6: readings taken
     ]
 
 
