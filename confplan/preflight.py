@@ -51,8 +51,9 @@ class Check:
     hint: str | None = None
 
     def lines(self) -> list[str]:
-        """``OK    kvm  source: ...``, and under a FAIL its ``hint:`` line."""
-        head = f"{'OK' if self.ok else 'FAIL':<5} {self.check}  {self.side}: {self.detail}"
+        """``OK    kvm              source        ...``, and under a FAIL its ``hint:`` line (columns, so
+        a screenful of checks reads as a table)."""
+        head = f"{'OK' if self.ok else 'FAIL':<5} {self.check:<16} {self.side:<13} {self.detail}"
         return [head] if self.ok or not self.hint else [head, f"      hint: {self.hint}"]
 
     def to_json(self) -> dict[str, Any]:

@@ -136,7 +136,7 @@ def test_a_full_disk_fails_preflight_and_apply_launches_nothing(
 ) -> None:
     code, out, _ = cli(["preflight", str(plan_file), "--checkpoint-dir", str(full_tmpfs / "state")], capsys)
     assert code == ExitCode.ENVIRONMENT
-    assert "FAIL  disk-space  orchestrator: 0 MiB free" in out
+    assert "FAIL  disk-space       orchestrator  0 MiB free" in out
     assert "hint: free space on the filesystem" in out
     code, _, err = cli(["apply", str(plan_file), "--checkpoint-dir", str(full_tmpfs / "state")], capsys)
     assert code == ExitCode.ENVIRONMENT and err.count("error: ") == 1
@@ -202,7 +202,7 @@ def test_cli_prints_a_line_per_check_and_the_error_once(
     assert all(line.startswith(("OK    ", "FAIL  ", "      hint: ")) for line in lines)
     fails = [line for line in lines if line.startswith("FAIL")]
     why = "/dev/null is not a KVM device (KVM_GET_API_VERSION: Inappropriate ioctl for device)"
-    assert fails == [f"FAIL  kvm  source: {why}", f"FAIL  kvm  target: {why}"]
+    assert fails == [f"FAIL  {'kvm':<16} {side:<13} {why}" for side in ("source", "target")]
     assert lines[lines.index(fails[0]) + 1].startswith("      hint: point CONFPLAN_KVM_DEVICE")
     assert err == (
         "error: preflight failed: kvm (source), kvm (target); nothing was launched\n"
@@ -247,7 +247,7 @@ def test_apply_with_a_failing_preflight_launches_nothing(plan_file: Path) -> Non
     done = subprocess.run([sys.executable, "-m", "confplan", "apply", str(plan_file)], env=env,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == ExitCode.ENVIRONMENT, done.stderr
-    assert "FAIL  kvm  source" in done.stdout and "[launch-source]" not in done.stdout
+    assert "FAIL  kvm              source" in done.stdout and "[launch-source]" not in done.stdout
     assert done.stderr.count("error: ") == 1 and "nothing was launched" in done.stderr
     assert not (plan_file.parent / "state").exists()  # no checkpoint database, no VMM socket or log
     ours = subprocess.run(["pgrep", "-f", f"{plan_file.parent / 'state'}"], capture_output=True, text=True)
@@ -258,7 +258,7 @@ def test_apply_with_a_failing_preflight_launches_nothing(plan_file: Path) -> Non
 def test_dry_run_prints_the_preflight(plan_file: Path) -> None:
     result = runner.invoke(app, ["apply", "--dry-run", str(plan_file)])
     assert result.exit_code == 0, result.output
-    assert "OK    kvm  source:" in result.stdout and "would do:" in result.stdout
+    assert "OK    kvm              source" in result.stdout and "would do:" in result.stdout
 
 
 def test_a_remote_target_is_reached_and_its_identity_reported(
