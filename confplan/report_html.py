@@ -112,6 +112,7 @@ def _header(report: Mapping[str, Any]) -> str:
         ("finished", _e(_when(run.get("finished"))) if run else "&ndash;"),
         ("run time", _e(_span(run.get("started"), run.get("finished"))) if run else "&ndash;"),
         ("downtime", _e(_ms(migration.get("downtime_seconds")))),
+        ("the guest saw", _e(_ms(migration.get("guest_downtime_seconds")))),
         ("source paused", _e(_ms(migration.get("source_paused_seconds")))),
         ("precopy rounds", _e(len(migration.get("rounds") or []))),
         ("bytes shared", _e(_bytes(migration.get("bytes_shared")))),
