@@ -43,7 +43,7 @@ def test_out_of_rounds_aborts_when_the_rest_does_not_fit() -> None:
     rounds = [rnd(i, dirty_after=50_000) for i in range(1, 6)]
     decision = decide(rounds, LIMITS, elapsed=1.0)
     assert decision.action is Action.ABORT and decision.limit == "max_precopy_rounds"
-    assert "5 rounds reached max_precopy_rounds" in decision.reason
+    assert "5 rounds reached max_precopy_rounds (a limit of 5 here" in decision.reason
     assert "over max_downtime 50 ms" in decision.reason
 
 

@@ -117,7 +117,10 @@ def decide(rounds: list[RoundStats], limits: Limits, *, elapsed: float, throttle
         return Decision(Action.STOP_AND_COPY, why, bandwidth, eta, throttle, "max_downtime")
     rounds_left = limits.max_rounds - len(rounds)
     if rounds_left <= 0:
-        limit, why = "max_precopy_rounds", f"{len(rounds)} rounds reached max_precopy_rounds"
+        done = f"{len(rounds)} round{'s' if len(rounds) != 1 else ''}"
+        kept = "after any rounds kept for the MAC fill"
+        why = f"{done} reached max_precopy_rounds (a limit of {limits.max_rounds} here, {kept})"
+        limit = "max_precopy_rounds"
     elif elapsed > limits.completion_timeout:
         limit = "completion_timeout"
         why = f"precopy ran {elapsed:.1f} s, over the completion timeout of {limits.completion_timeout:.1f} s"
