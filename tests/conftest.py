@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import settings
@@ -46,3 +48,15 @@ def psp(tmp_path_factory: pytest.TempPathFactory) -> EmulatedSecureProcessor:
 def host() -> HostCpu:
     """This host's CPU facts for boot parameters (asks KVM: use only in kvm-marked tests)."""
     return HostCpu.probe()
+
+
+@pytest.fixture
+def plan_dir(tmp_path: Path) -> Iterator[Path]:
+    """A folder for a plan whose checkpoint is ``state/`` in it; no VMM process it started outlives it."""
+    from confplan.agent import handle as vmm_handle
+
+    yield tmp_path
+    for role in ("source", "target"):
+        found = vmm_handle.find_local(tmp_path / "state", role)
+        if found is not None:
+            vmm_handle.stop(found)

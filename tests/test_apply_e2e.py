@@ -4,7 +4,6 @@ the target after it resumed. The JSON report carries the rounds, the bytes and t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,15 +23,6 @@ def cli() -> typer.Typer:
     app = typer.Typer()
     register(app)
     return app
-
-
-@pytest.fixture
-def plan_dir(tmp_path: Path) -> Iterator[Path]:
-    yield tmp_path
-    for role in ("source", "target"):
-        found = vmm_handle.find_local(tmp_path / "state", role)
-        if found is not None:
-            vmm_handle.stop(found)
 
 
 def _plan(tmp: Path, mode: str, stages: str = "", *, vcpus: int = 1, workload: str = "") -> Path:

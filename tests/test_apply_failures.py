@@ -9,7 +9,7 @@ import os
 import shutil
 import signal
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -43,15 +43,6 @@ def write_plan(tmp: Path, extra_stages: dict[str, str] | None = None, mode: str 
         "stages:\n" + "\n".join(lines) + "\ncheckpoint: {dir: state}\n"
     )
     return load_plan(tmp / "plan.yaml")
-
-
-@pytest.fixture
-def plan_dir(tmp_path: Path) -> Iterator[Path]:
-    yield tmp_path
-    for role in ("source", "target"):  # never leave a VMM process behind
-        found = vmm_handle.find_local(tmp_path / "state", role)
-        if found is not None:
-            vmm_handle.stop(found)
 
 
 def source_ledger_ok(plan: Plan) -> bool:

@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -35,15 +34,6 @@ def write_plan(tmp: Path, memory: str, bandwidth: str) -> Path:
         "checkpoint: {dir: state}\n"
     )
     return path
-
-
-@pytest.fixture
-def plan_dir(tmp_path: Path) -> Iterator[Path]:
-    yield tmp_path
-    for role in ("source", "target"):  # never leave a VMM process behind
-        found = vmm_handle.find_local(tmp_path / "state", role)
-        if found is not None:
-            vmm_handle.stop(found)
 
 
 def start_apply(plan: Path, *args: str) -> subprocess.Popen[str]:

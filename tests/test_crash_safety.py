@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,15 +58,6 @@ def write_plan(tmp: Path, stages: str = "", limits: str = "") -> Plan:
         f"limits: {{max_downtime: 200ms{limits}}}\ncheckpoint: {{dir: state}}\n" + stages
     )
     return load_plan(tmp / "plan.yaml")
-
-
-@pytest.fixture
-def plan_dir(tmp_path: Path) -> Iterator[Path]:
-    yield tmp_path
-    for role in ("source", "target"):
-        found = vmm_handle.find_local(tmp_path / "state", role)
-        if found is not None:
-            vmm_handle.stop(found)
 
 
 def _pid(plan: Plan, role: str) -> int:

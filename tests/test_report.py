@@ -7,18 +7,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import ClassVar
 
 import jsonschema
 import pytest
 from reports import SCHEMA, check_events, check_report
+from standins import stand_in_stages
 
 from confplan.cli import main
 from confplan.errors import ConfplanError, EnvironmentProblem, ExitCode, PlanBusy
 from confplan.plan import STAGE_NAMES, Plan, load_plan
 from confplan.report import SCHEMA_PATH, build_report, iso, report_for_plan
-from confplan.stages import Stage, StageContext, StageFailed, StageResult, apply, register_stage
-from confplan.stages.base import StageRegistry
+from confplan.stages import StageFailed, apply
 from confplan.stages.checkpoint import StageRecord, StageStatus
 
 PLAN = "metadata: {name: mig}\nguest: {memory: 64MiB}\ncheckpoint: {dir: state}\n"
@@ -87,7 +86,7 @@ def test_dry_run_after_a_failure_is_about_the_run_it_would_resume(
     plan_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(StageFailed):
-        apply(load_plan(plan_file), registry=registry_failing_at("verify"))
+        apply(load_plan(plan_file), registry=stand_in_stages("verify"))
     code, out, _ = run_cli(capsys, "apply", str(plan_file), "--dry-run", "-o", "ndjson")
     events = check_events(out)
     checks = [event for event in events if event["event"] == "preflight-check"]
@@ -130,22 +129,6 @@ def test_a_failure_before_any_stage_prints_the_report(
 
 
 # ---- build_report ----
-
-
-def registry_failing_at(failing: str) -> StageRegistry:
-    registry: StageRegistry = {}
-    for stage_name in STAGE_NAMES:
-
-        class Simple(Stage):
-            name: ClassVar[str] = stage_name
-
-            def run(self, ctx: StageContext) -> StageResult:
-                if ctx.current == failing:
-                    raise RuntimeError("digest mismatch")
-                return StageResult(bytes_sealed=1 << 20)
-
-        register_stage(Simple, registry)
-    return registry
 
 
 def _plan(tmp_path: Path) -> Plan:
@@ -236,7 +219,7 @@ def test_preflight_checks_are_carried(tmp_path: Path) -> None:
 def test_report_for_plan_reads_the_checkpoint(plan_file: Path) -> None:
     plan = load_plan(plan_file)
     assert report_for_plan(plan, str(plan_file))["outcome"] == "none"
-    apply(plan, registry=registry_failing_at("none"))
+    apply(plan, registry=stand_in_stages(shared=0, sealed=1 << 20))
     doc = check_report(report_for_plan(plan, str(plan_file)))
     assert doc["kind"] == "status" and doc["outcome"] == "succeeded" and doc["exit_code"] == 0
     assert [stage["status"] for stage in doc["stages"]] == ["done"] * len(STAGE_NAMES)

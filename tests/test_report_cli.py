@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import jsonschema
 import pytest
 import xmlschema
 from htmlpage import Page
 from reportdata import DATA, OUTCOMES, load
+from standins import stand_in_stages
 from typer.testing import CliRunner
 
 from confplan.cli import app, main
-from confplan.plan import STAGE_NAMES, load_plan
-from confplan.stages import Stage, StageContext, StageFailed, StageResult, apply, register_stage
+from confplan.plan import load_plan
+from confplan.stages import StageFailed, apply
 from confplan.stages.base import StageRegistry
 
 PLAN = "guest: {memory: 64MiB}\ncheckpoint: {dir: state}\n"
@@ -43,20 +44,10 @@ RESULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def registry(failing: str | None) -> StageRegistry:
-    found: StageRegistry = {}
-    for stage_name in STAGE_NAMES:
 
-        class Recorded(Stage):
-            name: ClassVar[str] = stage_name
-
-            def run(self, ctx: StageContext) -> StageResult:
-                if ctx.current == failing:
-                    raise RuntimeError("digest mismatch at gpa 0x2000 <&>")
-                return StageResult(bytes_shared=4096, bytes_sealed=8192, data=RESULTS.get(ctx.current, {}))
-
-        register_stage(Recorded, found)
-    return found
+def recorded(failing: str | None) -> StageRegistry:
+    return stand_in_stages(failing, error="digest mismatch at gpa 0x2000 <&>", shared=4096, sealed=8192,
+                           results=RESULTS)  # fmt: skip
 
 
 @pytest.fixture
@@ -86,7 +77,7 @@ def test_a_plan_never_applied(plan_file: Path) -> None:
 
 def test_a_failed_run_from_its_checkpoint(plan_file: Path) -> None:
     with pytest.raises(StageFailed):
-        apply(load_plan(plan_file), registry=registry("verify"))
+        apply(load_plan(plan_file), registry=recorded("verify"))
     doc, page, xml = report(plan_file)
     assert doc["outcome"] == "failed" and doc["migration"]["pause"] == RESULTS["stop-and-copy"]["steps"]
     rounds = page.texts["plot-rounds-svg"]
@@ -98,7 +89,7 @@ def test_a_failed_run_from_its_checkpoint(plan_file: Path) -> None:
 
 
 def test_a_succeeded_run_and_the_text_output(plan_file: Path) -> None:
-    apply(load_plan(plan_file), registry=registry(None))
+    apply(load_plan(plan_file), registry=recorded(None))
     doc, page, xml = report(plan_file)
     assert doc["outcome"] == "succeeded" and "error" not in page.ids
     drawn = ("plot-rounds", "plot-throughput", "plot-pause", "plot-timeline")

@@ -7,35 +7,18 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
-from typing import ClassVar
 
 import pytest
 from reports import check_report
+from standins import stand_in_stages
 from typer.testing import CliRunner
 
 from confplan.cli import app, main
-from confplan.plan import STAGE_NAMES, load_plan
-from confplan.stages import Stage, StageContext, StageFailed, StageResult, apply, register_stage
-from confplan.stages.base import StageRegistry
+from confplan.plan import load_plan
+from confplan.stages import StageContext, StageFailed, StageResult, apply
 from confplan.stages.checkpoint import DB_NAME
 
 PLAN = "guest: {memory: 64MiB}\ncheckpoint: {dir: state}\n"
-
-
-def registry_failing_at(failing: str) -> StageRegistry:
-    registry: StageRegistry = {}
-    for stage_name in STAGE_NAMES:
-
-        class Simple(Stage):
-            name: ClassVar[str] = stage_name
-
-            def run(self, ctx: StageContext) -> StageResult:
-                if ctx.current == failing:
-                    raise RuntimeError("digest mismatch at gpa 0x2000\nmore detail")
-                return StageResult(bytes_shared=2048, bytes_sealed=3 << 20)
-
-        register_stage(Simple, registry)
-    return registry
 
 
 @pytest.fixture
@@ -60,7 +43,7 @@ def test_status_before_any_apply(plan_file: Path) -> None:
 
 def test_status_after_a_failure(plan_file: Path) -> None:
     with pytest.raises(StageFailed):
-        apply(load_plan(plan_file), registry=registry_failing_at("verify"))
+        apply(load_plan(plan_file), registry=stand_in_stages("verify"))
     result = CliRunner().invoke(app, ["status", str(plan_file)])
     assert result.exit_code == 4, result.output  # the last run failed
     lines = result.output.splitlines()
@@ -89,7 +72,7 @@ def test_status_after_a_failure(plan_file: Path) -> None:
 
 
 def test_status_after_success_and_after_a_plan_change(plan_file: Path) -> None:
-    apply(load_plan(plan_file), registry=registry_failing_at("none"))
+    apply(load_plan(plan_file), registry=stand_in_stages("none"))
     result = CliRunner().invoke(app, ["status", str(plan_file)])
     assert result.exit_code == 0 and "run 1: succeeded" in result.output
     assert result.output.splitlines()[-1] == "next apply: nothing to do: every stage is done"
@@ -101,7 +84,7 @@ def test_status_after_success_and_after_a_plan_change(plan_file: Path) -> None:
 def test_status_of_a_newer_checkpoint_schema_is_a_clean_error(
     plan_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    apply(load_plan(plan_file), registry=registry_failing_at("none"))
+    apply(load_plan(plan_file), registry=stand_in_stages("none"))
     db = sqlite3.connect(plan_file.parent / "state" / DB_NAME)
     db.execute("UPDATE schema_version SET version = 99")
     db.commit()
@@ -113,7 +96,7 @@ def test_status_of_a_newer_checkpoint_schema_is_a_clean_error(
 
 
 def test_status_of_an_interrupted_run(plan_file: Path) -> None:
-    registry = registry_failing_at("none")
+    registry = stand_in_stages("none")
 
     class Interrupted(registry["precopy"]):  # type: ignore[misc,valid-type]
         def run(self, ctx: StageContext) -> StageResult:
@@ -129,7 +112,7 @@ def test_status_of_an_interrupted_run(plan_file: Path) -> None:
 
 def test_status_names_the_vmm_processes_and_whether_they_live(plan_file: Path) -> None:
     """A pid the run recorded is checked now: a dead VMM is never reported as running."""
-    registry = registry_failing_at("verify")
+    registry = stand_in_stages("verify")
     # stands in for a VMM process: alive, and a confplan one by its command line
     alive = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()", "confplan"],
                              stdin=subprocess.PIPE)  # fmt: skip
@@ -174,7 +157,7 @@ def test_status_of_an_invalid_plan_prints_a_report(
 
 def test_checkpoint_dir_overrides_the_plans(plan_file: Path, tmp_path: Path) -> None:
     elsewhere = tmp_path / "elsewhere"
-    apply(load_plan(plan_file).with_checkpoint_dir(elsewhere), registry=registry_failing_at("none"))
+    apply(load_plan(plan_file).with_checkpoint_dir(elsewhere), registry=stand_in_stages("none"))
     assert (elsewhere / DB_NAME).exists() and not (plan_file.parent / "state").exists()
     moved = CliRunner().invoke(app, ["status", str(plan_file), "--checkpoint-dir", str(elsewhere)])
     assert moved.exit_code == 0 and "run 1: succeeded" in moved.output
