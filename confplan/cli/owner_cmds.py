@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import enum
 import json
 from pathlib import Path
 from typing import Annotated
@@ -16,6 +15,7 @@ from typing import Annotated
 import pydantic
 import typer
 
+from confplan.cli.formats import TextOrJson as Output
 from confplan.errors import ConfplanError
 from confplan.sev import launch_crypto
 from confplan.sev.broker import KeyBroker, OwnerPolicy, parse_api
@@ -290,11 +290,6 @@ def register(app: typer.Typer) -> None:
 
 
 # -- attestation an owner runs offline: launch digests, chains and reports (docs/attestation.md) --
-
-
-class Output(enum.StrEnum):
-    TEXT = "text"
-    JSON = "json"
 
 
 OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="text (a summary) or json.")]

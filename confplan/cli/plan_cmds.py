@@ -6,21 +6,16 @@ one JSON document on stdout with ``--output json``); anything unexpected reaches
 
 from __future__ import annotations
 
-import enum
 import json
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import typer
 
+from confplan.cli.formats import TextOrJson as OutputFormat
 from confplan.plan import API_VERSION, Diagnostic, Plan, PlanError, load_plan, schema_text
 
 HINT = "hint: 'confplan schema' prints every field with its description; docs/plan.md explains the rules"
-
-
-class OutputFormat(enum.StrEnum):
-    TEXT = "text"
-    JSON = "json"
 
 
 @dataclass

@@ -9,12 +9,12 @@ checkpoint folder.
 
 from __future__ import annotations
 
-import enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from confplan.cli.formats import TextOrJson as Output
 from confplan.plan import Plan
 
 CheckpointDirOption = Annotated[
@@ -22,11 +22,6 @@ CheckpointDirOption = Annotated[
     typer.Option("--checkpoint-dir", metavar="DIR",
                  help="Use this checkpoint folder instead of the plan's checkpoint.dir."),
 ]  # fmt: skip
-
-
-class Output(enum.StrEnum):
-    TEXT = "text"
-    JSON = "json"
 
 
 def load_plan_at(plan_path: Path | str, checkpoint_dir: Path | None) -> Plan:

@@ -9,7 +9,6 @@ type-ignore that only matters before the report builder's branch is merged.)
 
 from __future__ import annotations
 
-import enum
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,12 +16,8 @@ from typing import Annotated, Any
 
 import typer
 
+from confplan.cli.formats import TextOrJson as Output
 from confplan.cli.preflight_cmds import CheckpointDirOption, load_plan_at
-
-
-class Output(enum.StrEnum):
-    TEXT = "text"
-    JSON = "json"
 
 
 def report_cmd(

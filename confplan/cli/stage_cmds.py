@@ -7,12 +7,12 @@ report (docs/report.md, kind ``status``); the exit code is the report's.
 
 from __future__ import annotations
 
-import enum
 import time
 from typing import Annotated, Any
 
 import typer
 
+from confplan.cli.formats import TextOrJson as OutputFormat
 from confplan.cli.output import Output, ReportOutput
 from confplan.cli.preflight_cmds import CheckpointDirOption, load_plan_at
 from confplan.plan import Plan
@@ -21,11 +21,6 @@ from confplan.stages.base import stage_policies
 from confplan.stages.checkpoint import DB_NAME, RunRecord, StageRecord
 from confplan.stages.executor import RunChoice, Step, StepAction, choose_run, plan_steps
 from confplan.stages.observers import format_bytes
-
-
-class OutputFormat(enum.StrEnum):
-    TEXT = "text"
-    JSON = "json"
 
 
 def status(

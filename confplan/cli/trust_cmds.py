@@ -7,7 +7,6 @@ enrolled on it; an orchestrator drives an agent the plan pins by fingerprint, or
 
 from __future__ import annotations
 
-import enum
 import json
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from confplan.cli.formats import TextOrJson as Output
 from confplan.errors import ConfplanError
 from confplan.transport.identity import Identity, Role, default_home
 from confplan.transport.tls import home_option
@@ -47,11 +47,6 @@ identity_app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode=None,
 )
-
-
-class Output(enum.StrEnum):
-    TEXT = "text"
-    JSON = "json"
 
 
 def _home(home: Path | None) -> Path:
