@@ -116,6 +116,9 @@ class StageContext:
         self.pause_started: float | None = None  # monotonic time stop-and-copy paused the guest
         self.mac_tables = False  # precopy filled both helpers' MAC tables: verify folds them
         self.teardowns: list[Teardown] = []
+        # What a stage got done so far (precopy: its rounds): should it fail, its record keeps this as its
+        # result, so a report of the failure still shows the work (docs/report.md).
+        self.partial: dict[str, dict[str, Any]] = {}
         self.current = ""
         self._report_progress = report_progress
 

@@ -361,12 +361,15 @@ class CheckpointStore:
             (StageStatus.DONE.value, time.time(), duration, bytes_shared, bytes_sealed, _to_json(result)),
         )
 
-    def mark_failed(self, run_id: int, stage: str, *, duration: float, error: str) -> None:
+    def mark_failed(
+        self, run_id: int, stage: str, *, duration: float, error: str, result: Mapping[str, Any] | None = None
+    ) -> None:
+        """Record ``stage`` as failed with ``error``; ``result``: what it got done before it failed."""
         self._update_stage(
             run_id,
             stage,
-            "status = ?, finished = ?, duration = ?, error = ?",
-            (StageStatus.FAILED.value, time.time(), duration, error),
+            "status = ?, finished = ?, duration = ?, error = ?, result = ?",
+            (StageStatus.FAILED.value, time.time(), duration, error, _to_json(result or {})),
         )
 
     def mark_skipped(self, run_id: int, stage: str) -> None:

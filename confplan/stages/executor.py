@@ -400,7 +400,8 @@ class _Apply:
         error = _describe(err)
         problems = []
         try:
-            self.store.mark_failed(run.run_id, step.stage, duration=duration, error=error)
+            self.store.mark_failed(run.run_id, step.stage, duration=duration, error=error,
+                                   result=ctx.partial.get(step.stage))  # fmt: skip
         except sqlite3.Error as db_err:  # the tear-downs matter more than the record: go on
             problems.append(f"the checkpoint could not record the failure: {db_err}")
         self.observer.stage_failed(step, error)

@@ -115,6 +115,7 @@ class Precopy(Stage):
         while True:
             stats = self._round(ctx, source, target, watch)
             rounds.append(stats)
+            ctx.partial[self.name] = {"rounds": [r.to_json() for r in rounds]}  # kept should a later one fail
             sent_pages += stats.pages
             decision = decide(rounds, judge, elapsed=time.monotonic() - started, throttle=throttle)
             fields = progress_fields(stats.round, watch.bytes_before, decision.bandwidth or None,
