@@ -160,7 +160,8 @@ def test_a_pause_that_cannot_fit_is_throttled_then_refused(
     assert report["run"]["outcome"] == "failed"
     assert {stage["name"]: stage["status"] for stage in report["stages"]}["precopy"] == "failed"
     assert len(report["migration"]["rounds"]) >= 2  # the failed stage keeps the rounds it did run
-    assert code == 4  # the migration failed, the guest runs on the source; the target VMM was stopped by the undo
+    assert code == 4  # the migration failed, the guest runs on the source
+    # the source guest runs on; the target VMM was stopped by the undo
     alive = [(proc["role"], proc["alive"]) for proc in report["processes"]]
     assert alive == [("source", True), ("target", False)]
     source = vmm_handle.find_local(plan_dir / "state", "source")

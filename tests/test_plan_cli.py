@@ -37,7 +37,7 @@ def test_an_invalid_plan_exits_2_with_compiler_style_lines_and_no_traceback() ->
     assert result.exit_code == 2
     expected = Path(INVALID).with_suffix(".expected").read_text()
     assert expected in result.stderr
-    assert f"error: {INVALID}: not a valid plan (7 errors)" in result.stderr
+    assert f"error: {INVALID}: not a valid plan (8 errors)" in result.stderr
     assert "Traceback" not in result.output
 
 

@@ -145,3 +145,19 @@ def test_every_plan_gets_its_own_state_folder(tmp_path: Path) -> None:
     assert a.checkpoint.dir == tmp_path / ".confplan/a"
     assert b.checkpoint.dir == tmp_path / ".confplan/b.other"
     assert len({a.checkpoint.dir, b.checkpoint.dir}) == 2
+
+
+def test_every_stage_needs_what_its_class_reads_and_validate_checks_it() -> None:
+    """One source for a stage's prerequisites: the stage classes take their ``needs`` from the plan's
+    table, and validate refuses a plan that lists a stage without them (apply would fail there late)."""
+    import confplan.stages.modules  # noqa: F401 - registers the stages
+    from confplan.plan import STAGE_NEEDS
+    from confplan.stages.base import REGISTRY
+
+    assert {name: tuple(cls.needs) for name, cls in REGISTRY.items() if cls.needs} == {
+        name: tuple(needs) for name, needs in STAGE_NEEDS.items()
+    }
+    with pytest.raises(PlanError) as caught:
+        load_plan_text("guest: {memory: 64MiB}\nstages: [launch-source, precopy]\n")
+    messages = [diagnostic.render() for diagnostic in caught.value.diagnostics]
+    assert len(messages) == 1 and "precopy needs start-incoming before it" in messages[0]

@@ -47,6 +47,23 @@ StageName = Literal[
     "cleanup-source",
 ]
 STAGE_NAMES: tuple[StageName, ...] = get_args(StageName)
+# The earlier stages each stage reads the results of, and why: the stage classes declare these as their
+# ``needs`` (one source), and ``validate`` refuses a plan that lists a stage without them before it.
+STAGE_NEEDS: dict[str, dict[str, str]] = {
+    "attest-target": {
+        "launch-source": "the owner's transport key is made when the source is launched",
+        "provision-target": "it attests the target's helper",
+    },
+    "start-incoming": {
+        "attest-target": "the target must prove it runs the measured helper before it is given the transport "
+        "key",
+    },
+    "precopy": {"start-incoming": "the rounds stream into the target's incoming side"},
+    "stop-and-copy": {"start-incoming": "the final pages stream into the target's incoming side"},
+    "verify": {"stop-and-copy": "it checks the copy the pause completed"},
+    "resume-target": {"verify": "the target may resume only once both sides' memory digests match"},
+    "cleanup-source": {"resume-target": "destroying the source before the target runs would lose the guest"},
+}
 Generation = Literal["sev", "sev-es", "sev-snp"]
 HelperMode = Literal["aux-vcpu", "mirror-vm"]
 

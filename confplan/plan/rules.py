@@ -15,6 +15,7 @@ from confplan.guest.layout import minimum_memory
 from confplan.plan.models import (
     SEV_ONLY_FLAGS,
     SNP_ONLY_FLAGS,
+    STAGE_NEEDS,
     Endpoint,
     Guest,
     Helper,
@@ -251,26 +252,15 @@ def stage_order(stages: list[StageSpec]) -> Iterator[Finding]:
                 "each stage runs once, remove one",
             )
         first.setdefault(stage.name, index)
-    yield from _needs_before(
-        first,
-        "start-incoming",
-        "attest-target",
-        "the target must prove it runs the measured helper before it is given the transport key",
-        required=True,
-    )
+    for needing, needs in STAGE_NEEDS.items():
+        for before, why in needs.items():
+            yield from _needs_before(first, needing, before, why, required=True)
     yield from _needs_before(
         first,
         "stop-and-copy",
         "precopy",
         "after stop-and-copy the guest is paused and there is nothing left to pre-copy",
         required=False,
-    )
-    yield from _needs_before(
-        first,
-        "resume-target",
-        "verify",
-        "the target may resume only once both sides' memory digests match",
-        required=True,
     )
     yield from _cleanup_last(stages, first)
 
@@ -295,9 +285,3 @@ def _cleanup_last(stages: list[StageSpec], first: dict[str, int]) -> Iterator[Fi
     where = ("stages", index)
     if index != len(stages) - 1:
         yield where, "cleanup-source must be the last stage: it destroys the source guest; move it to the end"
-    if first.get("resume-target", len(stages)) > index:
-        yield (
-            where,
-            "cleanup-source needs resume-target before it: destroying the source before the target runs "
-            "would lose the guest; add resume-target before cleanup-source",
-        )

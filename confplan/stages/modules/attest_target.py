@@ -4,6 +4,7 @@ released into the target's secret page and the target's helper started. A mismat
 
 from __future__ import annotations
 
+from confplan.plan import STAGE_NEEDS
 from confplan.stages.base import ResumePolicy, Stage, StageContext, StageResult, register_stage
 from confplan.stages.checkpoint import StageRecord
 from confplan.stages.modules import _common as common
@@ -12,7 +13,7 @@ from confplan.stages.modules import _common as common
 @register_stage
 class AttestTarget(Stage):
     name = "attest-target"
-    needs = ("launch-source", "provision-target")  # the owner's transport key is made at launch-source
+    needs = tuple(STAGE_NEEDS[name])  # the plan's table: validate checks the same order
     provides = ("launch_digest", "socket")
     policy = ResumePolicy(
         "provision-target", "a machine's launch is measured once: a fresh target VMM is provisioned"

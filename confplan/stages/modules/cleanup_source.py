@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from confplan.agent import handle as vmm_handle
 from confplan.errors import ConfplanError
+from confplan.plan import STAGE_NEEDS
 from confplan.stages.base import Stage, StageContext, StageResult, register_stage
 from confplan.stages.modules import _common as common
 from confplan.stages.modules import _handover as handover
@@ -13,7 +14,7 @@ from confplan.stages.modules import _handover as handover
 @register_stage
 class CleanupSource(Stage):
     name = "cleanup-source"
-    needs = ("resume-target",)
+    needs = tuple(STAGE_NEEDS[name])  # the plan's table: validate checks the same order
     provides = ("source_pid",)
 
     def run(self, ctx: StageContext) -> StageResult:

@@ -20,6 +20,7 @@ from typing import Any
 from confplan.agent.handle import VmmHandle
 from confplan.errors import ConfplanError
 from confplan.migration.precopy import WIRE_BYTES_PER_PAGE, Action, Limits, RoundStats, decide
+from confplan.plan import STAGE_NEEDS
 from confplan.plan.models import PrecopyParams
 from confplan.stages.base import ResumePolicy, Stage, StageContext, StageResult, register_stage
 from confplan.stages.modules import _common as common
@@ -95,7 +96,7 @@ class RoundWatch:
 @register_stage
 class Precopy(Stage):
     name = "precopy"
-    needs = ("start-incoming",)
+    needs = tuple(STAGE_NEEDS[name])  # the plan's table: validate checks the same order
     provides = ("rounds", "decision", "limit", "forced", "bandwidth", "throttle", "mac_tables")
     policy = ResumePolicy("start-incoming", "the target's partly received memory went with the failed stream")
 

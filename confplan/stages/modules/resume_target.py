@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from confplan.errors import ConfplanError
+from confplan.plan import STAGE_NEEDS
 from confplan.stages.base import ResumePolicy, Stage, StageContext, StageResult, TeardownWhen, register_stage
 from confplan.stages.modules import _common as common
 from confplan.stages.modules import _handover as handover
@@ -17,7 +18,7 @@ from confplan.stages.modules import _handover as handover
 @register_stage
 class ResumeTarget(Stage):
     name = "resume-target"
-    needs = ("verify",)
+    needs = tuple(STAGE_NEEDS[name])  # the plan's table: validate checks the same order
     provides = ("downtime_seconds", "clock_gap_seconds", "guest_downtime_seconds", "clock_monotonic",
                 "ledger_checked_pages", "vector_state", "enc_bitmap", "target_pid")
     # Before these apply, a rerun reconciles the records with what each side holds (stages/modules/

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 
+from confplan.plan import STAGE_NEEDS
 from confplan.plan.models import StartIncomingParams
 from confplan.stages.base import Stage, StageContext, StageResult, TeardownWhen, register_stage
 from confplan.stages.modules import _common as common
@@ -19,7 +20,7 @@ from confplan.stages.modules import _common as common
 @register_stage
 class StartIncoming(Stage):
     name = "start-incoming"
-    needs = ("attest-target",)
+    needs = tuple(STAGE_NEEDS[name])  # the plan's table: validate checks the same order
     provides = ("listen_port", "source_dials")
 
     def run(self, ctx: StageContext) -> StageResult:

@@ -12,6 +12,7 @@ import time
 
 from confplan.errors import ConfplanError
 from confplan.migration.handover import TargetState
+from confplan.plan import STAGE_NEEDS
 from confplan.stages.base import ResumePolicy, Stage, StageContext, StageResult, TeardownWhen, register_stage
 from confplan.stages.modules import _common as common
 from confplan.stages.modules import _handover as handover
@@ -22,7 +23,7 @@ FINAL_TIMEOUT = 600.0
 @register_stage
 class StopAndCopy(Stage):
     name = "stop-and-copy"
-    needs = ("start-incoming",)
+    needs = tuple(STAGE_NEEDS[name])  # the plan's table: validate checks the same order
     provides = ("final_round", "source_paused_seconds", "target", "steps", "verdict_timeout", "enc_bitmap")
     policy = ResumePolicy("start-incoming", "the target's state is incomplete after a failed final copy")
 

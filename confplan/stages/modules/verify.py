@@ -13,6 +13,7 @@ from typing import Any
 
 from confplan.errors import ConfplanError
 from confplan.migration.handover import TargetState
+from confplan.plan import STAGE_NEEDS
 from confplan.stages.base import ResumePolicy, Stage, StageContext, StageResult, register_stage
 from confplan.stages.modules import _handover as handover
 
@@ -22,7 +23,7 @@ _VERDICT = (TargetState.VERIFIED, TargetState.RESUMED, TargetState.REFUSED, Targ
 @register_stage
 class Verify(Stage):
     name = "verify"
-    needs = ("stop-and-copy",)
+    needs = tuple(STAGE_NEEDS[name])  # the plan's table: validate checks the same order
     provides = ("shared", "chunks", "from_mac_tables", "seconds")
     policy = ResumePolicy("start-incoming", "the target's memory cannot be trusted after a failed verify")
 
