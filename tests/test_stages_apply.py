@@ -332,3 +332,23 @@ def test_a_result_that_cannot_be_recorded_fails_the_stage(tmp_path: Path) -> Non
         apply(plan, registry=registry)
     assert world.log[-2:] == ["close launch-source", "undo launch-source"]
     assert records(plan)["launch-source"].status is StageStatus.FAILED
+
+
+def test_a_failed_handover_stage_says_a_rerun_asks_the_vmms_first(tmp_path: Path) -> None:
+    """verify, stop-and-copy and resume-target may finish without the apply (the VMMs' handover): their
+    failure's hint says a rerun first asks the VMMs where the guest runs, not a stage it would resume at."""
+    from standins import stand_in_stages
+
+    from confplan.stages.base import Reconciled, ResumePolicy
+    from confplan.stages.modules._handover import SETTLES_ON_RERUN
+
+    registry = stand_in_stages("verify")
+
+    class Verify(registry["verify"]):  # type: ignore[misc,valid-type]
+        policy = ResumePolicy("start-incoming", "redo", settled_on_rerun=SETTLES_ON_RERUN)
+
+    registry["verify"] = Verify
+    with pytest.raises(StageFailed) as caught:
+        apply(make_plan(tmp_path), registry=registry, plan_ref="p.yaml",
+              reconciler=lambda plan, records: Reconciled())  # fmt: skip
+    assert caught.value.hint == f"rerun `confplan apply p.yaml`: {SETTLES_ON_RERUN}"

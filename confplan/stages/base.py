@@ -43,11 +43,14 @@ class ResumePolicy:
     ``redo_from``: the earliest stage to run again (None: this stage itself), because what this stage
     needs from it did not survive the failure. ``unsafe_if_interrupted``: when set, a crash in the middle
     of this stage (status still ``running``) is not resumed automatically; the text says why.
+    ``settled_on_rerun``: when set, what this stage does may have finished without it (the VMMs' handover):
+    a rerun first asks the VMMs what is, so the failure's hint says that instead of a stage to resume at.
     """
 
     redo_from: str | None = None
     reason: str = ""
     unsafe_if_interrupted: str | None = None
+    settled_on_rerun: str | None = None
 
 
 def stage_inputs(spec: StageSpec) -> str:

@@ -424,6 +424,9 @@ class _Apply:
         ) from err
 
     def _resume_hint(self, run: RunRecord, failed: str) -> str:
+        settled = self.policies.get(failed, ResumePolicy()).settled_on_rerun
+        if settled and self.reconciler is not None:
+            return f"rerun `confplan apply {self.plan_ref}`: {settled}"
         # The same pure function the next apply will use, so the hint cannot disagree with it.
         steps = plan_steps(self.plan.stages, self.store.stage_records(run.run_id), policies=self.policies)
         first = next((step for step in steps if step.action is not StepAction.SKIP), None)

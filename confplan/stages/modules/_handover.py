@@ -34,9 +34,14 @@ from confplan.plan import Plan
 from confplan.stages.base import StageContext
 from confplan.stages.modules import _common as common
 
-__all__ = ["GuestLost", "HandoverInDoubt", "Reach", "Verdict", "Views", "read_views", "relay", "settle",
-           "source_took_back", "verdict_timeout", "wait_for"]  # fmt: skip
+__all__ = ["SETTLES_ON_RERUN", "GuestLost", "HandoverInDoubt", "Reach", "Verdict", "Views", "read_views",
+           "relay", "settle", "source_took_back", "verdict_timeout", "wait_for"]  # fmt: skip
 POLL = 0.01  # seconds between looks while the VMMs settle (the pause is running)
+# What a failed or interrupted handover stage's hint says: the VMMs may have finished without the apply.
+SETTLES_ON_RERUN = (
+    "the two VMMs may have finished the handover without this apply, so it first asks both where the guest "
+    "runs now, then goes on from there"
+)
 
 
 class GuestLost(ConfplanError):

@@ -31,6 +31,7 @@ class ResumeTarget(Stage):
             "resume-target was interrupted: the guest may already run on the target while the source "
             "still holds it, and neither side's VMM says which"
         ),
+        settled_on_rerun=handover.SETTLES_ON_RERUN,
     )
 
     def run(self, ctx: StageContext) -> StageResult:

@@ -25,7 +25,10 @@ class StopAndCopy(Stage):
     name = "stop-and-copy"
     needs = tuple(STAGE_NEEDS[name])  # the plan's table: validate checks the same order
     provides = ("final_round", "source_paused_seconds", "target", "steps", "verdict_timeout", "enc_bitmap")
-    policy = ResumePolicy("start-incoming", "the target's state is incomplete after a failed final copy")
+    policy = ResumePolicy(
+        "start-incoming", "the target's state is incomplete after a failed final copy",
+        settled_on_rerun=handover.SETTLES_ON_RERUN,
+    )
 
     def run(self, ctx: StageContext) -> StageResult:
         source = common.vmm(ctx, "source")

@@ -25,7 +25,10 @@ class Verify(Stage):
     name = "verify"
     needs = tuple(STAGE_NEEDS[name])  # the plan's table: validate checks the same order
     provides = ("shared", "chunks", "from_mac_tables", "seconds")
-    policy = ResumePolicy("start-incoming", "the target's memory cannot be trusted after a failed verify")
+    policy = ResumePolicy(
+        "start-incoming", "the target's memory cannot be trusted after a failed verify",
+        settled_on_rerun=handover.SETTLES_ON_RERUN,
+    )
 
     def run(self, ctx: StageContext) -> StageResult:
         timeout = float(ctx.result_of("stop-and-copy").get("verdict_timeout") or 10.0) + 5.0
