@@ -4,7 +4,6 @@ Set-up registers its tear-down; ``close`` runs it in reverse."""
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import threading
 import time
@@ -342,20 +341,7 @@ class Machine:
     def save_vcpu_states(self) -> list[VcpuState]:
         """State of the guest's own vCPUs (they must be paused); aux vCPUs are not migrated."""
         self._require_paused()
-        return [self._with_kstack(VcpuState.save(r.vcpu, irqchip=True)) for r in self.vcpus]
-
-    def _kstack_top(self, vcpu_id: int) -> int:
-        return abi.KSTACK_GPA + (vcpu_id + 1) * abi.KSTACK_SIZE
-
-    def _with_kstack(self, st: VcpuState) -> VcpuState:
-        """A vCPU paused at CPL0 (inside its timer handler) returns through the frame on its CPL0 stack,
-        which each side sets up for itself: keep the used part with the state (until the CPL0 area
-        migrates as guest memory)."""
-        cs = s.KvmSregs.from_buffer_copy(st.sregs).cs
-        top, rsp = self._kstack_top(st.vcpu_id), st.regs["rsp"]
-        if cs.selector & 3 or not top - abi.KSTACK_SIZE <= rsp < top:
-            return st
-        return dataclasses.replace(st, kstack_gpa=rsp, kstack=self.ram.read(rsp, top - rsp))
+        return [VcpuState.save(r.vcpu, irqchip=True) for r in self.vcpus]
 
     def save_clock(self) -> VmClock:
         """The VM's kvm-clock (read with the host wall clock of the reading), for a migration."""
@@ -375,11 +361,6 @@ class Machine:
                 raise ConfplanError(
                     f"vCPU state for vCPU {st.vcpu_id}, but this guest has {len(by_id)} vCPUs"
                 )
-            top = self._kstack_top(st.vcpu_id)
-            if st.kstack and not top - abi.KSTACK_SIZE <= st.kstack_gpa == top - len(st.kstack):
-                raise ConfplanError(f"vCPU state for vCPU {st.vcpu_id}: its CPL0 stack is not its own")
-            if st.kstack:
-                self.ram.write(st.kstack_gpa, st.kstack)
             st.restore(by_id[st.vcpu_id].vcpu)
 
     def _require_paused(self) -> None:
