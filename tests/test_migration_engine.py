@@ -143,20 +143,17 @@ def test_migrate_resume_ledger_ok(pairs: list[Pair], mode: str) -> None:
     assert pair.src.workload.check().ok
 
 
-def _pause_inside_timer_handler(m: Machine, attempts: int = 400) -> tuple[int, int] | None:
-    """Pause ``m``'s guest vCPUs until vCPU 0 is at CPL0 in its LAPIC timer handler (the interrupt frame
-    on its CPL0 stack); (rip, rsp) then, None if no attempt landed there (the vCPUs stay paused)."""
-    handler = range(m.firmware.sym("timer_entry"), m.firmware.sym("gp_entry"))
-    for _ in range(attempts):
-        m.pause_all_vcpus_except_aux()
-        state = m.save_vcpu_states()[0]
-        cs = kvm_structs.KvmSregs.from_buffer_copy(state.sregs).cs
-        if cs.selector & 3 == 0 and state.regs["rip"] in handler:
-            return state.regs["rip"], state.regs["rsp"]
-        m.resume_all_vcpus_except_aux()
-        time.sleep(0.001)
+def _pause_inside_timer_handler(m: Machine, attempts: int = 200) -> tuple[int, int] | None:
+    """Pause ``m``'s guest until vCPU 0 is at CPL0 in its LAPIC timer handler (``Machine.pause_in_cpl0``:
+    the tick due at a re-entry is delivered and the pause finds it there): (rip, rsp), or None."""
     m.pause_all_vcpus_except_aux()
-    return None
+    if not m.pause_in_cpl0(attempts):
+        return None
+    state = m.save_vcpu_states()[0]
+    cs = kvm_structs.KvmSregs.from_buffer_copy(state.sregs).cs
+    handler = range(m.firmware.sym("timer_entry"), m.firmware.sym("gp_entry"))
+    assert cs.selector & 3 == 0 and state.regs["rip"] in handler
+    return state.regs["rip"], state.regs["rsp"]
 
 
 def test_a_guest_paused_inside_its_timer_handler_resumes_on_the_target(pairs: list[Pair]) -> None:
@@ -164,13 +161,13 @@ def test_a_guest_paused_inside_its_timer_handler_resumes_on_the_target(pairs: li
     interrupt frame it returns through on its CPL0 stack) goes on in the target from the source's kernel
     state, which the target never had (its workload never ran), returns to CPL3 through that frame, and
     the guest's ledger and clock checks pass there. The CPL0 pages are in the digests both sides agree on."""
-    pair = Pair("aux-vcpu", timer_hz=1000, dirty_rate=None)  # unpaced at 1000 Hz: the pause lands in it
+    pair = Pair("aux-vcpu", timer_hz=1000)
     pairs.append(pair)
     pair.out.send_round()
     inside = _pause_inside_timer_handler(pair.src)
     if inside is None:
         pair.src.resume_all_vcpus_except_aux()
-        pytest.skip("no pause of 400 landed inside the timer handler (the guest was always at CPL3)")
+        pytest.skip("no pause of 200 landed inside the timer handler (the guest was always at CPL3)")
     rip, rsp = inside
     top = abi.KSTACK_GPA + abi.KSTACK_SIZE
     assert abi.KSTACK_GPA <= rsp < top

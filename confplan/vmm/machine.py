@@ -338,6 +338,30 @@ class Machine:
     def resume_all_vcpus_except_aux(self) -> None:
         self.resume(self.vcpus)
 
+    def vcpus_at_cpl0(self) -> list[int]:
+        """Ids of the guest's paused vCPUs that stopped in a CPL0 service (an interrupt handler, the time
+        service): their state continues from the CPL0 area, which migrates with the guest's pages."""
+        self._require_paused()
+        return [r.vcpu.id for r in self.vcpus if r.vcpu.get_sregs().cs.selector & 3 == 0]
+
+    def pause_in_cpl0(self, attempts: int) -> bool:
+        """A test of the CPL0 area's migration: with the guest paused, hold it until its timer's next tick
+        falls due, let it run and pause it again as soon as its vCPUs enter KVM_RUN (on kvm_pvm KVM delivers
+        the due tick on entry: the interrupt frame pushed, RIP at the handler), until a vCPU stops in a CPL0
+        service; at most ``attempts`` times. True when one did (the guest is left paused either way)."""
+        self._require_paused()
+        hold = 1.5 / self.config.timer_hz if self.config.timer_hz else 0.0
+        for _ in range(attempts if hold else 0):
+            if self.vcpus_at_cpl0():
+                return True
+            time.sleep(hold)
+            self.resume_all_vcpus_except_aux()
+            deadline = time.monotonic() + 0.01
+            while any(r.state is not RunState.RUNNING for r in self.vcpus) and time.monotonic() < deadline:
+                time.sleep(0)  # let the vCPU threads through to KVM_RUN
+            self.pause_all_vcpus_except_aux()
+        return bool(self.vcpus_at_cpl0())
+
     def save_vcpu_states(self) -> list[VcpuState]:
         """State of the guest's own vCPUs (they must be paused); aux vCPUs are not migrated."""
         self._require_paused()
