@@ -453,8 +453,10 @@ class StopAndCopyParams(StageParams):
         0,
         ge=0,
         le=100_000,
-        description="A test of the CPL0 area's migration: pause the guest up to this many times, back "
-        "to back, until one of its vCPUs stops in a CPL0 service (its timer interrupt handler); 0: pause once.",
+        description=(
+            "A test of the CPL0 area's migration: pause the guest up to this many times, back to back, "
+            "until one of its vCPUs stops in a CPL0 service (its timer interrupt handler); 0: pause once."
+        ),
     )
 
 
