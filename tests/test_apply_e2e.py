@@ -194,6 +194,31 @@ def test_force_complete_accepts_the_longer_pause_and_says_so(cli: typer.Typer, p
         target.close()
 
 
+def test_a_guest_paused_in_its_timer_handler_resumes_on_the_target(cli: typer.Typer, plan_dir: Path) -> None:
+    """(ABI v7) The pause lands in the guest's CPL0 timer handler (stop-and-copy's pause_in_cpl0 pauses
+    again until it does); the target goes on from the source's CPL0 stack and tables, which migrate with
+    the guest's pages (the target's own never held that frame), and the guest's checks pass there."""
+    stages = ("launch-source, provision-target, attest-target, start-incoming, precopy, "
+              "{stop-and-copy: {pause_in_cpl0: 200}}, verify, resume-target, cleanup-source")  # fmt: skip
+    plan = _plan(plan_dir, "aux-vcpu", stages)
+    plan.write_text(plan.read_text().replace("  vcpus: 1\n", "  vcpus: 1\n  timer_hz: 1000\n"))
+    result = CliRunner().invoke(cli, ["apply", str(plan), "--output", "json"])
+    assert result.exit_code == 0, result.output
+    report = check_report(result.stdout)
+    done = {stage["name"]: stage["result"] for stage in report["stages"]}
+    moved = report["migration"]
+    assert moved["clock_monotonic"] is True and moved["guest_downtime_seconds"] > 0
+    assert done["resume-target"]["timer_ticks"] > 0
+    target = vmm_handle.find_local(plan_dir / "state", "target")
+    assert target is not None
+    try:
+        assert target.call("workload_check")["ok"]
+    finally:
+        target.close()
+    if done["stop-and-copy"]["vcpus_at_cpl0"] != [0]:
+        pytest.skip("no pause of 200 landed in the timer handler (the guest migrated all the same)")
+
+
 def test_an_sev_es_guest_migrates_with_its_registers_sealed(cli: typer.Typer, plan_dir: Path) -> None:
     """SEV-ES: the vCPU state travels sealed by the source helper, the target's helper opens it into its
     VMSA slots and checks the manifest; the (emulated) CPU loads the vCPUs only from verified slots."""

@@ -54,7 +54,7 @@ int main(void) {
     F(cp_mh_config, shared) F(cp_mh_config, gen_table) F(cp_mh_config, gen_entries) F(cp_mh_config, secret)
     F(cp_mh_config, secret_size) F(cp_mh_config, doorbell) F(cp_mh_config, cpu_features) F(cp_mh_config, side)
     F(cp_mh_config, mh_index) F(cp_mh_config, batch_pages) F(cp_mh_config, pad) F(cp_mh_config, mac_table)
-    F(cp_mh_config, mac_entries) F(cp_mh_config, vmsa) F(cp_mh_config, vmsa_slots)
+    F(cp_mh_config, mac_entries) F(cp_mh_config, vmsa) F(cp_mh_config, vmsa_slots) F(cp_mh_config, own_low)
     printf("sizeof.cp_mh_config %zu\n", sizeof(struct cp_mh_config));
     C(CP_MB_PROTO_MAGIC) C(CP_MB_PROTO_VERSION) C(CP_MB_PROTO_OFFSET) C(CP_MB_SLOTS_OFFSET) C(CP_MB_SLOT_SIZE)
     C(CP_MB_SLOT_HEADER) C(CP_MB_DIGEST_BYTES) C(CP_MB_NO_INDEX) C(CP_MB_RING_OFFSET) C(CP_MB_RING)

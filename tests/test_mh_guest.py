@@ -110,6 +110,21 @@ def workload_gpas(m: Machine) -> array.array[int]:
     return array.array("Q", range(m.layout.wl_base, m.config.memory, PAGE))
 
 
+def guest_gpas(m: Machine) -> array.array[int]:
+    """Every guest page (v7): the workload area and the guest's pages below it (CPU tables, boot page, the
+    workload's page tables and CPL0 stacks, the firmware image), never the MH's own."""
+    mask = m.layout.guest_page_mask()
+    return array.array("Q", (i * PAGE for i in range(m.layout.npages) if mask >> i & 1))
+
+
+def mh_owned_pages(m: Machine) -> set[int]:
+    return {gpa // PAGE for start, end in m.layout.mh_owned() for gpa in range(start, end, PAGE)}
+
+
+def guest_bytes(m: Machine) -> bytes:
+    return b"".join(memfd_read(m, gpa, PAGE) for gpa in guest_gpas(m))
+
+
 def move(src: MailboxSet, dst: MailboxSet, gpas: array.array[int], generation: int) -> list[bytes]:
     """SAVE on the source in batches over all its MH vCPUs, frame each mailbox's records with the C core,
     unframe each frame into one target mailbox's slots, LOAD. Returns the frames."""
@@ -148,8 +163,8 @@ def test_source_seals_target_opens_every_private_page(launcher: Launcher, mode: 
     a = launcher.boot(src_cfg, KEY)
     b = launcher.boot(dst_cfg, KEY)
     source_ready(a)
-    gpas = workload_gpas(a)
-    canaries = gpas[3::223]  # spread over the area, so both MH vCPUs seal some
+    gpas = guest_gpas(a)  # the CPL0 area too, loaded while the target's helper runs on its own tables
+    canaries = workload_gpas(a)[3::223]  # spread over the area, so both MH vCPUs seal some
     for gpa in canaries:
         memfd_write(a, gpa, MARKER * (PAGE // len(MARKER)))
     mbs_a, mbs_b = open_mailboxes(a), open_mailboxes(b)
@@ -159,14 +174,14 @@ def test_source_seals_target_opens_every_private_page(launcher: Launcher, mode: 
 
     frames = move(mbs_a, mbs_b, gpas, generation=1)
 
-    area = (a.layout.wl_base, MEM - a.layout.wl_base)
-    assert memfd_read(a, *area) == memfd_read(b, *area)  # every moved page, byte for byte
+    assert guest_bytes(a) == guest_bytes(b)  # every moved page, byte for byte
     assert all(memfd_read(b, gpa, len(MARKER)) == MARKER for gpa in canaries)
     npages = MEM // PAGE
     digest_a, digest_b = mbs_a.digest(0, npages), mbs_b.digest(0, npages)
     assert digest_a == digest_b
-    first = gpas[0] // PAGE
-    assert set(gen_table(a)[first:]) == {1} and set(gen_table(b)[first:]) == {1}
+    own = mh_owned_pages(a)
+    for table in (gen_table(a), gen_table(b)):
+        assert {table[gpa // PAGE] for gpa in gpas} == {1} and {table[p] for p in own} == {0}
     # the work was spread over both MH vCPUs of each side, one doorbell per op
     sealed = [mb.counters()["pages_sealed"] for mb in mbs_a.mailboxes]
     opened = [mb.counters()["pages_opened"] for mb in mbs_b.mailboxes]
@@ -195,7 +210,7 @@ def test_streamed_rounds_move_every_page_with_one_doorbell_per_drain(launcher: L
     src_cfg, dst_cfg = configs("aux-vcpu")
     a, b = launcher.boot(src_cfg, KEY), launcher.boot(dst_cfg, KEY)
     source_ready(a)
-    gpas = workload_gpas(a)
+    gpas = guest_gpas(a)
     mbs_a, mbs_b = open_mailboxes(a), open_mailboxes(b)
     mbs_a.init()
     mbs_b.init()
@@ -211,12 +226,11 @@ def test_streamed_rounds_move_every_page_with_one_doorbell_per_drain(launcher: L
         return unframe_sealed_pages(frames.pop(0), slots, ram_size=MEM).count if frames else 0
 
     for generation in (1, 2):  # the second round replaces every page under a newer generation
-        assert mbs_a.save_stream(gpas, generation, frame, banks=4) == len(gpas) // 16
+        assert mbs_a.save_stream(gpas, generation, frame, banks=4) == -(-len(gpas) // 16)
         mbs_b.load_stream(unframe, banks=4)
         assert not frames
-    area = (a.layout.wl_base, MEM - a.layout.wl_base)
-    assert memfd_read(a, *area) == memfd_read(b, *area)
-    assert set(gen_table(b)[gpas[0] // PAGE :]) == {2}
+    assert guest_bytes(a) == guest_bytes(b)
+    assert {gen_table(b)[gpa // PAGE] for gpa in gpas} == {2}
     for m in (a, b):
         counters = [mb.counters() for mb in open_mailboxes(m).mailboxes]
         assert [c["drains"] for c in counters] == m.mailbox_doorbells.rings
@@ -286,18 +300,26 @@ def test_target_refuses_tampered_misplaced_replayed_and_foreign_pages(launcher: 
         m.check()
 
 
-def test_helper_refuses_pages_outside_the_workload_area(launcher: Launcher) -> None:
-    """Firmware, CPU tables, boot parameters and the MH area differ per side and are partly supervisor-only:
-    the MH refuses them (GPA_MH) instead of faulting, and DIGEST skips them."""
+def test_helper_seals_the_guests_cpl0_pages_and_refuses_its_own(launcher: Launcher) -> None:
+    """(v7) The guest's pages below the workload area (CPU tables, boot page, its page tables and CPL0
+    stacks, the firmware) are sealed like the rest; the MH's own (page 0, its page tables, its vCPUs' CPL0
+    stacks, the MH area) it refuses (GPA_MH), exactly the pages the VMM leaves out, and DIGEST skips them."""
     src_cfg, _ = configs("aux-vcpu")
     a = launcher.boot(src_cfg, KEY)
+    source_ready(a)
     mbs = open_mailboxes(a)
     mbs.init()
     mb = mbs.mailboxes[0]
-    result = mb.finish(Op.SAVE, mb.post_save([0, abi.PT_WL_GPA, abi.SECRET_GPA], 1), 3)
-    assert list(result.statuses) == [MhStatus.GPA_MH] * 3
+    mh_kstack = abi.KSTACK_GPA + src_cfg.vcpus * abi.KSTACK_SIZE  # the first helper vCPU's CPL0 stack
+    own = [0, abi.PT_MH_GPA, abi.PT_MH_GPA + 6 * PAGE, mh_kstack, abi.MH_BASE, abi.SECRET_GPA]
+    guest = [abi.GDT_GPA, abi.TSS_GPA, abi.BOOT_PARAMS_GPA, abi.PT_WL_GPA, abi.KSTACK_GPA, abi.FW_BASE]
+    guest.append(0x100000)  # mapped by no guest table: the guest's all the same (zeros)
+    assert all(gpa // PAGE in mh_owned_pages(a) for gpa in own)
+    assert not any(gpa // PAGE in mh_owned_pages(a) for gpa in guest)
+    result = mb.finish(Op.SAVE, mb.post_save(own + guest, 1), len(own) + len(guest))
+    assert list(result.statuses) == [MhStatus.GPA_MH] * len(own) + [MhStatus.OK] * len(guest)
     mb.digest(0, MEM // PAGE)
-    assert mb._get("digest_skipped", "<Q") == a.layout.wl_base // PAGE
+    assert mb._get("digest_skipped", "<Q") == len(mh_owned_pages(a))
     a.check()
 
 
@@ -319,3 +341,33 @@ def test_workload_page_tables_leave_out_the_whole_mh_area(launcher: Launcher) ->
     workload, helper = pd_entries(abi.PT_WL_GPA)[1:], pd_entries(abi.PT_MH_GPA)[1:]
     assert workload and all(e == 0 for e in workload)  # [2 MiB, mh_end): not mapped for the workload
     assert all(e & 0x7 == 0x7 for e in helper)  # present, writable, user for the MH
+
+
+@pytest.mark.parametrize("mode", ["aux-vcpu", "mirror-vm"])
+def test_source_and_target_low_pages_differ_only_where_guests_write(launcher: Launcher, mode: str) -> None:
+    """Why the CPL0 area may be loaded under a running target helper: before anything moves, the guest's
+    pages below the workload area are byte for byte the same on both sides except the boot page's mh_only
+    flag (a fact of each launch; the migrated guest's is the source's), the Accessed/Dirty bits the CPU set
+    in the workload's page tables and the workload vCPUs' CPL0 stacks (timer frames): only the source's
+    workload ran, and the target's helper uses neither. The CPU tables its vCPUs do use (GDT, TSSs, IDT),
+    which a LOAD overwrites with the source's, are the same bytes."""
+    src_cfg, dst_cfg = configs(mode)
+    a, b = launcher.boot(src_cfg, KEY), launcher.boot(dst_cfg, KEY)
+    source_ready(a)
+    b.wait_helpers_ready()
+    low = [gpa for gpa in guest_gpas(a) if gpa < a.layout.mh_end]
+    differ = {gpa: (memfd_read(a, gpa, PAGE), memfd_read(b, gpa, PAGE)) for gpa in low}
+    differ = {gpa: pair for gpa, pair in differ.items() if pair[0] != pair[1]}
+    kstacks = range(abi.KSTACK_GPA, abi.KSTACK_GPA + src_cfg.vcpus * abi.KSTACK_SIZE)
+    tables = range(abi.PT_WL_GPA, abi.PT_WL_GPA + PT_PAGES * PAGE)
+    assert abi.BOOT_PARAMS_GPA in differ and all(
+        g == abi.BOOT_PARAMS_GPA or g in kstacks or g in tables for g in differ
+    ), [hex(g) for g in differ]
+    bp_a, bp_b = differ[abi.BOOT_PARAMS_GPA]
+    flags = abi.BootParams.flags.offset
+    assert [i for i in range(PAGE) if bp_a[i] != bp_b[i]] == [flags]
+    assert bp_a[flags] ^ bp_b[flags] == abi.BP_FLAG_MH_ONLY
+    accessed_dirty = 0x60
+    for gpa in (g for g in differ if g in tables):
+        ea, eb = (struct.unpack(f"<{PAGE // 8}Q", raw) for raw in differ[gpa])
+        assert all((x ^ y) & ~accessed_dirty == 0 for x, y in zip(ea, eb, strict=True))

@@ -146,7 +146,8 @@ def migrated(launcher: Launcher, request: pytest.FixtureRequest) -> Migrated:
     assert src_mb.init().migration_id == dst_mb.init().migration_id == mig
     blobs = [vcpu_blob(state, time.time()) for state in src.save_vcpu_states()]
     m = Migrated(src, dst, src_mb, dst_mb, blobs, launcher)
-    m.move(array.array("Q", range(src.layout.wl_base, MEM, PAGE)), 1)
+    mask = src.layout.guest_page_mask()  # (v7) every guest page, the CPL0 area included
+    m.move(array.array("Q", (i * PAGE for i in range(MEM // PAGE) if mask >> i & 1)), 1)
     apply_enc_bitmap(dst, m.bitmap)  # what the target's stream does at DONE
     return m
 
@@ -187,6 +188,16 @@ def test_a_target_missing_a_final_generation_is_refused(migrated: Migrated) -> N
     chunk = (MEM - 3 * PAGE) // PAGE // CHUNK
     assert (err.value.status, err.value.index) == (mbx.MhStatus.MANIFEST_GENERATIONS, chunk)
     assert err.value.field == "generation table" and f"chunk {chunk}" in err.value.message
+
+
+def test_a_target_missing_a_cpl0_page_is_refused(migrated: Migrated) -> None:
+    """(v7) The manifest covers the guest's CPL0 area: a final round that loses the record of a workload
+    vCPU's CPL0 stack (a timer frame) is refused like any other page."""
+    last = array.array("Q", [abi.GDT_GPA, abi.KSTACK_GPA])
+    migrated.move(last, 2, skip=abi.KSTACK_GPA)
+    with pytest.raises(ManifestRefused) as err:
+        migrated.check(migrated.seal())
+    assert (err.value.status, err.value.index) == (mbx.MhStatus.MANIFEST_GENERATIONS, 0)
 
 
 def test_a_different_bitmap_or_state_is_named(migrated: Migrated) -> None:

@@ -17,6 +17,7 @@ from relay import CorruptingRelay
 from confplan.core.streamauth import StreamAuthError, client_handshake
 from confplan.core.wire import Hello, HelperMode
 from confplan.errors import ConfplanError
+from confplan.kvm import structs as kvm_structs
 from confplan.migration.dirty import DirtyTracker
 from confplan.migration.helper import open_mailboxes
 from confplan.migration.session import resynced_tsc
@@ -142,6 +143,80 @@ def test_migrate_resume_ledger_ok(pairs: list[Pair], mode: str) -> None:
     assert pair.src.workload.check().ok
 
 
+def _pause_inside_timer_handler(m: Machine, attempts: int = 200) -> tuple[int, int] | None:
+    """Pause ``m``'s guest until vCPU 0 is at CPL0 in its LAPIC timer handler (``Machine.pause_in_cpl0``:
+    the tick due at a re-entry is delivered and the pause finds it there): (rip, rsp), or None."""
+    m.pause_all_vcpus_except_aux()
+    if not m.pause_in_cpl0(attempts):
+        return None
+    state = m.save_vcpu_states()[0]
+    cs = kvm_structs.KvmSregs.from_buffer_copy(state.sregs).cs
+    handler = range(m.firmware.sym("timer_entry"), m.firmware.sym("gp_entry"))
+    assert cs.selector & 3 == 0 and state.regs["rip"] in handler
+    return state.regs["rip"], state.regs["rsp"]
+
+
+def test_a_guest_paused_inside_its_timer_handler_resumes_on_the_target(pairs: list[Pair]) -> None:
+    """(ABI v7) The CPL0 area migrates: a vCPU paused inside its timer interrupt handler (CPL0, the
+    interrupt frame it returns through on its CPL0 stack) goes on in the target from the source's kernel
+    state, which the target never had (its workload never ran), returns to CPL3 through that frame, and
+    the guest's ledger and clock checks pass there. The CPL0 pages are in the digests both sides agree on."""
+    pair = Pair("aux-vcpu", timer_hz=1000)
+    pairs.append(pair)
+    top = abi.KSTACK_GPA + abi.KSTACK_SIZE
+    own = pair.dst.ram.read(abi.KSTACK_GPA, abi.KSTACK_SIZE)  # the target's own CPL0 stack (never used)
+    pair.out.send_round()
+    inside = _pause_inside_timer_handler(pair.src)
+    if inside is None:
+        pair.src.resume_all_vcpus_except_aux()
+        pytest.skip("no pause of 200 landed inside the timer handler (the guest was always at CPL3)")
+    rip, rsp = inside
+    assert abi.KSTACK_GPA <= rsp < top
+    frame = pair.src.ram.read(rsp, top - rsp)
+    assert own[rsp - abi.KSTACK_GPA :] != frame  # not what the target booted with: it comes with the guest
+    final = pair.out.send_round(final=True)
+    pair.out.send_state(time.time())
+    status = pair.incoming.wait(30)
+    assert status.state is IncomingState.COMPLETE, status.error
+    assert final.pages > 0 and pair.dst.ram.read(rsp, top - rsp) == frame
+    assert private_digests(pair.src_mb, pair.src) == private_digests(pair.dst_mb, pair.dst)
+    assert shared_digest(pair.src) == shared_digest(pair.dst)
+    state = next(iter(status.vcpus.values())).state
+    assert (state.regs["rip"], state.regs["rsp"]) == (rip, rsp)
+    pair.dst.restore_vcpu_states([v.state for v in status.vcpus.values()])
+    assert status.clock is not None
+    apply_clock(pair.dst, status, time.time())
+    ticks = pair.dst.workload.clock().ticks
+    pair.dst.resume_all_vcpus_except_aux()
+    assert pair.dst.workload.check().ok
+    assert pair.dst.workload.wait_clock_read()
+    assert pair.dst.workload.clock().monotonic
+    deadline = time.monotonic() + 5
+    while pair.dst.workload.clock().ticks <= ticks + 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert pair.dst.workload.clock().ticks > ticks + 1  # the interrupted tick counted, and later ones
+    written = pair.dst.workload.progress().pages_written
+    time.sleep(0.2)
+    assert pair.dst.workload.progress().pages_written > written  # back at CPL3, writing on the target
+    pair.dst.check()
+
+
+def test_a_cpl0_page_changed_on_the_target_breaks_verify(pairs: list[Pair]) -> None:
+    """The digests cover the guest's CPL0 area: one byte of the workload's page tables changed on the
+    target after the stream, and the helpers' digests disagree."""
+    pair = Pair("aux-vcpu")
+    pairs.append(pair)
+    pair.out.send_round()
+    pair.src.pause_all_vcpus_except_aux()
+    pair.out.send_round(final=True)
+    pair.out.send_state(time.time())
+    assert pair.incoming.wait(30).state is IncomingState.COMPLETE
+    assert private_digests(pair.src_mb, pair.src) == private_digests(pair.dst_mb, pair.dst)
+    unused = abi.PT_WL_GPA + abi.PAGE - 8  # the last PML4 entry: nothing maps through it
+    pair.dst.write(unused, b"\x01")
+    assert private_digests(pair.src_mb, pair.src) != private_digests(pair.dst_mb, pair.dst)
+
+
 def test_pages_converted_while_the_guest_migrates_arrive_as_their_final_kind(pairs: list[Pair]) -> None:
     """The workload converts pages private <-> shared (KVM_HC_MAP_GPA_RANGE over the MMIO channel) while
     the rounds run: each converted page goes again as its new kind, the target's bitmap ends equal to the
@@ -258,7 +333,10 @@ def test_changed_gpas_are_the_pages_the_rounds_sent(pairs: list[Pair]) -> None:
     pairs.append(pair)
     out = pair.out
     out.send_round()
-    out.take_changed_gpas()
+    first = set(out.take_changed_gpas())  # every guest page: the CPL0 area too, never the MH's own pages
+    assert {abi.GDT_GPA, abi.BOOT_PARAMS_GPA, abi.PT_WL_GPA, abi.KSTACK_GPA, abi.FW_BASE} <= first
+    assert not first & {0, abi.PT_MH_GPA, abi.KSTACK_GPA + abi.KSTACK_SIZE, abi.MH_BASE, abi.SECRET_GPA}
+    assert len(first) == pair.src.layout.guest_page_mask().bit_count()
     for rounds in (1, 2):  # the pages of one round since the last take, then of two
         sent = 0
         for _ in range(rounds):
@@ -266,8 +344,8 @@ def test_changed_gpas_are_the_pages_the_rounds_sent(pairs: list[Pair]) -> None:
             sent += out.send_round().pages
         got = out.take_changed_gpas()
         assert len(got) == sent > 0, rounds  # every page of every round, each round's own list
-        wl = pair.src.layout.wl_base
-        assert all(wl <= gpa < pair.src.config.memory and gpa % abi.PAGE == 0 for gpa in got)
+        guest = pair.src.layout.guest_page_mask()  # the workload area and the guest's CPL0 area
+        assert all(gpa % abi.PAGE == 0 and guest >> (gpa // abi.PAGE) & 1 for gpa in got)
         assert len(out.take_changed_gpas()) == 0
 
 

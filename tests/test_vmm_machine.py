@@ -9,7 +9,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from confplan.errors import ConfplanError
 from confplan.kvm import structs as s
 from confplan.vmm import Machine, MachineConfig, abi
 from confplan.vmm.exits import GuestError, GuestFault
@@ -277,21 +276,3 @@ def test_the_guest_measures_its_pause_and_sees_a_clock_set_back() -> None:
         m.resume_all_vcpus_except_aux()
         assert m.workload.wait_clock_read()
         assert not m.workload.clock().monotonic
-
-
-def test_a_cpl0_stack_in_the_state_is_restored_only_into_that_vcpus_own_stack(quiet: Machine) -> None:
-    """A vCPU paused inside its timer handler returns through the frame on its CPL0 stack (set up per
-    side): the state carries the used part, restore writes it back, and refuses a range outside it."""
-    quiet.pause_all_vcpus_except_aux()
-    saved = quiet.save_vcpu_states()[0]
-    assert not saved.kstack  # paused at CPL3 (nearly always): nothing to carry
-    top = abi.KSTACK_GPA + abi.KSTACK_SIZE
-    inside = dataclasses.replace(saved, kstack_gpa=top - 40, kstack=bytes(range(40)))
-    assert state_from_blob(state_blob(inside, 0.0))[0] == inside  # the blob carries it
-    quiet.restore_vcpu_states([inside])
-    assert quiet.ram.read(top - 40, 40) == bytes(range(40))
-    with pytest.raises(ConfplanError, match="CPL0 stack is not its own"):
-        quiet.restore_vcpu_states([dataclasses.replace(inside, kstack_gpa=top)])
-    quiet.restore_vcpu_states([saved])
-    quiet.resume_all_vcpus_except_aux()
-    assert quiet.workload.check().ok

@@ -209,3 +209,16 @@ def test_prefault_allocates_all_guest_ram_up_front() -> None:
             assert ram.read(size - abi.PAGE, 16) == bytes(16)  # allocated to the last page, still zero
         finally:
             ram.close()
+
+
+def test_guest_pages_are_all_of_ram_but_the_helpers_own() -> None:
+    """(v7) What migrates: every page but page 0, the helper's page tables, its vCPUs' CPL0 stacks (ids
+    after the workload's) and the MH area; the CPL0 area of the guest is in."""
+    lay = GuestLayout.for_config(MachineConfig(memory=64 * abi.MIB, vcpus=2, aux_vcpus=3))
+    mask = lay.guest_page_mask()
+    pages = {i for i in range(lay.npages) if mask >> i & 1}
+    k = abi.KSTACK_GPA // abi.PAGE
+    own = {0, *range(abi.PT_MH_GPA // abi.PAGE, k), k + 2, k + 3, k + 4}
+    own |= set(range(abi.MH_BASE // abi.PAGE, lay.mh_end // abi.PAGE))
+    assert pages == set(range(lay.npages)) - own
+    assert {abi.GDT_GPA // abi.PAGE, abi.BOOT_PARAMS_GPA // abi.PAGE, k, k + 1, k + 5} <= pages

@@ -318,7 +318,8 @@ def _precopy_round(side: OutgoingMigration, params: Params, call: Call) -> Param
 
 def _stop_and_copy(side: OutgoingMigration, params: Params) -> Params:
     timeout, retry = float(params.get("verdict_timeout", 5.0)), float(params.get("retry_interval", 0.2))
-    return side.stop_and_copy(verdict_timeout=timeout, retry_interval=retry)
+    cpl0 = int(params.get("pause_in_cpl0", 0))
+    return side.stop_and_copy(verdict_timeout=timeout, retry_interval=retry, pause_in_cpl0=cpl0)
 
 
 def _resume_guest(side: OutgoingMigration, params: Params) -> Params:

@@ -17,7 +17,7 @@ HUGE: Final = 2 * MIB
 
 # Values exported by the firmware as ABI_<lowercase name>.
 ABI: Final[dict[str, int]] = {
-    "version": 6,
+    "version": 7,
     "gdt_gpa": 0x1000,
     "idt_gpa": 0x2000,
     "tss_gpa": 0x3000,

@@ -120,6 +120,26 @@ class GuestLayout:
         """One anti-replay generation (u32) per guest page."""
         return self.npages
 
+    def mh_owned(self) -> tuple[tuple[int, int], ...]:
+        """The MH's own pages, [start, end) GPA ranges: never guest pages, never migrated (the MH refuses
+        them, GPA_MH): page 0 (the null guard, mapped by no table), the helper's page tables, the CPL0
+        stacks of the helper vCPUs (their ids follow the workload's) and the MH area. Every other page of
+        RAM is the guest's and migrates, the CPL0 area included (docs/memory-map.md, "What migrates")."""
+        kstack = abi.KSTACK_GPA + self.wl_vcpus * abi.KSTACK_SIZE
+        return (
+            (0, PAGE),
+            (abi.PT_MH_GPA, abi.KSTACK_GPA),
+            (kstack, kstack + self.mh_vcpus * abi.KSTACK_SIZE),
+            (abi.MH_BASE, self.mh_end),
+        )
+
+    def guest_page_mask(self) -> int:
+        """Bit i set = page i is the guest's (migrates): all of RAM but ``mh_owned``."""
+        mask = (1 << self.npages) - 1
+        for start, end in self.mh_owned():
+            mask &= ~(((1 << ((end - start) // PAGE)) - 1) << (start // PAGE))
+        return mask
+
     def mailbox_gpa(self, mh_index: int) -> int:
         return abi.MAILBOX_GPA + mh_index * self.mailbox_stride
 

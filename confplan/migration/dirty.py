@@ -1,4 +1,4 @@
-"""Which pages a round must send: KVM's dirty log gathered into a pending set, the workload area only.
+"""Which pages a round must send: KVM's dirty log gathered into a pending set, the guest's pages only.
 
 Bitmaps are Python ints while they are combined (one big-int operation per round, no loop over pages)
 and bytes when handed to the core's ``scan_dirty``.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import array
 
-from confplan.vmm import Machine, abi
+from confplan.vmm import Machine
 
 
 def _mask(first: int, end: int) -> int:
@@ -22,11 +22,9 @@ class DirtyTracker:
         self._machine = machine
         self.npages = int(machine.layout.npages)
         self.nbytes = (self.npages + 63) // 64 * 8
-        # Everything below the workload area is the measured firmware, the CPU tables and the MH's own
-        # area (code, stacks, secret page, mailboxes): never migrated, the target boots its own copy, and
-        # the MH refuses to seal or open a page there (GPA_MH).
-        self.first_page = int(machine.layout.mh_end) // abi.PAGE
-        self.migratable = _mask(self.first_page, self.npages)
+        # Every guest page, the CPL0 area below the workload included; never the MH's own pages (its area,
+        # page tables, CPL0 stacks: the target's MH runs on its own, and refuses them, GPA_MH).
+        self.migratable = machine.layout.guest_page_mask()
         self.pending = self.migratable
         self.generation = 0  # the encryption bitmap's generation the last take covers
 

@@ -52,6 +52,7 @@ class MhConfigC(ctypes.Structure):
         ("mac_entries", ctypes.c_uint64),
         ("vmsa", ctypes.c_void_p),
         ("vmsa_slots", ctypes.c_uint64),
+        ("own_low", ctypes.c_uint64 * 2),  # (v7) the MH's own pages below the MH area: none on the host
     )
 
 

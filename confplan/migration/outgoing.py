@@ -72,6 +72,7 @@ class OutgoingMigration(MigrationSide):
         self._paused_at = self._paused_wall = 0.0
         self._final: dict[str, Any] | None = None  # what the pause's copy sent (stop_and_copy's answer)
         self._final_error: BaseException | None = None
+        self._pause_in_cpl0 = 0  # stop_and_copy: pause until a vCPU is in a CPL0 service (a test), at most
         self.stream: Outgoing | None = None
         self.next_generation = 1  # the source MH refuses to seal a page twice under one generation
         self.throttle = 0.0
@@ -193,12 +194,16 @@ class OutgoingMigration(MigrationSide):
             time.sleep(THROTTLE_PERIOD * (1.0 - self.throttle))
 
     # ---- the pause and the handover (docs/handover.md) ----
-    def stop_and_copy(self, *, verdict_timeout: float, retry_interval: float = 0.2) -> dict[str, Any]:
+    def stop_and_copy(
+        self, *, verdict_timeout: float, retry_interval: float = 0.2, pause_in_cpl0: int = 0
+    ) -> dict[str, Any]:
         """START the handover: pause the guest's vCPUs (the helper serves on), send the last dirty pages,
         the vCPU states, the encryption bitmap, this side's MANIFEST and DONE. From here the two VMMs end
         the migration between themselves: the target checks and says VERIFIED, this side COMMITs, or it
-        aborts (and runs the guest again) when no verdict comes within ``verdict_timeout`` of the pause."""
+        aborts (and runs the guest again) when no verdict comes within ``verdict_timeout`` of the pause.
+        ``pause_in_cpl0`` > 0 (a test): pause up to that many times until a vCPU stops in a CPL0 service."""
         self.need_stream()
+        self._pause_in_cpl0 = pause_in_cpl0
         if self.handover is not None:
             raise ConfplanError(
                 f"the handover of attempt {self.attempt} already started ({self.handover.state.value})",
@@ -225,9 +230,21 @@ class OutgoingMigration(MigrationSide):
     def _pause_for_handover(self) -> None:
         with self._vcpus:
             self.throttle = 0.0
+            machine = self.need_machine()
             self._paused_at = time.monotonic()
-            self.machine.pause_all_vcpus_except_aux()  # the seed's: the guest stops, the helper serves on
+            machine.pause_all_vcpus_except_aux()  # the seed's: the guest stops, the helper serves on
+            if self._pause_in_cpl0:
+                self._pause_again_until_cpl0(machine, self._pause_in_cpl0)
             self._paused_wall = time.time()
+
+    def _pause_again_until_cpl0(self, machine: Machine, attempts: int) -> None:
+        """A test of the CPL0 area's migration (stop-and-copy's ``pause_in_cpl0``): the pause counts from
+        the last of these pauses."""
+        self._paused_at = time.monotonic()
+        found = machine.pause_in_cpl0(attempts)
+        self._paused_at = time.monotonic()
+        found_one = "a" if found else "no"
+        self.log(f"source: {found_one} guest vCPU paused in a CPL0 service ({attempts} tries at most)")
 
     def _handover_send(self, msg: Msg) -> None:
         if msg is Msg.DONE:
@@ -259,6 +276,7 @@ class OutgoingMigration(MigrationSide):
             "paused_wall": self._paused_wall, "held_back_pages": stream.totals.held_back,
             # the bitmap as sent (the guest is paused): resume-target compares the target's with it
             "enc_bitmap_sha256": self.need_machine().enc_bitmap.sha256(),
+            "vcpus_at_cpl0": self.need_machine().vcpus_at_cpl0(),  # paused in a kernel service
             "conversions": self.need_machine().enc_bitmap.stats.conversions,
             "steps": {"pause_vcpus": halted - self._paused_at, "final_pages": sent - halted,
                       "vcpu_and_device_state": done - sent},

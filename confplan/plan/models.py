@@ -165,6 +165,15 @@ class Guest(_Model):
         description="Guest RAM, e.g. 256MiB; a multiple of 2MiB (the guest maps 2MiB pages)."
     )
     vcpus: int = Field(1, ge=1, description="The guest's own vCPUs (aux vCPUs of the helper not counted).")
+    timer_hz: int = Field(
+        100,
+        ge=0,
+        le=1000,
+        description=(
+            "Ticks a second of the LAPIC timer each guest vCPU runs (a Linux kernel's HZ: 100, 250 or 1000); "
+            "0: no timer."
+        ),
+    )
     workload: Workload = Field(default_factory=Workload, description="The workload the guest runs.")
 
 
@@ -454,10 +463,25 @@ class PrecopyParams(StageParams):
     max_rounds: int | None = Field(None, ge=1, description="Overrides limits.max_precopy_rounds.")
 
 
+class StopAndCopyParams(StageParams):
+    """stop-and-copy's parameters."""
+
+    pause_in_cpl0: int = Field(
+        0,
+        ge=0,
+        le=100_000,
+        description=(
+            "A test of the CPL0 area's migration: pause the guest up to this many times, back to back, "
+            "until one of its vCPUs stops in a CPL0 service (its timer interrupt handler); 0: pause once."
+        ),
+    )
+
+
 STAGE_PARAMS: dict[str, type[StageParams]] = {
     "provision-target": ProvisionTargetParams,
     "start-incoming": StartIncomingParams,
     "precopy": PrecopyParams,
+    "stop-and-copy": StopAndCopyParams,
 }
 
 

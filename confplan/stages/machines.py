@@ -27,6 +27,7 @@ def machine_config(plan: Plan, *, measured: bool = False, mh_only: bool = False)
         shared_fraction=guest.workload.shared_fraction,
         conversion_rate=guest.workload.conversion_rate,
         seed=guest.workload.seed,
+        timer_hz=guest.timer_hz,
         measured_launch=measured,
         mh_only=mh_only,
         # A target: its RAM is allocated before the stream starts, and it keeps no dirty log (nothing

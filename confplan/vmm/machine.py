@@ -4,7 +4,6 @@ Set-up registers its tear-down; ``close`` runs it in reverse."""
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import threading
 import time
@@ -339,23 +338,34 @@ class Machine:
     def resume_all_vcpus_except_aux(self) -> None:
         self.resume(self.vcpus)
 
+    def vcpus_at_cpl0(self) -> list[int]:
+        """Ids of the guest's paused vCPUs that stopped in a CPL0 service (an interrupt handler, the time
+        service): their state continues from the CPL0 area, which migrates with the guest's pages."""
+        self._require_paused()
+        return [r.vcpu.id for r in self.vcpus if r.vcpu.get_sregs().cs.selector & 3 == 0]
+
+    def pause_in_cpl0(self, attempts: int) -> bool:
+        """A test of the CPL0 area's migration: with the guest paused, hold it until its timer's next tick
+        falls due, let it run and pause it again as soon as its vCPUs enter KVM_RUN (on kvm_pvm KVM delivers
+        the due tick on entry: the interrupt frame pushed, RIP at the handler), until a vCPU stops in a CPL0
+        service; at most ``attempts`` times. True when one did (the guest is left paused either way)."""
+        self._require_paused()
+        hold = 1.5 / self.config.timer_hz if self.config.timer_hz else 0.0
+        for _ in range(attempts if hold else 0):
+            if self.vcpus_at_cpl0():
+                return True
+            time.sleep(hold)
+            self.resume_all_vcpus_except_aux()
+            deadline = time.monotonic() + 0.01
+            while any(r.state is not RunState.RUNNING for r in self.vcpus) and time.monotonic() < deadline:
+                time.sleep(0)  # let the vCPU threads through to KVM_RUN
+            self.pause_all_vcpus_except_aux()
+        return bool(self.vcpus_at_cpl0())
+
     def save_vcpu_states(self) -> list[VcpuState]:
         """State of the guest's own vCPUs (they must be paused); aux vCPUs are not migrated."""
         self._require_paused()
-        return [self._with_kstack(VcpuState.save(r.vcpu, irqchip=True)) for r in self.vcpus]
-
-    def _kstack_top(self, vcpu_id: int) -> int:
-        return abi.KSTACK_GPA + (vcpu_id + 1) * abi.KSTACK_SIZE
-
-    def _with_kstack(self, st: VcpuState) -> VcpuState:
-        """A vCPU paused at CPL0 (inside its timer handler) returns through the frame on its CPL0 stack,
-        which each side sets up for itself: keep the used part with the state (until the CPL0 area
-        migrates as guest memory)."""
-        cs = s.KvmSregs.from_buffer_copy(st.sregs).cs
-        top, rsp = self._kstack_top(st.vcpu_id), st.regs["rsp"]
-        if cs.selector & 3 or not top - abi.KSTACK_SIZE <= rsp < top:
-            return st
-        return dataclasses.replace(st, kstack_gpa=rsp, kstack=self.ram.read(rsp, top - rsp))
+        return [VcpuState.save(r.vcpu, irqchip=True) for r in self.vcpus]
 
     def save_clock(self) -> VmClock:
         """The VM's kvm-clock (read with the host wall clock of the reading), for a migration."""
@@ -375,11 +385,6 @@ class Machine:
                 raise ConfplanError(
                     f"vCPU state for vCPU {st.vcpu_id}, but this guest has {len(by_id)} vCPUs"
                 )
-            top = self._kstack_top(st.vcpu_id)
-            if st.kstack and not top - abi.KSTACK_SIZE <= st.kstack_gpa == top - len(st.kstack):
-                raise ConfplanError(f"vCPU state for vCPU {st.vcpu_id}: its CPL0 stack is not its own")
-            if st.kstack:
-                self.ram.write(st.kstack_gpa, st.kstack)
             st.restore(by_id[st.vcpu_id].vcpu)
 
     def _require_paused(self) -> None:

@@ -52,10 +52,6 @@ class VcpuState:
     events: bytes = b""  # struct kvm_vcpu_events
     mp_state: int | None = None
     msrs: tuple[tuple[int, int], ...] = ()  # (index, value) of IRQ_MSRS
-    # Paused at CPL0 (in the timer handler): the used part of its CPL0 stack, [kstack_gpa, stack top). The
-    # CPL0 area is set up per side, not migrated, so the interrupt frame it returns through goes here.
-    kstack_gpa: int = 0
-    kstack: bytes = b""
 
     @classmethod
     def save(cls, vcpu: Vcpu, *, irqchip: bool = False) -> VcpuState:
@@ -118,8 +114,6 @@ def state_blob(state: VcpuState, paused_wall: float) -> bytes:
     if state.lapic or state.events or state.mp_state is not None or state.msrs:  # added keys: format 1 stands
         doc |= {"lapic": base64.b64encode(state.lapic).decode(), "events": state.events.hex(),
                 "mp_state": state.mp_state, "msrs": {f"{i:#x}": v for i, v in state.msrs}}  # fmt: skip
-    if state.kstack:
-        doc |= {"kstack_gpa": state.kstack_gpa, "kstack": base64.b64encode(state.kstack).decode()}
     return json.dumps(doc, sort_keys=True).encode()
 
 
@@ -136,8 +130,6 @@ def state_from_blob(blob: bytes) -> tuple[VcpuState, float]:
             events=bytes.fromhex(doc.get("events", "")),
             mp_state=None if doc.get("mp_state") is None else int(doc["mp_state"]),
             msrs=tuple((int(k, 16), int(v)) for k, v in doc.get("msrs", {}).items()),
-            kstack_gpa=int(doc.get("kstack_gpa", 0)),
-            kstack=base64.b64decode(doc.get("kstack", ""), validate=True),
         )  # fmt: skip
         return state, float(doc["paused_wall"])
     except (ValueError, KeyError, TypeError, AttributeError) as err:

@@ -1,7 +1,8 @@
 """The CPU tables the firmware's CPL0 part relies on, written by the VMM into guest RAM (as Firecracker
 does for direct boot): GDT, one TSS per vCPU, the IDT (gates to the firmware's ``isr_stubs``) and two sets
-of identity page tables: the helper's maps all RAM, the workload's leaves out the MH area and the secret
-page (design.md "Isolation inside the guest")."""
+of identity page tables: the helper's maps all RAM (the guest's low pages user-writable, since they
+migrate through it), the workload's leaves out the MH area and the secret page (design.md "Isolation
+inside the guest")."""
 
 from __future__ import annotations
 
@@ -103,9 +104,19 @@ def _low_page_flags(fw: Firmware, nr_vcpus: int) -> dict[int, int]:
     return flags
 
 
+def _helper_low_flags(layout: GuestLayout, low: dict[int, int]) -> dict[int, int]:
+    """The helper's view of the first 2 MiB: every guest page user-writable (SAVE reads and LOAD writes
+    them at CPL3: the CPL0 area migrates), its own pages (page 0, its page tables, its CPL0 stacks) as
+    for everyone. No SMEP (CR4), so CPL0 code in a user page still runs for a helper vCPU's fault."""
+    own = [(start, end) for start, end in layout.mh_owned() if start < HUGE]
+    flags = {gpa: P | RW | US for gpa in range(0, HUGE, PAGE) if not any(s <= gpa < e for s, e in own)}
+    flags.update({gpa: bits for gpa, bits in low.items() if gpa not in flags})
+    return flags
+
+
 def write_page_tables(ram: GuestWrites, layout: GuestLayout, fw: Firmware, nr_vcpus: int) -> None:
     low = _low_page_flags(fw, nr_vcpus)
-    _write_set(ram, abi.PT_MH_GPA, layout, low, helper=True)
+    _write_set(ram, abi.PT_MH_GPA, layout, _helper_low_flags(layout, low), helper=True)
     _write_set(ram, abi.PT_WL_GPA, layout, low, helper=False)
 
 

@@ -9,7 +9,7 @@
 #ifndef CONFPLAN_ABI_H
 #define CONFPLAN_ABI_H
 
-#define CP_ABI_VERSION 6
+#define CP_ABI_VERSION 7
 #define CP_PAGE_SIZE 0x1000
 
 /* ---- low area (first 2 MiB, mapped with 4 KiB pages) ---- */

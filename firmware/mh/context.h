@@ -50,10 +50,10 @@ static inline void cp_mh_unlock(struct cp_mh_shared *sh)
 struct cp_mh_config {
     uint8_t *ram;               /* GPA 0 */
     uint64_t ram_size;          /* bytes of guest RAM from GPA 0 */
-    /* [mh_base, mh_base + mh_size): pages the MH never seals, loads or hashes (SAVE/LOAD/MAC_LIST refuse
-     * them with GPA_MH, DIGEST/MAC_RANGE/FOLD skip them). More than the MH area in the guest: it sets
-     * mh_base = 0 and mh_size = the end of the MH area, i.e. everything below the workload (mh.c,
-     * fill_config); the host harness sets the MH area itself. */
+    /* [mh_base, mh_base + mh_size) and the low pages in own_low: pages the MH never seals, loads or
+     * hashes (SAVE/LOAD/MAC_LIST refuse them with GPA_MH, DIGEST/MAC_RANGE/FOLD skip them): the MH area
+     * and (v7) the MH's pages below it (mh.c, fill_config). Every other page is the guest's and migrates,
+     * the CPL0 area included. */
     uint64_t mh_base;
     uint64_t mh_size;
     struct cp_mh_shared *shared;
@@ -71,7 +71,21 @@ struct cp_mh_config {
     uint64_t mac_entries;
     uint8_t *vmsa;              /* (v5) vmsa_slots x CP_VMSA_SLOT_SIZE (struct cp_vmsa_slot), in MH memory */
     uint64_t vmsa_slots;        /* the guest's vCPUs; at most CP_MAX_VCPUS */
+    /* (v7) bit i of own_low[i / 64]: page i (below CP_MH_OWN_LOW_PAGES) is the MH's: page 0 (the null
+     * guard, mapped by no table), the helper's page tables, the CPL0 stacks of the MH vCPUs. 0 on the host. */
+    uint64_t own_low[2];
 };
+
+#define CP_MH_OWN_LOW_PAGES 128u
+
+/* Is ``gpa`` (page aligned, below ram_size) one of the MH's own pages, never a guest page to move? */
+static inline int cp_mh_owns(const struct cp_mh_config *cfg, uint64_t gpa)
+{
+    uint64_t page = gpa / CP_MH_PAGE;
+    if (gpa >= cfg->mh_base && gpa - cfg->mh_base < cfg->mh_size)
+        return 1;
+    return page < CP_MH_OWN_LOW_PAGES && (cfg->own_low[page / 64] >> (page % 64)) & 1u;
+}
 
 /* One MH vCPU's private state: keys, nonce sequence, bounce buffers. Lives in MH memory, never shared. */
 struct cp_mh_ctx {

@@ -90,7 +90,7 @@ static int hash_page(struct cp_mh_ctx *ctx, uint64_t gpa, uint8_t out[CP_GCM_TAG
 
 static int in_mh_area(const struct cp_mh_config *cfg, uint64_t gpa)
 {
-    return gpa >= cfg->mh_base && gpa - cfg->mh_base < cfg->mh_size;
+    return cp_mh_owns(cfg, gpa);
 }
 
 static uint32_t check_range(const struct cp_mh_config *cfg, uint64_t start, uint64_t npages)

@@ -142,7 +142,7 @@ static uint32_t check_gpa(const struct cp_mh_config *cfg, uint64_t gpa)
         return CP_MBS_GPA_ALIGN;
     if (gpa >= cfg->ram_size)
         return CP_MBS_GPA_RANGE;
-    if (gpa >= cfg->mh_base && gpa - cfg->mh_base < cfg->mh_size)
+    if (cp_mh_owns(cfg, gpa))
         return CP_MBS_GPA_MH;
     return CP_MBS_OK;
 }

@@ -44,16 +44,28 @@ static int mh_idle(void *arg, volatile uint8_t *ctl, uint32_t why, uint64_t seen
     return 0;
 }
 
+static void own_low_page(struct cp_mh_config *cfg, uint64_t page)
+{
+    if (page < CP_MH_OWN_LOW_PAGES)
+        cfg->own_low[page / 64] |= 1ull << (page % 64);
+}
+
 static void fill_config(struct cp_mh_config *cfg, uint64_t idx)
 {
     const volatile struct cp_boot_params *bp = CP_BP;
     cfg->ram = (uint8_t *)0;
     cfg->ram_size = bp->ram_bytes;
-    /* Everything below the workload area is off limits to SAVE/LOAD/DIGEST, not only the MH area: the
-     * firmware, boot parameters and CPU tables are placed on each side by its own launch (they differ
-     * between source and target), and most of them are supervisor-only pages the MH would fault on. */
-    cfg->mh_base = 0;
-    cfg->mh_size = bp->mh_base + bp->mh_size;
+    /* (v7) Off limits to SAVE/LOAD/DIGEST: the MH area and the MH's own low pages (memory-map.md, "What
+     * migrates"). Every other page below the workload area is the guest's (CPU tables, boot page, its
+     * page tables and CPL0 stacks, the firmware image) and moves; the helper's tables map them for it. */
+    cfg->mh_base = bp->mh_base;
+    cfg->mh_size = bp->mh_size;
+    cfg->own_low[0] = cfg->own_low[1] = 0;
+    own_low_page(cfg, 0);
+    for (uint64_t gpa = CP_PT_MH_GPA; gpa < CP_KSTACK_GPA; gpa += CP_PAGE_SIZE)
+        own_low_page(cfg, gpa / CP_PAGE_SIZE);
+    for (uint64_t id = bp->nr_vcpus; id < (uint64_t)bp->nr_vcpus + bp->mh_vcpus; id++)
+        own_low_page(cfg, (CP_KSTACK_GPA + id * CP_KSTACK_SIZE) / CP_PAGE_SIZE);
     cfg->shared = (struct cp_mh_shared *)(uintptr_t)bp->mh_shared_gpa;
     cfg->gen_table = (uint32_t *)(uintptr_t)bp->mh_gen_gpa;
     cfg->gen_entries = bp->mh_gen_entries;

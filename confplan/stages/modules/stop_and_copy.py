@@ -13,6 +13,7 @@ import time
 from confplan.errors import ConfplanError
 from confplan.migration.handover import TargetState
 from confplan.plan import STAGE_NEEDS
+from confplan.plan.models import StopAndCopyParams
 from confplan.stages.base import ResumePolicy, Stage, StageContext, StageResult, TeardownWhen, register_stage
 from confplan.stages.modules import _common as common
 from confplan.stages.modules import _handover as handover
@@ -34,8 +35,10 @@ class StopAndCopy(Stage):
         source = common.vmm(ctx, "source")
         ctx.pause_started = paused = time.monotonic()
         timeout = handover.verdict_timeout(ctx)
+        params = StopAndCopyParams.model_validate(self.params)
         try:
-            sent = source.call("stop_and_copy", {"verdict_timeout": timeout}, timeout=FINAL_TIMEOUT)
+            call = {"verdict_timeout": timeout, "pause_in_cpl0": params.pause_in_cpl0}
+            sent = source.call("stop_and_copy", call, timeout=FINAL_TIMEOUT)
         except ConfplanError as err:
             raise common.stream_error(ctx, err) from None
         # The handover has started: from here the VMMs decide, so no earlier undo may run (resuming the
@@ -57,7 +60,7 @@ class StopAndCopy(Stage):
         return StageResult(
             bytes_shared=int(final["bytes_shared"]), bytes_sealed=int(final["bytes_sealed"]),
             data={"final_round": final, "source_paused_seconds": sent["paused_seconds"], "target": target,
-                  "steps": steps, "verdict_timeout": timeout,
+                  "steps": steps, "verdict_timeout": timeout, "vcpus_at_cpl0": sent.get("vcpus_at_cpl0"),
                   "enc_bitmap": bitmap},
         )  # fmt: skip
 
