@@ -20,9 +20,10 @@ from confplan.errors import ConfplanError
 from confplan.kvm import structs as kvm_structs
 from confplan.migration.dirty import DirtyTracker
 from confplan.migration.helper import open_mailboxes
+from confplan.migration.precopy import RoundStats
 from confplan.migration.session import resynced_tsc
 from confplan.migration.source import Outgoing
-from confplan.migration.target import Incoming, IncomingState, apply_clock
+from confplan.migration.target import Incoming, IncomingState, IncomingStatus, apply_clock
 from confplan.migration.verify import private_digests, shared_digest
 from confplan.sev import CONFPLAN_TRANSPORT_KEY_GUID
 from confplan.sev.secret_table import CONFPLAN_MIGRATION_ID_GUID, build_secret_table
@@ -77,6 +78,16 @@ class Pair:
                             tracker=self.tracker, next_generation=1)  # fmt: skip
         self.out.start()
 
+    def finish(self) -> tuple[RoundStats, IncomingStatus]:
+        """The pause: the guest's vCPUs stop, the final round and the vCPU state go, and the target holds
+        the whole copy (COMPLETE). (The final round's stats, the target's status.)"""
+        self.src.pause_all_vcpus_except_aux()
+        final = self.out.send_round(final=True)
+        self.out.send_state(time.time())
+        status = self.incoming.wait(30)
+        assert status.state is IncomingState.COMPLETE, status.error
+        return final, status
+
     def close(self) -> None:
         self.out.sock.close()
         self.incoming.close()
@@ -106,11 +117,7 @@ def test_migrate_resume_ledger_ok(pairs: list[Pair], mode: str) -> None:
     rounds = [pair.out.send_round() for _ in range(3)]
     assert rounds[0].sealed_pages > 1000 and rounds[0].shared_pages > 100  # the first round sends everything
     assert rounds[1].pages < rounds[0].pages  # later rounds: only what the workload dirtied
-    pair.src.pause_all_vcpus_except_aux()
-    final = pair.out.send_round(final=True)
-    pair.out.send_state(time.time())
-    status = pair.incoming.wait(30)
-    assert status.state is IncomingState.COMPLETE, status.error
+    final, status = pair.finish()
     assert status.sealed_pages == sum(r.sealed_pages for r in [*rounds, final])
     # verify: the two helpers' keyed digests and the shared-page CRCs agree
     assert shared_digest(pair.src) == shared_digest(pair.dst)
@@ -207,10 +214,7 @@ def test_a_cpl0_page_changed_on_the_target_breaks_verify(pairs: list[Pair]) -> N
     pair = Pair("aux-vcpu")
     pairs.append(pair)
     pair.out.send_round()
-    pair.src.pause_all_vcpus_except_aux()
-    pair.out.send_round(final=True)
-    pair.out.send_state(time.time())
-    assert pair.incoming.wait(30).state is IncomingState.COMPLETE
+    pair.finish()
     assert private_digests(pair.src_mb, pair.src) == private_digests(pair.dst_mb, pair.dst)
     unused = abi.PT_WL_GPA + abi.PAGE - 8  # the last PML4 entry: nothing maps through it
     pair.dst.write(unused, b"\x01")
@@ -229,11 +233,7 @@ def test_pages_converted_while_the_guest_migrates_arrive_as_their_final_kind(pai
         rounds.append(pair.out.send_round())
     converted = pair.src.enc_bitmap.stats.conversions - before
     assert converted >= 200 and pair.src.workload.progress().conversions >= converted
-    pair.src.pause_all_vcpus_except_aux()
-    pair.out.send_round(final=True)
-    pair.out.send_state(time.time())
-    status = pair.incoming.wait(30)
-    assert status.state is IncomingState.COMPLETE, status.error
+    _, status = pair.finish()
     src_bits, dst_bits = pair.src.enc_bitmap.bitmap.view(), pair.dst.enc_bitmap.bitmap.view()
     assert bytes(dst_bits) == bytes(src_bits)
     assert shared_digest(pair.src) == shared_digest(pair.dst)
@@ -280,11 +280,7 @@ def test_a_stranger_on_the_page_port_is_refused_and_the_real_source_migrates(pai
     pair = Pair("aux-vcpu", strangers=2)  # two strangers connect first; the listener keeps going
     pairs.append(pair)
     pair.out.send_round()
-    pair.src.pause_all_vcpus_except_aux()
-    pair.out.send_round(final=True)
-    pair.out.send_state(time.time())
-    status = pair.incoming.wait(30)
-    assert status.state is IncomingState.COMPLETE, status.error
+    pair.finish()
     assert len(pair.incoming.refused) == 2  # each closed before it could prove the key
     assert private_digests(pair.src_mb, pair.src) == private_digests(pair.dst_mb, pair.dst)
     with pytest.raises(OSError):  # once the source is in, nobody else can even connect
@@ -295,10 +291,7 @@ def test_private_page_changed_after_copy_breaks_verify(pairs: list[Pair]) -> Non
     pair = Pair("aux-vcpu")
     pairs.append(pair)
     pair.out.send_round()
-    pair.src.pause_all_vcpus_except_aux()
-    pair.out.send_round(final=True)
-    pair.out.send_state(time.time())
-    assert pair.incoming.wait(30).state is IncomingState.COMPLETE
+    pair.finish()
     data = pair.dst.layout.data_page_gpa(3)
     if pair.dst.enc_bitmap.is_private(data // abi.PAGE):
         pair.dst.write(data, b"\xff" * 8)
@@ -410,11 +403,7 @@ def test_a_kvm_clock_restored_backwards_is_seen_by_the_guest(pairs: list[Pair]) 
     pairs.append(pair)
     pair.out.send_round()
     assert pair.src.workload.wait_clock_read()
-    pair.src.pause_all_vcpus_except_aux()
-    pair.out.send_round(final=True)
-    pair.out.send_state(time.time())
-    status = pair.incoming.wait(30)
-    assert status.state is IncomingState.COMPLETE, status.error
+    _, status = pair.finish()
     pair.dst.restore_vcpu_states([s.state for s in status.vcpus.values()])
     apply_clock(pair.dst, status, time.time(), offset_ns=-5_000_000_000)
     pair.dst.resume_all_vcpus_except_aux()
