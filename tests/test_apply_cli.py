@@ -37,12 +37,18 @@ def test_dry_run_lists_the_stages_and_runs_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "state").exists()
 
 
-def test_rich_view_shows_round_dirty_pages_throughput_eta() -> None:
+def _rich_precopy() -> tuple[RichObserver, io.StringIO]:
+    """The terminal view on a string, with precopy started."""
     out = io.StringIO()
     view = RichObserver(Console(file=out, force_terminal=True, width=150))
     step = Step("precopy", StepAction.RUN, "not run yet")
     view.steps_planned([step], False)
     view.stage_started(step)
+    return view, out
+
+
+def test_rich_view_shows_round_dirty_pages_throughput_eta() -> None:
+    view, out = _rich_precopy()
     view.stage_progress(
         "precopy", Progress(100, None, "pages", "round 2: 1234 dirty pages left, 300 MiB/s, ETA 0.02s")
     )
@@ -54,11 +60,7 @@ def test_rich_view_shows_round_dirty_pages_throughput_eta() -> None:
 
 def test_rich_view_fills_a_bar_within_a_round() -> None:
     """Like `virsh migrate --verbose`: the percent of the round's pages sent, as the round goes."""
-    out = io.StringIO()
-    view = RichObserver(Console(file=out, force_terminal=True, width=150))
-    step = Step("precopy", StepAction.RUN, "not run yet")
-    view.steps_planned([step], False)
-    view.stage_started(step)
+    view, out = _rich_precopy()
     view.stage_progress("precopy", Progress(2500, 10000, "pages", "round 1: 32 MiB/s, 7500 pages to go"))
     view.bar.refresh()
     assert "25%" in out.getvalue() and "7500 pages to go" in out.getvalue()
