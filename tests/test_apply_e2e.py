@@ -32,7 +32,7 @@ def _plan(tmp: Path, mode: str, stages: str = "", *, vcpus: int = 1, workload: s
         f"guest:\n  memory: 64MiB\n  vcpus: {vcpus}\n"
         f"  workload: {{kind: dirty-writer, dirty_rate: 32MiB/s, shared_fraction: 0.05{workload}}}\n"
         f"helper: {{mode: {mode}, aux_vcpus: 2, batch_pages: 128}}\n"
-        "limits: {max_downtime: 50ms, max_precopy_rounds: 8}\n"
+        "limits: {max_downtime: 100ms, max_precopy_rounds: 10}\n"
         "checkpoint: {dir: state}\n" + (f"stages: [{stages}]\n" if stages else "")
     )
     return path
@@ -150,7 +150,7 @@ def test_a_pause_that_cannot_fit_is_throttled_then_refused(
 
     plan = _plan(plan_dir, "aux-vcpu")
     plan.write_text(plan.read_text().replace("dirty_rate: 32MiB/s", "dirty_rate: unlimited").replace(
-        "limits: {max_downtime: 50ms, max_precopy_rounds: 8}",
+        "limits: {max_downtime: 100ms, max_precopy_rounds: 10}",
         "limits: {max_downtime: 1ms, max_precopy_rounds: 4, on_timeout: throttle}",
     ))  # fmt: skip
     code = main(["apply", str(plan), "-o", "json"])
@@ -176,7 +176,7 @@ def test_a_pause_that_cannot_fit_is_throttled_then_refused(
 def test_force_complete_accepts_the_longer_pause_and_says_so(cli: typer.Typer, plan_dir: Path) -> None:
     plan = _plan(plan_dir, "aux-vcpu")
     plan.write_text(plan.read_text().replace("dirty_rate: 32MiB/s", "dirty_rate: unlimited").replace(
-        "limits: {max_downtime: 50ms, max_precopy_rounds: 8}",
+        "limits: {max_downtime: 100ms, max_precopy_rounds: 10}",
         "limits: {max_downtime: 1ms, max_precopy_rounds: 4, on_timeout: force-complete}",
     ))  # fmt: skip
     result = CliRunner().invoke(cli, ["apply", str(plan), "--output", "json"])
