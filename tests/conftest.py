@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from hypothesis import settings
+from launcher import Launcher
 
 from confplan.sev import EmulatedSecureProcessor
 from confplan.vmm.bootparams import HostCpu
@@ -60,3 +61,13 @@ def plan_dir(tmp_path: Path) -> Iterator[Path]:
         found = vmm_handle.find_local(tmp_path / "state", role)
         if found is not None:
             vmm_handle.stop(found)
+
+
+@pytest.fixture
+def launcher(psp: EmulatedSecureProcessor, host: HostCpu, tmp_path: Path) -> Iterator[Launcher]:
+    """Measured launches (tests/launcher.py); every machine it booted is closed after the test."""
+    boot = Launcher(psp, host, tmp_path / "owner")
+    try:
+        yield boot
+    finally:
+        boot.close()

@@ -10,10 +10,9 @@ import array
 import dataclasses
 import os
 import struct
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
+from launcher import Launcher
 
 from confplan.core import frame_sealed_pages, unframe_sealed_pages
 from confplan.core.wire import sealed_frame_size
@@ -21,21 +20,14 @@ from confplan.migration.helper import open_mailboxes
 from confplan.migration.mailbox import BatchResult, Mailbox
 from confplan.migration.mailbox_layout import SLOT_CT, SLOT_GPA, SLOT_KEY_ID, SLOT_SIZE, MhStatus, Op
 from confplan.migration.mailbox_set import MailboxSet
-from confplan.sev import EmulatedSecureProcessor, KeyBroker, OwnerPolicy
-from confplan.sev.policy import encode_sev_policy
 from confplan.vmm import Machine, MachineConfig, abi
-from confplan.vmm.bootparams import HostCpu
 from confplan.vmm.cpu_setup import host_cpu_flags
-from confplan.vmm.firmware import Firmware
-from confplan.vmm.launch_blobs import expected_launch_digest
-from confplan.vmm.sev_launch import launch_with_broker
 from confplan.vmm.tables import PT_PAGES
 
 pytestmark = pytest.mark.kvm
 
 MEM = 32 * abi.MIB
 PAGE = abi.PAGE
-POLICY = encode_sev_policy(nodbg=True, noks=True, api_major=1, api_minor=40)
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(100, 132))
 MARKER = b"CONFPLAN-CANARY!"  # 16 bytes; a canary page is this, repeated
@@ -54,39 +46,6 @@ def configs(mode: str) -> tuple[MachineConfig, MachineConfig]:
         **helper,  # type: ignore[arg-type]
     )
     return src, dataclasses.replace(src, mh_only=True)
-
-
-class Launcher:
-    """Boots measured machines whose digests the owner allowed, each with its own broker release."""
-
-    def __init__(self, psp: EmulatedSecureProcessor, host: HostCpu, owner_dir: Path) -> None:
-        self.psp, self.host, self.owner_dir = psp, host, owner_dir
-        self.machines: list[Machine] = []
-
-    def boot(self, config: MachineConfig, key: bytes, migration_id: bytes | None = None) -> Machine:
-        digest = expected_launch_digest(config, Firmware.load(), self.host).hex()
-        owner = OwnerPolicy(
-            allowed_digests=[digest], allowed_policies=[POLICY], min_api="1.40", trust_emulated_platform=True
-        )
-        broker = KeyBroker.init(self.owner_dir, owner, force=True)
-        m = Machine(config)
-        self.machines.append(m)
-        launch_with_broker(m, self.psp, broker, POLICY, key, migration_id=migration_id)
-        m.start()
-        return m
-
-    def close(self) -> None:
-        for m in reversed(self.machines):
-            m.close()
-
-
-@pytest.fixture
-def launcher(psp: EmulatedSecureProcessor, host: HostCpu, tmp_path: Path) -> Iterator[Launcher]:
-    boot = Launcher(psp, host, tmp_path / "owner")
-    try:
-        yield boot
-    finally:
-        boot.close()
 
 
 def memfd_read(m: Machine, gpa: int, n: int) -> bytes:

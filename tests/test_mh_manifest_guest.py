@@ -12,11 +12,10 @@ import array
 import dataclasses
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
+from launcher import Launcher
 
 from confplan.core import frame_sealed_pages, unframe_sealed_pages
 from confplan.core.wire import sealed_frame_size
@@ -27,13 +26,7 @@ from confplan.migration.mailbox_set import MailboxSet
 from confplan.migration.manifest import ManifestRefused, state_hash
 from confplan.migration.session import vcpu_blob
 from confplan.migration.target import apply_enc_bitmap
-from confplan.sev import EmulatedSecureProcessor, KeyBroker, OwnerPolicy
-from confplan.sev.policy import encode_sev_policy
 from confplan.vmm import Machine, MachineConfig, abi, vmsa_slot
-from confplan.vmm.bootparams import HostCpu
-from confplan.vmm.firmware import Firmware
-from confplan.vmm.launch_blobs import expected_launch_digest
-from confplan.vmm.sev_launch import launch_with_broker
 
 pytestmark = pytest.mark.kvm
 
@@ -41,28 +34,7 @@ MEM = 32 * abi.MIB
 PAGE = abi.PAGE
 NPAGES = MEM // PAGE
 CHUNK = mbx.MANIFEST_CHUNK_PAGES  # verify's 8 MiB chunks: 4 of them
-POLICY = encode_sev_policy(nodbg=True, noks=True, api_major=1, api_minor=40)
 KEY = bytes(range(32))
-
-
-class Launcher:
-    """Boots measured machines whose digests the owner allowed, each with its own broker release."""
-
-    def __init__(self, psp: EmulatedSecureProcessor, host: HostCpu, owner_dir: Path) -> None:
-        self.psp, self.host, self.owner_dir = psp, host, owner_dir
-        self.machines: list[Machine] = []
-
-    def boot(self, config: MachineConfig, migration_id: bytes) -> Machine:
-        digest = expected_launch_digest(config, Firmware.load(), self.host).hex()
-        owner = OwnerPolicy(
-            allowed_digests=[digest], allowed_policies=[POLICY], min_api="1.40", trust_emulated_platform=True
-        )
-        broker = KeyBroker.init(self.owner_dir, owner, force=True)
-        m = Machine(config)
-        self.machines.append(m)
-        launch_with_broker(m, self.psp, broker, POLICY, KEY, migration_id=migration_id)
-        m.start()
-        return m
 
 
 @dataclass
@@ -119,16 +91,6 @@ class Migrated:
 
 
 @pytest.fixture
-def launcher(psp: EmulatedSecureProcessor, host: HostCpu, tmp_path: Path) -> Iterator[Launcher]:
-    boot = Launcher(psp, host, tmp_path / "owner")
-    try:
-        yield boot
-    finally:
-        for m in reversed(boot.machines):
-            m.close()
-
-
-@pytest.fixture
 def migrated(launcher: Launcher, request: pytest.FixtureRequest) -> Migrated:
     """Helper mode aux-vcpu, or the test's parameter (``indirect``)."""
     mode = getattr(request, "param", "aux-vcpu")
@@ -138,8 +100,8 @@ def migrated(launcher: Launcher, request: pytest.FixtureRequest) -> Migrated:
     mig = os.urandom(16)
     src_cfg = MachineConfig(memory=MEM, vcpus=2, workload_kind="quiet", batch_pages=64, measured_launch=True,
                             **helper)  # type: ignore[arg-type]  # fmt: skip
-    src = launcher.boot(src_cfg, mig)
-    dst = launcher.boot(dataclasses.replace(src_cfg, mh_only=True), mig)
+    src = launcher.boot(src_cfg, KEY, mig)
+    dst = launcher.boot(dataclasses.replace(src_cfg, mh_only=True), KEY, mig)
     src.wait_workload(abi.EV_WL_FILLED)
     src.pause_all_vcpus_except_aux()
     src_mb, dst_mb = open_mailboxes(src), open_mailboxes(dst)
@@ -169,7 +131,7 @@ def test_a_migrations_manifest_checks_and_any_changed_byte_is_refused(migrated: 
 def test_a_manifest_of_another_migration_is_refused(migrated: Migrated) -> None:
     """A third machine, launched with the same key but the owner's other migration id."""
     cfg = dataclasses.replace(migrated.dst.config)
-    other = migrated.launcher.boot(cfg, os.urandom(16))
+    other = migrated.launcher.boot(cfg, KEY, os.urandom(16))
     mbs = open_mailboxes(other)
     mbs.init()
     with pytest.raises(ManifestRefused) as err:
