@@ -6,8 +6,8 @@
  * 64..79 the key-derived migration id, 80..83 key id (u32 LE), (v5) 96..127 the seal key for manifests and
  * vCPU state.
  *
- * Digest: h(gpa) = GMAC_Kd(IV ff ff ff fe || gpa BE64, AAD = page) per page outside the MH area; the chain
- * starts as c = start LE64 || npages LE64 and folds every 256 hashes: c = GMAC_Kd(IV ff ff ff fd || j BE64,
+ * Digest: h(gpa) = GMAC_Kd(IV ff ff ff fe || gpa BE64, AAD = page) per page the helper does not own; the
+ * chain starts as c = start LE64 || npages LE64 and folds every 256 hashes: c = GMAC_Kd(IV ff ff ff fd || j BE64,
  * AAD = c || h...). The result is the keystream of the final key at IV c[0..11] (32 bytes): a PRF of the
  * chain value, so published digests say nothing about the GHASH key or the memory.
  *
@@ -88,11 +88,6 @@ static int hash_page(struct cp_mh_ctx *ctx, uint64_t gpa, uint8_t out[CP_GCM_TAG
     return cp_gcm_seal(&ctx->digest_key, iv, ctx->cfg.ram + gpa, CP_MH_PAGE, ctx->chain, ctx->chain, 0, out);
 }
 
-static int in_mh_area(const struct cp_mh_config *cfg, uint64_t gpa)
-{
-    return cp_mh_owns(cfg, gpa);
-}
-
 static uint32_t check_range(const struct cp_mh_config *cfg, uint64_t start, uint64_t npages)
 {
     if (start % CP_MH_PAGE)
@@ -126,7 +121,7 @@ static uint32_t chain_range(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npag
     for (uint64_t p = 0; p < npages; p++) {
         uint64_t gpa = start + p * CP_MH_PAGE;
         uint8_t *slot = ctx->chain + 16 + 16 * m;
-        if (in_mh_area(&ctx->cfg, gpa)) {
+        if (cp_mh_owns(&ctx->cfg, gpa)) {
             ++*skipped;
             continue;
         }
@@ -181,7 +176,7 @@ void cp_mh_mac_set(struct cp_mh_ctx *ctx, uint64_t gpa, const uint8_t tag[CP_GCM
 }
 
 /* One table entry: h(gpa) of the page as it is now. The table lives in MH memory, so only the MH writes it;
- * the caller has checked the GPA (aligned, in RAM, outside the MH area). */
+ * the caller has checked the GPA (aligned, in RAM, not the helper's own). */
 uint32_t cp_mh_mac_page(struct cp_mh_ctx *ctx, uint64_t gpa)
 {
     uint8_t mac[CP_GCM_TAG_BYTES];
@@ -200,7 +195,7 @@ uint32_t cp_mh_mac_range(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages,
     uint32_t rc = check_range(&ctx->cfg, start, npages);
     for (uint64_t p = 0; rc == CP_MBS_OK && p < npages; p++) {
         uint64_t gpa = start + p * CP_MH_PAGE;
-        if (in_mh_area(&ctx->cfg, gpa)) {
+        if (cp_mh_owns(&ctx->cfg, gpa)) {
             ++*skipped;
             continue;
         }
@@ -211,7 +206,7 @@ uint32_t cp_mh_mac_range(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages,
 }
 
 /* v5: the manifest's generation digest of one chunk. Entry of page p: its generation-table entry if the
- * chunk's private bitmap copy marks it private (bit p - start of `bits`), else 0; MH-area pages skipped.
+ * chunk's private bitmap copy marks it private (bit p - start of `bits`), else 0; the helper's own pages skipped.
  * Packed as u32 LE, 4 to a 16-byte block, 1024 per chain step (IV kind fc). */
 #define GEN_STEP (4u * CP_MH_DIGEST_CHUNK)
 
@@ -227,7 +222,7 @@ uint32_t cp_mh_gen_digest(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages
     cp_mh_store_le64(ctx->chain + 8, npages);
     for (uint64_t p = 0; p < npages; p++) {
         uint64_t gpa = start + p * CP_MH_PAGE;
-        if (in_mh_area(&ctx->cfg, gpa))
+        if (cp_mh_owns(&ctx->cfg, gpa))
             continue;
         uint32_t gen = 0;
         if (bits[p / 8] >> (p % 8) & 1u)
