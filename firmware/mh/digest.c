@@ -8,8 +8,9 @@
  *
  * Digest: h(gpa) = GMAC_Kd(IV ff ff ff fe || gpa BE64, AAD = page) per page the helper does not own; the
  * chain starts as c = start LE64 || npages LE64 and folds every 256 hashes:
- * c = GMAC_Kd(IV ff ff ff fd || j BE64, AAD = c || h...). The result is the keystream of the final key at IV c[0..11] (32 bytes): a PRF of the
- * chain value, so published digests say nothing about the GHASH key or the memory.
+ * c = GMAC_Kd(IV ff ff ff fd || j BE64, AAD = c || h...). The result is the keystream of the final key at
+ * IV c[0..11] (32 bytes): a PRF of the chain value, so published digests say nothing about the GHASH key or
+ * the memory.
  *
  * IV kinds under the digest key (ff ff ff kind || value BE64): fe page hash, fd chain step, (v5) fc the
  * manifest's generation chain, fb its bitmap chain (manifest.c).
