@@ -83,8 +83,6 @@ def error_class(error: BaseException, code: int) -> str:
     """The class of ``error`` (docs/report.md), from its exit code: they cannot disagree."""
     if isinstance(error, PlanError):
         return "plan"
-    if isinstance(error, StageFailed) and code == ExitCode.USAGE:
-        return "migration"  # a stage's failure, from a confplan whose StageFailed had no code of its own
     return _CLASSES.get(code, "internal")
 
 
