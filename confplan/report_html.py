@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from confplan.errors import ExitCode
+from confplan.stages.observers import format_bytes
 from confplan.statefile import write_output
 
 _OUTCOME_CLASS = {"succeeded": "ok", "planned": "ok", "failed": "bad", "refused": "bad",
@@ -240,12 +241,7 @@ def _exit_meaning(code: Any) -> str:
 def _bytes(value: Any) -> str:
     if not isinstance(value, int | float) or isinstance(value, bool):
         return "–"
-    size = float(value)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(size) < 1024 or unit == "TiB":
-            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"  # not reached
+    return format_bytes(int(value))
 
 
 def _ms(value: Any) -> str:

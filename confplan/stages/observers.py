@@ -22,9 +22,10 @@ Emit = Callable[[str], None]
 
 
 def format_bytes(count: int) -> str:
+    """``count`` bytes for people: "512 B", "1.5 MiB", up to TiB."""
     value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{count} B"  # pragma: no cover - the loop always returns
