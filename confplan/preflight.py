@@ -23,7 +23,7 @@ from typing import Any
 from confplan.agent import handle as vmm_handle
 from confplan.errors import ConfplanError, EnvironmentProblem, PlanBusy
 from confplan.guest import abi
-from confplan.kvm import probe_kvm
+from confplan.kvm import Kvm, probe_kvm
 from confplan.plan import Plan
 from confplan.plan.models import StartIncomingParams
 from confplan.plan.units import format_size
@@ -112,7 +112,7 @@ def _all_checks(plan: Plan, home: Path | None) -> Iterator[Check]:
     running = {side: _running_vmm(plan, side) for side in local}
     for side in SIDES:
         if side in local:
-            yield _kvm_local(side)
+            yield _kvm_local(plan, side)
             yield _memory_local(plan, side, local, running)
         else:
             yield from _remote(plan, side, home)
@@ -160,11 +160,28 @@ def _c_core() -> Check:
     return Check("c-core", "orchestrator", True, f"the C page-transfer core loads ({name})")
 
 
-def _kvm_local(side: str) -> Check:
+def _kvm_local(plan: Plan, side: str) -> Check:
     try:
         detail = probe_kvm()
+        with Kvm() as kvm:
+            limit = kvm.max_vcpus()
     except EnvironmentProblem as err:
         return Check("kvm", side, False, err.message, err.hint)
+    return _vcpus_within(plan, side, detail, limit)
+
+
+def _vcpus_per_vm(plan: Plan) -> int:
+    """The vCPUs of the guest's VM: aux helper vCPUs are in it, a mirror VM's are in a VM of their own."""
+    helper = plan.helper
+    return plan.guest.vcpus + (helper.mh_vcpus if helper.mode == "aux-vcpu" else 0)
+
+
+def _vcpus_within(plan: Plan, side: str, detail: str, limit: int | None) -> Check:
+    """KVM's own vCPU limit (KVM_CAP_MAX_VCPUS) on that host, beside the firmware's that validate checks."""
+    need = _vcpus_per_vm(plan)
+    if limit is not None and need > limit:
+        hint = "lower guest.vcpus or helper.aux_vcpus, or use a host whose KVM allows more"
+        return Check("kvm", side, False, f"{detail}; the guest's VM needs {need} vCPUs", hint)
     return Check("kvm", side, True, detail)
 
 
@@ -242,7 +259,11 @@ def _remote_host(plan: Plan, side: str, facts: Any) -> Iterator[Check]:
         yield Check("memory", side, True, old)
         return
     kvm = facts.get("kvm") or {}
-    yield Check("kvm", side, bool(kvm.get("ok")), str(kvm.get("detail")), kvm.get("hint"))
+    if kvm.get("ok"):
+        limit = facts.get("max_vcpus")
+        yield _vcpus_within(plan, side, str(kvm.get("detail")), limit if isinstance(limit, int) else None)
+    else:
+        yield Check("kvm", side, False, str(kvm.get("detail")), kvm.get("hint"))
     avail, need = facts.get("mem_available"), plan.guest.memory + VMM_OVERHEAD
     what = f"{format_size(plan.guest.memory)} guest RAM + {format_size(VMM_OVERHEAD)} VMM"
     if not isinstance(avail, int):

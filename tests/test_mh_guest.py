@@ -22,7 +22,7 @@ from confplan.migration.mailbox_layout import SLOT_CT, SLOT_GPA, SLOT_KEY_ID, SL
 from confplan.migration.mailbox_set import MailboxSet
 from confplan.vmm import Machine, MachineConfig, abi
 from confplan.vmm.cpu_setup import host_cpu_flags
-from confplan.vmm.tables import PT_PAGES
+from confplan.vmm.tables import pt_pages
 
 pytestmark = pytest.mark.kvm
 
@@ -290,13 +290,13 @@ def test_workload_page_tables_leave_out_the_whole_mh_area(launcher: Launcher) ->
     assert lay.mh_gen_gpa + lay.mh_gen_entries * 4 <= lay.mh_end
 
     def pd_entries(base: int) -> list[int]:
-        pd0 = base + 2 * PAGE
+        pd0 = base + 3 * PAGE  # v8: PML4, PDPT, the low PT, then the PDs
         raw = memfd_read(a, pd0, PAGE)
         return [
             struct.unpack_from("<Q", raw, (gpa // abi.HUGE) * 8)[0] for gpa in range(0, lay.mh_end, abi.HUGE)
         ]
 
-    assert PT_PAGES == 7
+    assert pt_pages(lay) == 7  # below 4 GiB: PML4, PDPT, PT, four PDs
     workload, helper = pd_entries(abi.PT_WL_GPA)[1:], pd_entries(abi.PT_MH_GPA)[1:]
     assert workload and all(e == 0 for e in workload)  # [2 MiB, mh_end): not mapped for the workload
     assert all(e & 0x7 == 0x7 for e in helper)  # present, writable, user for the MH
@@ -318,7 +318,7 @@ def test_source_and_target_low_pages_differ_only_where_guests_write(launcher: La
     differ = {gpa: (memfd_read(a, gpa, PAGE), memfd_read(b, gpa, PAGE)) for gpa in low}
     differ = {gpa: pair for gpa, pair in differ.items() if pair[0] != pair[1]}
     kstacks = range(abi.KSTACK_GPA, abi.KSTACK_GPA + src_cfg.vcpus * abi.KSTACK_SIZE)
-    tables = range(abi.PT_WL_GPA, abi.PT_WL_GPA + PT_PAGES * PAGE)
+    tables = range(abi.PT_WL_GPA, abi.PT_WL_GPA + pt_pages(a.layout) * PAGE)
     assert abi.BOOT_PARAMS_GPA in differ and all(
         g == abi.BOOT_PARAMS_GPA or g in kstacks or g in tables for g in differ
     ), [hex(g) for g in differ]

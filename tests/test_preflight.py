@@ -235,7 +235,7 @@ def test_an_invalid_plan_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[s
     plan = tmp_path / "big.yaml"
     plan.write_text("guest: {memory: 64GiB}\n")
     code, out, err = cli(["preflight", str(plan), "-o", "json"], capsys)
-    assert code == ExitCode.USAGE and "guest.memory: 64GiB is above the 3584MiB this VMM supports" in err
+    assert code == ExitCode.USAGE and "guest.memory: 64GiB is above the 65024MiB this VMM supports" in err
     doc = json.loads(out)
     assert doc["error"]["class"] == "plan" and doc["exit_code"] == 2 and doc["preflight"] == []
 
@@ -293,4 +293,4 @@ def test_the_agent_reports_its_hosts_facts_only_when_asked() -> None:
     service = VmmService(psp_dir=Path("/nonexistent"))
     assert "host" not in service.info()
     facts = service.info({"host": True})["host"]
-    assert set(facts) == {"kvm", "mem_available"} and isinstance(facts["kvm"]["ok"], bool)
+    assert set(facts) == {"kvm", "mem_available", "max_vcpus"} and isinstance(facts["kvm"]["ok"], bool)

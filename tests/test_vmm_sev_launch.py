@@ -76,7 +76,7 @@ def test_the_cpu_tables_are_measured() -> None:
     digest = launch_crypto.sev_launch_digest([b.data for b in blobs])
     assert digest == expected_launch_digest(SOURCE, fw, HOST)
     # the workload's PD entry for the 2 MiB around the secret page: absent, now mapped user-accessible
-    pd_entry = abi.PT_WL_GPA + 2 * abi.PAGE + 8 * (abi.SECRET_GPA // abi.HUGE)
+    pd_entry = abi.PT_WL_GPA + 3 * abi.PAGE + 8 * (abi.SECRET_GPA // abi.HUGE)  # v8: PML4, PDPT, PT, PDs
     table = next(i for i, b in enumerate(blobs) if b.gpa <= pd_entry < b.gpa + len(b.data))
     at = pd_entry - blobs[table].gpa
     assert blobs[table].data[at : at + 8] == bytes(8)

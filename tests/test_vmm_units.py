@@ -53,7 +53,7 @@ def test_layout_keeps_areas_apart() -> None:
     assert lay.mh_end % abi.HUGE == 0 and lay.mailbox_gpa(1) + lay.mailbox_stride <= lay.mh_end
     assert lay.mailbox_stride == abi.PAGE + 256 * (abi.PAGE + 64)
     assert lay.wl_ctl_gpa == lay.mh_end < lay.wl_stack_gpa < lay.wl_ledger_gpa < lay.wl_data_gpa
-    assert lay.data_page_gpa(lay.wl_data_pages) <= 64 * abi.MIB
+    assert lay.data_page_gpa(lay.wl_data_pages - 1) + abi.PAGE <= 64 * abi.MIB
     assert lay.partition(0).stop == lay.partition(1).start and lay.partition(1).stop == lay.wl_data_pages
 
 
@@ -68,7 +68,7 @@ def test_too_small_guest_is_refused_with_a_size_hint() -> None:
     [
         {"memory": 3 * abi.MIB},
         {"vcpus": 0},
-        {"vcpus": 20, "aux_vcpus": 13},
+        {"vcpus": 120, "aux_vcpus": 9},  # 129 > abi.MAX_VCPUS
         {"workload_kind": "fork-bomb"},
         {"shared_fraction": 1.5},
         {"helper_mode": "mirror-vm", "aux_vcpus": 1},

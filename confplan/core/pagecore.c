@@ -533,13 +533,17 @@ static int open_pages_frame(const void *frame, size_t len, uint32_t type, const 
     return CP_OK;
 }
 
-/* A GPA is usable when page-aligned and its whole page lies in [gpa_base, gpa_base + ram_size). */
+/* A GPA is usable when page-aligned, its whole page lies in [gpa_base, gpa_base + ram_size) and it is
+ * not in the guest's RAM hole under 4 GiB (guest ABI v8: no RAM there, and the VMM maps it PROT_NONE, so
+ * a forged GPA there must be refused, not followed). */
 static int check_gpa(uint64_t gpa, uint64_t gpa_base, uint64_t ram_size, uint32_t index, struct cp_error *err)
 {
     if (gpa % CP_PAGE_SIZE)
         return fail(err, CP_E_GPA_ALIGN, index, gpa, CP_PAGE_SIZE);
     if (gpa < gpa_base || gpa - gpa_base >= ram_size)
         return fail(err, CP_E_GPA_RANGE, index, gpa, gpa_base + ram_size);
+    if (gpa >= CP_RAM_HOLE_START && gpa < CP_RAM_HOLE_END)
+        return fail(err, CP_E_GPA_RANGE, index, gpa, CP_RAM_HOLE_START);
     return CP_OK;
 }
 

@@ -22,6 +22,11 @@
  * with the firmware (its _Static_asserts pin every field's offset). */
 #include "../../firmware/include/cp_sealed_page.h"
 
+/* The guest's RAM hole (guest ABI v8, CP_RAM_HOLE_* in firmware/include/confplan_abi.h; tests compare
+ * them): GPAs there are no RAM, whatever ram_size says. */
+#define CP_RAM_HOLE_START 0xE0000000ULL
+#define CP_RAM_HOLE_END 0x100000000ULL
+
 #define CP_ABI_VERSION 2
 
 #define CP_WIRE_MAGIC 0x4c504643u   /* the bytes "CFPL" */

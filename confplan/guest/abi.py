@@ -17,17 +17,18 @@ HUGE: Final = 2 * MIB
 
 # Values exported by the firmware as ABI_<lowercase name>.
 ABI: Final[dict[str, int]] = {
-    "version": 7,
+    "version": 8,
     "gdt_gpa": 0x1000,
     "idt_gpa": 0x2000,
-    "tss_gpa": 0x3000,
+    "tss_gpa": 0x8000,
     "tss_stride": 0x80,
     "boot_params_gpa": 0x4000,
     "pt_wl_gpa": 0x10000,
-    "pt_mh_gpa": 0x18000,
-    "kstack_gpa": 0x20000,
+    "pt_mh_gpa": 0x54000,
+    "pt_set_size": 0x44000,
+    "kstack_gpa": 0xA0000,
     "kstack_size": 0x1000,
-    "max_vcpus": 32,
+    "max_vcpus": 128,
     "fw_base": 0x180000,
     "mh_base": 0x200000,
     "mh_image_size": 0x40000,
@@ -49,6 +50,12 @@ ABI: Final[dict[str, int]] = {
     "vmsa_verified": 3,
     "mmio_base": 0xE0000000,
     "mmio_size": 0x200000,
+    "ram_hole_start": 0xE0000000,
+    "ram_hole_end": 0x100000000,
+    "max_ram_top": 0x1000000000,
+    "e820_max": 8,
+    "e820_ram": 1,
+    "e820_reserved": 2,
     "mmio_console": 0xE0000000,
     "mmio_doorbell": 0xE0001000,
     "mmio_encstatus": 0xE0002000,
@@ -97,6 +104,7 @@ TSS_STRIDE: Final = ABI["tss_stride"]
 BOOT_PARAMS_GPA: Final = ABI["boot_params_gpa"]
 PT_WL_GPA: Final = ABI["pt_wl_gpa"]
 PT_MH_GPA: Final = ABI["pt_mh_gpa"]
+PT_SET_SIZE: Final = ABI["pt_set_size"]
 KSTACK_GPA: Final = ABI["kstack_gpa"]
 KSTACK_SIZE: Final = ABI["kstack_size"]
 MAX_VCPUS: Final = ABI["max_vcpus"]
@@ -126,7 +134,13 @@ MMIO_DOORBELL: Final = ABI["mmio_doorbell"]
 MMIO_ENCSTATUS: Final = ABI["mmio_encstatus"]
 MMIO_FAULT: Final = ABI["mmio_fault"]
 MMIO_MAILBOX: Final = ABI["mmio_mailbox"]
-MAX_RAM: Final = MMIO_BASE
+RAM_HOLE_START: Final = ABI["ram_hole_start"]  # v8: guest RAM skips [start, end): MMIO, xAPIC
+RAM_HOLE_END: Final = ABI["ram_hole_end"]
+MAX_RAM_TOP: Final = ABI["max_ram_top"]  # the guest-physical space the page tables map
+MAX_RAM: Final = MAX_RAM_TOP - (RAM_HOLE_END - RAM_HOLE_START)  # RAM that fits below MAX_RAM_TOP
+E820_MAX: Final = ABI["e820_max"]
+E820_RAM: Final = ABI["e820_ram"]
+E820_RESERVED: Final = ABI["e820_reserved"]
 
 DB_IDLE: Final = ABI["db_idle"]
 DB_SLEEP_NS: Final = ABI["db_sleep_ns"]
@@ -191,6 +205,12 @@ FEATURE_BITS: Final = {
 }
 
 
+class E820Entry(ctypes.Structure):
+    """``struct cp_e820_entry``: one range of the guest-physical map."""
+
+    _fields_: ClassVar = [("addr", u64), ("size", u64), ("type", u32), ("pad", u32)]
+
+
 class BootParams(ctypes.Structure):
     """``struct cp_boot_params``."""
 
@@ -226,7 +246,7 @@ class BootParams(ctypes.Structure):
         ("wl_shared_ppm", u32),
         ("wl_rate_bps", u64),
         ("wl_seed", u64),
-        ("cpu_table", u32 * 32),
+        ("cpu_table", u32 * MAX_VCPUS),
         # ABI v2: the migration helper's private state (docs/memory-map.md)
         ("mh_shared_gpa", u64),
         ("mh_ctx_gpa", u64),
@@ -244,6 +264,12 @@ class BootParams(ctypes.Structure):
         # ABI v6: kvm-clock (one pvclock struct per workload vCPU in this page) and the LAPIC timer
         ("wl_pvclock_gpa", u64),
         ("timer_count", u64),
+        # ABI v8: RAM above 4 GiB (the map around the hole, as an e820 table)
+        ("ram_top", u64),
+        ("wl_data_low_pages", u64),
+        ("e820_count", u32),
+        ("e820_pad", u32),
+        ("e820", E820Entry * E820_MAX),
     ]
 
 
@@ -277,7 +303,7 @@ class WlControl(ctypes.Structure):
         ("cmd", u32),
         ("list_count", u32),
         ("reserved", u64 * 6),
-        ("vcpu", WlVcpuStatus * 32),
+        ("vcpu", WlVcpuStatus * MAX_VCPUS),
         ("list", u64 * 1024),
     ]
 

@@ -47,26 +47,48 @@ class _Shape:
     batch_pages: int
 
 
-def _data_pages(shape: GuestShape) -> tuple[int, int, int]:
-    """(mh_end, ledger gpa, workload data pages) of ``shape``: the arithmetic of the layout below."""
+def ram_ranges(memory: int) -> tuple[tuple[int, int], ...]:
+    """Guest RAM of ``memory`` bytes as [start, end) GPA ranges: from 0 up to the hole under 4 GiB (the
+    MMIO window and the xAPIC page), the rest from 4 GiB, as x86 VMMs split it (docs/memory-map.md)."""
+    low = min(memory, abi.RAM_HOLE_START)
+    if memory == low:
+        return ((0, memory),)
+    return ((0, low), (abi.RAM_HOLE_END, abi.RAM_HOLE_END + memory - low))
+
+
+def ram_top(memory: int) -> int:
+    """The end of the highest RAM range: per-page tables and bitmaps are indexed by GPA up to here."""
+    return ram_ranges(memory)[-1][1]
+
+
+def _data_pages(shape: GuestShape) -> tuple[int, int, int, int]:
+    """(mh_end, ledger gpa, workload data pages, of which below the hole) of ``shape``: the arithmetic
+    of the layout below. Every ledger entry lives below the hole; data pages fill the rest of low RAM
+    and all of RAM above 4 GiB."""
     stride = PAGE + round_up(shape.batch_pages * (PAGE + abi.MAILBOX_SLOT_TAG), PAGE)
     vmsa = _mh_private(shape, stride)[4]
     mh_end = round_up(vmsa + shape.vcpus * abi.VMSA_SLOT_SIZE, HUGE)
     pvclock = mh_end + round_up(ctypes.sizeof(abi.WlControl), PAGE)
     stacks = pvclock + PAGE
     ledger = stacks + shape.vcpus * WL_STACK_SIZE
-    room = shape.memory - ledger - PAGE  # a page of slack for rounding the ledger
-    return mh_end, ledger, max(room // (PAGE + LEDGER_ENTRY), 0)
+    ranges = ram_ranges(shape.memory)
+    high = sum(end - start for start, end in ranges[1:]) // PAGE
+    room = ranges[0][1] - ledger - PAGE - high * LEDGER_ENTRY  # a page of slack for rounding the ledger
+    if room < 0:
+        return mh_end, ledger, 0, 0
+    low = room // (PAGE + LEDGER_ENTRY)
+    return mh_end, ledger, low + high, low
 
 
 def _mh_private(shape: GuestShape, stride: int) -> tuple[int, int, int, int, int]:
     """(shared, contexts, generation table, MAC table, VMSA slots): the MH's private state follows the
-    mailboxes."""
+    mailboxes. Its tables have an entry per page up to the top of RAM, the hole's included (unused)."""
+    pages = ram_top(shape.memory) // PAGE
     shared = abi.MAILBOX_GPA + shape.mh_vcpus * stride
     ctxs = shared + PAGE
     gen = ctxs + shape.mh_vcpus * abi.MH_CTX_STRIDE
-    mac = gen + round_up(shape.memory // PAGE * abi.MH_GEN_ENTRY, PAGE)
-    vmsa = mac + round_up(shape.memory // PAGE * abi.MH_MAC_ENTRY, PAGE)
+    mac = gen + round_up(pages * abi.MH_GEN_ENTRY, PAGE)
+    vmsa = mac + round_up(pages * abi.MH_MAC_ENTRY, PAGE)
     return shared, ctxs, gen, mac, vmsa
 
 
@@ -106,14 +128,24 @@ class GuestLayout:
     wl_ledger_gpa: int
     wl_data_gpa: int
     wl_data_pages: int
+    wl_data_low_pages: int  # data pages from wl_data_gpa up to the hole; the others start at 4 GiB
 
     @property
     def wl_base(self) -> int:
         return self.mh_end
 
     @property
+    def ram_top(self) -> int:
+        """The end of the highest RAM range (``ram_bytes`` unless RAM goes above 4 GiB)."""
+        return ram_top(self.ram_bytes)
+
+    def ram_ranges(self) -> tuple[tuple[int, int], ...]:
+        return ram_ranges(self.ram_bytes)
+
+    @property
     def npages(self) -> int:
-        return self.ram_bytes // PAGE
+        """Page frames up to the top of RAM, the hole's included: every bitmap and table is this long."""
+        return self.ram_top // PAGE
 
     @property
     def mh_gen_entries(self) -> int:
@@ -134,8 +166,10 @@ class GuestLayout:
         )
 
     def guest_page_mask(self) -> int:
-        """Bit i set = page i is the guest's (migrates): all of RAM but ``mh_owned``."""
-        mask = (1 << self.npages) - 1
+        """Bit i set = page i is the guest's (migrates): all of RAM but ``mh_owned`` (the hole is no RAM)."""
+        mask = 0
+        for start, end in self.ram_ranges():
+            mask |= ((1 << ((end - start) // PAGE)) - 1) << (start // PAGE)
         for start, end in self.mh_owned():
             mask &= ~(((1 << ((end - start) // PAGE)) - 1) << (start // PAGE))
         return mask
@@ -161,7 +195,10 @@ class GuestLayout:
         return self.wl_stack_gpa + (wl_index + 1) * WL_STACK_SIZE
 
     def data_page_gpa(self, page: int) -> int:
-        return self.wl_data_gpa + page * PAGE
+        """Data page ``page``'s GPA (same rule as workload.c's ``page_at``): low RAM, then from 4 GiB."""
+        if page < self.wl_data_low_pages:
+            return self.wl_data_gpa + page * PAGE
+        return abi.RAM_HOLE_END + (page - self.wl_data_low_pages) * PAGE
 
     def partition(self, wl_index: int) -> range:
         """The data pages workload vCPU ``wl_index`` owns (same split as workload.c)."""
@@ -173,7 +210,7 @@ class GuestLayout:
         """The layout of ``config``; GuestTooSmall when its RAM cannot hold it."""
         stride = PAGE + round_up(config.batch_pages * (PAGE + abi.MAILBOX_SLOT_TAG), PAGE)
         shared, ctxs, gen, mac, vmsa = _mh_private(config, stride)
-        mh_end, ledger, data_pages = _data_pages(config)
+        mh_end, ledger, data_pages, low_pages = _data_pages(config)
         if data_pages < MIN_WL_PAGES_PER_VCPU * config.vcpus:
             raise GuestTooSmall(
                 f"guest memory {config.memory // MIB} MiB leaves {data_pages} workload pages for "
@@ -199,4 +236,5 @@ class GuestLayout:
             wl_ledger_gpa=ledger,
             wl_data_gpa=ledger + round_up(data_pages * LEDGER_ENTRY, PAGE),
             wl_data_pages=data_pages,
+            wl_data_low_pages=low_pages,
         )

@@ -94,6 +94,11 @@ class Kvm:
         """KVM_CHECK_EXTENSION: 0 when the capability is absent, else its value."""
         return ioctl(self.fd, s.KVM_CHECK_EXTENSION, cap, "KVM_CHECK_EXTENSION")
 
+    def max_vcpus(self) -> int:
+        """The most vCPUs a VM may have: KVM_CAP_MAX_VCPUS, else KVM_CAP_NR_VCPUS, else 4 (the rule of
+        KVM's api.rst for KVM_CREATE_VCPU)."""
+        return self.check_extension(s.KVM_CAP_MAX_VCPUS) or self.check_extension(s.KVM_CAP_NR_VCPUS) or 4
+
     def require(self, caps: dict[str, int]) -> None:
         """Raise EnvironmentProblem naming every capability in ``caps`` that this KVM lacks."""
         missing = [name for name, cap in caps.items() if self.check_extension(cap) == 0]
@@ -380,4 +385,5 @@ def probe_kvm(path: str | None = None) -> str:
     """Open the KVM device and check its API and capabilities as a VMM will; what was found, or
     EnvironmentProblem saying what is wrong (the preflight's and the agent's KVM check)."""
     with Kvm(path) as kvm:
-        return f"{kvm.path}: KVM API {s.KVM_API_VERSION}, {', '.join(REQUIRED_CAPS)}"
+        return (f"{kvm.path}: KVM API {s.KVM_API_VERSION}, {', '.join(REQUIRED_CAPS)}, "
+                f"at most {kvm.max_vcpus()} vCPUs per VM")

@@ -52,7 +52,7 @@ class MhConfigC(ctypes.Structure):
         ("mac_entries", ctypes.c_uint64),
         ("vmsa", ctypes.c_void_p),
         ("vmsa_slots", ctypes.c_uint64),
-        ("own_low", ctypes.c_uint64 * 2),  # (v7) the MH's own pages below the MH area: none on the host
+        ("own_low", ctypes.c_uint64 * 8),  # (v7, v8: 8 words) the MH's own low pages: none on the host
     )
 
 

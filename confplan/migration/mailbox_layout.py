@@ -13,6 +13,7 @@ import enum
 import struct
 
 from confplan.errors import ConfplanError
+from confplan.guest.abi import MAX_VCPUS
 
 PAGE_SIZE = 4096
 PROTO_MAGIC = 0x504D4243  # "CBMP"
@@ -80,6 +81,18 @@ MANIFEST_CHUNK_MAX = 32768  # ... and at most this
 MANIFEST_CHUNK_PAGES = 2048  # the default: verify's CHUNK_PAGES (8 MiB), so a mismatch names the same range
 MANIFEST_ENTRY = 64  # per chunk: generation digest || MAC digest
 VMSA_TAG = 16
+
+
+def manifest_chunk_pages(npages: int, vcpus: int = MAX_VCPUS) -> int:
+    """The chunk both sides use for a manifest of ``npages``: 8 MiB (verify's chunk, so a mismatch names
+    the same range), doubled until the sealed manifest fits the helper's seal buffer (``SEALED_MAX``):
+    a 1 GiB guest keeps 8 MiB chunks, 64 GiB of guest-physical space takes 128 MiB ones. Both sides
+    compute it from ``npages`` alone (the VMSA tags counted for the most vCPUs a guest may have)."""
+    chunk = MANIFEST_CHUNK_PAGES
+    room = SEALED_MAX - SEALED_HEAD - BODY_BYTES - vcpus * VMSA_TAG
+    while -(-npages // chunk) * MANIFEST_ENTRY > room and chunk < MANIFEST_CHUNK_MAX:
+        chunk *= 2
+    return chunk
 
 
 class Op(enum.IntEnum):

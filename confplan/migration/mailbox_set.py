@@ -12,13 +12,13 @@ from collections.abc import Callable, Sequence
 from confplan.migration import manifest
 from confplan.migration.mailbox import BatchResult, InitInfo, Mailbox, raise_for_refusals
 from confplan.migration.mailbox_layout import (
-    MANIFEST_CHUNK_PAGES,
     PAGE_SIZE,
     RING,
     SLOT_SIZE,
     MailboxError,
     MhStatus,
     Op,
+    manifest_chunk_pages,
 )
 from confplan.migration.manifest import ManifestResult
 
@@ -253,25 +253,27 @@ class MailboxSet:
     # ---- v5: the manifest and sealed vCPU state (docs/mailbox.md); one helper does each op, in ms ----
     def seal_manifest(
         self, start: int, npages: int, *, enc_bitmap: bytes | memoryview, state_hash: bytes, rounds: int,
-        chunk_pages: int = MANIFEST_CHUNK_PAGES,
+        chunk_pages: int | None = None,
     ) -> bytes:  # fmt: skip
         """SEAL_MANIFEST on the source: the helper's sealed statement of what its tables say it sent over the
         range, with ``state_hash`` (``manifest.state_hash`` of the state this VMM sends), ``rounds`` and the
         range's bits of ``enc_bitmap`` (the whole guest's encryption bitmap). Every page of the range outside
         the helper's area needs a MAC (MAC its shared pages first: MAC_MISSING otherwise)."""
+        chunk = chunk_pages or manifest_chunk_pages(npages)
         request = manifest.request(
-            start, npages, chunk_pages, enc_bitmap=enc_bitmap, state_hash=state_hash, rounds=rounds
+            start, npages, chunk, enc_bitmap=enc_bitmap, state_hash=state_hash, rounds=rounds
         )
-        return self.mailboxes[0].seal_manifest(start, npages, chunk_pages, request)
+        return self.mailboxes[0].seal_manifest(start, npages, chunk, request)
 
     def check_manifest(
         self, sealed: bytes, start: int, npages: int, *, enc_bitmap: bytes | memoryview, state_hash: bytes,
-        rounds: int, chunk_pages: int = MANIFEST_CHUNK_PAGES,
+        rounds: int, chunk_pages: int | None = None,
     ) -> ManifestResult:  # fmt: skip
         """CHECK_MANIFEST on the target, with this VMM's own bitmap, state hash and round count. Raises
         ``ManifestRefused`` naming the first field that differs (and the chunk or vCPU); on success the helper
         holds "verified" for this migration, which the VMSA slots it opened now carry."""
         mb = self.mailboxes[0]
+        chunk_pages = chunk_pages or manifest_chunk_pages(npages)
         request = manifest.request(
             start, npages, chunk_pages, enc_bitmap=enc_bitmap, state_hash=state_hash, rounds=rounds,
             sealed=sealed,

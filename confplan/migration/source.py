@@ -102,7 +102,7 @@ class Outgoing:
         self.progress_timeout = progress_timeout  # a send that makes no progress this long fails the stream
         self.writer: FrameWriter | None = None  # after the handshake (``start``)
         self._reader: FrameReader | None = None
-        self.ram = HostMemory(machine.ram.address, machine.config.memory)
+        self.ram = HostMemory(machine.ram.address, machine.ram.top)
         self._shared_buf = bytearray(shared_frame_capacity(SHARED_FRAME_PAGES))
         # One frame per SAVE op, i.e. per bank (a bytearray is resident in full: no bigger than that)
         bank = max(mailboxes.bank_sizes(BANKS)) if mailboxes is not None else 1
@@ -273,7 +273,7 @@ class Outgoing:
         enc = self.machine.enc_bitmap
         while len(chunk):
             info = frame_shared_pages(
-                self.ram, chunk, self._shared_buf, seq=self._writer().seq, ram_size=self.machine.config.memory
+                self.ram, chunk, self._shared_buf, seq=self._writer().seq, ram_size=self.machine.ram.top
             )
             if enc.generation == scanned:
                 return chunk, info
@@ -293,7 +293,7 @@ class Outgoing:
             count = len(result.statuses)
             info = frame_sealed_pages(
                 result.records, count, self._sealed_buf, seq=self._writer().seq,
-                ram_size=self.machine.config.memory, expected_gpas=result.gpas,
+                ram_size=self.machine.ram.top, expected_gpas=result.gpas,
             )  # fmt: skip
             self._send(memoryview(self._sealed_buf)[: info.frame_len])
             self._round.pages_sent += count

@@ -127,7 +127,7 @@ class Incoming:
         self._shared_written: list[array.array[int]] = []  # GPAs of every shared-page frame (see below)
         self._shared_taken = 0  # how many of those take_shared_gpas() has handed out
         low = int(machine.layout.mh_end)
-        self._shared_ram = HostMemory(machine.ram.address + low, machine.config.memory - low)
+        self._shared_ram = HostMemory(machine.ram.address + low, machine.ram.top - low)
         self._shared_base = low
         self._thread = threading.Thread(target=self._main, name="incoming-stream", daemon=True)
         self._thread.start()
@@ -307,7 +307,7 @@ class Incoming:
         slots = len(bank) // SLOT_SIZE
         try:
             info = unframe_sealed_pages(
-                frame.data, bank, ram_size=self.machine.config.memory, gpas_out=self._gpas
+                frame.data, bank, ram_size=self.machine.ram.top, gpas_out=self._gpas
             )
         except PageCoreError as err:  # the core checks the whole frame before it looks at the room
             if err.code is not CoreStatus.SPACE or err.value <= slots:

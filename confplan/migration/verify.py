@@ -37,7 +37,7 @@ def shared_digest(machine: Machine) -> dict[str, int]:
     tracker = DirtyTracker(machine)  # only its bitmaps: building one does not touch the dirty log
     everything = tracker.migratable.to_bytes(tracker.nbytes, "little")
     shared, _ = scan_dirty(everything, tracker.shared_bitmap(), tracker.npages)
-    ram = HostMemory(machine.ram.address, machine.config.memory)
+    ram = HostMemory(machine.ram.address, machine.ram.top)
     buf = bytearray(shared_frame_capacity(MAX_FRAME_PAGES))
     crc = 0
     for first in range(0, len(shared), MAX_FRAME_PAGES):
@@ -75,7 +75,7 @@ class SharedTable:
     def _compute(self, gpas: array.array[int], crc: int = 0) -> int:
         """Bring the entries of ``gpas`` up to date (in C: the pause must not walk pages in Python) and
         return ``crc`` continued over their CRCs in list order."""
-        ram = HostMemory(self._machine.ram.address, int(self._machine.config.memory))
+        ram = HostMemory(self._machine.ram.address, self._machine.ram.top)
         crc, self.computed = crc_table(ram, gpas, self.crcs, self.valid, crc=crc)
         return crc
 
@@ -101,7 +101,7 @@ class SharedTable:
 
 def private_digests(mailboxes: MailboxSet, machine: Machine) -> dict[int, str]:
     """The MHs' keyed digests of every chunk, hashed from memory (the MH skips its own area)."""
-    npages = int(machine.config.memory) // abi.PAGE
+    npages = machine.layout.npages
     digests = mailboxes.digest(0, npages, chunk_pages=CHUNK_PAGES)
     return {i: d.hex() for i, d in enumerate(digests)}
 

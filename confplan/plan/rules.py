@@ -82,12 +82,15 @@ def memory_in_huge_pages(guest: Guest) -> Iterator[Finding]:
 
 @rule("guest")
 def memory_within_the_vmm(guest: Guest) -> Iterator[Finding]:
-    # Guest RAM is one slot below the MMIO window (docs/memory-map.md): the VMM cannot map more.
+    # RAM goes below the hole under 4 GiB, then on from 4 GiB; the guest's page tables map 64 GiB of
+    # guest-physical space (docs/memory-map.md): the VMM cannot map more.
     if guest.memory > abi.MAX_RAM:
         yield (
             ("guest", "memory"),
             f"{format_size(guest.memory)} is above the {format_size(abi.MAX_RAM)} this VMM supports "
-            f"(guest RAM ends where its devices begin); use at most {format_size(abi.MAX_RAM)}",
+            f"({format_size(abi.MAX_RAM_TOP)} of guest-physical space less the hole under 4 GiB for "
+            "devices); "
+            f"use at most {format_size(abi.MAX_RAM)}",
         )
 
 

@@ -73,7 +73,7 @@ def boot_params(config: MachineConfig, layout: GuestLayout, host: HostCpu) -> ab
     bp.mh_gen_gpa, bp.mh_gen_entries = layout.mh_gen_gpa, layout.mh_gen_entries
     bp.mh_mac_gpa, bp.mh_mac_entries = layout.mh_mac_gpa, layout.npages
     bp.mh_vmsa_gpa, bp.mh_vmsa_slots = layout.mh_vmsa_gpa, config.vcpus
-    bp.wl_base, bp.wl_size = layout.wl_base, config.memory - layout.wl_base
+    bp.wl_base, bp.wl_size = layout.wl_base, layout.ram_top - layout.wl_base
     bp.wl_ctl_gpa, bp.wl_stack_gpa = layout.wl_ctl_gpa, layout.wl_stack_gpa
     bp.wl_stack_size = layout.wl_stack_top(0) - layout.wl_stack_gpa
     bp.wl_ledger_gpa, bp.wl_data_gpa, bp.wl_data_pages = (
@@ -87,7 +87,26 @@ def boot_params(config: MachineConfig, layout: GuestLayout, host: HostCpu) -> ab
     bp.wl_conv_rate = round(config.conversion_rate)
     bp.wl_pvclock_gpa = layout.wl_pvclock_gpa
     bp.timer_count = timer_count(config.timer_hz)
+    bp.ram_top, bp.wl_data_low_pages = layout.ram_top, layout.wl_data_low_pages
+    _write_e820(bp, layout)
     return bp
+
+
+def e820_map(layout: GuestLayout) -> list[tuple[int, int, int]]:
+    """The guest-physical map as (addr, size, type), by address: RAM, and the hole under 4 GiB reserved
+    (the MMIO window, the xAPIC page) when RAM goes on above it; what a BIOS's e820 tells an OS."""
+    ranges = layout.ram_ranges()
+    entries = [(start, end - start, abi.E820_RAM) for start, end in ranges]
+    if len(ranges) > 1:
+        entries.insert(1, (abi.RAM_HOLE_START, abi.RAM_HOLE_END - abi.RAM_HOLE_START, abi.E820_RESERVED))
+    return entries
+
+
+def _write_e820(bp: abi.BootParams, layout: GuestLayout) -> None:
+    entries = e820_map(layout)
+    bp.e820_count = len(entries)
+    for i, (addr, size, kind) in enumerate(entries):
+        bp.e820[i].addr, bp.e820[i].size, bp.e820[i].type = addr, size, kind
 
 
 def boot_params_page(config: MachineConfig, layout: GuestLayout, host: HostCpu) -> bytes:

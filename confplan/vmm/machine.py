@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol, TextIO
 
-from confplan.errors import ConfplanError
+from confplan.errors import ConfplanError, EnvironmentProblem
 from confplan.kvm import Kvm, Vcpu
 from confplan.kvm import structs as s
 from confplan.vmm import abi, cpu_setup
@@ -24,7 +24,7 @@ from confplan.vmm.devices.doorbell import Doorbell
 from confplan.vmm.devices.encstatus import EncStatusDoorbell
 from confplan.vmm.devices.fault import FaultReporter
 from confplan.vmm.devices.mailbox_doorbell import MailboxDoorbells
-from confplan.vmm.dirty_log import DirtyLog, Memslot
+from confplan.vmm.dirty_log import DirtyLog
 from confplan.vmm.enc_bitmap import EncBitmap, EncStatusError
 from confplan.vmm.events import EventLog
 from confplan.vmm.exits import (
@@ -103,6 +103,7 @@ class Machine:
         cfg, lay = self.config, self.layout
         self.kvm = Kvm(kvm_path)
         self._teardown.append(self.kvm.close)
+        self._check_vcpu_limit()
         self.vm = self.kvm.create_vm()
         self._teardown.append(self.vm.close)
         self.vm.set_tss_addr(TSS_ADDR)
@@ -116,8 +117,10 @@ class Machine:
             self.ram.prefault()
             self.prefault_seconds = time.perf_counter() - began
         flags = s.KVM_MEM_LOG_DIRTY_PAGES if cfg.dirty_logging else 0
-        self.vm.set_user_memory_region(0, 0, cfg.memory, self.ram.address, flags)
-        self.dirty_log = DirtyLog(self.vm, [Memslot(0, 0, cfg.memory)])
+        slots = self.ram.memslots()
+        for m in slots:
+            self.vm.set_user_memory_region(m.slot, m.gpa, m.size, self.ram.address + m.gpa, flags)
+        self.dirty_log = DirtyLog(self.vm, slots)
         self.enc_bitmap = EncBitmap(lay.npages)
         self._cpuid = self.kvm.supported_cpuid()
         self.cpu = cpu_setup.cpu_info(self._cpuid)
@@ -163,6 +166,19 @@ class Machine:
         self.bus.register(abi.MMIO_FAULT, abi.PAGE, FaultReporter())
         if self.config.mh_vcpus:
             self.bus.register(abi.MMIO_MAILBOX, self.mailbox_doorbells.size, self.mailbox_doorbells)
+
+    def _check_vcpu_limit(self) -> None:
+        """The guest's vCPUs and the helper's (aux vCPUs share its VM) within this KVM's own limit; the
+        firmware's (abi.MAX_VCPUS) was checked with the config."""
+        total = self.config.vcpus + self.config.aux_vcpus
+        limit = self.kvm.max_vcpus()
+        if total > limit:
+            raise EnvironmentProblem(
+                f"this host's KVM allows at most {limit} vCPUs per VM; the guest needs {total} "
+                f"({self.config.vcpus} + {self.config.aux_vcpus} helper vCPUs)",
+                hint="lower guest.vcpus or helper.aux_vcpus in the plan, or run it on a host whose KVM "
+                "allows more (KVM_CAP_MAX_VCPUS)",
+            )
 
     def _make_vcpus(self) -> None:
         """The primary VM's vCPUs: the guest's own, then aux vCPUs (helper mode aux-vcpu only)."""

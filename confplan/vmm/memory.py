@@ -11,13 +11,17 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from confplan.errors import ConfplanError
+from confplan.guest.layout import ram_ranges
+from confplan.vmm.dirty_log import Memslot
 
 _T = TypeVar("_T", bound=ctypes.Structure)
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+; the mmap module of Python 3.11 has no name for it
 _PREFAULT_MIN = 64 << 20  # no thread for less than this
+_PROT_NONE = 0  # mmap has no name for it
 # mmap.madvise holds the GIL for the whole call: libc's, through ctypes, lets the threads fault in parallel
 _libc = ctypes.CDLL(None, use_errno=True)  # the symbols already in this process: libc's madvise
 _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
 
 def mem_available(meminfo: str = "/proc/meminfo") -> int | None:
@@ -35,21 +39,30 @@ def mem_available(meminfo: str = "/proc/meminfo") -> int | None:
 
 
 class GuestRam:
-    """``size`` bytes of guest RAM at GPA 0, from a memfd mapped shared into this process."""
+    """``size`` bytes of guest RAM from a memfd mapped shared into this process, laid out as the guest
+    sees it (``ranges``: below the hole under 4 GiB, the rest from 4 GiB), so a GPA is an offset into
+    the one mapping. The hole is mapped PROT_NONE and never backed: a stray access there faults instead
+    of reading or writing memory no guest page owns."""
 
     def __init__(self, size: int, name: str = "confplan-ram") -> None:
         self.size = size
+        self.ranges = ram_ranges(size)
+        self.top = self.ranges[-1][1]
         self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
         try:
-            os.ftruncate(self.fd, size)
+            os.ftruncate(self.fd, self.top)  # sparse: the hole's pages are never touched, never allocated
             self._mm: mmap.mmap | None = mmap.mmap(
-                self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
+                self.fd, self.top, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
             )
         except OSError:
             os.close(self.fd)
             raise
-        self._array: ctypes.Array[ctypes.c_char] | None = (ctypes.c_char * size).from_buffer(self._mm)
+        self._array: ctypes.Array[ctypes.c_char] | None = (ctypes.c_char * self.top).from_buffer(self._mm)
         self.address = ctypes.addressof(self._array)
+        for (_, hole), (start, _) in zip(self.ranges, self.ranges[1:], strict=False):
+            if _libc.mprotect(self.address + hole, start - hole, _PROT_NONE) != 0:
+                self.close()
+                raise OSError(ctypes.get_errno(), "mprotect of the guest RAM hole failed")
 
     def prefault(self, threads: int | None = None) -> None:
         """Allocate and map every page now (a migration target): first touch of fresh memory costs ~3 us a
@@ -59,7 +72,7 @@ class GuestRam:
         ~1 s here where one took 2-2.4 s."""
         count = max(1, min(threads or os.cpu_count() or 1, 8, self.size // _PREFAULT_MIN))
         step = -(-self.size // count // mmap.PAGESIZE) * mmap.PAGESIZE
-        spans = [(start, min(step, self.size - start)) for start in range(0, self.size, step)]
+        spans = [(at, min(step, end - at)) for start, end in self.ranges for at in range(start, end, step)]
         with ThreadPoolExecutor(max_workers=len(spans)) as pool:
             failures = [e for e in pool.map(lambda span: self._populate(*span), spans) if e is not None]
         if failures:
@@ -68,6 +81,10 @@ class GuestRam:
                 f"could not allocate {self.size >> 20} MiB of guest RAM on this host: {reason}",
                 hint="free memory on this host, or lower guest.memory in the plan",
             )
+
+    def memslots(self) -> list[Memslot]:
+        """One KVM memslot per RAM range (slot numbers from 0): the same for the guest's VM and a mirror."""
+        return [Memslot(i, start, end - start) for i, (start, end) in enumerate(self.ranges)]
 
     def _populate(self, start: int, length: int) -> int | None:
         """MADV_POPULATE_WRITE over [start, start+length) through ctypes (the call runs without the GIL);
@@ -83,10 +100,10 @@ class GuestRam:
         return None
 
     def _check(self, gpa: int, length: int) -> None:
-        if gpa < 0 or length < 0 or gpa + length > self.size:
-            raise ConfplanError(
-                f"guest range [{gpa:#x}, {gpa + length:#x}) is outside guest RAM (size {self.size:#x})"
-            )
+        """Refuse a range that is not inside one RAM range (the hole is no RAM)."""
+        if length < 0 or not any(start <= gpa and gpa + length <= end for start, end in self.ranges):
+            ranges = ", ".join(f"[{start:#x}, {end:#x})" for start, end in self.ranges)
+            raise ConfplanError(f"guest range [{gpa:#x}, {gpa + length:#x}) is outside guest RAM {ranges}")
 
     def host_address(self, gpa: int, length: int = 1) -> int:
         """Host virtual address of ``gpa`` (for C code: the page-transfer core)."""

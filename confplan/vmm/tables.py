@@ -36,7 +36,18 @@ ISR_STUB_STRIDE = 16
 
 # page-table entry bits
 P, RW, US, PWT, PCD, PS = 0x1, 0x2, 0x4, 0x8, 0x10, 0x80
-PT_PAGES = 7  # PML4, PDPT, PD0..PD3, PT for the low 2 MiB
+GIB = 1 << 30
+
+
+def pd_count(layout: GuestLayout) -> int:
+    """PDs in a set: one per GiB up to the top of RAM, and at least the four below 4 GiB, where the MMIO
+    window and the xAPIC page are (v8)."""
+    return max(4, -(-layout.ram_top // GIB))
+
+
+def pt_pages(layout: GuestLayout) -> int:
+    """Pages of one set that are used: PML4, PDPT, the PT of the low 2 MiB, the PDs."""
+    return 3 + pd_count(layout)
 
 
 def tss_selector(vcpu_index: int) -> int:
@@ -94,9 +105,10 @@ def _low_page_flags(fw: Firmware, nr_vcpus: int) -> dict[int, int]:
         for gpa in range(start & ~(PAGE - 1), end, PAGE):
             flags[gpa] = bits
 
-    span(abi.GDT_GPA, abi.TSS_GPA + abi.TSS_STRIDE * nr_vcpus, P | RW)  # CPU tables: supervisor
+    span(abi.GDT_GPA, abi.IDT_GPA + PAGE, P | RW)  # CPU tables: supervisor
+    span(abi.TSS_GPA, abi.TSS_GPA + abi.TSS_STRIDE * nr_vcpus, P | RW)
     span(abi.BOOT_PARAMS_GPA, abi.BOOT_PARAMS_GPA + PAGE, P | US)  # boot params: read-only for CPL3
-    span(abi.PT_WL_GPA, abi.PT_MH_GPA + PT_PAGES * PAGE, P | RW)
+    span(abi.PT_WL_GPA, abi.PT_MH_GPA + abi.PT_SET_SIZE, P | RW)
     span(abi.KSTACK_GPA, abi.KSTACK_GPA + abi.KSTACK_SIZE * nr_vcpus, P | RW)
     span(fw.sym("__boot_start"), fw.sym("__boot_end"), P)  # CPL0 code
     span(fw.sym("__utext_start"), fw.sym("__utext_end"), P | US)  # shared CPL3 code: read-only
@@ -121,17 +133,25 @@ def write_page_tables(ram: GuestWrites, layout: GuestLayout, fw: Firmware, nr_vc
 
 
 def _write_set(ram: GuestWrites, base: int, layout: GuestLayout, low: dict[int, int], helper: bool) -> None:
-    pml4, pdpt, pd0, pt = base, base + PAGE, base + 2 * PAGE, base + 6 * PAGE
-    ram.write(base, bytes(PT_PAGES * PAGE))
+    """One set: PML4, PDPT, the PT of the low 2 MiB, then a PD per GiB (v8: RAM above 4 GiB is mapped
+    where it is, the hole below 4 GiB is not, but for the MMIO window and the xAPIC page)."""
+    pml4, pdpt, pt, pd0 = base, base + PAGE, base + 2 * PAGE, base + 3 * PAGE
+    npd = pd_count(layout)
+    if 3 + npd > abi.PT_SET_SIZE // PAGE:
+        raise ValueError(f"{layout.ram_top:#x} bytes of guest-physical space need {npd} PDs: too many")
+    ram.write(base, bytes(pt_pages(layout) * PAGE))
     ram.write(pml4, struct.pack("<Q", pdpt | P | RW | US))
-    ram.write(pdpt, b"".join(struct.pack("<Q", pd0 + i * PAGE | P | RW | US) for i in range(4)))
+    ram.write(pdpt, b"".join(struct.pack("<Q", pd0 + i * PAGE | P | RW | US) for i in range(npd)))
     ram.write(
         pt, b"".join(struct.pack("<Q", gpa | low[gpa] if gpa in low else 0) for gpa in range(0, HUGE, PAGE))
     )
     ram.write(pd0, struct.pack("<Q", pt | P | RW | US))
-    for gpa in range(HUGE, layout.ram_bytes, HUGE):
-        if helper or gpa >= layout.mh_end:
-            ram.write(pd0 + (gpa // HUGE) * 8, struct.pack("<Q", gpa | P | RW | US | PS))
+    for start, end in layout.ram_ranges():
+        first = max(start, HUGE)
+        if not helper:
+            first = max(first, layout.mh_end) if start < layout.mh_end else first
+        entries = b"".join(struct.pack("<Q", gpa | P | RW | US | PS) for gpa in range(first, end, HUGE))
+        ram.write(pd0 + (first // HUGE) * 8, entries)
     for gpa in range(abi.MMIO_BASE, abi.MMIO_BASE + abi.MMIO_SIZE, HUGE):
         ram.write(pd0 + (gpa // HUGE) * 8, struct.pack("<Q", gpa | P | RW | US | PS))
     # The xAPIC page (the in-kernel LAPIC): CPL0 only, uncached, in the 2 MiB page that holds it.

@@ -31,6 +31,7 @@ void cp_abi_export(void)
     SYM(boot_params_gpa, CP_BOOT_PARAMS_GPA);
     SYM(pt_wl_gpa, CP_PT_WL_GPA);
     SYM(pt_mh_gpa, CP_PT_MH_GPA);
+    SYM(pt_set_size, CP_PT_SET_SIZE);
     SYM(kstack_gpa, CP_KSTACK_GPA);
     SYM(kstack_size, CP_KSTACK_SIZE);
     SYM(max_vcpus, CP_MAX_VCPUS);
@@ -55,6 +56,12 @@ void cp_abi_export(void)
     SYM(vmsa_verified, CP_VMSA_VERIFIED);
     SYM(mmio_base, CP_MMIO_BASE);
     SYM(mmio_size, CP_MMIO_SIZE);
+    SYM(ram_hole_start, CP_RAM_HOLE_START);
+    SYM(ram_hole_end, CP_RAM_HOLE_END);
+    SYM(max_ram_top, CP_MAX_RAM_TOP);
+    SYM(e820_max, CP_E820_MAX);
+    SYM(e820_ram, CP_E820_RAM);
+    SYM(e820_reserved, CP_E820_RESERVED);
     SYM(mmio_console, CP_MMIO_CONSOLE);
     SYM(mmio_doorbell, CP_MMIO_DOORBELL);
     SYM(mmio_encstatus, CP_MMIO_ENCSTATUS);
@@ -138,6 +145,10 @@ void cp_abi_export(void)
     OFF(bp, cp_boot_params, mh_vmsa_slots);
     OFF(bp, cp_boot_params, wl_conv_rate);
     OFF(bp, cp_boot_params, wl_pvclock_gpa);
+    OFF(bp, cp_boot_params, ram_top);
+    OFF(bp, cp_boot_params, wl_data_low_pages);
+    OFF(bp, cp_boot_params, e820_count);
+    OFF(bp, cp_boot_params, e820);
     OFF(bp, cp_boot_params, timer_count);
 
     SYM(wlst_size, sizeof(struct cp_wl_vcpu_status));

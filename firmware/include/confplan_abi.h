@@ -9,20 +9,23 @@
 #ifndef CONFPLAN_ABI_H
 #define CONFPLAN_ABI_H
 
-#define CP_ABI_VERSION 7
+#define CP_ABI_VERSION 8
 #define CP_PAGE_SIZE 0x1000
 
 /* ---- low area (first 2 MiB, mapped with 4 KiB pages) ---- */
 #define CP_GDT_GPA 0x1000
 #define CP_IDT_GPA 0x2000
-#define CP_TSS_GPA 0x3000          /* one TSS per vCPU, CP_TSS_STRIDE apart */
-#define CP_TSS_STRIDE 0x80
 #define CP_BOOT_PARAMS_GPA 0x4000  /* read-only for CPL3 */
-#define CP_PT_WL_GPA 0x10000       /* workload page tables: PML4, PDPT, PD0..PD3, PT(low 2 MiB) */
-#define CP_PT_MH_GPA 0x18000       /* helper page tables, same shape */
-#define CP_KSTACK_GPA 0x20000      /* CPL0 stacks, CP_KSTACK_SIZE each, one per vCPU */
+#define CP_TSS_GPA 0x8000          /* (v8) one TSS per vCPU, CP_TSS_STRIDE apart */
+#define CP_TSS_STRIDE 0x80
+/* (v8) Page tables, one set each for the workload and the helper: PML4, PDPT, the PT of the low 2 MiB,
+ * then one PD per GiB of guest-physical space up to CP_MAX_RAM_TOP (2 MiB pages), the hole included. */
+#define CP_PT_WL_GPA 0x10000
+#define CP_PT_SET_SIZE 0x44000     /* 68 pages: PML4, PDPT, PT, 64 PDs, one spare */
+#define CP_PT_MH_GPA (CP_PT_WL_GPA + CP_PT_SET_SIZE)
+#define CP_KSTACK_GPA 0xA0000      /* CPL0 stacks, CP_KSTACK_SIZE each, one per vCPU */
 #define CP_KSTACK_SIZE 0x1000
-#define CP_MAX_VCPUS 32            /* workload + helper vCPUs together */
+#define CP_MAX_VCPUS 128           /* workload + helper vCPUs together (v8; was 32) */
 #define CP_FW_BASE 0x180000        /* where confplan-fw.bin is loaded */
 
 /* ---- migration-helper (MH) area: never mapped in the workload's page tables ---- */
@@ -56,7 +59,15 @@
 /* ---- MMIO (no memslot behind it: every access exits to the VMM) ---- */
 #define CP_MMIO_BASE 0xE0000000
 #define CP_MMIO_SIZE 0x200000
-#define CP_MAX_RAM CP_MMIO_BASE
+/* (v8) Guest RAM is [0, min(ram_bytes, CP_RAM_HOLE_START)) and, for RAM beyond that, [4 GiB, ...): the
+ * hole [CP_RAM_HOLE_START, CP_RAM_HOLE_END) holds the MMIO window and the xAPIC page, never RAM (the map
+ * x86 VMMs use; bp.e820 lists it). */
+#define CP_RAM_HOLE_START CP_MMIO_BASE
+#define CP_RAM_HOLE_END 0x100000000ULL
+#define CP_MAX_RAM_TOP 0x1000000000ULL  /* 64 GiB of guest-physical space: one PD per GiB (CP_PT_SET_SIZE) */
+#define CP_E820_MAX 8
+#define CP_E820_RAM 1u
+#define CP_E820_RESERVED 2u
 #define CP_MMIO_CONSOLE (CP_MMIO_BASE + 0x0000)   /* +0: store gpa | len << 48 */
 #define CP_MMIO_DOORBELL (CP_MMIO_BASE + 0x1000)  /* vCPU services, CP_DB_* offsets */
 #define CP_MMIO_ENCSTATUS (CP_MMIO_BASE + 0x2000) /* KVM_HC_MAP_GPA_RANGE over MMIO, CP_ENC_* offsets */
@@ -156,6 +167,14 @@
 #ifndef __ASSEMBLER__
 #include <stdint.h>
 
+/* (v8) One range of the guest-physical map, as a BIOS's e820 table gives it to an OS. */
+struct cp_e820_entry {
+    uint64_t addr;
+    uint64_t size;
+    uint32_t type; /* CP_E820_RAM or CP_E820_RESERVED */
+    uint32_t pad;
+};
+
 struct cp_boot_params {
     uint64_t magic;
     uint32_t version;
@@ -194,10 +213,10 @@ struct cp_boot_params {
     uint64_t mh_ctx_gpa;     /* MH vCPU i's struct cp_mh_ctx at mh_ctx_gpa + i * mh_ctx_stride */
     uint64_t mh_ctx_stride;
     uint64_t mh_gen_gpa;     /* u32 generation per guest page */
-    uint64_t mh_gen_entries; /* = ram_bytes / CP_PAGE_SIZE */
+    uint64_t mh_gen_entries; /* = ram_top / CP_PAGE_SIZE (v8) */
     /* ABI v3 */
     uint64_t mh_mac_gpa;     /* CP_MH_MAC_ENTRY bytes (a keyed MAC) per guest page, zero at boot */
-    uint64_t mh_mac_entries; /* = ram_bytes / CP_PAGE_SIZE */
+    uint64_t mh_mac_entries; /* = ram_top / CP_PAGE_SIZE (v8) */
     /* ABI v4 */
     uint64_t mh_vmsa_gpa;    /* CP_VMSA_SLOT_SIZE bytes per guest vCPU (struct cp_vmsa_slot), zero at boot */
     uint64_t mh_vmsa_slots;  /* = nr_vcpus */
@@ -206,6 +225,12 @@ struct cp_boot_params {
     /* ABI v6 */
     uint64_t wl_pvclock_gpa; /* one page: struct cp_pvclock per workload vCPU, filled by KVM (kvm-clock) */
     uint64_t timer_count;    /* LAPIC timer initial count (divide by 1, periodic); 0 = no timer */
+    /* ABI v8: RAM above 4 GiB */
+    uint64_t ram_top;           /* end of the highest RAM range (= ram_bytes without RAM above 4 GiB) */
+    uint64_t wl_data_low_pages; /* data pages from wl_data_gpa up to the hole; the rest start at 4 GiB */
+    uint32_t e820_count;
+    uint32_t e820_pad;
+    struct cp_e820_entry e820[CP_E820_MAX]; /* RAM and the reserved hole, by address */
 };
 
 struct cp_wl_vcpu_status {

@@ -49,7 +49,7 @@ static inline void cp_mh_unlock(struct cp_mh_shared *sh)
  * the host build and GPAs (identity mapped) in the guest. */
 struct cp_mh_config {
     uint8_t *ram;               /* GPA 0 */
-    uint64_t ram_size;          /* bytes of guest RAM from GPA 0 */
+    uint64_t ram_size;          /* bytes from GPA 0 to the top of RAM, the hole under 4 GiB included (v8) */
     /* [mh_base, mh_base + mh_size) and the low pages in own_low: pages the MH never seals, loads or
      * hashes (SAVE/LOAD/MAC_LIST refuse them with GPA_MH, DIGEST/MAC_RANGE/FOLD skip them): the MH area
      * and (v7) the MH's pages below it (mh.c, fill_config). Every other page is the guest's and migrates,
@@ -72,11 +72,12 @@ struct cp_mh_config {
     uint8_t *vmsa;              /* (v5) vmsa_slots x CP_VMSA_SLOT_SIZE (struct cp_vmsa_slot), in MH memory */
     uint64_t vmsa_slots;        /* the guest's vCPUs; at most CP_MAX_VCPUS */
     /* (v7) bit i of own_low[i / 64]: page i (below CP_MH_OWN_LOW_PAGES) is the MH's: page 0 (the null
-     * guard, mapped by no table), the helper's page tables, the CPL0 stacks of the MH vCPUs. 0 on the host. */
-    uint64_t own_low[2];
+     * guard, mapped by no table), the helper's page tables, the CPL0 stacks of the MH vCPUs. 0 on the host.
+     * (v8) The whole low 2 MiB, since the CPL0 stacks of 128 vCPUs end at 0x120000. */
+    uint64_t own_low[8];
 };
 
-#define CP_MH_OWN_LOW_PAGES 128u
+#define CP_MH_OWN_LOW_PAGES 512u
 
 /* Is ``gpa`` (page aligned, below ram_size) one of the MH's own pages, never a guest page to move? */
 static inline int cp_mh_owns(const struct cp_mh_config *cfg, uint64_t gpa)
@@ -85,6 +86,19 @@ static inline int cp_mh_owns(const struct cp_mh_config *cfg, uint64_t gpa)
     if (gpa >= cfg->mh_base && gpa - cfg->mh_base < cfg->mh_size)
         return 1;
     return page < CP_MH_OWN_LOW_PAGES && (cfg->own_low[page / 64] >> (page % 64)) & 1u;
+}
+
+/* (v8) Is ``gpa`` in the hole under 4 GiB (the MMIO window, the xAPIC page), where no RAM is? */
+static inline int cp_mh_hole(uint64_t gpa)
+{
+    return gpa >= CP_RAM_HOLE_START && gpa < CP_RAM_HOLE_END;
+}
+
+/* Pages DIGEST, MAC_RANGE and FOLD pass over: the MH's own, and the hole's (no RAM: the same on both
+ * sides, so the digests still agree). */
+static inline int cp_mh_skips(const struct cp_mh_config *cfg, uint64_t gpa)
+{
+    return cp_mh_hole(gpa) || cp_mh_owns(cfg, gpa);
 }
 
 /* One MH vCPU's private state: keys, nonce sequence, bounce buffers. Lives in MH memory, never shared. */

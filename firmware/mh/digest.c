@@ -122,7 +122,7 @@ static uint32_t chain_range(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npag
     for (uint64_t p = 0; p < npages; p++) {
         uint64_t gpa = start + p * CP_MH_PAGE;
         uint8_t *slot = ctx->chain + 16 + 16 * m;
-        if (cp_mh_owns(&ctx->cfg, gpa)) {
+        if (cp_mh_skips(&ctx->cfg, gpa)) {
             ++*skipped;
             continue;
         }
@@ -196,7 +196,7 @@ uint32_t cp_mh_mac_range(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages,
     uint32_t rc = check_range(&ctx->cfg, start, npages);
     for (uint64_t p = 0; rc == CP_MBS_OK && p < npages; p++) {
         uint64_t gpa = start + p * CP_MH_PAGE;
-        if (cp_mh_owns(&ctx->cfg, gpa)) {
+        if (cp_mh_skips(&ctx->cfg, gpa)) {
             ++*skipped;
             continue;
         }
@@ -223,7 +223,7 @@ uint32_t cp_mh_gen_digest(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages
     cp_mh_store_le64(ctx->chain + 8, npages);
     for (uint64_t p = 0; p < npages; p++) {
         uint64_t gpa = start + p * CP_MH_PAGE;
-        if (cp_mh_owns(&ctx->cfg, gpa))
+        if (cp_mh_skips(&ctx->cfg, gpa))
             continue;
         uint32_t gen = 0;
         if (bits[p / 8] >> (p % 8) & 1u)

@@ -140,7 +140,7 @@ static uint32_t check_gpa(const struct cp_mh_config *cfg, uint64_t gpa)
 {
     if (gpa % CP_MH_PAGE)
         return CP_MBS_GPA_ALIGN;
-    if (gpa >= cfg->ram_size)
+    if (gpa >= cfg->ram_size || cp_mh_hole(gpa))
         return CP_MBS_GPA_RANGE;
     if (cp_mh_owns(cfg, gpa))
         return CP_MBS_GPA_MH;

@@ -54,13 +54,14 @@ static void fill_config(struct cp_mh_config *cfg, uint64_t idx)
 {
     const volatile struct cp_boot_params *bp = CP_BP;
     cfg->ram = (uint8_t *)0;
-    cfg->ram_size = bp->ram_bytes;
+    cfg->ram_size = bp->ram_top; /* v8: RAM above 4 GiB; the hole below is refused and skipped */
     /* (v7) Off limits to SAVE/LOAD/DIGEST: the MH area and the MH's own low pages (memory-map.md, "What
      * migrates"). Every other page below the workload area is the guest's (CPU tables, boot page, its
      * page tables and CPL0 stacks, the firmware image) and moves; the helper's tables map them for it. */
     cfg->mh_base = bp->mh_base;
     cfg->mh_size = bp->mh_size;
-    cfg->own_low[0] = cfg->own_low[1] = 0;
+    for (uint32_t i = 0; i < CP_MH_OWN_LOW_PAGES / 64; i++)
+        cfg->own_low[i] = 0;
     own_low_page(cfg, 0);
     for (uint64_t gpa = CP_PT_MH_GPA; gpa < CP_KSTACK_GPA; gpa += CP_PAGE_SIZE)
         own_low_page(cfg, gpa / CP_PAGE_SIZE);

@@ -10,18 +10,39 @@ struct wl {
     const volatile struct cp_pvclock *pv; /* this vCPU's kvm-clock */
     struct cp_ledger_entry *ledger;
     uint8_t *data;
+    uint64_t low_pages; /* (v8) data pages below the hole; page low_pages and on start at 4 GiB */
     uint64_t seed;
     uint64_t first, count; /* this vCPU's partition of the data pages */
 };
 
 void wl_entry(uint64_t idx) __attribute__((noreturn));
 
+/* Data page p: low RAM after the ledger, then (v8) RAM above 4 GiB, as an OS finds its RAM in the e820
+ * map (the VMM's GuestLayout.data_page_gpa is the same rule). */
+static uint8_t *page_at(const struct wl *w, uint64_t p)
+{
+    if (p < w->low_pages)
+        return w->data + p * CP_PAGE_SIZE;
+    return (uint8_t *)(uintptr_t)(CP_RAM_HOLE_END + (p - w->low_pages) * CP_PAGE_SIZE);
+}
+
+/* KVM_HC_MAP_GPA_RANGE over data pages [first, first + count): one call per run of contiguous GPAs. */
+static void map_pages(const struct wl *w, uint64_t first, uint64_t count, uint64_t attrs)
+{
+    uint64_t low = first < w->low_pages ? w->low_pages - first : 0;
+    low = low < count ? low : count;
+    if (low)
+        cp_map_gpa_range((uint64_t)(uintptr_t)page_at(w, first), low, attrs);
+    if (count > low)
+        cp_map_gpa_range((uint64_t)(uintptr_t)page_at(w, first + low), count - low, attrs);
+}
+
 static void write_page(struct wl *w, uint64_t p)
 {
     struct cp_ledger_entry *e = &w->ledger[p];
     uint32_t kind = e->seq & CP_LEDGER_SHARED;
     uint32_t seq = ((e->seq & ~CP_LEDGER_SHARED) + 1) & ~CP_LEDGER_SHARED;
-    uint32_t csum = cp_page_fill((uint64_t *)(w->data + p * CP_PAGE_SIZE), w->seed, p, seq);
+    uint32_t csum = cp_page_fill((uint64_t *)page_at(w, p), w->seed, p, seq);
     e->seq = seq | kind;
     e->csum = csum;
     w->st->pages_written++;
@@ -36,7 +57,7 @@ static void convert_page(struct wl *w, uint64_t p)
     struct cp_ledger_entry *e = &w->ledger[p];
     int shared = (e->seq & CP_LEDGER_SHARED) != 0;
     write_page(w, p);
-    cp_map_gpa_range((uint64_t)(uintptr_t)(w->data + p * CP_PAGE_SIZE), 1, shared ? CP_MAP_GPA_RANGE_ENCRYPTED : 0);
+    map_pages(w, p, 1, shared ? CP_MAP_GPA_RANGE_ENCRYPTED : 0);
     e->seq ^= CP_LEDGER_SHARED;
     write_page(w, p);
     w->st->conversions++;
@@ -84,7 +105,7 @@ static void check_pages(struct wl *w)
     uint64_t bad = CP_NO_PAGE;
     for (uint64_t p = w->first; p < w->first + w->count; p++) {
         const struct cp_ledger_entry *e = &w->ledger[p];
-        if (e->seq == 0 || cp_page_csum((const uint64_t *)(w->data + p * CP_PAGE_SIZE)) != e->csum) {
+        if (e->seq == 0 || cp_page_csum((const uint64_t *)page_at(w, p)) != e->csum) {
             bad = p;
             break;
         }
@@ -254,7 +275,7 @@ static void fill(struct wl *w)
     }
     uint64_t shared = w->count * CP_BP->wl_shared_ppm / 1000000;
     if (shared)
-        cp_map_gpa_range((uint64_t)(uintptr_t)(w->data + w->first * CP_PAGE_SIZE), shared, 0);
+        map_pages(w, w->first, shared, 0);
     for (uint64_t p = w->first; p < w->first + shared; p++)
         w->ledger[p].seq |= CP_LEDGER_SHARED;
 }
@@ -267,6 +288,7 @@ void wl_entry(uint64_t idx)
     w.st = &w.ctl->vcpu[idx];
     w.ledger = (struct cp_ledger_entry *)(uintptr_t)CP_BP->wl_ledger_gpa;
     w.data = (uint8_t *)(uintptr_t)CP_BP->wl_data_gpa;
+    w.low_pages = CP_BP->wl_data_low_pages;
     w.seed = CP_BP->wl_seed;
     w.first = idx * n / nr;
     w.count = (idx + 1) * n / nr - w.first;
