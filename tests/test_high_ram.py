@@ -136,3 +136,15 @@ def test_the_hole_constants_of_the_core_are_the_guest_abis() -> None:
     assert f"#define CP_RAM_HOLE_START {abi.RAM_HOLE_START:#X}ULL".replace("0X", "0x") in header
     assert f"#define CP_RAM_HOLE_END {abi.RAM_HOLE_END:#x}ULL" in header
     assert ctypes.sizeof(abi.E820Entry) == 24
+
+
+def test_a_conversion_report_naming_the_hole_is_refused() -> None:
+    from confplan.vmm.enc_bitmap import EncBitmap, EncStatusError
+
+    enc = EncBitmap(ram_top(5 * GIB) // abi.PAGE)
+    enc.map_gpa_range(abi.RAM_HOLE_END, 2, 0)  # the first pages above 4 GiB: fine
+    assert not enc.is_private(abi.RAM_HOLE_END // abi.PAGE)
+    below, top = abi.RAM_HOLE_START, abi.RAM_HOLE_END
+    for gpa, npages in ((below, 1), (below - abi.PAGE, 2), (top - abi.PAGE, 1)):
+        with pytest.raises(EncStatusError, match="outside guest RAM"):
+            enc.map_gpa_range(gpa, npages, 0)

@@ -14,7 +14,7 @@ import hashlib
 import threading
 from dataclasses import dataclass
 
-from confplan.vmm.abi import MAP_GPA_RANGE_ENCRYPTED, PAGE
+from confplan.vmm.abi import MAP_GPA_RANGE_ENCRYPTED, PAGE, RAM_HOLE_END, RAM_HOLE_START
 from confplan.vmm.bitmap import PageBitmap
 
 
@@ -56,10 +56,11 @@ class EncBitmap:
     def map_gpa_range(self, gpa: int, npages: int, attrs: int) -> None:
         """Apply one KVM_HC_MAP_GPA_RANGE(gpa, npages, attrs) report."""
         first = gpa // PAGE
-        if gpa % PAGE or npages < 0 or first + npages > self.bitmap.npages:
+        hole = gpa < RAM_HOLE_END and gpa + npages * PAGE > RAM_HOLE_START  # no RAM there (v8)
+        if gpa % PAGE or npages < 0 or first + npages > self.bitmap.npages or hole:
             raise EncStatusError(
                 f"KVM_HC_MAP_GPA_RANGE(gpa={gpa:#x}, npages={npages}, attrs={attrs:#x}) is outside guest RAM "
-                f"({self.bitmap.npages} pages) or unaligned"
+                f"({self.bitmap.npages} pages, less the hole under 4 GiB) or unaligned"
             )
         private = bool(attrs & MAP_GPA_RANGE_ENCRYPTED)
         with self._lock:
