@@ -99,7 +99,9 @@ class MigrationSide:
         if machine.helpers:
             machine.wait_helpers_ready()
         if not machine.config.mh_only:  # running = filled (its shared pages are reported after the fill)
-            machine.wait_workload(abi.EV_WL_FILLED, timeout=120.0)
+            # The guest writes every data page once: ~3-9 s a GiB here (its page faults under kvm_pvm).
+            gib = machine.config.memory / (1 << 30)
+            machine.wait_workload(abi.EV_WL_FILLED, timeout=60.0 + 30.0 * gib)
         return {"vcpus": len(machine.vcpus), "helpers": len(machine.helpers)}
 
     def workload_check(self) -> dict[str, Any]:
