@@ -294,3 +294,24 @@ def test_the_agent_reports_its_hosts_facts_only_when_asked() -> None:
     assert "host" not in service.info()
     facts = service.info({"host": True})["host"]
     assert set(facts) == {"kvm", "mem_available", "max_vcpus"} and isinstance(facts["kvm"]["ok"], bool)
+
+
+def test_kvms_own_vcpu_limit_is_checked_per_side_and_by_the_vmm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """(v8) Within the firmware's 128, a host's KVM may allow fewer vCPUs per VM (KVM_CAP_MAX_VCPUS): the
+    preflight says so for that side with a hint, and the VMM refuses before it creates the VM (exit 3).
+    KVM here allows far more, so the limit is lowered for the test."""
+    from confplan.errors import EnvironmentProblem
+    from confplan.kvm import Kvm
+    from confplan.plan import load_plan_text
+    from confplan.vmm import Machine, MachineConfig, abi
+
+    plan = load_plan_text("guest: {memory: 256MiB, vcpus: 4}\nhelper: {mode: aux-vcpu, aux_vcpus: 2}\n")
+    assert preflight._vcpus_within(plan, "target", "kvm", 6).ok
+    refused = preflight._vcpus_within(plan, "target", "kvm", 5)
+    assert not refused.ok and "needs 6 vCPUs" in refused.detail and refused.hint
+    mirror = load_plan_text("guest: {memory: 256MiB, vcpus: 4}\nhelper: {mode: mirror-vm, aux_vcpus: 2}\n")
+    assert preflight._vcpus_within(mirror, "target", "kvm", 4).ok  # a mirror's vCPUs are in their own VM
+    monkeypatch.setattr(Kvm, "max_vcpus", lambda self: 3)
+    with pytest.raises(EnvironmentProblem, match="at most 3 vCPUs per VM; the guest needs 4") as err:
+        Machine(MachineConfig(memory=64 * abi.MIB, vcpus=2, aux_vcpus=2))
+    assert err.value.exit_code == ExitCode.ENVIRONMENT

@@ -63,6 +63,19 @@ def test_aux_vcpus_are_invisible_to_the_workload() -> None:
         assert m.console.wait_for("mh: helper vCPU 1 ready", timeout=1) is not None
 
 
+def test_more_vcpus_than_the_old_32_boot_and_each_keeps_its_pages() -> None:
+    """(v8) 40 guest vCPUs and 2 helper vCPUs: past the old limit of 32, each with its TSS and CPL0 stack
+    in the new low map, each workload vCPU filling its own partition, within KVM's own limit."""
+    with Machine(MachineConfig(memory=64 * abi.MIB, vcpus=40, aux_vcpus=2, workload_kind="quiet")) as m:
+        assert m.kvm.max_vcpus() >= 42
+        m.start()
+        m.wait_workload(abi.EV_WL_FILLED, timeout=60)
+        m.wait_helpers_ready(60)
+        written = [m.workload.status(i).pages_written for i in range(40)]
+        assert written == [len(m.layout.partition(i)) for i in range(40)] and all(written)
+        assert m.workload.check().ok
+
+
 def test_dirty_log_reports_exactly_the_written_pages(quiet: Machine) -> None:
     lay = quiet.layout
     pages = [0, 1, 17, 500, lay.wl_data_pages - 1]
