@@ -152,8 +152,9 @@ class Pair:
     gpas: array.array[int]
 
 
-def open_pair(stack: contextlib.ExitStack, cfg: MachineConfig, key: bytes, label: str,
-              firmware: Firmware | None) -> tuple[Pair, Machine, Machine]:
+def open_pair(
+    stack: contextlib.ExitStack, cfg: MachineConfig, key: bytes, label: str, firmware: Firmware | None
+) -> tuple[Pair, Machine, Machine]:
     a = stack.enter_context(boot(cfg, key, firmware))
     b = stack.enter_context(boot(dataclasses.replace(cfg, mh_only=True), key, firmware))
     a.wait_workload(abi.EV_WL_FILLED, timeout=60)
@@ -166,8 +167,9 @@ def open_pair(stack: contextlib.ExitStack, cfg: MachineConfig, key: bytes, label
     return Pair(label, src, dst, impl, gpas), a, b
 
 
-def mh_rates(mib: int, mh_vcpus: int, batch: int, rounds: int, banks: int,
-             images: dict[str, Firmware | None]) -> dict[str, dict[str, dict[str, float]]]:
+def mh_rates(
+    mib: int, mh_vcpus: int, batch: int, rounds: int, banks: int, images: dict[str, Firmware | None]
+) -> dict[str, dict[str, dict[str, float]]]:
     """Best rates per image label and path: the synchronous one (``MailboxSet.save``/``load``, one op per
     mailbox at a time) and the pipelined one (``save_stream``/``load_stream``); rounds interleaved over images
     and paths so all see the same load."""
