@@ -50,7 +50,7 @@ IMPL_PARAMS = [
                  marks=pytest.mark.skipif(not _host_has_vaes(), reason="host CPU lacks VAES/VPCLMUL/AVX2")),
     pytest.param(VAES512, id="vaes512",
                  marks=pytest.mark.skipif(not _host_has_vaes512(),
-                                          reason="host CPU lacks AVX-512F/BW/VL: the 512-bit path cannot run")),
+                                          reason="host CPU lacks AVX-512F/BW/VL: 512-bit path cannot run")),
 ]
 # Lengths around the fused paths' 256-byte chunks and the 16-byte blocks.
 SHARED_LENGTHS = [0, 1, 15, 16, 17, 255, 256, 257, 511, 1000, 4095, 4096, 4097, 8191]
@@ -126,7 +126,8 @@ def test_nist_known_answers_program(build: Build) -> None:
 
 def test_firmware_objects_need_nothing_from_libc(build: Build) -> None:
     objects = sorted(build.out.glob("*.o"))
-    assert {o.name for o in objects} == {"gcm.o", "aes_portable.o", "gcm_aesni.o", "gcm_vaes.o", "gcm_vaes512.o"}
+    names = {"gcm.o", "aes_portable.o", "gcm_aesni.o", "gcm_vaes.o", "gcm_vaes512.o"}
+    assert {o.name for o in objects} == names
     undefined = subprocess.run(["nm", "-u", *map(str, objects)], capture_output=True, text=True, check=True)
     defined = subprocess.run(["nm", "--defined-only", *map(str, objects)], capture_output=True, text=True,
                              check=True)
@@ -277,8 +278,8 @@ class Shared:
 
     def seal(self, iv: bytes, aad: bytes, plain: bytes) -> bytes:
         tag = ctypes.create_string_buffer(16)
-        rc = self.gcm.lib.cp_gcm_seal_shared(self.gcm.ctx, iv, aad, len(aad), plain, self.out, len(plain), tag,
-                                             self.scratch)
+        lib, ctx = self.gcm.lib, self.gcm.ctx
+        rc = lib.cp_gcm_seal_shared(ctx, iv, aad, len(aad), plain, self.out, len(plain), tag, self.scratch)
         assert rc == 0
         return self.out.raw[: len(plain)] + tag.raw
 

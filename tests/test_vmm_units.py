@@ -11,11 +11,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from confplan.errors import ConfplanError
+from confplan.kvm import structs as kvm_structs
 from confplan.vmm import abi
 from confplan.vmm.bitmap import PageBitmap
 from confplan.vmm.bootparams import HostCpu, boot_params
 from confplan.vmm.config import MachineConfig
-from confplan.kvm import structs as kvm_structs
 from confplan.vmm.cpu_setup import CpuInfo, cpu_info, host_cpu_flags, host_features
 from confplan.vmm.devices.mailbox_doorbell import MailboxDoorbells
 from confplan.vmm.enc_bitmap import EncBitmap, EncStatusError
