@@ -240,6 +240,9 @@ def print_summary(runs: dict[str, list[dict[str, float]]]) -> None:
     """Medians and ranges over the repeats: with 2 shared cores single runs vary, medians less."""
     print(f"\nsummary over {max(len(v) for v in runs.values())} runs (median [min-max]):")
     for name, figures in runs.items():
+        if not figures:
+            print(f"  {name}: no run finished")
+            continue
         cells = []
         for key in figures[0]:
             values = [f[key] for f in figures]
@@ -268,7 +271,11 @@ def main() -> int:
               f"4 KiB records on {os.cpu_count()} cores; {floor_cpu_s:.2f} CPU-s per core, so less load "
               f"would bring it down to that)")  # fmt: skip
         for name, workload in scenarios.items():
-            result = run_scenario(args.ram_mib, workload, args.batch_pages)
+            try:
+                result = run_scenario(args.ram_mib, workload, args.batch_pages)
+            except ConfplanError as err:  # e.g. precopy gave up on a loaded machine: say so, run the rest
+                print(f"{args.ram_mib} MiB {name}: the migration failed: {err.message}")
+                continue
             runs[name].append(report_run(args.ram_mib, name, result, baselines, floor_s))
         if not args.skip_protection:
             from stream_protection import compare
