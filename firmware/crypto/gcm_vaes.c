@@ -1,12 +1,13 @@
 /*
  * AES-256-GCM on 256-bit registers: VAES + VPCLMULQDQ with AVX2 (CP_GCM_IMPL_VAES).
  *
- * The bulk works in chunks of 16 blocks (256 bytes, 8 ymm registers of two blocks each). Seal and open
- * are fused: each chunk's 16 counter blocks go through the 14 rounds side by side, and the ciphertext of
- * the same chunk is hashed while it is in registers (seal: the fresh ciphertext, so `out` is only written;
- * open: the input block as loaded, so every input byte is read once). GHASH aggregates the 16 blocks of a
- * chunk as 8 ymm pairs times (H^16,H^15)..(H^2,H^1) and reduces once per chunk (ghash_x86.h). Tails shorter
- * than a chunk go through the AES-NI code via a private stack buffer.
+ * The bulk works in chunks of 16 blocks (256 bytes, 8 ymm registers of two blocks each). Seal is fused:
+ * each chunk's 16 counter blocks go through the 14 rounds side by side, and the fresh ciphertext is hashed
+ * while it is in registers, so `out` is only written. The helper's open hashes each input block as it
+ * copies it into private memory (every input byte read once), checks the tag, and only then runs CTR from
+ * the private copy (cp_vaes_ghash_copy, cp_vaes_ctr). GHASH aggregates the 16 blocks of a chunk as 8 ymm
+ * pairs times (H^16,H^15)..(H^2,H^1) and reduces once per chunk (ghash_x86.h). Tails shorter than a chunk
+ * go through the AES-NI code via a private stack buffer.
  *
  * Compiled for those extensions per function, so the file builds with the base firmware flags. Needs XCR0
  * to enable YMM state (the VMM sets it) and CPL3 or a native CPL0. Designs consulted, not copied: OpenSSL's
@@ -148,23 +149,6 @@ CP_VAES_TARGET static __m128i seal_chunks(struct vkeys *k, __m128i y, const uint
     return y;
 }
 
-CP_VAES_TARGET static __m128i open_chunks(struct vkeys *k, __m128i y, const uint8_t *in, uint8_t *out, size_t n)
-{
-    for (; n > 0; n--, in += CHUNK, out += CHUNK) {
-        __m256i b[VREGS];
-        struct vacc a = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
-        aes_rounds(k, b);
-#pragma GCC unroll 8
-        for (int j = 0; j < VREGS; j++) {
-            __m256i c = load32(in + 32 * j); /* the one read of these input bytes */
-            store32(out + 32 * j, _mm256_xor_si256(_mm256_aesenclast_epi128(b[j], k->rk[14]), c));
-            absorb_pair(&a, k, j, c, y);
-        }
-        y = vreduce(a);
-    }
-    return y;
-}
-
 /* Y after the AAD: whole chunks here, the rest on the AES-NI code. */
 CP_VAES_TARGET static __m128i absorb(const cp_gcm_ctx *ctx, const struct vkeys *k, __m128i y, const uint8_t *p,
                                      size_t len)
@@ -205,27 +189,6 @@ CP_VAES_TARGET void cp_vaes_seal(const cp_gcm_ctx *ctx, const uint8_t j0[16], co
     cp_aesni_ghash_finish(ctx, yb, aad_len, len, s);
 }
 
-CP_VAES_TARGET void cp_vaes_open(const cp_gcm_ctx *ctx, const uint8_t j0[16], const uint8_t *aad, size_t aad_len,
-                                 const uint8_t *in, uint8_t *out, size_t len, uint8_t s[16])
-{
-    struct vkeys k;
-    uint8_t yb[16], rest_j0[16], tail[CHUNK];
-    uint32_t ctr = cp_load_be32(j0 + 12) + 1u;
-    size_t n = len / CHUNK, rest = len - n * CHUNK;
-    vkeys_init(&k, ctx);
-    vkeys_counters(&k, j0, ctr);
-    __m128i y = absorb(ctx, &k, _mm_setzero_si128(), aad, aad_len);
-    y = open_chunks(&k, y, in, out, n);
-    store16(yb, y);
-    if (rest > 0) { /* the input tail read once into private memory; hashed and decrypted from there */
-        cp_copy_bytes(tail, in + n * CHUNK, rest);
-        tail_j0(rest_j0, j0, ctr + (uint32_t)(16 * n));
-        cp_aesni_ghash_update(ctx, yb, tail, rest);
-        cp_aesni_ctr(ctx, rest_j0, tail, out + n * CHUNK, rest);
-    }
-    cp_aesni_ghash_finish(ctx, yb, aad_len, len, s);
-}
-
 /* CTR alone (cp_gcm_open's second pass, after the tag matched). */
 CP_VAES_TARGET void cp_vaes_ctr(const cp_gcm_ctx *ctx, const uint8_t j0[16], const uint8_t *in, uint8_t *out,
                                 size_t len)
@@ -261,7 +224,7 @@ CP_VAES_TARGET void cp_vaes_ghash(const cp_gcm_ctx *ctx, const uint8_t *aad, siz
     cp_aesni_ghash_finish(ctx, yb, aad_len, c_len, s);
 }
 
-/* A copy 128 bytes a step (the fused open's plaintext from its private scratch to its place). */
+/* A copy 128 bytes a step (the 512-bit open's plaintext from its private scratch to its place). */
 CP_VAES_TARGET void cp_vaes_copy(uint8_t *dst, const uint8_t *src, size_t n)
 {
     size_t i = 0;
@@ -273,4 +236,37 @@ CP_VAES_TARGET void cp_vaes_copy(uint8_t *dst, const uint8_t *src, size_t n)
         store32(dst + i + 96, d);
     }
     cp_copy_bytes(dst + i, src + i, n - i);
+}
+
+/*
+ * GHASH over `in` while copying it to `out`, each block loaded once: the first half of the helper's open
+ * on this path. On AMD Zen 3 the AES and carry-less-multiply work do not overlap (fused open = CTR + GHASH
+ * in time), so open as "hash while copying into private memory, check the tag, then CTR from the private
+ * copy" costs the same crypto, saves the plaintext's extra copy, and no plaintext exists before the tag
+ * matched.
+ */
+CP_VAES_TARGET void cp_vaes_ghash_copy(const cp_gcm_ctx *ctx, const uint8_t *aad, size_t aad_len,
+                                       const uint8_t *in, uint8_t *out, size_t len, uint8_t s[16])
+{
+    struct vkeys k;
+    uint8_t yb[16];
+    size_t n = len / CHUNK, rest = len - n * CHUNK;
+    vkeys_init(&k, ctx);
+    __m128i y = absorb(ctx, &k, _mm_setzero_si128(), aad, aad_len);
+    for (size_t c = 0; c < n; c++, in += CHUNK, out += CHUNK) {
+        struct vacc a = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+#pragma GCC unroll 8
+        for (int j = 0; j < VREGS; j++) {
+            __m256i x = load32(in + 32 * j); /* the one read of these input bytes */
+            store32(out + 32 * j, x);
+            absorb_pair(&a, &k, j, x, y);
+        }
+        y = vreduce(a);
+    }
+    store16(yb, y);
+    if (rest > 0) {
+        cp_copy_bytes(out, in, rest);
+        cp_aesni_ghash_update(ctx, yb, out, rest); /* hashed from the private copy */
+    }
+    cp_aesni_ghash_finish(ctx, yb, aad_len, len, s);
 }
