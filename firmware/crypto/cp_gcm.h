@@ -5,8 +5,8 @@
  * (the guest cannot rely on CPUID at CPL3; the VMM passes the host's features in the boot parameters):
  *   CP_GCM_IMPL_PORTABLE  plain C, any x86-64 CPU (table-based AES: see docs/crypto.md for its caveat)
  *   CP_GCM_IMPL_AESNI     AES-NI + PCLMULQDQ, 8 blocks interleaved, GHASH aggregated over 8 blocks
- *   CP_GCM_IMPL_VAES      256-bit registers (VAES + VPCLMULQDQ, AVX2): CTR and GHASH fused in one pass,
- *                         16 blocks in flight, GHASH aggregated over 16 blocks
+ *   CP_GCM_IMPL_VAES      256-bit registers (VAES + VPCLMULQDQ, AVX2): seal fuses CTR and GHASH in one
+ *                         pass, 16 blocks in flight, GHASH aggregated over 16 blocks
  *   CP_GCM_IMPL_VAES512   the same on 512-bit registers (AVX-512F/BW/VL + VAES + VPCLMULQDQ, ZMM state)
  * All give bit-identical results. Never call any of this at CPL0: it uses SSE registers.
  *
@@ -111,9 +111,10 @@ int cp_gcm_open(const cp_gcm_ctx *ctx, const uint8_t iv[CP_GCM_IV_BYTES], const 
  * mailbox slot). seal_shared: `out` is shared; it is only written, never read back (the ciphertext is
  * hashed from private copies as it is made). open_shared: `in` and `tag` are shared; each byte is read
  * exactly once, so what was authenticated is what gets decrypted. `scratch` is a private buffer of len
- * bytes: the fused implementations (VAES, VAES512) decrypt into it in the same pass as GHASH and copy the
- * plaintext to `out` only once the tag matched; the others seal into it / copy the ciphertext into it
- * first. A refused open leaves `out` untouched and wipes `scratch`. No overlap between in, out, scratch.
+ * bytes: VAES hashes the ciphertext while copying it there and decrypts from there once the tag matched;
+ * VAES512 decrypts into it in the same pass as GHASH and copies the plaintext to `out` once the tag
+ * matched (wiping it on a refusal); the others seal into it / copy the ciphertext into it first. A refused
+ * open leaves `out` untouched and no plaintext in `scratch`. No overlap between in, out, scratch.
  */
 int cp_gcm_seal_shared(const cp_gcm_ctx *ctx, const uint8_t iv[CP_GCM_IV_BYTES], const uint8_t *aad,
                        size_t aad_len, const uint8_t *in, uint8_t *out, size_t len, uint8_t tag[CP_GCM_TAG_BYTES],
