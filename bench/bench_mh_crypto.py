@@ -2,10 +2,13 @@
 
 Builds firmware/crypto into a host shared library (same sources and flags as the guest image, plus -fPIC),
 then seals and opens 1 MiB as 256 x 4 KiB pages in ONE ctypes call (cp_gcm_seal_pages/cp_gcm_open_pages),
-so the figure is the C code's, as the in-guest migration helper runs it per page. Baselines: OpenSSL
-through `cryptography`'s AESGCM on 1 MiB calls and on single 4 KiB calls. One core, best of several runs.
+so the figure is the C code's, as the in-guest migration helper runs it per page (open: the helper's one
+pass through a private scratch page, cp_gcm_open_shared). Baselines: OpenSSL through `cryptography`'s
+AESGCM on 1 MiB calls and on single 4 KiB calls. One core, best of several runs. ``--before REF`` also
+builds firmware/crypto as it was at git commit REF and measures it in the same rounds ("before" rows).
+The 512-bit path (vaes512) runs only on a CPU with AVX-512F/BW/VL; elsewhere the bench says it was not run.
 
-    .venv/bin/python bench/bench_mh_crypto.py [--seconds 0.25] [--repeats 5]
+    .venv/bin/python bench/bench_mh_crypto.py [--seconds 0.25] [--repeats 5] [--before REF]
 """
 
 from __future__ import annotations
@@ -28,11 +31,29 @@ PAGE = 4096
 PAGES = 256
 MIB = PAGE * PAGES
 AAD_LEN = 28  # gpa u64 | generation u32 | migration id 16 bytes
-IMPLS = {"vaes": 2, "aesni": 1, "portable": 0}
+IMPLS = {"vaes512": 3, "vaes": 2, "aesni": 1, "portable": 0}
 
 
-def build_library(out_dir: Path) -> ctypes.CDLL:
-    subprocess.run(["make", "-s", "-C", str(CRYPTO_DIR), f"O={out_dir}", "lib"], check=True)
+def cpu_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def runnable_impls() -> list[str]:
+    """The fast implementations this CPU can execute (the dispatch's rule, from /proc/cpuinfo)."""
+    flags = cpu_flags()
+    names = ["aesni"] if {"aes", "pclmulqdq", "ssse3", "sse4_1"} <= flags else []
+    if names and {"avx2", "vaes", "vpclmulqdq"} <= flags:
+        names.insert(0, "vaes")
+        if {"avx512f", "avx512bw", "avx512vl"} <= flags:
+            names.insert(0, "vaes512")
+    return names
+
+
+def build_library(out_dir: Path, source: Path = CRYPTO_DIR) -> ctypes.CDLL:
+    subprocess.run(["make", "-s", "-C", str(source), f"O={out_dir}", "lib"], check=True)
     lib = ctypes.CDLL(str(out_dir / "libcpgcm.so"))
     p, sz, u32, u64 = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint32, ctypes.c_uint64
     lib.cp_gcm_ctx_size.restype = sz
@@ -113,21 +134,40 @@ def openssl_cases() -> dict[str, Case]:
     }
 
 
+def sources_at(ref: str, into: Path) -> Path:
+    """firmware/crypto as it was at git commit ``ref``, unpacked under ``into``."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "firmware/crypto"], check=True,
+                             capture_output=True).stdout  # fmt: skip
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into / "firmware" / "crypto"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=0.2, help="minimum duration of one run")
     parser.add_argument("--repeats", type=int, default=7, help="rounds; the best run of each case is kept")
+    parser.add_argument("--before", metavar="REF", help="also measure firmware/crypto as of this git commit")
     args = parser.parse_args()
+    impls = runnable_impls()
+    if "vaes512" not in impls:
+        print("vaes512 not run: this CPU lacks AVX-512F/BW/VL (or VAES/VPCLMULQDQ)")
     with tempfile.TemporaryDirectory(prefix="cpgcm-bench-") as tmp:
-        lib = build_library(Path(tmp))
+        libs = {"cp_gcm": build_library(Path(tmp) / "now")}
+        if args.before:
+            libs["before"] = build_library(Path(tmp) / "before", sources_at(args.before, Path(tmp)))
         cases = openssl_cases()
-        for impl_name in ("vaes", "aesni"):
-            bench = PageBench(lib, IMPLS[impl_name])
-            bench.seal()
-            cases[f"cp_gcm {impl_name} seal"] = (bench.seal, MIB)
-            cases[f"cp_gcm {impl_name} open"] = (bench.open, MIB)
+        benches = []  # kept alive: the cases hold their bound methods
+        for impl_name in impls:
+            for label, lib in libs.items():
+                if label == "before" and IMPLS[impl_name] > 2:
+                    continue  # older sources had no 512-bit path
+                bench = PageBench(lib, IMPLS[impl_name])
+                bench.seal()
+                benches.append(bench)
+                cases[f"{label} {impl_name} seal"] = (bench.seal, MIB)
+                cases[f"{label} {impl_name} open"] = (bench.open, MIB)
         got = best_rates(cases, args.seconds, args.repeats)
-        portable = PageBench(lib, IMPLS["portable"])
+        portable = PageBench(libs["cp_gcm"], IMPLS["portable"])
         portable.seal()
         got |= best_rates({"cp_gcm portable seal": (portable.seal, MIB),
                            "cp_gcm portable open": (portable.open, MIB)}, args.seconds / 4, 1)
@@ -135,7 +175,7 @@ def main() -> int:
           f"{'x OpenSSL 4KiB':>15}")
     for name, value in got.items():
         line = f"{name:42} {value / 1e9:7.3f}"
-        if name.startswith("cp_gcm"):
+        if name.startswith(("cp_gcm", "before")):
             op = name.split()[-1]
             line += f" {value / got[f'openssl {op} 1MiB']:15.2f} {value / got[f'openssl {op} 4KiB']:15.2f}"
         print(line)

@@ -11,23 +11,29 @@ records on the target, two ways, interleaved round by round so both see the same
   copied out to a buffer and back into the target's slots (both copies timed).
 Baseline: OpenSSL AES-256-GCM via ``cryptography``'s AESGCM on 1 MiB calls, one thread, measured in this run.
 
-Rates per wall second, and per CPU-second of this process (guest time of the vCPU threads included): the
-second holds up better when other work shares the two cores. Best of the rounds. The transport key is
+Rates per wall second, per CPU-second of this process (guest time of the vCPU threads included), and the
+helper's own: the guest TSC time of its SAVE/LOAD ops (the ring entries' stamps), i.e. what the helper's
+crypto and per-page work cost, without the host's side. The second and third hold up better when other work
+shares the two cores. Best of the rounds. ``--before DIR`` boots a second pair of guests from the firmware
+image in DIR (e.g. a copy of confplan/_firmware taken before a change) and interleaves its rounds with the
+current image's, so a change is measured against its predecessor in the same run. The transport key is
 written straight into the secret page (no measured launch: that costs nothing per page and is covered by
 tests/test_mh_guest.py).
 
-    .venv/bin/python bench/bench_mh_guest.py [--mib 128] [--batch 256] [--banks 2] [--rounds 5]
+    .venv/bin/python bench/bench_mh_guest.py [--mib 128] [--batch 256] [--banks 2] [--rounds 5] [--before DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import array
+import contextlib
 import dataclasses
 import os
 import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import TypeVar
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -38,6 +44,7 @@ from confplan.migration.mailbox_layout import SLOT_SIZE
 from confplan.migration.mailbox_set import DEFAULT_BANKS, MailboxSet
 from confplan.sev.secret_table import CONFPLAN_TRANSPORT_KEY_GUID, build_secret_table
 from confplan.vmm import Machine, MachineConfig, abi
+from confplan.vmm.firmware import Firmware
 
 MIB = 1 << 20
 T = TypeVar("T")
@@ -75,8 +82,8 @@ class Clock:
         return value
 
 
-def boot(config: MachineConfig, key: bytes) -> Machine:
-    m = Machine(config)
+def boot(config: MachineConfig, key: bytes, firmware: Firmware | None = None) -> Machine:
+    m = Machine(config, firmware=firmware)
     m.write(abi.SECRET_GPA, build_secret_table({CONFPLAN_TRANSPORT_KEY_GUID: key}))
     m.start()
     return m
@@ -129,38 +136,76 @@ def stream_round(
     return save, load
 
 
-def mh_rates(mib: int, mh_vcpus: int, batch: int, rounds: int, banks: int) -> dict[str, dict[str, float]]:
-    """Best rates of the synchronous path (``MailboxSet.save``/``load``, one op per mailbox at a time) and
-    of the pipelined one (``save_stream``/``load_stream``), rounds interleaved so both see the same load."""
+def helper_seconds(mbs: MailboxSet) -> float:
+    """The helpers' own time in SAVE/LOAD ops so far, summed over the MH vCPUs (guest TSC stamps)."""
+    return sum(mb.op_seconds for mb in mbs.mailboxes)
+
+
+@dataclasses.dataclass
+class Pair:
+    """A source and an mh_only target booted from one firmware image, with their mailboxes open."""
+
+    label: str
+    src: MailboxSet
+    dst: MailboxSet
+    impl: str
+    gpas: array.array[int]
+
+
+def open_pair(
+    stack: contextlib.ExitStack, cfg: MachineConfig, key: bytes, label: str, firmware: Firmware | None
+) -> tuple[Pair, Machine, Machine]:
+    a = stack.enter_context(boot(cfg, key, firmware))
+    b = stack.enter_context(boot(dataclasses.replace(cfg, mh_only=True), key, firmware))
+    a.wait_workload(abi.EV_WL_FILLED, timeout=60)
+    a.pause_all_vcpus_except_aux()
+    src, dst = open_mailboxes(a), open_mailboxes(b)
+    src.init()
+    dst.init()
+    impl = next(t for _, t in a.console.lines if t.startswith("mh: helper vCPU 0")).split(" aes ")[1]
+    gpas = array.array("Q", range(a.layout.wl_base, cfg.memory, abi.PAGE))
+    return Pair(label, src, dst, impl, gpas), a, b
+
+
+def mh_rates(
+    mib: int, mh_vcpus: int, batch: int, rounds: int, banks: int, images: dict[str, Firmware | None]
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Best rates per image label and path: the synchronous one (``MailboxSet.save``/``load``, one op per
+    mailbox at a time) and the pipelined one (``save_stream``/``load_stream``); rounds interleaved over images
+    and paths so all see the same load."""
     cfg = MachineConfig(memory=mib * MIB, aux_vcpus=mh_vcpus, workload_kind="quiet", batch_pages=batch,
                         watchdog_s=30.0)  # fmt: skip
     key = os.urandom(32)
-    with boot(cfg, key) as a, boot(dataclasses.replace(cfg, mh_only=True), key) as b:
-        a.wait_workload(abi.EV_WL_FILLED, timeout=60)
-        a.pause_all_vcpus_except_aux()
-        src, dst = open_mailboxes(a), open_mailboxes(b)
-        src.init()
-        dst.init()
-        impl = next(t for _, t in a.console.lines if t.startswith("mh: helper vCPU 0")).split(" aes ")[1]
-        gpas = array.array("Q", range(a.layout.wl_base, cfg.memory, abi.PAGE))
-        nbytes = len(gpas) * abi.PAGE
-        buf = bytearray(len(gpas) * SLOT_SIZE)
-        best: dict[str, dict[str, float]] = {"sync": {}, "stream": {}}
+    with contextlib.ExitStack() as stack:
+        opened = [open_pair(stack, cfg, key, label, fw) for label, fw in images.items()]
+        best: dict[str, dict[str, dict[str, float]]] = {}
+        for p, _, _ in opened:
+            best[p.label] = {"sync": {}, "stream": {}}
         gen = 0
         for _ in range(rounds):
-            for mode in ("sync", "stream"):
-                gen += 1
-                clocks = one_round(src, dst, gpas, gen) if mode == "sync" else stream_round(
-                    src, dst, gpas, gen, banks, buf)  # fmt: skip
-                for name, clock in zip(("save", "load"), clocks, strict=True):
-                    r = best[mode]
-                    r[f"{name}_wall"] = max(r.get(f"{name}_wall", 0.0), nbytes / clock.wall / 1e9)
-                    r[f"{name}_cpu"] = max(r.get(f"{name}_cpu", 0.0), nbytes / clock.cpu / 1e9)
-        area = (a.layout.wl_base, nbytes)
-        assert os.pread(a.ram.fd, area[1], area[0]) == os.pread(b.ram.fd, area[1], area[0])
-        rings = sum(a.mailbox_doorbells.rings) + sum(b.mailbox_doorbells.rings)
-        print(f"  ({mh_vcpus} MH vCPU(s): AES in the guest: {impl}; {len(gpas)} pages per pass; "
-              f"{rings} doorbell exits in all)")  # fmt: skip
+            for pair, _, _ in opened:
+                nbytes = len(pair.gpas) * abi.PAGE
+                buf = bytearray(len(pair.gpas) * SLOT_SIZE)
+                for mode in ("sync", "stream"):
+                    gen += 1
+                    h0 = helper_seconds(pair.src), helper_seconds(pair.dst)
+                    if mode == "sync":
+                        clocks = one_round(pair.src, pair.dst, pair.gpas, gen)
+                    else:
+                        clocks = stream_round(pair.src, pair.dst, pair.gpas, gen, banks, buf)
+                    helper = helper_seconds(pair.src) - h0[0], helper_seconds(pair.dst) - h0[1]
+                    r = best[pair.label][mode]
+                    for name, clock, own in zip(("save", "load"), clocks, helper, strict=True):
+                        r[f"{name}_wall"] = max(r.get(f"{name}_wall", 0.0), nbytes / clock.wall / 1e9)
+                        r[f"{name}_cpu"] = max(r.get(f"{name}_cpu", 0.0), nbytes / clock.cpu / 1e9)
+                        if own > 0:  # per MH vCPU: each vCPU's pages over its own time
+                            r[f"{name}_mh"] = max(r.get(f"{name}_mh", 0.0), nbytes / own / 1e9)
+        for pair, a, b in opened:
+            area = (a.layout.wl_base, len(pair.gpas) * abi.PAGE)
+            assert os.pread(a.ram.fd, area[1], area[0]) == os.pread(b.ram.fd, area[1], area[0])
+            rings = sum(a.mailbox_doorbells.rings) + sum(b.mailbox_doorbells.rings)
+            print(f"  ({mh_vcpus} MH vCPU(s), {pair.label} image: AES in the guest: {pair.impl}; "
+                  f"{len(pair.gpas)} pages per pass; {rings} doorbell exits in all)")  # fmt: skip
         return best
 
 
@@ -170,27 +215,36 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256, help="slots per mailbox (the plan's batch_pages)")
     ap.add_argument("--banks", type=int, default=DEFAULT_BANKS, help="slot banks per mailbox when streaming")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--before", type=Path, help="a firmware image directory to measure against, same run")
     args = ap.parse_args()
+    images: dict[str, Firmware | None] = {"current": None}
+    if args.before is not None:
+        images["before"] = Firmware.load(args.before)
     seal, open_ = openssl_rates(args.rounds)
     print(f"OpenSSL AES-256-GCM, 1 MiB calls: seal {seal:.2f} GB/s, open {open_:.2f} GB/s (per CPU-second)")
     print(f"guest {args.mib} MiB, {args.batch} slots per mailbox; sync = one op of {args.batch} pages per "
-          f"mailbox at a time, stream = {args.banks} banks queued; best of {args.rounds} rounds")  # fmt: skip
-    print(f"{'MH vCPUs':>8} {'path':>6} {'op':>4} {'wall GB/s':>10} {'per MH vCPU':>12} {'x OpenSSL':>10} "
-          f"{'per CPU-s':>10} {'x OpenSSL':>10}")  # fmt: skip
+          f"mailbox at a time, stream = {args.banks} banks queued; best of {args.rounds} rounds; "
+          f"helper = the MH's own time (guest TSC), per MH vCPU")  # fmt: skip
+    print(f"{'MH vCPUs':>8} {'image':>8} {'path':>6} {'op':>4} {'wall GB/s':>10} {'per MH vCPU':>12} "
+          f"{'x OpenSSL':>10} {'per CPU-s':>10} {'x OpenSSL':>10} {'helper':>7} "
+          f"{'x OpenSSL':>10}")  # fmt: skip
     one: dict[str, float] = {}
     for n in (1, 2):
-        rates = mh_rates(args.mib, n, args.batch, args.rounds, args.banks)
-        for mode, r in rates.items():
-            for op, ref in (("save", seal), ("load", open_)):
-                wall, cpu = r[f"{op}_wall"], r[f"{op}_cpu"]
-                one.setdefault(f"{mode}_{op}", wall)
-                print(f"{n:>8} {mode:>6} {op.upper():>4} {wall:>10.2f} {wall / n:>12.2f} "
-                      f"{wall / n / ref:>9.2f}x {cpu:>10.2f} {cpu / ref:>9.2f}x")  # fmt: skip
+        rates = mh_rates(args.mib, n, args.batch, args.rounds, args.banks, images)
+        for label, by_mode in rates.items():
+            for mode, r in by_mode.items():
+                for op, ref in (("save", seal), ("load", open_)):
+                    wall, cpu, mh = r[f"{op}_wall"], r[f"{op}_cpu"], r.get(f"{op}_mh", 0.0)
+                    one.setdefault(f"{label}_{mode}_{op}", wall)
+                    print(f"{n:>8} {label:>8} {mode:>6} {op.upper():>4} {wall:>10.2f} {wall / n:>12.2f} "
+                          f"{wall / n / ref:>9.2f}x {cpu:>10.2f} {cpu / ref:>9.2f}x {mh:>7.2f} "
+                          f"{mh / ref:>9.2f}x")  # fmt: skip
         if n == 2:
-            for mode in rates:
-                r = rates[mode]
-                print(f"  {mode}: wall 2 vs 1 MH vCPUs: SAVE {r['save_wall'] / one[f'{mode}_save']:.2f}x, "
-                      f"LOAD {r['load_wall'] / one[f'{mode}_load']:.2f}x")  # fmt: skip
+            for label, by_mode in rates.items():
+                for mode, r in by_mode.items():
+                    print(f"  {label} {mode}: wall 2 vs 1 MH vCPUs: "
+                          f"SAVE {r['save_wall'] / one[f'{label}_{mode}_save']:.2f}x, "
+                          f"LOAD {r['load_wall'] / one[f'{label}_{mode}_load']:.2f}x")  # fmt: skip
             print(f"  load average {os.getloadavg()[0]:.1f}")
 
 

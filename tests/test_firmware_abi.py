@@ -76,3 +76,20 @@ def test_foreign_abi_version_is_refused(built: Path, tmp_path: Path) -> None:
     (tmp_path / "confplan-fw.sym").write_text(sym.replace(version_line, f"{99:016x} A ABI_version"))
     with pytest.raises(EnvironmentProblem, match="ABI v99"):
         Firmware.load(tmp_path)
+
+
+def _symbols(objects: list[Path], *flags: str) -> set[str]:
+    run = subprocess.run(["nm", *flags, *map(str, objects)], capture_output=True, text=True, check=True)
+    out = run.stdout
+    return {line.split()[-1] for line in out.splitlines() if line.strip() and not line.endswith(":")}
+
+
+def test_workload_code_never_calls_into_the_helpers_vector_code(built: Path) -> None:
+    """The workload keeps a pattern in ymm15 (its code is built with -ffixed-xmm15); the helper's crypto
+    uses every vector register and runs only on the helper's own vCPUs, whose register state KVM keeps
+    apart. That holds only while no workload code calls helper code: no symbol the workload's objects need
+    comes from the helper's objects."""
+    user = sorted((built / "obj" / "user").glob("*.o"))
+    helper = sorted((built / "obj" / "mh").glob("*.o"))
+    assert user and helper
+    assert _symbols(user, "-u") & _symbols(helper, "--defined-only", "-g") == set()

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 CRYPTO_DIR = Path(__file__).resolve().parent.parent / "firmware" / "crypto"
 PAGE = 4096
-PORTABLE, AESNI, VAES = 0, 1, 2
+PORTABLE, AESNI, VAES, VAES512 = 0, 1, 2, 3
 LENGTHS = [0, 1, 15, 16, 17, 255, 257, 4095, 4096, 65536]
 GCM_MAX_TEXT = (1 << 36) - 32
 
@@ -38,13 +38,22 @@ def _host_has_vaes() -> bool:
     return _host_has_aesni() and {"avx2", "vaes", "vpclmulqdq"} <= _host_flags()
 
 
+def _host_has_vaes512() -> bool:
+    return _host_has_vaes() and {"avx512f", "avx512bw", "avx512vl"} <= _host_flags()
+
+
 IMPL_PARAMS = [
     pytest.param(PORTABLE, id="portable"),
     pytest.param(AESNI, id="aesni",
                  marks=pytest.mark.skipif(not _host_has_aesni(), reason="host CPU lacks AES-NI/PCLMULQDQ")),
     pytest.param(VAES, id="vaes",
                  marks=pytest.mark.skipif(not _host_has_vaes(), reason="host CPU lacks VAES/VPCLMUL/AVX2")),
+    pytest.param(VAES512, id="vaes512",
+                 marks=pytest.mark.skipif(not _host_has_vaes512(),
+                                          reason="host CPU lacks AVX-512F/BW/VL: 512-bit path cannot run")),
 ]
+# Lengths around the fused paths' 256-byte chunks and the 16-byte blocks.
+SHARED_LENGTHS = [0, 1, 15, 16, 17, 255, 256, 257, 511, 1000, 4095, 4096, 4097, 8191]
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "cp_gcm_nonce_next": ([vp, vp], ctypes.c_int),
         "cp_gcm_seal_pages": ([vp, vp, sz, cp, sz, cp, vp, vp, vp], sz),
         "cp_gcm_open_pages": ([vp, sz, cp, cp, sz, cp, vp, cp, vp], sz),
+        "cp_gcm_seal_shared": ([vp, cp, cp, sz, cp, vp, sz, vp, vp], ctypes.c_int),
+        "cp_gcm_open_shared": ([vp, cp, cp, sz, cp, vp, sz, cp, vp], ctypes.c_int),
         "cp_gcm_pick_impl": ([u32], u32),
         "cp_cpu_features_from_cpuid": ([u32, u32, u32, u64], u32),
     }
@@ -109,13 +120,14 @@ def test_nist_known_answers_program(build: Build) -> None:
     run = subprocess.run([str(build.out / "test_gcm")], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.splitlines()[-1].startswith("ok:"), run.stdout
-    expected = 1 + _host_has_aesni() + _host_has_vaes()
+    expected = 1 + _host_has_aesni() + _host_has_vaes() + _host_has_vaes512()
     assert f"x {expected} implementation(s)" in run.stdout, run.stdout
 
 
 def test_firmware_objects_need_nothing_from_libc(build: Build) -> None:
     objects = sorted(build.out.glob("*.o"))
-    assert {o.name for o in objects} == {"gcm.o", "aes_portable.o", "gcm_aesni.o"}
+    names = {"gcm.o", "aes_portable.o", "gcm_aesni.o", "gcm_vaes.o", "gcm_vaes512.o"}
+    assert {o.name for o in objects} == names
     undefined = subprocess.run(["nm", "-u", *map(str, objects)], capture_output=True, text=True, check=True)
     defined = subprocess.run(["nm", "--defined-only", *map(str, objects)], capture_output=True, text=True,
                              check=True)
@@ -241,9 +253,106 @@ def test_pick_impl_from_cpuid_words(build: Build) -> None:
     lib = build.lib
     leaf1 = 1 << 25 | 1 << 1 | 1 << 9 | 1 << 19  # AES, PCLMULQDQ, SSSE3, SSE4.1
     leaf7_ebx, leaf7_ecx = 1 << 5, 1 << 9 | 1 << 10  # AVX2; VAES, VPCLMULQDQ
+    avx512 = 1 << 16 | 1 << 30 | 1 << 31  # AVX-512F, BW, VL
     features = lib.cp_cpu_features_from_cpuid
+    assert lib.cp_gcm_pick_impl(features(leaf1, leaf7_ebx | avx512, leaf7_ecx, 0xE7)) == VAES512
+    # The 512-bit path needs every piece: each one missing falls back to 256 bits.
+    for missing in (1 << 16, 1 << 30, 1 << 31):
+        assert lib.cp_gcm_pick_impl(features(leaf1, leaf7_ebx | avx512 & ~missing, leaf7_ecx, 0xE7)) == VAES
+    for xcr0 in (0x7, 0x27, 0x67, 0xA7, 0xC7):  # opmask, ZMM_Hi256 and Hi16_ZMM all needed
+        assert lib.cp_gcm_pick_impl(features(leaf1, leaf7_ebx | avx512, leaf7_ecx, xcr0)) == VAES
+    assert lib.cp_gcm_pick_impl(features(leaf1, leaf7_ebx | avx512, leaf7_ecx, 0xE3)) == AESNI  # no YMM
     assert lib.cp_gcm_pick_impl(features(leaf1, leaf7_ebx, leaf7_ecx, 0x7)) == VAES
     assert lib.cp_gcm_pick_impl(features(leaf1, leaf7_ebx, leaf7_ecx, 0x3)) == AESNI  # YMM state off
     assert lib.cp_gcm_pick_impl(features(leaf1, 0, leaf7_ecx, 0x7)) == AESNI
     assert lib.cp_gcm_pick_impl(features(leaf1 & ~(1 << 25), leaf7_ebx, leaf7_ecx, 0x7)) == PORTABLE
     assert lib.cp_gcm_pick_impl(0) == PORTABLE
+
+
+class Shared:
+    """seal_shared/open_shared with separate out and scratch buffers the test can inspect."""
+
+    def __init__(self, build: Build, key: bytes, impl: int, length: int) -> None:
+        self.gcm, self.n = Gcm(build, key, impl), max(length, 1)
+        self.out, self.scratch = ctypes.create_string_buffer(self.n), ctypes.create_string_buffer(self.n)
+
+    def seal(self, iv: bytes, aad: bytes, plain: bytes) -> bytes:
+        tag = ctypes.create_string_buffer(16)
+        lib, ctx = self.gcm.lib, self.gcm.ctx
+        rc = lib.cp_gcm_seal_shared(ctx, iv, aad, len(aad), plain, self.out, len(plain), tag, self.scratch)
+        assert rc == 0
+        return self.out.raw[: len(plain)] + tag.raw
+
+    def open(self, iv: bytes, aad: bytes, sealed: bytes) -> int:
+        body, tag = sealed[:-16], sealed[-16:]
+        return int(self.gcm.lib.cp_gcm_open_shared(self.gcm.ctx, iv, aad, len(aad), body, self.out, len(body),
+                                                   tag, self.scratch))
+
+
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
+@pytest.mark.parametrize("length", SHARED_LENGTHS)
+def test_shared_seal_and_open_match_openssl(build: Build, impl: int, length: int) -> None:
+    """The calls the migration helper makes (SAVE into the slot, LOAD from it), at odd lengths too."""
+    rng = random.Random(length * 5 + impl)
+    key, iv, aad, plain = rng.randbytes(32), rng.randbytes(12), rng.randbytes(28), rng.randbytes(length)
+    shared = Shared(build, key, impl, length)
+    sealed = shared.seal(iv, aad, plain)
+    assert sealed == AESGCM(key).encrypt(iv, plain, aad)
+    shared.out.raw = b"\x5a" * shared.n
+    assert shared.open(iv, aad, sealed) == 0
+    assert shared.out.raw[:length] == plain
+
+
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
+@pytest.mark.parametrize("what", ["ciphertext", "tag", "aad", "nonce"])
+def test_shared_open_refuses_tampering_and_leaves_nothing(build: Build, impl: int, what: str) -> None:
+    """One flipped bit anywhere: refused, `out` untouched, and no plaintext left in the scratch buffer (the
+    256-bit and two-pass paths never decrypt before the tag matched; the 512-bit one wipes what it did)."""
+    rng = random.Random(what + "shared")
+    key, iv, aad, plain = rng.randbytes(32), rng.randbytes(12), rng.randbytes(28), rng.randbytes(PAGE)
+    shared = Shared(build, key, impl, PAGE)
+    bad_iv, bad_aad, bad_sealed = _tamper(what, iv, aad, shared.seal(iv, aad, plain))
+    shared.out.raw = b"\xa5" * PAGE
+    assert shared.open(bad_iv, bad_aad, bad_sealed) == -1
+    assert shared.out.raw == b"\xa5" * PAGE
+    assert plain[:64] not in shared.scratch.raw
+    if impl == VAES512:  # the fused open decrypted into it: wiped
+        assert shared.scratch.raw == bytes(PAGE)
+
+
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
+def test_every_bit_of_a_short_record_is_covered(build: Build, impl: int) -> None:
+    """Mutation over a whole 37-byte record (odd length: a fused chunk never fills): each flipped bit of
+    ciphertext or tag is refused, by open and by open_shared."""
+    rng = random.Random(37 + impl)
+    key, iv, aad, plain = rng.randbytes(32), rng.randbytes(12), rng.randbytes(5), rng.randbytes(37)
+    gcm, shared = Gcm(build, key, impl), Shared(build, key, impl, 37)
+    sealed = gcm.seal(iv, aad, plain)
+    out = ctypes.create_string_buffer(37)
+    for bit in range(len(sealed) * 8):
+        bad = bytearray(sealed)
+        bad[bit // 8] ^= 1 << (bit % 8)
+        assert gcm.open_into(iv, aad, bytes(bad), out) == -1, f"bit {bit}"
+        assert shared.open(iv, aad, bytes(bad)) == -1, f"bit {bit}"
+    assert shared.open(iv, aad, sealed) == 0 and shared.out.raw == plain
+
+
+def test_this_host_picks_a_path_it_can_run(build: Build, tmp_path: Path) -> None:
+    """The real chain: the VMM's feature word from KVM and this CPU (cpu_setup.cpu_info), the helper's
+    mapping of it (cp_mh_features_from_bp), the pick. Never the 512-bit path on a CPU without AVX-512;
+    otherwise the fastest path the CPU has."""
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        pytest.skip("/dev/kvm is not usable here")
+    from confplan.kvm import Kvm
+    from confplan.migration.host_mh import build_host_library
+    from confplan.vmm.cpu_setup import cpu_info
+
+    with Kvm() as kvm:
+        info = cpu_info(kvm.supported_cpuid())
+    mh = build_host_library(tmp_path)
+    picked = mh.cp_gcm_pick_impl(mh.cp_mh_features_from_bp(info.features))
+    assert picked == build.lib.cp_gcm_pick_impl(mh.cp_mh_features_from_bp(info.features))
+    if not _host_has_vaes512():
+        assert picked != VAES512 and not info.has_zmm
+    want = VAES if _host_has_vaes() else AESNI if _host_has_aesni() else PORTABLE
+    assert picked == (VAES512 if info.has_zmm else want)

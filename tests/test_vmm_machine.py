@@ -172,6 +172,23 @@ def test_vcpu_state_round_trip(quiet: Machine) -> None:
 # In the XSAVE area (standard format), the YMM_Hi128 component: the upper halves of ymm0..15.
 YMM_HI = slice(576, 576 + 256)
 YMM15_HI = slice(576 + 15 * 16, 576 + 16 * 16)
+# Where the standard format ends once XCR0 also holds opmask (1088), ZMM_Hi256 (1152), Hi16_ZMM (1664, 1024
+# bytes) and PKRU (2688, 8 bytes): the largest area a guest with AVX-512 state enabled can have.
+AVX512_XSAVE_END = 2696
+
+
+def test_state_blob_fits_a_vmsa_slot_with_a_full_avx512_xsave_area(quiet: Machine) -> None:
+    """XCR0 grows with AVX-512 on CPUs that have it (cpu_setup.CpuInfo.xcr0): the XSAVE area then runs to
+    2696 bytes, and even with none of it zero (a guest using every ZMM and opmask register) the state must
+    still fit the VMSA slot the target's helper opens it into. The area's size comes from KVM
+    (KVM_CAP_XSAVE2), never from this number: it only sizes the worst case."""
+    quiet.pause_all_vcpus_except_aux()
+    saved = quiet.save_vcpu_states()[0]
+    quiet.resume_all_vcpus_except_aux()
+    full = dataclasses.replace(saved, xsave=bytes(range(1, 256)) * (AVX512_XSAVE_END // 255 + 1))
+    blob = state_blob(dataclasses.replace(full, xsave=full.xsave[:AVX512_XSAVE_END]), time.time())
+    assert len(blob) <= abi.VMSA_DATA_BYTES
+    assert state_from_blob(blob)[0].xsave == full.xsave[:AVX512_XSAVE_END]
 
 
 def test_kept_vector_state_round_trips_through_xsave_and_its_loss_is_seen(quiet: Machine) -> None:

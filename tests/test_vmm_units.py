@@ -11,11 +11,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from confplan.errors import ConfplanError
+from confplan.kvm import structs as kvm_structs
 from confplan.vmm import abi
 from confplan.vmm.bitmap import PageBitmap
 from confplan.vmm.bootparams import HostCpu, boot_params
 from confplan.vmm.config import MachineConfig
-from confplan.vmm.cpu_setup import host_cpu_flags, host_features
+from confplan.vmm.cpu_setup import CpuInfo, cpu_info, host_cpu_flags, host_features
 from confplan.vmm.devices.mailbox_doorbell import MailboxDoorbells
 from confplan.vmm.enc_bitmap import EncBitmap, EncStatusError
 from confplan.vmm.exits import GuestError
@@ -121,9 +122,25 @@ def test_host_features_need_ymm_state_for_the_avx_group() -> None:
         host_features(frozenset(user)) == bits["aes-ni"] | bits["pclmulqdq"] | bits["ssse3"] | bits["sse4.1"]
     )
     assert host_features(frozenset(user | ymm)) == host_features(frozenset(user))  # no XSAVE: no YMM
-    assert host_features(frozenset(user | ymm | {"xsave"})) == sum(bits.values())
+    zmm = {"avx512f", "avx512bw", "avx512vl"}
+    zmm_bits = bits["avx512f"] | bits["avx512bw"] | bits["avx512vl"]
+    assert host_features(frozenset(user | ymm | {"xsave"})) == sum(bits.values()) - zmm_bits
     assert host_features(frozenset({"avx2", "vaes", "xsave"})) == 0  # AVX2 without AVX: none of them
     assert host_features(frozenset()) == 0
+    # The AVX-512 group: only all three, only with YMM, and only where KVM can hold the ZMM states.
+    full = frozenset(user | ymm | zmm | {"xsave"})
+    assert host_features(full) == sum(bits.values()) - zmm_bits
+    assert host_features(full, zmm_state=True) == sum(bits.values())
+    assert host_features(full - {"avx512bw"}, zmm_state=True) == sum(bits.values()) - zmm_bits
+    assert host_features(frozenset(user | zmm | {"xsave"}), zmm_state=True) == host_features(frozenset(user))
+
+
+def test_xcr0_grows_with_the_vector_groups_passed_on() -> None:
+    bits = abi.FEATURE_BITS
+    avx512 = bits["avx512f"] | bits["avx512bw"] | bits["avx512vl"]
+    assert CpuInfo(features=0, vendor_amd=True).xcr0 == 0x3
+    assert CpuInfo(features=bits["avx"] | bits["avx2"], vendor_amd=True).xcr0 == 0x7
+    assert CpuInfo(features=bits["avx"] | avx512, vendor_amd=True).xcr0 == 0xE7
 
 
 def test_host_cpu_flags_reads_the_first_flags_line(tmp_path: Path) -> None:
@@ -222,3 +239,37 @@ def test_guest_pages_are_all_of_ram_but_the_helpers_own() -> None:
     own |= set(range(abi.MH_BASE // abi.PAGE, lay.mh_end // abi.PAGE))
     assert pages == set(range(lay.npages)) - own
     assert {abi.GDT_GPA // abi.PAGE, abi.BOOT_PARAMS_GPA // abi.PAGE, k, k + 1, k + 5} <= pages
+
+
+def _cpuid(*entries: tuple[int, int, dict[str, int]]) -> kvm_structs.KvmCpuid2:
+    table = kvm_structs.KvmCpuid2(nent=len(entries))
+    for i, (function, index, regs) in enumerate(entries):
+        table.entries[i] = kvm_structs.KvmCpuidEntry2(function=function, index=index, **regs)
+    return table
+
+
+def test_avx512_is_passed_only_where_kvm_holds_the_zmm_states() -> None:
+    """A CPU with AVX-512 (KVM's leaf 7 and the host flags both say so) gets the group, and XCR0 0xE7, only
+    when KVM's leaf 0xD.0 offers opmask, ZMM_Hi256 and Hi16_ZMM; else the guest stays on 256 bits."""
+    bits = abi.FEATURE_BITS
+    leaf1 = {"ecx": 1 << 28 | 1 << 25 | 1 << 1}  # AVX, AES-NI, PCLMULQDQ
+    leaf7 = {"ebx": 1 << 5 | 1 << 16 | 1 << 30 | 1 << 31, "ecx": 1 << 9 | 1 << 10}
+    flags = frozenset({"avx", "xsave", "avx2", "aes", "avx512f", "avx512bw", "avx512vl"})
+    held = cpu_info(_cpuid((1, 0, leaf1), (7, 0, leaf7), (0xD, 0, {"eax": 0xE7})), flags)
+    assert held.has_zmm and held.xcr0 == 0xE7
+    assert held.features & bits["avx512f"] and held.features & bits["avx512vl"]
+    not_held = cpu_info(_cpuid((1, 0, leaf1), (7, 0, leaf7), (0xD, 0, {"eax": 0x207})), flags)
+    assert not not_held.has_zmm and not_held.xcr0 == 0x7
+    assert not not_held.features & (bits["avx512f"] | bits["avx512bw"] | bits["avx512vl"])
+
+
+def test_this_host_gets_no_avx512_unless_it_has_it() -> None:
+    flags = host_cpu_flags()
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        pytest.skip("/dev/kvm is not usable here")
+    from confplan.kvm import Kvm
+
+    with Kvm() as kvm:
+        info = cpu_info(kvm.supported_cpuid())
+    if not {"avx512f", "avx512bw", "avx512vl"} <= flags:
+        assert not info.has_zmm and info.xcr0 in (0x3, 0x7)

@@ -202,6 +202,10 @@ FEATURE_BITS: Final = {
     "avx2": 1 << 5,
     "vaes": 1 << 6,
     "vpclmulqdq": 1 << 7,
+    # Passed only together, and only when the VMM enabled the AVX-512 states in XCR0 (cpu_setup.py).
+    "avx512f": 1 << 8,
+    "avx512bw": 1 << 9,
+    "avx512vl": 1 << 10,
 }
 
 

@@ -105,8 +105,11 @@ def host_cpu_features(lib: ctypes.CDLL) -> int:
     leaf1 = (1 << 25 if "aes" in flags else 0) | (2 if "pclmulqdq" in flags else 0)
     leaf1 |= (1 << 9 if "ssse3" in flags else 0) | (1 << 19 if "sse4_1" in flags else 0)
     leaf7b = 1 << 5 if "avx2" in flags else 0
+    avx512 = (("avx512f", 16), ("avx512bw", 30), ("avx512vl", 31))
+    leaf7b |= sum(1 << bit for flag, bit in avx512 if flag in flags)
     leaf7c = (1 << 9 if "vaes" in flags else 0) | (1 << 10 if "vpclmulqdq" in flags else 0)
-    return int(lib.cp_cpu_features_from_cpuid(leaf1, leaf7b, leaf7c, 7 if "avx" in flags else 1))
+    xcr0 = (0xE7 if "avx512f" in flags else 7) if "avx" in flags else 1  # what Linux enables for processes
+    return int(lib.cp_cpu_features_from_cpuid(leaf1, leaf7b, leaf7c, xcr0))
 
 
 def _round_up(value: int, align: int) -> int:

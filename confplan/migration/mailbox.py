@@ -112,6 +112,7 @@ class Mailbox:
         self._kick, self._wait, self.timeout, self.poll = kick, wait, timeout, poll
         self.tsc_khz = tsc_khz
         self.page_seconds = 1e-6  # the helper's time per page, a running average (TSC stamps)
+        self.op_seconds = 0.0  # the helper's own time in the SAVE/LOAD ops finished so far (TSC stamps)
         self._counts = [0] * RING  # pages of the op in each ring entry, for the wait estimate
         self._expect = [0.0] * RING  # monotonic time each queued op is expected to be done
         self._last_expect = 0.0  # expected end of the newest posted op
@@ -215,6 +216,7 @@ class Mailbox:
         """Fold op ``seq``'s guest time per page into ``page_seconds`` (needs the TSC rate)."""
         start, end = self.op_tsc(seq)
         if self.tsc_khz > 0 and count > 0 and end > start:
+            self.op_seconds += (end - start) / (self.tsc_khz * 1e3)
             per_page = (end - start) / (self.tsc_khz * 1e3) / count
             self.page_seconds = 0.75 * self.page_seconds + 0.25 * min(per_page, 1e-3)
 

@@ -26,6 +26,9 @@ _FEATURES = {
     (7, 0, "ebx", 5): "avx2",
     (7, 0, "ecx", 9): "vaes",
     (7, 0, "ecx", 10): "vpclmulqdq",
+    (7, 0, "ebx", 16): "avx512f",
+    (7, 0, "ebx", 30): "avx512bw",
+    (7, 0, "ebx", 31): "avx512vl",
 }
 
 
@@ -35,6 +38,12 @@ _FEATURES = {
 _USER_FLAGS = {"ssse3": "ssse3", "sse4_1": "sse4.1", "aes": "aes-ni", "pclmulqdq": "pclmulqdq"}
 # These also need YMM state enabled in XCR0, which the VMM does itself (XCR0 = 7) when the host has AVX.
 _YMM_FLAGS = {"avx": "avx", "avx2": "avx2", "vaes": "vaes", "vpclmulqdq": "vpclmulqdq"}
+# These need the AVX-512 states in XCR0 too (opmask, ZMM_Hi256, Hi16_ZMM), which the VMM enables only where
+# KVM's supported CPUID leaf 0xD says it can hold them (KVM_SET_XCRS refuses bits the guest CPUID lacks).
+_ZMM_FLAGS = {"avx512f": "avx512f", "avx512bw": "avx512bw", "avx512vl": "avx512vl"}
+_ZMM_NAMES = frozenset(_ZMM_FLAGS.values())
+XCR0_YMM = 0x7  # x87 | SSE | AVX
+XCR0_ZMM = 0xE0  # opmask | ZMM_Hi256 | Hi16_ZMM
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,18 @@ class CpuInfo:
     def has_avx(self) -> bool:
         return bool(self.features & abi.FEATURE_BITS["avx"])
 
+    @property
+    def has_zmm(self) -> bool:
+        """The AVX-512 group is passed on (so the VMM must enable its XCR0 states)."""
+        return bool(self.features & abi.FEATURE_BITS["avx512f"])
+
+    @property
+    def xcr0(self) -> int:
+        """The XCR0 the VMM sets: the states of every vector extension passed to the guest."""
+        if not self.has_avx:
+            return 0x3
+        return XCR0_YMM | (XCR0_ZMM if self.has_zmm else 0)
+
     def names(self) -> list[str]:
         return [name for name, bit in abi.FEATURE_BITS.items() if self.features & bit]
 
@@ -68,9 +89,11 @@ def host_cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
     return frozenset()
 
 
-def host_features(flags: frozenset[str]) -> int:
+def host_features(flags: frozenset[str], *, zmm_state: bool = False) -> int:
     """Boot-params feature bits the host CPU offers to CPL3 code. The YMM group only with AVX and XSAVE
-    (the VMM then sets XCR0 = 7, so VAES/AVX2 code cannot #UD on missing YMM state)."""
+    (the VMM then sets XCR0 = 7, so VAES/AVX2 code cannot #UD on missing YMM state); the AVX-512 group
+    only on top of that, all three of F/BW/VL, and only with ``zmm_state`` (KVM can hold the ZMM states;
+    the VMM then adds them to XCR0)."""
     bits = 0
     for flag, name in _USER_FLAGS.items():
         if flag in flags:
@@ -79,7 +102,16 @@ def host_features(flags: frozenset[str]) -> int:
         for flag, name in _YMM_FLAGS.items():
             if flag in flags:
                 bits |= abi.FEATURE_BITS[name]
+        if zmm_state and set(_ZMM_FLAGS) <= flags:
+            for name in _ZMM_FLAGS.values():
+                bits |= abi.FEATURE_BITS[name]
     return bits
+
+
+def kvm_xcr0_supported(cpuid: s.KvmCpuid2) -> int:
+    """The XSAVE state components KVM can hold for a guest (supported CPUID leaf 0xD.0 EDX:EAX)."""
+    entry = _leaf(cpuid, 0xD, 0)
+    return 0 if entry is None else entry.edx << 32 | entry.eax
 
 
 def _leaf(cpuid: s.KvmCpuid2, function: int, index: int = 0) -> s.KvmCpuidEntry2 | None:
@@ -94,12 +126,15 @@ def cpu_info(cpuid: s.KvmCpuid2, flags: frozenset[str] | None = None) -> CpuInfo
     """KVM's supported CPUID, plus the user-mode-only extensions of the host CPU (``flags``, default
     /proc/cpuinfo): KVM_GET_SUPPORTED_CPUID on kvm_pvm reports none of AES-NI/SSSE3/AVX although CPL3 code
     runs them natively; on a VMX/SVM host the supported CPUID lists them anyway."""
+    zmm_state = kvm_xcr0_supported(cpuid) & XCR0_ZMM == XCR0_ZMM
     kvm = 0
     for (leaf, sub, reg, bit), name in _FEATURES.items():
         entry = _leaf(cpuid, leaf, sub)
         if entry is not None and getattr(entry, reg) >> bit & 1:
             kvm |= abi.FEATURE_BITS[name]
-    host = host_features(host_cpu_flags() if flags is None else flags)
+    if not (zmm_state and kvm & abi.FEATURE_BITS["avx"]):  # the group needs its XCR0 states (and AVX's)
+        kvm &= ~sum(abi.FEATURE_BITS[n] for n in _ZMM_NAMES)
+    host = host_features(host_cpu_flags() if flags is None else flags, zmm_state=zmm_state)
     vendor = _leaf(cpuid, 0)
     amd = vendor is not None and (vendor.ebx, vendor.edx, vendor.ecx) == (0x68747541, 0x69746E65, 0x444D4163)
     return CpuInfo(features=kvm | host, vendor_amd=amd, kvm_features=kvm, host_features=host)
@@ -159,7 +194,7 @@ def configure(
     fpu = s.KvmFpu(fcw=0x37F, mxcsr=0x1F80)
     vcpu.set_fpu(fpu)
     xcrs = s.KvmXcrs(nr_xcrs=1)
-    xcrs.xcrs[0].xcr, xcrs.xcrs[0].value = 0, 7 if info.has_avx else 3  # x87|SSE(|AVX)
+    xcrs.xcrs[0].xcr, xcrs.xcrs[0].value = 0, info.xcr0  # x87|SSE(|AVX(|opmask|ZMM_Hi256|Hi16_ZMM))
     vcpu.set_xcrs(xcrs)
 
 

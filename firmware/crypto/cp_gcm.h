@@ -1,12 +1,14 @@
 /*
  * cp_gcm: AES-256-GCM for the confplan firmware (migration helper, CPL3 only).
  *
- * Freestanding C: no libc, only compiler headers. Two implementations, picked explicitly by the caller
+ * Freestanding C: no libc, only compiler headers. Four implementations, picked explicitly by the caller
  * (the guest cannot rely on CPUID at CPL3; the VMM passes the host's features in the boot parameters):
  *   CP_GCM_IMPL_PORTABLE  plain C, any x86-64 CPU (table-based AES: see docs/crypto.md for its caveat)
  *   CP_GCM_IMPL_AESNI     AES-NI + PCLMULQDQ, 8 blocks interleaved, GHASH aggregated over 8 blocks
- *   CP_GCM_IMPL_VAES      the same on 256-bit registers (VAES + VPCLMULQDQ, AVX2): 16 blocks in flight
- * Both give bit-identical results. Never call any of this at CPL0: it uses SSE registers.
+ *   CP_GCM_IMPL_VAES      256-bit registers (VAES + VPCLMULQDQ, AVX2): seal fuses CTR and GHASH in one
+ *                         pass, 16 blocks in flight, GHASH aggregated over 16 blocks
+ *   CP_GCM_IMPL_VAES512   the same on 512-bit registers (AVX-512F/BW/VL + VAES + VPCLMULQDQ, ZMM state)
+ * All give bit-identical results. Never call any of this at CPL0: it uses SSE registers.
  *
  * Only 12-byte nonces and 16-byte tags are supported (the only shapes the migration helper uses).
  */
@@ -28,7 +30,10 @@ enum cp_gcm_impl {
     CP_GCM_IMPL_PORTABLE = 0,
     CP_GCM_IMPL_AESNI = 1,
     CP_GCM_IMPL_VAES = 2,
+    CP_GCM_IMPL_VAES512 = 3,
 };
+
+#define CP_GCM_H_POWERS 16u /* H^1..H^16 per key: the VAES paths fold 16 blocks per reduction */
 
 /* Feature-bit word the VMM hands to the guest (boot parameters). */
 #define CP_CPU_AESNI (1u << 0)   /* CPUID.1:ECX[25] */
@@ -39,6 +44,10 @@ enum cp_gcm_impl {
 #define CP_CPU_VAES (1u << 5)    /* CPUID.7.0:ECX[9] */
 #define CP_CPU_VPCLMUL (1u << 6) /* CPUID.7.0:ECX[10] */
 #define CP_CPU_YMM_STATE (1u << 7) /* XCR0 bits 1 and 2 set (the VMM's KVM_SET_XCRS): YMM usable */
+#define CP_CPU_AVX512F (1u << 8)  /* CPUID.7.0:EBX[16] */
+#define CP_CPU_AVX512BW (1u << 9) /* CPUID.7.0:EBX[30] */
+#define CP_CPU_AVX512VL (1u << 10) /* CPUID.7.0:EBX[31] */
+#define CP_CPU_ZMM_STATE (1u << 11) /* XCR0 bits 5, 6, 7 (opmask, ZMM_Hi256, Hi16_ZMM) also set: ZMM usable */
 
 /*
  * Per-key state: AES-256 round keys and the GHASH key powers H^1..H^8 in the chosen implementation's
@@ -47,7 +56,7 @@ enum cp_gcm_impl {
  */
 typedef struct cp_gcm_ctx {
     uint8_t round_keys[15][16];
-    uint8_t h_powers[8][16];
+    uint8_t h_powers[CP_GCM_H_POWERS][16];
     uint32_t impl;
     uint32_t magic; /* CP_GCM_CTX_MAGIC once initialised; any call on another value fails */
 } cp_gcm_ctx;
@@ -65,7 +74,7 @@ typedef struct cp_gcm_nonce_seq {
 
 /*
  * Folds the raw CPUID words the VMM offers the guest (leaf 1 ECX, leaf 7 subleaf 0 EBX and ECX) and the XCR0
- * it sets into CP_CPU_* bits.
+ * it sets into CP_CPU_* bits (ZMM state needs XCR0 bits 1, 2, 5, 6 and 7 all set).
  */
 uint32_t cp_cpu_features_from_cpuid(uint32_t leaf1_ecx, uint32_t leaf7_ebx, uint32_t leaf7_ecx, uint64_t xcr0);
 
@@ -97,6 +106,23 @@ int cp_gcm_open(const cp_gcm_ctx *ctx, const uint8_t iv[CP_GCM_IV_BYTES], const 
                 size_t aad_len, const uint8_t *in, uint8_t *out, size_t len,
                 const uint8_t tag[CP_GCM_TAG_BYTES]);
 
+/*
+ * Seal and open where one side of the call is memory another party may write while we work (the host's
+ * mailbox slot). seal_shared: `out` is shared; it is only written, never read back (the ciphertext is
+ * hashed from private copies as it is made). open_shared: `in` and `tag` are shared; each byte is read
+ * exactly once, so what was authenticated is what gets decrypted. `scratch` is a private buffer of len
+ * bytes: VAES hashes the ciphertext while copying it there and decrypts from there once the tag matched;
+ * VAES512 decrypts into it in the same pass as GHASH and copies the plaintext to `out` once the tag
+ * matched (wiping it on a refusal); the others seal into it / copy the ciphertext into it first. A refused
+ * open leaves `out` untouched and no plaintext in `scratch`. No overlap between in, out, scratch.
+ */
+int cp_gcm_seal_shared(const cp_gcm_ctx *ctx, const uint8_t iv[CP_GCM_IV_BYTES], const uint8_t *aad,
+                       size_t aad_len, const uint8_t *in, uint8_t *out, size_t len, uint8_t tag[CP_GCM_TAG_BYTES],
+                       uint8_t *scratch);
+int cp_gcm_open_shared(const cp_gcm_ctx *ctx, const uint8_t iv[CP_GCM_IV_BYTES], const uint8_t *aad,
+                       size_t aad_len, const uint8_t *in, uint8_t *out, size_t len,
+                       const uint8_t tag[CP_GCM_TAG_BYTES], uint8_t *scratch);
+
 void cp_gcm_nonce_seq_init(cp_gcm_nonce_seq *seq, uint32_t sender_id, uint64_t first_counter);
 
 /* Writes the next nonce to iv and advances. Returns 0, or -1 once the counter space is used up. */
@@ -111,8 +137,9 @@ size_t cp_gcm_seal_pages(const cp_gcm_ctx *ctx, cp_gcm_nonce_seq *seq, size_t n,
                          size_t aad_len, const uint8_t *in, uint8_t *out, uint8_t *ivs, uint8_t *tags);
 
 /*
- * Opens n 4 KiB pages laid out as cp_gcm_seal_pages writes them. A page whose tag fails leaves its output
- * page untouched; status[i] (if status is not NULL) is 0 or -1 per page. Returns the number refused.
+ * Opens n 4 KiB pages laid out as cp_gcm_seal_pages writes them, the way the migration helper does
+ * (cp_gcm_open_shared through a private scratch page on the stack). A page whose tag fails leaves its
+ * output page untouched; status[i] (if status is not NULL) is 0 or -1 per page. Returns the number refused.
  */
 size_t cp_gcm_open_pages(const cp_gcm_ctx *ctx, size_t n, const uint8_t *ivs, const uint8_t *aad,
                          size_t aad_len, const uint8_t *in, uint8_t *out, const uint8_t *tags,

@@ -24,10 +24,35 @@ void cp_aesni_ctr(const cp_gcm_ctx *ctx, const uint8_t j0[16], const uint8_t *in
 void cp_aesni_ghash(const cp_gcm_ctx *ctx, const uint8_t *aad, size_t aad_len, const uint8_t *c,
                     size_t c_len, uint8_t s[16]);
 
-/* The VAES implementation shares the AES-NI key setup, single-block encryption and context layout. */
+/* Incremental GHASH on the AES-NI context: y is the running value in the reflected domain (start at 0);
+ * update absorbs len bytes (a partial last block zero-padded); finish absorbs the length block into S. */
+void cp_aesni_ghash_update(const cp_gcm_ctx *ctx, uint8_t y[16], const uint8_t *p, size_t len);
+void cp_aesni_ghash_finish(const cp_gcm_ctx *ctx, const uint8_t y[16], size_t aad_len, size_t c_len,
+                           uint8_t s[16]);
+
+/*
+ * The VAES implementations share the AES-NI key setup, single-block encryption and context layout, and
+ * add fused passes: seal encrypts in -> out and hashes the ciphertext from registers (out is never read);
+ * (512-bit) open hashes and decrypts each block of `in` read once (in -> out). Both write S as *_ghash
+ * would.
+ */
 void cp_vaes_ctr(const cp_gcm_ctx *ctx, const uint8_t j0[16], const uint8_t *in, uint8_t *out, size_t len);
 void cp_vaes_ghash(const cp_gcm_ctx *ctx, const uint8_t *aad, size_t aad_len, const uint8_t *c, size_t c_len,
                    uint8_t s[16]);
+void cp_vaes_seal(const cp_gcm_ctx *ctx, const uint8_t j0[16], const uint8_t *aad, size_t aad_len,
+                  const uint8_t *in, uint8_t *out, size_t len, uint8_t s[16]);
+/* GHASH (S, as *_ghash) over `in` while copying it to `out`: every input byte is read once. */
+void cp_vaes_ghash_copy(const cp_gcm_ctx *ctx, const uint8_t *aad, size_t aad_len, const uint8_t *in,
+                        uint8_t *out, size_t len, uint8_t s[16]);
+/* Copies n bytes (AVX2: for the VAES implementations only). */
+void cp_vaes_copy(uint8_t *dst, const uint8_t *src, size_t n);
+void cp_vaes512_ctr(const cp_gcm_ctx *ctx, const uint8_t j0[16], const uint8_t *in, uint8_t *out, size_t len);
+void cp_vaes512_ghash(const cp_gcm_ctx *ctx, const uint8_t *aad, size_t aad_len, const uint8_t *c,
+                      size_t c_len, uint8_t s[16]);
+void cp_vaes512_seal(const cp_gcm_ctx *ctx, const uint8_t j0[16], const uint8_t *aad, size_t aad_len,
+                     const uint8_t *in, uint8_t *out, size_t len, uint8_t s[16]);
+void cp_vaes512_open(const cp_gcm_ctx *ctx, const uint8_t j0[16], const uint8_t *aad, size_t aad_len,
+                     const uint8_t *in, uint8_t *out, size_t len, uint8_t s[16]);
 
 /* Our own byte helpers: there is no libc in the firmware. Lengths here are small (at most 16). */
 static inline void cp_copy_bytes(uint8_t *dst, const uint8_t *src, size_t n)

@@ -136,6 +136,10 @@
 #define CP_FEAT_AVX2 (1u << 5)
 #define CP_FEAT_VAES (1u << 6)
 #define CP_FEAT_VPCLMULQDQ (1u << 7)
+/* Passed only together, and only when the VMM enabled opmask, ZMM_Hi256 and Hi16_ZMM in XCR0. */
+#define CP_FEAT_AVX512F (1u << 8)
+#define CP_FEAT_AVX512BW (1u << 9)
+#define CP_FEAT_AVX512VL (1u << 10)
 
 #define CP_WL_NONE 0
 #define CP_WL_DIRTY_WRITER 1 /* fill, then rewrite pages at the rate */

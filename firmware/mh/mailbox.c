@@ -45,6 +45,9 @@ uint32_t cp_mh_features_from_bp(uint32_t f)
     w |= (f & CP_FEAT_VAES) ? CP_CPU_VAES : 0u;
     w |= (f & CP_FEAT_VPCLMULQDQ) ? CP_CPU_VPCLMUL : 0u;
     w |= (f & CP_FEAT_AVX) ? CP_CPU_YMM_STATE : 0u;
+    w |= (f & CP_FEAT_AVX512F) ? CP_CPU_AVX512F | CP_CPU_ZMM_STATE : 0u; /* the VMM set XCR0's ZMM states */
+    w |= (f & CP_FEAT_AVX512BW) ? CP_CPU_AVX512BW : 0u;
+    w |= (f & CP_FEAT_AVX512VL) ? CP_CPU_AVX512VL : 0u;
     return w;
 }
 
@@ -199,12 +202,13 @@ static uint32_t seal_one(struct cp_mh_ctx *ctx, uint8_t *slot, uint32_t gen)
     if (cp_gcm_nonce_next(&ctx->nonce, rec->nonce) != 0)
         return CP_MBS_NONCE;
     make_aad(aad, gpa, gen, ctx->migration_id);
-    /* Seal into private memory: GCM reads the ciphertext back for GHASH, which must not be host-writable. */
-    if (cp_gcm_seal(&ctx->transport, rec->nonce, aad, AAD_BYTES, ctx->cfg.ram + gpa, rec->ct, CP_MH_PAGE,
-                    rec->tag) != 0)
+    /* The ciphertext goes straight into the slot: seal_shared never reads it back (GHASH must not see what
+     * the host may write); the header is built privately and copied after. */
+    if (cp_gcm_seal_shared(&ctx->transport, rec->nonce, aad, AAD_BYTES, ctx->cfg.ram + gpa, slot + SLOT(ct),
+                           CP_MH_PAGE, rec->tag, rec->ct) != 0)
         return CP_MBS_CONFIG;
     cp_mh_mac_set(ctx, gpa, rec->tag);
-    cp_mh_copy(slot, rec, sizeof(*rec));
+    cp_mh_copy(slot, rec, CP_SEALED_PAGE_HEADER);
     return CP_MBS_OK;
 }
 
@@ -232,8 +236,9 @@ static uint32_t open_one(struct cp_mh_ctx *ctx, const uint8_t *slot)
     struct cp_sealed_page *rec = &ctx->bounce;
     uint8_t aad[AAD_BYTES];
     uint32_t old;
-    /* Private copy first: cp_gcm_open reads the ciphertext twice (GHASH, then CTR). */
-    cp_mh_copy(rec, slot, sizeof(*rec));
+    /* The header is copied privately and checked; the ciphertext is read once, by open_shared (one pass:
+     * GHASH and CTR of each block as loaded, plaintext into rec->ct, placed only once the tag matched). */
+    cp_mh_copy(rec, slot, CP_SEALED_PAGE_HEADER);
     uint32_t rc = record_ok(ctx, rec);
     if (rc != CP_MBS_OK)
         return rc;
@@ -244,8 +249,8 @@ static uint32_t open_one(struct cp_mh_ctx *ctx, const uint8_t *slot)
     if (rc != CP_MBS_OK)
         return rc;
     make_aad(aad, gpa, gen, ctx->migration_id);
-    int bad = cp_gcm_open(&ctx->transport, rec->nonce, aad, AAD_BYTES, rec->ct, ctx->cfg.ram + gpa, CP_MH_PAGE,
-                          rec->tag);
+    int bad = cp_gcm_open_shared(&ctx->transport, rec->nonce, aad, AAD_BYTES, slot + SLOT(ct),
+                                 ctx->cfg.ram + gpa, CP_MH_PAGE, rec->tag, rec->ct);
     /* The tables move only after a successful open; a refused page leaves the page and both tables. */
     if (!bad)
         cp_mh_mac_set(ctx, gpa, rec->tag);

@@ -1,0 +1,272 @@
+/*
+ * AES-256-GCM on 256-bit registers: VAES + VPCLMULQDQ with AVX2 (CP_GCM_IMPL_VAES).
+ *
+ * The bulk works in chunks of 16 blocks (256 bytes, 8 ymm registers of two blocks each). Seal is fused:
+ * each chunk's 16 counter blocks go through the 14 rounds side by side, and the fresh ciphertext is hashed
+ * while it is in registers, so `out` is only written. The helper's open hashes each input block as it
+ * copies it into private memory (every input byte read once), checks the tag, and only then runs CTR from
+ * the private copy (cp_vaes_ghash_copy, cp_vaes_ctr). GHASH aggregates the 16 blocks of a chunk as 8 ymm
+ * pairs times (H^16,H^15)..(H^2,H^1) and reduces once per chunk (ghash_x86.h). Tails shorter than a chunk
+ * go through the AES-NI code via a private stack buffer.
+ *
+ * Compiled for those extensions per function, so the file builds with the base firmware flags. Needs XCR0
+ * to enable YMM state (the VMM sets it) and CPL3 or a native CPL0. Designs consulted, not copied: OpenSSL's
+ * aesni-gcm-x86_64 (stitched CTR+GHASH) and the VAES/AVX2 GCM of Linux's aes-gcm-avx10/vaes-avx2 (16-block
+ * aggregation with precomputed powers).
+ */
+#include "ghash_x86.h"
+
+#define CP_VAES_TARGET __attribute__((target("avx2,vaes,vpclmulqdq")))
+#define CHUNK 256u /* bytes per fused step: 16 blocks */
+#define VREGS 8    /* ymm registers per chunk */
+
+/* Per-call expanded state: round keys broadcast to both lanes, and the H-power pair for each ymm of a chunk. */
+struct vkeys {
+    __m256i rk[15];
+    __m256i hp[VREGS]; /* hp[j] lanes = H^(16-2j), H^(15-2j): block 2j of a chunk is 16-2j from the end */
+    __m256i hk[VREGS]; /* Karatsuba: each lane's high and low halves of hp[j] xored (in both halves) */
+    __m256i ctrs;      /* the next two counter blocks, counter little-endian in dword 3 of each lane */
+};
+
+CP_VAES_TARGET static inline __m256i load32(const uint8_t *p)
+{
+    return _mm256_loadu_si256((const __m256i *)(const void *)p);
+}
+
+CP_VAES_TARGET static inline void store32(uint8_t *p, __m256i v)
+{
+    _mm256_storeu_si256((__m256i *)(void *)p, v);
+}
+
+CP_VAES_TARGET static inline __m256i rev32(__m256i v)
+{
+    const __m256i rev =
+        _mm256_broadcastsi128_si256(_mm_set_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    return _mm256_shuffle_epi8(v, rev);
+}
+
+CP_VAES_TARGET static void vkeys_init(struct vkeys *k, const cp_gcm_ctx *ctx)
+{
+    for (int i = 0; i < 15; i++)
+        k->rk[i] = _mm256_broadcastsi128_si256(load16(ctx->round_keys[i]));
+    for (int j = 0; j < VREGS; j++) /* memory order is H^(15-2j), H^(16-2j): swap the lanes */
+        k->hp[j] = _mm256_permute4x64_epi64(load32(ctx->h_powers[14 - 2 * j]), 0x4e);
+    for (int j = 0; j < VREGS; j++)
+        k->hk[j] = _mm256_xor_si256(k->hp[j], _mm256_shuffle_epi32(k->hp[j], 0x4e));
+    k->ctrs = _mm256_setzero_si256();
+}
+
+/* Counters are kept little-endian in dword 3 so a plain add steps them (inc32 wraps mod 2^32 like the add);
+ * one shuffle per block makes them GCM's big-endian counter blocks. first_ctr is the counter of block 0. */
+CP_VAES_TARGET static void vkeys_counters(struct vkeys *k, const uint8_t j0[16], uint32_t first_ctr)
+{
+    const __m128i swap_ctr = _mm_set_epi8(12, 13, 14, 15, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    __m128i c = _mm_insert_epi32(_mm_shuffle_epi8(load16(j0), swap_ctr), (int)first_ctr, 3);
+    k->ctrs = _mm256_add_epi32(_mm256_broadcastsi128_si256(c), _mm256_set_epi32(1, 0, 0, 0, 0, 0, 0, 0));
+}
+
+/* 16 counter blocks through rounds 0..13 (the last round is the caller's, fused with its xor). */
+CP_VAES_TARGET static inline void aes_rounds(struct vkeys *k, __m256i b[VREGS])
+{
+    const __m256i swap = _mm256_broadcastsi128_si256(
+        _mm_set_epi8(12, 13, 14, 15, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0));
+    const __m256i step = _mm256_set_epi32(2, 0, 0, 0, 2, 0, 0, 0);
+#pragma GCC unroll 8
+    for (int i = 0; i < VREGS; i++) {
+        b[i] = _mm256_xor_si256(_mm256_shuffle_epi8(k->ctrs, swap), k->rk[0]);
+        k->ctrs = _mm256_add_epi32(k->ctrs, step);
+    }
+    for (int r = 1; r < 14; r++) {
+#pragma GCC unroll 8
+        for (int i = 0; i < VREGS; i++)
+            b[i] = _mm256_aesenc_epi128(b[i], k->rk[r]);
+    }
+}
+
+/* Unreduced sum of products (Karatsuba terms), two blocks per register. */
+struct vacc {
+    __m256i lo, hi, mid;
+};
+
+/* Karatsuba: lo = a0 b0, hi = a1 b1, and (a0 ^ a1)(b0 ^ b1) summed as is; the true middle term is that
+ * sum xor lo xor hi, which vreduce takes once per chunk (all three are sums, and xor is linear). Three
+ * carry-less multiplies per block instead of four: VPCLMULQDQ throughput bounds GHASH here. */
+CP_VAES_TARGET static inline void vmul_add(struct vacc *a, __m256i x, __m256i h, __m256i hk)
+{
+    a->lo = _mm256_xor_si256(a->lo, _mm256_clmulepi64_epi128(x, h, 0x00));
+    a->hi = _mm256_xor_si256(a->hi, _mm256_clmulepi64_epi128(x, h, 0x11));
+    a->mid = _mm256_xor_si256(a->mid, _mm256_clmulepi64_epi128(_mm256_xor_si256(x, _mm256_shuffle_epi32(x, 0x4e)), hk, 0x00));
+}
+
+CP_VAES_TARGET static inline __m128i vreduce(struct vacc a)
+{
+    a.mid = _mm256_xor_si256(a.mid, _mm256_xor_si256(a.lo, a.hi));
+    clmul_acc c = {
+        _mm_xor_si128(_mm256_castsi256_si128(a.lo), _mm256_extracti128_si256(a.lo, 1)),
+        _mm_xor_si128(_mm256_castsi256_si128(a.hi), _mm256_extracti128_si256(a.hi, 1)),
+        _mm_xor_si128(_mm256_castsi256_si128(a.mid), _mm256_extracti128_si256(a.mid, 1)),
+    };
+    return reduce(c);
+}
+
+/* Block pair j of a chunk (GCM byte order) into the accumulator; pair 0 carries the running Y. */
+CP_VAES_TARGET static inline void absorb_pair(struct vacc *a, const struct vkeys *k, int j, __m256i c,
+                                              __m128i y)
+{
+    __m256i x = rev32(c);
+    if (j == 0)
+        x = _mm256_xor_si256(x, _mm256_zextsi128_si256(y));
+    vmul_add(a, x, k->hp[j], k->hk[j]);
+}
+
+/* GHASH over whole chunks in memory (AAD, or ciphertext already authenticated-to-be). */
+CP_VAES_TARGET static __m128i ghash_chunks(const struct vkeys *k, __m128i y, const uint8_t *p, size_t n)
+{
+    for (; n > 0; n--, p += CHUNK) {
+        struct vacc a = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+#pragma GCC unroll 8
+        for (int j = 0; j < VREGS; j++)
+            absorb_pair(&a, k, j, load32(p + 32 * j), y);
+        y = vreduce(a);
+    }
+    return y;
+}
+
+CP_VAES_TARGET static __m128i seal_chunks(struct vkeys *k, __m128i y, const uint8_t *in, uint8_t *out, size_t n)
+{
+    for (; n > 0; n--, in += CHUNK, out += CHUNK) {
+        __m256i b[VREGS];
+        struct vacc a = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+        aes_rounds(k, b);
+#pragma GCC unroll 8
+        for (int j = 0; j < VREGS; j++) {
+            __m256i c = _mm256_xor_si256(_mm256_aesenclast_epi128(b[j], k->rk[14]), load32(in + 32 * j));
+            store32(out + 32 * j, c);
+            absorb_pair(&a, k, j, c, y);
+        }
+        y = vreduce(a);
+    }
+    return y;
+}
+
+/* Y after the AAD: whole chunks here, the rest on the AES-NI code. */
+CP_VAES_TARGET static __m128i absorb(const cp_gcm_ctx *ctx, const struct vkeys *k, __m128i y, const uint8_t *p,
+                                     size_t len)
+{
+    uint8_t yb[16];
+    size_t n = len / CHUNK;
+    y = ghash_chunks(k, y, p, n);
+    store16(yb, y);
+    cp_aesni_ghash_update(ctx, yb, p + n * CHUNK, len - n * CHUNK);
+    return load16(yb);
+}
+
+/* j0 with its counter word set so cp_aesni_ctr (which starts at counter + 1) continues at `next`. */
+static void tail_j0(uint8_t out[16], const uint8_t j0[16], uint32_t next)
+{
+    cp_copy_bytes(out, j0, 12);
+    cp_store_be32(out + 12, next - 1u);
+}
+
+CP_VAES_TARGET void cp_vaes_seal(const cp_gcm_ctx *ctx, const uint8_t j0[16], const uint8_t *aad, size_t aad_len,
+                                 const uint8_t *in, uint8_t *out, size_t len, uint8_t s[16])
+{
+    struct vkeys k;
+    uint8_t yb[16], rest_j0[16], tail[CHUNK];
+    uint32_t ctr = cp_load_be32(j0 + 12) + 1u;
+    size_t n = len / CHUNK, rest = len - n * CHUNK;
+    vkeys_init(&k, ctx);
+    vkeys_counters(&k, j0, ctr);
+    __m128i y = absorb(ctx, &k, _mm_setzero_si128(), aad, aad_len);
+    y = seal_chunks(&k, y, in, out, n);
+    store16(yb, y);
+    if (rest > 0) { /* ciphertext made privately, hashed there, then copied out: out stays write-only */
+        tail_j0(rest_j0, j0, ctr + (uint32_t)(16 * n));
+        cp_aesni_ctr(ctx, rest_j0, in + n * CHUNK, tail, rest);
+        cp_aesni_ghash_update(ctx, yb, tail, rest);
+        cp_copy_bytes(out + n * CHUNK, tail, rest);
+    }
+    cp_aesni_ghash_finish(ctx, yb, aad_len, len, s);
+}
+
+/* CTR alone (cp_gcm_open's second pass, after the tag matched). */
+CP_VAES_TARGET void cp_vaes_ctr(const cp_gcm_ctx *ctx, const uint8_t j0[16], const uint8_t *in, uint8_t *out,
+                                size_t len)
+{
+    struct vkeys k;
+    uint8_t rest_j0[16];
+    uint32_t ctr = cp_load_be32(j0 + 12) + 1u;
+    size_t n = len / CHUNK;
+    vkeys_init(&k, ctx);
+    vkeys_counters(&k, j0, ctr);
+    for (size_t c = 0; c < n; c++, in += CHUNK, out += CHUNK) {
+        __m256i b[VREGS];
+        aes_rounds(&k, b);
+#pragma GCC unroll 8
+        for (int j = 0; j < VREGS; j++)
+            store32(out + 32 * j,
+                    _mm256_xor_si256(_mm256_aesenclast_epi128(b[j], k.rk[14]), load32(in + 32 * j)));
+    }
+    if (len > n * CHUNK) {
+        tail_j0(rest_j0, j0, ctr + (uint32_t)(16 * n));
+        cp_aesni_ctr(ctx, rest_j0, in, out, len - n * CHUNK);
+    }
+}
+
+CP_VAES_TARGET void cp_vaes_ghash(const cp_gcm_ctx *ctx, const uint8_t *aad, size_t aad_len, const uint8_t *c,
+                                  size_t c_len, uint8_t s[16])
+{
+    struct vkeys k;
+    uint8_t yb[16];
+    vkeys_init(&k, ctx);
+    __m128i y = absorb(ctx, &k, _mm_setzero_si128(), aad, aad_len);
+    store16(yb, absorb(ctx, &k, y, c, c_len));
+    cp_aesni_ghash_finish(ctx, yb, aad_len, c_len, s);
+}
+
+/* A copy 128 bytes a step (the 512-bit open's plaintext from its private scratch to its place). */
+CP_VAES_TARGET void cp_vaes_copy(uint8_t *dst, const uint8_t *src, size_t n)
+{
+    size_t i = 0;
+    for (; i + 128 <= n; i += 128) {
+        __m256i a = load32(src + i), b = load32(src + i + 32), c = load32(src + i + 64), d = load32(src + i + 96);
+        store32(dst + i, a);
+        store32(dst + i + 32, b);
+        store32(dst + i + 64, c);
+        store32(dst + i + 96, d);
+    }
+    cp_copy_bytes(dst + i, src + i, n - i);
+}
+
+/*
+ * GHASH over `in` while copying it to `out`, each block loaded once: the first half of the helper's open
+ * on this path. On AMD Zen 3 the AES and carry-less-multiply work do not overlap (fused open = CTR + GHASH
+ * in time), so open as "hash while copying into private memory, check the tag, then CTR from the private
+ * copy" costs the same crypto, saves the plaintext's extra copy, and no plaintext exists before the tag
+ * matched.
+ */
+CP_VAES_TARGET void cp_vaes_ghash_copy(const cp_gcm_ctx *ctx, const uint8_t *aad, size_t aad_len,
+                                       const uint8_t *in, uint8_t *out, size_t len, uint8_t s[16])
+{
+    struct vkeys k;
+    uint8_t yb[16];
+    size_t n = len / CHUNK, rest = len - n * CHUNK;
+    vkeys_init(&k, ctx);
+    __m128i y = absorb(ctx, &k, _mm_setzero_si128(), aad, aad_len);
+    for (size_t c = 0; c < n; c++, in += CHUNK, out += CHUNK) {
+        struct vacc a = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+#pragma GCC unroll 8
+        for (int j = 0; j < VREGS; j++) {
+            __m256i x = load32(in + 32 * j); /* the one read of these input bytes */
+            store32(out + 32 * j, x);
+            absorb_pair(&a, &k, j, x, y);
+        }
+        y = vreduce(a);
+    }
+    store16(yb, y);
+    if (rest > 0) {
+        cp_copy_bytes(out, in, rest);
+        cp_aesni_ghash_update(ctx, yb, out, rest); /* hashed from the private copy */
+    }
+    cp_aesni_ghash_finish(ctx, yb, aad_len, len, s);
+}
