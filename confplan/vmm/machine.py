@@ -117,7 +117,9 @@ class Machine:
             self.prefault_seconds = time.perf_counter() - began
         flags = s.KVM_MEM_LOG_DIRTY_PAGES if cfg.dirty_logging else 0
         self.vm.set_user_memory_region(0, 0, cfg.memory, self.ram.address, flags)
-        self.dirty_log = DirtyLog(self.vm, [Memslot(0, 0, cfg.memory)])
+        # the helper's area is never write-protected again (vmm/dirty_log.py: a fault per slot page a round)
+        helper_pages = range(abi.MH_BASE // abi.PAGE, lay.mh_end // abi.PAGE) if cfg.dirty_logging else None
+        self.dirty_log = DirtyLog(self.vm, [Memslot(0, 0, cfg.memory)], keep_writable=helper_pages)
         self.enc_bitmap = EncBitmap(lay.npages)
         self._cpuid = self.kvm.supported_cpuid()
         self.cpu = cpu_setup.cpu_info(self._cpuid)
