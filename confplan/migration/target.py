@@ -144,13 +144,16 @@ class Incoming:
 
     def close(self) -> None:
         """Stop receiving (the stream and the listener close; the thread ends)."""
-        for sock in (self._conn, self.listener):
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-                sock.close()
+        socks = [sock for sock in (self._conn, self.listener) if sock is not None]
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        # the core's receive loop works on the raw fd: it ends at the shutdown, and only then may the fd
+        # be closed (and its number reused)
         if threading.current_thread() is not self._thread:  # the handover may close from its own thread
             self._thread.join(timeout=5.0)
+        for sock in socks:
+            sock.close()
 
     # ---- the thread ----
     def _main(self) -> None:
