@@ -21,6 +21,7 @@ from confplan.kvm import structs as s
         (s.KvmCpuidEntry2, 40),
         (s.KvmUserspaceMemoryRegion, 32),
         (s.KvmDirtyLog, 16),
+        (s.KvmClearDirtyLog, 24),
         (s.KvmEnableCap, 104),
         (s.KvmMsrEntry, 16),
         (s.KvmStatsHeader, 24),

@@ -65,7 +65,7 @@ def test_control_frame_round_trip(msg: Control) -> None:
 def test_header_layout_on_the_wire() -> None:
     frame = wire.encode(Done(rounds=1, shared_pages=2, sealed_pages=3), seq=0x0102030405060708)
     assert frame[:4] == b"CFPL"
-    assert frame[4:6] == (2).to_bytes(2, "little")
+    assert frame[4:6] == (3).to_bytes(2, "little")
     assert frame[6:8] == int(FrameType.DONE).to_bytes(2, "little")
     assert frame[12:16] == (24).to_bytes(4, "little")
     assert frame[16:24] == bytes.fromhex("0807060504030201")
@@ -89,14 +89,14 @@ def test_foreign_stream_gets_a_clear_message() -> None:
     assert info.value.hint is not None
 
 
-@pytest.mark.parametrize("version", [1, 3])
+@pytest.mark.parametrize("version", [1, 2, 4])
 def test_other_wire_version_is_refused_with_advice(version: int) -> None:
     frame = wire.encode(HELLO, seq=0)
     frame[4:6] = version.to_bytes(2, "little")
     with pytest.raises(PageCoreError) as info:
         wire.decode(frame)
     assert info.value.code is CoreStatus.VERSION
-    assert f"wire version {version}, this confplan speaks 2" in info.value.message
+    assert f"wire version {version}, this confplan speaks 3" in info.value.message
     assert info.value.hint == "run the same confplan version on the source and the target"
 
 
@@ -176,7 +176,7 @@ def test_a_sealed_frame_tag_is_a_gmac_over_header_prefix_and_record_headers() ->
     frame = wire.build_frame(FrameType.SEALED_PAGES, payload, seq=4)
     key, writer = protector()
     header, (sent, body, tag) = writer.protect(frame)
-    assert header.payload_crc32c == crc32c(payload)  # the records travel in clear: the CRC stays
+    assert header.payload_crc32c == 0  # wire v3: the tag covers the record headers, the helper's the rest
     assert bytes(body) == payload
     aad = bytes(sent) + payload[:8] + b"".join(r[:64] for r in records)
     assert AESGCM(key).encrypt(b"s>t\x00" + (4).to_bytes(8, "big"), b"", aad) == tag

@@ -221,7 +221,7 @@ def test_handshake_agrees_and_frames_round_trip_exactly(
             assert frame.header.payload_crc32c == 0  # no CRC of a secret payload in the clear header
             unframe_shared_pages(frame.data, dst_ram)
         elif frame.header.type is FrameType.SEALED_PAGES:
-            assert frame.header.payload_crc32c == crc32c(sent[HEADER_SIZE:])  # kept for the clear records
+            assert frame.header.payload_crc32c == 0  # wire v3: tags cover it (the frame's, the helper's)
             info = unframe_sealed_pages(frame.data, records, ram_size=RAM)
             assert all(opens(record(records, i)) for i in range(info.count))
         else:
@@ -362,7 +362,7 @@ def test_a_v1_peer_is_refused_by_version(pair: tuple[socket.socket, socket.socke
     with pytest.raises(StreamAuthError) as refused:
         joined(target)
     assert refused.value.failure is AuthFailure.VERSION
-    assert "wire version 1, this confplan speaks 2" in refused.value.message
+    assert "wire version 1, this confplan speaks 3" in refused.value.message
 
 
 def test_garbage_is_refused_at_once(pair: tuple[socket.socket, socket.socket]) -> None:
@@ -600,73 +600,20 @@ def test_a_flipped_byte_is_refused(session: Session, wired: list[bytes], case: s
     assert refused.value.code is code, refused.value.message
 
 
-def test_a_flipped_sealed_ciphertext_byte_is_caught_by_the_payload_crc(
+def test_a_flipped_sealed_ciphertext_byte_is_refused_by_the_helper(
     session: Session, wired: list[bytes]
 ) -> None:
-    """The frame tag does not cover record ciphertexts; accidental damage is caught by the clear CRC."""
+    """Wire v3: neither the frame tag nor a CRC covers record ciphertexts (no host pass over them); the
+    helper's own tag, which the frame tag pins, refuses a changed byte, accidental or not."""
     tampered = bytearray(wired[1])
     tampered[SEALED_RECORDS + wire.SEALED_HEADER_SIZE + 7] ^= 0x01
     reader = feed(session.target, wired[0] + bytes(tampered))
     reader.recv()
     frame = reader.recv()  # the tag verifies: it covers the record headers, not the ciphertexts
-    with pytest.raises(PageCoreError) as refused:
-        unframe_sealed_pages(frame.data, bytearray(4 * SEALED_PAGE_SIZE), ram_size=RAM)
-    assert refused.value.code is CoreStatus.PAYLOAD_CRC
-
-
-def test_a_crc_preserving_change_to_a_sealed_ciphertext_is_refused_by_the_helper(
-    session: Session, wired: list[bytes]
-) -> None:
-    """A deliberate change can keep the CRC (it is linear); it still cannot pass the helper's own tag, which
-    the frame tag pins: docs/stream-security.md, 'why MACing the record headers suffices'."""
-    tampered = bytearray(wired[1])
-    ct = SEALED_RECORDS + wire.SEALED_HEADER_SIZE
-    tampered[ct + 7] ^= 0x01
-    payload_end = HEADER_SIZE + int.from_bytes(tampered[12:16], "little")
-    _patch_keeping_crc(tampered, HEADER_SIZE, payload_end, ct + 100)
-    reader = feed(session.target, wired[0] + bytes(tampered))
-    reader.recv()
-    frame = reader.recv()
     records = bytearray(4 * SEALED_PAGE_SIZE)
-    info = unframe_sealed_pages(frame.data, records, ram_size=RAM)  # the host's checks all pass
-    assert not opens(record(records, 0))  # the helper refuses the changed record
+    info = unframe_sealed_pages(frame.data, records, ram_size=RAM)
+    assert not opens(record(records, 0))
     assert all(opens(record(records, i)) for i in range(1, info.count))
-
-
-def _patch_keeping_crc(buf: bytearray, start: int, end: int, at: int) -> None:
-    """Change buf[at:at+4] so that the CRC-32C of buf[start:end] is what it was before the caller's edit
-    (CRC is affine over GF(2): solve for the 32 bits)."""
-    want = int.from_bytes(buf[24:28], "little")  # the header's payload CRC (of the original payload)
-    zero = bytearray(end - start)
-    base = crc32c(bytes(zero))
-
-    def effect(bit: int) -> int:
-        zero[at - start + bit // 8] ^= 1 << (bit % 8)
-        value = crc32c(bytes(zero)) ^ base
-        zero[at - start + bit // 8] ^= 1 << (bit % 8)
-        return value
-
-    rows = [(effect(bit), 1 << bit) for bit in range(32)]  # (CRC difference, which bits give it)
-    need, chosen = crc32c(bytes(buf[start:end])) ^ want, 0
-    basis: list[tuple[int, int]] = []
-    for vec, combo in rows:  # Gaussian elimination into a basis keyed by the highest set bit
-        for bvec, bcombo in basis:
-            if vec ^ bvec < vec:
-                vec, combo = vec ^ bvec, combo ^ bcombo
-        if vec:
-            basis.append((vec, combo))
-            basis.sort(reverse=True)
-    for bvec, bcombo in basis:
-        if need ^ bvec < need:
-            need, chosen = need ^ bvec, chosen ^ bcombo
-    assert need == 0, "the 32 bits at `at` span every CRC difference"
-    patch = int.from_bytes(buf[at : at + 4], "little") ^ chosen
-    buf[at : at + 4] = patch.to_bytes(4, "little")
-    assert crc32c(bytes(buf[start:end])) == want
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Keys
 
 
 def test_a_send_key_has_one_writer(session: Session, pair: tuple[socket.socket, socket.socket]) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from confplan.errors import EnvironmentProblem
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 _REBUILD_HINT = "rebuild the C core: run 'make install' (or 'pip install -e .') in the confplan checkout"
 
 
@@ -93,6 +93,9 @@ _pinfo = ctypes.POINTER(FrameInfoC)
 _phdr = ctypes.POINTER(FrameHeaderC)
 _int = ctypes.c_int
 
+# the data loops' callback (datapath.h cp_dp_poke_fn)
+POKE_C = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_int32)
+
 # name: (restype, argtypes)
 PROTOTYPES: dict[str, tuple[Any, tuple[Any, ...]]] = {
     "cp_abi_version": (_int, ()),
@@ -111,6 +114,8 @@ PROTOTYPES: dict[str, tuple[Any, tuple[Any, ...]]] = {
     "cp_unframe_shared": (_int, (_vp, _size, _vp, _u64, _u64, _vp, _u32, _pinfo, _perr)),
     "cp_frame_sealed": (_int, (_vp, _size, _vp, _u32, _vp, _u64, _u64, _u64, _pinfo, _perr)),
     "cp_unframe_sealed": (_int, (_vp, _size, _vp, _u32, _u64, _u64, _vp, _u32, _pinfo, _perr)),
+    "cp_dp_send_sealed": (ctypes.c_int32, (_vp, POKE_C)),
+    "cp_dp_recv_sealed": (ctypes.c_int32, (_vp, POKE_C)),
     "cp_crc_table": (_int, (_vp, _u64, _u64, _vp, _u64, _vp, _vp, _u64, ctypes.POINTER(_u32), _pu64, _perr)),
 }
 

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from confplan.core._buffers import Memory, pinned
 from confplan.core._lib import ErrorC, FrameHeaderC, lib
+from confplan.core.datapath import LoopKey
 from confplan.core.status import CoreStatus, PageCoreError, raise_for
 from confplan.core.wire import (
     HEADER_SIZE,
@@ -49,6 +50,7 @@ class FrameKey:
         if len(key) != KEY_SIZE:
             raise ValueError(f"a frame key is {KEY_SIZE} bytes, got {len(key)}")
         self._aead = AESGCM(key)
+        self._key = key  # for the core's data loops, which compute the same GMAC in C (for_core)
         self.direction = direction
         self.first_seq = first_seq
         self._claimed = False
@@ -64,6 +66,11 @@ class FrameKey:
         if self._claimed:
             raise ValueError(f"the {self.direction.name} frame key already has a writer")
         self._claimed = True
+
+    def for_core(self) -> LoopKey:
+        """The key and nonce prefix for the core's data loops (``datapath.DataLoop``): a writer's loop
+        sends under the writer's claim, so the nonces stay unique."""
+        return LoopKey(self._key, self.direction.value)
 
     def nonce(self, seq: int) -> bytes:
         return self.direction.value + seq.to_bytes(8, "big")

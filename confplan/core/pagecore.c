@@ -5,6 +5,7 @@
  * attribute and chosen at load time (so the library needs no -msse4.2 and still runs on any x86-64).
  */
 #include "pagecore.h"
+#include "pagecore_int.h"
 
 #include <stdbool.h>
 #include <string.h>
@@ -350,7 +351,7 @@ int cp_scan(const void *dirty, const void *shared, uint64_t npages, uint64_t gpa
 /* Frame header */
 
 /* Write the header of a frame whose payload (already in place) has CRC payload_crc. */
-static void write_header(uint8_t *h, uint32_t type, uint32_t flags, uint64_t seq, uint32_t payload_len,
+void cp_write_header(uint8_t *h, uint32_t type, uint32_t flags, uint64_t seq, uint32_t payload_len,
                          uint32_t payload_crc)
 {
     struct cp_frame_header hdr = {
@@ -381,7 +382,9 @@ int cp_frame_finish(void *frame, size_t cap, uint32_t type, uint32_t flags, uint
     if (cap < (size_t)CP_HEADER_SIZE + payload_len)
         return fail(err, CP_E_SPACE, NO_INDEX, (uint64_t)CP_HEADER_SIZE + payload_len, cap);
     uint8_t *h = frame;
-    write_header(h, type, flags, seq, payload_len, cp_crc32c(0, h + CP_HEADER_SIZE, payload_len));
+    uint32_t crc = type == CP_FT_SEALED_PAGES ? cp_sealed_payload_crc(h + CP_HEADER_SIZE, payload_len)
+                                              : cp_crc32c(0, h + CP_HEADER_SIZE, payload_len);
+    cp_write_header(h, type, flags, seq, payload_len, crc);
     return CP_OK;
 }
 
@@ -412,10 +415,27 @@ int cp_header_check(const void *buf, size_t len, struct cp_frame_header *out, st
     return CP_OK;
 }
 
-/* A PROTECTED frame's payload is encrypted (so without a CRC) unless its records travel in clear. */
+/* A PROTECTED frame has no payload CRC (wire v3): its tag covers the payload, or, for SEALED_PAGES, the
+ * prefix and the record headers, and the helper's own tag covers each record's ciphertext. */
 static bool crc_free(const struct cp_frame_header *h)
 {
-    return (h->flags & CP_HF_PROTECTED) && h->type != CP_FT_SEALED_PAGES;
+    return (h->flags & CP_HF_PROTECTED) != 0;
+}
+
+uint32_t cp_sealed_payload_crc(const uint8_t *payload, size_t len)
+{
+    uint32_t crc = cp_crc32c(0, payload, len < CP_PAGES_PREFIX_SIZE ? len : CP_PAGES_PREFIX_SIZE);
+    for (size_t off = CP_PAGES_PREFIX_SIZE; off < len; off += CP_SEALED_PAGE_SIZE)
+        crc = cp_crc32c(crc, payload + off, len - off < CP_SEALED_HEADER_SIZE ? len - off : CP_SEALED_HEADER_SIZE);
+    return crc;
+}
+
+/* The payload CRC of an unprotected frame: of the whole payload, or (SEALED_PAGES, wire v3) of the prefix
+ * and each record's 64-byte header (the ciphertexts are the helper's tags' to check). */
+static uint32_t payload_crc(const struct cp_frame_header *h, const uint8_t *payload)
+{
+    return h->type == CP_FT_SEALED_PAGES ? cp_sealed_payload_crc(payload, h->payload_len)
+                                         : cp_crc32c(0, payload, h->payload_len);
 }
 
 int cp_frame_check(const void *frame, size_t len, struct cp_frame_header *out, struct cp_error *err)
@@ -428,7 +448,7 @@ int cp_frame_check(const void *frame, size_t len, struct cp_frame_header *out, s
         return fail(err, CP_E_TRUNCATED, NO_INDEX, len, need);
     if (crc_free(out))
         return out->payload_crc32c ? fail(err, CP_E_FLAGS, NO_INDEX, out->payload_crc32c, 0) : CP_OK;
-    uint32_t crc = cp_crc32c(0, (const uint8_t *)frame + CP_HEADER_SIZE, out->payload_len);
+    uint32_t crc = payload_crc(out, (const uint8_t *)frame + CP_HEADER_SIZE);
     if (crc != out->payload_crc32c)
         return fail(err, CP_E_PAYLOAD_CRC, NO_INDEX, out->payload_crc32c, crc);
     return CP_OK;
@@ -482,7 +502,7 @@ int cp_frame_protect(const void *frame, size_t len, void *out_header, void *aad,
     if (h.flags)
         return fail(err, CP_E_FLAGS, NO_INDEX, h.flags, 0);
     h.flags = CP_HF_PROTECTED;
-    write_header(out_header, h.type, h.flags, h.seq, h.payload_len, crc_free(&h) ? 0 : h.payload_crc32c);
+    cp_write_header(out_header, h.type, h.flags, h.seq, h.payload_len, crc_free(&h) ? 0 : h.payload_crc32c);
     memcpy(out, out_header, CP_HEADER_SIZE);
     *aad_len = 0;
     if (h.type != CP_FT_SEALED_PAGES)
@@ -511,11 +531,14 @@ static int open_pages_frame(const void *frame, size_t len, uint32_t type, const 
                             struct cp_error *err)
 {
     struct cp_frame_header h;
-    int rc = cp_frame_check(frame, len, &h, err);
+    /* the type first: the payload CRC's span depends on it (wire v3) */
+    int rc = cp_header_check(frame, len, &h, err);
+    if (rc == CP_OK && h.type != type)
+        rc = fail(err, CP_E_TYPE, NO_INDEX, h.type, type);
+    if (rc == CP_OK)
+        rc = cp_frame_check(frame, len, &h, err);
     if (rc != CP_OK)
         return rc;
-    if (h.type != type)
-        return fail(err, CP_E_TYPE, NO_INDEX, h.type, type);
     if (h.payload_len < CP_PAGES_PREFIX_SIZE)
         return fail(err, CP_E_PAYLOAD_LEN, NO_INDEX, h.payload_len, CP_PAGES_PREFIX_SIZE);
     *payload = (const uint8_t *)frame + CP_HEADER_SIZE;
@@ -535,8 +558,9 @@ static int open_pages_frame(const void *frame, size_t len, uint32_t type, const 
 
 /* A GPA is usable when page-aligned, its whole page lies in [gpa_base, gpa_base + ram_size) and it is
  * not in the guest's RAM hole under 4 GiB (guest ABI v8: no RAM there, and the VMM maps it PROT_NONE, so
- * a forged GPA there must be refused, not followed). */
-static int check_gpa(uint64_t gpa, uint64_t gpa_base, uint64_t ram_size, uint32_t index, struct cp_error *err)
+ * a forged GPA there must be refused, not followed): the one GPA bounds check of the core (the data loops
+ * in datapath.c use it too). */
+int cp_check_gpa(uint64_t gpa, uint64_t gpa_base, uint64_t ram_size, uint32_t index, struct cp_error *err)
 {
     if (gpa % CP_PAGE_SIZE)
         return fail(err, CP_E_GPA_ALIGN, index, gpa, CP_PAGE_SIZE);
@@ -577,7 +601,7 @@ int cp_frame_shared(void *out, size_t cap, const void *ram, uint64_t gpa_base, u
     uint32_t reg = crc_reg(~0u, o + CP_HEADER_SIZE, CP_PAGES_PREFIX_SIZE);
     for (uint32_t i = 0; i < count; i++) {
         uint64_t gpa = ld64((const uint8_t *)gpas + 8 * (size_t)i);
-        int rc = check_gpa(gpa, gpa_base, ram_size, i, err);
+        int rc = cp_check_gpa(gpa, gpa_base, ram_size, i, err);
         if (rc != CP_OK)
             return rc;
         const uint8_t *page = r + (gpa - gpa_base);
@@ -594,7 +618,7 @@ int cp_frame_shared(void *out, size_t cap, const void *ram, uint64_t gpa_base, u
         zeros += zero;
         pos += entry;
     }
-    write_header(o, CP_FT_SHARED_PAGES, 0, seq, (uint32_t)(pos - CP_HEADER_SIZE), ~reg);
+    cp_write_header(o, CP_FT_SHARED_PAGES, 0, seq, (uint32_t)(pos - CP_HEADER_SIZE), ~reg);
     memset(info, 0, sizeof(*info));
     info->seq = seq;
     info->type = CP_FT_SHARED_PAGES;
@@ -622,7 +646,7 @@ int cp_crc_table(const void *ram, uint64_t gpa_base, uint64_t ram_size, const vo
     uint64_t done = 0;
     for (uint64_t i = 0; i < count; i++) {
         uint64_t gpa = ld64((const uint8_t *)gpas + 8 * (size_t)i);
-        int rc = check_gpa(gpa, gpa_base, ram_size, (uint32_t)i, err);
+        int rc = cp_check_gpa(gpa, gpa_base, ram_size, (uint32_t)i, err);
         if (rc != CP_OK)
             return rc;
         uint64_t page = (gpa - gpa_base) / CP_PAGE_SIZE;
@@ -653,7 +677,7 @@ static int check_shared_entries(const uint8_t *payload, uint32_t payload_len, ui
         uint32_t flags = ld32(payload + pos + 8);
         if ((flags & ~CP_PAGE_ZERO) || ld32(payload + pos + 12))
             return fail(err, CP_E_FLAGS, i, flags, CP_PAGE_ZERO);
-        int rc = check_gpa(gpa, gpa_base, ram_size, i, err);
+        int rc = cp_check_gpa(gpa, gpa_base, ram_size, i, err);
         if (rc != CP_OK)
             return rc;
         size_t entry = CP_SHARED_ENTRY_SIZE + ((flags & CP_PAGE_ZERO) ? 0 : CP_PAGE_SIZE);
@@ -718,7 +742,7 @@ static int check_sealed_records(const uint8_t *recs, uint32_t count, const void 
             return fail(err, CP_E_SEAL_STATUS, i, status, CP_SEAL_OK);
         if (memcmp(rec + offsetof(struct cp_sealed_page, reserved), zeros, sizeof(zeros)))
             return fail(err, CP_E_FLAGS, i, 0, 0);
-        int rc = check_gpa(gpa, gpa_base, ram_size, i, err);
+        int rc = cp_check_gpa(gpa, gpa_base, ram_size, i, err);
         if (rc != CP_OK)
             return rc;
         uint64_t want = expected_gpas ? ld64((const uint8_t *)expected_gpas + 8 * (size_t)i) : gpa;
@@ -745,18 +769,15 @@ int cp_frame_sealed(void *out, size_t cap, const void *records, uint32_t count, 
     uint8_t *copy = o + CP_HEADER_SIZE + CP_PAGES_PREFIX_SIZE;
     st32(o + CP_HEADER_SIZE, count);
     st32(o + CP_HEADER_SIZE + 4, 0);
-    /* the payload CRC is taken record by record while each copy is still in L1: one pass over the records */
-    uint32_t reg = crc_reg(~0u, o + CP_HEADER_SIZE, CP_PAGES_PREFIX_SIZE);
-    for (uint32_t i = 0; i < count; i++) {
-        uint8_t *dst = copy + (size_t)i * CP_SEALED_PAGE_SIZE;
-        memcpy(dst, (const uint8_t *)records + (size_t)i * CP_SEALED_PAGE_SIZE, CP_SEALED_PAGE_SIZE);
-        reg = crc_reg(reg, dst, CP_SEALED_PAGE_SIZE);
-    }
+    if (count)
+        memcpy(copy, records, body);
     /* check the copy, never guest memory the guest could change after the check */
     int rc = check_sealed_records(copy, count, expected_gpas, gpa_base, ram_size, err);
     if (rc != CP_OK)
         return rc;
-    write_header(o, CP_FT_SEALED_PAGES, 0, seq, (uint32_t)(need - CP_HEADER_SIZE), ~reg);
+    /* wire v3: the CRC covers the prefix and the record headers, not the ciphertexts */
+    uint32_t crc = cp_sealed_payload_crc(o + CP_HEADER_SIZE, need - CP_HEADER_SIZE);
+    cp_write_header(o, CP_FT_SEALED_PAGES, 0, seq, (uint32_t)(need - CP_HEADER_SIZE), crc);
     memset(info, 0, sizeof(*info));
     info->seq = seq;
     info->type = CP_FT_SEALED_PAGES;

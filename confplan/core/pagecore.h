@@ -27,10 +27,10 @@
 #define CP_RAM_HOLE_START 0xE0000000ULL
 #define CP_RAM_HOLE_END 0x100000000ULL
 
-#define CP_ABI_VERSION 2
+#define CP_ABI_VERSION 3
 
 #define CP_WIRE_MAGIC 0x4c504643u   /* the bytes "CFPL" */
-#define CP_WIRE_VERSION 2u
+#define CP_WIRE_VERSION 3u
 #define CP_PAGE_SIZE 4096u
 #define CP_HEADER_SIZE 32u
 #define CP_MAX_PAYLOAD (16u << 20)  /* a receiver can size one buffer for any frame */
@@ -92,7 +92,8 @@ struct cp_frame_header {
     uint32_t flags;          /* CP_HF_PROTECTED or 0 */
     uint32_t payload_len;
     uint64_t seq;            /* 0, 1, 2, ... per stream; checked by the reader */
-    uint32_t payload_crc32c; /* 0 for a PROTECTED frame other than SEALED_PAGES (its tag covers it) */
+    uint32_t payload_crc32c; /* 0 for a PROTECTED frame (its tag covers it); SEALED_PAGES: prefix and record
+                              * headers only (wire v3) */
     uint32_t header_crc32c;
 };
 

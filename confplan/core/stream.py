@@ -56,6 +56,11 @@ class FrameWriter:
     def protected(self) -> bool:
         return self._key is not None
 
+    @property
+    def key(self) -> FrameKey | None:
+        """The frame key (the core's data loop sends under this writer's claim and seq)."""
+        return self._key
+
     def send_control(self, msg: Control) -> None:
         self.send(encode(msg, self.seq))
 
@@ -105,6 +110,24 @@ class FrameReader:
         self._buf = bytearray(INITIAL_BUFFER)
         self._view = memoryview(self._buf)
         self.seq = key.first_seq if key is not None else 0  # the seq the next frame must carry
+        self._pending: bytes | None = None  # a header the core's data loop read and handed back
+
+    @property
+    def key(self) -> FrameKey | None:
+        return self._key
+
+    @property
+    def peer(self) -> str:
+        return self._peer
+
+    def pending_header(self) -> bytes:
+        """The header push_header() handed in, not yet read by recv() (empty if none)."""
+        return self._pending or b""
+
+    def push_header(self, header: bytes) -> None:
+        """The next frame's header, already read from the socket (by the core's data loop): recv() starts
+        from it and reads the rest."""
+        self._pending = header
 
     def _grow(self, size: int) -> None:
         """A buffer for a ``size``-byte frame (at most HEADER_SIZE + MAX_PAYLOAD + TAG_SIZE), keeping the
@@ -117,7 +140,10 @@ class FrameReader:
     def recv(self) -> Frame:
         """The next frame. Raises ConfplanError on a closed stream, PageCoreError on a bad header, seq or
         tag."""
-        self._read_exactly(self._view[:HEADER_SIZE], "a frame header")
+        if self._pending is not None:
+            self._view[:HEADER_SIZE], self._pending = self._pending, None
+        else:
+            self._read_exactly(self._view[:HEADER_SIZE], "a frame header")
         header = parse_header(self._view[:HEADER_SIZE])
         if header.protected != (self._key is not None):
             raise self._flag_error(header)

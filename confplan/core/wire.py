@@ -21,7 +21,7 @@ from confplan.core._lib import ErrorC, FrameHeaderC, lib
 from confplan.core.status import CoreStatus, PageCoreError, raise_for
 
 MAGIC = 0x4C504643  # b"CFPL"
-WIRE_VERSION = 2
+WIRE_VERSION = 3
 HEADER_SIZE = 32
 PAGE_SIZE = 4096
 MAX_PAYLOAD = 16 << 20

@@ -169,6 +169,14 @@ class Vm:
         log = s.KvmDirtyLog(slot=slot, dirty_bitmap=bitmap_addr)
         ioctl(self.fd, s.KVM_GET_DIRTY_LOG, log, "KVM_GET_DIRTY_LOG")
 
+    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap_addr: int) -> None:
+        """KVM_CLEAR_DIRTY_LOG (manual dirty-log protection): clear and write-protect again the pages whose
+        bits are set in the bitmap at ``bitmap_addr`` (page ``first_page`` is its bit 0)."""
+        log = s.KvmClearDirtyLog(
+            slot=slot, num_pages=num_pages, first_page=first_page, dirty_bitmap=bitmap_addr
+        )
+        ioctl(self.fd, s.KVM_CLEAR_DIRTY_LOG, log, "KVM_CLEAR_DIRTY_LOG")
+
     def create_irqchip(self) -> None:
         """KVM_CREATE_IRQCHIP: the in-kernel interrupt controllers (a LAPIC per vCPU, IOAPIC, PIC). Before
         any vCPU exists."""

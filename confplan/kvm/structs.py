@@ -235,6 +235,10 @@ class KvmDirtyLog(ctypes.Structure):
     _fields_: ClassVar = [("slot", u32), ("padding1", u32), ("dirty_bitmap", u64)]
 
 
+class KvmClearDirtyLog(ctypes.Structure):
+    _fields_: ClassVar = [("slot", u32), ("num_pages", u32), ("first_page", u64), ("dirty_bitmap", u64)]
+
+
 class KvmEnableCap(ctypes.Structure):
     _fields_: ClassVar = [("cap", u32), ("flags", u32), ("args", u64 * 4), ("pad", u8 * 64)]
 
@@ -329,6 +333,7 @@ KVM_GET_VCPU_MMAP_SIZE = _io(0x04)
 KVM_GET_SUPPORTED_CPUID = _iowr(0x05, KvmCpuid2Header)
 KVM_CREATE_VCPU = _io(0x41)
 KVM_GET_DIRTY_LOG = _iow(0x42, KvmDirtyLog)
+KVM_CLEAR_DIRTY_LOG = _iowr(0xC0, KvmClearDirtyLog)
 KVM_SET_USER_MEMORY_REGION = _iow(0x46, KvmUserspaceMemoryRegion)
 KVM_SET_TSS_ADDR = _io(0x47)
 KVM_CREATE_IRQCHIP = _io(0x60)

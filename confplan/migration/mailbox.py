@@ -123,6 +123,19 @@ class Mailbox:
         self._slot_q = self.slots.cast("Q")
         self._slot_i = self.slots.cast("I")
 
+    @property
+    def control(self) -> memoryview:
+        """The control page (protocol block and op ring), for the core's data loops."""
+        return self._ctl
+
+    def kick(self) -> None:
+        """Wake the helper if it parked (the core's data loops post ops themselves)."""
+        self._kick()
+
+    def check(self) -> None:
+        """Raise the machine's error if the guest died (a zero wait on the doorbell)."""
+        self._wait(0, 0.0)
+
     # ---- fields ----
     def _get(self, name: str, fmt: str) -> int:
         return int(struct.unpack_from(fmt, self._ctl, FIELD_OFFSETS[name])[0])
@@ -441,10 +454,20 @@ def raise_for_refusals(op: Op, mh_index: int, result: BatchResult) -> None:
         return
     first = result.first_bad
     gpa = struct.unpack_from("<Q", result.records, first * SLOT_SIZE)[0]
-    raise MailboxError(
-        f"mailbox {op.name} on MH vCPU {mh_index}: {result.n_refused} of {len(result.statuses)} pages "
-        f"refused; "
-        f"first: slot {first}, GPA {gpa:#x}: {status_name(result.statuses[first])}",
-        op=op, mh_index=mh_index, status=MhStatus.PARTIAL, statuses=result.statuses,
+    raise refusal_error(
+        op, mh_index, result.n_refused, len(result.statuses), first, gpa, result.statuses[first],
+        statuses=result.statuses,
+    )  # fmt: skip
+
+
+def refusal_error(
+    op: Op, mh_index: int, n_refused: int, count: int, slot: int, gpa: int, status: int, *,
+    statuses: array.array[int] | None = None,
+) -> MailboxError:  # fmt: skip
+    """The MailboxError for an op whose helper refused ``n_refused`` of ``count`` pages, first ``slot``."""
+    return MailboxError(
+        f"mailbox {op.name} on MH vCPU {mh_index}: {n_refused} of {count} pages refused; "
+        f"first: slot {slot}, GPA {gpa:#x}: {status_name(status)}",
+        op=op, mh_index=mh_index, status=MhStatus.PARTIAL, statuses=statuses,
         hint="ask only for private guest pages outside the helper's area, with a newer generation each round",
     )  # fmt: skip

@@ -20,7 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from confplan.core import HostMemory, frame_sealed_pages, frame_shared_pages, scan_dirty
+from confplan.core import HostMemory, frame_shared_pages, scan_dirty
+from confplan.core.datapath import DataLoop, LoopResult, Stop
 from confplan.core.pages import FrameInfo
 from confplan.core.stream import FrameReader, FrameWriter
 from confplan.core.streamauth import client_handshake
@@ -36,15 +37,15 @@ from confplan.core.wire import (
     RoundEnd,
     VcpuState,
     decode,
-    sealed_frame_size,
     shared_frame_capacity,
 )
 from confplan.errors import ConfplanError
 from confplan.migration.dirty import DirtyTracker, concat_gpas
 from confplan.migration.helper import require_helper
-from confplan.migration.mailbox import BatchResult, Mailbox
+from confplan.migration.mailbox_layout import Op
 from confplan.migration.mailbox_set import MailboxSet
 from confplan.migration.precopy import RoundStats
+from confplan.migration.sealed_path import SealedPath, socket_error
 from confplan.migration.session import (
     ENC_BITMAP_DEVICE,
     ENC_BITMAP_FORMAT,
@@ -104,9 +105,6 @@ class Outgoing:
         self._reader: FrameReader | None = None
         self.ram = HostMemory(machine.ram.address, machine.ram.top)
         self._shared_buf = bytearray(shared_frame_capacity(SHARED_FRAME_PAGES))
-        # One frame per SAVE op, i.e. per bank (a bytearray is resident in full: no bigger than that)
-        bank = max(mailboxes.bank_sizes(BANKS)) if mailboxes is not None else 1
-        self._sealed_buf = bytearray(sealed_frame_size(bank))
         self._started = time.monotonic()
         self._sent = 0
         self._changed: list[array.array[int]] = []  # GPAs sent since take_changed_gpas(), per round and kind
@@ -115,6 +113,7 @@ class Outgoing:
         self._round = RoundInFlight()
         self._cancel = threading.Event()  # set by cancel_round(): the precopy round stops at the next frame
         self._cancellable = False  # a precopy round is in flight (the pause's final round never is)
+        self._loop: DataLoop | None = None  # the core's data loop while it sends a round's sealed pages
 
     # ---- the stream ----
     def _writer(self) -> FrameWriter:
@@ -124,10 +123,7 @@ class Outgoing:
 
     def _send(self, frame: memoryview | bytearray) -> None:
         if self._cancel.is_set():
-            raise ConfplanError(
-                "the precopy round was cancelled by the orchestrator (Ctrl-C)",
-                hint="the source guest keeps running; rerun the apply to migrate again",
-            )
+            raise self._cancelled()
         self._check_peer()
         try:
             self._writer().send(frame)
@@ -135,6 +131,13 @@ class Outgoing:
             raise self._stream_broken(err) from None
         self._sent += len(frame)
         self._pace()
+
+    @staticmethod
+    def _cancelled() -> ConfplanError:
+        return ConfplanError(
+            "the precopy round was cancelled by the orchestrator (Ctrl-C)",
+            hint="the source guest keeps running; rerun the apply to migrate again",
+        )
 
     def _pace(self) -> None:
         """Keep to the plan's bandwidth cap: sleep off whatever was sent ahead of it."""
@@ -286,27 +289,46 @@ class Outgoing:
         return None
 
     def _send_private(self, gpas: array.array[int], generation: int) -> None:
-        """Pipelined: the MHs seal the next banks while each done bank is framed and sent."""
-        mailboxes = require_helper(self.mailboxes, "source", len(gpas))
-
-        def consume(_mailbox: Mailbox, result: BatchResult) -> None:
-            count = len(result.statuses)
-            info = frame_sealed_pages(
-                result.records, count, self._sealed_buf, seq=self._writer().seq,
-                ram_size=self.machine.ram.top, expected_gpas=result.gpas,
+        """One call into the core's data loop (GIL released): the MHs seal bank after bank while each done
+        bank is sent from their slots (docs/migration.md, "Session 5")."""
+        path = SealedPath(require_helper(self.mailboxes, "source", len(gpas)), BANKS, cancel=self._cancel)
+        writer = self._writer()
+        key = writer.key
+        loop = DataLoop(
+            self.sock.fileno(), path.loop_mailboxes, key=key.for_core() if key is not None else None,
+            seq=writer.seq, op_timeout=path.op_timeout, io_timeout=self.sock.gettimeout(), poke=path.poke,
+            ram_size=self.machine.ram.top,
+        )  # fmt: skip
+        self._loop = loop
+        try:
+            result = loop.send(
+                gpas, generation=generation, bandwidth=self.bandwidth, pace_t0=self._started,
+                pace_sent=self._sent,
             )  # fmt: skip
-            self._send(memoryview(self._sealed_buf)[: info.frame_len])
-            self._round.pages_sent += count
-            self.totals.bytes_sealed += info.frame_len
+        finally:
+            self._loop = None
+        writer.seq = result.seq
+        self._sent += result.nbytes
+        self._round.pages_sent += result.pages
+        self.totals.bytes_sealed += result.nbytes
+        self._raise_for_stop(path, result)
 
-        mailboxes.save_stream(gpas, generation, consume, banks=BANKS)
+    def _raise_for_stop(self, path: SealedPath, result: LoopResult) -> None:
+        if result.stop is Stop.PEER:
+            self._check_peer()  # raises with the target's ERROR message (or says it hung up)
+        if result.stop is Stop.CANCELLED:
+            raise self._cancelled()
+        if result.stop in (Stop.SOCKET, Stop.TIMEOUT):
+            raise self._stream_broken(socket_error(result))
+        path.raise_for(result, Op.SAVE, frame_what=f"framing sealed pages (frame {result.seq})")
 
     def round_progress(self) -> dict[str, float | int]:
         """How far the round in flight is: its number, its pages, the pages and bytes sent so far, its
         seconds. Read from another thread while ``send_round`` runs (the counters move per frame)."""
-        now, current = time.monotonic(), self._round
-        return {"round": current.round, "pages": current.pages, "pages_sent": current.pages_sent,
-                "bytes_sent": self._sent - current.sent_before,
+        now, current, loop = time.monotonic(), self._round, self._loop
+        pages, sent = (loop.pages, loop.nbytes) if loop is not None else (0, 0)
+        return {"round": current.round, "pages": current.pages, "pages_sent": current.pages_sent + pages,
+                "bytes_sent": self._sent + sent - current.sent_before,
                 "seconds": now - current.started if current.started else 0.0}  # fmt: skip
 
     def cancel_round(self) -> bool:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from confplan.core import CoreStatus, HostMemory, PageCoreError, unframe_sealed_pages, unframe_shared_pages
+from confplan.core.datapath import DataLoop, Stop
 from confplan.core.stream import Frame, FrameReader, FrameWriter
 from confplan.core.streamauth import HANDSHAKE_TIMEOUT, StreamAuthError, server_handshake
 from confplan.core.wire import (
@@ -42,8 +43,9 @@ from confplan.errors import ConfplanError
 from confplan.migration.dirty import concat_gpas
 from confplan.migration.helper import require_helper
 from confplan.migration.mailbox import Mailbox
-from confplan.migration.mailbox_layout import SLOT_SIZE
+from confplan.migration.mailbox_layout import PAGE_SIZE, SLOT_SIZE, Op
 from confplan.migration.mailbox_set import MailboxSet
+from confplan.migration.sealed_path import SealedPath, socket_error
 from confplan.migration.session import (
     ENC_BITMAP_DEVICE,
     ENC_BITMAP_FORMAT,
@@ -129,6 +131,8 @@ class Incoming:
         low = int(machine.layout.mh_end)
         self._shared_ram = HostMemory(machine.ram.address + low, machine.ram.top - low)
         self._shared_base = low
+        self._path: SealedPath | None = None  # the helpers as the core's data loop sees them
+        self._loop_gpas = array.array("Q")  # the GPAs one loop call received (a round's at most)
         self._thread = threading.Thread(target=self._main, name="incoming-stream", daemon=True)
         self._thread.start()
 
@@ -140,13 +144,16 @@ class Incoming:
 
     def close(self) -> None:
         """Stop receiving (the stream and the listener close; the thread ends)."""
-        for sock in (self._conn, self.listener):
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-                sock.close()
+        socks = [sock for sock in (self._conn, self.listener) if sock is not None]
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        # the core's receive loop works on the raw fd: it ends at the shutdown, and only then may the fd
+        # be closed (and its number reused)
         if threading.current_thread() is not self._thread:  # the handover may close from its own thread
             self._thread.join(timeout=5.0)
+        for sock in socks:
+            sock.close()
 
     # ---- the thread ----
     def _main(self) -> None:
@@ -275,13 +282,66 @@ class Incoming:
 
     def _receive_pages(self, reader: FrameReader) -> Frame:
         """Apply page frames up to the next other frame and return that one, once every LOAD of the sealed
-        pages before it is done: ``fill`` unframes each sealed frame into the bank ``load_stream`` hands it
-        and says how many records, or 0 at the first other frame."""
+        pages before it is done. Sealed frames go through the core's data loop (straight into the helpers'
+        banks, LOAD posted, GIL released); it hands back the first other frame's header, and this side
+        applies a shared-page frame and calls the loop again, or returns the frame."""
         if self.mailboxes is None:
             frame = self._next_frame(reader)
             if frame.header.type is FrameType.SEALED_PAGES:
                 require_helper(self.mailboxes, "target", 1)  # raises: no helper to open them
             return frame
+        path = self._sealed_path(self.mailboxes)
+        while True:
+            self._receive_sealed(reader, path)
+            kind = int.from_bytes(reader.pending_header()[6:8], "little")
+            if kind == FrameType.SHARED_PAGES:
+                frame = reader.recv()
+                self.status.bytes_received += len(frame.data)
+                self._apply_shared(frame)
+            elif kind == FrameType.SEALED_PAGES:  # one the loop would not take: refused (or too big) here
+                return self._receive_pages_python(reader, self.mailboxes)
+            else:
+                return self._next_frame(reader)
+
+    def _sealed_path(self, mailboxes: MailboxSet) -> SealedPath:
+        if self._path is None:
+            self._path = SealedPath(mailboxes, BANKS)
+            self._loop_gpas = array.array("Q", bytes(8 * (self.machine.config.memory // PAGE_SIZE)))
+        return self._path
+
+    def _receive_sealed(self, reader: FrameReader, path: SealedPath) -> None:
+        """The core's loop until a frame that is not a well-formed SEALED_PAGES one; its header is then the
+        reader's next."""
+        conn = self._conn
+        if conn is None:
+            raise ConfplanError("no source is connected")
+        key = reader.key
+        loop = DataLoop(
+            conn.fileno(), path.loop_mailboxes, key=key.for_core() if key is not None else None,
+            seq=reader.seq, op_timeout=path.op_timeout, io_timeout=conn.gettimeout(), poke=path.poke,
+            ram_size=self.machine.ram.top,
+        )  # fmt: skip
+        result = loop.receive(self._loop_gpas)
+        reader.seq = result.seq
+        self.status.bytes_received += result.nbytes
+        self.status.sealed_pages += result.pages
+        if result.pages and self._written is not None:
+            self._written.append(self._loop_gpas[: result.pages])
+        if result.stop is Stop.SOCKET and not result.sys_errno:
+            raise ConfplanError(
+                f"{reader.peer} closed the migration stream while a frame was expected: the stream is "
+                "truncated",
+                hint="see the peer's log for why it stopped",
+            )
+        if result.stop in (Stop.SOCKET, Stop.TIMEOUT):
+            raise socket_error(result)
+        path.raise_for(result, Op.LOAD, frame_what=f"SEALED_PAGES frame {result.seq} refused")
+        reader.push_header(result.next_header)
+
+    def _receive_pages_python(self, reader: FrameReader, mailboxes: MailboxSet) -> Frame:
+        """The Python path for sealed frames the core's loop hands back (it refuses them as it always did):
+        ``fill`` unframes each sealed frame into the bank ``load_stream`` hands it and says how many
+        records, or 0 at the first other frame."""
         ended: list[Frame] = []
 
         def fill(mailbox: Mailbox, bank: memoryview) -> int:
@@ -291,7 +351,7 @@ class Incoming:
                 return 0
             return self._unframe_sealed(frame, mailbox, bank)
 
-        self.mailboxes.load_stream(fill, banks=BANKS)  # a refused record raises, once its LOAD is done
+        mailboxes.load_stream(fill, banks=BANKS)  # a refused record raises, once its LOAD is done
         return ended[0]
 
     def _apply_shared(self, frame: Frame) -> None:

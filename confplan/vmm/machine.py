@@ -120,7 +120,9 @@ class Machine:
         slots = self.ram.memslots()
         for m in slots:
             self.vm.set_user_memory_region(m.slot, m.gpa, m.size, self.ram.address + m.gpa, flags)
-        self.dirty_log = DirtyLog(self.vm, slots)
+        # the helper's area is never write-protected again (vmm/dirty_log.py: a fault per slot page a round)
+        helper_pages = range(abi.MH_BASE // abi.PAGE, lay.mh_end // abi.PAGE) if cfg.dirty_logging else None
+        self.dirty_log = DirtyLog(self.vm, slots, keep_writable=helper_pages)
         self.enc_bitmap = EncBitmap(lay.npages)
         self._cpuid = self.kvm.supported_cpuid()
         self.cpu = cpu_setup.cpu_info(self._cpuid)
