@@ -352,3 +352,21 @@ def test_a_failed_handover_stage_says_a_rerun_asks_the_vmms_first(tmp_path: Path
         apply(make_plan(tmp_path), registry=registry, plan_ref="p.yaml",
               reconciler=lambda plan, records: Reconciled())  # fmt: skip
     assert caught.value.hint == f"rerun `confplan apply p.yaml`: {SETTLES_ON_RERUN}"
+
+
+def test_a_rounds_late_progress_event_does_not_count_its_bytes_twice(tmp_path: Path) -> None:
+    """The source's last progress event of a round may be read after the round's answer; the bytes the
+    report shows must stay those sent (an 8 GiB run showed 17 GB after its 8.6 GB first round)."""
+    from confplan.migration.precopy import RoundStats
+    from confplan.stages.modules.precopy import RoundWatch
+
+    seen: list[int] = []
+    ctx = StageContext(make_plan(tmp_path), "run", {}, lambda stage, p: seen.append(p.fields["bytes_sent"]))
+    ctx.current = "precopy"
+    watch = RoundWatch(ctx)
+    event = {"round": 1, "pages": 100, "pages_sent": 50, "bytes_sent": 1000, "seconds": 1.0}
+    watch.on_event("precopy-progress", event)
+    watch.round_done(RoundStats(1, 10, 0, 90, 2000, 1.0, 5))
+    watch.on_event("precopy-progress", {**event, "bytes_sent": 2000})  # round 1's, late: dropped
+    watch.on_event("precopy-progress", {**event, "round": 2, "bytes_sent": 300})
+    assert seen == [1000, 2300] and watch.error is None

@@ -13,6 +13,7 @@ Parameter ``max_rounds`` overrides limits.max_precopy_rounds.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -71,6 +72,15 @@ class RoundWatch:
         self.ctx = ctx
         self.bytes_before = 0  # sent by the rounds before this one
         self.error: BaseException | None = None  # an observer raised it: the stage raises it after the round
+        # A round's last events may be read after its answer: they must not count its bytes twice.
+        self._finished: set[int] = set()
+        self._lock = threading.Lock()
+
+    def round_done(self, stats: RoundStats) -> None:
+        """The round's answer came: later events of it are stale; its bytes join ``bytes_before``."""
+        with self._lock:
+            self._finished.add(stats.round)
+            self.bytes_before += stats.bytes_sent
 
     def on_event(self, event: str, params: dict[str, Any]) -> None:
         if event != "precopy-progress" or self.error is not None:
@@ -87,9 +97,13 @@ class RoundWatch:
         left = max(pages - sent, 0)
         eta = left * WIRE_BYTES_PER_PAGE / rate if rate else None
         round_ = int(params.get("round", 0))
+        with self._lock:
+            if round_ in self._finished:
+                return
+            before = self.bytes_before
         speed = f"{rate / (1 << 20):.0f} MiB/s" if rate else "? MiB/s"
         message = f"round {round_}: {speed}, {left} pages to go, ETA {_seconds(eta)}"
-        fields = progress_fields(round_, self.bytes_before + sent_bytes, rate, left, eta)
+        fields = progress_fields(round_, before + sent_bytes, rate, left, eta)
         self.ctx.progress(sent, pages, unit="pages", message=message, fields=fields)
 
 
@@ -163,7 +177,7 @@ class Precopy(Stage):
             source.client.on_event = previous
         if watch.error is not None:
             raise watch.error
-        watch.bytes_before += stats.bytes_sent
+        watch.round_done(stats)
         self._check_target(target)
         return stats
 
