@@ -100,14 +100,15 @@ def main() -> None:
         src, dst = open_mailboxes(a), open_mailboxes(b)
         src.init()
         dst.init()
-        gpas = array.array("Q", range(a.layout.wl_base, cfg.memory, abi.PAGE))
+        mask = a.layout.guest_page_mask()  # every guest page (v7: the CPL0 area too), each needs its MAC
+        gpas = array.array("Q", (p * abi.PAGE for p in range(a.layout.npages) if mask >> p & 1))
         t0 = time.perf_counter()
         move_everything(src, dst, gpas)
         print(f"{args.mib} MiB guest, {len(gpas)} workload pages moved in {time.perf_counter() - t0:.2f} s")
         bitmap = bytes(a.enc_bitmap.bitmap.view())
         b.enc_bitmap.bitmap.view()[:] = bitmap
         blobs = [vcpu_blob(s, time.time()) for s in a.save_vcpu_states()]
-        npages = cfg.memory // abi.PAGE
+        npages = a.layout.npages
         s_mb, d_mb = src.mailboxes[0], dst.mailboxes[0]
         names = ("state hash", "FOLD", "SEAL_MANIFEST", "CHECK_MANIFEST", "SEAL_STATE", "OPEN_STATE")
         runs: dict[str, list[tuple[float, float]]] = {k: [] for k in names}
