@@ -269,11 +269,13 @@ def test_a_page_converted_after_the_scan_is_held_back_and_sent_next_round(pairs:
         return real_frame(chunk, scanned)
 
     pair.out._frame_shared = guest_converts_first  # type: ignore[method-assign]
-    second = pair.out.send_round()
-    assert pair.out.totals.held_back == 1 and second.shared_pages == 0
+    pair.out.take_shared_gpas()
+    pair.out.send_round()
+    # (other shared pages may go: KVM writes the guest's pvclock page, which is shared, when it likes)
+    assert pair.out.totals.held_back == 1 and gpa not in pair.out.take_shared_gpas()
     pair.out._frame_shared = real_frame  # type: ignore[method-assign]
     third = pair.out.send_round()  # the conversion log put it in this round's set: sealed now
-    assert third.sealed_pages >= 1 and third.shared_pages == 0
+    assert third.sealed_pages >= 1 and gpa not in pair.out.take_shared_gpas()
     assert gpa in pair.out.take_changed_gpas()
 
 
