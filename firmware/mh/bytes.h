@@ -43,6 +43,18 @@ static inline void cp_mh_store_le64(uint8_t *p, uint64_t v)
     cp_mh_store_le(p, v, 8);
 }
 
+/* 16 bytes (a MAC-table entry) as two 64-bit words, unaligned and aliasing anything: per-page table work
+ * without a `rep movsb` start-up (~25 cycles) per entry. Returns whether any byte was non-zero. */
+typedef uint64_t __attribute__((may_alias, aligned(1))) cp_mh_u64u;
+
+static inline int cp_mh_copy16(uint8_t *dst, const uint8_t *src)
+{
+    uint64_t a = ((const cp_mh_u64u *)src)[0], b = ((const cp_mh_u64u *)src)[1];
+    ((cp_mh_u64u *)dst)[0] = a;
+    ((cp_mh_u64u *)dst)[1] = b;
+    return (a | b) != 0;
+}
+
 static inline void cp_mh_store_be64(uint8_t *p, uint64_t v)
 {
     for (unsigned i = 8; i-- > 0; v >>= 8)

@@ -100,10 +100,8 @@ static uint32_t check_range(const struct cp_mh_config *cfg, uint64_t start, uint
 
 static int mac_missing(const uint8_t *mac)
 {
-    uint8_t any = 0;
-    for (uint32_t i = 0; i < CP_MB_MAC_BYTES; i++)
-        any |= mac[i];
-    return any == 0; /* a real MAC is all zero with probability 2^-128: zero means "never computed" */
+    const cp_mh_u64u *w = (const cp_mh_u64u *)mac;
+    return (w[0] | w[1]) == 0; /* a real MAC is all zero with probability 2^-128: zero means "never computed" */
 }
 
 /* DIGEST's chain over a range; each page's h(gpa) is computed from the page, or (from_table) taken from
@@ -127,10 +125,8 @@ static uint32_t chain_range(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npag
             continue;
         }
         if (from_table) {
-            const uint8_t *mac = ctx->cfg.mac_table + gpa / CP_MH_PAGE * CP_MB_MAC_BYTES;
-            if (mac_missing(mac))
+            if (!cp_mh_copy16(slot, ctx->cfg.mac_table + gpa / CP_MH_PAGE * CP_MB_MAC_BYTES))
                 return CP_MBS_MAC_MISSING;
-            cp_mh_copy(slot, mac, CP_MB_MAC_BYTES);
         } else if (hash_page(ctx, gpa, slot) != 0) {
             return CP_MBS_CONFIG;
         }
@@ -170,10 +166,9 @@ uint32_t cp_mh_fold(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages, uint
 void cp_mh_mac_set(struct cp_mh_ctx *ctx, uint64_t gpa, const uint8_t tag[CP_GCM_TAG_BYTES])
 {
     uint8_t mac[CP_MB_MAC_BYTES];
-    cp_mh_copy(mac, tag, CP_MB_MAC_BYTES);
-    if (mac_missing(mac))
+    if (!cp_mh_copy16(mac, tag))
         mac[0] = 1; /* the same fix-up on both sides keeps the entries equal and "zero = none" true */
-    cp_mh_copy(ctx->cfg.mac_table + gpa / CP_MH_PAGE * CP_MB_MAC_BYTES, mac, CP_MB_MAC_BYTES);
+    cp_mh_copy16(ctx->cfg.mac_table + gpa / CP_MH_PAGE * CP_MB_MAC_BYTES, mac);
 }
 
 /* One table entry: h(gpa) of the page as it is now. The table lives in MH memory, so only the MH writes it;
@@ -185,7 +180,7 @@ uint32_t cp_mh_mac_page(struct cp_mh_ctx *ctx, uint64_t gpa)
         return CP_MBS_CONFIG;
     if (mac_missing(mac))
         mac[0] = 1; /* keep "zero = never computed" true (probability 2^-128; costs nothing) */
-    cp_mh_copy(ctx->cfg.mac_table + gpa / CP_MH_PAGE * CP_MB_MAC_BYTES, mac, CP_MB_MAC_BYTES);
+    cp_mh_copy16(ctx->cfg.mac_table + gpa / CP_MH_PAGE * CP_MB_MAC_BYTES, mac);
     return CP_MBS_OK;
 }
 
