@@ -16,40 +16,23 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+from hostpair import PRIVATE, RAM, host_pair
 
 from confplan.core import CoreStatus, PageCoreError
 from confplan.core.datapath import DataLoop, LoopResult, Stop
 from confplan.core.frameauth import Direction, FrameKey
 from confplan.core.stream import FrameReader
 from confplan.core.wire import FrameType, RoundEnd, encode
-from confplan.migration.host_mh import SIDE_TARGET, HostGuest, build_host_library
+from confplan.migration.host_mh import HostGuest, build_host_library
 from confplan.migration.mailbox_layout import MailboxError, Op
 from confplan.migration.sealed_path import SealedPath
-from confplan.sev.secret_table import CONFPLAN_TRANSPORT_KEY_GUID, build_secret_table
 
-PAGE = 4096
-RAM = 8 << 20
-PRIVATE = range(0x400000, RAM, PAGE)
 KEY = FrameKey(os.urandom(32), Direction.SOURCE_TO_TARGET, 2)
 
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     return build_host_library(tmp_path_factory.mktemp("datapath"))
-
-
-@contextlib.contextmanager
-def _pair(lib: ctypes.CDLL, mh_vcpus: int = 2) -> Iterator[tuple[HostGuest, HostGuest]]:
-    secret = build_secret_table({CONFPLAN_TRANSPORT_KEY_GUID: os.urandom(32)})
-    with (
-        HostGuest(lib, ram_size=RAM, secret=secret, mh_vcpus=mh_vcpus, timeout=10) as src,
-        HostGuest(lib, ram_size=RAM, secret=secret, mh_vcpus=mh_vcpus, side=SIDE_TARGET, timeout=10) as dst,
-    ):
-        src.ram[PRIVATE.start : PRIVATE.stop] = os.urandom(len(PRIVATE) * PAGE)
-        dst.ram[PRIVATE.start : PRIVATE.stop] = bytes(len(PRIVATE) * PAGE)
-        src.mailboxes.init()
-        dst.mailboxes.init()
-        yield src, dst
 
 
 def _loop(sock: socket.socket, path: SealedPath, seq: int) -> DataLoop:
@@ -64,7 +47,7 @@ def _send(src: HostGuest, sock: socket.socket, gpas: array.array[int], gen: int)
 
 
 def test_pages_sealed_sent_received_and_opened_in_c(lib: ctypes.CDLL) -> None:
-    with _pair(lib) as (src, dst), _socketpair() as (a, b):
+    with host_pair(lib, 2) as (src, dst), _socketpair() as (a, b):
         gpas = array.array("Q", PRIVATE)
         sent: list[LoopResult] = []
         sender = threading.Thread(target=lambda: sent.append(_send(src, a, gpas, 1)))
@@ -81,7 +64,7 @@ def test_pages_sealed_sent_received_and_opened_in_c(lib: ctypes.CDLL) -> None:
 
 
 def test_a_changed_record_header_fails_the_tag_and_is_never_loaded(lib: ctypes.CDLL) -> None:
-    with _pair(lib, 1) as (src, dst), _socketpair() as (a, b), _socketpair() as (c, d):
+    with host_pair(lib, 1) as (src, dst), _socketpair() as (a, b), _socketpair() as (c, d):
         gpas = array.array("Q", PRIVATE[:16])
         sender = threading.Thread(target=lambda: _send(src, a, gpas, 1))
         sender.start()
@@ -99,7 +82,7 @@ def test_a_changed_record_header_fails_the_tag_and_is_never_loaded(lib: ctypes.C
 
 
 def test_a_refused_page_stops_the_source_loop_with_the_helpers_reason(lib: ctypes.CDLL) -> None:
-    with _pair(lib, 1) as (src, _dst), _socketpair() as (a, _b):
+    with host_pair(lib, 1) as (src, _dst), _socketpair() as (a, _b):
         path = SealedPath(src.mailboxes, 4)
         result = _loop(a, path, 2).send(array.array("Q", [PRIVATE.start, 0x1001]), generation=1)
         assert result.stop is Stop.REFUSED and result.bad_gpa == 0x1001
@@ -109,7 +92,7 @@ def test_a_refused_page_stops_the_source_loop_with_the_helpers_reason(lib: ctype
 
 
 def test_a_cancel_stops_the_source_loop_at_its_next_look(lib: ctypes.CDLL) -> None:
-    with _pair(lib, 1) as (src, _dst), _socketpair() as (a, _b):
+    with host_pair(lib, 1) as (src, _dst), _socketpair() as (a, _b):
         cancel = threading.Event()
         cancel.set()
         path = SealedPath(src.mailboxes, 4, cancel=cancel)
@@ -120,7 +103,7 @@ def test_a_cancel_stops_the_source_loop_at_its_next_look(lib: ctypes.CDLL) -> No
 
 
 def test_the_reader_takes_over_at_the_header_the_loop_hands_back(lib: ctypes.CDLL) -> None:
-    with _pair(lib, 1) as (src, dst), _socketpair() as (a, b):
+    with host_pair(lib, 1) as (src, dst), _socketpair() as (a, b):
         sender = threading.Thread(target=lambda: _send(src, a, array.array("Q", PRIVATE[:8]), 1))
         sender.start()
         result = _loop(b, SealedPath(dst.mailboxes, 4), 2).receive(array.array("Q", bytes(64)))

@@ -7,41 +7,20 @@ test_mailbox_roundtrip.py; the booted-guest stream test is in test_mh_guest.py.
 from __future__ import annotations
 
 import array
-import contextlib
 import ctypes
-import os
-from collections.abc import Iterator
 
 import pytest
+from hostpair import PAGE, PRIVATE, host_pair
 
 from confplan.migration import Mailbox, MailboxError, MhStatus, Op
-from confplan.migration.host_mh import SIDE_TARGET, HostGuest, build_host_library
+from confplan.migration.host_mh import HostGuest, build_host_library
 from confplan.migration.mailbox import BatchResult
 from confplan.migration.mailbox_layout import RING, SLOT_GPA, SLOT_SIZE
-from confplan.sev.secret_table import CONFPLAN_TRANSPORT_KEY_GUID, build_secret_table
-
-PAGE = 4096
-RAM = 8 << 20
-PRIVATE = range(0x400000, RAM, PAGE)
 
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     return build_host_library(tmp_path_factory.mktemp("mh-stream"))
-
-
-@contextlib.contextmanager
-def _pair(lib: ctypes.CDLL, *, mh_vcpus: int = 1) -> Iterator[tuple[HostGuest, HostGuest]]:
-    secret = build_secret_table({CONFPLAN_TRANSPORT_KEY_GUID: os.urandom(32)})
-    with (
-        HostGuest(lib, ram_size=RAM, secret=secret, mh_vcpus=mh_vcpus, timeout=10) as src,
-        HostGuest(lib, ram_size=RAM, secret=secret, mh_vcpus=mh_vcpus, side=SIDE_TARGET, timeout=10) as dst,
-    ):
-        src.ram[PRIVATE.start : PRIVATE.stop] = os.urandom(len(PRIVATE) * PAGE)
-        dst.ram[PRIVATE.start : PRIVATE.stop] = bytes(len(PRIVATE) * PAGE)
-        src.mailboxes.init()
-        dst.mailboxes.init()
-        yield src, dst
 
 
 def _stream_across(src: HostGuest, dst: HostGuest, gpas: array.array[int], gen: int, banks: int) -> list[int]:
@@ -73,7 +52,7 @@ def _stream_across(src: HostGuest, dst: HostGuest, gpas: array.array[int], gen: 
 
 @pytest.mark.parametrize(("mh_vcpus", "banks"), [(1, 2), (2, 4), (1, 1)])
 def test_streamed_pages_arrive_identical(lib: ctypes.CDLL, mh_vcpus: int, banks: int) -> None:
-    with _pair(lib, mh_vcpus=mh_vcpus) as (src, dst):
+    with host_pair(lib, mh_vcpus=mh_vcpus) as (src, dst):
         gpas = array.array("Q", PRIVATE)  # 1024 pages: many times the mailboxes' 64 slots
         seen = _stream_across(src, dst, gpas, 1, banks)
         assert sorted(seen) == list(gpas)
@@ -85,7 +64,7 @@ def test_streamed_pages_arrive_identical(lib: ctypes.CDLL, mh_vcpus: int, banks:
 
 def test_a_bank_count_that_does_not_divide_the_slots_still_streams_every_page(lib: ctypes.CDLL) -> None:
     # 64 slots in 3 banks: a bank is 21 slots and one slot is left over; no op may run past the slots.
-    with _pair(lib) as (src, dst):
+    with host_pair(lib, 1) as (src, dst):
         assert src.batch_pages % 3 != 0
         gpas = array.array("Q", PRIVATE)
         seen = _stream_across(src, dst, gpas, 1, banks=3)
@@ -94,7 +73,7 @@ def test_a_bank_count_that_does_not_divide_the_slots_still_streams_every_page(li
 
 
 def test_a_stream_refuses_a_replayed_round_and_names_the_page(lib: ctypes.CDLL) -> None:
-    with _pair(lib) as (src, dst):
+    with host_pair(lib, 1) as (src, dst):
         gpas = array.array("Q", PRIVATE[:200])
         _stream_across(src, dst, gpas, 5, 2)
         with pytest.raises(MailboxError, match=r"SAVE on MH vCPU 0: 32 of 32 pages refused.*GEN_STALE"):
@@ -105,7 +84,7 @@ def test_a_stream_refuses_a_replayed_round_and_names_the_page(lib: ctypes.CDLL) 
 
 
 def test_a_target_stream_reports_forged_records_to_consume(lib: ctypes.CDLL) -> None:
-    with _pair(lib) as (src, dst):
+    with host_pair(lib, 1) as (src, dst):
         gpas = array.array("Q", PRIVATE[:100])
         records = bytearray()
         src.mailboxes.save_stream(gpas, 1, lambda _mb, r: records.extend(r.records), banks=2)
@@ -125,7 +104,7 @@ def test_a_target_stream_reports_forged_records_to_consume(lib: ctypes.CDLL) -> 
 
 
 def test_queued_ops_use_their_own_slots_and_ring_entries(lib: ctypes.CDLL) -> None:
-    with _pair(lib) as (src, _):
+    with host_pair(lib, 1) as (src, _):
         mb = src.mailboxes.mailboxes[0]
         parts = [(0, array.array("Q", PRIVATE[0:10])), (10, array.array("Q", PRIVATE[10:15])),
                  (40, array.array("Q", [PRIVATE[20], 0x1001, PRIVATE[21]]))]  # fmt: skip
