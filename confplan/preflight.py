@@ -23,7 +23,7 @@ from typing import Any
 from confplan.agent import handle as vmm_handle
 from confplan.errors import ConfplanError, EnvironmentProblem, PlanBusy
 from confplan.guest import abi
-from confplan.kvm import Kvm, probe_kvm
+from confplan.kvm import probe_kvm
 from confplan.plan import Plan
 from confplan.plan.models import StartIncomingParams
 from confplan.plan.units import format_size
@@ -162,12 +162,10 @@ def _c_core() -> Check:
 
 def _kvm_local(plan: Plan, side: str) -> Check:
     try:
-        detail = probe_kvm()
-        with Kvm() as kvm:
-            limit = kvm.max_vcpus()
+        probe = probe_kvm()
     except EnvironmentProblem as err:
         return Check("kvm", side, False, err.message, err.hint)
-    return _vcpus_within(plan, side, detail, limit)
+    return _vcpus_within(plan, side, probe.detail, probe.max_vcpus)
 
 
 def _vcpus_per_vm(plan: Plan) -> int:

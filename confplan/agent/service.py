@@ -256,14 +256,14 @@ class VmmService:
 
 def host_facts() -> Params:
     """What a remote preflight asks of this host: is KVM usable, how much memory is available."""
-    from confplan.kvm import Kvm, probe_kvm
+    from confplan.kvm import probe_kvm
     from confplan.vmm.memory import mem_available
 
     max_vcpus = None
     try:
-        kvm: Params = {"ok": True, "detail": probe_kvm(), "hint": None}
-        with Kvm() as dev:
-            max_vcpus = dev.max_vcpus()
+        probe = probe_kvm()
+        kvm: Params = {"ok": True, "detail": probe.detail, "hint": None}
+        max_vcpus = probe.max_vcpus
     except ConfplanError as err:
         kvm = {"ok": False, "detail": err.message, "hint": err.hint}
     return {"kvm": kvm, "mem_available": mem_available(), "max_vcpus": max_vcpus}

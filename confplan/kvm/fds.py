@@ -10,6 +10,7 @@ import ctypes
 import errno
 import mmap
 import os
+from dataclasses import dataclass
 from typing import Final
 
 from confplan.errors import EnvironmentProblem
@@ -389,9 +390,19 @@ def addressof(obj: ctypes.Structure | ctypes.Array[ctypes.c_uint64]) -> int:
     return ctypes.addressof(obj)
 
 
-def probe_kvm(path: str | None = None) -> str:
+@dataclass(frozen=True)
+class KvmProbe:
+    """What ``probe_kvm`` found: a line for people, and KVM's own vCPU limit per VM."""
+
+    detail: str
+    max_vcpus: int
+
+
+def probe_kvm(path: str | None = None) -> KvmProbe:
     """Open the KVM device and check its API and capabilities as a VMM will; what was found, or
     EnvironmentProblem saying what is wrong (the preflight's and the agent's KVM check)."""
     with Kvm(path) as kvm:
-        return (f"{kvm.path}: KVM API {s.KVM_API_VERSION}, {', '.join(REQUIRED_CAPS)}, "
-                f"at most {kvm.max_vcpus()} vCPUs per VM")
+        limit = kvm.max_vcpus()
+        caps = ", ".join(REQUIRED_CAPS)
+        detail = f"{kvm.path}: KVM API {s.KVM_API_VERSION}, {caps}, at most {limit} vCPUs per VM"
+        return KvmProbe(detail, limit)

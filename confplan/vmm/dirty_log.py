@@ -16,9 +16,8 @@ from dataclasses import dataclass
 
 from confplan.kvm import KvmError, Vm
 from confplan.kvm import structs as s
+from confplan.vmm.abi import PAGE
 from confplan.vmm.bitmap import PageBitmap
-
-PAGE = 4096
 
 
 @dataclass(frozen=True)
