@@ -194,12 +194,8 @@ class Mailbox:
             now = time.monotonic()
             left = deadline - now
             if left <= 0:
-                raise MailboxError(
-                    f"mailbox {op.name} on MH vCPU {self.mh_index} got no answer within {self.timeout:g} s "
-                    f"(seq {seq}, the helper's done is {self._ctl_q[_Q_DONE]})",
-                    op=op, mh_index=self.mh_index, status=-1,
-                    hint="check that the helper vCPU runs (its heartbeat) and that the kick reaches it",
-                )  # fmt: skip
+                done = self._ctl_q[_Q_DONE]
+                raise no_answer(op, self.mh_index, self.timeout, f" (seq {seq}, the helper's done is {done})")
             expect = self._expect[seq % RING]
             if self._ctl_q[_Q_SEQ] == seq:
                 self._wait(seq, left)  # the last queued op: the helper's doorbell wakes us
@@ -457,6 +453,15 @@ def raise_for_refusals(op: Op, mh_index: int, result: BatchResult) -> None:
     raise refusal_error(
         op, mh_index, result.n_refused, len(result.statuses), first, gpa, result.statuses[first],
         statuses=result.statuses,
+    )  # fmt: skip
+
+
+def no_answer(op: Op, mh_index: int, timeout: float, detail: str = "") -> MailboxError:
+    """The MailboxError for an op the helper did not finish within ``timeout`` seconds."""
+    return MailboxError(
+        f"mailbox {op.name} on MH vCPU {mh_index} got no answer within {timeout:g} s{detail}",
+        op=op, mh_index=mh_index, status=-1,
+        hint="check that the helper vCPU runs (its heartbeat) and that the kick reaches it",
     )  # fmt: skip
 
 

@@ -15,7 +15,7 @@ import threading
 from confplan.core.datapath import LoopMailbox, LoopResult, Stop
 from confplan.core.status import raise_for
 from confplan.errors import ConfplanError
-from confplan.migration.mailbox import refusal_error
+from confplan.migration.mailbox import no_answer, refusal_error
 from confplan.migration.mailbox_layout import RING, MailboxError, Op, status_name
 from confplan.migration.mailbox_set import MailboxSet
 
@@ -64,12 +64,7 @@ class SealedPath:
                 op=op, mh_index=result.bad_mailbox, status=result.bad_status,
             )  # fmt: skip
         if stop is Stop.OP_TIMEOUT:
-            raise MailboxError(
-                f"mailbox {op.name} on MH vCPU {result.bad_mailbox} got no answer within "
-                f"{self.op_timeout:g} s",
-                op=op, mh_index=result.bad_mailbox, status=-1,
-                hint="check that the helper vCPU runs (its heartbeat) and that the kick reaches it",
-            )  # fmt: skip
+            raise no_answer(op, result.bad_mailbox, self.op_timeout)
         if stop is Stop.MACHINE:
             self.mailboxes.mailboxes[0].check()  # raises the machine's error
             raise ConfplanError(f"the guest stopped during a stream of {op.name} ops")
