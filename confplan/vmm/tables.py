@@ -148,8 +148,8 @@ def _write_set(ram: GuestWrites, base: int, layout: GuestLayout, low: dict[int, 
     ram.write(pd0, struct.pack("<Q", pt | P | RW | US))
     for start, end in layout.ram_ranges():
         first = max(start, HUGE)
-        if not helper:
-            first = max(first, layout.mh_end) if start < layout.mh_end else first
+        if not helper and start < layout.mh_end:  # the workload's tables leave out the MH area
+            first = max(first, layout.mh_end)
         entries = b"".join(struct.pack("<Q", gpa | P | RW | US | PS) for gpa in range(first, end, HUGE))
         ram.write(pd0 + (first // HUGE) * 8, entries)
     for gpa in range(abi.MMIO_BASE, abi.MMIO_BASE + abi.MMIO_SIZE, HUGE):
