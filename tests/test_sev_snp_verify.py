@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from confplan.sev.memory import BytearrayGuestMemory
 from confplan.sev.policy import encode_snp_policy
@@ -17,10 +18,11 @@ from confplan.sev.snp_release import (
     WrappedKey,
     guest_key_pair,
     open_released_key,
+    public_bytes,
     release_to_report,
     report_data_for,
 )
-from confplan.sev.snp_report import AttestationReport
+from confplan.sev.snp_report import SIGNED_LEN, AttestationReport
 from confplan.sev.snp_verify import ReportExpectations, verify_snp_report
 
 DATA = Path(__file__).parent / "data" / "amd"
@@ -149,34 +151,40 @@ def test_key_release_binds_the_key_in_report_data(emulated: tuple[EmulatedSecure
     guest_key, public = guest_key_pair()
     nonce = os.urandom(32)
     report = _emulated_report(psp, report_data_for(nonce, public))
-    transport_key = os.urandom(32)
-    wrapped, verdict = release_to_report(
-        report, vek, ReportExpectations(measurement=digest), guest_public_key=public, nonce=nonce,
-        transport_key=transport_key, ark_raw=ark, ask_raw=ask, trust_emulated=True,
-    )  # fmt: skip
-    assert "report_data" in verdict.checked
-    assert open_released_key(WrappedKey.unpack(wrapped.pack()), guest_key, nonce, report) == transport_key
-    _, other_public = guest_key_pair()
-    cases = [
-        (dict(guest_public_key=other_public, nonce=nonce), "report_data"),  # the host swapped the key
-        (dict(guest_public_key=public, nonce=os.urandom(32)), "report_data"),  # a replayed report
-    ]
-    for kwargs, field in cases:
-        with pytest.raises(VerifyError) as err:
-            release_to_report(
-                report, vek, ReportExpectations(measurement=digest), transport_key=transport_key,
-                ark_raw=ark, ask_raw=ask, trust_emulated=True, **kwargs,  # type: ignore[arg-type]
-            )  # fmt: skip
-        assert err.value.field == field
-    with pytest.raises(VerifyError, match="measurement") as err:
+    secret = os.urandom(108)
+    expect = ReportExpectations(measurement=digest)
+    owner_key = X25519PrivateKey.generate()
+    static = public_bytes(owner_key)
+    chain = dict(ark_raw=ark, ask_raw=ask, trust_emulated=True, owner_key=owner_key)
+    wrapped, verdict = release_to_report(report, vek, expect, nonce=nonce, secret=secret, **chain)  # type: ignore[arg-type]
+    assert "measurement" in verdict.checked
+    assert open_released_key(WrappedKey.unpack(wrapped.pack()), guest_key, nonce, report, static) == secret
+    with pytest.raises(VerifyError) as err:  # a replayed report: made for another nonce
+        release_to_report(report, vek, expect, nonce=os.urandom(32), secret=secret, **chain)  # type: ignore[arg-type]
+    assert err.value.field == "report_data"
+    with pytest.raises(VerifyError, match="measurement"):
         release_to_report(
-            report, vek, ReportExpectations(measurement=bytes(48)), guest_public_key=public, nonce=nonce,
-            transport_key=transport_key, ark_raw=ark, ask_raw=ask, trust_emulated=True,
-        )  # fmt: skip
+            report,
+            vek,
+            ReportExpectations(measurement=bytes(48)),
+            nonce=nonce,
+            secret=secret,
+            **chain,  # type: ignore[arg-type]
+        )
     with pytest.raises(VerifyError, match="only against an expected measurement"):
-        release_to_report(
-            report, vek, ReportExpectations(), guest_public_key=public, nonce=nonce,
-            transport_key=transport_key, ark_raw=ark, ask_raw=ask, trust_emulated=True,
-        )  # fmt: skip
+        release_to_report(report, vek, ReportExpectations(), nonce=nonce, secret=secret, **chain)  # type: ignore[arg-type]
     with pytest.raises(VerifyError, match="does not open"):
-        open_released_key(wrapped, guest_key_pair()[0], nonce, report)
+        open_released_key(wrapped, guest_key_pair()[0], nonce, report, static)
+    for offset in (0x08, 0x1A0, SIGNED_LEN - 1):  # the AAD is the whole signed report
+        other = bytearray(report)
+        other[offset] ^= 1
+        with pytest.raises(VerifyError, match="does not open"):
+            open_released_key(wrapped, guest_key, nonce, bytes(other), static)
+    low_order = WrappedKey(bytes(32), wrapped.iv, wrapped.ciphertext)
+    with pytest.raises(VerifyError, match="low-order"):
+        open_released_key(low_order, guest_key, nonce, report, static)
+    # A host can wrap to G with an ephemeral key of its own, but not with the owner's static key.
+    forged = release_to_report(report, vek, expect, nonce=nonce, secret=b"host's key",
+                               **{**chain, "owner_key": X25519PrivateKey.generate()})[0]  # type: ignore[arg-type]
+    with pytest.raises(VerifyError, match="does not open"):
+        open_released_key(forged, guest_key, nonce, report, static)

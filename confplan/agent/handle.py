@@ -108,7 +108,8 @@ class VmmHandle:
 
 
 class RpcLaunchPeer:
-    """``sev.owner.LaunchPeer`` over a VMM's RPC: platform_chain, launch_measure, launch_secret."""
+    """``sev.owner.LaunchPeer`` and ``sev.owner.SnpPeer`` over a VMM's RPC: platform_chain, launch_measure,
+    launch_secret; snp_launch, snp_chain, key_request, key_release."""
 
     def __init__(self, handle: VmmHandle) -> None:
         self._handle = handle
@@ -125,6 +126,20 @@ class RpcLaunchPeer:
 
     def inject_secret(self, header: bytes, ciphertext: bytes) -> None:
         self._handle.call("launch_secret", {"header": _b64(header), "ciphertext": _b64(ciphertext)})
+
+    # ---- sev.owner.SnpPeer: the SEV-SNP launch and key release (docs/key-release.md) ----
+    def snp_launch(self, policy: int) -> bytes:
+        return base64.b64decode(self._handle.call("snp_launch", {"policy": policy})["measurement"])
+
+    def snp_chain(self) -> tuple[bytes, bytes, bytes]:
+        doc = self._handle.call("snp_chain")
+        return base64.b64decode(doc["ark"]), base64.b64decode(doc["ask"]), base64.b64decode(doc["vcek"])
+
+    def key_request(self, nonce: bytes) -> bytes:
+        return base64.b64decode(self._handle.call("key_request", {"nonce": _b64(nonce)})["report"])
+
+    def key_release(self, wrapped: bytes) -> None:
+        self._handle.call("key_release", {"wrapped": _b64(wrapped)})
 
 
 def _b64(data: bytes) -> str:

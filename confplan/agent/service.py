@@ -284,6 +284,24 @@ def _launch_secret(side: Side, params: Params) -> Params:
     return {}
 
 
+def _snp_launch(side: Side, params: Params) -> Params:
+    return {"measurement": _b64(side.snp_launch(int(params["policy"])))}
+
+
+def _snp_chain(side: Side, params: Params) -> Params:
+    ark, ask, vcek = side.snp_chain()
+    return {"ark": _b64(ark), "ask": _b64(ask), "vcek": _b64(vcek)}
+
+
+def _key_request(side: Side, params: Params) -> Params:
+    return {"report": _b64(side.key_request(_unb64(params, "nonce")))}
+
+
+def _key_release(side: Side, params: Params) -> Params:
+    side.key_release(_unb64(params, "wrapped"))
+    return {}
+
+
 def _mac_table(side: Side, params: Params) -> Params:
     if params.get("action", "fill") != "fill":
         raise ConfplanError(f"unknown mac_table action {params['action']!r}", hint="the action is fill")
@@ -355,6 +373,10 @@ _METHODS: dict[str, _Method] = {
     "stop_guest": _Method(_ANY, VmmService.stop_guest),
     "launch_measure": _Method(_BOTH, _launch_measure),
     "launch_secret": _Method(_BOTH, _launch_secret),
+    "snp_launch": _Method(_BOTH, _snp_launch),
+    "snp_chain": _Method(_BOTH, _snp_chain),
+    "key_request": _Method(_BOTH, _key_request),
+    "key_release": _Method(_BOTH, _key_release),
     "start": _Method(_BOTH, lambda side, params: side.start()),
     "workload_check": _Method(_BOTH, lambda side, params: side.workload_check()),
     "mac_table": _Method(_BOTH, _mac_table),

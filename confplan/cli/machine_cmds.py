@@ -8,11 +8,14 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from confplan.vmm import Machine, abi
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 
 def _status_line(m: Machine, dirty_pages: int, seconds: float) -> str:
@@ -56,6 +59,28 @@ def _measured_launch(m: Machine, policy: int, psp_dir: Path) -> None:
     )
 
 
+def _snp_launch_and_start(m: Machine, policy: int, psp_dir: Path, owner_key: X25519PrivateKey) -> None:
+    """SEV-SNP: launch, start, then release a throw-away transport key to the helper against its report
+    (docs/key-release.md), the owner's side in this process as for SEV."""
+    from confplan.migration.side import MigrationSide
+    from confplan.sev.broker import TRANSPORT_KEY_LEN, confplan_secrets
+    from confplan.sev.owner import release_to_snp_guest
+    from confplan.vmm.launch_blobs import expected_launch_digest
+
+    side = MigrationSide(m, psp_dir=psp_dir, log=lambda line: None)
+    expected = expected_launch_digest(m.config, m.firmware, m.host)
+    side.snp_launch(policy)
+    m.start()
+    m.wait_helpers_ready()
+    secrets = confplan_secrets(os.urandom(TRANSPORT_KEY_LEN))
+    digest = release_to_snp_guest(
+        side, expected, policy, secrets, owner_key=owner_key, trust_emulated_platform=True
+    )
+    typer.echo(f"SEV-SNP launch on the EMULATED secure processor (not AMD hardware): policy {policy:#x}")
+    typer.echo(f"  launch digest {digest} (predicted from the plan; the report carried it)")
+    typer.echo("  the owner's broker checked the helper's report and released a throw-away key to it")
+
+
 def launch(
     plan_path: Annotated[Path, typer.Argument(metavar="PLAN", help="The plan whose guest to boot.")],
     duration: Annotated[
@@ -67,7 +92,8 @@ def launch(
         bool,
         typer.Option(
             "--measured/--unmeasured",
-            help="Measured SEV launch with the plan's sev.policy on the EMULATED secure processor.",
+            help="Measured launch (SEV, SEV-ES or SEV-SNP, as the plan says) with the plan's sev.policy on "
+            "the EMULATED secure processor.",
         ),
     ] = True,
     psp_dir: Annotated[
@@ -76,12 +102,16 @@ def launch(
     ] = None,
 ) -> None:
     """Boot the plan's guest and show live what it does (vCPUs, helper vCPUs, dirty rate, shared pages)."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
     from confplan.plan import load_plan
+    from confplan.sev.snp_release import public_bytes
     from confplan.stages.machines import machine_config
 
     plan = load_plan(plan_path)
-    policy = int(plan.sev.policy_int) if measured else None  # sev-snp: refused by the plan's rules
-    config = machine_config(plan, measured=measured)
+    policy = int(plan.sev.policy_int) if measured else None
+    owner_key = X25519PrivateKey.generate()  # throw-away: an SEV-SNP guest is launched with its public half
+    config = machine_config(plan, measured=measured, owner_key=public_bytes(owner_key))
     echo = (lambda line: typer.echo(f"  {line}")) if console else None
     with Machine(config, echo=echo) as m:
         typer.echo(f"firmware {m.firmware.path} sha256 {m.firmware.sha256}")
@@ -96,9 +126,12 @@ def launch(
         )
         if m.mirror is not None:
             typer.echo(f"mirror VM: {m.mirror.enc_context}")
-        if policy is not None:
-            _measured_launch(m, policy, psp_dir or plan.checkpoint.dir)
-        m.start()
+        if policy is not None and config.snp:
+            _snp_launch_and_start(m, policy, psp_dir or plan.checkpoint.dir, owner_key)
+        else:
+            if policy is not None:
+                _measured_launch(m, policy, psp_dir or plan.checkpoint.dir)
+            m.start()
         _watch(m, duration, interval)
     typer.echo("guest shut down")
 

@@ -443,6 +443,30 @@ class Mailbox:
         if status != MhStatus.OK:
             self._fail(Op.OPEN_STATE, status, f" (vCPU {vcpu}'s state, {len(sealed)} bytes)")
 
+    # ---- v6: the SNP key release (docs/key-release.md), helper 0 only ----
+    def _exchange(self, op: Op, data: bytes, what: str) -> int:
+        """Put ``data``, run ``op`` on it; its ``n_ok`` (bytes written back to the data area, or released)."""
+        self._put(op, data)
+        seq = self.post(op, arg1=len(data))
+        status = self.wait(op, seq)
+        if status != MhStatus.OK:
+            self._fail(op, status, f" ({what})")
+        return self.result(seq)[1]
+
+    def key_request(self, nonce: bytes) -> bytes:
+        """KEY_REQUEST: the helper makes a key pair and seals MSG_REPORT_REQ (REPORT_DATA = nonce || its
+        public key) under VMPCK0; the sealed message, for the secure processor."""
+        return bytes(self.slots[: self._exchange(Op.KEY_REQUEST, nonce, "the owner's nonce")])
+
+    def key_report(self, answer: bytes) -> bytes:
+        """KEY_REPORT: the secure processor's sealed MSG_REPORT_RSP in, the opened report (0x4A0) out."""
+        return bytes(self.slots[: self._exchange(Op.KEY_REPORT, answer, "the secure processor's answer")])
+
+    def key_release(self, wrapped: bytes) -> int:
+        """KEY_RELEASE: the owner's wrapped secrets; the helper opens them or refuses (KEY_AUTH: nothing is
+        installed). The released table's length."""
+        return self._exchange(Op.KEY_RELEASE, wrapped, "the owner's wrapped key")
+
 
 def raise_for_refusals(op: Op, mh_index: int, result: BatchResult) -> None:
     """Raise MailboxError naming the first refused slot of ``result``, if any."""

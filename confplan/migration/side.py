@@ -20,10 +20,11 @@ from confplan.errors import ConfplanError
 from confplan.migration.handover import Command, Order, Role
 from confplan.migration.handover_io import Driver, HandoverFiles
 from confplan.migration.helper import helper_mailboxes
+from confplan.migration.mailbox import Mailbox
 from confplan.migration.mailbox_set import MailboxSet
 from confplan.migration.verify import SharedTable, shared_digest
 from confplan.vmm import Machine, abi
-from confplan.vmm.sev_launch import MeasuredLaunch
+from confplan.vmm.sev_launch import MeasuredLaunch, SnpLaunch
 
 Log = Callable[[str], None]
 
@@ -52,7 +53,7 @@ class MigrationSide:
         self.files = HandoverFiles(state_dir, Role(self.role)) if state_dir is not None else None
         self._lock_fd = self.files.hold() if self.files is not None else None
         self.handover: Driver | None = None
-        self.launch: MeasuredLaunch | None = None
+        self.launch: MeasuredLaunch | SnpLaunch | None = None
         self.shared_table: SharedTable | None = None  # the stream's shared-page CRCs (mac_table fill)
         self._mailboxes: MailboxSet | None = None
         self._mh_ready = False
@@ -88,10 +89,47 @@ class MigrationSide:
         return measurement
 
     def launch_secret(self, header: bytes, ciphertext: bytes) -> None:
-        if self.launch is None:
-            raise ConfplanError("no measured launch in progress", hint="call 'launch_measure' first")
+        if not isinstance(self.launch, MeasuredLaunch):
+            raise ConfplanError("no measured SEV launch in progress", hint="call 'launch_measure' first")
         self.launch.inject_secret(header, ciphertext)  # and LAUNCH_FINISH
         self.log(f"{self.role}: launch secret injected, LAUNCH_FINISH")
+
+    # ---- SEV-SNP: launch now, the key later against a report (docs/key-release.md) ----
+    def snp_launch(self, policy: int) -> bytes:
+        """SNP_LAUNCH_START .. SNP_LAUNCH_FINISH: the launch digest."""
+        from confplan.sev import EmulatedSecureProcessor
+
+        launch = SnpLaunch(self.need_machine(), EmulatedSecureProcessor.open(self.psp_dir))
+        self.launch = launch
+        digest = launch.launch(policy)
+        self.log(f"{self.role}: SNP launch measured (SNP_LAUNCH_START, UPDATE, FINISH)")
+        return digest
+
+    def _snp(self) -> tuple[SnpLaunch, Mailbox]:
+        if not isinstance(self.launch, SnpLaunch) or not self.launch.finished:
+            raise ConfplanError("no finished SEV-SNP launch on this VMM", hint="call 'snp_launch' first")
+        if self._mailboxes is None:
+            self._mailboxes = helper_mailboxes(self.need_machine())
+        if self._mailboxes is None:
+            raise ConfplanError("this SNP guest has no migration helper to release the key to",
+                                hint="give the guest helper vCPUs")  # fmt: skip
+        return self.launch, self._mailboxes.mailboxes[0]
+
+    def snp_chain(self) -> tuple[bytes, bytes, bytes]:
+        return self._snp()[0].cert_chain()
+
+    def key_request(self, nonce: bytes) -> bytes:
+        """The helper's sealed report request, relayed to the secure processor and its answer back: the
+        report the helper opened (REPORT_DATA = nonce || its ephemeral key)."""
+        launch, helper = self._snp()
+        report = helper.key_report(launch.guest_request(helper.key_request(nonce)))
+        self.log(f"{self.role}: SNP report for the owner's nonce (helper 0, via SNP_GUEST_REQUEST)")
+        return report
+
+    def key_release(self, wrapped: bytes) -> None:
+        _, helper = self._snp()
+        helper.key_release(wrapped)
+        self.log(f"{self.role}: the owner's key opened in helper 0 (KEY_RELEASE)")
 
     def start(self) -> dict[str, Any]:
         machine = self.need_machine()

@@ -133,17 +133,6 @@ def memory_holds_the_guest(guest: Guest, helper: Helper) -> Iterator[Finding]:
 
 
 @rule("sev")
-def generation_can_migrate(sev: Sev) -> Iterator[Finding]:
-    # The VMM's measured launch and key release speak the SEV/SEV-ES flow (LAUNCH_SECRET), not SNP's.
-    if sev.generation == "sev-snp":
-        yield (
-            ("sev", "generation"),
-            "this confplan cannot migrate sev-snp guests: its measured launch speaks the SEV/SEV-ES flow "
-            "(LAUNCH_SECRET); use sev or sev-es",
-        )
-
-
-@rule("sev")
 def policy_flags_match_generation(sev: Sev) -> Iterator[Finding]:
     if not isinstance(sev.policy, PolicyFlags):
         return

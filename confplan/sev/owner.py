@@ -10,6 +10,7 @@ owner for its own guest allows: exactly the digest it predicted from the plan an
 
 from __future__ import annotations
 
+import os
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -19,6 +20,8 @@ from confplan.sev.launch_crypto import PlatformVersion
 from confplan.sev.policy import sev_api_version
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
     from confplan.sev.broker import KeyBroker, OwnerPolicy
 
 
@@ -77,3 +80,62 @@ def attest_and_release(
     packet = broker.release(bundle.state, measurement, version, secrets)
     peer.inject_secret(packet.header(), packet.ciphertext)
     return LaunchRecord(policy, measurement, digest, version)
+
+
+class SnpPeer(Protocol):
+    """An SEV-SNP launch as the owner sees it (docs/key-release.md): the launch, the platform's chain, a
+    report made by the running helper for the owner's nonce, and the wrapped secrets handed back."""
+
+    def snp_launch(self, policy: int) -> bytes:
+        """SNP_LAUNCH_START .. SNP_LAUNCH_FINISH: the launch digest (the host's word; the report is proof)."""
+        ...
+
+    def snp_chain(self) -> tuple[bytes, bytes, bytes]:
+        """ARK, ASK and VCEK as the host fetched them (checked against the owner's trusted ARK)."""
+        ...
+
+    def key_request(self, nonce: bytes) -> bytes:
+        """The helper's report for ``nonce`` (REPORT_DATA = nonce || its ephemeral public key)."""
+        ...
+
+    def key_release(self, wrapped: bytes) -> None:
+        """The wrapped secrets to the helper, which opens them with its ephemeral key."""
+        ...
+
+
+def release_to_snp_guest(
+    peer: SnpPeer, expected_digest: bytes, policy: int, secrets: dict[uuid.UUID, bytes], *,
+    owner_key: X25519PrivateKey, trust_emulated_platform: bool, pins: list[str] | None = None,
+) -> str:  # fmt: skip
+    """Ask the running guest's helper for a report bound to a fresh nonce, verify it (chain to a trusted
+    ARK, signature, VMPL 0, exactly ``policy``, the measurement ``expected_digest``) and only then wrap
+    ``secrets`` to the helper's key with ``owner_key`` (the static key whose public half the guest was
+    launched with, so its helper knows the wrap is the owner's). ``AttestationRefused`` names the failing
+    field; nothing is released then. Returns the report's measurement (hex)."""
+    from confplan.sev.broker import AttestationRefused
+    from confplan.sev.policy import SnpPolicyFlag
+    from confplan.sev.secret_table import build_secret_table
+    from confplan.sev.signing import VerifyError
+    from confplan.sev.snp_release import NONCE_LEN, release_to_report
+    from confplan.sev.snp_verify import ReportExpectations
+
+    nonce = os.urandom(NONCE_LEN)
+    report = peer.key_request(nonce)
+    ark, ask, vcek = peer.snp_chain()
+    flags = SnpPolicyFlag(policy & (SnpPolicyFlag.DEBUG | SnpPolicyFlag.MIGRATE_MA))
+    expect = ReportExpectations(  # exactly the plan's policy: what it allows is the owner's own choice
+        measurement=expected_digest, policy=policy, allow_debug=SnpPolicyFlag.DEBUG in flags,
+        allow_migrate_ma=SnpPolicyFlag.MIGRATE_MA in flags,
+    )  # fmt: skip
+    try:
+        wrapped, verdict = release_to_report(
+            report, vcek, expect, nonce=nonce, secret=build_secret_table(secrets), owner_key=owner_key,
+            ark_raw=ark, ask_raw=ask, pins=pins, trust_emulated=trust_emulated_platform,
+        )  # fmt: skip
+    except VerifyError as err:
+        raise AttestationRefused(
+            f"the SNP report does not pass, so no key is released: {err.message}",
+            hint=err.hint or "the guest is not the measured confplan helper the owner expects",
+        ) from None
+    peer.key_release(wrapped.pack())
+    return verdict.report.measurement.hex()

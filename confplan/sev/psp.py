@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from confplan.errors import ConfplanError
-from confplan.sev import certs, launch_crypto, snp
+from confplan.sev import certs, launch_crypto, snp, snp_guest_msg
 from confplan.sev.certs import CertError, PlatformChain, SevCert, Usage
 from confplan.sev.launch_crypto import PlatformVersion, SecretPacket, SessionBlob, TransportKeys
 from confplan.sev.memory import GuestMemory
@@ -56,6 +56,7 @@ class SevStatus(enum.IntEnum):
     INVALID_ADDRESS = 0x09
     BAD_MEASUREMENT = 0x0B
     UNSUPPORTED = 0x15
+    INVALID_PARAM = 0x16
 
 
 class SecureProcessorError(ConfplanError):
@@ -379,6 +380,9 @@ class SnpGuest(_Guest):
         self.policy = 0
         self.host_data = bytes(32)
         self._gctx = snp.SnpLaunchDigest()
+        self._vmpck0: bytes | None = None  # set by the SECRETS page; the guest's messages are sealed with it
+        self._last_seqno = 0
+        self.report_id = self._psp._random(32)
 
     def _debug_allowed(self) -> bool:
         return bool(self.policy & SnpPolicyFlag.DEBUG)
@@ -408,6 +412,12 @@ class SnpGuest(_Guest):
             raise SecureProcessorError(cmd, SevStatus.INVALID_ADDRESS, f"GPA {gpa:#x} is not page-aligned")
         if page_type == snp.PageType.NORMAL:
             self._memory.write(gpa, data)  # first, so a bad GPA leaves the digest untouched
+        elif page_type == snp.PageType.SECRETS:
+            if self._vmpck0 is not None or data:
+                raise SecureProcessorError(cmd, SevStatus.INVALID_PARAM, "one SECRETS page, given no data")
+            vmpcks = [self._psp._random(snp_guest_msg.VMPCK_LEN) for _ in range(4)]
+            self._memory.write(gpa, snp_guest_msg.secrets_page(vmpcks))
+            self._vmpck0 = vmpcks[0]
         self._gctx.update_region(gpa, data, page_type)
 
     def launch_finish(self) -> None:
@@ -415,7 +425,7 @@ class SnpGuest(_Guest):
         self.state = GuestState.RUNNING
 
     def attestation_report(self, report_data: bytes) -> bytes:
-        """MSG_REPORT_REQ from the guest: a report carrying ``report_data``, signed by the emulated VCEK."""
+        """A report carrying ``report_data``, signed by the emulated VCEK (what MSG_REPORT_REQ answers)."""
         cmd = "SNP_GUEST_REQUEST(MSG_REPORT_REQ)"
         self._require(cmd, GuestState.RUNNING)
         if len(report_data) > 64:
@@ -426,5 +436,33 @@ class SnpGuest(_Guest):
             report_data=report_data.ljust(64, b"\x00"),
             host_data=self.host_data,
             chip_id=snp.EMULATED_CHIP_ID,
+            report_id=self.report_id,
         )
         return self._psp._sign_report(report)
+
+    def guest_request(self, request: bytes) -> bytes:
+        """SNP_GUEST_REQUEST: open the guest's MSG_REPORT_REQ under VMPCK0 (its sequence number must be the
+        next one), answer MSG_REPORT_RSP sealed under VMPCK0 with the following number."""
+        cmd = "SNP_GUEST_REQUEST"
+        self._require(cmd, GuestState.RUNNING)
+        if self._vmpck0 is None:
+            raise SecureProcessorError(cmd, SevStatus.INVALID_GUEST_STATE, "the launch had no SECRETS page")
+        try:
+            msg = snp_guest_msg.open_msg(request, self._vmpck0)
+        except snp_guest_msg.GuestMsgError as err:
+            raise SecureProcessorError(cmd, SevStatus.INVALID_PARAM, str(err)) from None
+        if msg.seqno != self._last_seqno + 1 or msg.vmpck != 0:
+            raise SecureProcessorError(
+                cmd, SevStatus.INVALID_PARAM,
+                f"message number {msg.seqno} (VMPCK{msg.vmpck}), expected {self._last_seqno + 1} (VMPCK0)",
+            )  # fmt: skip
+        if msg.msg_type != snp_guest_msg.MsgType.REPORT_REQ or len(msg.payload) != 0x60:
+            raise SecureProcessorError(cmd, SevStatus.INVALID_PARAM, f"unexpected {msg.msg_type.name}")
+        self._last_seqno = msg.seqno + 1  # the answer's number; an IV is never used twice under VMPCK0
+        vmpl = int.from_bytes(msg.payload[64:68], "little")
+        status, report = (0, self.attestation_report(msg.payload[:64])) if vmpl == 0 else (0x16, b"")
+        answer = snp_guest_msg.GuestMsg(
+            msg.seqno + 1, snp_guest_msg.MsgType.REPORT_RSP,
+            snp_guest_msg.report_response(report.ljust(snp_guest_msg.REPORT_LEN, b"\x00"), status),
+        )  # fmt: skip
+        return snp_guest_msg.seal(answer, self._vmpck0)

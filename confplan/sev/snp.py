@@ -80,6 +80,7 @@ class SnpReport:
     guest_svn: int = 0
     current_tcb: int = 0
     reported_tcb: int = 0
+    report_id: bytes = bytes(32)
 
     def body(self) -> bytes:
         raw = bytearray(SIGNED_LEN)
@@ -89,6 +90,7 @@ class SnpReport:
         raw[0x50:0x90] = self.report_data.ljust(64, b"\x00")
         raw[0x90:0xC0] = self.measurement
         raw[0xC0:0xE0] = self.host_data.ljust(32, b"\x00")
+        raw[0x140:0x160] = self.report_id
         struct.pack_into("<Q", raw, 0x180, self.reported_tcb)
         raw[0x1A0:0x1E0] = self.chip_id
         return bytes(raw)

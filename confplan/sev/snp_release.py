@@ -1,28 +1,30 @@
-"""Key release the SNP way: a report whose REPORT_DATA binds an ephemeral key, and the transport key
-wrapped to that key only after the report passes every check.
+"""Key release the SNP way (docs/key-release.md): a report whose REPORT_DATA binds the helper's ephemeral
+key to the owner's nonce, and the owner's secrets wrapped to that key only after the report passes every
+check.
 
-The guest's migration helper makes an ephemeral P-384 key pair and asks its secure processor for a report
-with ``REPORT_DATA = report_data_for(nonce, public_key)`` = SHA-512("confplan-snp-key-release/v1" ||
-nonce[32] || public key, SEC1 uncompressed). The owner's broker (``release_to_report``) verifies the
-report (``snp_verify``: chain, signature, TCB, VMPL, policy, the expected measurement) with that
-REPORT_DATA expected, so the key is the one the measured guest made for this nonce. It then wraps the
-transport key: ECDH with a fresh owner key, HKDF-SHA384 over the shared secret (salt: the nonce; info:
-label || MEASUREMENT || REPORT_ID), AES-256-GCM with the report's signed bytes [0, 0x2A0) as associated
-data. Only the holder of the guest's private key, i.e. that guest, opens it (``open_released_key``).
+The guest's migration helper draws an ephemeral X25519 key ``g`` (public ``G``) and asks its secure
+processor for a report with ``REPORT_DATA = nonce[32] || G[32]``. The owner's broker (``release_to_report``)
+verifies the report (``snp_verify``: chain, signature, TCB, VMPL, policy, the expected measurement) and that
+REPORT_DATA starts with the nonce it chose for this release, so ``G`` is the key the measured guest made for
+it. It then wraps the secrets: a fresh owner key ``o``, ``s = X25519(o, G)`` (refused if all zero),
+``kek = HKDF-SHA256(salt = nonce, ikm = s, info = LABEL || MEASUREMENT || REPORT_ID)``, AES-256-GCM with
+the report's signed bytes [0, 0x2A0) as associated data. Only the holder of ``g``, i.e. that guest, opens it
+(``open_released_key``; the helper's firmware does the same in firmware/mh/keyrelease.c).
 
-Wire form of ``WrappedKey`` (``pack``): magic "CPSNPKR1", owner public key[97], nonce[12], ciphertext+tag.
+X25519 rather than P-384: the helper implements it in a few hundred lines of constant-time freestanding C.
+Wire form of ``WrappedKey`` (``pack``): magic "CPSNPKR2", owner public key[32], IV[12], ciphertext || tag.
 """
 
 from __future__ import annotations
 
 import datetime
-import hashlib
+import hmac
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -30,31 +32,31 @@ from confplan.sev.signing import VerifyError
 from confplan.sev.snp_report import SIGNED_LEN
 from confplan.sev.snp_verify import ReportExpectations, ReportVerdict, verify_snp_report
 
-LABEL = b"confplan-snp-key-release/v1"
-MAGIC = b"CPSNPKR1"
+LABEL = b"confplan-snp-key-release/v2"
+MAGIC = b"CPSNPKR2"
 NONCE_LEN = 32
-POINT_LEN = 97  # SEC1 uncompressed P-384
-_IV_LEN = 12
+POINT_LEN = 32  # X25519 public key (RFC 7748 u-coordinate)
+IV_LEN = 12
+TAG_LEN = 16
+MAX_SECRET = 1024  # what the helper's shared block holds (docs/key-release.md)
+_MEASUREMENT, _REPORT_DATA, _REPORT_ID = slice(0x90, 0xC0), slice(0x50, 0x90), slice(0x140, 0x160)
 
 
-def _point(key: ec.EllipticCurvePublicKey) -> bytes:
-    return key.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+def _raw(key: X25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-def _load_point(raw: bytes, what: str) -> ec.EllipticCurvePublicKey:
-    try:
-        return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP384R1(), raw)
-    except ValueError:
-        raise VerifyError(
-            f"{what} is not a P-384 point (SEC1, {POINT_LEN} bytes)", field="public_key"
-        ) from None
+def _load_point(raw: bytes, what: str) -> X25519PublicKey:
+    if len(raw) != POINT_LEN:
+        raise VerifyError(f"{what} is not an X25519 public key ({POINT_LEN} bytes)", field="public_key")
+    return X25519PublicKey.from_public_bytes(raw)
 
 
 def report_data_for(nonce: bytes, public_key: bytes) -> bytes:
-    """The 64 bytes of REPORT_DATA that bind ``public_key`` (SEC1) to the owner's ``nonce``."""
-    if len(nonce) != NONCE_LEN:
-        raise ValueError(f"the release nonce is {NONCE_LEN} bytes, got {len(nonce)}")
-    return hashlib.sha512(LABEL + nonce + public_key).digest()
+    """The 64 bytes of REPORT_DATA that bind ``public_key`` (X25519, 32 bytes) to the owner's ``nonce``."""
+    if len(nonce) != NONCE_LEN or len(public_key) != POINT_LEN:
+        raise ValueError(f"REPORT_DATA is nonce[{NONCE_LEN}] || X25519 public key[{POINT_LEN}]")
+    return nonce + public_key
 
 
 @dataclass(frozen=True)
@@ -68,15 +70,25 @@ class WrappedKey:
 
     @classmethod
     def unpack(cls, raw: bytes) -> WrappedKey:
-        head = len(MAGIC) + POINT_LEN + _IV_LEN
-        if raw[: len(MAGIC)] != MAGIC or len(raw) < head + 16:
-            raise VerifyError("not a confplan SNP wrapped key (magic CPSNPKR1)", field="magic")
+        head = len(MAGIC) + POINT_LEN + IV_LEN
+        if raw[: len(MAGIC)] != MAGIC or not head + TAG_LEN <= len(raw) <= head + MAX_SECRET + TAG_LEN:
+            raise VerifyError("not a confplan SNP wrapped key (magic CPSNPKR2, length)", field="magic")
         return cls(raw[8 : 8 + POINT_LEN], raw[8 + POINT_LEN : head], raw[head:])
 
 
-def _kek(secret: bytes, nonce: bytes, measurement: bytes, report_id: bytes) -> bytes:
-    info = LABEL + measurement + report_id
-    return HKDF(hashes.SHA384(), 32, salt=nonce, info=info).derive(secret)
+def _shared(private: X25519PrivateKey, peer: X25519PublicKey) -> bytes:
+    try:
+        secret = private.exchange(peer)
+    except ValueError:  # OpenSSL refuses an all-zero result (a low-order point)
+        secret = bytes(32)
+    if not any(secret):
+        raise VerifyError("the X25519 exchange gave zero: a low-order public key", field="public_key")
+    return secret
+
+
+def _kek(secret: bytes, nonce: bytes, report_raw: bytes) -> bytes:
+    info = LABEL + report_raw[_MEASUREMENT] + report_raw[_REPORT_ID]
+    return HKDF(hashes.SHA256(), 32, salt=nonce, info=info).derive(secret)
 
 
 def release_to_report(
@@ -84,41 +96,49 @@ def release_to_report(
     vek_raw: bytes,
     expect: ReportExpectations,
     *,
-    guest_public_key: bytes,
     nonce: bytes,
-    transport_key: bytes,
+    secret: bytes,
+    owner_key: X25519PrivateKey,
     ark_raw: bytes | None = None,
     ask_raw: bytes | None = None,
     pins: list[str] | None = None,
     trust_emulated: bool = False,
     at: datetime.datetime | None = None,
 ) -> tuple[WrappedKey, ReportVerdict]:
-    """Verify the report (its REPORT_DATA must bind ``guest_public_key`` to ``nonce``) and wrap
-    ``transport_key`` to that key. Raises ``VerifyError`` naming the field; nothing is wrapped then."""
+    """Verify the report (its REPORT_DATA must be ``nonce`` then the guest's key) and wrap ``secret``
+    (an efi_secret table) to that key, authenticated by ``owner_key`` (the static key whose public half the
+    guest was launched with). Raises ``VerifyError`` naming the field; nothing is wrapped then."""
     if expect.measurement is None:
         raise VerifyError(
             "the broker releases a key only against an expected measurement", field="measurement"
         )
-    guest = _load_point(guest_public_key, "the guest's public key")
-    want = replace(expect, report_data=report_data_for(nonce, guest_public_key))
+    if len(nonce) != NONCE_LEN or not 0 < len(secret) <= MAX_SECRET:
+        raise ValueError(f"a {NONCE_LEN}-byte nonce and 1..{MAX_SECRET} bytes of secret")
     verdict = verify_snp_report(
-        report_raw, vek_raw, ark_raw, ask_raw, want, pins=pins, trust_emulated=trust_emulated, at=at
+        report_raw, vek_raw, ark_raw, ask_raw, expect, pins=pins, trust_emulated=trust_emulated, at=at
     )
-    owner = ec.generate_private_key(ec.SECP384R1())
-    report = verdict.report
-    kek = _kek(owner.exchange(ec.ECDH(), guest), nonce, report.measurement, report.report_id)
-    iv = os.urandom(_IV_LEN)
-    ciphertext = AESGCM(kek).encrypt(iv, transport_key, report.raw[:SIGNED_LEN])
-    return WrappedKey(_point(owner.public_key()), iv, ciphertext), verdict
+    report_data = verdict.report.raw[_REPORT_DATA]
+    if not hmac.compare_digest(report_data[:NONCE_LEN], nonce):
+        raise VerifyError(
+            "report report_data: not made for this release's nonce (a replayed or foreign report)",
+            field="report_data",
+        )
+    guest = _load_point(report_data[NONCE_LEN:], "the guest's key in REPORT_DATA")
+    owner = X25519PrivateKey.generate()
+    kek = _kek(_shared(owner, guest) + _shared(owner_key, guest), nonce, verdict.report.raw)
+    iv = os.urandom(IV_LEN)
+    ciphertext = AESGCM(kek).encrypt(iv, secret, verdict.report.raw[:SIGNED_LEN])
+    return WrappedKey(_raw(owner.public_key()), iv, ciphertext), verdict
 
 
 def open_released_key(
-    wrapped: WrappedKey, guest_key: ec.EllipticCurvePrivateKey, nonce: bytes, report_raw: bytes
+    wrapped: WrappedKey, guest_key: X25519PrivateKey, nonce: bytes, report_raw: bytes, owner_static: bytes
 ) -> bytes:
-    """The guest's side: unwrap with its ephemeral private key and its own report."""
+    """The guest's side (the helper does this in C): unwrap with its ephemeral key, its own report and the
+    owner's static public key it was launched with."""
     owner = _load_point(wrapped.owner_public_key, "the owner's public key")
-    measurement, report_id = report_raw[0x90:0xC0], report_raw[0x140:0x160]
-    kek = _kek(guest_key.exchange(ec.ECDH(), owner), nonce, measurement, report_id)
+    static = _load_point(owner_static, "the owner's static key")
+    kek = _kek(_shared(guest_key, owner) + _shared(guest_key, static), nonce, report_raw)
     try:
         return AESGCM(kek).decrypt(wrapped.iv, wrapped.ciphertext, report_raw[:SIGNED_LEN])
     except InvalidTag:
@@ -127,7 +147,12 @@ def open_released_key(
         ) from None
 
 
-def guest_key_pair() -> tuple[ec.EllipticCurvePrivateKey, bytes]:
-    """An ephemeral key pair for a release, and its public half as SEC1 (what REPORT_DATA binds)."""
-    key = ec.generate_private_key(ec.SECP384R1())
-    return key, _point(key.public_key())
+def public_bytes(key: X25519PrivateKey) -> bytes:
+    """The 32-byte public half of an X25519 key (what the guest's boot parameters carry as owner_key)."""
+    return _raw(key.public_key())
+
+
+def guest_key_pair() -> tuple[X25519PrivateKey, bytes]:
+    """An ephemeral key pair for a release, and its public half (what REPORT_DATA binds)."""
+    key = X25519PrivateKey.generate()
+    return key, _raw(key.public_key())

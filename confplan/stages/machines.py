@@ -11,8 +11,11 @@ from confplan.plan import Plan
 from confplan.vmm.config import MachineConfig
 
 
-def machine_config(plan: Plan, *, measured: bool = False, mh_only: bool = False) -> MachineConfig:
-    """The machine of ``plan``'s guest; ``mh_only`` for a migration target (helper only, guest paused)."""
+def machine_config(
+    plan: Plan, *, measured: bool = False, mh_only: bool = False, owner_key: bytes = b""
+) -> MachineConfig:
+    """The machine of ``plan``'s guest; ``mh_only`` for a migration target (helper only, guest paused);
+    ``owner_key``: the owner's static X25519 public key an SEV-SNP guest is launched with."""
     guest, helper = plan.guest, plan.helper
     mirror = helper.mode == "mirror-vm"
     return MachineConfig(
@@ -29,6 +32,8 @@ def machine_config(plan: Plan, *, measured: bool = False, mh_only: bool = False)
         seed=guest.workload.seed,
         timer_hz=guest.timer_hz,
         measured_launch=measured,
+        snp=measured and plan.sev.generation == "sev-snp",
+        owner_key=owner_key.hex() if measured and plan.sev.generation == "sev-snp" else "",
         mh_only=mh_only,
         # A target: its RAM is allocated before the stream starts, and it keeps no dirty log (nothing
         # reads it; on kvm_pvm logging roughly doubles the helper's cost of writing fresh pages).

@@ -52,6 +52,7 @@ def boot_params(config: MachineConfig, layout: GuestLayout, host: HostCpu) -> ab
         (abi.BP_FLAG_MH_ONLY if config.mh_only else 0)
         | (abi.BP_FLAG_ENC_HYPERCALL if config.enc_channel == "hypercall" else 0)
         | (abi.BP_FLAG_VENDOR_AMD if host.vendor_amd else 0)
+        | (abi.BP_FLAG_SNP if config.snp else 0)
     )
     bp.ram_bytes, bp.tsc_khz, bp.cpu_features = config.memory, host.tsc_khz, host.features
     # The guest's own vCPUs only: helper vCPUs (aux or mirror VM) stay invisible to it. Nothing here

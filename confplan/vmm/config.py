@@ -20,7 +20,10 @@ class MachineConfig:
     ``prefault`` allocates all guest RAM at creation; ``dirty_logging`` off: no dirty log (cannot send).
     ``mirror_vcpus``: the mirror VM's vCPUs in helper mode mirror-vm. ``measured_launch``: the firmware and
     boot parameters are placed by the secure processor's LAUNCH_UPDATE_DATA (``sev_launch``), and no vCPU
-    starts before LAUNCH_FINISH. ``timer_hz``: the LAPIC timer each workload vCPU programs (0: none;
+    starts before LAUNCH_FINISH; with ``snp`` that launch is SEV-SNP's (``sev_launch.SnpLaunch``: a SECRETS
+    page, the key released later against a report, docs/key-release.md) and ``owner_key`` (hex) is the
+    owner's static X25519 public key, measured in the boot parameters: the helper opens only what its holder
+    wrapped. ``timer_hz``: the LAPIC timer each workload vCPU programs (0: none;
     kvm-clock runs either way)."""
 
     memory: int = 64 * abi.MIB
@@ -38,6 +41,8 @@ class MachineConfig:
     prefault: bool = False
     enc_channel: EncChannel = "mmio"
     measured_launch: bool = False
+    snp: bool = False
+    owner_key: str = ""
     dirty_logging: bool = True
     timer_hz: int = 100
     watchdog_s: float | None = 10.0
@@ -60,6 +65,11 @@ class MachineConfig:
 
     def _check(self) -> None:
         where = "machine config"
+        if self.snp and not (self.measured_launch and len(bytes.fromhex(self.owner_key)) == 32):
+            raise ConfplanError(
+                f"{where}: an SNP guest without a measured launch or the owner's 32-byte key",
+                hint="build it with measured_launch=True and owner_key (the owner's X25519 public key, hex)",
+            )
         if self.workload_kind not in abi.WORKLOAD_KINDS:
             kinds = ", ".join(abi.WORKLOAD_KINDS)
             raise ConfplanError(

@@ -6,14 +6,14 @@ writes for the firmware (GDT, TSSs, IDT and both sets of page tables), whole pag
 in GPA order. The tables are measured because they decide what each ring may map: a host that mapped the
 secret page into the workload's page tables would change the digest. An unmeasured boot writes the same bytes.
 ``expected_launch_digest`` is what an orchestrator or the owner predicts for a config (a migration target
-differs by its mh_only flag).
+differs by its mh_only flag); an SNP launch measures the same blobs as whole pages, then its SECRETS page.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from confplan.sev import launch_crypto
+from confplan.sev import launch_crypto, snp
 from confplan.sev.psp import ALIGN
 from confplan.vmm import abi, tables
 from confplan.vmm.bootparams import HostCpu, boot_params_page
@@ -79,6 +79,20 @@ def launch_blobs(config: MachineConfig, firmware: Firmware, host: HostCpu) -> li
     ]
 
 
+def snp_launch_digest(blobs: list[LaunchBlob]) -> bytes:
+    """The SEV-SNP launch digest of ``blobs`` (page type NORMAL, whole pages) then the SECRETS page at
+    ``abi.SECRET_GPA``: the order ``sev_launch.SnpLaunch`` feeds SNP_LAUNCH_UPDATE."""
+    digest = snp.SnpLaunchDigest()
+    for blob in blobs:
+        digest.update_region(blob.gpa, blob.data, snp.PageType.NORMAL)
+    digest.update_region(abi.SECRET_GPA, b"", snp.PageType.SECRETS)
+    return digest.digest
+
+
 def expected_launch_digest(config: MachineConfig, firmware: Firmware, host: HostCpu) -> bytes:
-    """The SHA-256 launch digest the secure processor will hold for this config (no KVM needed)."""
-    return launch_crypto.sev_launch_digest([b.data for b in launch_blobs(config, firmware, host)])
+    """The launch digest the secure processor will hold for this config (no KVM needed): SHA-256 over
+    the blobs for SEV/SEV-ES, the SHA-384 page chain for SEV-SNP (``config.snp``)."""
+    blobs = launch_blobs(config, firmware, host)
+    if config.snp:
+        return snp_launch_digest(blobs)
+    return launch_crypto.sev_launch_digest([b.data for b in blobs])

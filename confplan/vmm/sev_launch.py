@@ -17,14 +17,15 @@ from confplan.errors import ConfplanError
 from confplan.sev.certs import PlatformChain
 from confplan.sev.launch_crypto import PlatformVersion
 from confplan.sev.owner import LaunchRecord, attest_and_release
-from confplan.sev.psp import EmulatedSecureProcessor, GuestState, SevGuest
+from confplan.sev.psp import EmulatedSecureProcessor, GuestState, SevGuest, SnpGuest
+from confplan.sev.snp import PageType
 from confplan.vmm import abi
 
 if TYPE_CHECKING:
     from confplan.sev.broker import KeyBroker
     from confplan.vmm.machine import Machine
 
-__all__ = ["LaunchRecord", "MeasuredLaunch", "launch_with_broker"]
+__all__ = ["LaunchRecord", "MeasuredLaunch", "SnpLaunch", "launch_with_broker"]
 
 
 class MeasuredLaunch:
@@ -98,3 +99,50 @@ def launch_with_broker(
 
     launch = MeasuredLaunch(machine, psp)
     return attest_and_release(launch, broker, policy, confplan_secrets(transport_key, migration_id))
+
+
+class SnpLaunch:
+    """One machine's SEV-SNP launch (docs/key-release.md): SNP_LAUNCH_START, SNP_LAUNCH_UPDATE of the
+    measured blobs (NORMAL) and of the SECRETS page at ``abi.SECRET_GPA`` (the PSP writes the VMPCKs
+    there), SNP_LAUNCH_FINISH. No secret goes in at launch: the running helper asks for a report and the
+    owner releases the key against it; the VMM only relays the helper's sealed messages (``guest_request``).
+    """
+
+    def __init__(self, machine: Machine, psp: EmulatedSecureProcessor) -> None:
+        if not (machine.config.measured_launch and machine.config.snp):
+            raise ConfplanError(
+                "this machine was not built for an SEV-SNP launch",
+                hint="build it with MachineConfig(measured_launch=True, snp=True)",
+            )
+        self.machine = machine
+        self.psp = psp
+        self.guest: SnpGuest = psp.new_snp_guest(machine)
+        machine.attach_launch(self)
+
+    @property
+    def finished(self) -> bool:
+        return self.guest.state is GuestState.RUNNING
+
+    @property
+    def state(self) -> str:
+        return self.guest.state.value
+
+    def launch(self, policy: int) -> bytes:
+        """The whole launch; the 48-byte launch digest (what every report will carry as MEASUREMENT)."""
+        self.guest.launch_start(policy)
+        for blob in self.machine.launch_blobs():
+            self.guest.launch_update(blob.gpa, blob.data, PageType.NORMAL)
+        self.guest.launch_update(abi.SECRET_GPA, b"", PageType.SECRETS)
+        self.guest.launch_finish()
+        return self.guest.launch_digest
+
+    def guest_request(self, message: bytes) -> bytes:
+        """SNP_GUEST_REQUEST: the helper's sealed request in, the PSP's sealed answer out."""
+        return self.guest.guest_request(message)
+
+    def cert_chain(self) -> tuple[bytes, bytes, bytes]:
+        """ARK, ASK and VCEK (PEM): what a host fetches from AMD KDS for its chip (here: emulated)."""
+        return self.psp.snp_cert_chain()
+
+    def debug_read(self, gpa: int, n: int) -> bytes:
+        return self.guest.debug_read(gpa, n)

@@ -8,7 +8,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from confplan.agent import handle as vmm_handle
 from confplan.agent.handle import VmmHandle
@@ -17,6 +17,9 @@ from confplan.plan import Plan
 from confplan.rpc import RpcError
 from confplan.stages import machines
 from confplan.stages.base import StageContext, Teardown, TeardownWhen
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 DIGEST_TIMEOUT = 300.0
 TEARDOWN_TIMEOUT = 5.0  # a tear-down never waits long on a dead peer
@@ -132,8 +135,12 @@ def probe_local(previous_result: dict[str, Any] | Any, role: str, **want: Any) -
 
 
 def machine_config(plan: Plan, *, mh_only: bool) -> dict[str, Any]:
-    """The plan's guest as ``MachineConfig`` fields (JSON, for the VMM's ``create``); measured launch."""
-    return dataclasses.asdict(machines.machine_config(plan, measured=True, mh_only=mh_only))
+    """The plan's guest as ``MachineConfig`` fields (JSON, for the VMM's ``create``); measured launch (an
+    SEV-SNP guest with the owner's static key, made by ``new_migration_secrets``)."""
+    owner_key = snp_owner_key(plan)[1] if plan.sev.generation == "sev-snp" else b""
+    return dataclasses.asdict(
+        machines.machine_config(plan, measured=True, mh_only=mh_only, owner_key=owner_key)
+    )
 
 
 def _write_secret(path: Path, data: bytes) -> None:
@@ -148,9 +155,31 @@ def _write_secret(path: Path, data: bytes) -> None:
 
 
 def new_migration_secrets(plan: Plan) -> None:
-    """A fresh transport key and migration id for a new source launch (kept 0600 in the owner folder)."""
+    """A fresh transport key, migration id and (SEV-SNP) owner's static X25519 key for a new source launch
+    (kept 0600 in the owner folder)."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+
     _write_secret(owner_dir(plan) / "transport.key", os.urandom(32))
     _write_secret(owner_dir(plan) / "migration.id", os.urandom(16))
+    raw = X25519PrivateKey.generate().private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+    _write_secret(owner_dir(plan) / "snp-owner.key", raw)
+
+
+def snp_owner_key(plan: Plan) -> tuple[X25519PrivateKey, bytes]:
+    """The owner's static X25519 key for this migration's SEV-SNP guests, and its public half."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from confplan.sev.snp_release import public_bytes
+
+    try:
+        key = X25519PrivateKey.from_private_bytes((owner_dir(plan) / "snp-owner.key").read_bytes())
+    except (OSError, ValueError) as err:
+        raise ConfplanError(
+            f"the owner's SNP key of this migration is missing or damaged: {err}",
+            hint="`confplan apply --restart`",
+        ) from None
+    return key, public_bytes(key)
 
 
 def migration_secrets(plan: Plan) -> tuple[bytes, bytes]:
@@ -164,30 +193,52 @@ def migration_secrets(plan: Plan) -> tuple[bytes, bytes]:
         ) from None
 
 
-def measured_launch(plan: Plan, handle: VmmHandle, created: dict[str, Any], config: dict[str, Any]) -> str:
-    """LAUNCH_START..LAUNCH_FINISH on ``handle``'s machine with the owner's broker here: the transport key
-    is released only when the measurement matches the digest predicted from the plan and confplan's own
-    firmware (AttestationRefused otherwise, and nothing is injected). Returns the matched digest."""
-    from confplan.sev import KeyBroker
-    from confplan.sev.broker import confplan_secrets
-    from confplan.sev.owner import attest_and_release, owner_policy_for
+def _expected_digest(created: dict[str, Any], config: dict[str, Any]) -> bytes:
     from confplan.vmm import MachineConfig
     from confplan.vmm.bootparams import HostCpu
     from confplan.vmm.firmware import Firmware
     from confplan.vmm.launch_blobs import expected_launch_digest
 
+    return expected_launch_digest(MachineConfig(**config), Firmware.load(), HostCpu(**created["host"]))
+
+
+def launch_and_start(
+    plan: Plan, handle: VmmHandle, created: dict[str, Any], config: dict[str, Any]
+) -> tuple[str, dict[str, Any]]:
+    """The measured launch of ``handle``'s machine with the owner's broker here, then its start: the
+    transport key is released only to a guest whose measurement is the digest predicted from the plan and
+    confplan's own firmware (AttestationRefused otherwise, and nothing is released).
+
+    SEV/SEV-ES: LAUNCH_MEASURE is checked and the key goes in as LAUNCH_SECRET before any vCPU runs.
+    SEV-SNP (docs/key-release.md): the guest launches and starts, then its helper's report (bound to a fresh
+    nonce and its ephemeral key) is checked and the key is wrapped to that key. Returns (digest, start's
+    answer)."""
+    from confplan.sev.broker import confplan_secrets
+
     policy = int(plan.sev.policy_int)
-    expected = expected_launch_digest(
-        MachineConfig(**config), Firmware.load(), HostCpu(**created["host"])
-    ).hex()
+    expected = _expected_digest(created, config)
+    key, migration_id = migration_secrets(plan)
+    secrets = confplan_secrets(key, migration_id)
+    if config.get("snp"):
+        from confplan.sev.owner import release_to_snp_guest
+
+        peer = handle.launch_peer()
+        peer.snp_launch(policy)  # the host's word on the digest; the report below is the proof
+        started = handle.call("start", timeout=60.0)
+        digest = release_to_snp_guest(
+            peer, expected, policy, secrets, owner_key=snp_owner_key(plan)[0], trust_emulated_platform=True
+        )
+        return digest, started
+    from confplan.sev import KeyBroker
+    from confplan.sev.owner import attest_and_release, owner_policy_for
+
     with contextlib.suppress(FileExistsError):
         owner_dir(plan).mkdir(parents=True, mode=0o700)
     broker = KeyBroker.init(
-        owner_dir(plan), owner_policy_for(expected, policy, trust_emulated_platform=True), force=True
+        owner_dir(plan), owner_policy_for(expected.hex(), policy, trust_emulated_platform=True), force=True
     )
-    key, migration_id = migration_secrets(plan)
-    record = attest_and_release(handle.launch_peer(), broker, policy, confplan_secrets(key, migration_id))
-    return record.digest
+    record = attest_and_release(handle.launch_peer(), broker, policy, secrets)
+    return record.digest, handle.call("start", timeout=60.0)
 
 
 def undo_on_source(ctx: StageContext) -> Teardown:

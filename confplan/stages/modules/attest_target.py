@@ -1,6 +1,7 @@
 """attest-target: the target's launch digest, from the (emulated) secure processor, must be the one the
 owner expects for confplan's own firmware and this plan's MH-only boot; only then is the transport key
-released into the target's secret page and the target's helper started. A mismatch stops here."""
+released into the target's secret page and the target's helper started (SEV-SNP: the helper starts first
+and the key is wrapped to it against its report, docs/key-release.md). A mismatch stops here."""
 
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ class AttestTarget(Stage):
     def run(self, ctx: StageContext) -> StageResult:
         provisioned = ctx.result_of("provision-target")
         handle = common.vmm(ctx, "target")
-        digest = common.measured_launch(ctx.plan, handle, provisioned["created"], provisioned["config"])
-        started = handle.call("start", timeout=60.0)
+        digest, started = common.launch_and_start(
+            ctx.plan, handle, provisioned["created"], provisioned["config"]
+        )
         return StageResult(data={"launch_digest": digest, "socket": provisioned.get("socket"),
                                  "agent": provisioned.get("agent"), "pin": provisioned.get("pin"),
                                  **started})  # fmt: skip

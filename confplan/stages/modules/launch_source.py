@@ -15,7 +15,7 @@ class LaunchSource(Stage):
     name = "launch-source"
     provides = ("pid", "socket", "log", "launch_digest", "firmware_sha256")
 
-    # A remote source or an sev-snp guest is refused by the plan's rules (confplan/plan/rules.py).
+    # A remote source is refused by the plan's rules (confplan/plan/rules.py).
 
     def run(self, ctx: StageContext) -> StageResult:
         directory = common.state_dir(ctx.plan)
@@ -23,11 +23,10 @@ class LaunchSource(Stage):
         common.adopt(ctx, "source", handle)
         # Until launch-source is done nothing is precious yet: a failed launch takes its VMM down.
         undo = ctx.add_teardown("stop the half-launched source VMM", lambda: vmm_handle.stop(handle))
+        common.new_migration_secrets(ctx.plan)
         config = common.machine_config(ctx.plan, mh_only=False)
         created = handle.call("create", {"role": "source", "config": config})
-        common.new_migration_secrets(ctx.plan)
-        digest = common.measured_launch(ctx.plan, handle, created, config)
-        started = handle.call("start", timeout=60.0)
+        digest, started = common.launch_and_start(ctx.plan, handle, created, config)
         ctx.progress(1, 1, message=f"source guest running in pid {handle.pid}")
         undo.cancel()  # from here on the source guest is what a failure must leave running
         data: dict[str, Any] = {
