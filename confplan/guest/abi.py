@@ -17,7 +17,7 @@ HUGE: Final = 2 * MIB
 
 # Values exported by the firmware as ABI_<lowercase name>.
 ABI: Final[dict[str, int]] = {
-    "version": 8,
+    "version": 9,
     "gdt_gpa": 0x1000,
     "idt_gpa": 0x2000,
     "tss_gpa": 0x8000,
@@ -274,6 +274,8 @@ class BootParams(ctypes.Structure):
         ("e820_count", u32),
         ("e820_pad", u32),
         ("e820", E820Entry * E820_MAX),
+        # ABI v9: SEV-SNP: the owner's static X25519 public key (docs/key-release.md)
+        ("owner_key", ctypes.c_uint8 * 32),
     ]
 
 

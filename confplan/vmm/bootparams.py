@@ -55,6 +55,7 @@ def boot_params(config: MachineConfig, layout: GuestLayout, host: HostCpu) -> ab
         | (abi.BP_FLAG_SNP if config.snp else 0)
     )
     bp.ram_bytes, bp.tsc_khz, bp.cpu_features = config.memory, host.tsc_khz, host.features
+    bp.owner_key[:] = bytes.fromhex(config.owner_key) if config.snp else bytes(32)
     # The guest's own vCPUs only: helper vCPUs (aux or mirror VM) stay invisible to it. Nothing here
     # says which helper mode runs: the MH reads the same fields either way.
     bp.nr_vcpus = config.vcpus

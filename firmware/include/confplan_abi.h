@@ -9,7 +9,7 @@
 #ifndef CONFPLAN_ABI_H
 #define CONFPLAN_ABI_H
 
-#define CP_ABI_VERSION 8
+#define CP_ABI_VERSION 9
 #define CP_PAGE_SIZE 0x1000
 
 /* ---- low area (first 2 MiB, mapped with 4 KiB pages) ---- */
@@ -235,6 +235,9 @@ struct cp_boot_params {
     uint32_t e820_count;
     uint32_t e820_pad;
     struct cp_e820_entry e820[CP_E820_MAX]; /* RAM and the reserved hole, by address */
+    /* ABI v9: SEV-SNP (CP_BP_FLAG_SNP): the owner's static X25519 public key; the helper opens only a key
+     * release its holder wrapped (docs/key-release.md). Zero otherwise. */
+    uint8_t owner_key[32];
 };
 
 struct cp_wl_vcpu_status {
