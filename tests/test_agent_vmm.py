@@ -52,8 +52,10 @@ def test_calls_out_of_order_are_refused_with_a_reason(source: VmmHandle) -> None
     source.call("create", {"role": "source", "config": _config()})
     with pytest.raises(RemoteError, match="already holds a source machine"):
         source.call("create", {"role": "source", "config": _config()})
-    with pytest.raises(RemoteError, match="no measured launch in progress"):
+    with pytest.raises(RemoteError, match="no measured SEV launch in progress"):
         source.call("launch_secret", {"header": "", "ciphertext": ""})
+    with pytest.raises(RemoteError, match="no finished SEV-SNP launch"):
+        source.call("key_request", {"nonce": "AA=="})
     source.call("start")
     with pytest.raises(RemoteError, match="only a target VMM"):
         source.call("listen_incoming", {"migration_id": "00" * 16})
