@@ -46,6 +46,8 @@ def lib(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
         "cp_x25519_base": ([vp, cp], None),
         "cp_x25519_is_zero": ([cp], ctypes.c_int),
         "cp_rdrand_bytes": ([vp, sz], ctypes.c_int),
+        "cp_cpu_features_from_cpuid": ([ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint64],
+                                       ctypes.c_uint32),
     }
     for name, (args, res) in table.items():
         fn = getattr(lib, name)
@@ -297,6 +299,12 @@ def test_is_zero(lib: ctypes.CDLL) -> None:
 # ---- RDRAND ----
 
 HAS_RDRAND = "rdrand" in Path("/proc/cpuinfo").read_text().split()
+
+
+def test_rdrand_feature_bit_from_cpuid(lib: ctypes.CDLL) -> None:
+    """CPUID.1:ECX[30] -> CP_CPU_RDRAND (bit 12), on its own: it enables no GCM path."""
+    assert lib.cp_cpu_features_from_cpuid(1 << 30, 0, 0, 0) == 1 << 12
+    assert lib.cp_cpu_features_from_cpuid(~(1 << 30) & 0xFFFFFFFF, 0, 0, 0) & 1 << 12 == 0
 
 
 @pytest.mark.skipif(not HAS_RDRAND, reason="this CPU has no RDRAND (the helper then refuses with ENTROPY)")

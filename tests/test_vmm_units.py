@@ -263,6 +263,15 @@ def test_avx512_is_passed_only_where_kvm_holds_the_zmm_states() -> None:
     assert not not_held.features & (bits["avx512f"] | bits["avx512bw"] | bits["avx512vl"])
 
 
+def test_rdrand_comes_from_kvms_cpuid_or_the_host_flags() -> None:
+    """RDRAND (CPUID.1:ECX[30]) is a user-mode instruction: either source passes it, neither means none
+    (the helper then refuses the SNP key release with ENTROPY)."""
+    rdrand = abi.FEATURE_BITS["rdrand"]
+    assert cpu_info(_cpuid((1, 0, {"ecx": 1 << 30})), frozenset()).kvm_features == rdrand
+    assert cpu_info(_cpuid((1, 0, {"ecx": 0})), frozenset({"rdrand"})).host_features == rdrand
+    assert not cpu_info(_cpuid((1, 0, {"ecx": 1 << 25})), frozenset({"aes"})).features & rdrand
+
+
 def test_this_host_gets_no_avx512_unless_it_has_it() -> None:
     flags = host_cpu_flags()
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
