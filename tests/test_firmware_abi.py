@@ -40,6 +40,18 @@ def test_abi_constants_match_header(built: Path) -> None:
         assert symbols[f"ABI_{name}"] == value, name
 
 
+def test_feature_bits_and_flags_match_header(built: Path) -> None:
+    """FEATURE_BITS (boot-params cpu_features) against the header's CP_FEAT_*, and the SNP flag."""
+    symbols = parse_symbols((built / "confplan-fw.sym").read_text())
+    exported = {k.removeprefix("ABI_feat_"): v for k, v in symbols.items() if k.startswith("ABI_feat_")}
+    ours = {name.replace(".", "").replace("-", ""): bit for name, bit in abi.FEATURE_BITS.items()}
+    assert ours == exported
+    assert abi.FEATURE_BITS["rdrand"] == 1 << 11
+    assert symbols["ABI_flag_snp"] == abi.BP_FLAG_SNP == 0x8
+    flags = (abi.BP_FLAG_MH_ONLY, abi.BP_FLAG_ENC_HYPERCALL, abi.BP_FLAG_VENDOR_AMD, abi.BP_FLAG_SNP)
+    assert sum(flags) == 0xF  # one bit each
+
+
 @pytest.mark.parametrize("prefix", sorted(abi.ABI_STRUCTS))
 def test_abi_struct_layouts_match_header(built: Path, prefix: str) -> None:
     symbols = parse_symbols((built / "confplan-fw.sym").read_text())

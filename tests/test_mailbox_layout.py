@@ -53,8 +53,9 @@ int main(void) {
     F(cp_mh_config, ram) F(cp_mh_config, ram_size) F(cp_mh_config, mh_base) F(cp_mh_config, mh_size)
     F(cp_mh_config, shared) F(cp_mh_config, gen_table) F(cp_mh_config, gen_entries) F(cp_mh_config, secret)
     F(cp_mh_config, secret_size) F(cp_mh_config, doorbell) F(cp_mh_config, cpu_features) F(cp_mh_config, side)
-    F(cp_mh_config, mh_index) F(cp_mh_config, batch_pages) F(cp_mh_config, pad) F(cp_mh_config, mac_table)
+    F(cp_mh_config, mh_index) F(cp_mh_config, batch_pages) F(cp_mh_config, snp) F(cp_mh_config, mac_table)
     F(cp_mh_config, mac_entries) F(cp_mh_config, vmsa) F(cp_mh_config, vmsa_slots) F(cp_mh_config, own_low)
+    F(cp_mh_config, owner_key)
     printf("sizeof.cp_mh_config %zu\n", sizeof(struct cp_mh_config));
     C(CP_MB_PROTO_MAGIC) C(CP_MB_PROTO_VERSION) C(CP_MB_PROTO_OFFSET) C(CP_MB_SLOTS_OFFSET) C(CP_MB_SLOT_SIZE)
     C(CP_MB_SLOT_HEADER) C(CP_MB_DIGEST_BYTES) C(CP_MB_NO_INDEX) C(CP_MB_RING_OFFSET) C(CP_MB_RING)
@@ -62,7 +63,7 @@ int main(void) {
     C(CP_MB_OP_INIT) C(CP_MB_OP_SAVE) C(CP_MB_OP_LOAD) C(CP_MB_OP_DIGEST) C(CP_MB_OP_RESET)
     C(CP_MB_OP_MAC_RANGE) C(CP_MB_OP_MAC_LIST) C(CP_MB_OP_FOLD) C(CP_MB_MAC_BYTES)
     C(CP_MB_OP_SEAL_MANIFEST) C(CP_MB_OP_CHECK_MANIFEST) C(CP_MB_OP_SEAL_STATE) C(CP_MB_OP_OPEN_STATE)
-    C(CP_MB_OP_VERIFIED)
+    C(CP_MB_OP_VERIFIED) C(CP_MB_OP_KEY_REQUEST) C(CP_MB_OP_KEY_REPORT) C(CP_MB_OP_KEY_RELEASE)
     C(CP_MBS_OK) C(CP_MBS_BAD_OP) C(CP_MBS_NO_KEY) C(CP_MBS_COUNT) C(CP_MBS_PARTIAL) C(CP_MBS_GPA_ALIGN)
     C(CP_MBS_GPA_RANGE) C(CP_MBS_GPA_MH) C(CP_MBS_GEN_INVALID) C(CP_MBS_GEN_STALE) C(CP_MBS_AUTH)
     C(CP_MBS_KEY_ID) C(CP_MBS_RESERVED) C(CP_MBS_NONCE) C(CP_MBS_SECRET_HEADER) C(CP_MBS_SECRET_LENGTH)
@@ -70,7 +71,13 @@ int main(void) {
     C(CP_MBS_CONFIG) C(CP_MBS_MAC_MISSING) C(CP_MBS_SIDE) C(CP_MBS_MANIFEST_AUTH) C(CP_MBS_MANIFEST_ID)
     C(CP_MBS_MANIFEST_RANGE) C(CP_MBS_MANIFEST_BITMAP) C(CP_MBS_MANIFEST_STATE) C(CP_MBS_MANIFEST_ROUNDS)
     C(CP_MBS_MANIFEST_VMSA) C(CP_MBS_MANIFEST_GENERATIONS) C(CP_MBS_MANIFEST_MAC) C(CP_MBS_MANIFEST_BUSY)
-    C(CP_MBS_STATE_LABEL) C(CP_MBS_LAST)
+    C(CP_MBS_STATE_LABEL) C(CP_MBS_NOT_SNP) C(CP_MBS_ENTROPY) C(CP_MBS_KEY_STATE) C(CP_MBS_KEY_MSG)
+    C(CP_MBS_KEY_MSG_AUTH) C(CP_MBS_KEY_PSP) C(CP_MBS_KEY_WRAP) C(CP_MBS_KEY_AUTH) C(CP_MBS_KEY_HELPER)
+    C(CP_MBS_LAST)
+    C(CP_KR_NONCE) C(CP_SNP_MSG_HDR) C(CP_SNP_REPORT_REQ_SZ) C(CP_SNP_REPORT_RSP_SZ) C(CP_SNP_REPORT_SIZE)
+    C(CP_SNP_REPORT_SIGNED) C(CP_KR_WRAP_MIN) C(CP_KR_WRAP_MAX) C(CP_KR_TABLE_MAX)
+    printf("label.kr_magic %s\n", CP_KR_MAGIC);
+    printf("label.kr_info %s\n", CP_KR_INFO);
     F(cp_sealed_blob, magic) F(cp_sealed_blob, version) F(cp_sealed_blob, flags) F(cp_sealed_blob, length)
     F(cp_sealed_blob, key_id) F(cp_sealed_blob, migration_id) F(cp_sealed_blob, nonce)
     F(cp_sealed_blob, label) F(cp_sealed_blob, tag)
@@ -153,6 +160,7 @@ def test_ops_and_statuses_match_the_c_header(c_values: dict[str, int]) -> None:
     assert c_ops.pop("LAST") == max(mbx.Op)
     assert {op.name: op.value for op in mbx.Op} == c_ops
     c_status = {k.removeprefix("CP_MBS_"): v for k, v in c_values.items() if k.startswith("CP_MBS_")}
+    assert c_values["CP_MB_PROTO_VERSION"] == mbx.PROTO_VERSION == 6
     assert c_status.pop("LAST") == max(mbx.MhStatus)
     assert {st.name: st.value for st in mbx.MhStatus} == c_status
     assert all(st.meaning for st in mbx.MhStatus)
@@ -189,7 +197,7 @@ def test_v5_records_match_the_c_header(c_values: dict[str, int], c_labels: dict[
         "CP_VMSA_DATA_BYTES": abi.VMSA_DATA_BYTES,
     }  # fmt: skip
     assert {k: c_values[k] for k in constants} == constants
-    assert c_labels == {"manifest": mbx.LABEL_MANIFEST.rstrip(b"\0"), "state": mbx.LABEL_STATE}
+    assert c_labels["manifest"] == mbx.LABEL_MANIFEST.rstrip(b"\0") and c_labels["state"] == mbx.LABEL_STATE
     assert len(mbx.LABEL_MANIFEST) == len(mbx.LABEL_STATE) == 16
     from confplan.migration.manifest import FIELDS
 
@@ -198,6 +206,23 @@ def test_v5_records_match_the_c_header(c_values: dict[str, int], c_labels: dict[
     from confplan.migration.verify import CHUNK_PAGES
 
     assert mbx.MANIFEST_CHUNK_PAGES == CHUNK_PAGES and CHUNK_PAGES % mbx.MANIFEST_CHUNK_ALIGN == 0
+
+
+def test_v6_key_release_formats_match_the_c_header(
+    c_values: dict[str, int], c_labels: dict[str, bytes]
+) -> None:
+    """The key release's sizes and labels (docs/key-release.md) on both sides."""
+    sizes = {
+        "CP_KR_NONCE": mbx.KEY_NONCE_BYTES, "CP_SNP_REPORT_SIZE": mbx.KEY_REPORT_BYTES,
+        "CP_SNP_REPORT_SIGNED": mbx.KEY_REPORT_SIGNED, "CP_KR_WRAP_MIN": mbx.KEY_WRAP_MIN,
+        "CP_KR_WRAP_MAX": mbx.KEY_WRAP_MAX, "CP_KR_TABLE_MAX": mbx.KEY_TABLE_MAX,
+    }  # fmt: skip
+    assert {k: c_values[k] for k in sizes} == sizes
+    assert c_values["CP_SNP_MSG_HDR"] + c_values["CP_SNP_REPORT_REQ_SZ"] == mbx.KEY_REQUEST_BYTES
+    assert c_values["CP_SNP_MSG_HDR"] + c_values["CP_SNP_REPORT_RSP_SZ"] == mbx.KEY_RESPONSE_BYTES
+    assert (c_labels["kr_magic"], c_labels["kr_info"]) == (mbx.KEY_WRAP_MAGIC, mbx.KEY_KDF_INFO)
+    assert mbx.KEY_RESPONSE_BYTES <= mbx.SLOT_SIZE  # one data slot holds any key op
+    assert min(mbx.KEY_REFUSALS) == mbx.MhStatus.NOT_SNP and max(mbx.KEY_REFUSALS) == max(mbx.MhStatus)
 
 
 def test_host_config_mirror_matches_the_c_struct(c_values: dict[str, int]) -> None:

@@ -116,11 +116,11 @@ def test_only_the_emulated_cpu_reads_the_vmsa_slots() -> None:
 
 def test_host_features_need_ymm_state_for_the_avx_group() -> None:
     bits = abi.FEATURE_BITS
-    user = {"aes", "pclmulqdq", "ssse3", "sse4_1"}
+    user = {"aes", "pclmulqdq", "ssse3", "sse4_1", "rdrand"}
     ymm = {"avx", "avx2", "vaes", "vpclmulqdq"}
-    assert (
-        host_features(frozenset(user)) == bits["aes-ni"] | bits["pclmulqdq"] | bits["ssse3"] | bits["sse4.1"]
-    )
+    user_bits = bits["aes-ni"] | bits["pclmulqdq"] | bits["ssse3"] | bits["sse4.1"] | bits["rdrand"]
+    assert host_features(frozenset(user)) == user_bits
+    assert host_features(frozenset({"rdrand"})) == bits["rdrand"]  # no vector state needed
     assert host_features(frozenset(user | ymm)) == host_features(frozenset(user))  # no XSAVE: no YMM
     zmm = {"avx512f", "avx512bw", "avx512vl"}
     zmm_bits = bits["avx512f"] | bits["avx512bw"] | bits["avx512vl"]
@@ -261,6 +261,15 @@ def test_avx512_is_passed_only_where_kvm_holds_the_zmm_states() -> None:
     not_held = cpu_info(_cpuid((1, 0, leaf1), (7, 0, leaf7), (0xD, 0, {"eax": 0x207})), flags)
     assert not not_held.has_zmm and not_held.xcr0 == 0x7
     assert not not_held.features & (bits["avx512f"] | bits["avx512bw"] | bits["avx512vl"])
+
+
+def test_rdrand_comes_from_kvms_cpuid_or_the_host_flags() -> None:
+    """RDRAND (CPUID.1:ECX[30]) is a user-mode instruction: either source passes it, neither means none
+    (the helper then refuses the SNP key release with ENTROPY)."""
+    rdrand = abi.FEATURE_BITS["rdrand"]
+    assert cpu_info(_cpuid((1, 0, {"ecx": 1 << 30})), frozenset()).kvm_features == rdrand
+    assert cpu_info(_cpuid((1, 0, {"ecx": 0})), frozenset({"rdrand"})).host_features == rdrand
+    assert not cpu_info(_cpuid((1, 0, {"ecx": 1 << 25})), frozenset({"aes"})).features & rdrand
 
 
 def test_this_host_gets_no_avx512_unless_it_has_it() -> None:

@@ -83,6 +83,7 @@ ABI: Final[dict[str, int]] = {
     "flag_mh_only": 0x1,
     "flag_enc_hypercall": 0x2,
     "flag_vendor_amd": 0x4,
+    "flag_snp": 0x8,
     "wl_ctl_magic": 0x4C544357,
     "wl_cmd_check": 1,
     "wl_cmd_write_list": 2,
@@ -164,6 +165,7 @@ SVC_VECTOR: Final = ABI["svc_vector"]
 BP_FLAG_MH_ONLY: Final = ABI["flag_mh_only"]
 BP_FLAG_ENC_HYPERCALL: Final = ABI["flag_enc_hypercall"]
 BP_FLAG_VENDOR_AMD: Final = ABI["flag_vendor_amd"]
+BP_FLAG_SNP: Final = ABI["flag_snp"]  # an SEV-SNP guest: its helper gets the key by the key release
 WL_CTL_MAGIC: Final = ABI["wl_ctl_magic"]
 WL_CMD_CHECK: Final = ABI["wl_cmd_check"]
 WL_CMD_WRITE_LIST: Final = ABI["wl_cmd_write_list"]
@@ -206,6 +208,8 @@ FEATURE_BITS: Final = {
     "avx512f": 1 << 8,
     "avx512bw": 1 << 9,
     "avx512vl": 1 << 10,
+    # User mode (CPL3 runs it natively): the helper's entropy for the SNP key release (docs/key-release.md).
+    "rdrand": 1 << 11,
 }
 
 

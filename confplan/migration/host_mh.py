@@ -47,12 +47,13 @@ class MhConfigC(ctypes.Structure):
         ("side", ctypes.c_uint32),
         ("mh_index", ctypes.c_uint32),
         ("batch_pages", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
+        ("snp", ctypes.c_uint32),  # (v6) an SNP guest: the secret page is the PSP's secrets page
         ("mac_table", ctypes.c_void_p),
         ("mac_entries", ctypes.c_uint64),
         ("vmsa", ctypes.c_void_p),
         ("vmsa_slots", ctypes.c_uint64),
         ("own_low", ctypes.c_uint64 * 8),  # (v7, v8: 8 words) the MH's own low pages: none on the host
+        ("owner_key", ctypes.c_uint8 * 32),  # (ABI v9) an SNP guest: the owner's static X25519 public key
     )
 
 
@@ -104,6 +105,7 @@ def host_cpu_features(lib: ctypes.CDLL) -> int:
             break
     leaf1 = (1 << 25 if "aes" in flags else 0) | (2 if "pclmulqdq" in flags else 0)
     leaf1 |= (1 << 9 if "ssse3" in flags else 0) | (1 << 19 if "sse4_1" in flags else 0)
+    leaf1 |= 1 << 30 if "rdrand" in flags else 0
     leaf7b = 1 << 5 if "avx2" in flags else 0
     avx512 = (("avx512f", 16), ("avx512bw", 30), ("avx512vl", 31))
     leaf7b |= sum(1 << bit for flag, bit in avx512 if flag in flags)
@@ -122,6 +124,7 @@ class HostGuest:
     def __init__(
         self, lib: ctypes.CDLL, *, ram_size: int, secret: bytes, mh_vcpus: int = 1, batch_pages: int = 64,
         side: int = SIDE_SOURCE, cpu_features: int | None = None, timeout: float = 30.0, vcpus: int = 1,
+        snp: bool = False, owner_key: bytes = bytes(32),
     ) -> None:  # fmt: skip
         self.lib, self.ram_size, self.batch_pages = lib, ram_size, batch_pages
         self.stride = SLOTS_OFFSET + _round_up(batch_pages * SLOT_SIZE, abi.PAGE)
@@ -139,6 +142,8 @@ class HostGuest:
         self.vcpus = vcpus  # the guest's vCPUs: one VMSA slot each
         self._vmsa = (abi.VmsaSlot * vcpus)()
         features = host_cpu_features(lib) if cpu_features is None else cpu_features
+        self.snp = snp  # (v6) ``secret`` is then the PSP's secrets page (VMPCK0 at 0x20)
+        self.owner_key = owner_key  # (ABI v9) what the measured boot parameters would carry
         self._ctxs = [self._setup(i, side, features) for i in range(mh_vcpus)]
         self._idles = [ctypes.create_string_buffer(int(lib.cp_mh_host_idle_size())) for _ in range(mh_vcpus)]
         self._threads: list[threading.Thread] = []
@@ -154,9 +159,10 @@ class HostGuest:
         cfg = MhConfigC(
             self.ram_address, self.ram_size, self.mh_base, self.mh_size, ctypes.addressof(self._shared),
             ctypes.addressof(self._gen), len(self._gen), self.ram_address + abi.SECRET_GPA, SECRET_PAGE_SIZE,
-            None, features, side, index, self.batch_pages, 0, ctypes.addressof(self._macs),
+            None, features, side, index, self.batch_pages, int(self.snp), ctypes.addressof(self._macs),
             self.ram_size // abi.PAGE, ctypes.addressof(self._vmsa), self.vcpus,
         )  # fmt: skip
+        cfg.owner_key[:] = self.owner_key
         rc = self.lib.cp_mh_setup(ctx, ctypes.byref(cfg))
         if rc != 0:
             raise RuntimeError(f"cp_mh_setup for MH vCPU {index} returned {rc}")

@@ -17,7 +17,7 @@ from confplan.guest.abi import MAX_VCPUS
 
 PAGE_SIZE = 4096
 PROTO_MAGIC = 0x504D4243  # "CBMP"
-PROTO_VERSION = 5
+PROTO_VERSION = 6
 PROTO_OFFSET = 0x40
 SLOTS_OFFSET = 0x1000
 RING_OFFSET = 0x400
@@ -83,6 +83,19 @@ MANIFEST_ENTRY = 64  # per chunk: generation digest || MAC digest
 VMSA_TAG = 16
 
 
+# v6: the SNP key release (docs/key-release.md); the formats the ops read and write in the data area.
+KEY_NONCE_BYTES = 32  # KEY_REQUEST's input: the owner's nonce
+KEY_REQUEST_BYTES = 0xC0  # ... its output: the sealed MSG_REPORT_REQ (0x60 header + 0x60 payload)
+KEY_RESPONSE_BYTES = 0x520  # KEY_REPORT's input: the PSP's MSG_REPORT_RSP (0x60 header + 0x4C0 payload)
+KEY_REPORT_BYTES = 0x4A0  # ... its output: the attestation report
+KEY_REPORT_SIGNED = 0x2A0  # the report's signed bytes: the wrap's AAD
+KEY_WRAP_MAGIC = b"CPSNPKR2"
+KEY_WRAP_MIN = 8 + 32 + 12 + 16  # KEY_RELEASE's input: magic || O || IV || ciphertext || tag
+KEY_TABLE_MAX = 1024  # the released efi_secret table, at most
+KEY_WRAP_MAX = KEY_WRAP_MIN + KEY_TABLE_MAX
+KEY_KDF_INFO = b"confplan-snp-key-release/v2"  # || MEASUREMENT[48] || REPORT_ID[32]
+
+
 def manifest_chunk_pages(npages: int, vcpus: int = MAX_VCPUS) -> int:
     """The chunk both sides use for a manifest of ``npages``: 8 MiB (verify's chunk, so a mismatch names
     the same range), doubled until the sealed manifest fits the helper's seal buffer (``SEALED_MAX``):
@@ -111,6 +124,9 @@ class Op(enum.IntEnum):
     SEAL_STATE = 11
     OPEN_STATE = 12
     VERIFIED = 13
+    KEY_REQUEST = 14
+    KEY_REPORT = 15
+    KEY_RELEASE = 16
 
 
 class MhStatus(enum.IntEnum):
@@ -150,6 +166,15 @@ class MhStatus(enum.IntEnum):
     MANIFEST_MAC = 31
     MANIFEST_BUSY = 32
     STATE_LABEL = 33
+    NOT_SNP = 34
+    ENTROPY = 35
+    KEY_STATE = 36
+    KEY_MSG = 37
+    KEY_MSG_AUTH = 38
+    KEY_PSP = 39
+    KEY_WRAP = 40
+    KEY_AUTH = 41
+    KEY_HELPER = 42
 
     @property
     def meaning(self) -> str:
@@ -193,7 +218,22 @@ _MEANING: dict[MhStatus, str] = {
     MhStatus.MANIFEST_MAC: "a page's MAC differs from the source's (its content differs)",
     MhStatus.MANIFEST_BUSY: "the helper's tables changed while the manifest was checked: check again",
     MhStatus.STATE_LABEL: "the sealed vCPU state is authentic but was sealed for another vCPU or migration",
+    MhStatus.NOT_SNP: "a key-release op in a guest not booted as SEV-SNP",
+    MhStatus.ENTROPY: "the helper has no RDRAND, or RDRAND kept failing: no key pair can be drawn",
+    MhStatus.KEY_STATE: "the key-release op came out of order (request, report, release; one release a key)",
+    MhStatus.KEY_MSG: "the secure processor's response has a wrong header, size or sequence number "
+    "(replayed or changed)",
+    MhStatus.KEY_MSG_AUTH: "the secure processor's response does not open under VMPCK0 (changed)",
+    MhStatus.KEY_PSP: "the secure processor refused the request, or its report is not about what was asked "
+    "(REPORT_DATA, VMPL, size)",
+    MhStatus.KEY_WRAP: "the wrapped key is malformed (magic or length)",
+    MhStatus.KEY_AUTH: "the wrapped key does not open for this helper's key and report (or a low-order "
+    "owner key)",
+    MhStatus.KEY_HELPER: "key-release ops run on helper 0 only",
 }
+
+# The key release's refusals (docs/key-release.md).
+KEY_REFUSALS = frozenset(MhStatus(c) for c in range(MhStatus.NOT_SNP, MhStatus.KEY_HELPER + 1))
 
 
 # CHECK_MANIFEST's statuses that refuse a manifest (each names a field); any other is the op's own failure.

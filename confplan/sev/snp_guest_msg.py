@@ -51,23 +51,27 @@ def _iv(seqno: int) -> bytes:
     return struct.pack("<Q", seqno) + bytes(4)
 
 
-def _header(msg: GuestMsg) -> bytearray:
+def header(seqno: int, msg_type: int, size: int, *, algo: int = 1, vmpck: int = 0) -> bytearray:
+    """A message header, AUTHTAG still zero (``seal_header`` fills it)."""
     head = bytearray(HEADER_LEN)
-    struct.pack_into("<Q", head, 0x20, msg.seqno)
-    struct.pack_into(
-        "<BBHBBH", head, 0x30, ALGO_AES_256_GCM, HDR_VERSION, HEADER_LEN, msg.msg_type, MSG_VERSION,
-        len(msg.payload),
-    )  # fmt: skip
-    head[0x3C] = msg.vmpck
+    struct.pack_into("<Q", head, 0x20, seqno)
+    struct.pack_into("<BBHBBH", head, 0x30, algo, HDR_VERSION, HEADER_LEN, msg_type, MSG_VERSION, size)
+    head[0x3C] = vmpck
     return head
+
+
+def seal_header(head: bytearray, payload: bytes, vmpck: bytes) -> bytes:
+    """Seal ``payload`` under ``head`` as it is (its MSG_SEQNO gives the IV): header with the tag, then
+    the ciphertext."""
+    seqno = struct.unpack_from("<Q", head, 0x20)[0]
+    sealed = AESGCM(vmpck).encrypt(_iv(seqno), payload, bytes(head[AAD]))
+    head[0:16] = sealed[-16:]
+    return bytes(head) + sealed[:-16]
 
 
 def seal(msg: GuestMsg, vmpck: bytes) -> bytes:
     """The message as it travels: header with the tag, then the encrypted payload."""
-    head = _header(msg)
-    sealed = AESGCM(vmpck).encrypt(_iv(msg.seqno), msg.payload, bytes(head[AAD]))
-    head[0:16] = sealed[-16:]
-    return bytes(head) + sealed[:-16]
+    return seal_header(header(msg.seqno, msg.msg_type, len(msg.payload), vmpck=msg.vmpck), msg.payload, vmpck)
 
 
 def open_msg(raw: bytes, vmpck: bytes) -> GuestMsg:

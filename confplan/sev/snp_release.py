@@ -117,18 +117,26 @@ def release_to_report(
     verdict = verify_snp_report(
         report_raw, vek_raw, ark_raw, ask_raw, expect, pins=pins, trust_emulated=trust_emulated, at=at
     )
-    report_data = verdict.report.raw[_REPORT_DATA]
-    if not hmac.compare_digest(report_data[:NONCE_LEN], nonce):
+    if not hmac.compare_digest(verdict.report.raw[_REPORT_DATA][:NONCE_LEN], nonce):
         raise VerifyError(
             "report report_data: not made for this release's nonce (a replayed or foreign report)",
             field="report_data",
         )
-    guest = _load_point(report_data[NONCE_LEN:], "the guest's key in REPORT_DATA")
-    owner = X25519PrivateKey.generate()
-    kek = _kek(_shared(owner, guest) + _shared(owner_key, guest), nonce, verdict.report.raw)
+    return wrap_to_report(verdict.report.raw, nonce, secret, owner_key), verdict
+
+
+def wrap_to_report(
+    report_raw: bytes, nonce: bytes, secret: bytes, owner_key: X25519PrivateKey,
+    ephemeral: X25519PrivateKey | None = None,
+) -> WrappedKey:  # fmt: skip
+    """The wrap alone, to the key in ``report_raw``'s REPORT_DATA: only after the report was verified
+    (``release_to_report`` does both; tests play the broker with it)."""
+    guest = _load_point(report_raw[_REPORT_DATA][NONCE_LEN:], "the guest's key in REPORT_DATA")
+    owner = X25519PrivateKey.generate() if ephemeral is None else ephemeral
+    kek = _kek(_shared(owner, guest) + _shared(owner_key, guest), nonce, report_raw)
     iv = os.urandom(IV_LEN)
-    ciphertext = AESGCM(kek).encrypt(iv, secret, verdict.report.raw[:SIGNED_LEN])
-    return WrappedKey(_raw(owner.public_key()), iv, ciphertext), verdict
+    ciphertext = AESGCM(kek).encrypt(iv, secret, report_raw[:SIGNED_LEN])
+    return WrappedKey(_raw(owner.public_key()), iv, ciphertext)
 
 
 def open_released_key(

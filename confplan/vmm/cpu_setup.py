@@ -23,6 +23,7 @@ _FEATURES = {
     (1, 0, "ecx", 25): "aes-ni",
     (1, 0, "ecx", 1): "pclmulqdq",
     (1, 0, "ecx", 28): "avx",
+    (1, 0, "ecx", 30): "rdrand",
     (7, 0, "ebx", 5): "avx2",
     (7, 0, "ecx", 9): "vaes",
     (7, 0, "ecx", 10): "vpclmulqdq",
@@ -35,7 +36,10 @@ _FEATURES = {
 # User-mode-only extensions: no state beyond the XMM registers, nothing for a hypervisor to virtualise, so
 # CPL3 code runs them whenever the CPU has them (kvm_pvm runs CPL3 natively: kvm-here.md). /proc/cpuinfo
 # flag -> boot-params feature name.
-_USER_FLAGS = {"ssse3": "ssse3", "sse4_1": "sse4.1", "aes": "aes-ni", "pclmulqdq": "pclmulqdq"}
+_USER_FLAGS = {
+    "ssse3": "ssse3", "sse4_1": "sse4.1", "aes": "aes-ni", "pclmulqdq": "pclmulqdq",
+    "rdrand": "rdrand",  # no state at all; the SNP key release's entropy (docs/key-release.md)
+}  # fmt: skip
 # These also need YMM state enabled in XCR0, which the VMM does itself (XCR0 = 7) when the host has AVX.
 _YMM_FLAGS = {"avx": "avx", "avx2": "avx2", "vaes": "vaes", "vpclmulqdq": "vpclmulqdq"}
 # These need the AVX-512 states in XCR0 too (opmask, ZMM_Hi256, Hi16_ZMM), which the VMM enables only where

@@ -48,6 +48,7 @@ enum cp_gcm_impl {
 #define CP_CPU_AVX512BW (1u << 9) /* CPUID.7.0:EBX[30] */
 #define CP_CPU_AVX512VL (1u << 10) /* CPUID.7.0:EBX[31] */
 #define CP_CPU_ZMM_STATE (1u << 11) /* XCR0 bits 5, 6, 7 (opmask, ZMM_Hi256, Hi16_ZMM) also set: ZMM usable */
+#define CP_CPU_RDRAND (1u << 12)  /* CPUID.1:ECX[30]: not for GCM; the SNP key release's entropy (cp_kx.h) */
 
 /*
  * Per-key state: AES-256 round keys and the GHASH key powers H^1..H^8 in the chosen implementation's

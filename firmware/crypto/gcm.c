@@ -16,6 +16,7 @@ uint32_t cp_cpu_features_from_cpuid(uint32_t leaf1_ecx, uint32_t leaf7_ebx, uint
     f |= (leaf7_ebx >> 30 & 1u) ? CP_CPU_AVX512BW : 0u;
     f |= (leaf7_ebx >> 31 & 1u) ? CP_CPU_AVX512VL : 0u;
     f |= (xcr0 & 0xe6u) == 0xe6u ? CP_CPU_ZMM_STATE : 0u;
+    f |= (leaf1_ecx >> 30 & 1u) ? CP_CPU_RDRAND : 0u;
     return f;
 }
 

@@ -127,6 +127,9 @@
 #define CP_BP_FLAG_MH_ONLY 0x1            /* migration target: only MH vCPUs run */
 #define CP_BP_FLAG_ENC_HYPERCALL 0x2      /* report page encryption changes by hypercall, not MMIO */
 #define CP_BP_FLAG_VENDOR_AMD 0x4         /* use vmmcall (else vmcall) */
+/* An SEV-SNP guest: the secret page is the PSP's SNP secrets page (VMPCK0 at 0x20), the transport key comes
+ * by the key release (docs/key-release.md), not in the secret page. Measured like every boot parameter. */
+#define CP_BP_FLAG_SNP 0x8
 
 #define CP_FEAT_SSSE3 (1u << 0)
 #define CP_FEAT_SSE41 (1u << 1)
@@ -140,6 +143,8 @@
 #define CP_FEAT_AVX512F (1u << 8)
 #define CP_FEAT_AVX512BW (1u << 9)
 #define CP_FEAT_AVX512VL (1u << 10)
+/* CPUID.1:ECX[30]; user mode, so CPL3 runs it natively. The helper's only entropy (SNP key release). */
+#define CP_FEAT_RDRAND (1u << 11)
 
 #define CP_WL_NONE 0
 #define CP_WL_DIRTY_WRITER 1 /* fill, then rewrite pages at the rate */

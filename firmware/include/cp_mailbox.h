@@ -1,5 +1,5 @@
 /*
- * confplan migration-helper (MH) mailbox protocol, version 5: the layout shared by the MH (firmware/mh/) and
+ * confplan migration-helper (MH) mailbox protocol, version 6: the layout shared by the MH (firmware/mh/) and
  * the VMM (confplan/migration/mailbox.py, whose offsets a test checks against this header). docs/mailbox.md
  * is the prose contract. Any layout change bumps CP_MB_PROTO_VERSION.
  *
@@ -24,7 +24,7 @@
 #include "cp_sealed_page.h"
 
 #define CP_MB_PROTO_MAGIC 0x504d4243u /* "CBMP" */
-#define CP_MB_PROTO_VERSION 5u
+#define CP_MB_PROTO_VERSION 6u
 #define CP_MB_PROTO_OFFSET 0x40u
 #define CP_MB_SLOTS_OFFSET 0x1000u
 #define CP_MB_RING_OFFSET 0x400u
@@ -57,7 +57,13 @@
 #define CP_MB_OP_SEAL_STATE 11u    /* source: seal arg1 bytes of vCPU arg0's state (SEV-ES/SNP registers) */
 #define CP_MB_OP_OPEN_STATE 12u    /* target: open a sealed state of arg1 bytes into VMSA slot arg0 */
 #define CP_MB_OP_VERIFIED 13u      /* n_ok = 1 if a CHECK_MANIFEST passed and nothing changed the tables since */
-#define CP_MB_OP_LAST CP_MB_OP_VERIFIED
+/* v6: the SNP key release (docs/key-release.md): an SNP guest's helper 0 gets the transport key against an
+ * attestation report. Input and output in the data area from slot `first` (0) on; n_ok = output bytes.
+ * Allowed before INIT (they are how an SNP guest gets what INIT reads). */
+#define CP_MB_OP_KEY_REQUEST 14u   /* data: the owner's 32-byte nonce -> the sealed MSG_REPORT_REQ (0xC0 bytes) */
+#define CP_MB_OP_KEY_REPORT 15u    /* data: the PSP's MSG_REPORT_RSP, arg1 bytes -> the report (0x4A0 bytes) */
+#define CP_MB_OP_KEY_RELEASE 16u   /* data: the broker's wrapped key, arg1 bytes -> n_ok = the table's length */
+#define CP_MB_OP_LAST CP_MB_OP_KEY_RELEASE
 
 /*
  * Statuses: cp_mb_proto.status for the op, cp_sealed_page.status per slot. 0 is success everywhere; the
@@ -97,9 +103,56 @@
 #define CP_MBS_MANIFEST_MAC 31u   /* MACs of chunk first_bad differ (or have a gap) */
 #define CP_MBS_MANIFEST_BUSY 32u  /* the tables changed while the check ran (another MH vCPU): check again */
 #define CP_MBS_STATE_LABEL 33u    /* OPEN_STATE: authentic state sealed for another vCPU or migration id */
-#define CP_MBS_LAST CP_MBS_STATE_LABEL
+/* v6: the key release's refusals (docs/key-release.md) */
+#define CP_MBS_NOT_SNP 34u        /* key op in a guest booted without CP_BP_FLAG_SNP */
+#define CP_MBS_ENTROPY 35u        /* no RDRAND (CP_FEAT_RDRAND), or RDRAND kept failing */
+#define CP_MBS_KEY_STATE 36u      /* key op out of order (KEY_REPORT before KEY_REQUEST, KEY_RELEASE before a
+                                     good KEY_REPORT or after the release) */
+#define CP_MBS_KEY_MSG 37u        /* the PSP response's header, size or sequence number is wrong */
+#define CP_MBS_KEY_MSG_AUTH 38u   /* the PSP response does not open under VMPCK0 */
+#define CP_MBS_KEY_PSP 39u        /* PSP STATUS != 0, REPORT_SIZE != 0x4A0, or REPORT_DATA / VMPL not as asked */
+#define CP_MBS_KEY_WRAP 40u       /* the wrapped key is malformed (magic "CPSNPKR2", length) */
+#define CP_MBS_KEY_AUTH 41u       /* the wrapped key does not open, or the ECDH result is all zero */
+#define CP_MBS_KEY_HELPER 42u     /* key op on a helper other than index 0 */
+#define CP_MBS_LAST CP_MBS_KEY_HELPER
 
 #define CP_MB_MAC_BYTES 16u       /* one table entry: the page's keyed MAC h(gpa), see docs/mailbox.md */
+
+/*
+ * v6: the SNP key release's formats (docs/key-release.md). An SNP guest message is a 0x60-byte header (AMD
+ * SEV-SNP ABI, "Guest messages") then MSG_SZ bytes of AES-256-GCM ciphertext under VMPCK0: IV = MSG_SEQNO
+ * (8 bytes LE) || 4 zero bytes, AAD = header bytes [0x30, 0x60), tag = AUTHTAG[0:16].
+ */
+#define CP_SNP_MSG_HDR 0x60u
+#define CP_SNP_HDR_AUTHTAG 0x00u
+#define CP_SNP_HDR_SEQNO 0x20u
+#define CP_SNP_HDR_ALGO 0x30u         /* u8: 1 = AES-256-GCM */
+#define CP_SNP_HDR_HDR_VERSION 0x31u  /* u8: 1 */
+#define CP_SNP_HDR_HDR_SZ 0x32u       /* u16: 0x60 */
+#define CP_SNP_HDR_MSG_TYPE 0x34u     /* u8 */
+#define CP_SNP_HDR_MSG_VERSION 0x35u  /* u8: 1 */
+#define CP_SNP_HDR_MSG_SZ 0x36u       /* u16 */
+#define CP_SNP_HDR_MSG_VMPCK 0x3Cu    /* u8: 0 */
+#define CP_SNP_HDR_AAD 0x30u          /* the AAD: header bytes [0x30, 0x60) */
+#define CP_SNP_AEAD_AES_256_GCM 1u
+#define CP_SNP_MSG_REPORT_REQ 5u
+#define CP_SNP_MSG_REPORT_RSP 6u
+#define CP_SNP_REPORT_REQ_SZ 0x60u    /* REPORT_DATA[64] || VMPL u32 || 28 reserved */
+#define CP_SNP_REPORT_RSP_SZ 0x4C0u   /* STATUS u32 || REPORT_SIZE u32 || 24 reserved || report */
+#define CP_SNP_REPORT_SIZE 0x4A0u
+#define CP_SNP_REPORT_SIGNED 0x2A0u   /* report bytes the VCEK signs: the key release's AAD */
+#define CP_SNP_REPORT_VMPL 0x30u      /* u32 */
+#define CP_SNP_REPORT_DATA 0x50u      /* 64 bytes: nonce || G */
+#define CP_SNP_REPORT_MEASUREMENT 0x90u /* 48 bytes */
+#define CP_SNP_REPORT_ID 0x140u       /* 32 bytes */
+#define CP_SNP_SECRETS_VMPCK0 0x20u   /* VMPCK0 in the PSP's secrets page */
+#define CP_KR_NONCE 32u
+#define CP_KR_MAGIC "CPSNPKR2"
+#define CP_KR_MAGIC_BYTES 8u
+#define CP_KR_INFO "confplan-snp-key-release/v2"
+#define CP_KR_TABLE_MAX 1024u         /* the released efi_secret table, at most */
+#define CP_KR_WRAP_MIN (8u + 32u + 12u + 16u)  /* magic || O || IV || (table) || tag */
+#define CP_KR_WRAP_MAX (CP_KR_WRAP_MIN + CP_KR_TABLE_MAX)
 
 /* The protocol block of a control page, at CP_MB_PROTO_OFFSET. "VMM:" fields are written by the VMM before
  * it bumps seq; "MH:" fields by the helper before it stores done. Little-endian, naturally aligned.
@@ -201,6 +254,7 @@ struct cp_manifest_body {
 };
 
 _Static_assert(sizeof(struct cp_mb_proto) == 256, "cp_mb_proto layout");
+_Static_assert(sizeof(CP_KR_MAGIC) - 1 == CP_KR_MAGIC_BYTES, "key release magic");
 _Static_assert(sizeof(struct cp_sealed_blob) == CP_MB_SEALED_HEAD, "sealed record head");
 _Static_assert(offsetof(struct cp_sealed_blob, tag) == CP_MB_SEALED_AAD, "the tag ends the head");
 _Static_assert(sizeof(struct cp_manifest_request) == CP_MB_REQUEST_BYTES, "manifest request");

@@ -13,6 +13,7 @@
 #include "confplan_abi.h"
 #include "cp_mailbox.h"
 #include "cp_sealed_page.h"
+#include "keyrelease.h"
 #include "secret.h"
 
 #define CP_MH_PAGE 4096u
@@ -31,9 +32,13 @@ struct cp_mh_shared {
     /* v5, under `lock`: a CHECK_MANIFEST passed for last_id, and nothing changed the tables since */
     uint32_t verified;
     uint32_t changes;  /* bumped by every op that changes what a check reads (LOAD, MAC_*, OPEN_STATE) */
+    /* v6, under `lock`: the efi_secret table helper 0's KEY_RELEASE opened (SNP guests' INIT reads it) */
+    uint32_t released_len;
+    uint32_t pad2;
+    uint8_t released[CP_KR_TABLE_MAX];
 };
 
-/* The shared block's spin lock: INIT's table decision and (v5) the "verified" record. */
+/* The shared block's spin lock: INIT's table decision, (v5) the "verified" record, (v6) the released table. */
 static inline void cp_mh_lock(struct cp_mh_shared *sh)
 {
     while (__atomic_exchange_n(&sh->lock, 1u, __ATOMIC_ACQUIRE))
@@ -66,7 +71,8 @@ struct cp_mh_config {
     uint32_t side;              /* 0 source, 1 target: from the measured boot parameters, not the host */
     uint32_t mh_index;
     uint32_t batch_pages;       /* data slots in this MH's mailbox */
-    uint32_t pad;
+    uint32_t snp;               /* (v6) an SNP guest (CP_BP_FLAG_SNP, measured): `secret` is the PSP's
+                                   secrets page, INIT reads the released table (docs/key-release.md) */
     uint8_t *mac_table;         /* CP_MB_MAC_BYTES per guest page, shared by every MH vCPU, in MH memory */
     uint64_t mac_entries;
     uint8_t *vmsa;              /* (v5) vmsa_slots x CP_VMSA_SLOT_SIZE (struct cp_vmsa_slot), in MH memory */
@@ -75,6 +81,9 @@ struct cp_mh_config {
      * guard, mapped by no table), the helper's page tables, the CPL0 stacks of the MH vCPUs. 0 on the host.
      * (v8) The whole low 2 MiB, since the CPL0 stacks of 128 vCPUs end at 0x120000. */
     uint64_t own_low[8];
+    /* (ABI v9) an SNP guest: the owner's static X25519 public key from the measured boot parameters; a key
+     * release opens only if its KEK has X25519(g, owner_key) in it (docs/key-release.md) */
+    uint8_t owner_key[32];
 };
 
 #define CP_MH_OWN_LOW_PAGES 512u
@@ -119,6 +128,7 @@ struct cp_mh_ctx {
     struct cp_sealed_page bounce __attribute__((aligned(64))); /* private copy of one record */
     uint8_t chain[16 + 16 * CP_MH_DIGEST_CHUNK] __attribute__((aligned(64))); /* digest chain || page hashes */
     uint8_t seal_buf[CP_MH_SEAL_BUF] __attribute__((aligned(64))); /* (v5) a record sealed or opened here */
+    struct cp_mh_keyrel keyrel; /* (v6) helper 0's SNP key release */
 };
 
 #endif /* CP_MH_CONTEXT_H */

@@ -9,6 +9,7 @@
 #include "confplan_abi.h"
 #include "cp_sealed_page.h"
 #include "digest.h"
+#include "keyrelease.h"
 #include "manifest.h"
 #include "secret.h"
 
@@ -48,6 +49,7 @@ uint32_t cp_mh_features_from_bp(uint32_t f)
     w |= (f & CP_FEAT_AVX512F) ? CP_CPU_AVX512F | CP_CPU_ZMM_STATE : 0u; /* the VMM set XCR0's ZMM states */
     w |= (f & CP_FEAT_AVX512BW) ? CP_CPU_AVX512BW : 0u;
     w |= (f & CP_FEAT_AVX512VL) ? CP_CPU_AVX512VL : 0u;
+    w |= (f & CP_FEAT_RDRAND) ? CP_CPU_RDRAND : 0u;
     return w;
 }
 
@@ -114,13 +116,26 @@ static void adopt_migration(struct cp_mh_ctx *ctx)
     cp_mh_unlock(sh);
 }
 
+/* The efi_secret table INIT reads: the launch secret page (SEV), or (v6) in an SNP guest the table helper
+ * 0's KEY_RELEASE opened (docs/key-release.md), copied privately; none yet = SECRET_HEADER. */
+static uint32_t read_secret(struct cp_mh_ctx *ctx, uint8_t key[CP_MH_KEY_BYTES], uint8_t id[CP_MH_ID_BYTES],
+                            uint32_t *have_id)
+{
+    if (!ctx->cfg.snp)
+        return cp_mh_parse_secret(ctx->cfg.secret, ctx->cfg.secret_size, key, id, have_id);
+    uint32_t len = cp_mh_released_table(ctx, ctx->seal_buf);
+    uint32_t rc = cp_mh_parse_secret(ctx->seal_buf, len, key, id, have_id);
+    cp_mh_wipe(ctx->seal_buf, CP_KR_TABLE_MAX);
+    return rc;
+}
+
 static uint32_t op_init(struct cp_mh_ctx *ctx, volatile struct cp_mb_proto *p)
 {
     uint8_t key[CP_MH_KEY_BYTES];
     uint8_t id[CP_MH_ID_BYTES];
     uint32_t have_id = 0;
     forget_key(ctx);
-    uint32_t rc = cp_mh_parse_secret(ctx->cfg.secret, ctx->cfg.secret_size, key, id, &have_id);
+    uint32_t rc = read_secret(ctx, key, id, &have_id);
     if (rc == CP_MBS_OK)
         rc = cp_mh_derive(ctx, key, have_id ? id : 0);
     cp_mh_wipe(key, sizeof(key));
@@ -429,6 +444,9 @@ uint32_t cp_mh_handle(struct cp_mh_ctx *ctx, volatile uint8_t *ctl, uint8_t *slo
         rc = CP_MBS_OK;
     } else if (op < CP_MB_OP_SAVE || op > CP_MB_OP_LAST) {
         rc = CP_MBS_BAD_OP;
+    } else if (op >= CP_MB_OP_KEY_REQUEST) { /* v6: before INIT, which reads what they release */
+        rc = cp_mh_key_op(ctx, c, slots + (size_t)(first < ctx->cfg.batch_pages ? first : 0) * CP_MB_SLOT_SIZE,
+                          data_room(ctx, first), op, arg1);
     } else if (!ctx->keyed) {
         rc = CP_MBS_NO_KEY;
     } else if (op >= CP_MB_OP_SEAL_MANIFEST) {
