@@ -362,7 +362,7 @@ def test_a_v1_peer_is_refused_by_version(pair: tuple[socket.socket, socket.socke
     with pytest.raises(StreamAuthError) as refused:
         joined(target)
     assert refused.value.failure is AuthFailure.VERSION
-    assert "wire version 1, this confplan speaks 3" in refused.value.message
+    assert "wire version 1, this confplan speaks 4" in refused.value.message
 
 
 def test_garbage_is_refused_at_once(pair: tuple[socket.socket, socket.socket]) -> None:
