@@ -25,7 +25,7 @@ from typing import TypeVar
 
 from confplan.core.datapath import DataLoop, Stop
 from confplan.core.stream import FrameReader, FrameWriter
-from confplan.core.streamauth import SessionKeys, client_handshake
+from confplan.core.streamauth import AuthFailure, SessionKeys, StreamAuthError, client_handshake
 from confplan.core.wire import FrameType, Hello, RoundEnd, decode
 from confplan.errors import ConfplanError
 from confplan.migration.mailbox_layout import PAGE_SIZE, Op
@@ -114,6 +114,23 @@ def close_all(socks: Iterable[socket.socket]) -> None:
 
 
 # ---- target ----
+def awaited_channel_key(
+    keys: SessionKeys, channels: int, opened: set[int], peer: str
+) -> Callable[[Hello], bytes]:
+    """The key an extra channel's HELLO must prove: its channel key, for a channel still to open."""
+
+    def pick(hello: Hello) -> bytes:
+        if hello.channels != channels or hello.channel == 0 or hello.channel in opened:
+            raise StreamAuthError(
+                f"{peer}'s HELLO is for channel {hello.channel} of {hello.channels}: not a channel this "
+                "stream still waits for", failure=AuthFailure.PROTOCOL,
+                hint="still listening for the source's channels",
+            )  # fmt: skip
+        return keys.channel_key(hello.channel)
+
+    return pick
+
+
 @dataclass(frozen=True)
 class ChannelRound:
     """What one extra channel delivered for a round: its ROUND_END, and the pages it LOADed."""

@@ -46,7 +46,7 @@ from confplan.core.wire import (
     decode,
 )
 from confplan.errors import ConfplanError
-from confplan.migration.channels import ChannelReceiver, ChannelSet, share_mailboxes
+from confplan.migration.channels import ChannelReceiver, ChannelSet, awaited_channel_key, share_mailboxes
 from confplan.migration.dirty import concat_gpas
 from confplan.migration.helper import require_helper
 from confplan.migration.mailbox import Mailbox
@@ -295,7 +295,7 @@ class Incoming:
             except TimeoutError:
                 continue
             peer = f"the peer at {addr[0]}:{addr[1]}"
-            key_for = _channel_key(keys, channels, set(opened), peer)
+            key_for = awaited_channel_key(keys, channels, set(opened), peer)
             try:
                 sock = tune_accepted(conn)
                 timeout = min(HANDSHAKE_TIMEOUT, left)
@@ -574,21 +574,6 @@ class Incoming:
             raise ConfplanError(f"the stream ended without the state of vCPUs {missing}")
         # Installed now, while the guest's vCPUs are still parked: verify reads which pages are shared.
         apply_enc_bitmap(self.machine, self.status.enc_bitmap)
-
-
-def _channel_key(keys: SessionKeys, channels: int, opened: set[int], peer: str) -> Callable[[Hello], bytes]:
-    """The key an extra channel's HELLO must prove: its channel key, for a channel still to open."""
-
-    def pick(hello: Hello) -> bytes:
-        if hello.channels != channels or hello.channel == 0 or hello.channel in opened:
-            raise StreamAuthError(
-                f"{peer}'s HELLO is for channel {hello.channel} of {hello.channels}: not a channel this "
-                "stream still waits for", failure=AuthFailure.PROTOCOL,
-                hint="still listening for the source's channels",
-            )  # fmt: skip
-        return keys.channel_key(hello.channel)
-
-    return pick
 
 
 def apply_clock(machine: Machine, status: IncomingStatus, now_wall: float, *, offset_ns: int = 0) -> None:
