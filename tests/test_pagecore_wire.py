@@ -214,3 +214,15 @@ def test_any_bit_flip_in_a_control_frame_is_refused(vcpu: int, blob: bytes, seq:
     frame[flip % len(frame)] ^= 1 << (flip % 8)
     with pytest.raises(PageCoreError):
         wire.decode(frame)
+
+
+def test_hello_names_its_channel_and_refuses_an_impossible_one() -> None:
+    two = replace(HELLO, channels=2, channel=1)
+    assert Hello.unpack(two.pack()) == two
+    assert len(two.pack()) == 80
+    with pytest.raises(PageCoreError, match="channel 2 of 2 channels"):
+        Hello.unpack(replace(HELLO, channels=2, channel=2).pack())
+    reserved = bytearray(HELLO.pack())
+    reserved[76] = 1
+    with pytest.raises(PageCoreError, match="reserved"):
+        Hello.unpack(bytes(reserved))

@@ -157,14 +157,14 @@ class Incoming:
         for sock in socks:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+        if self._channels is not None:  # a main thread waiting for a channel's round ends with it
+            self._channels.close()
         # the core's receive loop works on the raw fd: it ends at the shutdown, and only then may the fd
         # be closed (and its number reused)
         if threading.current_thread() is not self._thread:  # the handover may close from its own thread
             self._thread.join(timeout=5.0)
         for sock in socks:
             sock.close()
-        if self._channels is not None:
-            self._channels.close()
 
     # ---- the thread ----
     def _main(self) -> None:
