@@ -2,7 +2,7 @@
 own plain migration of a paused 1 GiB guest of random RAM over TCP loopback, measured in the same run.
 
     .venv/bin/python bench/bench_migration.py [--ram-mib 1024] [--channels 2] [--skip-qemu] [--repeat 3]
-                                               [--skip-protection]
+                                               [--skip-protection] [--stream-channels 1] [--scaling]
 
 Per scenario it prints the total migration time (start-incoming until the guest runs on the target: what
 QEMU's total-time covers, plus our verify) as a ratio of QEMU's (goal <= 1.0x), the downtime
@@ -15,6 +15,10 @@ confidentiality must cost on this CPU; total/floor says how much of the rest is 
 processes, real in-guest helpers, measured launches: the same path as `confplan apply`. Then, per repeat,
 the stream with its wire v2 protection against the previous unprotected path, same engines
 (stream_protection.py).
+
+``--scaling`` (issue 14, parallel streams) adds, per repeat and scenario, interleaved: 1 helper vCPU with
+1 stream channel, 2 helper vCPUs with 1 channel (the default plan) and 2 helper vCPUs with 2 channels (one
+TCP connection per helper vCPU, wire v4), and prints the 1 -> 2 scaling of each in the same run.
 """
 
 from __future__ import annotations
@@ -42,13 +46,16 @@ MIGRATION_STAGES = ("start-incoming", "precopy", "stop-and-copy", "verify", "res
 STAGES = ("launch-source", "provision-target", "attest-target", *MIGRATION_STAGES)  # no cleanup: RSS of both
 
 
-def write_plan(folder: Path, ram_mib: int, workload: str, batch_pages: int = 256) -> Path:
+def write_plan(
+    folder: Path, ram_mib: int, workload: str, batch_pages: int = 256, helpers: int = 2, channels: int = 1
+) -> Path:
     path = folder / "plan.yaml"
+    stages = [f"start-incoming: {{channels: {channels}}}" if s == "start-incoming" else s for s in STAGES]
     path.write_text(
         f"metadata: {{name: bench}}\nguest:\n  memory: {ram_mib}MiB\n  workload: {workload}\n"
-        f"helper: {{mode: aux-vcpu, aux_vcpus: 2, batch_pages: {batch_pages}}}\n"
+        f"helper: {{mode: aux-vcpu, aux_vcpus: {helpers}, batch_pages: {batch_pages}}}\n"
         "limits: {max_downtime: 50ms, completion_timeout_per_gib: 800s, max_precopy_rounds: 30}\n"
-        f"stages: [{', '.join(STAGES)}]\ncheckpoint: {{dir: state}}\n"
+        f"stages: [{', '.join(stages)}]\ncheckpoint: {{dir: state}}\n"
     )
     return path
 
@@ -133,9 +140,11 @@ class MigrationCpu(Observer):
         return {role: process_cpu_s(pid) - self.at_start[role] for role, pid in self.pids.items()}
 
 
-def run_scenario(ram_mib: int, workload: str, batch_pages: int = 256) -> dict[str, Any]:
+def run_scenario(
+    ram_mib: int, workload: str, batch_pages: int = 256, helpers: int = 2, channels: int = 1
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="confplan-bench-") as tmp:
-        plan = load_plan(write_plan(Path(tmp), ram_mib, workload, batch_pages))
+        plan = load_plan(write_plan(Path(tmp), ram_mib, workload, batch_pages, helpers, channels))
         state = Path(plan.checkpoint.dir)
         cpu = MigrationCpu(state)
         try:
@@ -250,6 +259,39 @@ def print_summary(runs: dict[str, list[dict[str, float]]]) -> None:
         print(f"  {name}: " + "; ".join(cells))
 
 
+SCALING = {"1 helper, 1 channel": (1, 1), "2 helpers, 1 channel": (2, 1), "2 helpers, 2 channels": (2, 2)}
+
+
+Runs = dict[str, list[dict[str, float]]]
+
+
+def run_scaling(args: argparse.Namespace, scenarios: dict[str, str], runs: Runs) -> None:
+    """One repeat of the parallel-streams comparison: each configuration of ``SCALING`` per scenario, back to
+    back; prints the 1 -> 2 ratios of this repeat (first-round MB/s and total time)."""
+    for name, workload in scenarios.items():
+        got: dict[str, dict[str, Any]] = {}
+        for label, (helpers, channels) in SCALING.items():
+            try:
+                r = run_scenario(args.ram_mib, workload, args.batch_pages, helpers, channels)
+            except ConfplanError as err:
+                print(f"{args.ram_mib} MiB {name}, {label}: the migration failed: {err.message}")
+                continue
+            got[label] = r
+            cpu = ", ".join(f"{role} {secs:.2f}" for role, secs in r["cpu_s_per_gib"].items())
+            print(f"{args.ram_mib} MiB {name}, {label}: total {r['total_s']:.2f} s; first round "
+                  f"{r['first_round_MBps']:.0f} MB/s; downtime {r['downtime_s'] * 1e3:.0f} ms; {r['rounds']} "
+                  f"rounds; CPU-s/GiB {cpu}")  # fmt: skip
+            figures = {"total s": r["total_s"], "first round MB/s": r["first_round_MBps"],
+                       "downtime ms": r["downtime_s"] * 1e3}  # fmt: skip
+            runs.setdefault(f"{name}, {label}", []).append(figures)
+        one, two1, two2 = (got.get(label) for label in SCALING)
+        pairs = (("1 -> 2 helpers and channels", one, two2), ("1 -> 2 channels, 2 helpers", two1, two2))
+        for what, a, b in pairs:
+            if a is not None and b is not None:
+                print(f"  {name}: {what}: first round x{b['first_round_MBps'] / a['first_round_MBps']:.2f}, "
+                      f"total x{a['total_s'] / b['total_s']:.2f} faster")  # fmt: skip
+
+
 def main() -> int:
     raw = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=raw)
@@ -259,6 +301,8 @@ def main() -> int:
     parser.add_argument("--batch-pages", type=int, default=1024, help="the plan's helper.batch_pages")
     parser.add_argument("--repeat", type=int, default=1, help="runs of everything, interleaved; then medians")
     parser.add_argument("--skip-protection", action="store_true", help="no protected/unprotected comparison")
+    parser.add_argument("--stream-channels", type=int, default=1, help="start-incoming.channels of the plan")
+    parser.add_argument("--scaling", action="store_true", help="1 vs 2 helper vCPUs and stream channels")
     args = parser.parse_args()
     scenarios = {"idle": "{kind: idle}", "64MiB/s": "{kind: dirty-writer, dirty_rate: 64MiB/s}"}
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in scenarios}
@@ -272,7 +316,7 @@ def main() -> int:
               f"would bring it down to that)")  # fmt: skip
         for name, workload in scenarios.items():
             try:
-                result = run_scenario(args.ram_mib, workload, args.batch_pages)
+                result = run_scenario(args.ram_mib, workload, args.batch_pages, channels=args.stream_channels)
             except ConfplanError as err:  # e.g. precopy gave up on a loaded machine: say so, run the rest
                 print(f"{args.ram_mib} MiB {name}: the migration failed: {err.message}")
                 continue
@@ -281,6 +325,8 @@ def main() -> int:
             from stream_protection import compare
 
             runs["stream protection"].append(compare(args.ram_mib, args.batch_pages))
+        if args.scaling:
+            run_scaling(args, scenarios, runs)
     if args.repeat > 1:
         print_summary(runs)
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 
@@ -67,3 +68,32 @@ class StallingRelay:
             return
         self.stalled.set()  # from here nothing is read: the sender's window fills and its sends stall
         self._keep = (conn, up)
+
+
+class CuttingRelay:
+    """Listens on any free port and forwards to ``target_port`` until ``after`` bytes have passed, then
+    closes both connections: a channel cut in the middle of a round."""
+
+    def __init__(self, target_port: int, *, after: int) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.target_port, self.after = target_port, after
+        self.cut = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        conn, _ = self.listener.accept()
+        up = socket.create_connection(("127.0.0.1", self.target_port))
+        threading.Thread(target=CorruptingRelay._back, args=(up, conn), daemon=True).start()
+        seen = 0
+        try:
+            while seen < self.after and (data := conn.recv(65536)):
+                up.sendall(data)
+                seen += len(data)
+        except OSError:
+            pass
+        self.cut.set()
+        for sock in (conn, up):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()

@@ -5,16 +5,17 @@ stream. The guest runs, migrates, resumes on the target, and its self-check ledg
 from __future__ import annotations
 
 import array
+import dataclasses
 import os
 import re
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
-from relay import CorruptingRelay
+from relay import CorruptingRelay, CuttingRelay
 
-from confplan.core.streamauth import StreamAuthError, client_handshake
+from confplan.core.streamauth import StreamAuthError, client_handshake, key_schedule
 from confplan.core.wire import Hello, HelperMode
 from confplan.errors import ConfplanError
 from confplan.kvm import structs as kvm_structs
@@ -28,6 +29,7 @@ from confplan.migration.verify import private_digests, shared_digest
 from confplan.sev import CONFPLAN_TRANSPORT_KEY_GUID
 from confplan.sev.secret_table import CONFPLAN_MIGRATION_ID_GUID, build_secret_table
 from confplan.vmm import Machine, MachineConfig, abi
+from confplan.vmm.vcpu_thread import RunState
 
 pytestmark = pytest.mark.kvm
 MIGRATION_ID = bytes(range(16))
@@ -49,7 +51,7 @@ class Pair:
 
     def __init__(
         self, mode: str, *, relay: bool = False, dst_batch_pages: int = 64, strangers: int = 0,
-        **guest: object,
+        channels: int = 1, dial: Callable[[Pair, int], socket.socket] | None = None, **guest: object,
     ) -> None:  # fmt: skip
         self.mode, self.key = mode, os.urandom(32)
         self.src = Machine(_config(mode, **guest))
@@ -75,8 +77,11 @@ class Pair:
         sock = socket.create_connection(("127.0.0.1", self.relay.port if self.relay else port))
         self.tracker = DirtyTracker(self.src)
         self.tracker.reset()
+        self.port = port
+        dial_extra = dial or (lambda _, p: socket.create_connection(("127.0.0.1", p)))
         self.out = Outgoing(self.src, sock, hello=hello, stream_key=self.stream_key, mailboxes=self.src_mb,
-                            tracker=self.tracker, next_generation=1)  # fmt: skip
+                            tracker=self.tracker, next_generation=1, channels=channels,
+                            dial=lambda: dial_extra(self, port))  # fmt: skip
         self.out.start()
 
     def finish(self) -> tuple[RoundStats, IncomingStatus]:
@@ -90,7 +95,7 @@ class Pair:
         return final, status
 
     def close(self) -> None:
-        self.out.sock.close()
+        self.out.abort("the test ends")
         self.incoming.close()
         for m in (self.src, self.dst):
             m.close()
@@ -433,3 +438,83 @@ def test_a_guest_with_ram_above_4gib_migrates(pairs: list[Pair]) -> None:
     apply_clock(pair.dst, status, time.time())
     pair.dst.resume_all_vcpus_except_aux()
     assert pair.dst.workload.check().ok
+
+
+# ---- parallel streams (wire v4): one channel per helper vCPU ----
+def test_two_channels_migrate_and_the_guest_resumes(pairs: list[Pair]) -> None:
+    pair = Pair("aux-vcpu", channels=2)
+    pairs.append(pair)
+    assert [ch.index for ch in pair.out.channels] == [1]
+    rounds = [pair.out.send_round() for _ in range(3)]
+    assert rounds[0].sealed_pages > 1000
+    final, status = pair.finish()
+    assert status.sealed_pages == sum(r.sealed_pages for r in [*rounds, final])
+    assert status.rounds == 4
+    assert shared_digest(pair.src) == shared_digest(pair.dst)
+    assert private_digests(pair.src_mb, pair.src) == private_digests(pair.dst_mb, pair.dst)
+    pair.dst.restore_vcpu_states([s.state for s in status.vcpus.values()])
+    apply_clock(pair.dst, status, time.time())
+    pair.dst.resume_all_vcpus_except_aux()
+    assert pair.dst.workload.check().ok
+
+
+def _channel_hello(hello: Hello) -> Hello:
+    return dataclasses.replace(hello, channels=2, channel=1)
+
+
+def test_a_strange_extra_channel_is_refused_and_the_real_one_migrates(pairs: list[Pair]) -> None:
+    """Between the main handshake and the source's channel: a stranger with a channel HELLO, a channel of
+    another session under the same stream key (another attempt that reused it), and a second main HELLO
+    with the right key. Each is refused; the target keeps listening for the real channel."""
+    tried: list[str] = []
+
+    def dial(pair: Pair, port: int) -> socket.socket:
+        hello = dataclasses.replace(pair.hello, nonce=os.urandom(32))
+        other_session = key_schedule(pair.stream_key, hello.pack(), os.urandom(32)).for_source()
+        attempts = [(os.urandom(32), _channel_hello(hello)),
+                    (other_session.channel_key(1), _channel_hello(hello)),
+                    (pair.stream_key, hello)]  # fmt: skip
+        for key, their_hello in attempts:
+            with socket.create_connection(("127.0.0.1", port)) as sock, pytest.raises(StreamAuthError) as err:
+                client_handshake(sock, key, their_hello, timeout=10.0)
+            tried.append(err.value.message)
+        return socket.create_connection(("127.0.0.1", port))
+
+    pair = Pair("aux-vcpu", channels=2, dial=dial)
+    pairs.append(pair)
+    assert len(tried) == 3 and len(pair.incoming.refused) == 3, pair.incoming.refused
+    # the stranger and the other session cannot check the target's proof of this channel's key: they give
+    # up after its CHALLENGE (the target never learns more than that they went); the second main HELLO is
+    # refused before any key is used
+    assert all("CHALLENGE does not prove" in m for m in tried[:2]), tried
+    gave_up = [m.count("closed the connection during the handshake") for m in pair.incoming.refused[:2]]
+    assert gave_up == [1, 1]
+    assert "channel 0 of 1: not a channel this stream still waits for" in pair.incoming.refused[2]
+    pair.out.send_round()
+    _, status = pair.finish()
+    assert status.state is IncomingState.COMPLETE
+    assert private_digests(pair.src_mb, pair.src) == private_digests(pair.dst_mb, pair.dst)
+
+
+def test_a_channel_cut_mid_round_fails_the_attempt_and_the_source_runs_on(pairs: list[Pair]) -> None:
+    relays: list[CuttingRelay] = []
+
+    def dial(pair: Pair, port: int) -> socket.socket:
+        relays.append(CuttingRelay(port, after=3 << 20))  # the cut comes in the first round's sealed pages
+        return socket.create_connection(("127.0.0.1", relays[-1].port))
+
+    pair = Pair("aux-vcpu", channels=2, dial=dial)
+    pairs.append(pair)
+    with pytest.raises(ConfplanError, match=r"channel 1 .*(broke|failed)") as failed:
+        for _ in range(5):
+            pair.out.send_round()
+    print(failed.value.message)
+    assert relays[0].cut.is_set()
+    assert failed.value.hint is not None and "source guest keeps running" in failed.value.hint
+    status = pair.incoming.wait(20)
+    assert status.state is IncomingState.FAILED
+    assert "channel 1" in (status.error or ""), status.error
+    assert pair.dst.vcpus[0].state.name in ("CREATED", "PAUSED")  # never resumed
+    # the source's guest never stopped, and its memory is whole
+    assert all(v.state in (RunState.RUNNING, RunState.PARKED) for v in pair.src.vcpus)
+    assert pair.src.workload.check().ok

@@ -65,7 +65,7 @@ def test_control_frame_round_trip(msg: Control) -> None:
 def test_header_layout_on_the_wire() -> None:
     frame = wire.encode(Done(rounds=1, shared_pages=2, sealed_pages=3), seq=0x0102030405060708)
     assert frame[:4] == b"CFPL"
-    assert frame[4:6] == (3).to_bytes(2, "little")
+    assert frame[4:6] == (4).to_bytes(2, "little")
     assert frame[6:8] == int(FrameType.DONE).to_bytes(2, "little")
     assert frame[12:16] == (24).to_bytes(4, "little")
     assert frame[16:24] == bytes.fromhex("0807060504030201")
@@ -89,14 +89,14 @@ def test_foreign_stream_gets_a_clear_message() -> None:
     assert info.value.hint is not None
 
 
-@pytest.mark.parametrize("version", [1, 2, 4])
+@pytest.mark.parametrize("version", [1, 2, 3, 5])
 def test_other_wire_version_is_refused_with_advice(version: int) -> None:
     frame = wire.encode(HELLO, seq=0)
     frame[4:6] = version.to_bytes(2, "little")
     with pytest.raises(PageCoreError) as info:
         wire.decode(frame)
     assert info.value.code is CoreStatus.VERSION
-    assert f"wire version {version}, this confplan speaks 3" in info.value.message
+    assert f"wire version {version}, this confplan speaks 4" in info.value.message
     assert info.value.hint == "run the same confplan version on the source and the target"
 
 
@@ -107,8 +107,8 @@ def forged(ftype: FrameType, payload: bytes) -> bytearray:
 @pytest.mark.parametrize(
     ("ftype", "payload", "words"),
     [
-        (FrameType.HELLO, HELLO.pack()[:-1], "payload of 71 bytes, expected 72"),
-        (FrameType.HELLO, HELLO.pack() + b"x", "payload of 73 bytes, expected 72"),
+        (FrameType.HELLO, HELLO.pack()[:-1], "payload of 79 bytes, expected 80"),
+        (FrameType.HELLO, HELLO.pack() + b"x", "payload of 81 bytes, expected 80"),
         (FrameType.CHALLENGE, bytes(63), "payload of 63 bytes, expected 64"),
         (FrameType.AUTH, bytes(33), "payload of 33 bytes, expected 32"),
         (FrameType.HELLO, HELLO.pack()[:2] + (9).to_bytes(2, "little") + HELLO.pack()[4:], "helper mode 9"),
@@ -214,3 +214,15 @@ def test_any_bit_flip_in_a_control_frame_is_refused(vcpu: int, blob: bytes, seq:
     frame[flip % len(frame)] ^= 1 << (flip % 8)
     with pytest.raises(PageCoreError):
         wire.decode(frame)
+
+
+def test_hello_names_its_channel_and_refuses_an_impossible_one() -> None:
+    two = replace(HELLO, channels=2, channel=1)
+    assert Hello.unpack(two.pack()) == two
+    assert len(two.pack()) == 80
+    with pytest.raises(PageCoreError, match="channel 2 of 2 channels"):
+        Hello.unpack(replace(HELLO, channels=2, channel=2).pack())
+    reserved = bytearray(HELLO.pack())
+    reserved[76] = 1
+    with pytest.raises(PageCoreError, match="reserved"):
+        Hello.unpack(bytes(reserved))

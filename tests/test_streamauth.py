@@ -362,7 +362,7 @@ def test_a_v1_peer_is_refused_by_version(pair: tuple[socket.socket, socket.socke
     with pytest.raises(StreamAuthError) as refused:
         joined(target)
     assert refused.value.failure is AuthFailure.VERSION
-    assert "wire version 1, this confplan speaks 3" in refused.value.message
+    assert "wire version 1, this confplan speaks 4" in refused.value.message
 
 
 def test_garbage_is_refused_at_once(pair: tuple[socket.socket, socket.socket]) -> None:
@@ -649,3 +649,17 @@ def test_a_frame_verifies_only_in_its_direction(session: Session, wired: list[by
         with pytest.raises(PageCoreError) as refused:
             reflected.recv()
     assert refused.value.code is CoreStatus.AUTH_TAG
+
+
+def test_channel_keys_differ_per_channel_and_per_session(pair: tuple[socket.socket, socket.socket]) -> None:
+    """Wire v4: both ends of one main session derive the same key per extra channel; another session under
+    the same stream key (another attempt that reused it) derives others, and channel 0 has none."""
+    key = os.urandom(32)
+    source, target = handshake(*pair, src_key=key)
+    (theirs, hello), mine = joined(target), joined(source)
+    assert mine.channel_key(1) == theirs.channel_key(1)
+    assert mine.channel_key(1) != mine.channel_key(2)
+    other = key_schedule(key, replace(hello, nonce=os.urandom(32)).pack(), os.urandom(32)).for_source()
+    assert other.channel_key(1) != mine.channel_key(1)
+    with pytest.raises(ValueError):
+        mine.channel_key(0)

@@ -324,7 +324,7 @@ def _connect_outgoing(side: OutgoingMigration, params: Params) -> Params:
         str(params["host"]), int(params["port"]), migration_id=_hex(params, "migration_id", 16),
         stream_key=_hex(params, "stream_key", 32), bandwidth=float(bandwidth) if bandwidth else None,
         attempt=int(params.get("attempt", 0)), progress_timeout=_seconds(params, "progress_timeout"),
-        sealed_state=bool(params.get("sealed_state", False)),
+        sealed_state=bool(params.get("sealed_state", False)), channels=int(params.get("channels", 1)),
     )  # fmt: skip
     return {}
 

@@ -30,7 +30,7 @@
 #define CP_ABI_VERSION 3
 
 #define CP_WIRE_MAGIC 0x4c504643u   /* the bytes "CFPL" */
-#define CP_WIRE_VERSION 3u
+#define CP_WIRE_VERSION 4u
 #define CP_PAGE_SIZE 4096u
 #define CP_HEADER_SIZE 32u
 #define CP_MAX_PAYLOAD (16u << 20)  /* a receiver can size one buffer for any frame */

@@ -25,7 +25,8 @@ import hmac
 import os
 import socket
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from cryptography.hazmat.primitives import hashes
@@ -53,6 +54,7 @@ HANDSHAKE_TIMEOUT = 10.0  # seconds for a whole handshake, not per read: a trick
 MAX_HANDSHAKE_PAYLOAD = 128  # a stranger cannot make the target allocate a page frame's buffer
 TRANSCRIPT_LABEL = b"confplan stream v2 transcript"
 KDF_LABEL = b"confplan stream v2"
+CHANNEL_LABEL = b"confplan stream v4 channel"  # an extra channel's stream key (wire v4, parallel streams)
 SOURCE_FIRST_SEQ = 2  # after HELLO (0) and AUTH (1)
 TARGET_FIRST_SEQ = 1  # after CHALLENGE (0)
 TARGET_ERROR_CODE = 2  # ErrorReport.code the target uses (as migration/target.py does)
@@ -83,6 +85,14 @@ class SessionKeys:
 
     send: FrameKey
     receive: FrameKey
+    channel_seed: bytes = field(default=b"", repr=False)  # this session's secret for its extra channels
+
+    def channel_key(self, channel: int) -> bytes:
+        """The stream key extra channel ``channel`` (1..) proves in its own handshake (wire v4): only the two
+        ends of this session know it, so a channel of another attempt or a stranger's is refused."""
+        if not self.channel_seed or channel < 1:
+            raise ValueError(f"no key for channel {channel} of this session")
+        return hmac.digest(self.channel_seed, CHANNEL_LABEL + channel.to_bytes(2, "little"), "sha256")
 
     def writer(self, sock: socket.socket) -> FrameWriter:
         """The one writer of this side (a second would reuse GCM nonces: refused)."""
@@ -101,6 +111,7 @@ class KeySchedule:
     target_to_source: bytes
     target_proof_key: bytes
     source_proof_key: bytes
+    channel_seed: bytes  # wire v4: HKDF's fifth 32 bytes, the root of the extra channels' stream keys
 
     @property
     def target_proof(self) -> bytes:
@@ -114,23 +125,25 @@ class KeySchedule:
         return SessionKeys(
             FrameKey(self.source_to_target, Direction.SOURCE_TO_TARGET, SOURCE_FIRST_SEQ),
             FrameKey(self.target_to_source, Direction.TARGET_TO_SOURCE, TARGET_FIRST_SEQ),
+            self.channel_seed,
         )
 
     def for_target(self) -> SessionKeys:
         return SessionKeys(
             FrameKey(self.target_to_source, Direction.TARGET_TO_SOURCE, TARGET_FIRST_SEQ),
             FrameKey(self.source_to_target, Direction.SOURCE_TO_TARGET, SOURCE_FIRST_SEQ),
+            self.channel_seed,
         )
 
 
 def key_schedule(key: bytes, hello_payload: bytes, nonce_t: bytes) -> KeySchedule:
     """th = SHA-256(label || HELLO payload || nonce_t); HKDF-SHA256(K, salt = nonce_s || nonce_t,
-    info = label || th) -> k_s2t, k_t2s, m_t, m_s."""
+    info = label || th) -> k_s2t, k_t2s, m_t, m_s, and (wire v4) the channel seed."""
     check_stream_key(key)
     nonce_s = Hello.unpack(hello_payload).nonce
     th = hashlib.sha256(TRANSCRIPT_LABEL + hello_payload + nonce_t).digest()
-    okm = HKDF(hashes.SHA256(), 4 * KEY_SIZE, salt=nonce_s + nonce_t, info=KDF_LABEL + th).derive(key)
-    parts = [okm[i : i + KEY_SIZE] for i in range(0, 4 * KEY_SIZE, KEY_SIZE)]
+    okm = HKDF(hashes.SHA256(), 5 * KEY_SIZE, salt=nonce_s + nonce_t, info=KDF_LABEL + th).derive(key)
+    parts = [okm[i : i + KEY_SIZE] for i in range(0, 5 * KEY_SIZE, KEY_SIZE)]
     return KeySchedule(th, *parts)
 
 
@@ -163,16 +176,19 @@ def client_handshake(
 
 
 def server_handshake(
-    sock: socket.socket, key: bytes, expect: Hello, *, timeout: float = HANDSHAKE_TIMEOUT,
-    peer: str = "the peer",
+    sock: socket.socket, key: bytes | Callable[[Hello], bytes], expect: Hello, *,
+    timeout: float = HANDSHAKE_TIMEOUT, peer: str = "the peer",
 ) -> tuple[SessionKeys, Hello]:  # fmt: skip
     """The target's side on an accepted ``sock``: HELLO for ``expect``'s migration id, CHALLENGE, AUTH.
-    Returns the target's keys (its reader expects seq 2) and the source's HELLO.
+    Returns the target's keys (its reader expects seq 2) and the source's HELLO. ``key`` may pick the key
+    from the HELLO (wire v4: an extra channel proves its channel key; it raises StreamAuthError for a
+    channel it does not wait for).
 
     Raises StreamAuthError when the peer is not proven to be the source (keep listening), and, once it is,
     PageCoreError when its geometry differs from ``expect`` (after telling it so in a protected ERROR: the
     chosen source is misconfigured, the migration fails)."""
-    check_stream_key(key)
+    if isinstance(key, bytes):
+        check_stream_key(key)
     with _Channel(sock, timeout, peer) as channel:
         hello, payload = channel.recv_hello()
         if hello.wire_version != WIRE_VERSION:
@@ -189,7 +205,7 @@ def server_handshake(
                 hint="still listening for the chosen source; check that the source was given this target",
             )
         nonce_t = os.urandom(NONCE_SIZE)
-        schedule = key_schedule(key, payload, nonce_t)
+        schedule = key_schedule(key if isinstance(key, bytes) else key(hello), payload, nonce_t)
         channel.send(Challenge(nonce_t, schedule.target_proof), 0)
         auth = channel.recv(Auth, 1)
         if not hmac.compare_digest(auth.proof, schedule.source_proof):

@@ -21,7 +21,7 @@ from confplan.core._lib import ErrorC, FrameHeaderC, lib
 from confplan.core.status import CoreStatus, PageCoreError, raise_for
 
 MAGIC = 0x4C504643  # b"CFPL"
-WIRE_VERSION = 3
+WIRE_VERSION = 4
 HEADER_SIZE = 32
 PAGE_SIZE = 4096
 MAX_PAYLOAD = 16 << 20
@@ -183,7 +183,7 @@ class Hello:
     handshake nonce (the handshake, ``confplan.core.streamauth``, draws it; the engines leave it zero)."""
 
     TYPE: ClassVar[FrameType] = FrameType.HELLO
-    LAYOUT: ClassVar[struct.Struct] = struct.Struct("<HHIQII16s32s")
+    LAYOUT: ClassVar[struct.Struct] = struct.Struct("<HHIQII16s32sHHI")
 
     ram_size: int
     migration_id: bytes
@@ -193,6 +193,8 @@ class Hello:
     sealed_record_size: int = SEALED_PAGE_SIZE
     wire_version: int = WIRE_VERSION
     nonce: bytes = bytes(NONCE_SIZE)
+    channels: int = 1  # wire v4: the stream's TCP connections (one per helper vCPU at most)
+    channel: int = 0  # which of them this connection is: 0 the main one, 1.. the extra sealed channels
 
     def pack(self) -> bytes:
         if len(self.migration_id) != MIGRATION_ID_SIZE:
@@ -208,17 +210,24 @@ class Hello:
             self.vcpus,
             self.migration_id,
             self.nonce,
+            self.channels,
+            self.channel,
+            0,
         )
 
     @classmethod
     def unpack(cls, payload: bytes) -> Self:
-        (version, mode, page, ram, rec, vcpus, mid, nonce), _ = _split(
+        (version, mode, page, ram, rec, vcpus, mid, nonce, channels, channel, reserved), _ = _split(
             cls.TYPE, cls.LAYOUT, payload, exact=True
         )
         if mode not in HelperMode.__members__.values():
             raise _refuse(cls.TYPE, f"unknown helper mode {mode}", mode)
+        if reserved:
+            raise _refuse(cls.TYPE, f"reserved bytes {reserved:#x} are not zero", reserved)
+        if not 0 <= channel < channels:
+            raise _refuse(cls.TYPE, f"channel {channel} of {channels} channels", channel)
         geometry = (int(ram), bytes(mid), HelperMode(mode), int(vcpus), int(page), int(rec), int(version))
-        return cls(*geometry, bytes(nonce))
+        return cls(*geometry, bytes(nonce), int(channels), int(channel))
 
     def require_match(self, local: Hello) -> None:
         """Raise a ConfplanError naming every field where the peer's migration id or geometry differs from

@@ -86,9 +86,11 @@ class OutgoingMigration(MigrationSide):
     def connect(
         self, host: str, port: int, *, migration_id: bytes, stream_key: bytes, bandwidth: float | None,
         attempt: int = 0, progress_timeout: float | None = None, sealed_state: bool = False,
+        channels: int = 1,
     ) -> None:  # fmt: skip
         """Dial the target's migration port and prove the stream key (the wire v2 handshake); a previous
-        stream is replaced. ``attempt`` numbers this try of the migration (the handover's records say
+        stream is replaced; ``channels`` > 1: that many connections (wire v4 parallel streams). ``attempt``
+        numbers this try of the migration (the handover's records say
         which attempt their state belongs to). Refused while an earlier attempt's handover is undecided
         or handed the guest over."""
         machine = self.check_can_send()
@@ -108,7 +110,8 @@ class OutgoingMigration(MigrationSide):
         self.stream = Outgoing(
             machine, sock, hello=self.hello(migration_id), stream_key=stream_key, mailboxes=self.helper(),
             tracker=self.tracker, next_generation=self.next_generation, bandwidth=bandwidth,
-            peer=f"the target at {host}:{port}", progress_timeout=progress_timeout,
+            peer=f"the target at {host}:{port}", progress_timeout=progress_timeout, channels=channels,
+            dial=lambda: sockets.dial_tcp(host, port, timeout=10.0, what="the target's migration port"),
         )  # fmt: skip
         try:
             self.stream.start()

@@ -21,11 +21,15 @@ from confplan.migration.mailbox_set import MailboxSet
 
 
 class SealedPath:
-    """One side's helpers as the core's loop sees them; ``cancel`` (source) stops a round at its next look."""
+    """One side's helpers as the core's loop sees them; ``cancel`` (source) stops a round at its next look,
+    and so does ``sibling`` (parallel streams: another channel's loop failed, its error is the one raised)."""
 
-    def __init__(self, mailboxes: MailboxSet, banks: int, *, cancel: threading.Event | None = None) -> None:
+    def __init__(
+        self, mailboxes: MailboxSet, banks: int, *, cancel: threading.Event | None = None,
+        sibling: threading.Event | None = None,
+    ) -> None:  # fmt: skip
         self.mailboxes = mailboxes
-        self._cancel = cancel
+        self._cancel, self._sibling = cancel, sibling
         self._by_index = {mb.mh_index: mb for mb in mailboxes.mailboxes}
         self.loop_mailboxes = []
         for mb, size in zip(mailboxes.mailboxes, mailboxes.bank_sizes(banks), strict=True):
@@ -44,7 +48,7 @@ class SealedPath:
         if mh >= 0:
             self._by_index[mh].kick()
             return 0
-        if self._cancel is not None and self._cancel.is_set():
+        if any(e is not None and e.is_set() for e in (self._cancel, self._sibling)):
             return int(Stop.CANCELLED)
         self.mailboxes.mailboxes[0].check()
         return 0

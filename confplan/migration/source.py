@@ -40,6 +40,14 @@ from confplan.core.wire import (
     shared_frame_capacity,
 )
 from confplan.errors import ConfplanError
+from confplan.migration.channels import (
+    SendChannel,
+    close_all,
+    dial_channels,
+    run_parallel,
+    share_gpas,
+    share_mailboxes,
+)
 from confplan.migration.dirty import DirtyTracker, concat_gpas
 from confplan.migration.helper import require_helper
 from confplan.migration.mailbox_layout import Op
@@ -94,8 +102,22 @@ class Outgoing:
         self, machine: Machine, sock: socket.socket, *, hello: Hello, stream_key: bytes | None,
         mailboxes: MailboxSet | None, tracker: DirtyTracker, next_generation: int,
         bandwidth: float | None = None, peer: str = "the target", progress_timeout: float | None = None,
+        channels: int = 1, dial: Callable[[], socket.socket] | None = None,
     ) -> None:  # fmt: skip
+        """``channels`` > 1 (wire v4, parallel streams): ``dial`` opens each extra connection to the
+        target; channel c's pages are sealed by every ``channels``-th helper vCPU from c."""
+        if channels > 1 and (dial is None or stream_key is None):
+            raise ValueError("parallel streams need a dial function and a stream key")
+        helpers = len(mailboxes.mailboxes) if mailboxes is not None else 0
+        if channels > max(1, helpers):
+            raise ConfplanError(
+                f"{channels} stream channels but {helpers} helper vCPUs on the source: one channel per "
+                "helper vCPU at most", hint="lower the channels, or raise helper.aux_vcpus",
+            )  # fmt: skip
         self.machine, self.sock, self.hello, self.peer = machine, sock, hello, peer
+        self.hello = dataclasses.replace(hello, channels=channels, channel=0)
+        self._dial = dial
+        self.channels: list[SendChannel] = []  # the extra channels, after start()
         self.mailboxes, self.tracker, self.bandwidth = mailboxes, tracker, bandwidth
         self.generation = next_generation
         self.totals = Totals()
@@ -113,7 +135,7 @@ class Outgoing:
         self._round = RoundInFlight()
         self._cancel = threading.Event()  # set by cancel_round(): the precopy round stops at the next frame
         self._cancellable = False  # a precopy round is in flight (the pause's final round never is)
-        self._loop: DataLoop | None = None  # the core's data loop while it sends a round's sealed pages
+        self._loops: list[DataLoop] = []  # the core's data loops while they send a round's sealed pages
 
     # ---- the stream ----
     def _writer(self) -> FrameWriter:
@@ -161,9 +183,10 @@ class Outgoing:
             hint="the source guest keeps running; see the target VMM's log, then rerun the apply",
         )
 
-    def _check_peer(self) -> None:
-        """The target only ever writes to the stream to refuse it: stop at once when it has."""
-        readable, _, _ = select.select([self.sock], [], [], 0)
+    def _check_peer(self, wait: float = 0.0) -> None:
+        """The target only ever writes to the stream to refuse it: stop at once when it has (``wait``: an
+        extra channel failed, and the target's ERROR on the main one may still be on its way)."""
+        readable, _, _ = select.select([self.sock], [], [], wait)
         if readable:
             reason = self._peer_error() or "it closed the stream"
             raise ConfplanError(
@@ -206,10 +229,16 @@ class Outgoing:
         keys = client_handshake(self.sock, self._key, self.hello, peer=self.peer)
         self.writer, self._reader = keys.writer(self.sock), keys.reader(self.sock, self.peer)
         self.sock.settimeout(self.progress_timeout)
+        if self.hello.channels > 1 and self._dial is not None:
+            self.channels = dial_channels(
+                self._dial, keys, self.hello, self.hello.channels, peer=self.peer,
+                timeout=self.progress_timeout,
+            )  # fmt: skip
 
     def bound_sends(self, seconds: float | None) -> None:
         """From now on a send that makes no progress for ``seconds`` fails (the pause's deadline)."""
-        self.sock.settimeout(seconds)
+        for sock in (self.sock, *(ch.sock for ch in self.channels)):
+            sock.settimeout(seconds)
 
     # ---- rounds ----
     def send_round(self, *, final: bool = False) -> RoundStats:
@@ -235,9 +264,13 @@ class Outgoing:
         shared, zero = self._send_shared(shared, scanned)
         if len(shared):
             self._shared_sent.append(shared)
-        if len(private):
-            self._send_private(private, generation)
+        lanes = len(self.channels) + 1
+        per_channel = self._send_private(private, generation) if len(private) else [0] * lanes
+        for channel, pages in zip(self.channels, per_channel[1:], strict=True):
+            self._channel_control(channel, RoundEnd(generation, 0, 0, pages, final=final))
         self._control(RoundEnd(generation, len(shared), zero, len(private), final=final))
+        if final:  # a channel's last frame is its final ROUND_END
+            close_all(ch.sock for ch in self.channels)
         self.totals.rounds += 1
         self.totals.shared_pages += len(shared)
         self.totals.sealed_pages += len(private)
@@ -288,45 +321,95 @@ class Outgoing:
             chunk = kept
         return None
 
-    def _send_private(self, gpas: array.array[int], generation: int) -> None:
-        """One call into the core's data loop (GIL released): the MHs seal bank after bank while each done
-        bank is sent from their slots (docs/migration.md, "Session 5")."""
-        path = SealedPath(require_helper(self.mailboxes, "source", len(gpas)), BANKS, cancel=self._cancel)
-        writer = self._writer()
-        key = writer.key
-        loop = DataLoop(
-            self.sock.fileno(), path.loop_mailboxes, key=key.for_core() if key is not None else None,
-            seq=writer.seq, op_timeout=path.op_timeout, io_timeout=self.sock.gettimeout(), poke=path.poke,
-            ram_size=self.machine.ram.top,
-        )  # fmt: skip
-        self._loop = loop
-        try:
-            result = loop.send(
-                gpas, generation=generation, bandwidth=self.bandwidth, pace_t0=self._started,
-                pace_sent=self._sent,
-            )  # fmt: skip
-        finally:
-            self._loop = None
-        writer.seq = result.seq
-        self._sent += result.nbytes
-        self._round.pages_sent += result.pages
-        self.totals.bytes_sealed += result.nbytes
-        self._raise_for_stop(path, result)
+    def _send_private(self, gpas: array.array[int], generation: int) -> list[int]:
+        """The core's data loops, one per channel at once (GIL released): the MHs seal bank after bank while
+        each done bank is sent from their slots (docs/migration.md, "Session 5"). The pages each channel
+        sent."""
+        mailboxes = require_helper(self.mailboxes, "source", len(gpas))
+        lanes = [(self.sock, self._writer())] + [(ch.sock, ch.writer) for ch in self.channels]
+        helpers = share_mailboxes(mailboxes, len(lanes))
+        parts = share_gpas(gpas, [len(h.mailboxes) for h in helpers])
+        sibling = threading.Event()  # a channel failed: the others stop at their next look
+        paths = [SealedPath(h, BANKS, cancel=self._cancel, sibling=sibling) for h in helpers]
+        loops = [
+            DataLoop(
+                sock.fileno(), path.loop_mailboxes, key=w.key.for_core() if w.key is not None else None,
+                seq=w.seq, op_timeout=path.op_timeout, io_timeout=sock.gettimeout(), poke=path.poke,
+                ram_size=self.machine.ram.top,
+            )
+            for (sock, w), path in zip(lanes, paths, strict=True)
+        ]
+        share = len(lanes)  # the plan's cap is shared evenly between the channels
 
-    def _raise_for_stop(self, path: SealedPath, result: LoopResult) -> None:
+        def job(loop: DataLoop, part: array.array[int]) -> Callable[[], LoopResult]:
+            def run() -> LoopResult:
+                result = loop.send(
+                    part, generation=generation, bandwidth=(self.bandwidth or 0.0) / share,
+                    pace_t0=self._started, pace_sent=self._sent // share,
+                )  # fmt: skip
+                if result.stop is not Stop.DONE:
+                    sibling.set()
+                return result
+
+            return run
+
+        self._loops = loops
+        try:
+            results = run_parallel([job(loop, part) for loop, part in zip(loops, parts, strict=True)])
+        finally:
+            self._loops = []
+        done: list[LoopResult] = []
+        for (_, writer), result in zip(lanes, results, strict=True):
+            if isinstance(result, BaseException):
+                raise result
+            writer.seq = result.seq
+            self._sent += result.nbytes
+            self._round.pages_sent += result.pages
+            self.totals.bytes_sealed += result.nbytes
+            done.append(result)
+        self._raise_first_stop(paths, done)
+        return [r.pages for r in done]
+
+    def _raise_first_stop(self, paths: list[SealedPath], results: list[LoopResult]) -> None:
+        """A channel's own failure rather than the stop it caused in the others (CANCELLED by a sibling)."""
+        pairs = enumerate(zip(paths, results, strict=True))
+        own = [(c, p, r) for c, (p, r) in pairs if r.stop is not Stop.DONE]
+        if not own:
+            return
+        first = next(((c, p, r) for c, p, r in own if r.stop is not Stop.CANCELLED), own[0])
+        self._raise_for_stop(*first)
+
+    def _raise_for_stop(self, channel: int, path: SealedPath, result: LoopResult) -> None:
         if result.stop is Stop.PEER:
-            self._check_peer()  # raises with the target's ERROR message (or says it hung up)
+            self._check_peer(wait=2.0 if channel else 0.0)  # raises with the target's ERROR message
+            closed = ConnectionResetError(0, "the target closed it")
+            raise self._channel_broken(channel, closed) if channel else self._stream_broken(closed)
         if result.stop is Stop.CANCELLED:
             raise self._cancelled()
         if result.stop in (Stop.SOCKET, Stop.TIMEOUT):
-            raise self._stream_broken(socket_error(result))
+            err = socket_error(result)
+            raise self._channel_broken(channel, err) if channel else self._stream_broken(err)
         path.raise_for(result, Op.SAVE, frame_what=f"framing sealed pages (frame {result.seq})")
+
+    def _channel_control(self, channel: SendChannel, msg: RoundEnd) -> None:
+        try:
+            channel.writer.send_control(msg)
+        except OSError as err:
+            raise self._channel_broken(channel.index, err) from None
+
+    def _channel_broken(self, channel: int, err: OSError) -> ConfplanError:
+        """An extra channel failed: the target's ERROR on the main channel says why, if it sent one."""
+        self._check_peer(wait=2.0)
+        return ConfplanError(
+            f"channel {channel} of the migration stream to {self.peer} broke ({err.strerror or err})",
+            hint="the source guest keeps running; see the target VMM's log, then rerun the apply",
+        )
 
     def round_progress(self) -> dict[str, float | int]:
         """How far the round in flight is: its number, its pages, the pages and bytes sent so far, its
         seconds. Read from another thread while ``send_round`` runs (the counters move per frame)."""
-        now, current, loop = time.monotonic(), self._round, self._loop
-        pages, sent = (loop.pages, loop.nbytes) if loop is not None else (0, 0)
+        now, current, loops = time.monotonic(), self._round, self._loops
+        pages, sent = sum(loop.pages for loop in loops), sum(loop.nbytes for loop in loops)
         return {"round": current.round, "pages": current.pages, "pages_sent": current.pages_sent + pages,
                 "bytes_sent": self._sent + sent - current.sent_before,
                 "seconds": now - current.started if current.started else 0.0}  # fmt: skip
@@ -404,4 +487,4 @@ class Outgoing:
         """Tell the target why the stream ends (best effort), then close it."""
         with contextlib.suppress(OSError, ConfplanError):
             self._writer().send_control(ErrorReport(1, message))
-        self.sock.close()
+        close_all([self.sock, *(ch.sock for ch in self.channels)])

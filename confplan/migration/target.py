@@ -25,7 +25,13 @@ from typing import Any
 from confplan.core import CoreStatus, HostMemory, PageCoreError, unframe_sealed_pages, unframe_shared_pages
 from confplan.core.datapath import DataLoop, Stop
 from confplan.core.stream import Frame, FrameReader, FrameWriter
-from confplan.core.streamauth import HANDSHAKE_TIMEOUT, StreamAuthError, server_handshake
+from confplan.core.streamauth import (
+    HANDSHAKE_TIMEOUT,
+    AuthFailure,
+    SessionKeys,
+    StreamAuthError,
+    server_handshake,
+)
 from confplan.core.wire import (
     MAX_FRAME_PAGES,
     DeviceState,
@@ -40,6 +46,7 @@ from confplan.core.wire import (
     decode,
 )
 from confplan.errors import ConfplanError
+from confplan.migration.channels import ChannelReceiver, ChannelSet, awaited_channel_key, share_mailboxes
 from confplan.migration.dirty import concat_gpas
 from confplan.migration.helper import require_helper
 from confplan.migration.mailbox import Mailbox
@@ -131,7 +138,9 @@ class Incoming:
         low = int(machine.layout.mh_end)
         self._shared_ram = HostMemory(machine.ram.address + low, machine.ram.top - low)
         self._shared_base = low
-        self._path: SealedPath | None = None  # the helpers as the core's data loop sees them
+        self._path: SealedPath | None = None  # the main channel's helpers as the core's data loop sees them
+        self._helpers = mailboxes  # the main channel's helpers (all of them with one channel)
+        self._channels: ChannelSet | None = None  # wire v4's extra channels, once accepted
         self._loop_gpas = array.array("Q")  # the GPAs one loop call received (a round's at most)
         self._thread = threading.Thread(target=self._main, name="incoming-stream", daemon=True)
         self._thread.start()
@@ -148,6 +157,8 @@ class Incoming:
         for sock in socks:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+        if self._channels is not None:  # a main thread waiting for a channel's round ends with it
+            self._channels.close()
         # the core's receive loop works on the raw fd: it ends at the shutdown, and only then may the fd
         # be closed (and its number reused)
         if threading.current_thread() is not self._thread:  # the handover may close from its own thread
@@ -162,7 +173,10 @@ class Incoming:
             self.status.state = IncomingState.RECEIVING
             self._receive(reader)
             self.status.state = IncomingState.COMPLETE
-        except BaseException as err:  # the thread's end: record it for the orchestrator, tell the source
+        except BaseException as raised:  # the thread's end: record it for the orchestrator, tell the source
+            err = raised
+            if self._channels is not None and self._channels.error is not None:
+                err = self._channels.error  # it ended the main channel's read: its own error says why
             self.status.error = (
                 err.message if isinstance(err, ConfplanError) else f"{type(err).__name__}: {err}"
             )
@@ -221,7 +235,8 @@ class Incoming:
                 return self._unprotected(tune_accepted(conn), peer)
             try:
                 sock, timeout = tune_accepted(conn), min(HANDSHAKE_TIMEOUT, left)
-                keys, _ = server_handshake(sock, self._key, self.hello, timeout=timeout, peer=peer)
+                keys, hello = server_handshake(sock, self._main_key(peer), self.hello, timeout=timeout,
+                                               peer=peer)  # fmt: skip
             except StreamAuthError as err:
                 self.refused.append(err.message)
                 self._log(f"target: refused a stream connection: {err.message}")
@@ -232,8 +247,81 @@ class Incoming:
                 raise
             self._conn = conn
             self._writer = keys.writer(conn)
+            if hello.channels > 1:
+                self._accept_channels(keys, hello.channels, max(HANDSHAKE_TIMEOUT, left))
             self.listener.close()  # one source per migration: nobody else may connect now
             return keys.reader(conn, f"the source at {addr[0]}:{addr[1]}")
+
+    def _main_key(self, peer: str) -> Callable[[Hello], bytes]:
+        key = self._key
+        assert key is not None
+
+        def pick(hello: Hello) -> bytes:
+            if hello.channel != 0:  # an extra channel before the main one: not this stream's order
+                raise StreamAuthError(
+                    f"{peer}'s HELLO is for channel {hello.channel}, this target waits for the main one",
+                    failure=AuthFailure.PROTOCOL, hint="still listening for the chosen source",
+                )
+            return key
+
+        return pick
+
+    def _accept_channels(self, keys: SessionKeys, channels: int, within: float) -> None:
+        """Wire v4: accept the source's extra channels 1..``channels``-1, each proving its channel key (a
+        stranger, a channel of another attempt or a second copy of one is refused and the next one
+        accepted), then start their receivers. Every channel has its own helpers."""
+        helpers = len(self.mailboxes.mailboxes) if self.mailboxes is not None else 0
+        if self.mailboxes is None or channels > helpers:
+            raise ConfplanError(
+                f"the source opens {channels} stream channels, this target has {helpers} helper vCPUs: one "
+                "channel per helper vCPU at most",
+                hint="give the source and the target the same helper.aux_vcpus",
+            )
+        shares = share_mailboxes(self.mailboxes, channels)
+        self._helpers = shares[0]
+        deadline = time.monotonic() + within
+        opened: dict[int, tuple[socket.socket, FrameReader]] = {}
+        while len(opened) < channels - 1:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ConfplanError(
+                    f"the source opened {len(opened) + 1} of its {channels} stream channels within "
+                    f"{within:g} s",
+                    hint="check that the source VMM can reach this port, then rerun the apply",
+                )
+            self.listener.settimeout(left)
+            try:
+                conn, addr = self.listener.accept()
+            except TimeoutError:
+                continue
+            peer = f"the peer at {addr[0]}:{addr[1]}"
+            key_for = awaited_channel_key(keys, channels, set(opened), peer)
+            try:
+                sock = tune_accepted(conn)
+                timeout = min(HANDSHAKE_TIMEOUT, left)
+                chan, hello = server_handshake(sock, key_for, self.hello, timeout=timeout, peer=peer)
+            except StreamAuthError as err:
+                self.refused.append(err.message)
+                self._log(f"target: refused a stream channel: {err.message}")
+                conn.close()
+                continue
+            except BaseException:
+                conn.close()
+                raise
+            source = f"the source at {addr[0]}:{addr[1]} (channel {hello.channel})"
+            opened[hello.channel] = (conn, chan.reader(conn, source))
+        self._channels = ChannelSet([
+            ChannelReceiver(c, conn, reader, shares[c], banks=BANKS, ram_size=self.machine.ram.top,
+                            on_fail=self._channel_failed)
+            for c, (conn, reader) in sorted(opened.items())
+        ])  # fmt: skip
+
+    def _channel_failed(self) -> None:
+        """A channel failed: end the main channel's read (its error is the channel's, see ``_main``)."""
+        conn = self._conn
+        if conn is not None:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RD)
 
     def _unprotected(self, conn: socket.socket, peer: str) -> FrameReader:
         self._conn, self._writer = conn, FrameWriter(conn)
@@ -243,6 +331,8 @@ class Incoming:
         if not isinstance(hello, Hello):
             raise ConfplanError(f"{peer}'s stream does not start with HELLO")
         hello.require_match(self.hello)
+        if hello.channels != 1:
+            raise ConfplanError(f"{peer} opens {hello.channels} channels: an unprotected stream has one")
         return reader
 
     def _tell_source(self, message: str) -> None:
@@ -254,6 +344,8 @@ class Incoming:
             if self._writer is not None:
                 with self._send_lock:
                     self._writer.send_control(ErrorReport(2, message))
+        if self._channels is not None:  # after the ERROR: a source that sees a channel close reads it
+            self._channels.close()
         with contextlib.suppress(OSError):
             conn.shutdown(socket.SHUT_WR)
             conn.settimeout(DRAIN_SECONDS)
@@ -290,7 +382,7 @@ class Incoming:
             if frame.header.type is FrameType.SEALED_PAGES:
                 require_helper(self.mailboxes, "target", 1)  # raises: no helper to open them
             return frame
-        path = self._sealed_path(self.mailboxes)
+        path = self._sealed_path(self._helpers or self.mailboxes)
         while True:
             self._receive_sealed(reader, path)
             kind = int.from_bytes(reader.pending_header()[6:8], "little")
@@ -299,7 +391,7 @@ class Incoming:
                 self.status.bytes_received += len(frame.data)
                 self._apply_shared(frame)
             elif kind == FrameType.SEALED_PAGES:  # one the loop would not take: refused (or too big) here
-                return self._receive_pages_python(reader, self.mailboxes)
+                return self._receive_pages_python(reader, self._helpers or self.mailboxes)
             else:
                 return self._next_frame(reader)
 
@@ -386,6 +478,7 @@ class Incoming:
         """Apply one frame that is not page data (every LOAD before it is done); True at DONE."""
         _, msg = decode(frame.data)
         if isinstance(msg, RoundEnd):
+            self._channel_rounds(msg)
             self.status.rounds += 1
         elif isinstance(msg, VcpuState):
             self.status.state_parts.append(msg.blob)
@@ -404,6 +497,18 @@ class Incoming:
         elif isinstance(msg, ErrorReport):
             raise ConfplanError(f"the source gave up: {msg.message}")
         return False
+
+    def _channel_rounds(self, main: RoundEnd) -> None:
+        """Wire v4: the round is whole once every extra channel has LOADed its part; then they may go on."""
+        if self._channels is None:
+            return
+        for part in self._channels.collect(main):
+            self.status.bytes_received += part.nbytes
+            self.status.sealed_pages += len(part.gpas)
+            if len(part.gpas) and self._written is not None:
+                self._written.append(part.gpas)
+        if not main.final:
+            self._channels.next_round()
 
     def _wrote(self, count: int) -> None:
         """Keep the GPAs a frame wrote (one array copy per frame), once verify has asked for them."""

@@ -444,6 +444,13 @@ class StartIncomingParams(StageParams):
     connect_to: str | None = Field(
         None, description="HOST:PORT the source dials instead of the target's own address (e.g. a relay)."
     )
+    channels: int = Field(
+        1, ge=1, le=64,
+        description=(
+            "TCP connections of the page stream (wire v4 parallel streams, like QEMU's multifd channels): "
+            "at most one per helper vCPU (helper.aux_vcpus); each carries its own helpers' sealed pages."
+        ),
+    )  # fmt: skip
 
     @field_validator("connect_to")
     @classmethod

@@ -3,7 +3,8 @@ to both VMMs; the target listens, the source connects and both prove the key in 
 target checks the migration id and the geometry, and keeps listening past any connection that fails).
 
 Parameters: ``listen_port`` (default any free port), ``connect_to`` ("HOST:PORT" the source dials instead
-of the target's own address: a relay or NAT in between).
+of the target's own address: a relay or NAT in between), ``channels`` (the stream's TCP connections, at
+most one per helper vCPU: wire v4 parallel streams; default 1).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 
+from confplan.errors import ConfplanError
 from confplan.plan import STAGE_NEEDS
 from confplan.plan.models import StartIncomingParams
 from confplan.stages.base import Stage, StageContext, StageResult, TeardownWhen, register_stage
@@ -30,6 +32,13 @@ class StartIncoming(Stage):
         listen_host = "0.0.0.0" if remote else "127.0.0.1"
         params = StartIncomingParams.model_validate(self.params)
         port = params.listen_port
+        helpers = ctx.plan.helper.mh_vcpus
+        if params.channels > helpers:
+            raise ConfplanError(
+                f"start-incoming.channels is {params.channels}, but the helper has {helpers} vCPUs: one "
+                "stream channel per helper vCPU at most",
+                hint="lower channels or raise helper.aux_vcpus",
+            )
         # A fresh stream key per attempt, handed to both VMMs over their authenticated control channels:
         # only the source that proves it may feed the target (docs/stream-security.md).
         stream_key = os.urandom(32).hex()
@@ -54,7 +63,7 @@ class StartIncoming(Stage):
         stream = {"host": host, "port": port, "migration_id": migration_id.hex(), "stream_key": stream_key,
                   "attempt": attempt, "sealed_state": sealed_state}  # fmt: skip
         limits = ctx.plan.limits
-        source.call("connect_outgoing", {**stream, "bandwidth": limits.bandwidth,
+        source.call("connect_outgoing", {**stream, "bandwidth": limits.bandwidth, "channels": params.channels,
                                          "progress_timeout": float(limits.progress_timeout)})  # fmt: skip
         return StageResult(data={"listen_port": listening["port"], "source_dials": f"{host}:{port}",
                                  "attempt": attempt})  # fmt: skip
