@@ -44,15 +44,14 @@ class CorruptingRelay:
             pass
 
 
-class StallingRelay:
-    """Listens on any free port and forwards to ``target_port`` until ``after`` bytes have passed, then
-    stops forwarding without closing anything: a network that silently drops everything from there."""
+class _ForwardThenRelay:
+    """Listens on any free port and forwards the first connection to ``target_port`` until ``after``
+    bytes have passed, then ``_then(conn, up)`` decides what the network does next."""
 
     def __init__(self, target_port: int, *, after: int) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.target_port, self.after = target_port, after
-        self.stalled = threading.Event()
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self) -> None:
@@ -65,33 +64,39 @@ class StallingRelay:
                 up.sendall(data)
                 seen += len(data)
         except OSError:
-            return
+            if not self._cut_on_error:
+                return
+        self._then(conn, up)
+
+    _cut_on_error = False
+
+    def _then(self, conn: socket.socket, up: socket.socket) -> None:
+        raise NotImplementedError
+
+
+class StallingRelay(_ForwardThenRelay):
+    """Forwards ``after`` bytes, then stops forwarding without closing anything: a network that silently
+    drops everything from there."""
+
+    def __init__(self, target_port: int, *, after: int) -> None:
+        self.stalled = threading.Event()
+        super().__init__(target_port, after=after)
+
+    def _then(self, conn: socket.socket, up: socket.socket) -> None:
         self.stalled.set()  # from here nothing is read: the sender's window fills and its sends stall
         self._keep = (conn, up)
 
 
-class CuttingRelay:
-    """Listens on any free port and forwards to ``target_port`` until ``after`` bytes have passed, then
-    closes both connections: a channel cut in the middle of a round."""
+class CuttingRelay(_ForwardThenRelay):
+    """Forwards ``after`` bytes, then closes both connections: a channel cut in the middle of a round."""
+
+    _cut_on_error = True
 
     def __init__(self, target_port: int, *, after: int) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.target_port, self.after = target_port, after
         self.cut = threading.Event()
-        threading.Thread(target=self._run, daemon=True).start()
+        super().__init__(target_port, after=after)
 
-    def _run(self) -> None:
-        conn, _ = self.listener.accept()
-        up = socket.create_connection(("127.0.0.1", self.target_port))
-        threading.Thread(target=CorruptingRelay._back, args=(up, conn), daemon=True).start()
-        seen = 0
-        try:
-            while seen < self.after and (data := conn.recv(65536)):
-                up.sendall(data)
-                seen += len(data)
-        except OSError:
-            pass
+    def _then(self, conn: socket.socket, up: socket.socket) -> None:
         self.cut.set()
         for sock in (conn, up):
             with contextlib.suppress(OSError):

@@ -12,8 +12,8 @@ import pytest
 import typer
 from reports import check_report
 from typer.testing import CliRunner
+from vmms import ledger_ok
 
-from confplan.agent import handle as vmm_handle
 from confplan.cli.apply_cmds import register
 from confplan.plan import load_plan
 from confplan.stages import StageFailed, apply
@@ -56,12 +56,7 @@ def test_an_snp_plan_migrates_with_the_key_released_against_reports(plan_dir: Pa
     digests = {stages[name]["result"]["launch_digest"] for name in ("launch-source", "attest-target")}
     assert len(digests) == 2  # the target boots MH-only: another measured boot
     assert report["migration"]["bytes_sealed"] > 20 << 20  # private pages went sealed under that key
-    target = vmm_handle.find_local(plan_dir / "state", "target")
-    assert target is not None
-    try:
-        assert target.call("workload_check")["ok"]
-    finally:
-        target.close()
+    assert ledger_ok(plan_dir / "state", "target")
 
 
 def test_an_snp_target_with_other_firmware_gets_no_key(plan_dir: Path) -> None:
@@ -80,9 +75,4 @@ def test_an_snp_target_with_other_firmware_gets_no_key(plan_dir: Path) -> None:
     assert failed.value.stage == "attest-target"
     log = _log(plan_dir, "target")
     assert "SNP report for the owner's nonce" in log and "the owner's key opened" not in log
-    source = vmm_handle.find_local(plan_dir / "state", "source")
-    assert source is not None
-    try:
-        assert source.call("info")["running"] and source.call("workload_check")["ok"]
-    finally:
-        source.close()
+    assert ledger_ok(plan_dir / "state", "source", running=True)

@@ -217,19 +217,13 @@ class Incoming:
         stranger, a replayed recording or another migration's source is logged, closed, and the next
         connection accepted; the first that authenticates is the source, and the listener closes."""
         deadline = time.monotonic() + self.accept_timeout
+
+        def late() -> str:
+            refused = f" ({len(self.refused)} connections refused)" if self.refused else ""
+            return f"no source proved this migration's stream key within {self.accept_timeout:g} s{refused}"
+
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise ConfplanError(
-                    f"no source proved this migration's stream key within {self.accept_timeout:g} s"
-                    + (f" ({len(self.refused)} connections refused)" if self.refused else ""),
-                    hint="check that the source VMM can reach this port, then rerun the apply",
-                )
-            self.listener.settimeout(left)
-            try:
-                conn, addr = self.listener.accept()
-            except TimeoutError:
-                continue
+            conn, addr, left = self._accept_before(deadline, late)
             peer = f"the peer at {addr[0]}:{addr[1]}"
             if self._key is None:  # the in-process benchmark's unprotected path (see source.Outgoing.start)
                 return self._unprotected(tune_accepted(conn), peer)
@@ -251,6 +245,21 @@ class Incoming:
                 self._accept_channels(keys, hello.channels, max(HANDSHAKE_TIMEOUT, left))
             self.listener.close()  # one source per migration: nobody else may connect now
             return keys.reader(conn, f"the source at {addr[0]}:{addr[1]}")
+
+    def _accept_before(self, deadline: float, late: Callable[[], str]) -> tuple[socket.socket, Any, float]:
+        """The next connection and the seconds left, or ConfplanError(``late()``) once ``deadline`` passed."""
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ConfplanError(
+                    late(), hint="check that the source VMM can reach this port, then rerun the apply"
+                )
+            self.listener.settimeout(left)
+            try:
+                conn, addr = self.listener.accept()
+            except TimeoutError:
+                continue
+            return conn, addr, left
 
     def _main_key(self, peer: str) -> Callable[[Hello], bytes]:
         key = self._key
@@ -282,18 +291,10 @@ class Incoming:
         deadline = time.monotonic() + within
         opened: dict[int, tuple[socket.socket, FrameReader]] = {}
         while len(opened) < channels - 1:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise ConfplanError(
-                    f"the source opened {len(opened) + 1} of its {channels} stream channels within "
-                    f"{within:g} s",
-                    hint="check that the source VMM can reach this port, then rerun the apply",
-                )
-            self.listener.settimeout(left)
-            try:
-                conn, addr = self.listener.accept()
-            except TimeoutError:
-                continue
+            conn, addr, left = self._accept_before(
+                deadline, lambda: f"the source opened {len(opened) + 1} of its {channels} stream channels "
+                f"within {within:g} s",
+            )  # fmt: skip
             peer = f"the peer at {addr[0]}:{addr[1]}"
             key_for = awaited_channel_key(keys, channels, set(opened), peer)
             try:

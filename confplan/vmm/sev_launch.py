@@ -11,7 +11,7 @@ The VMM never reads the secret page: ``Machine.read``/``view`` refuse it; only t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from confplan.errors import ConfplanError
 from confplan.sev.certs import PlatformChain
@@ -28,24 +28,17 @@ if TYPE_CHECKING:
 __all__ = ["LaunchRecord", "MeasuredLaunch", "SnpLaunch", "launch_with_broker"]
 
 
-class MeasuredLaunch:
-    """Drives one machine's launch through LAUNCH_START .. LAUNCH_FINISH, in order (the emulated PSP
-    refuses anything out of order by itself)."""
+Guest = TypeVar("Guest", SevGuest, SnpGuest)
 
-    def __init__(self, machine: Machine, psp: EmulatedSecureProcessor) -> None:
-        if not machine.config.measured_launch:
-            raise ConfplanError(
-                "this machine was built for an unmeasured boot: its firmware is already in guest RAM",
-                hint="build it with MachineConfig(measured_launch=True)",
-            )
-        self.machine = machine
-        self.psp = psp
-        self.guest: SevGuest = psp.new_guest(machine)
+
+class _Launch(Generic[Guest]):
+    """What both launches give the machine (``machine.AttachedLaunch``): one launch per machine, attached
+    before it starts; its state; debug reads through the secure processor."""
+
+    def __init__(self, machine: Machine, psp: EmulatedSecureProcessor, guest: Guest) -> None:
+        self.machine, self.psp = machine, psp
+        self.guest: Guest = guest
         machine.attach_launch(self)
-
-    @property
-    def platform_version(self) -> PlatformVersion:
-        return self.psp.version
 
     @property
     def finished(self) -> bool:
@@ -55,6 +48,28 @@ class MeasuredLaunch:
     def state(self) -> str:
         """The guest's launch state (UNINIT, LUPDATE, LSECRET, RUNNING), for messages."""
         return self.guest.state.value
+
+    def debug_read(self, gpa: int, n: int) -> bytes:
+        """DBG_DECRYPT through the PSP: refused unless the guest policy allows debugging."""
+        return self.guest.debug_read(gpa, n)
+
+
+class MeasuredLaunch(_Launch[SevGuest]):
+    """Drives one machine's launch through LAUNCH_START .. LAUNCH_FINISH, in order (the emulated PSP
+    refuses anything out of order by itself)."""
+
+    def __init__(self, machine: Machine, psp: EmulatedSecureProcessor) -> None:
+        if not machine.config.measured_launch or machine.config.snp:
+            raise ConfplanError(
+                "this machine was not built for a measured SEV launch (an unmeasured boot has its firmware "
+                "in guest RAM already; an SNP guest launches with SnpLaunch)",
+                hint="build it with MachineConfig(measured_launch=True)",
+            )
+        super().__init__(machine, psp, psp.new_guest(machine))
+
+    @property
+    def platform_version(self) -> PlatformVersion:
+        return self.psp.version
 
     def measure(self, policy: int, godh_cert: bytes, session_blob: bytes) -> bytes:
         """LAUNCH_START, LAUNCH_UPDATE_DATA per blob, LAUNCH_MEASURE: the 48-byte measurement."""
@@ -82,10 +97,6 @@ class MeasuredLaunch:
         """LAUNCH_FINISH: from here on the machine's vCPUs may start."""
         self.guest.launch_finish()
 
-    def debug_read(self, gpa: int, n: int) -> bytes:
-        """DBG_DECRYPT through the PSP: refused when the guest policy has NODBG."""
-        return self.guest.debug_read(gpa, n)
-
 
 def launch_with_broker(
     machine: Machine, psp: EmulatedSecureProcessor, broker: KeyBroker, policy: int, transport_key: bytes,
@@ -101,7 +112,7 @@ def launch_with_broker(
     return attest_and_release(launch, broker, policy, confplan_secrets(transport_key, migration_id))
 
 
-class SnpLaunch:
+class SnpLaunch(_Launch[SnpGuest]):
     """One machine's SEV-SNP launch (docs/key-release.md): SNP_LAUNCH_START, SNP_LAUNCH_UPDATE of the
     measured blobs (NORMAL) and of the SECRETS page at ``abi.SECRET_GPA`` (the PSP writes the VMPCKs
     there), SNP_LAUNCH_FINISH. No secret goes in at launch: the running helper asks for a report and the
@@ -114,18 +125,7 @@ class SnpLaunch:
                 "this machine was not built for an SEV-SNP launch",
                 hint="build it with MachineConfig(measured_launch=True, snp=True)",
             )
-        self.machine = machine
-        self.psp = psp
-        self.guest: SnpGuest = psp.new_snp_guest(machine)
-        machine.attach_launch(self)
-
-    @property
-    def finished(self) -> bool:
-        return self.guest.state is GuestState.RUNNING
-
-    @property
-    def state(self) -> str:
-        return self.guest.state.value
+        super().__init__(machine, psp, psp.new_snp_guest(machine))
 
     def launch(self, policy: int) -> bytes:
         """The whole launch; the 48-byte launch digest (what every report will carry as MEASUREMENT)."""
@@ -143,6 +143,3 @@ class SnpLaunch:
     def cert_chain(self) -> tuple[bytes, bytes, bytes]:
         """ARK, ASK and VCEK (PEM): what a host fetches from AMD KDS for its chip (here: emulated)."""
         return self.psp.snp_cert_chain()
-
-    def debug_read(self, gpa: int, n: int) -> bytes:
-        return self.guest.debug_read(gpa, n)
