@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 import typer
+from agents import Agent
 from reports import check_report
 from typer.testing import CliRunner
 from vmms import ledger_ok
 
+from confplan.agent import handle as vmm_handle
 from confplan.cli.apply_cmds import register
 from confplan.plan import load_plan
 from confplan.stages import StageFailed, apply
@@ -57,6 +59,24 @@ def test_an_snp_plan_migrates_with_the_key_released_against_reports(plan_dir: Pa
     assert len(digests) == 2  # the target boots MH-only: another measured boot
     assert report["migration"]["bytes_sealed"] > 20 << 20  # private pages went sealed under that key
     assert ledger_ok(plan_dir / "state", "target")
+
+
+def test_an_snp_plan_migrates_to_a_remote_agent(plan_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The target is a `confplan agent` over mutual TLS: its own (emulated) secure processor launches the
+    target and signs its helper's report; the broker here checks it and wraps the key to that helper."""
+    agent = Agent.start(plan_dir)
+    monkeypatch.setenv("CONFPLAN_HOME", str(agent.orchestrator_home))
+    try:
+        plan = _snp_plan(plan_dir)
+        target = f'target: {{host: "tcp://127.0.0.1:{agent.port}", fingerprint: "{agent.fingerprint}"}}\n'
+        plan.write_text(plan.read_text().replace("target: {host: local}\n", target))
+        report = apply(load_plan(plan))
+        assert report.run is not None and report.run.outcome.value == "succeeded"
+        handle = vmm_handle.connect_remote("127.0.0.1", agent.port, "target", pin=agent.fingerprint)
+        assert handle.call("workload_check")["ok"]
+        vmm_handle.stop(handle)
+    finally:
+        agent.stop()
 
 
 def test_an_snp_target_with_other_firmware_gets_no_key(plan_dir: Path) -> None:
