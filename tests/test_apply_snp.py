@@ -54,7 +54,13 @@ def test_an_snp_plan_migrates_with_the_key_released_against_reports(plan_dir: Pa
         log = _log(plan_dir, role)
         launched, reported = log.index("SNP launch measured"), log.index("SNP report for the owner's nonce")
         assert launched < reported < log.index("the owner's key opened")
-        assert len(stages[stage]["result"]["launch_digest"]) == 96  # SHA-384: the SNP launch digest
+        result = stages[stage]["result"]
+        assert len(result["launch_digest"]) == 96  # SHA-384: the SNP launch digest
+        checked = result["attestation"]
+        assert checked["verified"] and checked["emulated_platform"] is True
+        nonce = "report_data = nonce || the helper's key"
+        assert {"measurement", "policy", "vmpl = 0", nonce} <= set(checked["checked"])
+        assert checked["report"]["measurement"] == result["launch_digest"]
     digests = {stages[name]["result"]["launch_digest"] for name in ("launch-source", "attest-target")}
     assert len(digests) == 2  # the target boots MH-only: another measured boot
     assert report["migration"]["bytes_sealed"] > 20 << 20  # private pages went sealed under that key

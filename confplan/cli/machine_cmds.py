@@ -73,11 +73,9 @@ def _snp_launch_and_start(m: Machine, policy: int, psp_dir: Path, owner_key: X25
     m.start()
     m.wait_helpers_ready()
     secrets = confplan_secrets(os.urandom(TRANSPORT_KEY_LEN))
-    digest = release_to_snp_guest(
-        side, expected, policy, secrets, owner_key=owner_key, trust_emulated_platform=True
-    )
+    release_to_snp_guest(side, expected, policy, secrets, owner_key=owner_key, trust_emulated_platform=True)
     typer.echo(f"SEV-SNP launch on the EMULATED secure processor (not AMD hardware): policy {policy:#x}")
-    typer.echo(f"  launch digest {digest} (predicted from the plan; the report carried it)")
+    typer.echo(f"  launch digest {expected.hex()} (predicted from the plan; the report carried it)")
     typer.echo("  the owner's broker checked the helper's report and released a throw-away key to it")
 
 

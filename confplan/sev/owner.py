@@ -106,12 +106,13 @@ class SnpPeer(Protocol):
 def release_to_snp_guest(
     peer: SnpPeer, expected_digest: bytes, policy: int, secrets: dict[uuid.UUID, bytes], *,
     owner_key: X25519PrivateKey, trust_emulated_platform: bool, pins: list[str] | None = None,
-) -> str:  # fmt: skip
+) -> dict[str, object]:  # fmt: skip
     """Ask the running guest's helper for a report bound to a fresh nonce, verify it (chain to a trusted
     ARK, signature, VMPL 0, exactly ``policy``, the measurement ``expected_digest``) and only then wrap
     ``secrets`` to the helper's key with ``owner_key`` (the static key whose public half the guest was
     launched with, so its helper knows the wrap is the owner's). ``AttestationRefused`` names the failing
-    field; nothing is released then. Returns the report's measurement (hex)."""
+    field; nothing is released then. Returns what was checked (``ReportVerdict.summary``: the root, the
+    checks, the report's fields), for the run's record."""
     from confplan.sev.broker import AttestationRefused
     from confplan.sev.policy import SnpPolicyFlag
     from confplan.sev.secret_table import build_secret_table
@@ -138,4 +139,4 @@ def release_to_snp_guest(
             hint=err.hint or "the guest is not the measured confplan helper the owner expects",
         ) from None
     peer.key_release(wrapped.pack())
-    return verdict.report.measurement.hex()
+    return verdict.summary()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import datetime
 import hmac
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
@@ -122,6 +122,7 @@ def release_to_report(
             "report report_data: not made for this release's nonce (a replayed or foreign report)",
             field="report_data",
         )
+    verdict = replace(verdict, checked=(*verdict.checked, "report_data = nonce || the helper's key"))
     return wrap_to_report(verdict.report.raw, nonce, secret, owner_key), verdict
 
 

@@ -204,15 +204,15 @@ def _expected_digest(created: dict[str, Any], config: dict[str, Any]) -> bytes:
 
 def launch_and_start(
     plan: Plan, handle: VmmHandle, created: dict[str, Any], config: dict[str, Any]
-) -> tuple[str, dict[str, Any]]:
+) -> tuple[str, dict[str, Any]]:  # the matched digest, and start's answer (+ SNP: "attestation")
     """The measured launch of ``handle``'s machine with the owner's broker here, then its start: the
     transport key is released only to a guest whose measurement is the digest predicted from the plan and
     confplan's own firmware (AttestationRefused otherwise, and nothing is released).
 
     SEV/SEV-ES: LAUNCH_MEASURE is checked and the key goes in as LAUNCH_SECRET before any vCPU runs.
     SEV-SNP (docs/key-release.md): the guest launches and starts, then its helper's report (bound to a fresh
-    nonce and its ephemeral key) is checked and the key is wrapped to that key. Returns (digest, start's
-    answer)."""
+    nonce and its ephemeral key) is checked and the key is wrapped to that key; start's answer then also
+    says what the report check covered ("attestation"). Returns (digest, start's answer)."""
     from confplan.sev.broker import confplan_secrets
 
     policy = int(plan.sev.policy_int)
@@ -225,10 +225,10 @@ def launch_and_start(
         peer = handle.launch_peer()
         peer.snp_launch(policy)  # the host's word on the digest; the report below is the proof
         started = handle.call("start", timeout=60.0)
-        digest = release_to_snp_guest(
+        checked = release_to_snp_guest(
             peer, expected, policy, secrets, owner_key=snp_owner_key(plan)[0], trust_emulated_platform=True
         )
-        return digest, started
+        return expected.hex(), {**started, "attestation": checked}
     from confplan.sev import KeyBroker
     from confplan.sev.owner import attest_and_release, owner_policy_for
 
