@@ -6,13 +6,16 @@ The guest's migration helper draws an ephemeral X25519 key ``g`` (public ``G``) 
 processor for a report with ``REPORT_DATA = nonce[32] || G[32]``. The owner's broker (``release_to_report``)
 verifies the report (``snp_verify``: chain, signature, TCB, VMPL, policy, the expected measurement) and that
 REPORT_DATA starts with the nonce it chose for this release, so ``G`` is the key the measured guest made for
-it. It then wraps the secrets: a fresh owner key ``o``, ``s = X25519(o, G)`` (refused if all zero),
-``kek = HKDF-SHA256(salt = nonce, ikm = s, info = LABEL || MEASUREMENT || REPORT_ID)``, AES-256-GCM with
-the report's signed bytes [0, 0x2A0) as associated data. Only the holder of ``g``, i.e. that guest, opens it
-(``open_released_key``; the helper's firmware does the same in firmware/mh/keyrelease.c).
+it. It then wraps the secrets: a fresh owner key ``e``, ``ikm = X25519(e, G) || X25519(s, G)`` where ``s``
+is the owner's static key, whose public half ``S`` is in the guest's measured boot parameters (either half
+all zero is refused), ``kek = HKDF-SHA256(salt = nonce, ikm, info = LABEL || MEASUREMENT || REPORT_ID)``,
+AES-256-GCM with the report's signed bytes [0, 0x2A0) as associated data. Only the holder of ``g``, i.e.
+that guest, opens it (``open_released_key``; the helper's firmware does the same in
+firmware/mh/keyrelease.c), and it opens only what the holder of ``s`` wrapped: a host, which can compute
+``X25519(e, G)`` for an ``e`` of its own, cannot make the helper take a key of the host's choosing.
 
 X25519 rather than P-384: the helper implements it in a few hundred lines of constant-time freestanding C.
-Wire form of ``WrappedKey`` (``pack``): magic "CPSNPKR2", owner public key[32], IV[12], ciphertext || tag.
+Wire form of ``WrappedKey`` (``pack``): magic "CPSNPKR2", ``E``[32], IV[12], ciphertext || tag.
 """
 
 from __future__ import annotations

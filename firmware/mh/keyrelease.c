@@ -2,7 +2,8 @@
  * The SNP key release, the helper's side (docs/key-release.md). Helper 0 of an SNP guest:
  *   KEY_REQUEST  draws g from RDRAND, seals MSG_REPORT_REQ (REPORT_DATA = nonce || G) under VMPCK0
  *   KEY_REPORT   opens the PSP's MSG_REPORT_RSP, checks it answers that request, keeps the signed report
- *   KEY_RELEASE  opens the broker's wrap (X25519(g, O), HKDF, AES-GCM over the report), stores the table
+ *   KEY_RELEASE  opens the broker's wrap (X25519(g, E) || X25519(g, S) with S the owner's static key from
+ *                the measured boot parameters, HKDF, AES-GCM over the report), stores the table
  * Everything the host hands in is copied once into private memory (ctx->seal_buf) before it is looked at;
  * VMPCK0 is read from the secrets page (the PSP wrote it; the host cannot on SNP hardware) for each use.
  */
