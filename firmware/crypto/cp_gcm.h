@@ -4,7 +4,8 @@
  * Freestanding C: no libc, only compiler headers. Four implementations, picked explicitly by the caller
  * (the guest cannot rely on CPUID at CPL3; the VMM passes the host's features in the boot parameters):
  *   CP_GCM_IMPL_PORTABLE  plain C, any x86-64 CPU (table-based AES: see docs/crypto.md for its caveat)
- *   CP_GCM_IMPL_AESNI     AES-NI + PCLMULQDQ, 8 blocks interleaved, GHASH aggregated over 8 blocks
+ *   CP_GCM_IMPL_AESNI     AES-NI + PCLMULQDQ: 8 blocks interleaved, GHASH aggregated over 16 blocks; seal
+ *                         fused (CTR and GHASH in one pass), the helper's open hashes while copying
  *   CP_GCM_IMPL_VAES      256-bit registers (VAES + VPCLMULQDQ, AVX2): seal fuses CTR and GHASH in one
  *                         pass, 16 blocks in flight, GHASH aggregated over 16 blocks
  *   CP_GCM_IMPL_VAES512   the same on 512-bit registers (AVX-512F/BW/VL + VAES + VPCLMULQDQ, ZMM state)
