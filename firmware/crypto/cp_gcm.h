@@ -113,9 +113,10 @@ int cp_gcm_open(const cp_gcm_ctx *ctx, const uint8_t iv[CP_GCM_IV_BYTES], const 
  * mailbox slot). seal_shared: `out` is shared; it is only written, never read back (the ciphertext is
  * hashed from private copies as it is made). open_shared: `in` and `tag` are shared; each byte is read
  * exactly once, so what was authenticated is what gets decrypted. `scratch` is a private buffer of len
- * bytes: VAES hashes the ciphertext while copying it there and decrypts from there once the tag matched;
- * VAES512 decrypts into it in the same pass as GHASH and copies the plaintext to `out` once the tag
- * matched (wiping it on a refusal); the others seal into it / copy the ciphertext into it first. A refused
+ * bytes: VAES and AES-NI hash the ciphertext while copying it there and decrypt from there once the tag
+ * matched; VAES512 decrypts into it in the same pass as GHASH and copies the plaintext to `out` once the
+ * tag matched (wiping it on a refusal); portable seals into it / copies the ciphertext into it first. Seal
+ * is one pass (no scratch) on all but portable. A refused
  * open leaves `out` untouched and no plaintext in `scratch`. No overlap between in, out, scratch.
  */
 int cp_gcm_seal_shared(const cp_gcm_ctx *ctx, const uint8_t iv[CP_GCM_IV_BYTES], const uint8_t *aad,

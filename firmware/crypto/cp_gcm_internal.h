@@ -38,8 +38,6 @@ void cp_aesni_seal(const cp_gcm_ctx *ctx, const uint8_t j0[16], const uint8_t *a
                    const uint8_t *in, uint8_t *out, size_t len, uint8_t s[16]);
 void cp_aesni_ghash_copy(const cp_gcm_ctx *ctx, const uint8_t *aad, size_t aad_len, const uint8_t *in,
                          uint8_t *out, size_t len, uint8_t s[16]);
-void cp_aesni_open(const cp_gcm_ctx *ctx, const uint8_t j0[16], const uint8_t *aad, size_t aad_len,
-                   const uint8_t *in, uint8_t *out, size_t len, uint8_t s[16]);
 
 /*
  * The VAES implementations share the AES-NI key setup, single-block encryption and context layout, and

@@ -207,7 +207,7 @@ int cp_gcm_seal_shared(const cp_gcm_ctx *ctx, const uint8_t iv[CP_GCM_IV_BYTES],
 {
     if (fused(ctx))
         return cp_gcm_seal(ctx, iv, aad, aad_len, in, out, len, tag);
-    /* The two-pass implementations read the ciphertext back for GHASH: make it where nobody else writes. */
+    /* Portable (two passes) reads the ciphertext back for GHASH: make it where nobody else writes. */
     if (cp_gcm_seal(ctx, iv, aad, aad_len, in, scratch, len, tag) != 0)
         return -1;
     copy_block_wise(out, scratch, len);

@@ -285,33 +285,6 @@ static __m128i seal_groups(const __m128i rk[15], const struct hkeys *k, __m128i 
     return y;
 }
 
-/*
- * The helper's open, one pass over `in` (shared: each byte read once): every group of 16 ciphertext blocks
- * is copied into the private `out` (scratch), hashed from there inside the AES rounds that make its
- * keystream, and decrypted in place. The caller checks the tag before any of it leaves scratch.
- */
-static __m128i open_groups(const __m128i rk[15], const struct hkeys *k, __m128i base, uint32_t ctr, __m128i y,
-                           const uint8_t *in, uint8_t *out, size_t n)
-{
-    __m128i b[CP_LANES];
-    for (size_t g = 0; g < n; g++, ctr += CP_GROUP, in += 16 * CP_GROUP, out += 16 * CP_GROUP) {
-        clmul_acc acc = acc_zero();
-        for (int h = 0; h < 2; h++) {
-            uint8_t *o = out + 16 * CP_LANES * h;
-#pragma GCC unroll 8
-            for (int i = 0; i < CP_LANES; i++)
-                store16(o + 16 * i, load16(in + 16 * CP_LANES * h + 16 * i));
-            rounds_hashing(rk, b, base, ctr + (uint32_t)(CP_LANES * h), &acc, k, CP_LANES * h, o,
-                           h == 0 ? y : _mm_setzero_si128());
-#pragma GCC unroll 8
-            for (int i = 0; i < CP_LANES; i++)
-                store16(o + 16 * i, _mm_xor_si128(_mm_aesenclast_si128(b[i], rk[14]), load16(o + 16 * i)));
-        }
-        y = kreduce(acc);
-    }
-    return y;
-}
-
 /* j0 with its counter word set so this file's CTR (which starts at counter + 1) continues at `next`. */
 static void tail_j0(uint8_t out[16], const uint8_t j0[16], uint32_t next)
 {
@@ -338,30 +311,6 @@ void cp_aesni_seal(const cp_gcm_ctx *ctx, const uint8_t j0[16], const uint8_t *a
         y = ghash_absorb(y, &k, tail, rest);
         cp_copy_bytes(out + done, tail, rest);
         cp_wipe_bytes(tail, rest);
-    }
-    store16(yb, y);
-    cp_aesni_ghash_finish(ctx, yb, aad_len, len, s);
-}
-
-/* Fused open into private memory: out (the caller's scratch) gets the plaintext of `in`, read once, and S
- * is GHASH over that ciphertext. The caller compares tags and wipes out on a mismatch. */
-void cp_aesni_open(const cp_gcm_ctx *ctx, const uint8_t j0[16], const uint8_t *aad, size_t aad_len,
-                   const uint8_t *in, uint8_t *out, size_t len, uint8_t s[16])
-{
-    __m128i rk[15];
-    struct hkeys k;
-    uint8_t rest_j0[16], yb[16];
-    uint32_t ctr = cp_load_be32(j0 + 12) + 1u;
-    size_t n = len / (16 * CP_GROUP), done = n * 16 * CP_GROUP, rest = len - done;
-    load_round_keys(ctx, rk);
-    load_hkeys(ctx, &k);
-    __m128i y = ghash_absorb(_mm_setzero_si128(), &k, aad, aad_len);
-    y = open_groups(rk, &k, load16(j0), ctr, y, in, out, n);
-    if (rest > 0) { /* copied privately first, hashed there, decrypted in place */
-        cp_copy_bytes(out + done, in + done, rest);
-        y = ghash_absorb(y, &k, out + done, rest);
-        tail_j0(rest_j0, j0, ctr + (uint32_t)(CP_GROUP * n));
-        cp_aesni_ctr(ctx, rest_j0, out + done, out + done, rest);
     }
     store16(yb, y);
     cp_aesni_ghash_finish(ctx, yb, aad_len, len, s);

@@ -205,11 +205,11 @@ typedef void (*pass_fn)(const cp_gcm_ctx *, const uint8_t *, const uint8_t *, si
 typedef void (*copy_fn)(const cp_gcm_ctx *, const uint8_t *, size_t, const uint8_t *, uint8_t *, size_t, uint8_t *);
 
 /*
- * The AES-NI entry points one by one (whichever of open / ghash_copy open_shared does not use on this build
- * is still checked here): seal (also in place), open into private memory, ghash_copy, each against the
- * portable CTR and GHASH, for every length to 600 and strides to 4200, AAD lengths around the 16-block groups.
+ * The AES-NI passes one by one: the fused seal (also in place) and ghash_copy, against the portable CTR and
+ * GHASH, for every length to 600 and strides to 4200, AAD lengths around the 16-block groups, with the
+ * 32-bit counter wrapping inside the data.
  */
-static void run_aesni_passes(uint32_t impl, pass_fn seal, pass_fn open, copy_fn ghash_copy)
+static void run_aesni_passes(uint32_t impl, pass_fn seal, copy_fn ghash_copy)
 {
     static unsigned char buf[4200], want[4200], got[4200], aad[300];
     unsigned char key[32], j0[16], s_want[16], s_got[16];
@@ -234,8 +234,6 @@ static void run_aesni_passes(uint32_t impl, pass_fn seal, pass_fn open, copy_fn 
         memcpy(got, buf, len);
         seal(&ci, j0, aad, aad_len, got, got, len, s_got); /* in place */
         bad |= memcmp(got, want, len) != 0 || memcmp(s_got, s_want, 16) != 0;
-        open(&ci, j0, aad, aad_len, want, got, len, s_got);
-        bad |= memcmp(got, buf, len) != 0 || memcmp(s_got, s_want, 16) != 0;
         ghash_copy(&ci, aad, aad_len, want, got, len, s_got);
         bad |= memcmp(got, want, len) != 0 || memcmp(s_got, s_want, 16) != 0;
         if (bad) {
@@ -308,7 +306,7 @@ int main(void)
         printf("tested %s\n", impl_name(impls[i]));
     }
     if (aesni)
-        run_aesni_passes(CP_GCM_IMPL_AESNI, cp_aesni_seal, cp_aesni_open, cp_aesni_ghash_copy);
+        run_aesni_passes(CP_GCM_IMPL_AESNI, cp_aesni_seal, cp_aesni_ghash_copy);
     run_nonce_seq();
     run_pick_impl();
     printf("%s: %d known-answer vectors x %d implementation(s), %d failure(s)\n", failures ? "FAILED" : "ok",
