@@ -135,8 +135,7 @@ class Machine:
         if cfg.helper_mode == "mirror-vm":
             self._make_mirror_vm()
         tsc = self.runners[0].vcpu.tsc_khz()
-        features = cpu_setup.cap_for_crypto(self.cpu.features, cfg.crypto_impl)
-        self.host = HostCpu(tsc_khz=tsc, features=features, vendor_amd=self.cpu.vendor_amd)
+        self.host = HostCpu(tsc_khz=tsc, features=self.cpu.features, vendor_amd=self.cpu.vendor_amd)
         if not cfg.measured_launch:  # else the secure processor places them (sev_launch.MeasuredLaunch)
             for blob in self.launch_blobs():
                 self.ram.write(blob.gpa, blob.data)

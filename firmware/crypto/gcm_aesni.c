@@ -33,12 +33,31 @@ static inline __m128i counter_block(__m128i base, uint32_t ctr)
     return _mm_insert_epi32(base, (int)__builtin_bswap32(ctr), 3);
 }
 
+/*
+ * Round 0 of 8 counter blocks ctr..ctr+7. The counter is big-endian in dword 3, so while its low byte does
+ * not wrap within the 8 (31 batches in 32), adding 1 << 24 to that dword steps it: one add per block instead
+ * of a byte swap and an insert (shuffle-unit work that competes with AES). The branch is on the counter,
+ * which is public.
+ */
+static inline void first_round8(__m128i b[CP_LANES], __m128i base, uint32_t ctr, __m128i rk0)
+{
+    if ((ctr & 0xffu) <= 0x100u - CP_LANES) {
+        const __m128i step = _mm_set_epi32(1 << 24, 0, 0, 0);
+        __m128i c = counter_block(base, ctr);
+#pragma GCC unroll 8
+        for (int i = 0; i < CP_LANES; i++, c = _mm_add_epi32(c, step))
+            b[i] = _mm_xor_si128(c, rk0);
+        return;
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < CP_LANES; i++)
+        b[i] = _mm_xor_si128(counter_block(base, ctr + (uint32_t)i), rk0);
+}
+
 /* 8 counter blocks through rounds 0..13 side by side (the last round is the caller's). */
 static inline void ctr8_rounds(const __m128i rk[15], __m128i b[CP_LANES], __m128i base, uint32_t ctr)
 {
-#pragma GCC unroll 8
-    for (int i = 0; i < CP_LANES; i++)
-        b[i] = _mm_xor_si128(counter_block(base, ctr + (uint32_t)i), rk[0]);
+    first_round8(b, base, ctr, rk[0]);
     for (int r = 1; r < 14; r++) {
 #pragma GCC unroll 8
         for (int i = 0; i < CP_LANES; i++)
@@ -50,9 +69,7 @@ static inline void ctr8_rounds(const __m128i rk[15], __m128i b[CP_LANES], __m128
 static inline void ctr8(const __m128i rk[15], __m128i base, uint32_t ctr, const uint8_t *in, uint8_t *out)
 {
     __m128i b[CP_LANES];
-#pragma GCC unroll 8
-    for (int i = 0; i < CP_LANES; i++)
-        b[i] = _mm_xor_si128(counter_block(base, ctr + (uint32_t)i), rk[0]);
+    first_round8(b, base, ctr, rk[0]);
     for (int r = 1; r < 14; r++) {
 #pragma GCC unroll 8
         for (int i = 0; i < CP_LANES; i++)
@@ -226,9 +243,7 @@ void cp_aesni_ghash_finish(const cp_gcm_ctx *ctx, const uint8_t y[16], size_t aa
 static inline void rounds_hashing(const __m128i rk[15], __m128i b[CP_LANES], __m128i base, uint32_t ctr,
                                   clmul_acc *acc, const struct hkeys *k, int at, const uint8_t *g, __m128i y)
 {
-#pragma GCC unroll 8
-    for (int i = 0; i < CP_LANES; i++)
-        b[i] = _mm_xor_si128(counter_block(base, ctr + (uint32_t)i), rk[0]);
+    first_round8(b, base, ctr, rk[0]);
     kmul_add(acc, _mm_xor_si128(byte_reverse(load16(g)), y), k->hr[at], k->hk[at]);
 #pragma GCC unroll 13
     for (int r = 1; r < 14; r++) {
