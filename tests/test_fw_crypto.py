@@ -386,3 +386,11 @@ def test_this_host_picks_a_path_it_can_run(build: Build, tmp_path: Path) -> None
         assert picked != VAES512 and not info.has_zmm
     want = VAES if _host_has_vaes() else AESNI if _host_has_aesni() else PORTABLE
     assert picked == (VAES512 if info.has_zmm else want)
+    # MachineConfig.crypto_impl caps that word (cap_for_crypto, in the boot parameters): the helper then
+    # picks the capped implementation, or a slower one where the CPU lacks it, never a faster one.
+    from confplan.vmm.cpu_setup import cap_for_crypto
+
+    for cap, impl in (("vaes512", VAES512), ("vaes", VAES), ("aes-ni", AESNI), ("portable", PORTABLE)):
+        capped = mh.cp_gcm_pick_impl(mh.cp_mh_features_from_bp(cap_for_crypto(info.features, cap)))
+        assert capped == min(impl, picked), cap  # the implementations are numbered slowest first
+    assert mh.cp_gcm_pick_impl(mh.cp_mh_features_from_bp(cap_for_crypto(info.features, "auto"))) == picked
