@@ -141,15 +141,6 @@ static void fused_seal(const cp_gcm_ctx *ctx, const uint8_t j0[16], const uint8_
     finish_tag(ctx, j0, s, tag);
 }
 
-/* A plain copy for the buffers of the *_shared calls (no libc here): 16 bytes at a time, then bytes. */
-static void copy_block_wise(uint8_t *dst, const uint8_t *src, size_t n)
-{
-    size_t i = 0;
-    for (; i + 16 <= n; i += 16)
-        __builtin_memcpy(dst + i, src + i, 16); /* a fixed 16 bytes: inlined as one load and one store */
-    cp_copy_bytes(dst + i, src + i, n - i);
-}
-
 /*
  * The helper's open from shared memory on the fused paths; each byte of `in` is read once. VAES and AES-NI:
  * GHASH while copying the ciphertext into scratch, then (tag matched) CTR from scratch into out: on AMD
@@ -183,6 +174,15 @@ static int fused_open_shared(const cp_gcm_ctx *ctx, const uint8_t j0[16], const 
     else
         impl_ctr(ctx, j0, scratch, out, len);
     return 0;
+}
+
+/* A plain copy for the buffers of the *_shared calls (no libc here): 16 bytes at a time, then bytes. */
+static void copy_block_wise(uint8_t *dst, const uint8_t *src, size_t n)
+{
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        __builtin_memcpy(dst + i, src + i, 16); /* a fixed 16 bytes: inlined as one load and one store */
+    cp_copy_bytes(dst + i, src + i, n - i);
 }
 
 int cp_gcm_seal(const cp_gcm_ctx *ctx, const uint8_t iv[CP_GCM_IV_BYTES], const uint8_t *aad,
