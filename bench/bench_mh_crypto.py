@@ -8,7 +8,9 @@ AESGCM on 1 MiB calls and on single 4 KiB calls. One core, best of several runs.
 builds firmware/crypto as it was at git commit REF and measures it in the same rounds ("before" rows).
 The 512-bit path (vaes512) runs only on a CPU with AVX-512F/BW/VL; elsewhere the bench says it was not run.
 
-    .venv/bin/python bench/bench_mh_crypto.py [--seconds 0.25] [--repeats 5] [--before REF]
+``--impl aesni,vaes`` measures only those implementations (default: every one this CPU can run).
+
+    .venv/bin/python bench/bench_mh_crypto.py [--seconds 0.25] [--repeats 5] [--before REF] [--impl LIST]
 """
 
 from __future__ import annotations
@@ -147,8 +149,14 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=0.2, help="minimum duration of one run")
     parser.add_argument("--repeats", type=int, default=7, help="rounds; the best run of each case is kept")
     parser.add_argument("--before", metavar="REF", help="also measure firmware/crypto as of this git commit")
+    parser.add_argument("--impl", help="comma-separated subset of vaes512,vaes,aesni (default: all runnable)")
     args = parser.parse_args()
     impls = runnable_impls()
+    if args.impl:
+        wanted = args.impl.split(",")
+        if not set(wanted) <= set(impls) | {"portable"}:
+            parser.error(f"--impl: this CPU runs {', '.join([*impls, 'portable'])}")
+        impls = [name for name in impls if name in wanted]
     if "vaes512" not in impls:
         print("vaes512 not run: this CPU lacks AVX-512F/BW/VL (or VAES/VPCLMULQDQ)")
     with tempfile.TemporaryDirectory(prefix="cpgcm-bench-") as tmp:

@@ -16,11 +16,14 @@ helper's own: the guest TSC time of its SAVE/LOAD ops (the ring entries' stamps)
 crypto and per-page work cost, without the host's side. The second and third hold up better when other work
 shares the two cores. Best of the rounds. ``--before DIR`` boots a second pair of guests from the firmware
 image in DIR (e.g. a copy of confplan/_firmware taken before a change) and interleaves its rounds with the
-current image's, so a change is measured against its predecessor in the same run. The transport key is
-written straight into the secret page (no measured launch: that costs nothing per page and is covered by
-tests/test_mh_guest.py).
+current image's, so a change is measured against its predecessor in the same run. ``--impl aes-ni,vaes``
+boots a pair per image and implementation, the helper's AES-GCM held to that one (MachineConfig.crypto_impl
+caps the feature word in the boot parameters: the AES-NI path as a CPU without VAES would run it). The
+transport key is written straight into the secret page (no measured launch: that costs nothing per page
+and is covered by tests/test_mh_guest.py).
 
     .venv/bin/python bench/bench_mh_guest.py [--mib 128] [--batch 256] [--banks 2] [--rounds 5] [--before DIR]
+        [--impl auto|vaes512|vaes|aes-ni|portable[,...]]
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from confplan.migration.mailbox_layout import SLOT_SIZE
 from confplan.migration.mailbox_set import DEFAULT_BANKS, MailboxSet
 from confplan.sev.secret_table import CONFPLAN_TRANSPORT_KEY_GUID, build_secret_table
 from confplan.vmm import Machine, MachineConfig, abi
+from confplan.vmm.config import CRYPTO_IMPLS
 from confplan.vmm.firmware import Firmware
 
 MIB = 1 << 20
@@ -152,9 +156,14 @@ class Pair:
     gpas: array.array[int]
 
 
+Image = tuple[Firmware | None, str]  # a firmware image (None: the current one) and the crypto_impl cap
+
+
 def open_pair(
-    stack: contextlib.ExitStack, cfg: MachineConfig, key: bytes, label: str, firmware: Firmware | None
+    stack: contextlib.ExitStack, cfg: MachineConfig, key: bytes, label: str, image: Image
 ) -> tuple[Pair, Machine, Machine]:
+    firmware, impl_cap = image
+    cfg = dataclasses.replace(cfg, crypto_impl=impl_cap)
     a = stack.enter_context(boot(cfg, key, firmware))
     b = stack.enter_context(boot(dataclasses.replace(cfg, mh_only=True), key, firmware))
     a.wait_workload(abi.EV_WL_FILLED, timeout=60)
@@ -168,7 +177,7 @@ def open_pair(
 
 
 def mh_rates(
-    mib: int, mh_vcpus: int, batch: int, rounds: int, banks: int, images: dict[str, Firmware | None]
+    mib: int, mh_vcpus: int, batch: int, rounds: int, banks: int, images: dict[str, Image]
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Best rates per image label and path: the synchronous one (``MailboxSet.save``/``load``, one op per
     mailbox at a time) and the pipelined one (``save_stream``/``load_stream``); rounds interleaved over images
@@ -216,16 +225,23 @@ def main() -> None:
     ap.add_argument("--banks", type=int, default=DEFAULT_BANKS, help="slot banks per mailbox when streaming")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--before", type=Path, help="a firmware image directory to measure against, same run")
+    caps = ", ".join(CRYPTO_IMPLS)
+    ap.add_argument("--impl", default="auto", help=f"caps on the helper's AES-GCM, comma-separated ({caps})")
     args = ap.parse_args()
-    images: dict[str, Firmware | None] = {"current": None}
+    impls = args.impl.split(",")
+    if not set(impls) <= set(CRYPTO_IMPLS):
+        ap.error(f"--impl: use {', '.join(CRYPTO_IMPLS)}")
+    firmwares: dict[str, Firmware | None] = {"current": None}
     if args.before is not None:
-        images["before"] = Firmware.load(args.before)
+        firmwares["before"] = Firmware.load(args.before)
+    images = {name if impls == ["auto"] else f"{name[:3]}:{impl}": (fw, impl)
+              for name, fw in firmwares.items() for impl in impls}  # fmt: skip
     seal, open_ = openssl_rates(args.rounds)
     print(f"OpenSSL AES-256-GCM, 1 MiB calls: seal {seal:.2f} GB/s, open {open_:.2f} GB/s (per CPU-second)")
     print(f"guest {args.mib} MiB, {args.batch} slots per mailbox; sync = one op of {args.batch} pages per "
           f"mailbox at a time, stream = {args.banks} banks queued; best of {args.rounds} rounds; "
           f"helper = the MH's own time (guest TSC), per MH vCPU")  # fmt: skip
-    print(f"{'MH vCPUs':>8} {'image':>8} {'path':>6} {'op':>4} {'wall GB/s':>10} {'per MH vCPU':>12} "
+    print(f"{'MH vCPUs':>8} {'image':>11} {'path':>6} {'op':>4} {'wall GB/s':>10} {'per MH vCPU':>12} "
           f"{'x OpenSSL':>10} {'per CPU-s':>10} {'x OpenSSL':>10} {'helper':>7} "
           f"{'x OpenSSL':>10}")  # fmt: skip
     one: dict[str, float] = {}
@@ -236,7 +252,7 @@ def main() -> None:
                 for op, ref in (("save", seal), ("load", open_)):
                     wall, cpu, mh = r[f"{op}_wall"], r[f"{op}_cpu"], r.get(f"{op}_mh", 0.0)
                     one.setdefault(f"{label}_{mode}_{op}", wall)
-                    print(f"{n:>8} {label:>8} {mode:>6} {op.upper():>4} {wall:>10.2f} {wall / n:>12.2f} "
+                    print(f"{n:>8} {label:>11} {mode:>6} {op.upper():>4} {wall:>10.2f} {wall / n:>12.2f} "
                           f"{wall / n / ref:>9.2f}x {cpu:>10.2f} {cpu / ref:>9.2f}x {mh:>7.2f} "
                           f"{mh / ref:>9.2f}x")  # fmt: skip
         if n == 2:

@@ -290,6 +290,35 @@ class Shared:
                                                    tag, self.scratch))
 
 
+def _runnable_impls() -> list[int]:
+    return [PORTABLE] + [impl for impl, ok in ((AESNI, _host_has_aesni()), (VAES, _host_has_vaes()),
+                                                (VAES512, _host_has_vaes512())) if ok]  # fmt: skip
+
+
+def test_every_implementation_gives_the_same_bytes_every_way(build: Build) -> None:
+    """Every implementation this CPU runs, through each call that seals or opens (seal, seal in place,
+    seal_shared, open_shared), gives OpenSSL's bytes: every length to 300 and strides past the fused paths'
+    16-block groups, AAD of 0 to 300 bytes (whole and partial groups of the aggregated GHASH)."""
+    rng = random.Random(14)
+    key = rng.randbytes(32)
+    aad_lens = [0, 1, 15, 16, 17, 28, 255, 256, 257, 300]
+    impls = {impl: Gcm(build, key, impl) for impl in _runnable_impls()}
+    for round_, length in enumerate([*range(0, 300), *range(300, 4200, 97), 8192]):
+        iv, plain = rng.randbytes(12), rng.randbytes(length)
+        aad = rng.randbytes(aad_lens[round_ % len(aad_lens)])
+        want = AESGCM(key).encrypt(iv, plain, aad)
+        for impl, gcm in impls.items():
+            where = f"impl {impl} length {length} aad {len(aad)}"
+            assert gcm.seal(iv, aad, plain) == want, where
+            buf, tag = ctypes.create_string_buffer(plain, max(length, 1)), ctypes.create_string_buffer(16)
+            assert build.lib.cp_gcm_seal(gcm.ctx, iv, aad, len(aad), buf, buf, length, tag) == 0
+            assert buf.raw[:length] + tag.raw == want, f"in place: {where}"
+            shared = Shared(build, key, impl, length)
+            assert shared.seal(iv, aad, plain) == want, f"seal_shared: {where}"
+            opened = shared.open(iv, aad, want)
+            assert opened == 0 and shared.out.raw[:length] == plain, f"open_shared: {where}"
+
+
 @pytest.mark.parametrize("impl", IMPL_PARAMS)
 @pytest.mark.parametrize("length", SHARED_LENGTHS)
 def test_shared_seal_and_open_match_openssl(build: Build, impl: int, length: int) -> None:
@@ -357,3 +386,11 @@ def test_this_host_picks_a_path_it_can_run(build: Build, tmp_path: Path) -> None
         assert picked != VAES512 and not info.has_zmm
     want = VAES if _host_has_vaes() else AESNI if _host_has_aesni() else PORTABLE
     assert picked == (VAES512 if info.has_zmm else want)
+    # MachineConfig.crypto_impl caps that word (cap_for_crypto, in the boot parameters): the helper then
+    # picks the capped implementation, or a slower one where the CPU lacks it, never a faster one.
+    from confplan.vmm.cpu_setup import cap_for_crypto
+
+    for cap, impl in (("vaes512", VAES512), ("vaes", VAES), ("aes-ni", AESNI), ("portable", PORTABLE)):
+        capped = mh.cp_gcm_pick_impl(mh.cp_mh_features_from_bp(cap_for_crypto(info.features, cap)))
+        assert capped == min(impl, picked), cap  # the implementations are numbered slowest first
+    assert mh.cp_gcm_pick_impl(mh.cp_mh_features_from_bp(cap_for_crypto(info.features, "auto"))) == picked

@@ -197,6 +197,48 @@ def test_streamed_rounds_move_every_page_with_one_doorbell_per_drain(launcher: L
         m.check()
 
 
+@pytest.mark.parametrize(("src_impl", "dst_impl"), [("aes-ni", "auto"), ("auto", "aes-ni")])
+def test_a_stream_sealed_by_one_implementation_opens_under_another(
+    launcher: Launcher, src_impl: str, dst_impl: str
+) -> None:
+    """MachineConfig.crypto_impl holds one side's helper to the AES-NI path (what a CPU without VAES runs)
+    while the other picks the fastest it has: a streamed round moves every page both ways round, bit for
+    bit, and each helper says which path it took."""
+    if not {"aes", "pclmulqdq", "ssse3", "sse4_1"} <= host_cpu_flags():
+        pytest.skip("host CPU lacks AES-NI/PCLMULQDQ: no AES-NI path to force")
+    src_cfg, dst_cfg = configs("aux-vcpu")
+    a = launcher.boot(dataclasses.replace(src_cfg, crypto_impl=src_impl), KEY)
+    b = launcher.boot(dataclasses.replace(dst_cfg, crypto_impl=dst_impl), KEY)
+    source_ready(a)
+    gpas = guest_gpas(a)
+    mbs_a, mbs_b = open_mailboxes(a), open_mailboxes(b)
+    mbs_a.init()
+    mbs_b.init()
+    frames: list[bytes] = []
+
+    def frame(_mb: Mailbox, result: BatchResult) -> None:
+        out = bytearray(sealed_frame_size(len(result.statuses)))
+        frame_sealed_pages(result.records, len(result.statuses), out, seq=0, ram_size=MEM,
+                           expected_gpas=result.gpas)  # fmt: skip
+        frames.append(bytes(out))
+
+    def unframe(_mb: Mailbox, slots: memoryview) -> int:
+        return unframe_sealed_pages(frames.pop(0), slots, ram_size=MEM).count if frames else 0
+
+    mbs_a.save_stream(gpas, 1, frame, banks=2)
+    mbs_b.load_stream(unframe, banks=2)
+    assert not frames
+    assert guest_bytes(a) == guest_bytes(b)
+    assert sum(mb.counters()["pages_opened"] for mb in mbs_b.mailboxes) == len(gpas)
+    for m, impl in ((a, src_impl), (b, dst_impl)):
+        took = set(helper_impls(m))
+        if impl == "aes-ni":
+            assert took == {"aes-ni"}
+        elif {"vaes", "vpclmulqdq", "avx2"} <= host_cpu_flags():  # uncapped on a VAES host: the wider path
+            assert took <= {"vaes", "vaes512"}, took
+        m.check()
+
+
 def _slot_records(mbs: MailboxSet, count: int) -> list[bytes]:
     return [bytes(mbs.mailboxes[0].slots[i * SLOT_SIZE : (i + 1) * SLOT_SIZE]) for i in range(count)]
 

@@ -29,6 +29,7 @@ from confplan.migration.verify import private_digests, shared_digest
 from confplan.sev import CONFPLAN_TRANSPORT_KEY_GUID
 from confplan.sev.secret_table import CONFPLAN_MIGRATION_ID_GUID, build_secret_table
 from confplan.vmm import Machine, MachineConfig, abi
+from confplan.vmm.cpu_setup import host_cpu_flags
 from confplan.vmm.vcpu_thread import RunState
 
 pytestmark = pytest.mark.kvm
@@ -451,6 +452,25 @@ def test_two_channels_migrate_and_the_guest_resumes(pairs: list[Pair]) -> None:
     assert status.sealed_pages == sum(r.sealed_pages for r in [*rounds, final])
     assert status.rounds == 4
     assert shared_digest(pair.src) == shared_digest(pair.dst)
+    assert private_digests(pair.src_mb, pair.src) == private_digests(pair.dst_mb, pair.dst)
+    pair.dst.restore_vcpu_states([s.state for s in status.vcpus.values()])
+    apply_clock(pair.dst, status, time.time())
+    pair.dst.resume_all_vcpus_except_aux()
+    assert pair.dst.workload.check().ok
+
+
+def test_a_migration_on_the_aes_ni_path_verifies_and_resumes(pairs: list[Pair]) -> None:
+    """Both helpers held to the AES-NI path (MachineConfig.crypto_impl: what a CPU without VAES runs) for a
+    whole migration through the engine: TCP stream, rounds, the pause, verify, resume."""
+    if not {"aes", "pclmulqdq", "ssse3", "sse4_1"} <= host_cpu_flags():
+        pytest.skip("host CPU lacks AES-NI/PCLMULQDQ: no AES-NI path to force")
+    pair = Pair("aux-vcpu", crypto_impl="aes-ni")
+    pairs.append(pair)
+    for m in (pair.src, pair.dst):
+        assert m.console.wait_for("mh: helper vCPU 1 ready, aes aes-ni", timeout=5) is not None
+    rounds = [pair.out.send_round() for _ in range(2)]
+    final, status = pair.finish()
+    assert status.sealed_pages == sum(r.sealed_pages for r in [*rounds, final]) > 1000
     assert private_digests(pair.src_mb, pair.src) == private_digests(pair.dst_mb, pair.dst)
     pair.dst.restore_vcpu_states([s.state for s in status.vcpus.values()])
     apply_clock(pair.dst, status, time.time())

@@ -16,7 +16,7 @@ from confplan.vmm import abi
 from confplan.vmm.bitmap import PageBitmap
 from confplan.vmm.bootparams import HostCpu, boot_params
 from confplan.vmm.config import MachineConfig
-from confplan.vmm.cpu_setup import CpuInfo, cpu_info, host_cpu_flags, host_features
+from confplan.vmm.cpu_setup import CpuInfo, cap_for_crypto, cpu_info, host_cpu_flags, host_features
 from confplan.vmm.devices.mailbox_doorbell import MailboxDoorbells
 from confplan.vmm.enc_bitmap import EncBitmap, EncStatusError
 from confplan.vmm.exits import GuestError
@@ -133,6 +133,26 @@ def test_host_features_need_ymm_state_for_the_avx_group() -> None:
     assert host_features(full, zmm_state=True) == sum(bits.values())
     assert host_features(full - {"avx512bw"}, zmm_state=True) == sum(bits.values()) - zmm_bits
     assert host_features(frozenset(user | zmm | {"xsave"}), zmm_state=True) == host_features(frozenset(user))
+
+
+def test_crypto_impl_caps_the_feature_word_in_the_boot_parameters() -> None:
+    """MachineConfig.crypto_impl drops exactly the bits the helper would need for anything faster, in the
+    boot-params page (what a measured launch measures), and nothing else; unknown names are refused."""
+    bits = abi.FEATURE_BITS
+    everything = sum(bits.values())
+    zmm = bits["avx512f"] | bits["avx512bw"] | bits["avx512vl"]
+    assert cap_for_crypto(everything, "auto") == cap_for_crypto(everything, "vaes512") == everything
+    assert cap_for_crypto(everything, "vaes") == everything - zmm
+    assert cap_for_crypto(everything, "aes-ni") == everything - zmm - bits["vaes"] - bits["vpclmulqdq"]
+    no_aes = everything - zmm - bits["vaes"] - bits["vpclmulqdq"] - bits["aes-ni"] - bits["pclmulqdq"]
+    assert cap_for_crypto(everything, "portable") == no_aes
+    assert cap_for_crypto(everything, "aes-ni") & bits["avx2"]  # a Zen 2 still has AVX2 and its YMM state
+    cfg = MachineConfig(crypto_impl="aes-ni")
+    host = HostCpu(tsc_khz=1, features=everything, vendor_amd=True)
+    bp = boot_params(cfg, GuestLayout.for_config(cfg), host)
+    assert bp.cpu_features == cap_for_crypto(everything, "aes-ni")
+    with pytest.raises(ConfplanError, match="crypto_impl 'aesni'"):
+        MachineConfig(crypto_impl="aesni")  # type: ignore[arg-type]
 
 
 def test_xcr0_grows_with_the_vector_groups_passed_on() -> None:

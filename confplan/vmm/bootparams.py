@@ -54,7 +54,10 @@ def boot_params(config: MachineConfig, layout: GuestLayout, host: HostCpu) -> ab
         | (abi.BP_FLAG_VENDOR_AMD if host.vendor_amd else 0)
         | (abi.BP_FLAG_SNP if config.snp else 0)
     )
-    bp.ram_bytes, bp.tsc_khz, bp.cpu_features = config.memory, host.tsc_khz, host.features
+    bp.ram_bytes, bp.tsc_khz = config.memory, host.tsc_khz
+    # config.crypto_impl caps the helper's AES-GCM here, in the page itself, so a predicted launch digest
+    # (expected_launch_digest) sees the same word the guest gets.
+    bp.cpu_features = cpu_setup.cap_for_crypto(host.features, config.crypto_impl)
     bp.owner_key[:] = bytes.fromhex(config.owner_key) if config.snp else bytes(32)
     # The guest's own vCPUs only: helper vCPUs (aux or mirror VM) stay invisible to it. Nothing here
     # says which helper mode runs: the MH reads the same fields either way.

@@ -10,6 +10,9 @@ from confplan.vmm import abi
 
 HelperMode = Literal["aux-vcpu", "mirror-vm", "none"]
 EncChannel = Literal["mmio", "hypercall"]
+# The fastest AES-GCM implementation the helper may pick (cpu_setup.cap_for_crypto); "auto": the CPU's best.
+CryptoImpl = Literal["auto", "vaes512", "vaes", "aes-ni", "portable"]
+CRYPTO_IMPLS: tuple[str, ...] = ("auto", "vaes512", "vaes", "aes-ni", "portable")
 
 
 @dataclass(frozen=True)
@@ -24,7 +27,9 @@ class MachineConfig:
     page, the key released later against a report, docs/key-release.md) and ``owner_key`` (hex) is the
     owner's static X25519 public key, measured in the boot parameters: the helper opens only what its holder
     wrapped. ``timer_hz``: the LAPIC timer each workload vCPU programs (0: none;
-    kvm-clock runs either way)."""
+    kvm-clock runs either way). ``crypto_impl``: a ceiling on the helper's AES-GCM implementation (the
+    feature word in the boot parameters loses the bits above it), so a bench or test can run the AES-NI
+    path the way a CPU without VAES would; "auto" passes everything the CPU has."""
 
     memory: int = 64 * abi.MIB
     vcpus: int = 1
@@ -45,6 +50,7 @@ class MachineConfig:
     owner_key: str = ""
     dirty_logging: bool = True
     timer_hz: int = 100
+    crypto_impl: CryptoImpl = "auto"
     watchdog_s: float | None = 10.0
     console_echo: bool = False
     console_log: str | None = None
@@ -114,5 +120,8 @@ class MachineConfig:
             )
         if not 0 <= self.timer_hz <= 1000:
             raise ConfplanError(f"{where}: timer_hz {self.timer_hz}", hint="use 0 (no timer) to 1000")
+        if self.crypto_impl not in CRYPTO_IMPLS:
+            impls = ", ".join(CRYPTO_IMPLS)
+            raise ConfplanError(f"{where}: crypto_impl {self.crypto_impl!r}", hint=f"use one of {impls}")
         if not 1 <= self.batch_pages <= 4096:
             raise ConfplanError(f"{where}: batch_pages {self.batch_pages}", hint="use 1..4096")

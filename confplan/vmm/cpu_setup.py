@@ -112,6 +112,22 @@ def host_features(flags: frozenset[str], *, zmm_state: bool = False) -> int:
     return bits
 
 
+# Bits dropped to hold the helper's AES-GCM at or below an implementation (cp_gcm_pick_impl's needs).
+_ABOVE = {
+    "vaes512": (),
+    "vaes": ("avx512f", "avx512bw", "avx512vl"),
+    "aes-ni": ("avx512f", "avx512bw", "avx512vl", "vaes", "vpclmulqdq"),
+    "portable": ("avx512f", "avx512bw", "avx512vl", "vaes", "vpclmulqdq", "aes-ni", "pclmulqdq"),
+}
+
+
+def cap_for_crypto(features: int, impl: str) -> int:
+    """``features`` without the bits the helper needs for anything faster than ``impl`` ("auto": all
+    kept). Only the boot parameters' word is capped: the vCPU's CPUID and XCR0 stay the CPU's, as they
+    would on a CPU that has AVX2 but not VAES (AMD Zen 2)."""
+    return features & ~sum(abi.FEATURE_BITS[name] for name in _ABOVE.get(impl, ()))
+
+
 def kvm_xcr0_supported(cpuid: s.KvmCpuid2) -> int:
     """The XSAVE state components KVM can hold for a guest (supported CPUID leaf 0xD.0 EDX:EAX)."""
     entry = _leaf(cpuid, 0xD, 0)

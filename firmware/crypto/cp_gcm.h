@@ -4,7 +4,8 @@
  * Freestanding C: no libc, only compiler headers. Four implementations, picked explicitly by the caller
  * (the guest cannot rely on CPUID at CPL3; the VMM passes the host's features in the boot parameters):
  *   CP_GCM_IMPL_PORTABLE  plain C, any x86-64 CPU (table-based AES: see docs/crypto.md for its caveat)
- *   CP_GCM_IMPL_AESNI     AES-NI + PCLMULQDQ, 8 blocks interleaved, GHASH aggregated over 8 blocks
+ *   CP_GCM_IMPL_AESNI     AES-NI + PCLMULQDQ: 8 blocks interleaved, GHASH aggregated over 16 blocks; seal
+ *                         fused (CTR and GHASH in one pass), the helper's open hashes while copying
  *   CP_GCM_IMPL_VAES      256-bit registers (VAES + VPCLMULQDQ, AVX2): seal fuses CTR and GHASH in one
  *                         pass, 16 blocks in flight, GHASH aggregated over 16 blocks
  *   CP_GCM_IMPL_VAES512   the same on 512-bit registers (AVX-512F/BW/VL + VAES + VPCLMULQDQ, ZMM state)
@@ -112,9 +113,10 @@ int cp_gcm_open(const cp_gcm_ctx *ctx, const uint8_t iv[CP_GCM_IV_BYTES], const 
  * mailbox slot). seal_shared: `out` is shared; it is only written, never read back (the ciphertext is
  * hashed from private copies as it is made). open_shared: `in` and `tag` are shared; each byte is read
  * exactly once, so what was authenticated is what gets decrypted. `scratch` is a private buffer of len
- * bytes: VAES hashes the ciphertext while copying it there and decrypts from there once the tag matched;
- * VAES512 decrypts into it in the same pass as GHASH and copies the plaintext to `out` once the tag
- * matched (wiping it on a refusal); the others seal into it / copy the ciphertext into it first. A refused
+ * bytes: VAES and AES-NI hash the ciphertext while copying it there and decrypt from there once the tag
+ * matched; VAES512 decrypts into it in the same pass as GHASH and copies the plaintext to `out` once the
+ * tag matched (wiping it on a refusal); portable seals into it / copies the ciphertext into it first. Seal
+ * is one pass (no scratch) on all but portable. A refused
  * open leaves `out` untouched and no plaintext in `scratch`. No overlap between in, out, scratch.
  */
 int cp_gcm_seal_shared(const cp_gcm_ctx *ctx, const uint8_t iv[CP_GCM_IV_BYTES], const uint8_t *aad,

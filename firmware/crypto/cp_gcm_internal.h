@@ -20,6 +20,7 @@ void cp_portable_ghash(const cp_gcm_ctx *ctx, const uint8_t *aad, size_t aad_len
 
 void cp_aesni_setup(cp_gcm_ctx *ctx, const uint8_t key[CP_GCM_KEY_BYTES]);
 void cp_aesni_encrypt_block(const cp_gcm_ctx *ctx, const uint8_t in[16], uint8_t out[16]);
+
 void cp_aesni_ctr(const cp_gcm_ctx *ctx, const uint8_t j0[16], const uint8_t *in, uint8_t *out, size_t len);
 void cp_aesni_ghash(const cp_gcm_ctx *ctx, const uint8_t *aad, size_t aad_len, const uint8_t *c,
                     size_t c_len, uint8_t s[16]);
@@ -29,6 +30,14 @@ void cp_aesni_ghash(const cp_gcm_ctx *ctx, const uint8_t *aad, size_t aad_len, c
 void cp_aesni_ghash_update(const cp_gcm_ctx *ctx, uint8_t y[16], const uint8_t *p, size_t len);
 void cp_aesni_ghash_finish(const cp_gcm_ctx *ctx, const uint8_t y[16], size_t aad_len, size_t c_len,
                            uint8_t s[16]);
+
+/* Fused AES-NI passes: seal encrypts in -> out and hashes the ciphertext from a private copy (out is never
+ * read); ghash_copy hashes `in` (each byte read once) while copying it to the private out. Both write S as
+ * cp_aesni_ghash would. */
+void cp_aesni_seal(const cp_gcm_ctx *ctx, const uint8_t j0[16], const uint8_t *aad, size_t aad_len,
+                   const uint8_t *in, uint8_t *out, size_t len, uint8_t s[16]);
+void cp_aesni_ghash_copy(const cp_gcm_ctx *ctx, const uint8_t *aad, size_t aad_len, const uint8_t *in,
+                         uint8_t *out, size_t len, uint8_t s[16]);
 
 /*
  * The VAES implementations share the AES-NI key setup, single-block encryption and context layout, and

@@ -83,9 +83,10 @@ static void impl_ctr(const cp_gcm_ctx *ctx, const uint8_t j0[16], const uint8_t 
         cp_portable_ctr(ctx, j0, in, out, len);
 }
 
+/* The implementations with one-pass seal (and open_shared without the separate copy): all but portable. */
 static int fused(const cp_gcm_ctx *ctx)
 {
-    return ctx->impl == CP_GCM_IMPL_VAES || ctx->impl == CP_GCM_IMPL_VAES512;
+    return ctx->impl != CP_GCM_IMPL_PORTABLE;
 }
 
 /* T = E(K, J0) xor S. */
@@ -133,38 +134,45 @@ static void fused_seal(const cp_gcm_ctx *ctx, const uint8_t j0[16], const uint8_
     uint8_t s[16];
     if (ctx->impl == CP_GCM_IMPL_VAES512)
         cp_vaes512_seal(ctx, j0, aad, aad_len, in, out, len, s);
-    else
+    else if (ctx->impl == CP_GCM_IMPL_VAES)
         cp_vaes_seal(ctx, j0, aad, aad_len, in, out, len, s);
+    else
+        cp_aesni_seal(ctx, j0, aad, aad_len, in, out, len, s);
     finish_tag(ctx, j0, s, tag);
 }
 
 /*
- * The helper's open from shared memory on the VAES paths; each byte of `in` is read once. 256-bit: GHASH
- * while copying the ciphertext into scratch, then (tag matched) CTR from scratch into out: on AMD Zen 3
- * AES and carry-less multiplies do not overlap, so this costs what a fused pass costs and no plaintext
- * exists before the tag matched. 512-bit (Intel, where they run on separate ports): one fused pass into
- * scratch, then (tag matched) the copy into out. Returns 0, or -1 with out untouched.
+ * The helper's open from shared memory on the fused paths; each byte of `in` is read once. VAES and AES-NI:
+ * GHASH while copying the ciphertext into scratch, then (tag matched) CTR from scratch into out: on AMD
+ * Zen 3 AES and carry-less multiplies hardly overlap, so this costs what a fused pass costs and no
+ * plaintext exists before the tag matched (docs/crypto.md has the figures). VAES512 (Intel, where they run
+ * on separate ports): one fused pass into scratch, then (tag matched) the copy into out. Returns 0, or -1
+ * with out untouched and no plaintext left in scratch.
  */
-static int vaes_open_shared(const cp_gcm_ctx *ctx, const uint8_t j0[16], const uint8_t *aad, size_t aad_len,
-                            const uint8_t *in, uint8_t *out, size_t len, const uint8_t want[16], uint8_t *scratch)
+static int fused_open_shared(const cp_gcm_ctx *ctx, const uint8_t j0[16], const uint8_t *aad, size_t aad_len,
+                             const uint8_t *in, uint8_t *out, size_t len, const uint8_t want[16],
+                             uint8_t *scratch)
 {
     uint8_t s[16], got[16];
-    if (ctx->impl == CP_GCM_IMPL_VAES)
-        cp_vaes_ghash_copy(ctx, aad, aad_len, in, scratch, len, s);
-    else
+    int one_pass = ctx->impl == CP_GCM_IMPL_VAES512;
+    if (one_pass)
         cp_vaes512_open(ctx, j0, aad, aad_len, in, scratch, len, s);
+    else if (ctx->impl == CP_GCM_IMPL_AESNI)
+        cp_aesni_ghash_copy(ctx, aad, aad_len, in, scratch, len, s);
+    else
+        cp_vaes_ghash_copy(ctx, aad, aad_len, in, scratch, len, s);
     finish_tag(ctx, j0, s, got);
     int ok = tags_equal(got, want);
     cp_wipe_bytes(got, sizeof(got));
     if (!ok) {
-        if (ctx->impl == CP_GCM_IMPL_VAES512)
+        if (one_pass)
             cp_wipe_bytes(scratch, len); /* plaintext of a record that failed authentication */
         return -1;
     }
-    if (ctx->impl == CP_GCM_IMPL_VAES)
-        cp_vaes_ctr(ctx, j0, scratch, out, len);
-    else
+    if (one_pass)
         cp_vaes_copy(out, scratch, len);
+    else
+        impl_ctr(ctx, j0, scratch, out, len);
     return 0;
 }
 
@@ -199,7 +207,7 @@ int cp_gcm_seal_shared(const cp_gcm_ctx *ctx, const uint8_t iv[CP_GCM_IV_BYTES],
 {
     if (fused(ctx))
         return cp_gcm_seal(ctx, iv, aad, aad_len, in, out, len, tag);
-    /* The two-pass implementations read the ciphertext back for GHASH: make it where nobody else writes. */
+    /* Portable (two passes) reads the ciphertext back for GHASH: make it where nobody else writes. */
     if (cp_gcm_seal(ctx, iv, aad, aad_len, in, scratch, len, tag) != 0)
         return -1;
     copy_block_wise(out, scratch, len);
@@ -238,7 +246,7 @@ int cp_gcm_open_shared(const cp_gcm_ctx *ctx, const uint8_t iv[CP_GCM_IV_BYTES],
         return cp_gcm_open(ctx, iv, aad, aad_len, scratch, out, len, want);
     }
     make_j0(j0, iv);
-    return vaes_open_shared(ctx, j0, aad, aad_len, in, out, len, want, scratch);
+    return fused_open_shared(ctx, j0, aad, aad_len, in, out, len, want, scratch);
 }
 
 void cp_gcm_nonce_seq_init(cp_gcm_nonce_seq *seq, uint32_t sender_id, uint64_t first_counter)

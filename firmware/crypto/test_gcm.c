@@ -8,7 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cp_gcm.h"
+#include "cp_gcm_internal.h" /* the implementations' entry points too (run_aesni_passes) */
 
 struct kat {
     const char *name, *key, *iv, *aad, *pt, *ct, *tag;
@@ -88,10 +88,10 @@ static size_t unhex(const char *hex, unsigned char *out)
 
 static const char *impl_name(uint32_t impl)
 {
-    return impl == CP_GCM_IMPL_VAES512 ? "vaes512"
-           : impl == CP_GCM_IMPL_VAES  ? "vaes"
-           : impl == CP_GCM_IMPL_AESNI ? "aesni"
-                                       : "portable";
+    return impl == CP_GCM_IMPL_VAES512     ? "vaes512"
+           : impl == CP_GCM_IMPL_VAES      ? "vaes"
+           : impl == CP_GCM_IMPL_AESNI     ? "aesni"
+                                           : "portable";
 }
 
 static void run_kat(const struct kat *k, uint32_t impl)
@@ -200,6 +200,50 @@ static void run_agreement(uint32_t impl)
     }
 }
 
+typedef void (*pass_fn)(const cp_gcm_ctx *, const uint8_t *, const uint8_t *, size_t, const uint8_t *, uint8_t *,
+                        size_t, uint8_t *);
+typedef void (*copy_fn)(const cp_gcm_ctx *, const uint8_t *, size_t, const uint8_t *, uint8_t *, size_t, uint8_t *);
+
+/*
+ * The AES-NI passes one by one: the fused seal (also in place) and ghash_copy, against the portable CTR and
+ * GHASH, for every length to 600 and strides to 4200, AAD lengths around the 16-block groups, with the
+ * 32-bit counter wrapping inside the data.
+ */
+static void run_aesni_passes(uint32_t impl, pass_fn seal, copy_fn ghash_copy)
+{
+    static unsigned char buf[4200], want[4200], got[4200], aad[300];
+    unsigned char key[32], j0[16], s_want[16], s_got[16];
+    static const size_t aad_lens[] = {0, 1, 16, 28, 255, 256, 257, 300};
+    cp_gcm_ctx cp, ci;
+    unsigned x = 777;
+    for (size_t i = 0; i < sizeof(buf); i++)
+        buf[i] = (unsigned char)((x = x * 1103515245u + 12345u) >> 16);
+    memcpy(key, buf + 7, 32);
+    memcpy(j0, buf + 60, 12);
+    memcpy(aad, buf + 900, sizeof(aad));
+    j0[12] = 0xff, j0[13] = 0xff, j0[14] = 0xff, j0[15] = 0xf0; /* the 32-bit counter wraps inside the data */
+    cp_gcm_init(&cp, key, CP_GCM_IMPL_PORTABLE);
+    cp_gcm_init(&ci, key, impl);
+    int bad = 0;
+    for (size_t len = 0, round = 0; len <= sizeof(buf); len += len < 600 ? 1 : 13, round++) {
+        size_t aad_len = aad_lens[round % (sizeof(aad_lens) / sizeof(aad_lens[0]))];
+        cp_portable_ctr(&cp, j0, buf, want, len);
+        cp_portable_ghash(&cp, aad, aad_len, want, len, s_want);
+        seal(&ci, j0, aad, aad_len, buf, got, len, s_got);
+        bad |= memcmp(got, want, len) != 0 || memcmp(s_got, s_want, 16) != 0;
+        memcpy(got, buf, len);
+        seal(&ci, j0, aad, aad_len, got, got, len, s_got); /* in place */
+        bad |= memcmp(got, want, len) != 0 || memcmp(s_got, s_want, 16) != 0;
+        ghash_copy(&ci, aad, aad_len, want, got, len, s_got);
+        bad |= memcmp(got, want, len) != 0 || memcmp(s_got, s_want, 16) != 0;
+        if (bad) {
+            printf("FAIL %s passes disagree with portable at len %zu aad %zu\n", impl_name(impl), len, aad_len);
+            failures++;
+            return;
+        }
+    }
+}
+
 static void run_nonce_seq(void)
 {
     cp_gcm_nonce_seq seq;
@@ -221,6 +265,7 @@ static void run_pick_impl(void)
           "cpuid bits", "features", "-");
     check(cp_gcm_pick_impl(all) == CP_GCM_IMPL_VAES, "vaes when all present", "pick", "-");
     check(cp_gcm_pick_impl(all & ~CP_CPU_YMM_STATE) == CP_GCM_IMPL_AESNI, "no YMM state -> aesni", "pick", "-");
+    check(cp_gcm_pick_impl(all & ~CP_CPU_VAES) == CP_GCM_IMPL_AESNI, "no VAES -> aesni", "pick", "-");
     check(cp_gcm_pick_impl(all & ~CP_CPU_PCLMUL) == CP_GCM_IMPL_PORTABLE, "no pclmul -> portable", "pick", "-");
     check(cp_gcm_pick_impl(0) == CP_GCM_IMPL_PORTABLE, "nothing -> portable", "pick", "-");
     uint32_t avx512 = 1u << 16 | 1u << 30 | 1u << 31;
@@ -239,13 +284,15 @@ int main(void)
     uint32_t impls[4] = {CP_GCM_IMPL_PORTABLE};
     int n_impls = 1;
     int n_kats = (int)(sizeof(kats) / sizeof(kats[0]));
-    if (__builtin_cpu_supports("aes") && __builtin_cpu_supports("pclmul"))
+    int aesni = __builtin_cpu_supports("aes") && __builtin_cpu_supports("pclmul");
+    int vaes = aesni && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("vaes") &&
+               __builtin_cpu_supports("vpclmulqdq");
+    if (aesni)
         impls[n_impls++] = CP_GCM_IMPL_AESNI;
-    if (n_impls == 2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("vaes") &&
-        __builtin_cpu_supports("vpclmulqdq"))
+    if (vaes)
         impls[n_impls++] = CP_GCM_IMPL_VAES;
     /* The 512-bit path runs only where the CPU has it; elsewhere the program says it was not tested. */
-    if (n_impls == 3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+    if (vaes && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl"))
         impls[n_impls++] = CP_GCM_IMPL_VAES512;
     else
@@ -258,6 +305,8 @@ int main(void)
             run_agreement(impls[i]);
         printf("tested %s\n", impl_name(impls[i]));
     }
+    if (aesni)
+        run_aesni_passes(CP_GCM_IMPL_AESNI, cp_aesni_seal, cp_aesni_ghash_copy);
     run_nonce_seq();
     run_pick_impl();
     printf("%s: %d known-answer vectors x %d implementation(s), %d failure(s)\n", failures ? "FAILED" : "ok",

@@ -23,7 +23,10 @@ struct mh_idle {
 
 static const char *impl_name(uint32_t impl)
 {
-    return impl == CP_GCM_IMPL_VAES ? "vaes" : impl == CP_GCM_IMPL_AESNI ? "aes-ni" : "portable";
+    return impl == CP_GCM_IMPL_VAES512 ? "vaes512"
+           : impl == CP_GCM_IMPL_VAES  ? "vaes"
+           : impl == CP_GCM_IMPL_AESNI ? "aes-ni"
+                                       : "portable";
 }
 
 /* Called by cp_mh_serve with nothing new to do (IDLE) or after publishing a result (DONE). The first call
