@@ -204,11 +204,12 @@ class MigrationSide:
             shared_pages = shared.result()
         return {"pages": pages, "shared_pages": shared_pages, "seconds": time.monotonic() - started}
 
-    def pause_tables(self) -> dict[str, Any]:
+    def pause_tables(self, enc_bitmap: bytes | None = None) -> dict[str, Any]:
         """In the pause, before a manifest is sealed or checked: the helpers MAC the pages moved as shared
         since their tables were last brought up to date (SAVE and LOAD keep the private pages' entries), so
         every page has its MAC; meanwhile the host CRCs the shared pages (from its table where precopy
-        filled one). Returns the shared digest and what it cost."""
+        filled one; by ``enc_bitmap``, a target's received one, if given: the table's only). Returns the
+        shared digest and what it cost."""
         machine = self.need_machine()
         mailboxes = self.helper()
         started = time.monotonic()
@@ -216,7 +217,9 @@ class MigrationSide:
         self._changed_gpas()  # before the shared digest, which must not use these pages' old CRCs
         gpas = self.stream_side().take_shared_gpas()
         with ThreadPoolExecutor(max_workers=1) as pool:
-            crc = crc_table.digest if crc_table is not None else partial(shared_digest, machine)
+            crc = partial(shared_digest, machine)
+            if crc_table is not None:
+                crc = partial(crc_table.digest, enc_bitmap)
             future = pool.submit(_timed, crc)
             maced = mailboxes.mac_list(gpas) if mailboxes is not None and len(gpas) else 0
             shared, crc_seconds = future.result()
