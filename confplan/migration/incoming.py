@@ -136,7 +136,9 @@ class IncomingMigration(MigrationSide, HandoverHooks):
         pool.shutdown(wait=False)
 
     def _timed_tables(self, enc_bitmap: bytes) -> dict[str, Any]:
-        tables = self.pause_tables(enc_bitmap)
+        # A sealed state is opened into the helper's VMSA slots after DONE, which would drop what PREPARE
+        # made (OPEN_STATE changes what a check reads): those targets check everything then, as before.
+        tables = self.pause_tables(enc_bitmap) if self.sealed_state else self.prepared_tables(enc_bitmap)
         self._marks["tables"] = time.time()
         return tables
 

@@ -409,6 +409,14 @@ class Mailbox:
         seq = self.post(Op.SEAL_MANIFEST, count=chunk_pages, arg0=start, arg1=npages)
         return self._sealed(Op.SEAL_MANIFEST, seq)
 
+    def prepare_manifest(self, start: int, npages: int, chunk_pages: int, request: bytes) -> int:
+        """PREPARE_MANIFEST (either side, v7): this side's manifest fields ahead of the SEAL_MANIFEST /
+        CHECK_MANIFEST on this helper that follows with the same range and bitmap; the status (not OK: that
+        op computes them itself, as before)."""
+        self._put(Op.PREPARE_MANIFEST, request)
+        seq = self.post(Op.PREPARE_MANIFEST, count=chunk_pages, arg0=start, arg1=npages)
+        return self.wait(Op.PREPARE_MANIFEST, seq)
+
     def check_manifest(
         self, start: int, npages: int, chunk_pages: int, request: bytes
     ) -> tuple[int, int, int, int]:

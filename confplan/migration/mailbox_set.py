@@ -265,6 +265,20 @@ class MailboxSet:
         )
         return self.mailboxes[0].seal_manifest(start, npages, chunk, request)
 
+    def prepare_manifest(
+        self, start: int, npages: int, *, enc_bitmap: bytes | memoryview, chunk_pages: int | None = None
+    ) -> bool:
+        """PREPARE_MANIFEST on the helper that seals or checks (mailbox v7): its own fields of the manifest
+        computed now, for this bitmap, so the SEAL_MANIFEST / CHECK_MANIFEST that follows with the same range
+        and bitmap, nothing having changed the tables in between, only adds what is left (the state hash,
+        rounds, vCPU tags; on the target the comparison). False when the helper could not (a MAC gap, say):
+        the op that follows then computes everything itself, and says what is wrong."""
+        chunk = chunk_pages or manifest_chunk_pages(npages)
+        request = manifest.request(
+            start, npages, chunk, enc_bitmap=enc_bitmap, state_hash=bytes(32), rounds=0
+        )
+        return self.mailboxes[0].prepare_manifest(start, npages, chunk, request) == MhStatus.OK
+
     def check_manifest(
         self, sealed: bytes, start: int, npages: int, *, enc_bitmap: bytes | memoryview, state_hash: bytes,
         rounds: int, chunk_pages: int | None = None,

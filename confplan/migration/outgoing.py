@@ -272,7 +272,7 @@ class OutgoingMigration(MigrationSide):
             seal = self._seal_state if self.sealed_state else None
             # The helpers' MACs and the shared CRCs while the vCPU and device state is saved and sent; a
             # sealed state goes through the same helpers, so it is sealed first and the tables after.
-            self._early_tables = (None if self.sealed_state else pool.submit(self.pause_tables), sent)
+            self._early_tables = (None if self.sealed_state else pool.submit(self.prepared_tables), sent)
             stream.send_state(self._paused_wall, seal=seal, manifest=self._manifest)
         except BaseException as err:
             self._final_error = err

@@ -227,6 +227,19 @@ class MigrationSide:
                 "shared_pages_crcd": crc_table.computed if crc_table is not None else None,
                 "seconds": {"shared": crc_seconds, "tables": time.monotonic() - started}}  # fmt: skip
 
+    def prepared_tables(self, enc_bitmap: bytes | None = None) -> dict[str, Any]:
+        """``pause_tables``, then the helper's own manifest fields (mailbox v7 PREPARE_MANIFEST) for this
+        bitmap (the machine's if None), so the SEAL_MANIFEST or CHECK_MANIFEST that follows is short. Run
+        it while the rest of the pause goes on; nothing may change the tables after it."""
+        tables = self.pause_tables(enc_bitmap)
+        mailboxes = self.helper()
+        if mailboxes is not None:
+            started = time.monotonic()
+            bitmap = bytes(self.machine.enc_bitmap.bitmap.view()) if enc_bitmap is None else enc_bitmap
+            tables["prepared"] = mailboxes.prepare_manifest(0, self.machine.layout.npages, enc_bitmap=bitmap)
+            tables["seconds"]["prepare"] = time.monotonic() - started
+        return tables
+
     # ---- the handover ----
     def handover_view(self) -> dict[str, Any]:
         """The handover as this side holds it (docs/handover.md): for the orchestrator's ``reconcile``."""
