@@ -38,6 +38,7 @@ from confplan.migration.handover import (
     reconcile,
     save_record,
 )
+from confplan.migration.handover_io import Driver, HandoverFiles
 from confplan.statefile import pack_state
 
 S, T = SourceState, TargetState
@@ -256,3 +257,42 @@ def test_a_record_that_does_not_decode_is_refused(tmp_path: Path, doc: dict[str,
     path.write_bytes(pack_state(RECORD_MAGIC, RECORD_VERSION, json.dumps(doc).encode()))
     with pytest.raises(ConfplanError, match="does not decode"):
         load_record(path)
+
+
+# -- a record written ahead (the target's RESUMED while COMMIT is on its way) -------------------------------
+def _target_driver(tmp_path: Path, ran: list[HandoverRecord | None]) -> tuple[Driver, HandoverFiles]:
+    files = HandoverFiles(tmp_path, Role.TARGET)
+    driver = Driver(
+        TargetHandover(), role=Role.TARGET, guest_id="00" * 16, attempt=2, files=files,
+        do={Do.VERIFY: lambda: None, Do.RESUME_GUEST: lambda: ran.append(load_record(files.record)),
+            Do.DISCARD_GUEST: lambda: None},
+        send=lambda msg: None, log=lambda line: None,
+    )  # fmt: skip
+    return driver, files
+
+
+def test_a_record_written_ahead_is_the_record_only_once_its_step_commits_it(tmp_path: Path) -> None:
+    ran: list[HandoverRecord | None] = []
+    driver, files = _target_driver(tmp_path, ran)
+    driver.feed(Msg.DONE)
+    driver.stage(T.RESUMED, while_in=T.VERIFIED)  # not verified yet: nothing is written
+    assert list(tmp_path.iterdir()) == []
+    driver.feed(Input.VERIFY_OK)
+    driver.stage(T.RESUMED, while_in=T.VERIFIED)
+    assert load_record(files.record) is None  # written ahead beside it, not the record
+    driver.feed(Msg.COMMIT)
+    assert ran == [HandoverRecord(Role.TARGET, "00" * 16, 2, T.RESUMED)]  # on disk before the guest runs
+    assert [p.name for p in tmp_path.iterdir()] == [files.record.name]
+
+
+def test_a_record_written_ahead_for_a_step_that_never_comes_is_dropped(tmp_path: Path) -> None:
+    ran: list[HandoverRecord | None] = []
+    driver, files = _target_driver(tmp_path, ran)
+    driver.feed(Msg.DONE)
+    driver.feed(Input.VERIFY_OK)
+    driver.stage(T.RESUMED, while_in=T.VERIFIED)
+    driver.feed(Msg.ABORT)
+    assert ran == []
+    assert load_record(files.record) == HandoverRecord(Role.TARGET, "00" * 16, 2, T.RELEASED)
+    assert [p.name for p in tmp_path.iterdir()] == [files.record.name]
+    driver.close()

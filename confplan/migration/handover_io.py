@@ -40,8 +40,10 @@ from confplan.migration.handover import (
     Timer,
     WriteRecord,
     load_record,
+    record_bytes,
     save_record,
 )
+from confplan.statefile import StagedWrite
 
 Log = Callable[[str], None]
 # The handover's messages on the wire (core.wire.HandoverCode) and in the machines (handover.Msg).
@@ -116,6 +118,7 @@ class Driver:
         self._busy = False
         self._timers: list[threading.Timer] = []
         self._closed = False
+        self._staged: dict[State, StagedWrite] = {}  # records written ahead, committed by their WriteRecord
         self.notes: dict[str, Any] = {}  # what the side reports about its handover (verify details, times)
 
     @property
@@ -151,7 +154,11 @@ class Driver:
     def _run(self, action: Action) -> None:
         if isinstance(action, WriteRecord):
             # Durable before the next action runs: the next action is what this record licenses.
-            if self.files is not None:
+            staged = self._staged.pop(action.state, None)
+            self._drop_staged()  # records only move forward: no other staged one can be written now
+            if staged is not None:
+                staged.commit()  # the file was written and fsynced ahead; rename, fsync the folder
+            elif self.files is not None:
                 record = HandoverRecord(self.role, self.guest_id, self.attempt, action.state)
                 save_record(self.files.record, record)
         elif isinstance(action, Send):
@@ -182,6 +189,25 @@ class Driver:
         self._timers = [t for t in self._timers if t.is_alive()] + [handle]
         handle.start()
 
+    def stage(self, state: State, *, while_in: State) -> None:
+        """Write the record of ``state`` ahead (temp file, fsync) while the machine is still ``while_in``,
+        so the WriteRecord that comes with the next step only renames it into place (the target's RESUMED:
+        written while it waits for COMMIT, half its fsyncs leave the pause). What licenses what is
+        unchanged: the record is ``state``'s only once that WriteRecord has committed it."""
+        with self._lock:
+            if self.files is None or self.machine.state is not while_in or state in self._staged:
+                return
+            record = HandoverRecord(self.role, self.guest_id, self.attempt, state)
+            try:
+                self._staged[state] = StagedWrite(self.files.record, record_bytes(record))
+            except OSError as err:  # only a head start: the WriteRecord writes it whole then
+                self.log(f"{self.role.value} handover: writing the {state.value} record ahead failed: {err}")
+
+    def _drop_staged(self) -> None:
+        for staged in self._staged.values():
+            staged.discard()
+        self._staged.clear()
+
     def view(self) -> dict[str, Any]:
         """The handover as this VMM holds it now (between steps, never in the middle of one)."""
         with self._lock:
@@ -191,6 +217,8 @@ class Driver:
 
     def close(self) -> None:
         self._closed = True
+        with self._lock:
+            self._drop_staged()
         for timer in self._timers:
             timer.cancel()
 

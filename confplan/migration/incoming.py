@@ -173,6 +173,8 @@ class IncomingMigration(MigrationSide, HandoverHooks):
             self.handover.notes["refused"] = problem
             self.log(f"target: the copy does not check out: {problem}")
         self.handover.feed(Input.VERIFY_FAIL if problem else Input.VERIFY_OK)
+        # VERIFIED is on its way: write RESUMED ahead while COMMIT comes back (committed only on COMMIT)
+        self.handover.stage(TargetState.RESUMED, while_in=TargetState.VERIFIED)
 
     def _compare(self) -> tuple[str | None, dict[str, Any]]:
         """The copy against the source's manifests: the shared pages' digest (host CRCs), then the
