@@ -8,10 +8,10 @@ manifest over all of RAM (verify's 8 MiB chunks), the target helper checks it. R
 wall time (request in, op, result out: what the pause pays) and the helper's own compute from the guest TSC
 stamps of the ring entry. Mailbox v7: each side's PREPARE_MANIFEST (run in the pause while other work
 goes on) and the SEAL / CHECK that follow it, which is what is left on the pause's critical path; the
-unprepared SEAL / CHECK of the same repeat are the "before". Baseline in the same run: FOLD of the same range on the same helper (the MAC
-half of the manifest, which verify already runs in the pause) and SHA-256 of the 1 GiB bitmap-and-state
-inputs the VMM hashes. The transport key is written straight into the secret page (no measured launch:
-covered by tests/test_mh_manifest_guest.py).
+unprepared SEAL / CHECK of the same repeat are the "before". Baseline in the same run: FOLD of the same
+range on the same helper (the MAC half of the manifest, which verify already runs in the pause) and SHA-256
+of the 1 GiB bitmap-and-state inputs the VMM hashes. The transport key is written straight into the secret
+page (no measured launch: covered by tests/test_mh_manifest_guest.py).
 
     .venv/bin/python bench/bench_manifest.py [--mib 1024] [--repeat 5] [--batch 256]
 """

@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import array
 
-from confplan.core import HostMemory, crc32c, crc_table, frame_shared_pages, scan_dirty
+from confplan.core import HostMemory, crc32c, crc_table, forget_pages, frame_shared_pages, scan_dirty
 from confplan.core.wire import HEADER_SIZE, MAX_FRAME_PAGES, shared_frame_capacity
 from confplan.migration.dirty import DirtyTracker
 from confplan.migration.mailbox_set import MailboxSet
-from confplan.vmm import Machine, abi
+from confplan.vmm import Machine
 
-PAGE_SHIFT = abi.PAGE.bit_length() - 1  # GPA -> page number
 CHUNK_PAGES = 2048  # 8 MiB: a mismatch names an 8 MiB range
 
 
@@ -89,9 +88,7 @@ class SharedTable:
 
     def forget(self, gpas: array.array[int]) -> None:
         """Drop the entries of pages written since they were computed (private ones included)."""
-        valid = self.valid
-        for gpa in gpas:
-            valid[gpa >> PAGE_SHIFT] = 0
+        forget_pages(gpas, self.valid)
 
     def digest(self, enc_bitmap: bytes | None = None) -> dict[str, int]:
         """{pages, crc32c} of the shared pages as they are now (by ``enc_bitmap`` if given), from the table
