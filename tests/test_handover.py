@@ -275,10 +275,10 @@ def test_a_record_written_ahead_is_the_record_only_once_its_step_commits_it(tmp_
     ran: list[HandoverRecord | None] = []
     driver, files = _target_driver(tmp_path, ran)
     driver.feed(Msg.DONE)
-    driver.stage(T.RESUMED, while_in=T.VERIFIED)  # not verified yet: nothing is written
+    assert not driver.stage(T.RESUMED, while_in=T.VERIFIED)  # not verified yet: nothing is written
     assert list(tmp_path.iterdir()) == []
     driver.feed(Input.VERIFY_OK)
-    driver.stage(T.RESUMED, while_in=T.VERIFIED)
+    assert driver.stage(T.RESUMED, while_in=T.VERIFIED)
     assert load_record(files.record) is None  # written ahead beside it, not the record
     driver.feed(Msg.COMMIT)
     assert ran == [HandoverRecord(Role.TARGET, "00" * 16, 2, T.RESUMED)]  # on disk before the guest runs

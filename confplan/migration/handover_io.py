@@ -189,19 +189,21 @@ class Driver:
         self._timers = [t for t in self._timers if t.is_alive()] + [handle]
         handle.start()
 
-    def stage(self, state: State, *, while_in: State) -> None:
+    def stage(self, state: State, *, while_in: State) -> bool:
         """Write the record of ``state`` ahead (temp file, fsync) while the machine is still ``while_in``,
         so the WriteRecord that comes with the next step only renames it into place (the target's RESUMED:
         written while it waits for COMMIT, half its fsyncs leave the pause). What licenses what is
-        unchanged: the record is ``state``'s only once that WriteRecord has committed it."""
+        unchanged: the record is ``state``'s only once that WriteRecord has committed it. True: written."""
         with self._lock:
             if self.files is None or self.machine.state is not while_in or state in self._staged:
-                return
+                return False
             record = HandoverRecord(self.role, self.guest_id, self.attempt, state)
             try:
                 self._staged[state] = StagedWrite(self.files.record, record_bytes(record))
             except OSError as err:  # only a head start: the WriteRecord writes it whole then
                 self.log(f"{self.role.value} handover: writing the {state.value} record ahead failed: {err}")
+                return False
+            return True
 
     def _drop_staged(self) -> None:
         for staged in self._staged.values():

@@ -157,6 +157,13 @@ class IncomingMigration(MigrationSide, HandoverHooks):
     def _send(self, msg: Msg) -> None:
         text = str(self.handover.notes.get("refused", "")) if self.handover is not None else ""
         self.need_stream().send_handover(Handover(SEND_CODES[msg], self.attempt, text))
+        # VERIFIED is on its way: write RESUMED ahead while COMMIT comes back (the record only once the
+        # COMMIT step's WriteRecord renames it into place)
+        handover = self.handover
+        if msg is Msg.VERIFIED and handover is not None and handover.stage(
+            TargetState.RESUMED, while_in=TargetState.VERIFIED
+        ):
+            self._marks["staged"] = time.time()
 
     def _verify(self) -> None:
         """The target's own check of the whole copy against the source's MANIFEST; VERIFY_OK or _FAIL."""
@@ -173,8 +180,6 @@ class IncomingMigration(MigrationSide, HandoverHooks):
             self.handover.notes["refused"] = problem
             self.log(f"target: the copy does not check out: {problem}")
         self.handover.feed(Input.VERIFY_FAIL if problem else Input.VERIFY_OK)
-        # VERIFIED is on its way: write RESUMED ahead while COMMIT comes back (committed only on COMMIT)
-        self.handover.stage(TargetState.RESUMED, while_in=TargetState.VERIFIED)
 
     def _compare(self) -> tuple[str | None, dict[str, Any]]:
         """The copy against the source's manifests: the shared pages' digest (host CRCs), then the
