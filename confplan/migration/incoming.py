@@ -217,10 +217,13 @@ class IncomingMigration(MigrationSide, HandoverHooks):
         return None, details
 
     def _tables(self, enc_bitmap: bytes | None) -> dict[str, Any]:
-        """Verify's table work: as started when the pages were complete, or now."""
+        """Verify's table work: as started when the pages were complete, or now (once that is done: both
+        use the helpers and the stream's lists)."""
         early = self._early_tables
-        if early is not None and early[0] is enc_bitmap:
-            return early[1].result()
+        if early is not None:
+            tables = early[1].result()
+            if early[0] is enc_bitmap:
+                return tables
         return self.pause_tables()
 
     def _state_kind(self, clear: Iterable[int], sealed: Iterable[int], theirs: dict[str, Any]) -> str | None:
