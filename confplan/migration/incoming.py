@@ -214,6 +214,7 @@ class IncomingMigration(MigrationSide, HandoverHooks):
         except MailboxError as err:
             return f"the helper refused the copy: {err.message}", details
         details["chunks"] = checked.chunks
+        details["seconds"] = {**details["seconds"], "check_helper": mailboxes.mailboxes[0].last_op_seconds()}
         return None, details
 
     def _tables(self, enc_bitmap: bytes | None) -> dict[str, Any]:

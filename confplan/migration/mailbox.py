@@ -168,6 +168,13 @@ class Mailbox:
         start, end = CMD_TSC.unpack_from(self._ctl, self._entry(seq) + CMD_OFFSETS["tsc_start"])
         return int(start), int(end)
 
+    def last_op_seconds(self) -> float | None:
+        """The helper's own time for its last finished op (guest TSC; None when the TSC rate is unknown)."""
+        if not self.tsc_khz:
+            return None
+        start, end = self.op_tsc(self._get("done", "<Q"))
+        return (end - start) / (self.tsc_khz * 1000.0)
+
     # ---- posting and waiting ----
     def post(
         self, op: Op, *, count: int = 0, generation: int = 0, arg0: int = 0, arg1: int = 0, first: int = 0

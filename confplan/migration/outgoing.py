@@ -318,6 +318,8 @@ class OutgoingMigration(MigrationSide):
             self.handover.notes["digest_seconds"] = {
                 **tables["seconds"], "seal": time.monotonic() - started, "state": state_sent - since,
                 "tables_wait": tables_done - state_sent,
+                # the helper's own time: ~2 ms a GiB computed, ~0.03 ms prepared (mailbox v7)
+                "seal_helper": mailboxes.mailboxes[0].last_op_seconds(),
             }  # fmt: skip
         doc = {"format": MANIFEST_FORMAT, "table": tables["table"], "shared": tables["shared"],
                "pages_maced": tables["pages_maced"], "shared_pages_crcd": tables["shared_pages_crcd"],
