@@ -275,10 +275,11 @@ def test_a_record_written_ahead_is_the_record_only_once_its_step_commits_it(tmp_
     ran: list[HandoverRecord | None] = []
     driver, files = _target_driver(tmp_path, ran)
     driver.feed(Msg.DONE)
-    assert not driver.stage(T.RESUMED, while_in=T.VERIFIED)  # not verified yet: nothing is written
+    assert not driver.stage(T.RESUMED, while_in={T.VERIFIED})  # not verified yet: nothing is written
     assert list(tmp_path.iterdir()) == []
     driver.feed(Input.VERIFY_OK)
-    assert driver.stage(T.RESUMED, while_in=T.VERIFIED)
+    assert driver.stage(T.RESUMED, while_in={T.VERIFIED})
+    assert not driver.stage(T.RESUMED, while_in={T.VERIFIED})  # once
     assert load_record(files.record) is None  # written ahead beside it, not the record
     driver.feed(Msg.COMMIT)
     assert ran == [HandoverRecord(Role.TARGET, "00" * 16, 2, T.RESUMED)]  # on disk before the guest runs
@@ -288,11 +289,19 @@ def test_a_record_written_ahead_is_the_record_only_once_its_step_commits_it(tmp_
 def test_a_record_written_ahead_for_a_step_that_never_comes_is_dropped(tmp_path: Path) -> None:
     ran: list[HandoverRecord | None] = []
     driver, files = _target_driver(tmp_path, ran)
+    assert driver.stage(T.RESUMED, while_in={T.RECEIVING, T.VERIFYING, T.VERIFIED})  # pages in, before DONE
+    driver.feed(Msg.DONE)
+    driver.feed(Input.VERIFY_FAIL)  # REFUSED: the record written ahead is dropped, never renamed
+    assert load_record(files.record) == HandoverRecord(Role.TARGET, "00" * 16, 2, T.REFUSED)
+    assert [p.name for p in tmp_path.iterdir()] == [files.record.name]
+    driver.close()
+    again = tmp_path / "again"
+    driver, files = _target_driver(again, ran)
     driver.feed(Msg.DONE)
     driver.feed(Input.VERIFY_OK)
-    driver.stage(T.RESUMED, while_in=T.VERIFIED)
-    driver.feed(Msg.ABORT)
+    driver.stage(T.RESUMED, while_in={T.VERIFIED})
+    driver.feed(Msg.ABORT)  # RELEASED after VERIFIED: the same
     assert ran == []
     assert load_record(files.record) == HandoverRecord(Role.TARGET, "00" * 16, 2, T.RELEASED)
-    assert [p.name for p in tmp_path.iterdir()] == [files.record.name]
+    assert [p.name for p in again.iterdir()] == [files.record.name]
     driver.close()

@@ -17,7 +17,7 @@ import collections
 import fcntl
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -189,20 +189,26 @@ class Driver:
         self._timers = [t for t in self._timers if t.is_alive()] + [handle]
         handle.start()
 
-    def stage(self, state: State, *, while_in: State) -> bool:
-        """Write the record of ``state`` ahead (temp file, fsync) while the machine is still ``while_in``,
-        so the WriteRecord that comes with the next step only renames it into place (the target's RESUMED:
-        written while it waits for COMMIT, half its fsyncs leave the pause). What licenses what is
-        unchanged: the record is ``state``'s only once that WriteRecord has committed it. True: written."""
+    def stage(self, state: State, *, while_in: Collection[State]) -> bool:
+        """Write the record of ``state`` ahead (temp file, fsync) while the machine is in one of
+        ``while_in``, so the WriteRecord of a later step only renames it into place (the target's RESUMED:
+        written while the pause goes on, half its fsyncs leave it). What licenses what is unchanged: the
+        record is ``state``'s only once that WriteRecord has committed it; any other record drops it. The
+        file is written outside the step lock (a step may run meanwhile). True: written ahead."""
         with self._lock:
-            if self.files is None or self.machine.state is not while_in or state in self._staged:
+            if self.files is None or self.machine.state not in while_in or state in self._staged:
                 return False
-            record = HandoverRecord(self.role, self.guest_id, self.attempt, state)
-            try:
-                self._staged[state] = StagedWrite(self.files.record, record_bytes(record))
-            except OSError as err:  # only a head start: the WriteRecord writes it whole then
-                self.log(f"{self.role.value} handover: writing the {state.value} record ahead failed: {err}")
+            path, record = self.files.record, HandoverRecord(self.role, self.guest_id, self.attempt, state)
+        try:
+            staged = StagedWrite(path, record_bytes(record))
+        except OSError as err:  # only a head start: the WriteRecord writes it whole then
+            self.log(f"{self.role.value} handover: writing the {state.value} record ahead failed: {err}")
+            return False
+        with self._lock:  # a step that ran meanwhile may have settled it otherwise, or staged it already
+            if self._closed or self.machine.state not in while_in or state in self._staged:
+                staged.discard()
                 return False
+            self._staged[state] = staged
             return True
 
     def _drop_staged(self) -> None:

@@ -10,6 +10,7 @@ import array
 import contextlib
 import dataclasses
 import json
+import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -134,6 +135,8 @@ class IncomingMigration(MigrationSide, HandoverHooks):
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-tables")
         self._early_tables = (enc_bitmap, pool.submit(self._timed_tables, enc_bitmap))
         pool.shutdown(wait=False)
+        # and the RESUMED record's fsync, which waits on the disk while the helpers work
+        threading.Thread(target=self._stage_resumed, name="stage-resumed", daemon=True).start()
 
     def _timed_tables(self, enc_bitmap: bytes) -> dict[str, Any]:
         # A sealed state is opened into the helper's VMSA slots after DONE, which would drop what PREPARE
@@ -157,12 +160,14 @@ class IncomingMigration(MigrationSide, HandoverHooks):
     def _send(self, msg: Msg) -> None:
         text = str(self.handover.notes.get("refused", "")) if self.handover is not None else ""
         self.need_stream().send_handover(Handover(SEND_CODES[msg], self.attempt, text))
-        # VERIFIED is on its way: write RESUMED ahead while COMMIT comes back (the record only once the
-        # COMMIT step's WriteRecord renames it into place)
-        handover = self.handover
-        if msg is Msg.VERIFIED and handover is not None and handover.stage(
-            TargetState.RESUMED, while_in=TargetState.VERIFIED
-        ):
+        if msg is Msg.VERIFIED:  # if not written ahead yet, while COMMIT comes back
+            self._stage_resumed()
+
+    def _stage_resumed(self) -> None:
+        """Write the RESUMED record ahead (the record only once the COMMIT step's WriteRecord renames it into
+        place; a REFUSED or RELEASED one drops it), so one fsync of the two leaves the pause."""
+        waiting = (TargetState.RECEIVING, TargetState.VERIFYING, TargetState.VERIFIED)
+        if self.handover is not None and self.handover.stage(TargetState.RESUMED, while_in=waiting):
             self._marks["staged"] = time.time()
 
     def _verify(self) -> None:
