@@ -6,12 +6,14 @@ from __future__ import annotations
 import itertools
 import json
 import stat
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from confplan.errors import ConfplanError
+from confplan.migration import handover_io
 from confplan.migration.handover import (
     RECORD_MAGIC,
     RECORD_VERSION,
@@ -39,7 +41,7 @@ from confplan.migration.handover import (
     save_record,
 )
 from confplan.migration.handover_io import Driver, HandoverFiles
-from confplan.statefile import pack_state
+from confplan.statefile import StagedWrite, pack_state
 
 S, T = SourceState, TargetState
 
@@ -305,3 +307,35 @@ def test_a_record_written_ahead_for_a_step_that_never_comes_is_dropped(tmp_path:
     assert load_record(files.record) == HandoverRecord(Role.TARGET, "00" * 16, 2, T.RELEASED)
     assert [p.name for p in again.iterdir()] == [files.record.name]
     driver.close()
+
+
+def test_a_step_whose_record_is_being_written_ahead_waits_for_that_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """COMMIT arrives while the RESUMED record's file is still being written ahead in another thread: the
+    WriteRecord waits for that write and renames it; the guest runs only with the record on disk."""
+    release = threading.Event()
+
+    class SlowStagedWrite(StagedWrite):
+        def __init__(self, path: Path, data: bytes) -> None:
+            release.wait(10)
+            super().__init__(path, data)
+
+    monkeypatch.setattr(handover_io, "StagedWrite", SlowStagedWrite)
+    ran: list[HandoverRecord | None] = []
+    driver, files = _target_driver(tmp_path, ran)
+    driver.feed(Msg.DONE)
+    driver.feed(Input.VERIFY_OK)
+    writer = threading.Thread(target=driver.stage, args=(T.RESUMED,), kwargs={"while_in": {T.VERIFIED}})
+    writer.start()
+    while not driver._staged:  # the write ahead is under way (registered, blocked on ``release``)
+        writer.join(0.001)
+    committer = threading.Thread(target=driver.feed, args=(Msg.COMMIT,))
+    committer.start()
+    committer.join(0.05)
+    assert ran == [] and load_record(files.record) is None  # COMMIT's step waits for the write
+    release.set()
+    committer.join(10)
+    writer.join(10)
+    assert ran == [HandoverRecord(Role.TARGET, "00" * 16, 2, T.RESUMED)]
+    assert [p.name for p in tmp_path.iterdir()] == [files.record.name]

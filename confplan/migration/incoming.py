@@ -160,7 +160,7 @@ class IncomingMigration(MigrationSide, HandoverHooks):
     def _send(self, msg: Msg) -> None:
         text = str(self.handover.notes.get("refused", "")) if self.handover is not None else ""
         self.need_stream().send_handover(Handover(SEND_CODES[msg], self.attempt, text))
-        if msg is Msg.VERIFIED:  # if not written ahead yet, while COMMIT comes back
+        if msg is Msg.VERIFIED:  # if not written ahead (or being written) yet: while COMMIT comes back
             self._stage_resumed()
 
     def _stage_resumed(self) -> None:
