@@ -197,6 +197,9 @@ def pause_breakdown(records: Any) -> dict[str, Any]:
     if resumed.get("started_since_pause") is not None:
         ms["at_resume_started"] = round(resumed["started_since_pause"] * 1e3, 1)
     ms["resume"] = round(resumed["resume_seconds"] * 1e3, 1)
+    ms["verify_shared_pages_crcd"] = verify.get("shared_pages_crcd_in_pause")
+    for moment, secs in (resumed.get("pause_timeline") or {}).items():  # the target's own clock
+        ms[f"t_{moment}"] = round(secs * 1e3, 1)
     return ms
 
 

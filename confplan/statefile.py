@@ -29,23 +29,49 @@ def write_private(path: Path, data: bytes) -> None:
 
 def write_atomic(path: Path, data: bytes, *, mode: int) -> None:
     """Write ``data`` to ``path`` with ``mode``, atomically: readers see the old file or all the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    StagedWrite(path, data, mode=mode).commit()
+
+
+class StagedWrite:
+    """``write_atomic`` in two halves: building it writes and fsyncs a temp file beside ``path`` (the slow
+    half, done ahead of time); ``commit`` renames it into place and fsyncs the directory, so ``path`` is
+    durable when it returns; ``discard`` drops it (``path`` untouched). A crash before the commit leaves at
+    most a stray hidden temp file, never a changed ``path``."""
+
+    def __init__(self, path: Path, data: bytes, *, mode: int = 0o600) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        self._tmp: Path | None = Path(tmp)
+        try:
+            os.fchmod(fd, mode)
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+        except BaseException:
+            self.discard()
+            raise
+
+    def commit(self) -> None:
+        tmp, self._tmp = self._tmp, None
+        if tmp is None:
+            raise ValueError(f"the staged write of {self.path} was already committed or discarded")
+        try:
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def discard(self) -> None:
+        tmp, self._tmp = self._tmp, None
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}

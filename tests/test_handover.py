@@ -6,12 +6,14 @@ from __future__ import annotations
 import itertools
 import json
 import stat
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from confplan.errors import ConfplanError
+from confplan.migration import handover_io
 from confplan.migration.handover import (
     RECORD_MAGIC,
     RECORD_VERSION,
@@ -38,7 +40,8 @@ from confplan.migration.handover import (
     reconcile,
     save_record,
 )
-from confplan.statefile import pack_state
+from confplan.migration.handover_io import Driver, HandoverFiles
+from confplan.statefile import StagedWrite, pack_state
 
 S, T = SourceState, TargetState
 
@@ -256,3 +259,83 @@ def test_a_record_that_does_not_decode_is_refused(tmp_path: Path, doc: dict[str,
     path.write_bytes(pack_state(RECORD_MAGIC, RECORD_VERSION, json.dumps(doc).encode()))
     with pytest.raises(ConfplanError, match="does not decode"):
         load_record(path)
+
+
+# -- a record written ahead (the target's RESUMED while COMMIT is on its way) -------------------------------
+def _target_driver(tmp_path: Path, ran: list[HandoverRecord | None]) -> tuple[Driver, HandoverFiles]:
+    files = HandoverFiles(tmp_path, Role.TARGET)
+    driver = Driver(
+        TargetHandover(), role=Role.TARGET, guest_id="00" * 16, attempt=2, files=files,
+        do={Do.VERIFY: lambda: None, Do.RESUME_GUEST: lambda: ran.append(load_record(files.record)),
+            Do.DISCARD_GUEST: lambda: None},
+        send=lambda msg: None, log=lambda line: None,
+    )  # fmt: skip
+    return driver, files
+
+
+def test_a_record_written_ahead_is_the_record_only_once_its_step_commits_it(tmp_path: Path) -> None:
+    ran: list[HandoverRecord | None] = []
+    driver, files = _target_driver(tmp_path, ran)
+    driver.feed(Msg.DONE)
+    assert not driver.stage(T.RESUMED, while_in={T.VERIFIED})  # not verified yet: nothing is written
+    assert list(tmp_path.iterdir()) == []
+    driver.feed(Input.VERIFY_OK)
+    assert driver.stage(T.RESUMED, while_in={T.VERIFIED})
+    assert not driver.stage(T.RESUMED, while_in={T.VERIFIED})  # once
+    assert load_record(files.record) is None  # written ahead beside it, not the record
+    driver.feed(Msg.COMMIT)
+    assert ran == [HandoverRecord(Role.TARGET, "00" * 16, 2, T.RESUMED)]  # on disk before the guest runs
+    assert [p.name for p in tmp_path.iterdir()] == [files.record.name]
+
+
+def test_a_record_written_ahead_for_a_step_that_never_comes_is_dropped(tmp_path: Path) -> None:
+    ran: list[HandoverRecord | None] = []
+    driver, files = _target_driver(tmp_path, ran)
+    assert driver.stage(T.RESUMED, while_in={T.RECEIVING, T.VERIFYING, T.VERIFIED})  # pages in, before DONE
+    driver.feed(Msg.DONE)
+    driver.feed(Input.VERIFY_FAIL)  # REFUSED: the record written ahead is dropped, never renamed
+    assert load_record(files.record) == HandoverRecord(Role.TARGET, "00" * 16, 2, T.REFUSED)
+    assert [p.name for p in tmp_path.iterdir()] == [files.record.name]
+    driver.close()
+    again = tmp_path / "again"
+    driver, files = _target_driver(again, ran)
+    driver.feed(Msg.DONE)
+    driver.feed(Input.VERIFY_OK)
+    driver.stage(T.RESUMED, while_in={T.VERIFIED})
+    driver.feed(Msg.ABORT)  # RELEASED after VERIFIED: the same
+    assert ran == []
+    assert load_record(files.record) == HandoverRecord(Role.TARGET, "00" * 16, 2, T.RELEASED)
+    assert [p.name for p in again.iterdir()] == [files.record.name]
+    driver.close()
+
+
+def test_a_step_whose_record_is_being_written_ahead_waits_for_that_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """COMMIT arrives while the RESUMED record's file is still being written ahead in another thread: the
+    WriteRecord waits for that write and renames it; the guest runs only with the record on disk."""
+    release = threading.Event()
+
+    class SlowStagedWrite(StagedWrite):
+        def __init__(self, path: Path, data: bytes) -> None:
+            release.wait(10)
+            super().__init__(path, data)
+
+    monkeypatch.setattr(handover_io, "StagedWrite", SlowStagedWrite)
+    ran: list[HandoverRecord | None] = []
+    driver, files = _target_driver(tmp_path, ran)
+    driver.feed(Msg.DONE)
+    driver.feed(Input.VERIFY_OK)
+    writer = threading.Thread(target=driver.stage, args=(T.RESUMED,), kwargs={"while_in": {T.VERIFIED}})
+    writer.start()
+    while not driver._staged:  # the write ahead is under way (registered, blocked on ``release``)
+        writer.join(0.001)
+    committer = threading.Thread(target=driver.feed, args=(Msg.COMMIT,))
+    committer.start()
+    committer.join(0.05)
+    assert ran == [] and load_record(files.record) is None  # COMMIT's step waits for the write
+    release.set()
+    committer.join(10)
+    writer.join(10)
+    assert ran == [HandoverRecord(Role.TARGET, "00" * 16, 2, T.RESUMED)]
+    assert [p.name for p in tmp_path.iterdir()] == [files.record.name]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from confplan.migration.handover import TargetState, load_record
 from confplan.migration.incoming import IncomingMigration
 from confplan.migration.outgoing import OutgoingMigration
 from confplan.sev import CONFPLAN_TRANSPORT_KEY_GUID
@@ -100,6 +101,12 @@ def test_the_target_resumes_what_its_helper_verified(
     assert sides.target.guest_running() and sides.target.workload_check()["ok"]
     check = sides.target.handover_view()["verify"]
     assert check["chunks"] == 4 and check["sealed_state"] is sealed_state  # 32 MiB in 8 MiB chunks
+    # RESUMED was written ahead while COMMIT came back (its temp file renamed into place: none is left)
+    moments = list(sides.target.handover_view()["pause_timeline"])
+    assert moments.index("staged") < moments.index("got_commit") < moments.index("running")
+    assert [p.name for p in (tmp_path / "t").iterdir() if p.name.startswith(".")] == []
+    record = load_record(tmp_path / "t" / "handover-target.rec")
+    assert record is not None and record.state is TargetState.RESUMED
 
 
 def test_a_changed_byte_in_the_sealed_register_state_refuses_the_resume(

@@ -64,6 +64,7 @@ int main(void) {
     C(CP_MB_OP_MAC_RANGE) C(CP_MB_OP_MAC_LIST) C(CP_MB_OP_FOLD) C(CP_MB_MAC_BYTES)
     C(CP_MB_OP_SEAL_MANIFEST) C(CP_MB_OP_CHECK_MANIFEST) C(CP_MB_OP_SEAL_STATE) C(CP_MB_OP_OPEN_STATE)
     C(CP_MB_OP_VERIFIED) C(CP_MB_OP_KEY_REQUEST) C(CP_MB_OP_KEY_REPORT) C(CP_MB_OP_KEY_RELEASE)
+    C(CP_MB_OP_PREPARE_MANIFEST)
     C(CP_MBS_OK) C(CP_MBS_BAD_OP) C(CP_MBS_NO_KEY) C(CP_MBS_COUNT) C(CP_MBS_PARTIAL) C(CP_MBS_GPA_ALIGN)
     C(CP_MBS_GPA_RANGE) C(CP_MBS_GPA_MH) C(CP_MBS_GEN_INVALID) C(CP_MBS_GEN_STALE) C(CP_MBS_AUTH)
     C(CP_MBS_KEY_ID) C(CP_MBS_RESERVED) C(CP_MBS_NONCE) C(CP_MBS_SECRET_HEADER) C(CP_MBS_SECRET_LENGTH)
@@ -160,7 +161,7 @@ def test_ops_and_statuses_match_the_c_header(c_values: dict[str, int]) -> None:
     assert c_ops.pop("LAST") == max(mbx.Op)
     assert {op.name: op.value for op in mbx.Op} == c_ops
     c_status = {k.removeprefix("CP_MBS_"): v for k, v in c_values.items() if k.startswith("CP_MBS_")}
-    assert c_values["CP_MB_PROTO_VERSION"] == mbx.PROTO_VERSION == 6
+    assert c_values["CP_MB_PROTO_VERSION"] == mbx.PROTO_VERSION == 7
     assert c_status.pop("LAST") == max(mbx.MhStatus)
     assert {st.name: st.value for st in mbx.MhStatus} == c_status
     assert all(st.meaning for st in mbx.MhStatus)

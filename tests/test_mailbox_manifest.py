@@ -416,3 +416,84 @@ def test_the_manifest_binds_the_state_the_source_sealed_last(pair: Pair) -> None
     pair.dst.mailboxes.open_state(0, new)
     pair.check(sealed)
     assert pair.dst.vmsa_slot(0).state == abi.VMSA_VERIFIED
+
+
+# ---- v7: PREPARE_MANIFEST, the side's own fields computed ahead of SEAL / CHECK ----
+
+
+def _prepare(guest: HostGuest, bitmap: bytes | None = None) -> bool:
+    bits = bytes(_bitmap()) if bitmap is None else bitmap
+    return guest.mailboxes.prepare_manifest(WORK, NPAGES, enc_bitmap=bits, chunk_pages=CHUNK)
+
+
+def test_a_prepared_seal_and_check_say_what_unprepared_ones_say(pair: Pair) -> None:
+    plain = _open(pair.seal(), mbx.LABEL_MANIFEST)
+    assert _prepare(pair.src)
+    prepared = pair.seal()
+    assert _open(prepared, mbx.LABEL_MANIFEST) == plain
+    assert _prepare(pair.dst)
+    pair.check(prepared)
+    assert pair.dst.mailboxes.verified()
+
+
+def test_a_prepared_check_compares_what_was_prepared_once(pair: Pair) -> None:
+    """The prepared fields are what the check compares: a MAC entry changed behind the helper's back (no op
+    can do that) after PREPARE goes unseen by that one check, and the next check, with nothing prepared,
+    computes every chunk again and names it."""
+    sealed = pair.seal()
+    assert _prepare(pair.dst)
+    at = (WORK + 5 * PAGE) // PAGE * abi.MH_MAC_ENTRY
+    pair.dst._macs[at] ^= 0x01
+    pair.check(sealed)
+    with pytest.raises(ManifestRefused) as err:
+        pair.check(sealed)
+    assert (err.value.field, err.value.index) == ("MAC table", 0)
+    pair.dst._macs[at] ^= 0x01
+    pair.check(sealed)
+
+
+def test_a_table_change_after_prepare_is_checked(pair: Pair) -> None:
+    """A LOAD after PREPARE (here: page 5 moved again, generation 2) bumps the change counter: the check does
+    not use what was prepared, and refuses the older manifest; a fresh one checks."""
+    sealed = pair.seal()
+    assert _prepare(pair.dst)
+    pair.move(range(5, 6), 2)
+    with pytest.raises(ManifestRefused) as err:
+        pair.check(sealed)
+    assert (err.value.field, err.value.index) == ("generation table", 0)
+    assert _prepare(pair.src)
+    pair.move(range(6, 7), 3)  # a SAVE after the source's PREPARE: its seal computes afresh
+    assert _prepare(pair.dst)
+    pair.check(pair.seal())
+    assert pair.dst.mailboxes.verified()
+
+
+def test_prepared_fields_hold_only_for_the_same_bitmap(pair: Pair) -> None:
+    sealed = pair.seal()
+    other = _bitmap()
+    other[WORK // PAGE // 8] ^= 0x01  # the first page shared
+    assert _prepare(pair.dst, bytes(other))
+    pair.check(sealed)  # checked with the bitmap it is given, not the prepared one
+    assert _prepare(pair.dst)
+    with pytest.raises(ManifestRefused) as err:
+        pair.check(sealed, enc_bitmap=other)
+    assert err.value.field == "encryption bitmap"
+    assert _prepare(pair.src, bytes(other))
+    assert _open(pair.seal(), mbx.LABEL_MANIFEST) == _open(sealed, mbx.LABEL_MANIFEST)
+
+
+def test_any_other_op_drops_the_prepared_fields(pair: Pair) -> None:
+    plain = _open(pair.seal(), mbx.LABEL_MANIFEST)
+    assert _prepare(pair.src)
+    pair.src.mailboxes.seal_state(0, BLOB)  # helper 0's seal buffer held the prepared body
+    body = _open(pair.seal(), mbx.LABEL_MANIFEST)
+    tags = slice(112, 112 + VCPUS * 16)
+    assert body[: tags.start] == plain[: tags.start] and body[tags.stop :] == plain[tags.stop :]
+    assert body[tags][:16] != bytes(16)  # vCPU 0's sealed state is bound, the rest computed afresh
+    assert _prepare(pair.dst)
+    pair.dst.mailboxes.digest(WORK, 16)  # any op in between
+    at = (WORK + 5 * PAGE) // PAGE * abi.MH_MAC_ENTRY
+    pair.dst._macs[at] ^= 0x01  # so a check that used the dropped fields would pass
+    with pytest.raises(ManifestRefused):
+        pair.check(pair.seal())
+    pair.dst._macs[at] ^= 0x01

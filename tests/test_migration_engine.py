@@ -16,13 +16,13 @@ import pytest
 from relay import CorruptingRelay, CuttingRelay
 
 from confplan.core.streamauth import StreamAuthError, client_handshake, key_schedule
-from confplan.core.wire import Hello, HelperMode
+from confplan.core.wire import DeviceState, Hello, HelperMode
 from confplan.errors import ConfplanError
 from confplan.kvm import structs as kvm_structs
 from confplan.migration.dirty import DirtyTracker
 from confplan.migration.helper import open_mailboxes
 from confplan.migration.precopy import RoundStats
-from confplan.migration.session import resynced_tsc
+from confplan.migration.session import ENC_BITMAP_DEVICE, ENC_BITMAP_FORMAT, resynced_tsc
 from confplan.migration.source import Outgoing
 from confplan.migration.target import Incoming, IncomingState, IncomingStatus, apply_clock
 from confplan.migration.verify import private_digests, shared_digest
@@ -538,3 +538,30 @@ def test_a_channel_cut_mid_round_fails_the_attempt_and_the_source_runs_on(pairs:
     # the source's guest never stopped, and its memory is whole
     assert all(v.state in (RunState.RUNNING, RunState.PARKED) for v in pair.src.vcpus)
     assert pair.src.workload.check().ok
+
+
+def test_a_page_frame_after_the_final_round_is_refused(pairs: list[Pair]) -> None:
+    """Verify may start on the pages once the final round is in (before DONE): a page frame after it is
+    refused, never applied, and the target never completes."""
+    pair = Pair("aux-vcpu")
+    pairs.append(pair)
+    pair.out.send_round(final=True)  # the guest runs on: the next rounds have pages to send
+    with pytest.raises(ConfplanError, match=r"refused the migration stream: .*after its final round"):
+        for _ in range(5):
+            time.sleep(0.05)
+            pair.out.send_round()
+    status = pair.incoming.wait(10)
+    assert status.state is IncomingState.FAILED and "after its final round" in (status.error or "")
+
+
+def test_a_second_encryption_bitmap_is_refused(pairs: list[Pair]) -> None:
+    """Verify's shared digest starts on the first bitmap: another one would be installed unverified."""
+    pair = Pair("aux-vcpu")
+    pairs.append(pair)
+    pair.src.pause_all_vcpus_except_aux()
+    pair.out.send_round(final=True)
+    bitmap = bytes(pair.src.enc_bitmap.bitmap.view())
+    for _ in range(2):
+        pair.out._control(DeviceState(ENC_BITMAP_DEVICE, ENC_BITMAP_FORMAT, bitmap))
+    status = pair.incoming.wait(10)
+    assert status.state is IncomingState.FAILED and "second encryption bitmap" in (status.error or "")

@@ -26,6 +26,7 @@ from confplan.core import (
     _lib,
     crc32c,
     crc_table,
+    forget_pages,
     frame_sealed_pages,
     frame_shared_pages,
     page_is_zero,
@@ -579,3 +580,14 @@ def test_crc_table_caches_page_crcs_and_folds_them_in_list_order() -> None:
     assert computed == 1 and got != want
     with pytest.raises(PageCoreError, match="GPA"):
         crc_table(ram, array.array("Q", [16 * PAGE_SIZE]), crcs, valid)
+
+
+def test_forget_pages_drops_the_listed_entries_or_none() -> None:
+    valid = bytearray(b"\x01" * 16)
+    forget_pages(array.array("Q", [3 * PAGE_SIZE, 0, 3 * PAGE_SIZE]), valid)
+    assert [i for i, v in enumerate(valid) if not v] == [0, 3]
+    with pytest.raises(PageCoreError, match="GPA"):  # one GPA outside the table: nothing changes
+        forget_pages(array.array("Q", [5 * PAGE_SIZE, 16 * PAGE_SIZE]), valid)
+    assert valid[5] == 1
+    with pytest.raises(PageCoreError, match="GPA"):
+        forget_pages(array.array("Q", [5 * PAGE_SIZE + 1]), valid)

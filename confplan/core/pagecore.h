@@ -161,6 +161,10 @@ int cp_crc_table(const void *ram, uint64_t gpa_base, uint64_t ram_size, const vo
                  uint32_t *crcs, uint8_t *valid, uint64_t table_pages, uint32_t *crc, uint64_t *computed,
                  struct cp_error *err);
 
+/* ... and its forget: valid[page] = 0 for each listed GPA (all checked against table_pages first). */
+int cp_forget_pages(const void *gpas, uint64_t count, uint64_t gpa_base, uint8_t *valid, uint64_t table_pages,
+                    struct cp_error *err);
+
 /* Source: gather shared pages from guest RAM into a SHARED_PAGES frame (zero pages flagged, no payload). */
 int cp_frame_shared(void *out, size_t cap, const void *ram, uint64_t gpa_base, uint64_t ram_size,
                     const void *gpas, uint32_t count, uint64_t seq, struct cp_frame_info *info,

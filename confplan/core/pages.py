@@ -68,6 +68,18 @@ def crc_table(
     return int(out.value), int(computed.value)
 
 
+def forget_pages(gpas: Memory, valid: Memory, *, gpa_base: int = 0) -> None:
+    """``crc_table``'s forget: ``valid[page] = 0`` for each listed GPA (u64), in C; a GPA outside the table
+    raises before any entry changes."""
+    err = ErrorC()
+    with (
+        pinned(gpas, writable=False, what="GPA list") as (g, glen),
+        pinned(valid, writable=True, what="valid table") as (v, vlen),
+    ):
+        rc = lib().cp_forget_pages(g, _gpa_count(glen, "GPA list"), gpa_base, v, vlen, ctypes.byref(err))
+    raise_for(rc, err, "the shared-page CRC table")
+
+
 def page_is_zero(page: Memory) -> bool:
     """True when the first 4096 bytes of ``page`` are all zero."""
     with pinned(page, writable=False, what="page") as (addr, n):

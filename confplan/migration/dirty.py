@@ -54,6 +54,13 @@ class DirtyTracker:
         enc = int.from_bytes(self._machine.enc_bitmap.bitmap.view(), "little")
         return (~enc & _mask(0, self.npages)).to_bytes(self.nbytes, "little")
 
+    def shared_pages(self, enc_bitmap: bytes | None = None) -> bytes:
+        """Bit set = a migratable page that is shared, by the machine's encryption bitmap or by
+        ``enc_bitmap`` (same format); scanned with no kinds, so the scan lists only these pages."""
+        enc = int.from_bytes(self._machine.enc_bitmap.bitmap.view() if enc_bitmap is None else enc_bitmap,
+                             "little")  # fmt: skip
+        return (self.migratable & ~enc).to_bytes(self.nbytes, "little")
+
 
 def concat_gpas(parts: list[array.array[int]]) -> array.array[int]:
     """One GPA array of several (a round's or a frame's lists, kept as they came)."""

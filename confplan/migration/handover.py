@@ -446,9 +446,14 @@ class HandoverRecord:
 def save_record(path: Path, record: HandoverRecord) -> None:
     """Write ``record`` atomically and durably (fsync the file, rename, fsync the directory): when this
     returns, a crash cannot lose it, so the action it licenses may run."""
+    write_private(path, record_bytes(record))
+
+
+def record_bytes(record: HandoverRecord) -> bytes:
+    """The record file's bytes (``statefile`` format, JSON payload)."""
     doc = {"role": record.role.value, "guest_id": record.guest_id, "attempt": record.attempt,
            "state": record.state.value}  # fmt: skip
-    write_private(path, pack_state(RECORD_MAGIC, RECORD_VERSION, json.dumps(doc, sort_keys=True).encode()))
+    return pack_state(RECORD_MAGIC, RECORD_VERSION, json.dumps(doc, sort_keys=True).encode())
 
 
 def load_record(path: Path) -> HandoverRecord | None:

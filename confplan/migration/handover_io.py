@@ -17,7 +17,7 @@ import collections
 import fcntl
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,8 +40,10 @@ from confplan.migration.handover import (
     Timer,
     WriteRecord,
     load_record,
+    record_bytes,
     save_record,
 )
+from confplan.statefile import StagedWrite
 
 Log = Callable[[str], None]
 # The handover's messages on the wire (core.wire.HandoverCode) and in the machines (handover.Msg).
@@ -116,6 +118,7 @@ class Driver:
         self._busy = False
         self._timers: list[threading.Timer] = []
         self._closed = False
+        self._staged: dict[State, _Ahead] = {}  # records written ahead, committed by their WriteRecord
         self.notes: dict[str, Any] = {}  # what the side reports about its handover (verify details, times)
 
     @property
@@ -151,7 +154,12 @@ class Driver:
     def _run(self, action: Action) -> None:
         if isinstance(action, WriteRecord):
             # Durable before the next action runs: the next action is what this record licenses.
-            if self.files is not None:
+            ahead = self._staged.pop(action.state, None)
+            self._drop_staged()  # records only move forward: no other staged one can be written now
+            staged = ahead.result() if ahead is not None else None  # waits for a write still under way
+            if staged is not None:
+                staged.commit()  # the file was written and fsynced ahead; rename, fsync the folder
+            elif self.files is not None:
                 record = HandoverRecord(self.role, self.guest_id, self.attempt, action.state)
                 save_record(self.files.record, record)
         elif isinstance(action, Send):
@@ -182,6 +190,33 @@ class Driver:
         self._timers = [t for t in self._timers if t.is_alive()] + [handle]
         handle.start()
 
+    def stage(self, state: State, *, while_in: Collection[State]) -> bool:
+        """Write the record of ``state`` ahead (temp file, fsync) while the machine is in one of
+        ``while_in``, so the WriteRecord of a later step only renames it into place (the target's RESUMED:
+        written while the pause goes on, half its fsyncs leave it). What licenses what is unchanged: the
+        record is ``state``'s only once that WriteRecord has committed it; any other record drops it. The
+        file is written outside the step lock (a step may run meanwhile: its WriteRecord waits for the
+        write). True: written ahead."""
+        with self._lock:
+            if self._closed or self.files is None or state in self._staged:
+                return False
+            if self.machine.state not in while_in:
+                return False
+            ahead = self._staged[state] = _Ahead()
+            path, record = self.files.record, HandoverRecord(self.role, self.guest_id, self.attempt, state)
+        try:
+            ahead.set(StagedWrite(path, record_bytes(record)))
+        except OSError as err:  # only a head start: the WriteRecord writes it whole then
+            self.log(f"{self.role.value} handover: writing the {state.value} record ahead failed: {err}")
+            ahead.set(None)
+            return False
+        return True
+
+    def _drop_staged(self) -> None:
+        for ahead in self._staged.values():
+            ahead.discard()
+        self._staged.clear()
+
     def view(self) -> dict[str, Any]:
         """The handover as this VMM holds it now (between steps, never in the middle of one)."""
         with self._lock:
@@ -191,8 +226,38 @@ class Driver:
 
     def close(self) -> None:
         self._closed = True
+        with self._lock:
+            self._drop_staged()
         for timer in self._timers:
             timer.cancel()
+
+
+class _Ahead:
+    """A record being written ahead: its ``StagedWrite`` once written (None: the write failed). Whoever
+    drops it before the write ended leaves the discard to the writer."""
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._staged: StagedWrite | None = None
+        self._dropped = False
+
+    def set(self, staged: StagedWrite | None) -> None:
+        with self._lock:
+            self._staged = staged
+            if self._dropped and staged is not None:
+                staged.discard()
+        self._done.set()
+
+    def result(self) -> StagedWrite | None:
+        self._done.wait()
+        return self._staged
+
+    def discard(self) -> None:
+        with self._lock:
+            self._dropped = True
+            if self._staged is not None:
+                self._staged.discard()
 
 
 def _name(event: Event) -> str:

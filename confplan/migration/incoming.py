@@ -7,10 +7,13 @@ itself is ``target.Incoming``; the guest's vCPUs stay paused until then.
 from __future__ import annotations
 
 import array
+import contextlib
 import dataclasses
 import json
+import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -44,6 +47,9 @@ class IncomingMigration(MigrationSide, HandoverHooks):
         self.resumed = False
         self.attempt = 0
         self.sealed_state = False  # SEV-ES/SNP: the vCPU state must arrive sealed by the source helper
+        # verify's table work, started when the pages were complete (before DONE), for that bitmap
+        self._early_tables: tuple[bytes, Future[dict[str, Any]]] | None = None
+        self._marks: dict[str, float] = {}  # the handover's moments (wall time): the pause's timeline
 
     def info(self) -> dict[str, Any]:
         stream = None if self.stream is None else self.stream.status.to_json()
@@ -65,6 +71,7 @@ class IncomingMigration(MigrationSide, HandoverHooks):
                 hint="rerun `confplan apply`: it reconciles with what both sides hold",
             )
         self.abort()
+        self._marks = {}
         listener = sockets.listen_tcp(host, port, what="the target's migration port")
         self.shared_table, self.attempt, self.sealed_state = None, attempt, sealed_state
         self.handover = Driver(
@@ -105,14 +112,42 @@ class IncomingMigration(MigrationSide, HandoverHooks):
         if self.stream is not None:
             self.stream.close()
             self.stream = None
+        self._drop_early_tables()
+
+    def _drop_early_tables(self) -> None:
+        """Let verify's early table work finish (it uses the helpers) before anything else may."""
+        early, self._early_tables = self._early_tables, None
+        if early is not None:
+            with contextlib.suppress(Exception):
+                early[1].result(timeout=30.0)
 
     # ---- HandoverHooks: what the stream tells the handover ----
     def done(self) -> None:
         if self.handover is not None:
             self.handover.feed(Msg.DONE)
 
+    def pages_complete(self, enc_bitmap: bytes) -> None:
+        """Start verify's table work (the helpers MAC the pages moved as shared since the fill, the host
+        its shared CRCs by the bitmap that came) while the state, manifests and DONE arrive: the source
+        seals its manifest meanwhile. The stream refuses any page after this, so the tables stay true."""
+        if self.shared_table is None or self._early_tables is not None:
+            return  # no tables filled in precopy: verify digests everything after DONE, as before
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-tables")
+        self._early_tables = (enc_bitmap, pool.submit(self._timed_tables, enc_bitmap))
+        pool.shutdown(wait=False)
+        # and the RESUMED record's fsync, which waits on the disk while the helpers work
+        threading.Thread(target=self._stage_resumed, name="stage-resumed", daemon=True).start()
+
+    def _timed_tables(self, enc_bitmap: bytes) -> dict[str, Any]:
+        # A sealed state is opened into the helper's VMSA slots after DONE, which would drop what PREPARE
+        # made (OPEN_STATE changes what a check reads): those targets check everything then, as before.
+        tables = self.pause_tables(enc_bitmap) if self.sealed_state else self.prepared_tables(enc_bitmap)
+        self._marks["tables"] = time.time()
+        return tables
+
     def message(self, msg: Handover) -> None:
         if self.handover is not None and msg.attempt == self.attempt:
+            self._marks.setdefault(f"got_{msg.code.name.lower()}", time.time())
             self.handover.feed(RECEIVE_CODES[msg.code])
 
     def link_down(self, why: str) -> None:
@@ -125,6 +160,15 @@ class IncomingMigration(MigrationSide, HandoverHooks):
     def _send(self, msg: Msg) -> None:
         text = str(self.handover.notes.get("refused", "")) if self.handover is not None else ""
         self.need_stream().send_handover(Handover(SEND_CODES[msg], self.attempt, text))
+        if msg is Msg.VERIFIED:  # if not written ahead (or being written) yet: while COMMIT comes back
+            self._stage_resumed()
+
+    def _stage_resumed(self) -> None:
+        """Write the RESUMED record ahead (the record only once the COMMIT step's WriteRecord renames it into
+        place; a REFUSED or RELEASED one drops it), so one fsync of the two leaves the pause."""
+        waiting = (TargetState.RECEIVING, TargetState.VERIFYING, TargetState.VERIFIED)
+        if self.handover is not None and self.handover.stage(TargetState.RESUMED, while_in=waiting):
+            self._marks["staged"] = time.time()
 
     def _verify(self) -> None:
         """The target's own check of the whole copy against the source's MANIFEST; VERIFY_OK or _FAIL."""
@@ -135,6 +179,7 @@ class IncomingMigration(MigrationSide, HandoverHooks):
         except ConfplanError as err:
             problem, details = err.message, {}
         details["check_seconds"] = time.monotonic() - started
+        self._marks["checked"] = time.time()
         self.handover.notes["verify"] = details
         if problem is not None:
             self.handover.notes["refused"] = problem
@@ -153,7 +198,7 @@ class IncomingMigration(MigrationSide, HandoverHooks):
         problem = self._state_kind(status.vcpus.keys(), status.sealed_vcpus.keys(), theirs)
         if problem:
             return problem, {}
-        tables = self.pause_tables()
+        tables = self._tables(status.enc_bitmap)
         details = {"shared": tables["shared"], "from_mac_tables": bool(tables["table"]),
                    "pages_hashed_in_pause": [theirs.get("pages_maced"), tables["pages_maced"]],
                    "shared_pages_crcd_in_pause": [theirs.get("shared_pages_crcd"),
@@ -174,7 +219,18 @@ class IncomingMigration(MigrationSide, HandoverHooks):
         except MailboxError as err:
             return f"the helper refused the copy: {err.message}", details
         details["chunks"] = checked.chunks
+        details["seconds"] = {**details["seconds"], "check_helper": mailboxes.mailboxes[0].last_op_seconds()}
         return None, details
+
+    def _tables(self, enc_bitmap: bytes | None) -> dict[str, Any]:
+        """Verify's table work: as started when the pages were complete, or now (once that is done: both
+        use the helpers and the stream's lists)."""
+        early = self._early_tables
+        if early is not None:
+            tables = early[1].result()
+            if early[0] is enc_bitmap:
+                return tables
+        return self.pause_tables()
 
     def _state_kind(self, clear: Iterable[int], sealed: Iterable[int], theirs: dict[str, Any]) -> str | None:
         """SEV-ES/SNP register state must arrive sealed by the source helper; plain SEV's in clear."""
@@ -187,8 +243,18 @@ class IncomingMigration(MigrationSide, HandoverHooks):
     def _resume_now(self) -> None:
         """RESUMED is on disk: run the guest here."""
         assert self.handover is not None
+        self._marks["recorded"] = time.time()
         resumed = self.resume()
         self.handover.notes.update(resumed)
+        timeline = self._timeline(resumed["paused_wall"], resumed["resumed_wall"])
+        self.handover.notes["pause_timeline"] = timeline
+
+    def _timeline(self, paused_wall: float, resumed_wall: float) -> dict[str, float]:
+        """Seconds from the source's pause to each moment of this side's pause, in order (by the two
+        hosts' wall clocks: one clock for a local target, their skew across hosts)."""
+        marks = {**(self.stream.marks if self.stream is not None else {}), **self._marks,
+                 "running": resumed_wall}  # fmt: skip
+        return {k: round(t - paused_wall, 6) for k, t in sorted(marks.items(), key=lambda kv: kv[1])}
 
     def _discard(self) -> None:
         """This attempt's copy will never run: the stream goes (the machine stays for a new attempt)."""
@@ -231,4 +297,5 @@ class IncomingMigration(MigrationSide, HandoverHooks):
         if self.stream is not None:
             self.stream.close()
             self.stream = None
+        self._drop_early_tables()
         super().close()

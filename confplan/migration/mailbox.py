@@ -168,6 +168,13 @@ class Mailbox:
         start, end = CMD_TSC.unpack_from(self._ctl, self._entry(seq) + CMD_OFFSETS["tsc_start"])
         return int(start), int(end)
 
+    def last_op_seconds(self) -> float | None:
+        """The helper's own time for its last finished op (guest TSC; None when the TSC rate is unknown)."""
+        if not self.tsc_khz:
+            return None
+        start, end = self.op_tsc(self._get("done", "<Q"))
+        return (end - start) / (self.tsc_khz * 1000.0)
+
     # ---- posting and waiting ----
     def post(
         self, op: Op, *, count: int = 0, generation: int = 0, arg0: int = 0, arg1: int = 0, first: int = 0
@@ -335,15 +342,14 @@ class Mailbox:
         """Post MAC_RANGE: the helper stores the MAC of every page of the range (MH area skipped)."""
         return self.post(Op.MAC_RANGE, arg0=start, arg1=npages)
 
-    def post_mac_list(self, gpas: array.array[int]) -> int:
-        """Write ``gpas`` (array('Q')) packed into the data area and post MAC_LIST of them."""
-        if not 1 <= len(gpas) <= self.mac_list_capacity:
-            raise ValueError(
-                f"MAC_LIST on MH vCPU {self.mh_index}: {len(gpas)} GPAs, 1..{self.mac_list_capacity} fit"
-            )
+    def post_mac_list(self, gpas: array.array[int], *, first: int = 0) -> int:
+        """Write ``gpas`` (array('Q')) packed into the data area from slot ``first`` and post MAC_LIST."""
+        fit = (self.batch_pages - first) * SLOT_SIZE // 8
+        if not 1 <= len(gpas) <= fit:
+            raise ValueError(f"MAC_LIST on MH vCPU {self.mh_index}: {len(gpas)} GPAs, 1..{fit} fit")
         raw = memoryview(gpas).cast("B")
-        self.slots[: len(raw)] = raw
-        return self.post(Op.MAC_LIST, count=len(gpas))
+        self.slots[first * SLOT_SIZE : first * SLOT_SIZE + len(raw)] = raw
+        return self.post(Op.MAC_LIST, count=len(gpas), first=first)
 
     def finish_mac(self, op: Op, seq: int) -> int:
         """Wait for a MAC_RANGE / MAC_LIST; raises on any refusal. Returns the pages MAC'd."""
@@ -408,6 +414,17 @@ class Mailbox:
         self._put(Op.SEAL_MANIFEST, request)
         seq = self.post(Op.SEAL_MANIFEST, count=chunk_pages, arg0=start, arg1=npages)
         return self._sealed(Op.SEAL_MANIFEST, seq)
+
+    def prepare_manifest(self, start: int, npages: int, chunk_pages: int, request: bytes) -> int:
+        """PREPARE_MANIFEST (either side, v7): this side's manifest fields ahead of the SEAL_MANIFEST /
+        CHECK_MANIFEST on this helper that follows with the same range and bitmap; the status (not OK: that
+        op computes them itself, as before)."""
+        return self.wait(Op.PREPARE_MANIFEST, self.post_prepare_manifest(start, npages, chunk_pages, request))
+
+    def post_prepare_manifest(self, start: int, npages: int, chunk_pages: int, request: bytes) -> int:
+        """Post PREPARE_MANIFEST (its request from slot 0); ``wait`` for its status."""
+        self._put(Op.PREPARE_MANIFEST, request)
+        return self.post(Op.PREPARE_MANIFEST, count=chunk_pages, arg0=start, arg1=npages)
 
     def check_manifest(
         self, start: int, npages: int, chunk_pages: int, request: bytes

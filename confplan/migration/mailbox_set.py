@@ -265,6 +265,39 @@ class MailboxSet:
         )
         return self.mailboxes[0].seal_manifest(start, npages, chunk, request)
 
+    def prepare_manifest(
+        self, start: int, npages: int, *, enc_bitmap: bytes | memoryview, chunk_pages: int | None = None
+    ) -> bool:
+        """PREPARE_MANIFEST on the helper that seals or checks (mailbox v7): its own fields of the manifest
+        computed now, for this bitmap, so the SEAL_MANIFEST / CHECK_MANIFEST that follows with the same range
+        and bitmap, nothing having changed the tables in between, only adds what is left (the state hash,
+        rounds, vCPU tags; on the target the comparison). False when the helper could not (a MAC gap, say):
+        the op that follows then computes everything itself, and says what is wrong."""
+        return self.mac_and_prepare(array.array("Q"), start, npages, enc_bitmap=enc_bitmap,
+                                    chunk_pages=chunk_pages)[1]  # fmt: skip
+
+    def mac_and_prepare(
+        self, gpas: array.array[int], start: int, npages: int, *, enc_bitmap: bytes | memoryview,
+        chunk_pages: int | None = None,
+    ) -> tuple[int, bool]:  # fmt: skip
+        """MAC the pages at ``gpas``, then ``prepare_manifest``: (pages MAC'd, prepared). In the pause the
+        two go to the helper that prepares, queued back to back (its MAC_LIST's GPAs in the slots after the
+        request), so one wake-up serves both: spreading a few hundred MACs over the helpers cost a wake-up
+        of each, ~1-3 ms apiece on a loaded 2-core host, for ~0.2 ms of MACs."""
+        chunk = chunk_pages or manifest_chunk_pages(npages)
+        request = manifest.request(
+            start, npages, chunk, enc_bitmap=enc_bitmap, state_hash=bytes(32), rounds=0
+        )
+        mb = self.mailboxes[0]
+        after = -(-len(request) // SLOT_SIZE)  # the first slot past the request
+        fits = len(gpas) <= (mb.batch_pages - after) * SLOT_SIZE // 8
+        maced = self.mac_list(gpas) if len(gpas) and not fits else 0
+        macs = mb.post_mac_list(gpas, first=after) if len(gpas) and fits else None
+        prepare = mb.post_prepare_manifest(start, npages, chunk, request)
+        if macs is not None:
+            maced = mb.finish_mac(Op.MAC_LIST, macs)  # raises on a refused page, as mac_list does
+        return maced, mb.wait(Op.PREPARE_MANIFEST, prepare) == MhStatus.OK
+
     def check_manifest(
         self, sealed: bytes, start: int, npages: int, *, enc_bitmap: bytes | memoryview, state_hash: bytes,
         rounds: int, chunk_pages: int | None = None,

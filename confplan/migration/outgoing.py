@@ -11,6 +11,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -72,6 +73,8 @@ class OutgoingMigration(MigrationSide):
         self._paused_at = self._paused_wall = 0.0
         self._final: dict[str, Any] | None = None  # what the pause's copy sent (stop_and_copy's answer)
         self._final_error: BaseException | None = None
+        # the pause's table work, started when the final round ended (then), while the state is sent
+        self._early_tables: tuple[Future[dict[str, Any]] | None, float] = (None, 0.0)
         self._pause_in_cpl0 = 0  # stop_and_copy: pause until a vCPU is in a CPL0 service (a test), at most
         self.stream: Outgoing | None = None
         self.next_generation = 1  # the source MH refuses to seal a page twice under one generation
@@ -262,15 +265,20 @@ class OutgoingMigration(MigrationSide):
         assert isinstance(self.handover, Driver) and isinstance(self.handover.machine, SourceHandover)
         # A stall in the pause must not outlast the source's deadline: the guest runs again by then.
         stream.bound_sends(self.handover.machine.verdict_timeout)
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pause-tables")
         try:
             stats = stream.send_round(final=True)
             sent = time.monotonic()
             seal = self._seal_state if self.sealed_state else None
+            # The helpers' MACs and the shared CRCs while the vCPU and device state is saved and sent; a
+            # sealed state goes through the same helpers, so it is sealed first and the tables after.
+            self._early_tables = (None if self.sealed_state else pool.submit(self.prepared_tables), sent)
             stream.send_state(self._paused_wall, seal=seal, manifest=self._manifest)
         except BaseException as err:
             self._final_error = err
             raise
         finally:
+            pool.shutdown(wait=True)
             self.next_generation = stream.generation
         done = time.monotonic()
         self.log(f"source: stop-and-copy sent {stats.pages} pages, the state and the manifest; guest paused")
@@ -294,7 +302,11 @@ class OutgoingMigration(MigrationSide):
         """What the target checks before it may resume: the host's shared-page digest (format 1) and the
         source helper's sealed manifest of its own tables, the encryption bitmap, the state sent and the
         rounds (format 2, mailbox v5): only the two helpers can make or check it."""
-        tables = self.pause_tables()
+        state_sent = time.monotonic()
+        early, since = self._early_tables
+        self._early_tables = (None, state_sent)
+        tables = early.result() if early is not None else self.pause_tables()
+        tables_done = time.monotonic()
         stream = self.need_stream()
         mailboxes = require_helper(self.helper(), "source", 0)
         started = time.monotonic()
@@ -303,7 +315,12 @@ class OutgoingMigration(MigrationSide):
             state_hash=state_hash(state_parts), rounds=stream.totals.rounds,
         )  # fmt: skip
         if self.handover is not None:
-            self.handover.notes["digest_seconds"] = {**tables["seconds"], "seal": time.monotonic() - started}
+            self.handover.notes["digest_seconds"] = {
+                **tables["seconds"], "seal": time.monotonic() - started, "state": state_sent - since,
+                "tables_wait": tables_done - state_sent,
+                # the helper's own time: ~2 ms a GiB computed, ~0.03 ms prepared (mailbox v7)
+                "seal_helper": mailboxes.mailboxes[0].last_op_seconds(),
+            }  # fmt: skip
         doc = {"format": MANIFEST_FORMAT, "table": tables["table"], "shared": tables["shared"],
                "pages_maced": tables["pages_maced"], "shared_pages_crcd": tables["shared_pages_crcd"],
                "sealed_state": self.sealed_state}  # fmt: skip

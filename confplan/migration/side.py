@@ -204,11 +204,14 @@ class MigrationSide:
             shared_pages = shared.result()
         return {"pages": pages, "shared_pages": shared_pages, "seconds": time.monotonic() - started}
 
-    def pause_tables(self) -> dict[str, Any]:
+    def pause_tables(self, enc_bitmap: bytes | None = None, *, prepare: bool = False) -> dict[str, Any]:
         """In the pause, before a manifest is sealed or checked: the helpers MAC the pages moved as shared
         since their tables were last brought up to date (SAVE and LOAD keep the private pages' entries), so
         every page has its MAC; meanwhile the host CRCs the shared pages (from its table where precopy
-        filled one). Returns the shared digest and what it cost."""
+        filled one; by ``enc_bitmap``, a target's received one, if given: the table's only). ``prepare``:
+        and the helper's own manifest fields (mailbox v7 PREPARE_MANIFEST) for that bitmap, queued behind
+        the MACs, so the SEAL_MANIFEST or CHECK_MANIFEST that follows is short: nothing may change the
+        tables after it. Returns the shared digest and what it cost."""
         machine = self.need_machine()
         mailboxes = self.helper()
         started = time.monotonic()
@@ -216,13 +219,24 @@ class MigrationSide:
         self._changed_gpas()  # before the shared digest, which must not use these pages' old CRCs
         gpas = self.stream_side().take_shared_gpas()
         with ThreadPoolExecutor(max_workers=1) as pool:
-            crc = crc_table.digest if crc_table is not None else partial(shared_digest, machine)
+            crc = partial(shared_digest, machine)
+            if crc_table is not None:
+                crc = partial(crc_table.digest, enc_bitmap)
             future = pool.submit(_timed, crc)
-            maced = mailboxes.mac_list(gpas) if mailboxes is not None and len(gpas) else 0
+            prepared = None
+            if mailboxes is not None and prepare:
+                bitmap = bytes(machine.enc_bitmap.bitmap.view()) if enc_bitmap is None else enc_bitmap
+                maced, prepared = mailboxes.mac_and_prepare(gpas, 0, machine.layout.npages, enc_bitmap=bitmap)
+            else:
+                maced = mailboxes.mac_list(gpas) if mailboxes is not None and len(gpas) else 0
             shared, crc_seconds = future.result()
-        return {"table": crc_table is not None, "shared": shared, "pages_maced": maced,
+        return {"table": crc_table is not None, "shared": shared, "pages_maced": maced, "prepared": prepared,
                 "shared_pages_crcd": crc_table.computed if crc_table is not None else None,
                 "seconds": {"shared": crc_seconds, "tables": time.monotonic() - started}}  # fmt: skip
+
+    def prepared_tables(self, enc_bitmap: bytes | None = None) -> dict[str, Any]:
+        """``pause_tables`` with PREPARE_MANIFEST: run it while the rest of the pause goes on."""
+        return self.pause_tables(enc_bitmap, prepare=True)
 
     # ---- the handover ----
     def handover_view(self) -> dict[str, Any]:

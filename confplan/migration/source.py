@@ -439,20 +439,21 @@ class Outgoing:
         self, paused_wall: float, *, seal: Callable[[int, bytes], bytes] | None = None,
         manifest: Callable[[list[bytes]], list[Manifest]] | None = None,
     ) -> None:  # fmt: skip
-        """The guest's vCPU states (each sealed by the source helper with ``seal``: SEV-ES/SNP), the
-        encryption bitmap, the VM's kvm-clock, then the ``manifest`` frames made from the state blobs as
+        """The encryption bitmap, the guest's vCPU states (each sealed by the source helper with ``seal``:
+        SEV-ES/SNP), the VM's kvm-clock, then the ``manifest`` frames made from the state blobs as
         sent (after the state is on its way, so the target applies it while this side seals), then DONE
         (the guest is paused)."""
-        parts: list[bytes] = []
+        # The bitmap first (it is final once the guest paused): with it and the final round the target has
+        # all its verify needs but the manifest, and starts while the vCPU states are read and sent.
+        bitmap = bytes(self.machine.enc_bitmap.bitmap.view())
+        self._control(DeviceState(ENC_BITMAP_DEVICE, ENC_BITMAP_FORMAT, bitmap))
+        parts: list[bytes] = [bitmap]
         for state in self.machine.save_vcpu_states():
             blob = vcpu_blob(state, paused_wall)
             frame = VcpuState(state.vcpu_id, VCPU_FORMAT, blob) if seal is None else VcpuState(
                 state.vcpu_id, VCPU_SEALED_FORMAT, seal(state.vcpu_id, blob))  # fmt: skip
             self._control(frame)
             parts.append(frame.blob)
-        bitmap = bytes(self.machine.enc_bitmap.bitmap.view())
-        self._control(DeviceState(ENC_BITMAP_DEVICE, ENC_BITMAP_FORMAT, bitmap))
-        parts.append(bitmap)
         clock = clock_blob(self.machine.save_clock())
         self._control(DeviceState(KVM_CLOCK_DEVICE, KVM_CLOCK_FORMAT, clock))
         parts.append(clock)

@@ -106,6 +106,10 @@ class HandoverHooks:
     DONE once the copy is whole, each handover message after it, and the link going down."""
 
     def done(self) -> None: ...
+    def pages_complete(self, enc_bitmap: bytes) -> None:
+        """Every page is in (the final round ended) and the encryption bitmap arrived: verify's table work
+        may start now, while the rest of the pause's frames arrive. Must not block."""
+
     def message(self, msg: Handover) -> None: ...
     def link_down(self, why: str) -> None: ...
 
@@ -142,6 +146,8 @@ class Incoming:
         self._helpers = mailboxes  # the main channel's helpers (all of them with one channel)
         self._channels: ChannelSet | None = None  # wire v4's extra channels, once accepted
         self._loop_gpas = array.array("Q")  # the GPAs one loop call received (a round's at most)
+        self._final_round = False  # the final ROUND_END was applied: no page frame may follow it
+        self.marks: dict[str, float] = {}  # wall time of the pause's frames as they arrived (a timeline)
         self._thread = threading.Thread(target=self._main, name="incoming-stream", daemon=True)
         self._thread.start()
 
@@ -356,8 +362,23 @@ class Incoming:
 
     def _receive(self, reader: FrameReader) -> None:
         # HELLO was the handshake's (migration id and geometry checked there): page frames follow
-        while not self._apply(self._receive_pages(reader)):
+        while not self._apply(self._next_of(reader)):
             pass
+
+    def _next_of(self, reader: FrameReader) -> Frame:
+        return self._after_final(reader) if self._final_round else self._receive_pages(reader)
+
+    def _after_final(self, reader: FrameReader) -> Frame:
+        """A frame after the final round: the state, manifests, DONE. Verify may have started on the
+        pages (``HandoverHooks.pages_complete``), so a page frame here is refused, never applied."""
+        frame = reader.recv()
+        self.status.bytes_received += len(frame.data)
+        if frame.header.type in (FrameType.SHARED_PAGES, FrameType.SEALED_PAGES):
+            raise ConfplanError(
+                f"the source sent a page frame ({frame.header.type.name}) after its final round",
+                hint="the source and target run different confplan versions, or the source is broken",
+            )
+        return frame
 
     def _next_frame(self, reader: FrameReader) -> Frame:
         """The next frame that is neither shared pages (applied as they come) nor ERROR (raised at once,
@@ -481,7 +502,11 @@ class Incoming:
         if isinstance(msg, RoundEnd):
             self._channel_rounds(msg)
             self.status.rounds += 1
+            if msg.final:
+                self._final_round = True
+                self.marks["final_round"] = time.time()
         elif isinstance(msg, VcpuState):
+            self.marks.setdefault("state", time.time())
             self.status.state_parts.append(msg.blob)
             if msg.format_version == VCPU_SEALED_FORMAT:
                 self.status.sealed_vcpus[msg.vcpu] = msg.blob  # opened by the helper, never here
@@ -492,7 +517,9 @@ class Incoming:
             self.status.state_parts.append(msg.blob)
         elif isinstance(msg, Manifest):
             self.status.manifests[msg.format_version] = msg
+            self.marks[f"manifest_{msg.format_version}"] = time.time()
         elif isinstance(msg, Done):
+            self.marks["done"] = time.time()
             self._check_done(msg)
             return True
         elif isinstance(msg, ErrorReport):
@@ -546,7 +573,12 @@ class Incoming:
                 f"the encryption bitmap is format {msg.format_version}, {len(msg.blob)} bytes; "
                 f"expected format {ENC_BITMAP_FORMAT}, {want} bytes"
             )
+        if self.status.enc_bitmap is not None:  # verify may already work from the first one
+            raise ConfplanError("the source sent a second encryption bitmap")
         self.status.enc_bitmap = msg.blob
+        self.marks["bitmap"] = time.time()
+        if self._final_round:
+            self.hooks.pages_complete(msg.blob)
 
     def _clock(self, msg: DeviceState) -> None:
         if msg.format_version != KVM_CLOCK_FORMAT:

@@ -22,21 +22,19 @@ from __future__ import annotations
 
 import array
 
-from confplan.core import HostMemory, crc32c, crc_table, frame_shared_pages, scan_dirty
+from confplan.core import HostMemory, crc32c, crc_table, forget_pages, frame_shared_pages, scan_dirty
 from confplan.core.wire import HEADER_SIZE, MAX_FRAME_PAGES, shared_frame_capacity
 from confplan.migration.dirty import DirtyTracker
 from confplan.migration.mailbox_set import MailboxSet
-from confplan.vmm import Machine, abi
+from confplan.vmm import Machine
 
-PAGE_SHIFT = abi.PAGE.bit_length() - 1  # GPA -> page number
 CHUNK_PAGES = 2048  # 8 MiB: a mismatch names an 8 MiB range
 
 
 def shared_digest(machine: Machine) -> dict[str, int]:
     """{pages, crc32c} over every shared page of the workload area, in GPA order."""
     tracker = DirtyTracker(machine)  # only its bitmaps: building one does not touch the dirty log
-    everything = tracker.migratable.to_bytes(tracker.nbytes, "little")
-    shared, _ = scan_dirty(everything, tracker.shared_bitmap(), tracker.npages)
+    _, shared = scan_dirty(tracker.shared_pages(), None, tracker.npages)
     ram = HostMemory(machine.ram.address, machine.ram.top)
     buf = bytearray(shared_frame_capacity(MAX_FRAME_PAGES))
     crc = 0
@@ -59,17 +57,18 @@ class SharedTable:
     def __init__(self, machine: Machine) -> None:
         self._machine = machine
         self._tracker = DirtyTracker(machine)  # only its bitmaps: building one does not touch the dirty log
-        self._everything = self._tracker.migratable.to_bytes(self._tracker.nbytes, "little")
         self.crcs = array.array("I", bytes(4 * self._tracker.npages))
         self.valid = bytearray(self._tracker.npages)  # 1: crcs[page] is the page's CRC as it is now
         self.computed = 0  # page CRCs computed by the last fill or digest
         self._scanned: tuple[bytes, array.array[int]] = (b"", array.array("Q"))
 
-    def _shared_gpas(self) -> array.array[int]:
-        """The shared pages' GPAs; the scan (~3 ms for 1 GiB) is kept while the bitmap stays the same."""
-        bitmap = self._tracker.shared_bitmap()
-        if bitmap != self._scanned[0]:
-            self._scanned = (bitmap, scan_dirty(self._everything, bitmap, self._tracker.npages)[0])
+    def _shared_gpas(self, enc_bitmap: bytes | None = None) -> array.array[int]:
+        """The shared pages' GPAs (of the machine's encryption bitmap, or of ``enc_bitmap``: a target's,
+        received before it is installed); kept while the bitmap stays the same. The scan lists only the
+        shared pages (0.14 ms for 1 GiB; listing the private ones too took 2.2 ms, in every pause)."""
+        selected = self._tracker.shared_pages(enc_bitmap)
+        if selected != self._scanned[0]:
+            self._scanned = (selected, scan_dirty(selected, None, self._tracker.npages)[1])
         return self._scanned[1]
 
     def _compute(self, gpas: array.array[int], crc: int = 0) -> int:
@@ -89,13 +88,12 @@ class SharedTable:
 
     def forget(self, gpas: array.array[int]) -> None:
         """Drop the entries of pages written since they were computed (private ones included)."""
-        valid = self.valid
-        for gpa in gpas:
-            valid[gpa >> PAGE_SHIFT] = 0
+        forget_pages(gpas, self.valid)
 
-    def digest(self) -> dict[str, int]:
-        """{pages, crc32c} of the shared pages as they are now, from the table (see the class)."""
-        gpas = self._shared_gpas()
+    def digest(self, enc_bitmap: bytes | None = None) -> dict[str, int]:
+        """{pages, crc32c} of the shared pages as they are now (by ``enc_bitmap`` if given), from the table
+        (see the class)."""
+        gpas = self._shared_gpas(enc_bitmap)
         return {"pages": len(gpas), "crc32c": self._compute(gpas, crc32c(gpas))}
 
 

@@ -24,7 +24,7 @@
 #include "cp_sealed_page.h"
 
 #define CP_MB_PROTO_MAGIC 0x504d4243u /* "CBMP" */
-#define CP_MB_PROTO_VERSION 6u
+#define CP_MB_PROTO_VERSION 7u
 #define CP_MB_PROTO_OFFSET 0x40u
 #define CP_MB_SLOTS_OFFSET 0x1000u
 #define CP_MB_RING_OFFSET 0x400u
@@ -63,7 +63,11 @@
 #define CP_MB_OP_KEY_REQUEST 14u   /* data: the owner's 32-byte nonce -> the sealed MSG_REPORT_REQ (0xC0 bytes) */
 #define CP_MB_OP_KEY_REPORT 15u    /* data: the PSP's MSG_REPORT_RSP, arg1 bytes -> the report (0x4A0 bytes) */
 #define CP_MB_OP_KEY_RELEASE 16u   /* data: the broker's wrapped key, arg1 bytes -> n_ok = the table's length */
-#define CP_MB_OP_LAST CP_MB_OP_KEY_RELEASE
+/* v7: the pause's manifest work ahead of time (docs/mailbox.md, "PREPARE_MANIFEST"): the side's own fields
+ * computed while the rest of the pause goes on; the next SEAL_MANIFEST / CHECK_MANIFEST on this MH vCPU uses
+ * them only if nothing changed the tables since and it is given the same range and bitmap. */
+#define CP_MB_OP_PREPARE_MANIFEST 17u /* either side: SEAL/CHECK's request (its bitmap), arg0/arg1/count alike */
+#define CP_MB_OP_LAST CP_MB_OP_PREPARE_MANIFEST
 
 /*
  * Statuses: cp_mb_proto.status for the op, cp_sealed_page.status per slot. 0 is success everywhere; the

@@ -128,6 +128,17 @@ struct cp_mh_ctx {
     struct cp_sealed_page bounce __attribute__((aligned(64))); /* private copy of one record */
     uint8_t chain[16 + 16 * CP_MH_DIGEST_CHUNK] __attribute__((aligned(64))); /* digest chain || page hashes */
     uint8_t seal_buf[CP_MH_SEAL_BUF] __attribute__((aligned(64))); /* (v5) a record sealed or opened here */
+    /* (v7) PREPARE_MANIFEST's result (manifest.c); any op but PREPARE/SEAL/CHECK_MANIFEST and VERIFIED drops it */
+    struct cp_mh_prepared {
+        uint32_t valid;       /* 1: what follows is a PREPARE's result */
+        uint32_t changes;     /* the shared change counter when it started: usable only while still equal */
+        uint64_t start, npages;
+        uint32_t chunk, max_gen;
+        uint32_t in_seal_buf; /* source: the body's chunk entries wait in seal_buf, untouched since */
+        uint32_t pad;
+        uint8_t bitmap_digest[CP_MB_DIGEST_BYTES];
+        uint8_t entries_digest[CP_MB_DIGEST_BYTES]; /* target: keyed digest of its chunk entries */
+    } prep;
     struct cp_mh_keyrel keyrel; /* (v6) helper 0's SNP key release */
 };
 

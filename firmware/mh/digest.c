@@ -104,6 +104,34 @@ static int mac_missing(const uint8_t *mac)
     return (w[0] | w[1]) == 0; /* a real MAC is all zero with probability 2^-128: zero means "never computed" */
 }
 
+/* Pages from `gpa` on (at most `left`) that no check would skip: 0 if `gpa` itself is skipped or among the
+ * low pages (those take the per-page path), else up to the next region that is (the hole, the MH area). The
+ * table walks below take such a run without a per-page skip test. */
+static uint64_t clean_run(const struct cp_mh_config *cfg, uint64_t gpa, uint64_t left)
+{
+    if (gpa / CP_MH_PAGE < CP_MH_OWN_LOW_PAGES || cp_mh_skips(cfg, gpa))
+        return 0;
+    uint64_t end = gpa + left * CP_MH_PAGE; /* check_range bounds it by the RAM size: no overflow */
+    if (gpa < CP_RAM_HOLE_START && end > CP_RAM_HOLE_START)
+        end = CP_RAM_HOLE_START;
+    if (gpa < cfg->mh_base && end > cfg->mh_base)
+        end = cfg->mh_base;
+    return (end - gpa) / CP_MH_PAGE;
+}
+
+/* Copies n MAC table entries to `dst`; 1 if one of them is missing (all zero). */
+static int copy_macs(uint8_t *dst, const uint8_t *src, uint64_t n)
+{
+    uint64_t missing = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t a = ((const cp_mh_u64u *)src)[2 * i], b = ((const cp_mh_u64u *)src)[2 * i + 1];
+        ((cp_mh_u64u *)dst)[2 * i] = a;
+        ((cp_mh_u64u *)dst)[2 * i + 1] = b;
+        missing |= (a | b) == 0;
+    }
+    return missing != 0;
+}
+
 /* DIGEST's chain over a range; each page's h(gpa) is computed from the page, or (from_table) taken from
  * the MAC table, where a missing entry refuses the fold. */
 static uint32_t chain_range(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages, int from_table,
@@ -120,6 +148,21 @@ static uint32_t chain_range(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npag
     for (uint64_t p = 0; p < npages; p++) {
         uint64_t gpa = start + p * CP_MH_PAGE;
         uint8_t *slot = ctx->chain + 16 + 16 * m;
+        uint64_t run = from_table ? clean_run(&ctx->cfg, gpa, npages - p) : 0;
+        if (run) { /* the same entries as the per-page path below, up to the chain step's end */
+            uint64_t take = run < CP_MH_DIGEST_CHUNK - m ? run : CP_MH_DIGEST_CHUNK - m;
+            if (copy_macs(slot, ctx->cfg.mac_table + gpa / CP_MH_PAGE * CP_MB_MAC_BYTES, take))
+                return CP_MBS_MAC_MISSING;
+            *hashed += take;
+            m += (uint32_t)take;
+            p += take - 1;
+            if (m == CP_MH_DIGEST_CHUNK) {
+                if (fold(ctx, step++, m) != 0)
+                    return CP_MBS_CONFIG;
+                m = 0;
+            }
+            continue;
+        }
         if (cp_mh_skips(&ctx->cfg, gpa)) {
             ++*skipped;
             continue;
@@ -218,6 +261,27 @@ uint32_t cp_mh_gen_digest(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages
     cp_mh_store_le64(ctx->chain + 8, npages);
     for (uint64_t p = 0; p < npages; p++) {
         uint64_t gpa = start + p * CP_MH_PAGE;
+        uint64_t run = clean_run(&ctx->cfg, gpa, npages - p);
+        if (run) { /* the same entries as the per-page path below, up to the chain step's end */
+            uint64_t take = run < GEN_STEP - m ? run : GEN_STEP - m;
+            const uint32_t *gens = ctx->cfg.gen_table + gpa / CP_MH_PAGE;
+            uint32_t top = *max_gen;
+            for (uint64_t i = 0; i < take; i++) {
+                uint64_t q = p + i;
+                uint32_t gen = (bits[q / 8] >> (q % 8) & 1u) ? __atomic_load_n(&gens[i], __ATOMIC_ACQUIRE) : 0;
+                top = gen > top ? gen : top;
+                cp_mh_store_le32(ctx->chain + 16 + 4 * (m + i), gen);
+            }
+            *max_gen = top;
+            m += (uint32_t)take;
+            p += take - 1;
+            if (m == GEN_STEP) {
+                if (fold_kind(ctx, 0xfc, step++, 4u * m) != 0)
+                    return CP_MBS_CONFIG;
+                m = 0;
+            }
+            continue;
+        }
         if (cp_mh_skips(&ctx->cfg, gpa))
             continue;
         uint32_t gen = 0;

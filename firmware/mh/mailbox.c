@@ -403,6 +403,8 @@ static uint32_t op_v5(struct cp_mh_ctx *ctx, volatile struct cp_mb_cmd *c, uint8
         return cp_mh_seal_manifest(ctx, c, data, room, arg0, arg1, count);
     if (op == CP_MB_OP_CHECK_MANIFEST)
         return cp_mh_check_manifest(ctx, c, data, room, arg0, arg1, count);
+    if (op == CP_MB_OP_PREPARE_MANIFEST)
+        return cp_mh_prepare_manifest(ctx, data, room, arg0, arg1, count);
     if (op == CP_MB_OP_SEAL_STATE)
         return cp_mh_seal_state(ctx, c, data, room, arg0, arg1);
     if (op == CP_MB_OP_OPEN_STATE)
@@ -437,6 +439,9 @@ uint32_t cp_mh_handle(struct cp_mh_ctx *ctx, volatile uint8_t *ctl, uint8_t *slo
     uint32_t rc;
     c->n_ok = c->n_refused = 0;
     c->first_bad = CP_MB_NO_INDEX;
+    if (op != CP_MB_OP_PREPARE_MANIFEST && op != CP_MB_OP_SEAL_MANIFEST && op != CP_MB_OP_CHECK_MANIFEST &&
+        op != CP_MB_OP_VERIFIED)
+        cp_mh_forget_prepared(ctx); /* (v7) a prepared manifest lives until anything else happens here */
     if (op == CP_MB_OP_INIT) {
         rc = op_init(ctx, p);
     } else if (op == CP_MB_OP_RESET) {
@@ -444,7 +449,8 @@ uint32_t cp_mh_handle(struct cp_mh_ctx *ctx, volatile uint8_t *ctl, uint8_t *slo
         rc = CP_MBS_OK;
     } else if (op < CP_MB_OP_SAVE || op > CP_MB_OP_LAST) {
         rc = CP_MBS_BAD_OP;
-    } else if (op >= CP_MB_OP_KEY_REQUEST) { /* v6: before INIT, which reads what they release */
+    } else if (op >= CP_MB_OP_KEY_REQUEST && op <= CP_MB_OP_KEY_RELEASE) {
+        /* v6: before INIT, which reads what they release */
         rc = cp_mh_key_op(ctx, c, slots + (size_t)(first < ctx->cfg.batch_pages ? first : 0) * CP_MB_SLOT_SIZE,
                           data_room(ctx, first), op, arg1);
     } else if (!ctx->keyed) {

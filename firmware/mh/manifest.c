@@ -245,6 +245,56 @@ static uint32_t compute_body(struct cp_mh_ctx *ctx, const struct request *rq, ui
     return CP_MBS_OK;
 }
 
+/* The bitmap digest alone (compute_body's chain without the tables): what a prepared manifest was made for. */
+static uint32_t bitmap_digest(struct cp_mh_ctx *ctx, const struct request *rq, uint64_t start, uint64_t npages,
+                              uint32_t chunk, uint8_t out[CP_MB_DIGEST_BYTES])
+{
+    uint8_t chain[16];
+    int bad = 0;
+    cp_mh_store_le64(chain, start);
+    cp_mh_store_le64(chain + 8, npages);
+    for (uint64_t k = 0; k * chunk < npages; k++) {
+        uint64_t n = npages - k * chunk < chunk ? npages - k * chunk : chunk;
+        take_bits(ctx, rq, k, chunk, n, chain, &bad);
+    }
+    cp_mh_wipe(&ctx->bounce, sizeof(ctx->bounce));
+    return bad || cp_mh_prf(ctx, chain, out) != 0 ? CP_MBS_CONFIG : CP_MBS_OK;
+}
+
+/* v7: a keyed digest of the chunk entries (GMAC kind 0xfa, then the PRF): what a target compares a manifest's
+ * entries with when its own were prepared. Equal digests of unequal entries: a forgery of the keyed GMAC. */
+static uint32_t entries_digest(struct cp_mh_ctx *ctx, const uint8_t *entries, uint64_t chunks,
+                               uint8_t out[CP_MB_DIGEST_BYTES])
+{
+    uint8_t c[CP_GCM_TAG_BYTES];
+    if (cp_mh_gmac(ctx, 0xfa, chunks, entries, chunks * CP_MB_MANIFEST_ENTRY, c) != 0 || cp_mh_prf(ctx, c, out) != 0)
+        return CP_MBS_CONFIG;
+    return CP_MBS_OK;
+}
+
+void cp_mh_forget_prepared(struct cp_mh_ctx *ctx)
+{
+    if (ctx->prep.valid)
+        cp_mh_wipe(&ctx->prep, sizeof(ctx->prep));
+}
+
+/* Whether the prepared manifest holds for this op: same range and chunks, nothing changed the tables since
+ * it started (the counter), and the same bitmap (its digest, recomputed over this op's bits). */
+static int prepared_for(struct cp_mh_ctx *ctx, const struct request *rq, uint64_t start, uint64_t npages,
+                        uint32_t chunk, int source)
+{
+    uint8_t digest[CP_MB_DIGEST_BYTES];
+    const struct cp_mh_prepared *pr = &ctx->prep;
+    if (!pr->valid || (uint32_t)source != pr->in_seal_buf || pr->start != start || pr->npages != npages ||
+        pr->chunk != chunk || __atomic_load_n(&ctx->cfg.shared->changes, __ATOMIC_ACQUIRE) != pr->changes)
+        return 0;
+    if (bitmap_digest(ctx, rq, start, npages, chunk, digest) != CP_MBS_OK)
+        return 0;
+    int same = bytes_equal(digest, pr->bitmap_digest, sizeof(digest));
+    cp_mh_wipe(digest, sizeof(digest));
+    return same;
+}
+
 /* The VMSA tags: per slot, the tag of the state sealed (source) or opened (target) last; zero for none. */
 static void vmsa_tags(const struct cp_mh_ctx *ctx, uint8_t *out)
 {
@@ -255,6 +305,48 @@ static void vmsa_tags(const struct cp_mh_ctx *ctx, uint8_t *out)
         else
             cp_mh_wipe(out + i * CP_MB_VMSA_TAG, CP_MB_VMSA_TAG);
     }
+}
+
+/* ---- PREPARE_MANIFEST (v7) ---- */
+
+uint32_t cp_mh_prepare_manifest(struct cp_mh_ctx *ctx, const uint8_t *data, uint64_t room, uint64_t start,
+                                uint64_t npages, uint32_t chunk)
+{
+    struct request rq;
+    struct diffs unused = {0, 0, 0, 0, 0};
+    cp_mh_forget_prepared(ctx);
+    uint32_t changes = __atomic_load_n(&ctx->cfg.shared->changes, __ATOMIC_ACQUIRE); /* before any table read */
+    uint32_t rc = read_request(ctx, data, room, start, npages, chunk, &rq);
+    if (rc != CP_MBS_OK)
+        return rc;
+    uint64_t chunks = (npages + chunk - 1) / chunk, len = body_bytes(ctx, chunks);
+    if (HEAD + len > CP_MB_SEALED_MAX)
+        return CP_MBS_COUNT;
+    /* The body as SEAL builds it, in the same place: its chunk entries, max_generation and bitmap digest. */
+    uint8_t *body = ctx->seal_buf + HEAD;
+    uint8_t *entries = body + sizeof(struct cp_manifest_body) + ctx->cfg.vmsa_slots * CP_MB_VMSA_TAG;
+    struct cp_mh_prepared *pr = &ctx->prep;
+    cp_mh_wipe(body, len);
+    rc = compute_body(ctx, &rq, start, npages, chunk, body, 0, &unused);
+    if (rc == CP_MBS_OK) {
+        pr->changes = changes;
+        pr->start = start;
+        pr->npages = npages;
+        pr->chunk = chunk;
+        pr->max_gen = cp_mh_load_le32(body + B(max_generation));
+        cp_mh_copy(pr->bitmap_digest, body + B(bitmap_digest), CP_MB_DIGEST_BYTES);
+        pr->in_seal_buf = ctx->cfg.side == SIDE_SOURCE;
+        if (!pr->in_seal_buf) /* the target's seal_buf is CHECK's: keep a digest of the entries instead */
+            rc = entries_digest(ctx, entries, chunks, pr->entries_digest);
+        pr->valid = rc == CP_MBS_OK;
+    }
+    if (!pr->valid) {
+        cp_mh_wipe(body, len);
+        cp_mh_wipe(pr, sizeof(*pr));
+    } else if (!pr->in_seal_buf) {
+        cp_mh_wipe(body, len);
+    }
+    return rc;
 }
 
 /* ---- SEAL_MANIFEST ---- */
@@ -274,7 +366,9 @@ uint32_t cp_mh_seal_manifest(struct cp_mh_ctx *ctx, volatile struct cp_mb_cmd *c
     if (HEAD + len > CP_MB_SEALED_MAX || HEAD + len > room)
         return CP_MBS_COUNT;
     uint8_t *body = ctx->seal_buf + HEAD;
-    cp_mh_wipe(body, len);
+    int prepared = prepared_for(ctx, &rq, start, npages, chunk, 1);
+    if (!prepared)
+        cp_mh_wipe(body, len);
     cp_mh_store_le64(body + B(start), start);
     cp_mh_store_le64(body + B(npages), npages);
     cp_mh_store_le32(body + B(chunk_pages), chunk);
@@ -283,7 +377,8 @@ uint32_t cp_mh_seal_manifest(struct cp_mh_ctx *ctx, volatile struct cp_mb_cmd *c
     cp_mh_store_le32(body + B(vcpus), (uint32_t)ctx->cfg.vmsa_slots);
     cp_mh_copy(body + B(state_hash), rq.state_hash, sizeof(rq.state_hash));
     vmsa_tags(ctx, body + sizeof(struct cp_manifest_body));
-    rc = compute_body(ctx, &rq, start, npages, chunk, body, 0, &unused);
+    if (!prepared) /* else the entries, max_generation and bitmap digest are PREPARE's, for this very bitmap */
+        rc = compute_body(ctx, &rq, start, npages, chunk, body, 0, &unused);
     if (rc == CP_MBS_OK)
         rc = seal_record(ctx, CP_MB_MANIFEST_MAGIC, CP_MB_LABEL_MANIFEST, 0, (uint32_t)len);
     if (rc == CP_MBS_OK) {
@@ -291,6 +386,7 @@ uint32_t cp_mh_seal_manifest(struct cp_mh_ctx *ctx, volatile struct cp_mb_cmd *c
         c->n_ok = (uint32_t)(HEAD + len);
     }
     cp_mh_wipe(ctx->seal_buf, HEAD + len);
+    cp_mh_forget_prepared(ctx);
     return rc;
 }
 
@@ -310,14 +406,36 @@ static uint32_t check_head(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npage
     return CP_MBS_OK;
 }
 
+/* The prepared fields against the manifest's (compute_body's comparisons, in its order); 1 when the chunk
+ * entries are equal too, 0 when they differ (the caller then computes every chunk to say which). */
+static int check_prepared(struct cp_mh_ctx *ctx, const uint8_t *body, uint64_t chunks, struct diffs *d,
+                          uint32_t *rc)
+{
+    uint8_t digest[CP_MB_DIGEST_BYTES];
+    const struct cp_mh_prepared *pr = &ctx->prep;
+    const uint8_t *entries = body + sizeof(struct cp_manifest_body) + ctx->cfg.vmsa_slots * CP_MB_VMSA_TAG;
+    *rc = entries_digest(ctx, entries, chunks, digest);
+    if (*rc != CP_MBS_OK || !bytes_equal(digest, pr->entries_digest, sizeof(digest)))
+        return 0;
+    if (!bytes_equal(body + B(bitmap_digest), pr->bitmap_digest, CP_MB_DIGEST_BYTES))
+        *rc = CP_MBS_MANIFEST_BITMAP;
+    else if (cp_mh_load_le32(body + B(max_generation)) != pr->max_gen)
+        note(&d->gen_first, &d->gen_count, CP_MB_NO_INDEX);
+    return 1;
+}
+
 static uint32_t check_tables(struct cp_mh_ctx *ctx, volatile struct cp_mb_cmd *c, const struct request *rq,
-                             uint64_t start, uint64_t npages, uint32_t chunk)
+                             uint64_t start, uint64_t npages, uint32_t chunk, int prepared)
 {
     uint8_t *body = ctx->seal_buf + HEAD;
     uint8_t tags[CP_MAX_VCPUS * CP_MB_VMSA_TAG];
     struct diffs d = {CP_MB_NO_INDEX, 0, CP_MB_NO_INDEX, 0, 0};
     uint32_t chunks = (uint32_t)((npages + chunk - 1) / chunk);
-    uint32_t rc = compute_body(ctx, rq, start, npages, chunk, body, 1, &d);
+    uint32_t rc = CP_MBS_OK;
+    if (!prepared || !check_prepared(ctx, body, chunks, &d, &rc)) {
+        d = (struct diffs){CP_MB_NO_INDEX, 0, CP_MB_NO_INDEX, 0, 0};
+        rc = compute_body(ctx, rq, start, npages, chunk, body, 1, &d);
+    }
     if (rc != CP_MBS_OK)
         return rc;
     if (!bytes_equal(body + B(state_hash), rq->state_hash, sizeof(rq->state_hash)))
@@ -369,6 +487,10 @@ uint32_t cp_mh_check_manifest(struct cp_mh_ctx *ctx, volatile struct cp_mb_cmd *
     uint32_t rc = read_request(ctx, data, room, start, npages, chunk, &rq);
     if (rc != CP_MBS_OK)
         return settle(ctx, rc, changes0);
+    /* A prepared check counts from its PREPARE: "verified" then also needs no change since that began. */
+    int prepared = prepared_for(ctx, &rq, start, npages, chunk, 0);
+    if (prepared)
+        changes0 = ctx->prep.changes;
     if (rq.sealed_bytes < HEAD || rq.sealed_bytes > CP_MB_SEALED_MAX)
         return settle(ctx, CP_MBS_MANIFEST_AUTH, changes0);
     cp_mh_copy(ctx->seal_buf, rq.sealed, rq.sealed_bytes); /* once: the tag check reads the ciphertext twice */
@@ -377,8 +499,9 @@ uint32_t cp_mh_check_manifest(struct cp_mh_ctx *ctx, volatile struct cp_mb_cmd *
     if (rc == CP_MBS_OK)
         rc = check_head(ctx, start, npages, chunk, rq.sealed_bytes - HEAD);
     if (rc == CP_MBS_OK)
-        rc = check_tables(ctx, c, &rq, start, npages, chunk);
+        rc = check_tables(ctx, c, &rq, start, npages, chunk, prepared);
     cp_mh_wipe(ctx->seal_buf, rq.sealed_bytes);
+    cp_mh_forget_prepared(ctx);
     return settle(ctx, rc, changes0);
 }
 

@@ -30,6 +30,12 @@ uint32_t cp_mh_seal_state(struct cp_mh_ctx *ctx, volatile struct cp_mb_cmd *c, u
 uint32_t cp_mh_open_state(struct cp_mh_ctx *ctx, const uint8_t *data, uint64_t room, uint64_t vcpu,
                           uint64_t size);
 
+/* v7, either side: compute this side's manifest fields over the request at `data` (SEAL's request; its
+ * bitmap) ahead of the SEAL_MANIFEST / CHECK_MANIFEST that follows on this MH vCPU. */
+uint32_t cp_mh_prepare_manifest(struct cp_mh_ctx *ctx, const uint8_t *data, uint64_t room, uint64_t start,
+                                uint64_t npages, uint32_t chunk);
+/* Drop a prepared manifest (every op that does not use it). */
+void cp_mh_forget_prepared(struct cp_mh_ctx *ctx);
 /* VERIFIED: 1 if a CHECK_MANIFEST passed for this migration id and nothing changed the tables since. */
 uint32_t cp_mh_verified(struct cp_mh_ctx *ctx);
 

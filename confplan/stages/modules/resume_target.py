@@ -79,6 +79,8 @@ class ResumeTarget(Stage):
             "started_since_pause": started - paused if paused is not None else None,
             "ledger_checked_pages": ledger["checked_pages"], "vector_state": ledger.get("vector"),
             "enc_bitmap": bitmaps, "target_pid": target.pid,
+            # the target's side of the pause: seconds from the pause to each moment, in order
+            "pause_timeline": notes.get("pause_timeline"),
         })  # fmt: skip
 
 
