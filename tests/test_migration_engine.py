@@ -420,6 +420,14 @@ def test_a_kvm_clock_restored_backwards_is_seen_by_the_guest(pairs: list[Pair]) 
     assert not pair.dst.workload.clock().monotonic
 
 
+def resume_and_check(pair: Pair, status: IncomingStatus) -> None:
+    """Resume the target with the source's vCPU states and clock, and check the guest's data there."""
+    pair.dst.restore_vcpu_states([s.state for s in status.vcpus.values()])
+    apply_clock(pair.dst, status, time.time())
+    pair.dst.resume_all_vcpus_except_aux()
+    assert pair.dst.workload.check().ok
+
+
 def test_a_guest_with_ram_above_4gib_migrates(pairs: list[Pair]) -> None:
     """(v8) RAM goes on above the hole under 4 GiB: 3584 MiB below it and 64 MiB from 4 GiB. Every data
     page the workload keeps there crosses (its ledger passes on the target), the digests agree, and
@@ -435,10 +443,7 @@ def test_a_guest_with_ram_above_4gib_migrates(pairs: list[Pair]) -> None:
     _, status = pair.finish()
     assert pair.dst.ram.read(high, abi.PAGE) == pair.src.ram.read(high, abi.PAGE) != bytes(abi.PAGE)
     assert private_digests(pair.src_mb, pair.src) == private_digests(pair.dst_mb, pair.dst)
-    pair.dst.restore_vcpu_states([s.state for s in status.vcpus.values()])
-    apply_clock(pair.dst, status, time.time())
-    pair.dst.resume_all_vcpus_except_aux()
-    assert pair.dst.workload.check().ok
+    resume_and_check(pair, status)
 
 
 # ---- parallel streams (wire v4): one channel per helper vCPU ----
@@ -453,10 +458,7 @@ def test_two_channels_migrate_and_the_guest_resumes(pairs: list[Pair]) -> None:
     assert status.rounds == 4
     assert shared_digest(pair.src) == shared_digest(pair.dst)
     assert private_digests(pair.src_mb, pair.src) == private_digests(pair.dst_mb, pair.dst)
-    pair.dst.restore_vcpu_states([s.state for s in status.vcpus.values()])
-    apply_clock(pair.dst, status, time.time())
-    pair.dst.resume_all_vcpus_except_aux()
-    assert pair.dst.workload.check().ok
+    resume_and_check(pair, status)
 
 
 def test_a_migration_on_the_aes_ni_path_verifies_and_resumes(pairs: list[Pair]) -> None:
@@ -472,10 +474,7 @@ def test_a_migration_on_the_aes_ni_path_verifies_and_resumes(pairs: list[Pair]) 
     final, status = pair.finish()
     assert status.sealed_pages == sum(r.sealed_pages for r in [*rounds, final]) > 1000
     assert private_digests(pair.src_mb, pair.src) == private_digests(pair.dst_mb, pair.dst)
-    pair.dst.restore_vcpu_states([s.state for s in status.vcpus.values()])
-    apply_clock(pair.dst, status, time.time())
-    pair.dst.resume_all_vcpus_except_aux()
-    assert pair.dst.workload.check().ok
+    resume_and_check(pair, status)
 
 
 def _channel_hello(hello: Hello) -> Hello:

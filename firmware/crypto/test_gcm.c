@@ -172,15 +172,20 @@ static void run_page(uint32_t impl)
     check(memcmp(back, pt, 4096) == 0, "round trip", "4 KiB page", in);
 }
 
+/* Deterministic test bytes (an LCG), so a failure reproduces. */
+static void fill_lcg(unsigned char *buf, size_t n, unsigned seed)
+{
+    for (size_t i = 0; i < n; i++)
+        buf[i] = (unsigned char)((seed = seed * 1103515245u + 12345u) >> 16);
+}
+
 /* Every implementation must agree bit for bit with the portable one around the 8/16-block edges. */
 static void run_agreement(uint32_t impl)
 {
     static unsigned char buf[4200], a[4200], b[4200], c[4200], scratch[4200];
     unsigned char key[32], iv[12], aad[70], ta[16], tb[16];
     cp_gcm_ctx cp, ci;
-    unsigned x = 12345;
-    for (size_t i = 0; i < sizeof(buf); i++)
-        buf[i] = (unsigned char)((x = x * 1103515245u + 12345u) >> 16);
+    fill_lcg(buf, sizeof(buf), 12345);
     memcpy(key, buf + 5, 32);
     memcpy(iv, buf + 50, 12);
     memcpy(aad, buf + 80, sizeof(aad));
@@ -215,9 +220,7 @@ static void run_aesni_passes(uint32_t impl, pass_fn seal, copy_fn ghash_copy)
     unsigned char key[32], j0[16], s_want[16], s_got[16];
     static const size_t aad_lens[] = {0, 1, 16, 28, 255, 256, 257, 300};
     cp_gcm_ctx cp, ci;
-    unsigned x = 777;
-    for (size_t i = 0; i < sizeof(buf); i++)
-        buf[i] = (unsigned char)((x = x * 1103515245u + 12345u) >> 16);
+    fill_lcg(buf, sizeof(buf), 777);
     memcpy(key, buf + 7, 32);
     memcpy(j0, buf + 60, 12);
     memcpy(aad, buf + 900, sizeof(aad));
