@@ -211,7 +211,7 @@ def mh_rates(
                             r[f"{name}_mh"] = max(r.get(f"{name}_mh", 0.0), nbytes / own / 1e9)
         for pair, a, b in opened:
             area = (a.layout.wl_base, len(pair.gpas) * abi.PAGE)
-            assert os.pread(a.ram.fd, area[1], area[0]) == os.pread(b.ram.fd, area[1], area[0])
+            assert a.ram.read(area[0], area[1]) == b.ram.read(area[0], area[1])
             rings = sum(a.mailbox_doorbells.rings) + sum(b.mailbox_doorbells.rings)
             print(f"  ({mh_vcpus} MH vCPU(s), {pair.label} image: AES in the guest: {pair.impl}; "
                   f"{len(pair.gpas)} pages per pass; {rings} doorbell exits in all)")  # fmt: skip

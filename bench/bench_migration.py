@@ -61,13 +61,17 @@ def write_plan(
 
 
 def beyond_guest_ram_mib(pid: int) -> float:
-    """RSS minus the shared memfd pages (the guest RAM) of a process, MiB."""
-    fields: dict[str, int] = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+    """RSS minus the guest RAM of a VMM process, MiB. Guest RAM is the anonymous mapping the VMM marks
+    MADV_HUGEPAGE and MADV_DONTFORK (VmFlags "hg" and "dc" in smaps; confplan.vmm.memory)."""
+    rss_kib = guest_kib = rss_of_vma = 0
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
         key, _, value = line.partition(":")
-        if value.strip().endswith("kB"):
-            fields[key] = int(value.split()[0])
-    return (fields["VmRSS"] - fields.get("RssShmem", 0)) / 1024
+        if key == "Rss":
+            rss_of_vma = int(value.split()[0])
+            rss_kib += rss_of_vma
+        elif key == "VmFlags" and {"hg", "dc"} <= set(value.split()):
+            guest_kib += rss_of_vma
+    return (rss_kib - guest_kib) / 1024
 
 
 RECORD = 4096

@@ -2,7 +2,7 @@
 each launched through the emulated secure processor with the owner's broker releasing the same transport
 key; pages sealed by the source's MH, framed by the C core, unframed into the target's slots and opened by
 the target's MH. Refusals (tampering, wrong GPA, replay, wrong key) are checked in the real guest, and the
-test reads both guests' RAM through the memfds (as only a test may) to check every byte."""
+test reads both guests' RAM through the raw host mappings (as only a test may) to check every byte."""
 
 from __future__ import annotations
 
@@ -48,12 +48,12 @@ def configs(mode: str) -> tuple[MachineConfig, MachineConfig]:
     return src, dataclasses.replace(src, mh_only=True)
 
 
-def memfd_read(m: Machine, gpa: int, n: int) -> bytes:
-    return os.pread(m.ram.fd, n, gpa)
+def raw_read(m: Machine, gpa: int, n: int) -> bytes:
+    return m.ram.read(gpa, n)
 
 
-def memfd_write(m: Machine, gpa: int, data: bytes) -> None:
-    os.pwrite(m.ram.fd, data, gpa)
+def raw_write(m: Machine, gpa: int, data: bytes) -> None:
+    m.ram.write(gpa, data)
 
 
 def source_ready(m: Machine) -> None:
@@ -81,7 +81,7 @@ def mh_owned_pages(m: Machine) -> set[int]:
 
 
 def guest_bytes(m: Machine) -> bytes:
-    return b"".join(memfd_read(m, gpa, PAGE) for gpa in guest_gpas(m))
+    return b"".join(raw_read(m, gpa, PAGE) for gpa in guest_gpas(m))
 
 
 def move(src: MailboxSet, dst: MailboxSet, gpas: array.array[int], generation: int) -> list[bytes]:
@@ -106,9 +106,9 @@ def move(src: MailboxSet, dst: MailboxSet, gpas: array.array[int], generation: i
 
 
 def gen_table(m: Machine) -> array.array[int]:
-    """The MH's anti-replay table, through the memfd (MH-private memory the VMM's API never touches)."""
+    """The MH's anti-replay table, through the raw host mapping (MH-private memory the VMM's API never touches)."""
     table = array.array("I")
-    table.frombytes(memfd_read(m, m.layout.mh_gen_gpa, m.layout.mh_gen_entries * 4))
+    table.frombytes(raw_read(m, m.layout.mh_gen_gpa, m.layout.mh_gen_entries * 4))
     return table
 
 
@@ -125,7 +125,7 @@ def test_source_seals_target_opens_every_private_page(launcher: Launcher, mode: 
     gpas = guest_gpas(a)  # the CPL0 area too, loaded while the target's helper runs on its own tables
     canaries = workload_gpas(a)[3::223]  # spread over the area, so both MH vCPUs seal some
     for gpa in canaries:
-        memfd_write(a, gpa, MARKER * (PAGE // len(MARKER)))
+        raw_write(a, gpa, MARKER * (PAGE // len(MARKER)))
     mbs_a, mbs_b = open_mailboxes(a), open_mailboxes(b)
     info_a, info_b = mbs_a.init(), mbs_b.init()
     assert (info_a.migration_id, info_a.key_id) == (info_b.migration_id, info_b.key_id)
@@ -134,7 +134,7 @@ def test_source_seals_target_opens_every_private_page(launcher: Launcher, mode: 
     frames = move(mbs_a, mbs_b, gpas, generation=1)
 
     assert guest_bytes(a) == guest_bytes(b)  # every moved page, byte for byte
-    assert all(memfd_read(b, gpa, len(MARKER)) == MARKER for gpa in canaries)
+    assert all(raw_read(b, gpa, len(MARKER)) == MARKER for gpa in canaries)
     npages = MEM // PAGE
     digest_a, digest_b = mbs_a.digest(0, npages), mbs_b.digest(0, npages)
     assert digest_a == digest_b
@@ -157,7 +157,7 @@ def test_source_seals_target_opens_every_private_page(launcher: Launcher, mode: 
     if "aes" in host_cpu_flags():
         assert "portable" not in impls, impls
     # one chunk changed on the target: the digest says so
-    memfd_write(b, gpas[-1], b"\x01")
+    raw_write(b, gpas[-1], b"\x01")
     assert mbs_b.digest(0, npages) != digest_a
     a.check()
     b.check()
@@ -265,20 +265,20 @@ def test_target_refuses_tampered_misplaced_replayed_and_foreign_pages(launcher: 
     mbs_a, mbs_b, mbs_c = open_mailboxes(a), open_mailboxes(b), open_mailboxes(c)
     assert mbs_a.init().migration_id == mbs_b.init().migration_id == mig  # the owner's id, from the table
     assert mbs_c.init().key_id != mbs_a.mailboxes[0].init().key_id
-    old = {gpa: memfd_read(a, gpa, PAGE) for gpa in gpas}
+    old = {gpa: raw_read(a, gpa, PAGE) for gpa in gpas}
     mbs_a.mailboxes[0].save(gpas, 1)
     gen1 = _slot_records(mbs_a, 4)
     new = {gpa: bytes([i + 1]) * PAGE for i, gpa in enumerate(gpas)}
     for gpa, data in new.items():
-        memfd_write(a, gpa, data)
+        raw_write(a, gpa, data)
     mbs_a.mailboxes[0].save(gpas, 2)
     gen2 = _slot_records(mbs_a, 4)
     for m in (b, c):
         for gpa in gpas:
-            memfd_write(m, gpa, TARGET_FILL)
+            raw_write(m, gpa, TARGET_FILL)
 
     def target(m: Machine) -> list[bytes]:
-        return [memfd_read(m, gpa, PAGE) for gpa in gpas]
+        return [raw_read(m, gpa, PAGE) for gpa in gpas]
 
     flipped = _with(gen2[0], SLOT_CT + 100, bytes([gen2[0][SLOT_CT + 100] ^ 1]))
     moved = _with(gen2[1], SLOT_GPA, struct.pack("<Q", gpas[2]))  # page 1's record aimed at page 2
@@ -333,7 +333,7 @@ def test_workload_page_tables_leave_out_the_whole_mh_area(launcher: Launcher) ->
 
     def pd_entries(base: int) -> list[int]:
         pd0 = base + 3 * PAGE  # v8: PML4, PDPT, the low PT, then the PDs
-        raw = memfd_read(a, pd0, PAGE)
+        raw = raw_read(a, pd0, PAGE)
         return [
             struct.unpack_from("<Q", raw, (gpa // abi.HUGE) * 8)[0] for gpa in range(0, lay.mh_end, abi.HUGE)
         ]
@@ -357,7 +357,7 @@ def test_source_and_target_low_pages_differ_only_where_guests_write(launcher: La
     source_ready(a)
     b.wait_helpers_ready()
     low = [gpa for gpa in guest_gpas(a) if gpa < a.layout.mh_end]
-    differ = {gpa: (memfd_read(a, gpa, PAGE), memfd_read(b, gpa, PAGE)) for gpa in low}
+    differ = {gpa: (raw_read(a, gpa, PAGE), raw_read(b, gpa, PAGE)) for gpa in low}
     differ = {gpa: pair for gpa, pair in differ.items() if pair[0] != pair[1]}
     kstacks = range(abi.KSTACK_GPA, abi.KSTACK_GPA + src_cfg.vcpus * abi.KSTACK_SIZE)
     tables = range(abi.PT_WL_GPA, abi.PT_WL_GPA + pt_pages(a.layout) * PAGE)

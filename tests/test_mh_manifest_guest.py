@@ -4,7 +4,7 @@ sealed by the source's helper and opened by the target's. Then the source helper
 the target helper checks it (and refuses every way it can differ), the vCPU register state goes through
 SEAL_STATE / OPEN_STATE into the target's VMSA slots, and the emulated "hardware" loads the vCPUs from
 there, after which the guest runs on the target and its ledger passes. The test reads MH memory through
-the memfd, as only a test may; the VMM's own read API refuses the VMSA slots."""
+the raw host mapping, as only a test may; the VMM's own read API refuses the VMSA slots."""
 
 from __future__ import annotations
 
@@ -175,8 +175,8 @@ def test_a_different_bitmap_or_state_is_named(migrated: Migrated) -> None:
     assert (err.value.status, err.value.field) == (mbx.MhStatus.MANIFEST_STATE, "state hash")
 
 
-def _memfd(m: Machine, gpa: int, n: int) -> bytes:
-    return os.pread(m.ram.fd, n, gpa)
+def _raw_ram(m: Machine, gpa: int, n: int) -> bytes:
+    return m.ram.read(gpa, n)
 
 
 def test_sealed_state_reaches_only_the_vmsa_slot_a_changed_byte_nothing(migrated: Migrated) -> None:
@@ -185,17 +185,17 @@ def test_sealed_state_reaches_only_the_vmsa_slot_a_changed_byte_nothing(migrated
     record = migrated.src_mb.seal_state(1, blob)
     assert blob not in record and len(record) == mbx.SEALED_HEAD + len(blob)
     slot_gpa = dst.layout.vmsa_slot_gpa(1)
-    empty = _memfd(dst, slot_gpa, abi.VMSA_SLOT_SIZE)
+    empty = _raw_ram(dst, slot_gpa, abi.VMSA_SLOT_SIZE)
     for i in (*range(0, mbx.SEALED_HEAD, 3), mbx.SEALED_HEAD, len(record) // 2, len(record) - 1):
         bad = bytearray(record)
         bad[i] ^= 0x04
         with pytest.raises(mbx.MailboxError) as err:
             migrated.dst_mb.open_state(1, bytes(bad))
         assert err.value.status == mbx.MhStatus.AUTH, i
-        assert _memfd(dst, slot_gpa, abi.VMSA_SLOT_SIZE) == empty, i
+        assert _raw_ram(dst, slot_gpa, abi.VMSA_SLOT_SIZE) == empty, i
     migrated.dst_mb.open_state(1, record)
-    head = _memfd(dst, slot_gpa, abi.VMSA_SLOT_HEADER)
-    data = _memfd(dst, slot_gpa + abi.VMSA_SLOT_HEADER, abi.VMSA_DATA_BYTES)
+    head = _raw_ram(dst, slot_gpa, abi.VMSA_SLOT_HEADER)
+    data = _raw_ram(dst, slot_gpa + abi.VMSA_SLOT_HEADER, abi.VMSA_DATA_BYTES)
     assert int.from_bytes(head[:4], "little") == abi.VMSA_MAGIC
     assert int.from_bytes(head[12:16], "little") == len(blob)
     assert data[: len(blob)] == blob  # exactly the blob, and not in the mailbox data area

@@ -1,4 +1,4 @@
-"""A running guest: memfd RAM, firmware, CPU tables, vCPU threads (the guest's own and the migration
+"""A running guest: its RAM, firmware, CPU tables, vCPU threads (the guest's own and the migration
 helper's: aux vCPUs or a mirror VM), the MMIO devices, dirty log, encryption bitmap, and a watchdog.
 Set-up registers its tear-down; ``close`` runs it in reverse."""
 

@@ -1,7 +1,7 @@
 """The mirror VM: helper mode mirror-vm (Paolo Bonzini's alternative in the seed's thread).
 
 A second KVM VM in the same process, on its own VM fd, whose one memslot maps the primary's guest RAM
-(the same memfd mapping, so both VMs see the same bytes). Its vCPUs run only the migration helper: they
+(the same host mapping, so both VMs see the same bytes). Its vCPUs run only the migration helper: they
 start at ``mh_entry`` with the helper's page tables, on the CPU-table slots (GDT TSS descriptor, TSS,
 CPL0 stack) that aux vCPUs would use (the primary has none in this mode), so their KVM vCPU ids are the
 primary's ``vcpus .. vcpus + n - 1``. No KVM_CREATE_IRQCHIP: nothing can interrupt them, and they idle
