@@ -231,3 +231,30 @@ def test_an_sev_es_guest_migrates_with_its_registers_sealed(cli: typer.Typer, pl
         assert target.call("workload_check")["ok"] and report["migration"]["downtime_seconds"] > 0
     finally:
         target.close()
+
+
+def test_apply_with_two_stream_channels(cli: typer.Typer, plan_dir: Path) -> None:
+    """Wire v4 parallel streams through `confplan apply`: `start-incoming: {channels: 2}` with 2 helper
+    vCPUs per side; the target accepted both connections, verify compared every chunk, and the guest's
+    ledger checks out on the target."""
+    stages = ("launch-source, provision-target, attest-target, {start-incoming: {channels: 2}}, precopy, "
+              "stop-and-copy, verify, resume-target, cleanup-source")  # fmt: skip
+    plan = _plan(plan_dir, "aux-vcpu", stages)
+    result = CliRunner().invoke(cli, ["apply", str(plan), "--output", "json"])
+    assert result.exit_code == 0, result.output
+    report = check_report(result.stdout)
+    assert report["outcome"] == "succeeded"
+    done = {stage["name"]: stage["result"] for stage in report["stages"]}
+    assert done["verify"]["chunks"] == 8  # 64 MiB in 8 MiB chunks, all compared
+    assert done["resume-target"]["enc_bitmap"]["equal"]
+    moved = report["migration"]
+    assert moved["rounds"][0]["sealed_pages"] > 10_000 and moved["rounds"][-1]["final"]
+    target = vmm_handle.find_local(plan_dir / "state", "target")
+    assert target is not None and target.pid == moved["target_pid"]
+    try:
+        status = target.call("incoming_status")
+        assert status["channels"] == 2 and status["state"] == "complete"
+        assert status["sealed_pages"] == sum(r["sealed_pages"] for r in moved["rounds"])
+        assert target.call("info")["running"] and target.call("workload_check")["ok"]
+    finally:
+        target.close()

@@ -17,7 +17,7 @@ import itertools
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 Term = Any  # nested tuples of str/int/bool
 
@@ -411,6 +411,13 @@ class Model:
                 nxt = state._replace(sources=sources, emitted=emitted | m.sent)
                 yield f"deliver {describe(f)} to {label}", nxt
 
+    def initial(self) -> State:
+        return self.world.initial()
+
+    @staticmethod
+    def complete(state: State) -> bool:
+        return state.target.phase == COMPLETE
+
     # -- invariants --
     def check(self, state: State, ignore: frozenset[str] = frozenset()) -> tuple[str, str] | None:
         """The first invariant that ``state`` breaks (except those in ``ignore``): (name, detail), or None."""
@@ -453,11 +460,22 @@ class Result:
     deepest: int
 
 
-def explore(model: Model, max_actions: int, *, ignore: frozenset[str] = frozenset()) -> Result:
+class Searchable(Protocol):
+    """What ``explore`` needs of a model (this one, and channels_model's two-channel session)."""
+
+    deliveries: int
+
+    def initial(self) -> Any: ...
+    def complete(self, state: Any) -> bool: ...
+    def check(self, state: Any, ignore: frozenset[str] = frozenset()) -> tuple[str, str] | None: ...
+    def successors(self, state: Any) -> Iterator[tuple[str, Any]]: ...
+
+
+def explore(model: Searchable, max_actions: int, *, ignore: frozenset[str] = frozenset()) -> Result:
     """Breadth-first over every state reachable within ``max_actions`` network actions; raises Violation
     with the shortest trace to the first state that breaks an invariant (except those in ``ignore``)."""
-    start = model.world.initial()
-    parents: dict[State, tuple[State | None, str]] = {start: (None, "start")}
+    start = model.initial()
+    parents: dict[Any, tuple[Any, str]] = {start: (None, "start")}
     queue = deque([(start, 0)])
     transitions, complete, deepest = 0, False, 0
     while queue:
@@ -466,7 +484,7 @@ def explore(model: Model, max_actions: int, *, ignore: frozenset[str] = frozense
         broken = model.check(state, ignore)
         if broken is not None:
             raise Violation(*broken, _trace(parents, state))
-        complete |= state.target.phase == COMPLETE
+        complete |= model.complete(state)
         if depth == max_actions:
             continue
         for action, nxt in model.successors(state):
@@ -477,9 +495,9 @@ def explore(model: Model, max_actions: int, *, ignore: frozenset[str] = frozense
     return Result(len(parents), transitions, model.deliveries, complete, deepest)
 
 
-def _trace(parents: dict[State, tuple[State | None, str]], state: State) -> list[str]:
+def _trace(parents: dict[Any, tuple[Any, str]], state: Any) -> list[str]:
     steps: list[str] = []
-    at: State | None = state
+    at: Any = state
     while at is not None:
         prev, action = parents[at]
         steps.append(action)

@@ -86,6 +86,7 @@ class IncomingStatus:
     zero_pages: int = 0
     sealed_pages: int = 0
     bytes_received: int = 0
+    channels: int = 0  # the stream's connections, once they proved their keys (wire v4: main + extra)
     vcpus: dict[int, SavedVcpu] = field(default_factory=dict)
     sealed_vcpus: dict[int, bytes] = field(default_factory=dict)  # SEV-ES/SNP: the helper opens them
     state_parts: list[bytes] = field(default_factory=list)  # the state blobs as received (manifest's hash)
@@ -98,6 +99,7 @@ class IncomingStatus:
             "state": self.state.value, "error": self.error, "rounds": self.rounds,
             "shared_pages": self.shared_pages, "zero_pages": self.zero_pages,
             "sealed_pages": self.sealed_pages, "bytes_received": self.bytes_received,
+            "channels": self.channels,
         }  # fmt: skip
 
 
@@ -249,6 +251,7 @@ class Incoming:
             self._writer = keys.writer(conn)
             if hello.channels > 1:
                 self._accept_channels(keys, hello.channels, max(HANDSHAKE_TIMEOUT, left))
+            self.status.channels = hello.channels  # every one proved its key
             self.listener.close()  # one source per migration: nobody else may connect now
             return keys.reader(conn, f"the source at {addr[0]}:{addr[1]}")
 
@@ -340,6 +343,7 @@ class Incoming:
         hello.require_match(self.hello)
         if hello.channels != 1:
             raise ConfplanError(f"{peer} opens {hello.channels} channels: an unprotected stream has one")
+        self.status.channels = 1
         return reader
 
     def _tell_source(self, message: str) -> None:
