@@ -497,3 +497,58 @@ def test_any_other_op_drops_the_prepared_fields(pair: Pair) -> None:
     with pytest.raises(ManifestRefused):
         pair.check(pair.seal())
     pair.dst._macs[at] ^= 0x01
+
+
+@pytest.fixture
+def pair2(lib: ctypes.CDLL) -> Iterator[Pair]:
+    """``pair`` with two helper vCPUs a side (SEV-ES/SNP's pause seals and opens states beside a PREPARE)."""
+    with (
+        HostGuest(lib, ram_size=RAM, secret=_secret(), vcpus=VCPUS, mh_vcpus=2) as src,
+        HostGuest(lib, ram_size=RAM, secret=_secret(), vcpus=VCPUS, mh_vcpus=2, side=SIDE_TARGET) as dst,
+    ):
+        src.mailboxes.init()
+        dst.mailboxes.init()
+        src.ram[WORK:RAM] = os.urandom(RAM - WORK)
+        p = Pair(src, dst)
+        p.move(range(NPAGES), 1)
+        yield p
+
+
+def test_a_state_sealed_by_another_helper_keeps_the_prepared_fields(pair2: Pair) -> None:
+    """The source's pause: helper 0 prepares while helper 1 seals the vCPU states (``MailboxSet.apart``).
+    The seal then uses what was prepared (a MAC entry changed behind helper 0's back after its PREPARE, which
+    no op can do, goes unseen) and binds the states sealed meanwhile; the target checks it."""
+    preparing, sealing = pair2.src.mailboxes.apart()
+    assert preparing.mailboxes == pair2.src.mailboxes.mailboxes[:1]
+    assert sealing.mailboxes == pair2.src.mailboxes.mailboxes[1:]
+    assert _prepare(pair2.src)
+    records = [sealing.seal_state(v, BLOB) for v in range(VCPUS)]
+    at = (WORK + 5 * PAGE) // PAGE * abi.MH_MAC_ENTRY
+    pair2.src._macs[at] ^= 0x01
+    sealed = pair2.seal()  # the prepared entries: the changed MAC is not in it
+    pair2.src._macs[at] ^= 0x01
+    for v, record in enumerate(records):
+        pair2.dst.mailboxes.open_state(v, record)
+    pair2.check(sealed)
+    assert pair2.dst.mailboxes.verified()
+    assert all(pair2.dst.vmsa_slot(v).state == abi.VMSA_VERIFIED for v in range(VCPUS))
+
+
+def test_a_state_opened_after_prepare_makes_it_stale_on_every_helper(pair2: Pair) -> None:
+    """The target's pause opens the states before it prepares: an OPEN_STATE after the PREPARE, on any
+    helper, changes what a check reads, so the check does not use the prepared fields (here a MAC entry
+    changed behind the helper's back after PREPARE is found again) and computes everything."""
+    records = [pair2.src.mailboxes.seal_state(v, BLOB) for v in range(VCPUS)]
+    sealed = pair2.seal()
+    assert _prepare(pair2.dst)
+    at = (WORK + 5 * PAGE) // PAGE * abi.MH_MAC_ENTRY
+    pair2.dst._macs[at] ^= 0x01
+    for v, record in enumerate(records):  # by helper 1, not the preparing one: only the change counter says
+        pair2.dst.mailboxes.mailboxes[1].open_state(v, record)
+    with pytest.raises(ManifestRefused) as err:
+        pair2.check(sealed)
+    assert (err.value.field, err.value.index) == ("MAC table", 0)
+    pair2.dst._macs[at] ^= 0x01
+    assert _prepare(pair2.dst)  # opened first, then prepared: the check uses it and verifies
+    pair2.check(sealed)
+    assert pair2.dst.mailboxes.verified()
