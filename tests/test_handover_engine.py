@@ -112,18 +112,22 @@ def test_the_target_resumes_what_its_helper_verified(
     assert sides.target.guest_running() and sides.target.workload_check()["ok"]
     check = sides.target.handover_view()["verify"]
     assert check["chunks"] == 4 and check["sealed_state"] is sealed_state  # 32 MiB in 8 MiB chunks
-    # Both sides prepared their manifest fields in the pause (SEV-ES: the target after it opened the
-    # sealed states, before DONE; the source beside sealing them, or after with one helper)
+    # Both sides prepared their manifest fields in the pause (SEV-ES: the target at the bitmap, then it
+    # opened the sealed states, before DONE; the source beside sealing them, or after with one helper)
     if not fill:  # no tables from precopy: verify works after DONE, the states opened then, nothing prepared
         assert check["prepared"] is None and check["states_opened_early"] is False
     else:
         assert check["prepared"] is True and check["states_opened_early"] is sealed_state
     if sealed_state and fill:
         moments = list(sides.target.handover_view()["pause_timeline"])
-        assert moments.index("states") < moments.index("opened") < moments.index("tables")
-    # RESUMED was written ahead while COMMIT came back (its temp file renamed into place: none is left)
+        opened = moments.index("opened")
+        assert moments.index("tables") < opened and moments.index("states") < opened
+    # RESUMED was written ahead (its temp file renamed into place: none is left); whether its fsync ended
+    # before COMMIT came back is the disk's timing (the COMMIT step waits for it), so only the order the
+    # protocol makes is asserted: COMMIT, then the record on disk, then running
     moments = list(sides.target.handover_view()["pause_timeline"])
-    assert moments.index("staged") < moments.index("got_commit") < moments.index("running")
+    assert "staged" in moments
+    assert moments.index("got_commit") < moments.index("recorded") < moments.index("running")
     assert [p.name for p in (tmp_path / "t").iterdir() if p.name.startswith(".")] == []
     record = load_record(tmp_path / "t" / "handover-target.rec")
     assert record is not None and record.state is TargetState.RESUMED

@@ -534,21 +534,33 @@ def test_a_state_sealed_by_another_helper_keeps_the_prepared_fields(pair2: Pair)
     assert all(pair2.dst.vmsa_slot(v).state == abi.VMSA_VERIFIED for v in range(VCPUS))
 
 
-def test_a_state_opened_after_prepare_makes_it_stale_on_every_helper(pair2: Pair) -> None:
-    """The target's pause opens the states before it prepares: an OPEN_STATE after the PREPARE, on any
-    helper, changes what a check reads, so the check does not use the prepared fields (here a MAC entry
-    changed behind the helper's back after PREPARE is found again) and computes everything."""
+def test_a_state_opened_after_prepare_leaves_it_usable_and_checked(pair2: Pair) -> None:
+    """The target's pause prepares at the bitmap and opens the states when they come: an OPEN_STATE changes
+    no table a PREPARE covers (it bumps the state counter, not the tables' one), on the preparing helper or
+    another, so the check uses the prepared fields (a MAC entry changed behind the helper's back after the
+    PREPARE goes unseen) and still reads the VMSA slots itself: a replayed older state is refused."""
+    old = pair2.src.mailboxes.seal_state(0, BLOB.replace(b"1234", b"5678"))
     records = [pair2.src.mailboxes.seal_state(v, BLOB) for v in range(VCPUS)]
     sealed = pair2.seal()
-    assert _prepare(pair2.dst)
     at = (WORK + 5 * PAGE) // PAGE * abi.MH_MAC_ENTRY
-    pair2.dst._macs[at] ^= 0x01
-    for v, record in enumerate(records):  # by helper 1, not the preparing one: only the change counter says
-        pair2.dst.mailboxes.mailboxes[1].open_state(v, record)
+    for helper in (0, 1):
+        assert _prepare(pair2.dst)
+        pair2.dst._macs[at] ^= 0x01
+        pair2.dst.mailboxes.mailboxes[helper].open_state(0, old)  # authentic, but not the state sealed last
+        pair2.dst.mailboxes.mailboxes[1 - helper].open_state(1, records[1])
+        with pytest.raises(ManifestRefused) as err:
+            pair2.check(sealed)
+        assert (err.value.field, err.value.index) == ("vCPU state", 0)
+        pair2.dst._macs[at] ^= 0x01
+        assert _prepare(pair2.dst)
+        pair2.dst._macs[at] ^= 0x01
+        pair2.dst.mailboxes.mailboxes[helper].open_state(0, records[0])
+        pair2.check(sealed)  # prepared: the changed MAC entry is not seen
+        assert pair2.dst.mailboxes.verified()
+        assert all(pair2.dst.vmsa_slot(v).state == abi.VMSA_VERIFIED for v in range(VCPUS))
+        pair2.dst._macs[at] ^= 0x01
+    assert _prepare(pair2.dst)
+    pair2.move(range(5, 6), 2)  # a table change after PREPARE still makes it stale, as before
     with pytest.raises(ManifestRefused) as err:
         pair2.check(sealed)
-    assert (err.value.field, err.value.index) == ("MAC table", 0)
-    pair2.dst._macs[at] ^= 0x01
-    assert _prepare(pair2.dst)  # opened first, then prepared: the check uses it and verifies
-    pair2.check(sealed)
-    assert pair2.dst.mailboxes.verified()
+    assert err.value.field == "generation table"
