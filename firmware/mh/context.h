@@ -136,7 +136,7 @@ struct cp_mh_ctx {
     /* (v7) PREPARE_MANIFEST's result (manifest.c); any op but PREPARE/SEAL/CHECK_MANIFEST and VERIFIED drops it */
     struct cp_mh_prepared {
         uint32_t valid;       /* 1: what follows is a PREPARE's result */
-        uint32_t changes;     /* the shared change counter when it started: usable only while still equal */
+        uint32_t changes;     /* the tables' change counter when it started: usable only while still equal */
         uint64_t start, npages;
         uint32_t chunk, max_gen;
         uint32_t in_seal_buf; /* source: the body's chunk entries wait in seal_buf, untouched since */

@@ -35,7 +35,7 @@ static uint64_t pad16(uint64_t n)
     return (n + 15u) & ~(uint64_t)15u;
 }
 
-/* ---- "verified" and the change counter (shared block, under its lock) ---- */
+/* ---- "verified" and the change counters, tables and VMSA slots (shared block, under its lock) ---- */
 
 static void demote_slots(struct cp_mh_ctx *ctx)
 {
