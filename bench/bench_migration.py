@@ -3,6 +3,7 @@ own plain migration of a paused 1 GiB guest of random RAM over TCP loopback, mea
 
     .venv/bin/python bench/bench_migration.py [--ram-mib 1024] [--channels 2] [--skip-qemu] [--repeat 3]
                                                [--skip-protection] [--stream-channels 1] [--scaling]
+                                               [--generation sev|sev-es|sev-snp]
 
 Per scenario it prints the total migration time (start-incoming until the guest runs on the target: what
 QEMU's total-time covers, plus our verify) as a ratio of QEMU's (goal <= 1.0x), the downtime
@@ -19,6 +20,10 @@ the stream with its wire v2 protection against the previous unprotected path, sa
 ``--scaling`` (issue 14, parallel streams) adds, per repeat and scenario, interleaved: 1 helper vCPU with
 1 stream channel, 2 helper vCPUs with 1 channel (the default plan) and 2 helper vCPUs with 2 channels (one
 TCP connection per helper vCPU, wire v4), and prints the 1 -> 2 scaling of each in the same run.
+
+``--generation sev-es`` / ``sev-snp`` runs the same scenarios with the plan's ``sev.generation`` set (the
+vCPU state then travels sealed by the helpers; SEV-SNP adds the measured SNP launch and the owner's key
+release against attestation reports, as `confplan apply plans/sev-snp.yaml` does: emulated here).
 """
 
 from __future__ import annotations
@@ -44,18 +49,26 @@ from confplan.stages.modules import __name__ as _stages  # noqa: F401  (register
 
 MIGRATION_STAGES = ("start-incoming", "precopy", "stop-and-copy", "verify", "resume-target")
 STAGES = ("launch-source", "provision-target", "attest-target", *MIGRATION_STAGES)  # no cleanup: RSS of both
+# The plan's sev section per --generation (plain SEV: none, the plan's default); the policies are the ones
+# the tests and plans/sev-snp.yaml use.
+SEV_SECTIONS = {
+    "sev": "",
+    "sev-es": "sev: {generation: sev-es, policy: {nodbg: true, es: true}}\n",
+    "sev-snp": "sev: {generation: sev-snp, policy: {smt: true}}\n",
+}
 
 
 def write_plan(
-    folder: Path, ram_mib: int, workload: str, batch_pages: int = 256, helpers: int = 2, channels: int = 1
-) -> Path:
+    folder: Path, ram_mib: int, workload: str, batch_pages: int = 256, helpers: int = 2, channels: int = 1,
+    generation: str = "sev",
+) -> Path:  # fmt: skip
     path = folder / "plan.yaml"
     stages = [f"start-incoming: {{channels: {channels}}}" if s == "start-incoming" else s for s in STAGES]
     path.write_text(
         f"metadata: {{name: bench}}\nguest:\n  memory: {ram_mib}MiB\n  workload: {workload}\n"
         f"helper: {{mode: aux-vcpu, aux_vcpus: {helpers}, batch_pages: {batch_pages}}}\n"
         "limits: {max_downtime: 50ms, completion_timeout_per_gib: 800s, max_precopy_rounds: 30}\n"
-        f"stages: [{', '.join(stages)}]\ncheckpoint: {{dir: state}}\n"
+        f"{SEV_SECTIONS[generation]}stages: [{', '.join(stages)}]\ncheckpoint: {{dir: state}}\n"
     )
     return path
 
@@ -145,10 +158,11 @@ class MigrationCpu(Observer):
 
 
 def run_scenario(
-    ram_mib: int, workload: str, batch_pages: int = 256, helpers: int = 2, channels: int = 1
-) -> dict[str, Any]:
+    ram_mib: int, workload: str, batch_pages: int = 256, helpers: int = 2, channels: int = 1,
+    generation: str = "sev",
+) -> dict[str, Any]:  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="confplan-bench-") as tmp:
-        plan = load_plan(write_plan(Path(tmp), ram_mib, workload, batch_pages, helpers, channels))
+        plan = load_plan(write_plan(Path(tmp), ram_mib, workload, batch_pages, helpers, channels, generation))
         state = Path(plan.checkpoint.dir)
         cpu = MigrationCpu(state)
         try:
@@ -279,7 +293,7 @@ def run_scaling(args: argparse.Namespace, scenarios: dict[str, str], runs: Runs)
         got: dict[str, dict[str, Any]] = {}
         for label, (helpers, channels) in SCALING.items():
             try:
-                r = run_scenario(args.ram_mib, workload, args.batch_pages, helpers, channels)
+                r = run_scenario(args.ram_mib, workload, args.batch_pages, helpers, channels, args.generation)
             except ConfplanError as err:
                 print(f"{args.ram_mib} MiB {name}, {label}: the migration failed: {err.message}")
                 continue
@@ -310,6 +324,8 @@ def main() -> int:
     parser.add_argument("--skip-protection", action="store_true", help="no protected/unprotected comparison")
     parser.add_argument("--stream-channels", type=int, default=1, help="start-incoming.channels of the plan")
     parser.add_argument("--scaling", action="store_true", help="1 vs 2 helper vCPUs and stream channels")
+    parser.add_argument("--generation", choices=tuple(SEV_SECTIONS), default="sev",
+                        help="the plan's sev.generation (sev-es, sev-snp: the vCPU state travels sealed)")
     args = parser.parse_args()
     scenarios = {"idle": "{kind: idle}", "64MiB/s": "{kind: dirty-writer, dirty_rate: 64MiB/s}"}
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in scenarios}
@@ -323,7 +339,8 @@ def main() -> int:
               f"would bring it down to that)")  # fmt: skip
         for name, workload in scenarios.items():
             try:
-                result = run_scenario(args.ram_mib, workload, args.batch_pages, channels=args.stream_channels)
+                result = run_scenario(args.ram_mib, workload, args.batch_pages, channels=args.stream_channels,
+                                      generation=args.generation)
             except ConfplanError as err:  # e.g. precopy gave up on a loaded machine: say so, run the rest
                 print(f"{args.ram_mib} MiB {name}: the migration failed: {err.message}")
                 continue

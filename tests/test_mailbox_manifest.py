@@ -497,3 +497,70 @@ def test_any_other_op_drops_the_prepared_fields(pair: Pair) -> None:
     with pytest.raises(ManifestRefused):
         pair.check(pair.seal())
     pair.dst._macs[at] ^= 0x01
+
+
+@pytest.fixture
+def pair2(lib: ctypes.CDLL) -> Iterator[Pair]:
+    """``pair`` with two helper vCPUs a side (SEV-ES/SNP's pause seals and opens states beside a PREPARE)."""
+    with (
+        HostGuest(lib, ram_size=RAM, secret=_secret(), vcpus=VCPUS, mh_vcpus=2) as src,
+        HostGuest(lib, ram_size=RAM, secret=_secret(), vcpus=VCPUS, mh_vcpus=2, side=SIDE_TARGET) as dst,
+    ):
+        src.mailboxes.init()
+        dst.mailboxes.init()
+        src.ram[WORK:RAM] = os.urandom(RAM - WORK)
+        p = Pair(src, dst)
+        p.move(range(NPAGES), 1)
+        yield p
+
+
+def test_a_state_sealed_by_another_helper_keeps_the_prepared_fields(pair2: Pair) -> None:
+    """The source's pause: helper 0 prepares while helper 1 seals the vCPU states (``MailboxSet.apart``).
+    The seal then uses what was prepared (a MAC entry changed behind helper 0's back after its PREPARE, which
+    no op can do, goes unseen) and binds the states sealed meanwhile; the target checks it."""
+    preparing, sealing = pair2.src.mailboxes.apart()
+    assert preparing.mailboxes == pair2.src.mailboxes.mailboxes[:1]
+    assert sealing.mailboxes == pair2.src.mailboxes.mailboxes[1:]
+    assert _prepare(pair2.src)
+    records = [sealing.seal_state(v, BLOB) for v in range(VCPUS)]
+    at = (WORK + 5 * PAGE) // PAGE * abi.MH_MAC_ENTRY
+    pair2.src._macs[at] ^= 0x01
+    sealed = pair2.seal()  # the prepared entries: the changed MAC is not in it
+    pair2.src._macs[at] ^= 0x01
+    for v, record in enumerate(records):
+        pair2.dst.mailboxes.open_state(v, record)
+    pair2.check(sealed)
+    assert pair2.dst.mailboxes.verified()
+    assert all(pair2.dst.vmsa_slot(v).state == abi.VMSA_VERIFIED for v in range(VCPUS))
+
+
+def test_a_state_opened_after_prepare_leaves_it_usable_and_checked(pair2: Pair) -> None:
+    """The target's pause prepares at the bitmap and opens the states when they come: an OPEN_STATE changes
+    no table a PREPARE covers (it bumps the state counter, not the tables' one), on the preparing helper or
+    another, so the check uses the prepared fields (a MAC entry changed behind the helper's back after the
+    PREPARE goes unseen) and still reads the VMSA slots itself: a replayed older state is refused."""
+    old = pair2.src.mailboxes.seal_state(0, BLOB.replace(b"1234", b"5678"))
+    records = [pair2.src.mailboxes.seal_state(v, BLOB) for v in range(VCPUS)]
+    sealed = pair2.seal()
+    at = (WORK + 5 * PAGE) // PAGE * abi.MH_MAC_ENTRY
+    for helper in (0, 1):
+        assert _prepare(pair2.dst)
+        pair2.dst._macs[at] ^= 0x01
+        pair2.dst.mailboxes.mailboxes[helper].open_state(0, old)  # authentic, but not the state sealed last
+        pair2.dst.mailboxes.mailboxes[1 - helper].open_state(1, records[1])
+        with pytest.raises(ManifestRefused) as err:
+            pair2.check(sealed)
+        assert (err.value.field, err.value.index) == ("vCPU state", 0)
+        pair2.dst._macs[at] ^= 0x01
+        assert _prepare(pair2.dst)
+        pair2.dst._macs[at] ^= 0x01
+        pair2.dst.mailboxes.mailboxes[helper].open_state(0, records[0])
+        pair2.check(sealed)  # prepared: the changed MAC entry is not seen
+        assert pair2.dst.mailboxes.verified()
+        assert all(pair2.dst.vmsa_slot(v).state == abi.VMSA_VERIFIED for v in range(VCPUS))
+        pair2.dst._macs[at] ^= 0x01
+    assert _prepare(pair2.dst)
+    pair2.move(range(5, 6), 2)  # a table change after PREPARE still makes it stale, as before
+    with pytest.raises(ManifestRefused) as err:
+        pair2.check(sealed)
+    assert err.value.field == "generation table"

@@ -31,6 +31,7 @@ from confplan.vmm import Machine, vmsa_slot
 
 MANIFEST_FORMAT = 1  # outgoing.OutgoingMigration's MANIFEST frames: the host's digests (JSON)
 SEALED_MANIFEST_FORMAT = 2  # and the source helper's sealed manifest (mailbox v5)
+STATES_WAIT = 60.0  # s: verify's early work waits this long at most for the sealed vCPU states (a safety net)
 
 
 class IncomingMigration(MigrationSide, HandoverHooks):
@@ -49,6 +50,10 @@ class IncomingMigration(MigrationSide, HandoverHooks):
         self.sealed_state = False  # SEV-ES/SNP: the vCPU state must arrive sealed by the source helper
         # verify's table work, started when the pages were complete (before DONE), for that bitmap
         self._early_tables: tuple[bytes, Future[dict[str, Any]]] | None = None
+        # SEV-ES/SNP: the sealed vCPU states once all came (set also when none will: DONE, link down, close)
+        self._states_ready = threading.Event()
+        self._sealed_states: dict[int, bytes] | None = None
+        self._opened: dict[int, bytes] | None = None  # the records the helpers opened before DONE
         self._marks: dict[str, float] = {}  # the handover's moments (wall time): the pause's timeline
 
     def info(self) -> dict[str, Any]:
@@ -72,6 +77,7 @@ class IncomingMigration(MigrationSide, HandoverHooks):
             )
         self.abort()
         self._marks = {}
+        self._states_ready, self._sealed_states, self._opened = threading.Event(), None, None
         listener = sockets.listen_tcp(host, port, what="the target's migration port")
         self.shared_table, self.attempt, self.sealed_state = None, attempt, sealed_state
         self.handover = Driver(
@@ -116,6 +122,7 @@ class IncomingMigration(MigrationSide, HandoverHooks):
 
     def _drop_early_tables(self) -> None:
         """Let verify's early table work finish (it uses the helpers) before anything else may."""
+        self._states_ready.set()  # it waits for no state that will not come
         early, self._early_tables = self._early_tables, None
         if early is not None:
             with contextlib.suppress(Exception):
@@ -123,6 +130,7 @@ class IncomingMigration(MigrationSide, HandoverHooks):
 
     # ---- HandoverHooks: what the stream tells the handover ----
     def done(self) -> None:
+        self._states_ready.set()  # (they came before DONE, or never will)
         if self.handover is not None:
             self.handover.feed(Msg.DONE)
 
@@ -139,11 +147,36 @@ class IncomingMigration(MigrationSide, HandoverHooks):
         threading.Thread(target=self._stage_resumed, name="stage-resumed", daemon=True).start()
 
     def _timed_tables(self, enc_bitmap: bytes) -> dict[str, Any]:
-        # A sealed state is opened into the helper's VMSA slots after DONE, which would drop what PREPARE
-        # made (OPEN_STATE changes what a check reads): those targets check everything then, as before.
-        tables = self.pause_tables(enc_bitmap) if self.sealed_state else self.prepared_tables(enc_bitmap)
+        tables = self.prepared_tables(enc_bitmap)
         self._marks["tables"] = time.time()
+        if self.sealed_state:  # SEV-ES/SNP: then the sealed states, once they came (in the helpers' turn)
+            waited = time.monotonic()
+            self._open_states_early()
+            tables["seconds"]["states_wait"] = time.monotonic() - waited
         return tables
+
+    def states_complete(self, sealed: dict[int, bytes]) -> None:
+        self._sealed_states = sealed
+        self._states_ready.set()
+
+    def _open_states_early(self) -> bool:
+        """Open the sealed vCPU states into the helpers' VMSA slots once they all came (before DONE); True
+        when they were. Anything else (none came, one does not open) leaves the opening to the check after
+        DONE, which then says why. An OPEN_STATE changes no table a PREPARE covers (it bumps the helpers'
+        state counter, not the tables' one: docs/mailbox.md), so the PREPARE made before still holds, and
+        CHECK reads the slots' tags itself."""
+        self._states_ready.wait(STATES_WAIT)
+        sealed, mailboxes = self._sealed_states, self.helper()
+        if not sealed or mailboxes is None:
+            return False
+        try:
+            for vcpu, record in sorted(sealed.items()):
+                mailboxes.open_state(vcpu, record)
+        except MailboxError:
+            return False
+        self._opened = sealed
+        self._marks["opened"] = time.time()
+        return True
 
     def message(self, msg: Handover) -> None:
         if self.handover is not None and msg.attempt == self.attempt:
@@ -151,6 +184,7 @@ class IncomingMigration(MigrationSide, HandoverHooks):
             self.handover.feed(RECEIVE_CODES[msg.code])
 
     def link_down(self, why: str) -> None:
+        self._states_ready.set()
         if self.handover is not None:
             if not self.handover.settled:
                 self.log(f"target: the handover's link is down: {why}")
@@ -209,8 +243,12 @@ class IncomingMigration(MigrationSide, HandoverHooks):
         mailboxes = self.helper()
         if mailboxes is None or status.enc_bitmap is None:
             return "the copy cannot be checked: this side has no migration helper", details
+        early = self._opened is not None and self._opened == status.sealed_vcpus
+        details.update({"prepared": tables["prepared"], "states_opened_early": early})
         try:
-            for vcpu, record in sorted(status.sealed_vcpus.items()):
+            # Not opened before DONE, or other records came since: opened now (a PREPARE is then stale,
+            # and the helper does not use it: the CHECK computes everything)
+            for vcpu, record in sorted(status.sealed_vcpus.items()) if not early else ():
                 mailboxes.open_state(vcpu, record)
             checked = mailboxes.check_manifest(
                 sealed.blob, 0, self.machine.layout.npages, enc_bitmap=status.enc_bitmap,

@@ -328,6 +328,14 @@ class MailboxSet:
     def _for_vcpu(self, vcpu: int) -> Mailbox:
         return self.mailboxes[vcpu % len(self.mailboxes)]
 
+    def apart(self) -> tuple[MailboxSet, MailboxSet]:
+        """(the helper that prepares and seals the manifest, the helpers that seal vCPU states beside it): a
+        SEAL_STATE on the preparing helper would drop its PREPARE (both use its private seal buffer), one on
+        another helper leaves it be (the VMSA slots are shared; SEAL_STATE changes no table). With one
+        helper both are that one, and its states must be sealed before it prepares."""
+        first = MailboxSet(self.mailboxes[:1])
+        return first, (MailboxSet(self.mailboxes[1:]) if len(self.mailboxes) > 1 else first)
+
     def seal_state(self, vcpu: int, blob: bytes) -> bytes:
         """SEAL_STATE on the source: vCPU ``vcpu``'s state blob (``session.vcpu_blob``) sealed by the helper
         (head + ciphertext, ~64 bytes more than the blob); the manifest binds the last one per vCPU."""

@@ -266,18 +266,22 @@ class OutgoingMigration(MigrationSide):
         # A stall in the pause must not outlast the source's deadline: the guest runs again by then.
         stream.bound_sends(self.handover.machine.verdict_timeout)
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pause-tables")
+        states_sealed = threading.Event()
         try:
             stats = stream.send_round(final=True)
             sent = time.monotonic()
             seal = self._seal_state if self.sealed_state else None
-            # The helpers' MACs and the shared CRCs while the vCPU and device state is saved and sent; a
-            # sealed state goes through the same helpers, so it is sealed first and the tables after.
-            self._early_tables = (None if self.sealed_state else pool.submit(self.prepared_tables), sent)
-            stream.send_state(self._paused_wall, seal=seal, manifest=self._manifest)
+            # The helpers' MACs and PREPARE and the shared CRCs while the vCPU and device state is saved
+            # (sealed: SEV-ES/SNP) and sent.
+            self._early_tables = (pool.submit(self._tables_in_pause, states_sealed), sent)
+            stream.send_state(
+                self._paused_wall, seal=seal, manifest=self._manifest, states_sent=states_sealed.set
+            )
         except BaseException as err:
             self._final_error = err
             raise
         finally:
+            states_sealed.set()  # a failed send must not leave the tables waiting for it
             pool.shutdown(wait=True)
             self.next_generation = stream.generation
         done = time.monotonic()
@@ -293,10 +297,27 @@ class OutgoingMigration(MigrationSide):
                       "vcpu_and_device_state": done - sent},
         }  # fmt: skip
 
+    def _tables_in_pause(self, states_sealed: threading.Event) -> dict[str, Any]:
+        """The pause's table work (``pause_tables`` with PREPARE), in a thread while the state is sent. A
+        sealed state (SEV-ES/SNP) is sealed by the helpers other than the preparing one, so the PREPARE runs
+        beside it; with one helper the PREPARE waits until the states are sealed (a SEAL_STATE on the
+        preparing helper would drop it, and the SEAL_MANIFEST would compute everything again)."""
+        if not self.sealed_state:
+            return self.prepared_tables()
+        preparing, sealing = require_helper(self.helper(), "source", 0).apart()
+
+        def ready() -> bool:
+            if sealing is preparing:
+                states_sealed.wait()
+            return True
+
+        return self.pause_tables(prepare=True, helpers=preparing, ready=ready)
+
     def _seal_state(self, vcpu: int, blob: bytes) -> bytes:
-        """SEV-ES/SNP: the vCPU's register state sealed by the source helper, so no host reads or edits it."""
-        mailboxes = require_helper(self.helper(), "source", 0)
-        return mailboxes.seal_state(vcpu, blob)
+        """SEV-ES/SNP: the vCPU's register state sealed by the source helper, so no host reads or edits it;
+        by a helper other than the one that prepares the manifest meanwhile, where there is one."""
+        _, sealing = require_helper(self.helper(), "source", 0).apart()
+        return sealing.seal_state(vcpu, blob)
 
     def _manifest(self, state_parts: list[bytes]) -> list[Manifest]:
         """What the target checks before it may resume: the host's shared-page digest (format 1) and the

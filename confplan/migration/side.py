@@ -204,16 +204,23 @@ class MigrationSide:
             shared_pages = shared.result()
         return {"pages": pages, "shared_pages": shared_pages, "seconds": time.monotonic() - started}
 
-    def pause_tables(self, enc_bitmap: bytes | None = None, *, prepare: bool = False) -> dict[str, Any]:
+    def pause_tables(
+        self, enc_bitmap: bytes | None = None, *, prepare: bool = False, helpers: MailboxSet | None = None,
+        ready: Callable[[], bool] | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
         """In the pause, before a manifest is sealed or checked: the helpers MAC the pages moved as shared
         since their tables were last brought up to date (SAVE and LOAD keep the private pages' entries), so
         every page has its MAC; meanwhile the host CRCs the shared pages (from its table where precopy
         filled one; by ``enc_bitmap``, a target's received one, if given: the table's only). ``prepare``:
         and the helper's own manifest fields (mailbox v7 PREPARE_MANIFEST) for that bitmap, queued behind
         the MACs, so the SEAL_MANIFEST or CHECK_MANIFEST that follows is short: nothing may change the
-        tables after it. Returns the shared digest and what it cost."""
+        tables after it. ``helpers``: the only helpers it may use (default: all; another thread uses the
+        rest). ``ready`` (SEV-ES/SNP) runs before the helpers' ops, while the CRCs go on: it waits until
+        the vCPU states are sealed or opened (an OPEN_STATE changes what a check reads) and says whether a
+        PREPARE would hold (False: the MACs only, and the SEAL or CHECK computes everything, as before).
+        Returns the shared digest and what it cost."""
         machine = self.need_machine()
-        mailboxes = self.helper()
+        mailboxes = self.helper() if helpers is None else helpers
         started = time.monotonic()
         crc_table = self.shared_table
         self._changed_gpas()  # before the shared digest, which must not use these pages' old CRCs
@@ -223,6 +230,9 @@ class MigrationSide:
             if crc_table is not None:
                 crc = partial(crc_table.digest, enc_bitmap)
             future = pool.submit(_timed, crc)
+            waited = time.monotonic()
+            prepare = prepare and (ready is None or ready())
+            waited = time.monotonic() - waited
             prepared = None
             if mailboxes is not None and prepare:
                 bitmap = bytes(machine.enc_bitmap.bitmap.view()) if enc_bitmap is None else enc_bitmap
@@ -230,9 +240,12 @@ class MigrationSide:
             else:
                 maced = mailboxes.mac_list(gpas) if mailboxes is not None and len(gpas) else 0
             shared, crc_seconds = future.result()
+        seconds = {"shared": crc_seconds, "tables": time.monotonic() - started}
+        if ready is not None:
+            seconds["states_wait"] = waited  # the sealing or opening of the vCPU states, in the helpers' turn
         return {"table": crc_table is not None, "shared": shared, "pages_maced": maced, "prepared": prepared,
                 "shared_pages_crcd": crc_table.computed if crc_table is not None else None,
-                "seconds": {"shared": crc_seconds, "tables": time.monotonic() - started}}  # fmt: skip
+                "seconds": seconds}  # fmt: skip
 
     def prepared_tables(self, enc_bitmap: bytes | None = None) -> dict[str, Any]:
         """``pause_tables`` with PREPARE_MANIFEST: run it while the rest of the pause goes on."""

@@ -112,6 +112,10 @@ class HandoverHooks:
         """Every page is in (the final round ended) and the encryption bitmap arrived: verify's table work
         may start now, while the rest of the pause's frames arrive. Must not block."""
 
+    def states_complete(self, sealed: dict[int, bytes]) -> None:
+        """After the final round every vCPU's state arrived (``sealed``: SEV-ES/SNP's, by vCPU, as the
+        source's helper sealed them): the helper may open them now, before DONE. Must not block."""
+
     def message(self, msg: Handover) -> None: ...
     def link_down(self, why: str) -> None: ...
 
@@ -149,6 +153,7 @@ class Incoming:
         self._channels: ChannelSet | None = None  # wire v4's extra channels, once accepted
         self._loop_gpas = array.array("Q")  # the GPAs one loop call received (a round's at most)
         self._final_round = False  # the final ROUND_END was applied: no page frame may follow it
+        self._states_told = False  # HandoverHooks.states_complete was called
         self.marks: dict[str, float] = {}  # wall time of the pause's frames as they arrived (a timeline)
         self._thread = threading.Thread(target=self._main, name="incoming-stream", daemon=True)
         self._thread.start()
@@ -516,6 +521,7 @@ class Incoming:
                 self.status.sealed_vcpus[msg.vcpu] = msg.blob  # opened by the helper, never here
             else:
                 self.status.vcpus[msg.vcpu] = vcpu_from_blob(msg.vcpu, msg.format_version, msg.blob)
+            self._states_arrived()
         elif isinstance(msg, DeviceState):
             self._device(msg)
             self.status.state_parts.append(msg.blob)
@@ -529,6 +535,15 @@ class Incoming:
         elif isinstance(msg, ErrorReport):
             raise ConfplanError(f"the source gave up: {msg.message}")
         return False
+
+    def _states_arrived(self) -> None:
+        """Tell the hooks once every vCPU has its state, if that is after the final round (a copy of the
+        sealed ones: a later frame must not change what they open)."""
+        have = self.status.vcpus.keys() | self.status.sealed_vcpus.keys()
+        if self._final_round and not self._states_told and all(r.index in have for r in self.machine.vcpus):
+            self._states_told = True
+            self.marks["states"] = time.time()
+            self.hooks.states_complete(dict(self.status.sealed_vcpus))
 
     def _channel_rounds(self, main: RoundEnd) -> None:
         """Wire v4: the round is whole once every extra channel has LOADed its part; then they may go on."""

@@ -20,6 +20,8 @@
 #define CP_MH_GEN_BUSY 0xffffffffu /* generation-table marker: a LOAD of this GPA is in flight */
 #define CP_MH_MAX_SENDERS 0x10000u /* sender index space per side */
 #define CP_MH_DIGEST_CHUNK 256u    /* page hashes folded per chain step */
+#define CP_MH_SIDE_SOURCE 0u /* cp_mh_config.side */
+#define CP_MH_SIDE_TARGET 1u
 #define CP_MH_SEAL_BUF CP_MB_SEALED_MAX /* private buffer for a manifest or vCPU state being sealed or opened */
 
 /* The one state all MH vCPUs of a guest share (in MH memory; zero-initialised before the first setup). */
@@ -31,10 +33,13 @@ struct cp_mh_shared {
     uint8_t last_id[CP_MH_ID_BYTES]; /* migration id the generation table belongs to */
     /* v5, under `lock`: a CHECK_MANIFEST passed for last_id, and nothing changed the tables since */
     uint32_t verified;
-    uint32_t changes;  /* bumped by every op that changes what a check reads (LOAD, MAC_*, OPEN_STATE) */
+    uint32_t changes;  /* bumped by every op that changes the tables a check reads (LOAD, MAC_*) */
     /* v6, under `lock`: the efi_secret table helper 0's KEY_RELEASE opened (SNP guests' INIT reads it) */
     uint32_t released_len;
-    uint32_t pad2;
+    /* (v7, session 7) bumped by OPEN_STATE: the VMSA slots a check reads. Apart from `changes` because a
+     * PREPARE covers the tables, never the slots (CHECK reads their tags itself): a state opened after a
+     * PREPARE leaves it usable, while "verified" still needs no state opened since the CHECK began. */
+    uint32_t state_changes;
     uint8_t released[CP_KR_TABLE_MAX];
 };
 
@@ -131,7 +136,7 @@ struct cp_mh_ctx {
     /* (v7) PREPARE_MANIFEST's result (manifest.c); any op but PREPARE/SEAL/CHECK_MANIFEST and VERIFIED drops it */
     struct cp_mh_prepared {
         uint32_t valid;       /* 1: what follows is a PREPARE's result */
-        uint32_t changes;     /* the shared change counter when it started: usable only while still equal */
+        uint32_t changes;     /* the tables' change counter when it started: usable only while still equal */
         uint64_t start, npages;
         uint32_t chunk, max_gen;
         uint32_t in_seal_buf; /* source: the body's chunk entries wait in seal_buf, untouched since */

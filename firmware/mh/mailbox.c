@@ -439,9 +439,11 @@ uint32_t cp_mh_handle(struct cp_mh_ctx *ctx, volatile uint8_t *ctl, uint8_t *slo
     uint32_t rc;
     c->n_ok = c->n_refused = 0;
     c->first_bad = CP_MB_NO_INDEX;
+    /* (v7) a prepared manifest lives until anything else happens here; but OPEN_STATE (target only), which
+     * changes no table it covers and leaves a target's prepared fields alone (they are not in seal_buf) */
     if (op != CP_MB_OP_PREPARE_MANIFEST && op != CP_MB_OP_SEAL_MANIFEST && op != CP_MB_OP_CHECK_MANIFEST &&
-        op != CP_MB_OP_VERIFIED)
-        cp_mh_forget_prepared(ctx); /* (v7) a prepared manifest lives until anything else happens here */
+        op != CP_MB_OP_VERIFIED && !(op == CP_MB_OP_OPEN_STATE && ctx->cfg.side == CP_MH_SIDE_TARGET))
+        cp_mh_forget_prepared(ctx);
     if (op == CP_MB_OP_INIT) {
         rc = op_init(ctx, p);
     } else if (op == CP_MB_OP_RESET) {

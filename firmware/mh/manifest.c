@@ -10,8 +10,8 @@
 #include "digest.h"
 
 #define HEAD CP_MB_SEALED_HEAD
-#define SIDE_SOURCE 0u
-#define SIDE_TARGET 1u
+#define SIDE_SOURCE CP_MH_SIDE_SOURCE
+#define SIDE_TARGET CP_MH_SIDE_TARGET
 /* Record head fields (struct cp_sealed_blob), read bytewise from the private copy. */
 #define H(field) offsetof(struct cp_sealed_blob, field)
 #define B(field) offsetof(struct cp_manifest_body, field)
@@ -35,7 +35,7 @@ static uint64_t pad16(uint64_t n)
     return (n + 15u) & ~(uint64_t)15u;
 }
 
-/* ---- "verified" and the change counter (shared block, under its lock) ---- */
+/* ---- "verified" and the change counters, tables and VMSA slots (shared block, under its lock) ---- */
 
 static void demote_slots(struct cp_mh_ctx *ctx)
 {
@@ -44,11 +44,14 @@ static void demote_slots(struct cp_mh_ctx *ctx)
             slot_of(ctx, i)->state = CP_VMSA_OPENED;
 }
 
-/* Call with the lock held. */
-static void unverify_locked(struct cp_mh_ctx *ctx)
+/* Call with the lock held. `states`: a VMSA slot changed (OPEN_STATE), else a table (LOAD, MAC_*). */
+static void unverify_locked(struct cp_mh_ctx *ctx, int states)
 {
     struct cp_mh_shared *sh = ctx->cfg.shared;
-    sh->changes++;
+    if (states)
+        sh->state_changes++;
+    else
+        sh->changes++;
     if (sh->verified) {
         sh->verified = 0;
         demote_slots(ctx);
@@ -58,7 +61,7 @@ static void unverify_locked(struct cp_mh_ctx *ctx)
 void cp_mh_tables_changed(struct cp_mh_ctx *ctx)
 {
     cp_mh_lock(ctx->cfg.shared);
-    unverify_locked(ctx);
+    unverify_locked(ctx, 0);
     cp_mh_unlock(ctx->cfg.shared);
 }
 
@@ -75,6 +78,7 @@ void cp_mh_forget_states(struct cp_mh_ctx *ctx)
     cp_mh_wipe(ctx->cfg.vmsa, ctx->cfg.vmsa_slots * CP_VMSA_SLOT_SIZE);
     ctx->cfg.shared->verified = 0;
     ctx->cfg.shared->changes++;
+    ctx->cfg.shared->state_changes++;
 }
 
 /* ---- sealed records: 64-byte head, then ciphertext; all in ctx->seal_buf ---- */
@@ -456,13 +460,14 @@ static uint32_t check_tables(struct cp_mh_ctx *ctx, volatile struct cp_mb_cmd *c
     return d.gen_count ? CP_MBS_MANIFEST_GENERATIONS : d.mac_count ? CP_MBS_MANIFEST_MAC : CP_MBS_OK;
 }
 
-/* Record the outcome: "verified" only if nothing changed the tables since `changes0` (under the lock, so a
- * LOAD racing on another MH vCPU either shows in the counter or clears the flag after us). */
-static uint32_t settle(struct cp_mh_ctx *ctx, uint32_t rc, uint32_t changes0)
+/* Record the outcome: "verified" only if nothing changed the tables since `changes0` nor a VMSA slot since
+ * `states0` (under the lock, so a LOAD or OPEN_STATE racing on another MH vCPU either shows in a counter or
+ * clears the flag after us). */
+static uint32_t settle(struct cp_mh_ctx *ctx, uint32_t rc, uint32_t changes0, uint32_t states0)
 {
     struct cp_mh_shared *sh = ctx->cfg.shared;
     cp_mh_lock(sh);
-    if (rc == CP_MBS_OK && sh->changes != changes0)
+    if (rc == CP_MBS_OK && (sh->changes != changes0 || sh->state_changes != states0))
         rc = CP_MBS_MANIFEST_BUSY;
     if (rc == CP_MBS_OK) {
         sh->verified = 1;
@@ -484,15 +489,17 @@ uint32_t cp_mh_check_manifest(struct cp_mh_ctx *ctx, volatile struct cp_mb_cmd *
     if (ctx->cfg.side != SIDE_TARGET)
         return CP_MBS_SIDE;
     uint32_t changes0 = __atomic_load_n(&ctx->cfg.shared->changes, __ATOMIC_ACQUIRE);
+    /* The VMSA slots count from here (the check reads their tags below), prepared or not. */
+    uint32_t states0 = __atomic_load_n(&ctx->cfg.shared->state_changes, __ATOMIC_ACQUIRE);
     uint32_t rc = read_request(ctx, data, room, start, npages, chunk, &rq);
     if (rc != CP_MBS_OK)
-        return settle(ctx, rc, changes0);
-    /* A prepared check counts from its PREPARE: "verified" then also needs no change since that began. */
+        return settle(ctx, rc, changes0, states0);
+    /* A prepared check counts from its PREPARE: "verified" then also needs no table change since that began. */
     int prepared = prepared_for(ctx, &rq, start, npages, chunk, 0);
     if (prepared)
         changes0 = ctx->prep.changes;
     if (rq.sealed_bytes < HEAD || rq.sealed_bytes > CP_MB_SEALED_MAX)
-        return settle(ctx, CP_MBS_MANIFEST_AUTH, changes0);
+        return settle(ctx, CP_MBS_MANIFEST_AUTH, changes0, states0);
     cp_mh_copy(ctx->seal_buf, rq.sealed, rq.sealed_bytes); /* once: the tag check reads the ciphertext twice */
     if (open_record(ctx, CP_MB_MANIFEST_MAGIC, CP_MB_LABEL_MANIFEST, rq.sealed_bytes) != 0)
         rc = CP_MBS_MANIFEST_AUTH;
@@ -502,7 +509,7 @@ uint32_t cp_mh_check_manifest(struct cp_mh_ctx *ctx, volatile struct cp_mb_cmd *
         rc = check_tables(ctx, c, &rq, start, npages, chunk, prepared);
     cp_mh_wipe(ctx->seal_buf, rq.sealed_bytes);
     cp_mh_forget_prepared(ctx);
-    return settle(ctx, rc, changes0);
+    return settle(ctx, rc, changes0, states0);
 }
 
 /* ---- SEAL_STATE / OPEN_STATE ---- */
@@ -573,7 +580,7 @@ uint32_t cp_mh_open_state(struct cp_mh_ctx *ctx, const uint8_t *data, uint64_t r
     if (rc == CP_MBS_OK) {
         /* One critical section: no check can see the slot half written, and any earlier one is taken back. */
         cp_mh_lock(ctx->cfg.shared);
-        unverify_locked(ctx);
+        unverify_locked(ctx, 1); /* a slot, not a table: a PREPARE of this helper or another still holds */
         write_slot(ctx, vcpu, (uint32_t)(size - HEAD));
         cp_mh_unlock(ctx->cfg.shared);
     }
