@@ -106,7 +106,7 @@ def move(src: MailboxSet, dst: MailboxSet, gpas: array.array[int], generation: i
 
 
 def gen_table(m: Machine) -> array.array[int]:
-    """The MH's anti-replay table, through the raw host mapping (MH-private memory the VMM's API never touches)."""
+    """The MH's anti-replay table, raw (MH-private memory the VMM's API never touches)."""
     table = array.array("I")
     table.frombytes(raw_read(m, m.layout.mh_gen_gpa, m.layout.mh_gen_entries * 4))
     return table
