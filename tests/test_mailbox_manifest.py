@@ -90,10 +90,12 @@ class Pair:
 @pytest.fixture
 def pair(lib: ctypes.CDLL) -> Iterator[Pair]:
     """A source and a target that moved every workload page (generation 1)."""
-    with (
-        HostGuest(lib, ram_size=RAM, secret=_secret(), vcpus=VCPUS) as src,
-        HostGuest(lib, ram_size=RAM, secret=_secret(), vcpus=VCPUS, side=SIDE_TARGET) as dst,
-    ):
+    yield from _moved_pair(lib, mh_vcpus=1)
+
+
+def _moved_pair(lib: ctypes.CDLL, mh_vcpus: int) -> Iterator[Pair]:
+    args = {"ram_size": RAM, "secret": _secret(), "vcpus": VCPUS, "mh_vcpus": mh_vcpus}
+    with HostGuest(lib, **args) as src, HostGuest(lib, **args, side=SIDE_TARGET) as dst:
         src.mailboxes.init()
         dst.mailboxes.init()
         src.ram[WORK:RAM] = os.urandom(RAM - WORK)
@@ -502,16 +504,7 @@ def test_any_other_op_drops_the_prepared_fields(pair: Pair) -> None:
 @pytest.fixture
 def pair2(lib: ctypes.CDLL) -> Iterator[Pair]:
     """``pair`` with two helper vCPUs a side (SEV-ES/SNP's pause seals and opens states beside a PREPARE)."""
-    with (
-        HostGuest(lib, ram_size=RAM, secret=_secret(), vcpus=VCPUS, mh_vcpus=2) as src,
-        HostGuest(lib, ram_size=RAM, secret=_secret(), vcpus=VCPUS, mh_vcpus=2, side=SIDE_TARGET) as dst,
-    ):
-        src.mailboxes.init()
-        dst.mailboxes.init()
-        src.ram[WORK:RAM] = os.urandom(RAM - WORK)
-        p = Pair(src, dst)
-        p.move(range(NPAGES), 1)
-        yield p
+    yield from _moved_pair(lib, mh_vcpus=2)
 
 
 def test_a_state_sealed_by_another_helper_keeps_the_prepared_fields(pair2: Pair) -> None:

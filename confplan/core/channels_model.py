@@ -43,6 +43,7 @@ from confplan.core.streamauth_model import (
     Frame,
     Term,
     describe,
+    first_broken,
     helper_opens,
     mac,
 )
@@ -481,10 +482,7 @@ class ChannelModel:
     # -- invariants --
     def check(self, state: State, ignore: frozenset[str] = frozenset()) -> tuple[str, str] | None:
         """The first invariant that ``state`` breaks (except those in ``ignore``): (name, detail), or None."""
-        for broken in self._broken(state):
-            if broken[0] not in ignore:
-                return broken
-        return None
+        return first_broken(self._broken(state), ignore)
 
     def _broken(self, state: State) -> Iterator[tuple[str, str]]:
         t, src = state.target, state.sources[0]

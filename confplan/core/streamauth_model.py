@@ -308,6 +308,11 @@ class Violation(Exception):
         self.invariant, self.detail, self.trace = invariant, detail, trace
 
 
+def first_broken(broken: Iterable[tuple[str, str]], ignore: frozenset[str]) -> tuple[str, str] | None:
+    """The first (invariant, detail) in ``broken`` whose invariant is not in ``ignore``, or None."""
+    return next((b for b in broken if b[0] not in ignore), None)
+
+
 class Move(NamedTuple):
     """What one delivery does: an actor's new state and the frames it sends in answer."""
 
@@ -421,10 +426,7 @@ class Model:
     # -- invariants --
     def check(self, state: State, ignore: frozenset[str] = frozenset()) -> tuple[str, str] | None:
         """The first invariant that ``state`` breaks (except those in ``ignore``): (name, detail), or None."""
-        for broken in self._broken(state):
-            if broken[0] not in ignore:
-                return broken
-        return None
+        return first_broken(self._broken(state), ignore)
 
     def _broken(self, state: State) -> Iterator[tuple[str, str]]:
         d, t, this = self.design, state.target, self.world.sources[0]
