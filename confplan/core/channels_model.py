@@ -43,6 +43,7 @@ from confplan.core.streamauth_model import (
     Frame,
     Term,
     describe,
+    distinct_outcomes,
     first_broken,
     helper_opens,
     mac,
@@ -439,11 +440,8 @@ class ChannelModel:
                   move: Callable[[Frame], Move]) -> list[tuple[Move, Frame]]:  # fmt: skip
         """Deliver every frame the network can build; keep one frame per distinct outcome."""
         if key not in self._moves:
-            seen: dict[Move, Frame] = {}
-            for f in self.frames(emitted):
-                self.deliveries += 1
-                seen.setdefault(move(f), f)
-            self._moves[key] = list(seen.items())
+            self._moves[key], tried = distinct_outcomes(self.frames(emitted), move)
+            self.deliveries += tried
         return self._moves[key]
 
     def _lanes(self, t: Target) -> list[int]:

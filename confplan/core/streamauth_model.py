@@ -321,6 +321,18 @@ class Move(NamedTuple):
     sent: frozenset[Frame] = frozenset()
 
 
+def distinct_outcomes(
+    frames: Iterable[Frame], move: Callable[[Frame], Move]
+) -> tuple[list[tuple[Move, Frame]], int]:
+    """One frame per distinct outcome of delivering each of ``frames``, and how many were delivered."""
+    seen: dict[Move, Frame] = {}
+    tried = 0
+    for f in frames:
+        tried += 1
+        seen.setdefault(move(f), f)
+    return list(seen.items()), tried
+
+
 class Model:
     def __init__(self, design: Design = Design(), *, twin: bool = True) -> None:
         self.design = design
@@ -390,11 +402,8 @@ class Model:
     ) -> list[tuple[Move, Frame]]:
         """Deliver every frame the network can build; keep one frame per distinct outcome."""
         if key not in self._moves:
-            seen: dict[Move, Frame] = {}
-            for f in self.frames(emitted):
-                self.deliveries += 1
-                seen.setdefault(move(f), f)
-            self._moves[key] = list(seen.items())
+            self._moves[key], tried = distinct_outcomes(self.frames(emitted), move)
+            self.deliveries += tried
         return self._moves[key]
 
     def successors(self, state: State) -> Iterator[tuple[str, State]]:
