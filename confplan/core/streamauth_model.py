@@ -15,11 +15,12 @@ from __future__ import annotations
 import functools
 import itertools
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 Term = Any  # nested tuples of str/int/bool
+Outcome = TypeVar("Outcome", bound=Hashable)  # a model's Move
 
 ID_THIS, ID_OTHER = "id-this", "id-other"
 K_THIS, K_OTHER, K_OLD, K_ATTACKER = "K-this", "K-other", "K-old-attempt", "K-attacker"
@@ -322,10 +323,10 @@ class Move(NamedTuple):
 
 
 def distinct_outcomes(
-    frames: Iterable[Frame], move: Callable[[Frame], Move]
-) -> tuple[list[tuple[Move, Frame]], int]:
+    frames: Iterable[Frame], move: Callable[[Frame], Outcome]
+) -> tuple[list[tuple[Outcome, Frame]], int]:
     """One frame per distinct outcome of delivering each of ``frames``, and how many were delivered."""
-    seen: dict[Move, Frame] = {}
+    seen: dict[Outcome, Frame] = {}
     tried = 0
     for f in frames:
         tried += 1
