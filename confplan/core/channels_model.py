@@ -47,6 +47,7 @@ from confplan.core.streamauth_model import (
     first_broken,
     helper_opens,
     mac,
+    network_parts,
 )
 
 TYPES = ("SHARED", "SEALED", "ROUND_END", "DONE")
@@ -236,18 +237,12 @@ def network_frames(known: Iterable[Frame]) -> list[Frame]:
     """Every frame the network can deliver, given the frames it knows."""
     known = set(known)
     out = set(known)
-    nonces, macs = {"nt-attacker"}, set()
+    macs, nonces, hellos = network_parts(known)
+    for _, version, mid, ns, count, channel in hellos:  # a known HELLO with its channel fields edited
+        out |= {Frame(False, "HELLO", 0, ("hello", version, mid, ns, n, c)) for n, c in
+                ((count, 1 - channel), (3, channel), (3, 2))}  # fmt: skip
     for f in known:
-        if f.type == "CHALLENGE":
-            nonces.add(f.body[0])
-            macs.add(f.body[1])
-        elif f.type == "AUTH":
-            macs.add(f.body)
-        elif f.type == "HELLO":  # a known HELLO with its channel fields edited
-            _, version, mid, ns, count, channel = f.body
-            out |= {Frame(False, "HELLO", 0, ("hello", version, mid, ns, n, c)) for n, c in
-                    ((count, 1 - channel), (3, channel), (3, 2))}  # fmt: skip
-        elif f.protected:  # a known data frame at another position
+        if f.protected:  # a known data frame at another position
             out |= {f._replace(seq=s) for s in range(FIRST_DATA_SEQ, FIRST_DATA_SEQ + 4) if s != f.seq}
     # its own HELLOs (a stranger's main channel and channels), CHALLENGEs and AUTHs: every known MAC in
     # either role, and a proof under its own key (which never verifies; one stands for all)

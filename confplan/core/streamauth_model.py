@@ -232,7 +232,7 @@ class World:
 # ---- the network's repertoire ----
 
 
-def _parts(frames: Iterable[Frame]) -> tuple[set[Term], set[str], set[Term]]:
+def network_parts(frames: Iterable[Frame]) -> tuple[set[Term], set[str], set[Term]]:
     """MACs, target nonces and HELLOs the network can lift out of frames it knows."""
     macs: set[Term] = set()
     nonces: set[str] = {"nt-attacker"}
@@ -273,7 +273,7 @@ def _edits(design: Design, f: Frame, sealed: list[Frame]) -> Iterator[Frame]:
 def network_frames(design: Design, known: frozenset[Frame]) -> list[Frame]:
     """Every frame the network can deliver, given the frames it knows."""
     out: set[Frame] = set(known)
-    macs, nonces, hellos = _parts(known)
+    macs, nonces, hellos = network_parts(known)
     # its own handshake messages, with proofs under its own key for the transcripts it can name (a proof
     # under its key never verifies; a handful stand for all of them)
     out |= {Frame(False, "HELLO", 0, ("hello", 2, mid, "ns-attacker")) for mid in (ID_THIS, ID_OTHER)}
