@@ -46,6 +46,7 @@ from confplan.plan import load_plan
 from confplan.stages import Observer, apply
 from confplan.stages.executor import Step
 from confplan.stages.modules import __name__ as _stages  # noqa: F401  (registers the stages)
+from confplan.vmm.memory import GUEST_RAM_VMFLAGS, smaps
 
 MIGRATION_STAGES = ("start-incoming", "precopy", "stop-and-copy", "verify", "resume-target")
 STAGES = ("launch-source", "provision-target", "attest-target", *MIGRATION_STAGES)  # no cleanup: RSS of both
@@ -74,17 +75,10 @@ def write_plan(
 
 
 def beyond_guest_ram_mib(pid: int) -> float:
-    """RSS minus the guest RAM of a VMM process, MiB. Guest RAM is the anonymous mapping the VMM marks
-    MADV_HUGEPAGE and MADV_DONTFORK (VmFlags "hg" and "dc" in smaps; confplan.vmm.memory)."""
-    rss_kib = guest_kib = rss_of_vma = 0
-    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key == "Rss":
-            rss_of_vma = int(value.split()[0])
-            rss_kib += rss_of_vma
-        elif key == "VmFlags" and {"hg", "dc"} <= set(value.split()):
-            guest_kib += rss_of_vma
-    return (rss_kib - guest_kib) / 1024
+    """RSS minus the guest RAM of a VMM process, MiB (guest RAM: the mapping confplan.vmm.memory marks)."""
+    mappings = list(smaps(pid))
+    rss = sum(m.kib.get("Rss", 0) for m in mappings)
+    return (rss - sum(m.kib.get("Rss", 0) for m in mappings if m.flags >= GUEST_RAM_VMFLAGS)) / 1024
 
 
 RECORD = 4096

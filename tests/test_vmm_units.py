@@ -237,7 +237,7 @@ def test_the_doorbell_parks_the_helper_until_the_next_kick() -> None:
 def test_guest_ram_is_on_huge_pages_where_the_host_allows_them() -> None:
     """MADV_HUGEPAGE on the RAM: with THP not "never", prefaulted RAM sits on 2 MiB pages (what lets KVM
     map it 2 MiB at a time)."""
-    from confplan.vmm.memory import GuestRam
+    from confplan.vmm.memory import GUEST_RAM_VMFLAGS, GuestRam, smaps
 
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if not thp.exists() or "[never]" in thp.read_text():
@@ -248,6 +248,9 @@ def test_guest_ram_is_on_huge_pages_where_the_host_allows_them() -> None:
         ram.prefault()
         assert ram.resident_bytes() == ram.size
         assert ram.huge_pages() > ram.size // 2
+        # what the bench counts as guest RAM in a VMM's RSS
+        mine = [m for m in smaps() if ram.address <= m.start < ram.address + ram.top]
+        assert mine and all(m.flags >= GUEST_RAM_VMFLAGS for m in mine)
     finally:
         ram.close()
 

@@ -9,7 +9,9 @@ import ctypes
 import errno
 import mmap
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TypeVar
 
 from confplan.errors import ConfplanError
@@ -44,6 +46,37 @@ def mem_available(meminfo: str = "/proc/meminfo") -> int | None:
     return None
 
 
+# How guest RAM's mapping shows in /proc/PID/smaps (VmFlags): MADV_HUGEPAGE and MADV_DONTFORK.
+GUEST_RAM_VMFLAGS = frozenset({"hg", "dc"})
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """One mapping of a process as /proc/PID/smaps describes it: its range, its kB fields, its VmFlags."""
+
+    start: int
+    end: int
+    kib: dict[str, int]
+    flags: frozenset[str]
+
+
+def smaps(pid: int | str = "self") -> Iterator[Mapping]:
+    """The mappings of process ``pid`` (for the bench: what of a VMM's RSS is guest RAM)."""
+    with open(f"/proc/{pid}/smaps", encoding="ascii") as lines:
+        head: tuple[int, int] | None = None
+        kib: dict[str, int] = {}
+        for line in lines:
+            first = line.split(maxsplit=1)[0]
+            key, _, value = line.partition(":")
+            if "-" in first and not first.endswith(":"):  # "start-end perms offset dev inode path"
+                start, _, end = first.partition("-")
+                head, kib = (int(start, 16), int(end, 16)), {}
+            elif key == "VmFlags" and head is not None:  # the last line of a mapping's block
+                yield Mapping(*head, kib, frozenset(value.split()))
+            elif value.strip().endswith("kB"):
+                kib[key] = int(value.split()[0])
+
+
 class GuestRam:
     """``size`` bytes of guest RAM, one private anonymous mapping laid out as the guest sees it (``ranges``:
     below the hole under 4 GiB, the rest from 4 GiB), so a GPA is an offset into it. The hole is mapped
@@ -52,9 +85,8 @@ class GuestRam:
     with them KVM maps 2 MiB at a time, which on kvm_pvm's shadow MMU saves the target's helper most of
     its page faults; ``huge_pages()`` says how much of it got them."""
 
-    def __init__(self, size: int, name: str = "confplan-ram") -> None:
+    def __init__(self, size: int) -> None:
         self.size = size
-        self.name = name
         self.ranges = ram_ranges(size)
         self.top = self.ranges[-1][1]
         self._mm: mmap.mmap | None = mmap.mmap(
@@ -75,7 +107,8 @@ class GuestRam:
         page here (zeroing, host faults), which would otherwise be paid inside the migration, page by page
         by the helper, and a host short of memory fails here instead of halfway through a stream. Split over
         ``threads`` (default: one per CPU, at most 8), as QEMU's prealloc-threads: 2 threads took 1 GiB in
-        ~1 s here where one took 2-2.4 s (4 KiB pages; with huge pages ~0.3 s)."""
+        ~1 s here where one took 2-2.4 s on 4 KiB pages (on huge pages 0.1 s, up to ~2.7 s when the kernel
+        must first compact memory to find 2 MiB blocks)."""
         count = max(1, min(threads or os.cpu_count() or 1, 8, self.size // _PREFAULT_MIN))
         step = -(-self.size // count // _HUGE_PAGE) * _HUGE_PAGE  # spans end on huge-page boundaries
         spans = [(at, min(step, end - at)) for start, end in self.ranges for at in range(start, end, step)]
@@ -98,16 +131,8 @@ class GuestRam:
 
     def _smaps_kib(self, field: str) -> int:
         """Sum of one smaps field over this mapping's pieces (the hole splits it)."""
-        total, inside = 0, False
-        with open("/proc/self/smaps", encoding="ascii") as lines:
-            for line in lines:
-                head = line.split(maxsplit=1)[0]
-                if "-" in head and not head.endswith(":"):
-                    start, _, end = head.partition("-")
-                    inside = self.address <= int(start, 16) and int(end, 16) <= self.address + self.top
-                elif inside and head == f"{field}:":
-                    total += int(line.split()[1])
-        return total
+        end = self.address + self.top
+        return sum(m.kib.get(field, 0) for m in smaps() if self.address <= m.start and m.end <= end)
 
     def memslots(self) -> list[Memslot]:
         """One KVM memslot per RAM range (slot numbers from 0): the same for the guest's VM and a mirror."""
