@@ -305,12 +305,7 @@ class OutgoingMigration(MigrationSide):
         if not self.sealed_state:
             return self.prepared_tables()
         preparing, sealing = require_helper(self.helper(), "source", 0).apart()
-
-        def ready() -> bool:
-            if sealing is preparing:
-                states_sealed.wait()
-            return True
-
+        ready = states_sealed.wait if sealing is preparing else (lambda: None)
         return self.pause_tables(prepare=True, helpers=preparing, ready=ready)
 
     def _seal_state(self, vcpu: int, blob: bytes) -> bytes:

@@ -206,7 +206,7 @@ class MigrationSide:
 
     def pause_tables(
         self, enc_bitmap: bytes | None = None, *, prepare: bool = False, helpers: MailboxSet | None = None,
-        ready: Callable[[], bool] | None = None,
+        ready: Callable[[], object] | None = None,
     ) -> dict[str, Any]:  # fmt: skip
         """In the pause, before a manifest is sealed or checked: the helpers MAC the pages moved as shared
         since their tables were last brought up to date (SAVE and LOAD keep the private pages' entries), so
@@ -216,9 +216,8 @@ class MigrationSide:
         the MACs, so the SEAL_MANIFEST or CHECK_MANIFEST that follows is short: nothing may change the
         tables after it. ``helpers``: the only helpers it may use (default: all; another thread uses the
         rest). ``ready`` (SEV-ES/SNP) runs before the helpers' ops, while the CRCs go on: it waits until
-        the vCPU states are sealed or opened (an OPEN_STATE changes what a check reads) and says whether a
-        PREPARE would hold (False: the MACs only, and the SEAL or CHECK computes everything, as before).
-        Returns the shared digest and what it cost."""
+        the helpers may take them (the vCPU states sealed, where the same helper seals them). Returns the
+        shared digest and what it cost."""
         machine = self.need_machine()
         mailboxes = self.helper() if helpers is None else helpers
         started = time.monotonic()
@@ -231,7 +230,8 @@ class MigrationSide:
                 crc = partial(crc_table.digest, enc_bitmap)
             future = pool.submit(_timed, crc)
             waited = time.monotonic()
-            prepare = prepare and (ready is None or ready())
+            if ready is not None:
+                ready()
             waited = time.monotonic() - waited
             prepared = None
             if mailboxes is not None and prepare:

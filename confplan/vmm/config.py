@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from confplan.errors import ConfplanError
 from confplan.vmm import abi
@@ -12,7 +12,7 @@ HelperMode = Literal["aux-vcpu", "mirror-vm", "none"]
 EncChannel = Literal["mmio", "hypercall"]
 # The fastest AES-GCM implementation the helper may pick (cpu_setup.cap_for_crypto); "auto": the CPU's best.
 CryptoImpl = Literal["auto", "vaes512", "vaes", "aes-ni", "portable"]
-CRYPTO_IMPLS: tuple[str, ...] = ("auto", "vaes512", "vaes", "aes-ni", "portable")
+CRYPTO_IMPLS: tuple[str, ...] = get_args(CryptoImpl)
 
 
 @dataclass(frozen=True)
