@@ -10,8 +10,6 @@
 #include "digest.h"
 
 #define HEAD CP_MB_SEALED_HEAD
-#define SIDE_SOURCE CP_MH_SIDE_SOURCE
-#define SIDE_TARGET CP_MH_SIDE_TARGET
 /* Record head fields (struct cp_sealed_blob), read bytewise from the private copy. */
 #define H(field) offsetof(struct cp_sealed_blob, field)
 #define B(field) offsetof(struct cp_manifest_body, field)
@@ -125,7 +123,7 @@ static int open_record(struct cp_mh_ctx *ctx, uint32_t magic, const char *label,
         cp_mh_load_le(rec + H(flags), 2) != 0 || length != size - HEAD)
         return -1;
     /* Only a source MH seals these: a target cannot have its own helper vouch for its own tables. */
-    if (cp_mh_load_le32(rec + H(key_id)) != ctx->key_id || sender >> 16 != SIDE_SOURCE)
+    if (cp_mh_load_le32(rec + H(key_id)) != ctx->key_id || sender >> 16 != CP_MH_SIDE_SOURCE)
         return -1;
     record_aad(aad, label, rec);
     return cp_gcm_open(&ctx->seal_key, rec + H(nonce), aad, sizeof(aad), rec + HEAD, rec + HEAD, length,
@@ -339,7 +337,7 @@ uint32_t cp_mh_prepare_manifest(struct cp_mh_ctx *ctx, const uint8_t *data, uint
         pr->chunk = chunk;
         pr->max_gen = cp_mh_load_le32(body + B(max_generation));
         cp_mh_copy(pr->bitmap_digest, body + B(bitmap_digest), CP_MB_DIGEST_BYTES);
-        pr->in_seal_buf = ctx->cfg.side == SIDE_SOURCE;
+        pr->in_seal_buf = ctx->cfg.side == CP_MH_SIDE_SOURCE;
         if (!pr->in_seal_buf) /* the target's seal_buf is CHECK's: keep a digest of the entries instead */
             rc = entries_digest(ctx, entries, chunks, pr->entries_digest);
         pr->valid = rc == CP_MBS_OK;
@@ -360,7 +358,7 @@ uint32_t cp_mh_seal_manifest(struct cp_mh_ctx *ctx, volatile struct cp_mb_cmd *c
 {
     struct request rq;
     struct diffs unused = {0, 0, 0, 0, 0};
-    if (ctx->cfg.side != SIDE_SOURCE)
+    if (ctx->cfg.side != CP_MH_SIDE_SOURCE)
         return CP_MBS_SIDE;
     uint32_t rc = read_request(ctx, data, room, start, npages, chunk, &rq);
     uint64_t chunks = npages ? (npages + chunk - 1) / chunk : 0;
@@ -486,7 +484,7 @@ uint32_t cp_mh_check_manifest(struct cp_mh_ctx *ctx, volatile struct cp_mb_cmd *
                               uint64_t room, uint64_t start, uint64_t npages, uint32_t chunk)
 {
     struct request rq;
-    if (ctx->cfg.side != SIDE_TARGET)
+    if (ctx->cfg.side != CP_MH_SIDE_TARGET)
         return CP_MBS_SIDE;
     uint32_t changes0 = __atomic_load_n(&ctx->cfg.shared->changes, __ATOMIC_ACQUIRE);
     /* The VMSA slots count from here (the check reads their tags below), prepared or not. */
@@ -527,7 +525,7 @@ static void store_tag(uint8_t out[CP_MB_VMSA_TAG], const uint8_t *tag)
 uint32_t cp_mh_seal_state(struct cp_mh_ctx *ctx, volatile struct cp_mb_cmd *c, uint8_t *data, uint64_t room,
                           uint64_t vcpu, uint64_t len)
 {
-    if (ctx->cfg.side != SIDE_SOURCE)
+    if (ctx->cfg.side != CP_MH_SIDE_SOURCE)
         return CP_MBS_SIDE;
     if (vcpu >= ctx->cfg.vmsa_slots || len == 0 || len > CP_VMSA_DATA_BYTES || HEAD + len > room)
         return CP_MBS_COUNT;
@@ -566,7 +564,7 @@ static void write_slot(struct cp_mh_ctx *ctx, uint64_t vcpu, uint32_t len)
 uint32_t cp_mh_open_state(struct cp_mh_ctx *ctx, const uint8_t *data, uint64_t room, uint64_t vcpu,
                           uint64_t size)
 {
-    if (ctx->cfg.side != SIDE_TARGET)
+    if (ctx->cfg.side != CP_MH_SIDE_TARGET)
         return CP_MBS_SIDE;
     if (vcpu >= ctx->cfg.vmsa_slots || size <= HEAD || size > HEAD + CP_VMSA_DATA_BYTES || size > room)
         return CP_MBS_COUNT;

@@ -81,7 +81,7 @@ static void fill_config(struct cp_mh_config *cfg, uint64_t idx)
     cfg->secret_size = CP_PAGE_SIZE;
     cfg->doorbell = (volatile uint64_t *)(uintptr_t)(bp->mmio_mailbox + 8 * idx);
     cfg->cpu_features = cp_mh_features_from_bp(bp->cpu_features);
-    cfg->side = (bp->flags & CP_BP_FLAG_MH_ONLY) ? 1u : 0u;
+    cfg->side = (bp->flags & CP_BP_FLAG_MH_ONLY) ? CP_MH_SIDE_TARGET : CP_MH_SIDE_SOURCE;
     cfg->snp = (bp->flags & CP_BP_FLAG_SNP) ? 1u : 0u; /* measured: a host that lies changes the digest */
     for (uint32_t i = 0; i < sizeof(cfg->owner_key); i++) /* measured too */
         cfg->owner_key[i] = bp->owner_key[i];
