@@ -138,3 +138,8 @@ def test_text_edits_of_example_plans(
     text = example.read_text()
     at = int(position * len(text))
     _validate_text(workdir, text[:at] + insert + text[at + cut :])
+
+
+def test_a_stage_name_with_a_line_break_stays_one_diagnostic_line(workdir: Path) -> None:
+    """Found by test_mutated_example_plans: U+0085 in a stage name split the message's example in two."""
+    _validate_text(workdir, 'stages:\n- {" \\x85": false}\n')

@@ -518,7 +518,8 @@ class StageSpec(_Model):
             )
         ((name, params),) = data.items()
         if params is not None and not isinstance(params, dict):
-            example = f"{{{name}: {{key: value}}}}"
+            shown = name if str(name).isprintable() else repr(name)  # a line break in a name stays escaped
+            example = f"{{{shown}: {{key: value}}}}"
             raise plan_error(
                 "stage_form", f"the parameters of stage {name!r} must be a mapping, e.g. {example}"
             )
