@@ -70,6 +70,7 @@ class RpcClient:
         self._send_lock = threading.Lock()
         self._broken: RpcError | None = None
         self._closing = False  # this side hangs up: the end of stream needs no explaining
+        self._went: str | None = None  # the peer went (and the detail it went with)
         self._thread = threading.Thread(target=self._read_loop, name=f"rpc-reader {peer}", daemon=True)
         self._thread.start()
 
@@ -98,9 +99,11 @@ class RpcClient:
         )
         pending = _Pending(method)
         with self._lock:
-            if self._broken is not None:
-                raise self._broken
-            self._pending[call_id] = pending
+            broken = self._broken
+            if broken is None:
+                self._pending[call_id] = pending
+        if broken is not None:  # (outside the lock: describing a gone peer may wait for its exit code)
+            raise self._broken_for(method, broken)
         try:
             with self._send_lock:
                 self._sock.sendall(data)
@@ -173,12 +176,23 @@ class RpcClient:
             return PeerGone(f"the connection to {self.peer} was closed by this side")
         with self._lock:
             methods = sorted({pending.method for pending in self._pending.values()})
+        self._went = detail or ""
+        return self._gone_message(methods, detail)
+
+    def _gone_message(self, methods: list[str], detail: str | None) -> PeerGone:
         during = f" during call {', '.join(repr(m) for m in methods)}" if methods else ""
         extra = f" ({detail})" if detail else ""
         return PeerGone(
             f"{self.peer} {self._describe_gone()}{during}{extra}",
             hint="its log (stderr) says why; rerun the command to resume",
         )
+
+    def _broken_for(self, method: str, broken: RpcError) -> RpcError:
+        """What a call finds when the connection broke before it was sent: the same words whether the
+        peer went before or after the call was made (a race the caller cannot see), naming the call."""
+        if isinstance(broken, PeerGone) and self._went is not None and not self._closing:
+            return self._gone_message([method], self._went)
+        return broken
 
     def _break(self, error: RpcError) -> None:
         """Fail every waiting call with ``error``; later calls fail at once with it too."""
