@@ -2,7 +2,8 @@
 
 Areas: ``plan_cmds`` (validate, schema), ``apply_cmds`` (apply, vmm, agent), ``stage_cmds`` (status),
 ``report_cmds`` (report: HTML and JUnit),
-``machine_cmds`` (launch), ``owner_cmds`` (the guest owner's key broker), ``trust_cmds`` (identity, trust).
+``machine_cmds`` (launch), ``owner_cmds`` (the guest owner's key broker), ``owner_attest_cmds`` (the owner's
+offline attestation checks, in ``confplan owner``), ``trust_cmds`` (identity, trust).
 ``main`` is the console-script entry: it turns a ``ConfplanError`` into a clean message and its exit code,
 and any other exception into a one-line internal error (exit 1), never a traceback.
 """
@@ -64,6 +65,7 @@ def _register_areas() -> None:
     from confplan.cli import (
         apply_cmds,
         machine_cmds,
+        owner_attest_cmds,
         owner_cmds,
         plan_cmds,
         preflight_cmds,
@@ -73,7 +75,7 @@ def _register_areas() -> None:
     )
 
     for area in (plan_cmds, preflight_cmds, apply_cmds, stage_cmds, report_cmds, machine_cmds, owner_cmds,
-                 trust_cmds):
+                 owner_attest_cmds, trust_cmds):
         area.register(app)
     _full_summaries()
 

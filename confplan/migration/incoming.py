@@ -98,11 +98,11 @@ class IncomingMigration(MigrationSide, HandoverHooks):
         return self.stream
 
     def stream_side(self) -> StreamSide:
-        return self.need_stream()
+        return self.need_stream().pages
 
     def shared_for_fill(self) -> array.array[int] | None:
         # The encryption bitmap only arrives at DONE: fill the pages the stream sent as shared so far.
-        return self.need_stream().shared_written()
+        return self.need_stream().pages.shared_written()
 
     def status(self, wait: float) -> dict[str, Any]:
         return self.need_stream().wait(wait).to_json()

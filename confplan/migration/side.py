@@ -30,8 +30,8 @@ Log = Callable[[str], None]
 
 
 class StreamSide(Protocol):
-    """What verify asks of a side's stream (``source.Outgoing``, ``target.Incoming``): the pages it moved
-    since the last call."""
+    """What verify asks of a side's stream (``source.Outgoing``, ``page_receiver.PageReceiver``): the pages
+    it moved since the last call."""
 
     def take_changed_gpas(self) -> array.array[int]: ...
     def take_shared_gpas(self) -> array.array[int]: ...

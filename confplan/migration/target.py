@@ -1,18 +1,15 @@
 """The target engine: receives one migration stream into a machine booted MH-only.
 
-A thread reads frames (``FrameReader`` checks header and sequence) and applies each once it is checked
-completely: shared pages are scattered by the core straight into guest RAM above the helper's area (a
-shared page aimed anywhere lower is refused: the host path must never write the helper or the firmware);
-sealed records are copied by the core into a free bank of an MH vCPU's mailbox slots and opened there by
-the MH (LOAD) while the next frames arrive: ``MailboxSet.load_stream``, banks round robin over the helpers
-so they work in parallel, every LOAD done before the frame that ends the pages (ROUND_END) is applied.
+A thread accepts the source (the first connection that proves the stream key), reads frames
+(``FrameReader`` checks header and sequence) and applies each once it is checked completely: page frames
+through the ``PageReceiver`` (shared pages into guest RAM above the helper's area, sealed records opened
+by the MH vCPUs in parallel), every LOAD done before the frame that ends the pages (ROUND_END) is applied.
 vCPU states and the encryption bitmap are kept until resume. Any refusal ends the stream: the source is
 told why (an ERROR frame) and nothing more is applied.
 """
 
 from __future__ import annotations
 
-import array
 import contextlib
 import enum
 import socket
@@ -22,8 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from confplan.core import CoreStatus, HostMemory, PageCoreError, unframe_sealed_pages, unframe_shared_pages
-from confplan.core.datapath import DataLoop, Stop
 from confplan.core.stream import Frame, FrameReader, FrameWriter
 from confplan.core.streamauth import (
     HANDSHAKE_TIMEOUT,
@@ -33,7 +28,6 @@ from confplan.core.streamauth import (
     server_handshake,
 )
 from confplan.core.wire import (
-    MAX_FRAME_PAGES,
     DeviceState,
     Done,
     ErrorReport,
@@ -47,12 +41,8 @@ from confplan.core.wire import (
 )
 from confplan.errors import ConfplanError
 from confplan.migration.channels import ChannelReceiver, ChannelSet, awaited_channel_key, share_mailboxes
-from confplan.migration.dirty import concat_gpas
-from confplan.migration.helper import require_helper
-from confplan.migration.mailbox import Mailbox
-from confplan.migration.mailbox_layout import PAGE_SIZE, SLOT_SIZE, Op
 from confplan.migration.mailbox_set import MailboxSet
-from confplan.migration.sealed_path import SealedPath, socket_error
+from confplan.migration.page_receiver import PageReceiver
 from confplan.migration.session import (
     ENC_BITMAP_DEVICE,
     ENC_BITMAP_FORMAT,
@@ -140,18 +130,9 @@ class Incoming:
         self.status = IncomingStatus()
         self._done = threading.Event()
         self._conn: socket.socket | None = None
-        self._gpas = array.array("Q", bytes(8 * MAX_FRAME_PAGES))
-        # GPAs written since take_changed_gpas() began tracking (the shared CRC table drops them)
-        self._written: list[array.array[int]] | None = None
-        self._shared_written: list[array.array[int]] = []  # GPAs of every shared-page frame (see below)
-        self._shared_taken = 0  # how many of those take_shared_gpas() has handed out
-        low = int(machine.layout.mh_end)
-        self._shared_ram = HostMemory(machine.ram.address + low, machine.ram.top - low)
-        self._shared_base = low
-        self._path: SealedPath | None = None  # the main channel's helpers as the core's data loop sees them
+        self.pages = PageReceiver(machine, self.status, self._apply)  # the page frames, and what they wrote
         self._helpers = mailboxes  # the main channel's helpers (all of them with one channel)
         self._channels: ChannelSet | None = None  # wire v4's extra channels, once accepted
-        self._loop_gpas = array.array("Q")  # the GPAs one loop call received (a round's at most)
         self._final_round = False  # the final ROUND_END was applied: no page frame may follow it
         self._states_told = False  # HandoverHooks.states_complete was called
         self.marks: dict[str, float] = {}  # wall time of the pause's frames as they arrived (a timeline)
@@ -375,7 +356,9 @@ class Incoming:
             pass
 
     def _next_of(self, reader: FrameReader) -> Frame:
-        return self._after_final(reader) if self._final_round else self._receive_pages(reader)
+        if self._final_round:
+            return self._after_final(reader)
+        return self.pages.receive(reader, self._conn, self._helpers or self.mailboxes)
 
     def _after_final(self, reader: FrameReader) -> Frame:
         """A frame after the final round: the state, manifests, DONE. Verify may have started on the
@@ -388,122 +371,6 @@ class Incoming:
                 hint="the source and target run different confplan versions, or the source is broken",
             )
         return frame
-
-    def _next_frame(self, reader: FrameReader) -> Frame:
-        """The next frame that is neither shared pages (applied as they come) nor ERROR (raised at once,
-        whatever LOADs are in flight)."""
-        while True:
-            frame = reader.recv()
-            self.status.bytes_received += len(frame.data)
-            kind = frame.header.type
-            if kind is FrameType.SHARED_PAGES:
-                self._apply_shared(frame)
-            elif kind is FrameType.ERROR:
-                self._apply(frame)  # raises: the source gave up
-            else:
-                return frame
-
-    def _receive_pages(self, reader: FrameReader) -> Frame:
-        """Apply page frames up to the next other frame and return that one, once every LOAD of the sealed
-        pages before it is done. Sealed frames go through the core's data loop (straight into the helpers'
-        banks, LOAD posted, GIL released); it hands back the first other frame's header, and this side
-        applies a shared-page frame and calls the loop again, or returns the frame."""
-        if self.mailboxes is None:
-            frame = self._next_frame(reader)
-            if frame.header.type is FrameType.SEALED_PAGES:
-                require_helper(self.mailboxes, "target", 1)  # raises: no helper to open them
-            return frame
-        path = self._sealed_path(self._helpers or self.mailboxes)
-        while True:
-            self._receive_sealed(reader, path)
-            kind = int.from_bytes(reader.pending_header()[6:8], "little")
-            if kind == FrameType.SHARED_PAGES:
-                frame = reader.recv()
-                self.status.bytes_received += len(frame.data)
-                self._apply_shared(frame)
-            elif kind == FrameType.SEALED_PAGES:  # one the loop would not take: refused (or too big) here
-                return self._receive_pages_python(reader, self._helpers or self.mailboxes)
-            else:
-                return self._next_frame(reader)
-
-    def _sealed_path(self, mailboxes: MailboxSet) -> SealedPath:
-        if self._path is None:
-            self._path = SealedPath(mailboxes, BANKS)
-            self._loop_gpas = array.array("Q", bytes(8 * (self.machine.config.memory // PAGE_SIZE)))
-        return self._path
-
-    def _receive_sealed(self, reader: FrameReader, path: SealedPath) -> None:
-        """The core's loop until a frame that is not a well-formed SEALED_PAGES one; its header is then the
-        reader's next."""
-        conn = self._conn
-        if conn is None:
-            raise ConfplanError("no source is connected")
-        key = reader.key
-        loop = DataLoop(
-            conn.fileno(), path.loop_mailboxes, key=key.for_core() if key is not None else None,
-            seq=reader.seq, op_timeout=path.op_timeout, io_timeout=conn.gettimeout(), poke=path.poke,
-            ram_size=self.machine.ram.top,
-        )  # fmt: skip
-        result = loop.receive(self._loop_gpas)
-        reader.seq = result.seq
-        self.status.bytes_received += result.nbytes
-        self.status.sealed_pages += result.pages
-        if result.pages and self._written is not None:
-            self._written.append(self._loop_gpas[: result.pages])
-        if result.stop is Stop.SOCKET and not result.sys_errno:
-            raise ConfplanError(
-                f"{reader.peer} closed the migration stream while a frame was expected: the stream is "
-                "truncated",
-                hint="see the peer's log for why it stopped",
-            )
-        if result.stop in (Stop.SOCKET, Stop.TIMEOUT):
-            raise socket_error(result)
-        path.raise_for(result, Op.LOAD, frame_what=f"SEALED_PAGES frame {result.seq} refused")
-        reader.push_header(result.next_header)
-
-    def _receive_pages_python(self, reader: FrameReader, mailboxes: MailboxSet) -> Frame:
-        """The Python path for sealed frames the core's loop hands back (it refuses them as it always did):
-        ``fill`` unframes each sealed frame into the bank ``load_stream`` hands it and says how many
-        records, or 0 at the first other frame."""
-        ended: list[Frame] = []
-
-        def fill(mailbox: Mailbox, bank: memoryview) -> int:
-            frame = self._next_frame(reader)
-            if frame.header.type is not FrameType.SEALED_PAGES:
-                ended.append(frame)
-                return 0
-            return self._unframe_sealed(frame, mailbox, bank)
-
-        mailboxes.load_stream(fill, banks=BANKS)  # a refused record raises, once its LOAD is done
-        return ended[0]
-
-    def _apply_shared(self, frame: Frame) -> None:
-        gpas = self._gpas
-        info = unframe_shared_pages(frame.data, self._shared_ram, gpa_base=self._shared_base, gpas_out=gpas)
-        self._wrote(info.count)
-        self._shared_written.append(gpas[: info.count])
-        self.status.shared_pages += info.count
-        self.status.zero_pages += info.zero_pages
-
-    def _unframe_sealed(self, frame: Frame, mailbox: Mailbox, bank: memoryview) -> int:
-        """Check a sealed frame and copy its records into ``bank`` (of ``mailbox``'s slots); the count."""
-        slots = len(bank) // SLOT_SIZE
-        try:
-            info = unframe_sealed_pages(
-                frame.data, bank, ram_size=self.machine.ram.top, gpas_out=self._gpas
-            )
-        except PageCoreError as err:  # the core checks the whole frame before it looks at the room
-            if err.code is not CoreStatus.SPACE or err.value <= slots:
-                raise
-            raise ConfplanError(
-                f"SEALED_PAGES frame {frame.header.seq} holds {err.value} records, more than the {slots} "
-                f"slots of a LOAD bank of MH vCPU {mailbox.mh_index}'s mailbox",
-                hint="the source's helper seals larger batches than this target's opens: give both sides the "
-                "same helper batch_pages",
-            ) from None
-        self._wrote(info.count)
-        self.status.sealed_pages += info.count
-        return info.count
 
     def _apply(self, frame: Frame) -> bool:
         """Apply one frame that is not page data (every LOAD before it is done); True at DONE."""
@@ -552,33 +419,9 @@ class Incoming:
         for part in self._channels.collect(main):
             self.status.bytes_received += part.nbytes
             self.status.sealed_pages += len(part.gpas)
-            if len(part.gpas) and self._written is not None:
-                self._written.append(part.gpas)
+            self.pages.track(part.gpas)
         if not main.final:
             self._channels.next_round()
-
-    def _wrote(self, count: int) -> None:
-        """Keep the GPAs a frame wrote (one array copy per frame), once verify has asked for them."""
-        written = self._written
-        if count and written is not None:
-            written.append(self._gpas[:count])
-
-    def shared_written(self) -> array.array[int]:
-        """Every GPA a shared-page frame has written so far (duplicates possible): what verify's shared
-        table fills on this side, before the encryption bitmap arrives. Same calling rule as below."""
-        return concat_gpas(self._shared_written)
-
-    def take_shared_gpas(self) -> array.array[int]:
-        """The GPAs shared-page frames wrote since the last call (duplicates possible): the pages whose MH
-        MAC table entries the LOADs did not set (mailbox v4). Same calling rule as below."""
-        taken, self._shared_taken = self._shared_written[self._shared_taken :], len(self._shared_written)
-        return concat_gpas(taken)
-
-    def take_changed_gpas(self) -> array.array[int]:
-        """The GPAs written since the last call (duplicates possible), and track from now on. Call it
-        while no frame is being applied (every round applied) or with the stream complete."""
-        taken, self._written = self._written or [], []
-        return concat_gpas(taken)
 
     def _device(self, msg: DeviceState) -> None:
         if msg.name == KVM_CLOCK_DEVICE:

@@ -6,18 +6,15 @@ Entry points: ``load_plan(path)`` / ``load_plan_text(text, filename)`` return a 
 
 from confplan.plan.diagnostics import Diagnostic, PlanError
 from confplan.plan.loader import load_plan, load_plan_text
+from confplan.plan.migration_plan import API_VERSION, KIND, Checkpoint, Plan
 from confplan.plan.models import (
-    API_VERSION,
-    KIND,
     STAGE_NAMES,
     STAGE_NEEDS,
-    Checkpoint,
     Endpoint,
     Guest,
     Helper,
     Limits,
     Metadata,
-    Plan,
     PolicyFlags,
     Sev,
     StageName,

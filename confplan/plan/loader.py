@@ -17,7 +17,8 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic_core import ErrorDetails
 
 from confplan.plan.diagnostics import Diagnostic, PlanError
-from confplan.plan.models import UNION_TAGS, Plan, stage_params_model
+from confplan.plan.migration_plan import Plan
+from confplan.plan.models import UNION_TAGS, stage_params_model
 from confplan.plan.rules import check_sections
 from confplan.plan.yamlsrc import DataPath, SourceMap, describe, read_yaml, render_path
 

@@ -1,4 +1,4 @@
-"""The plan's pydantic models (apiVersion confplan/v1, kind MigrationPlan).
+"""The pydantic models of the plan's sections (the document itself, ``Plan``, is in ``migration_plan.py``).
 
 Types and single-field limits live here; rules that relate several fields live in ``rules.py`` so each can
 say why it exists. Every field carries a description: it ends up in the JSON Schema that editors show.
@@ -7,12 +7,9 @@ Quantities are human strings parsed by ``units``; the models hold plain numbers 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from collections.abc import Callable
-from pathlib import Path
-from typing import Annotated, Any, Final, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -31,8 +28,6 @@ from pydantic_core import PydanticCustomError
 from confplan.plan import units
 from confplan.sev.policy import encode_sev_policy, encode_snp_policy
 
-API_VERSION: Final = "confplan/v1"
-KIND: Final = "MigrationPlan"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 
 StageName = Literal[
@@ -114,12 +109,14 @@ EventRate = Annotated[
 ]
 
 
-class _Model(BaseModel):
+class StrictModel(BaseModel):
+    """The base of the plan's models: frozen, no unknown keys, no coercion."""
+
     # strict: YAML "2" (a string) is not silently taken as the number 2.
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
-class Metadata(_Model):
+class Metadata(StrictModel):
     """Who this plan is: a name for logs, checkpoints and the migration's AEAD plan id."""
 
     name: str = Field(
@@ -130,7 +127,7 @@ class Metadata(_Model):
     description: str = Field("", description="Free text for people reading the plan.")
 
 
-class Workload(_Model):
+class Workload(StrictModel):
     """What runs inside the guest while it migrates."""
 
     kind: Literal["dirty-writer", "idle"] = Field(
@@ -158,7 +155,7 @@ class Workload(_Model):
     )
 
 
-class Guest(_Model):
+class Guest(StrictModel):
     """The confidential guest to migrate."""
 
     memory: Size = Field(
@@ -177,7 +174,7 @@ class Guest(_Model):
     workload: Workload = Field(default_factory=Workload, description="The workload the guest runs.")
 
 
-class Helper(_Model):
+class Helper(StrictModel):
     """The in-guest migration helper (MH) that seals and opens private pages."""
 
     mode: HelperMode = Field(
@@ -202,7 +199,7 @@ class Helper(_Model):
         return self.aux_vcpus if self.mode == "aux-vcpu" else max(1, self.aux_vcpus)
 
 
-class PolicyFlags(_Model):
+class PolicyFlags(StrictModel):
     """The policy as named flags; unset flags take the defaults of the guest's generation."""
 
     nodbg: bool | None = Field(None, description="SEV/SEV-ES: refuse debugging the guest. Default true.")
@@ -282,7 +279,7 @@ Policy = Annotated[
 ]
 
 
-class Sev(_Model):
+class Sev(StrictModel):
     """The confidential-computing generation and the guest owner's policy."""
 
     generation: Generation = Field(
@@ -306,7 +303,7 @@ _TCP = re.compile(
 )
 
 
-class Endpoint(_Model):
+class Endpoint(StrictModel):
     """Where one side of the migration runs."""
 
     host: str = Field(
@@ -369,7 +366,7 @@ class Endpoint(_Model):
         return match["host"].strip("[]").lower(), int(match["port"])
 
 
-class Limits(_Model):
+class Limits(StrictModel):
     """How long and how fast the migration may go."""
 
     max_downtime: Duration = Field(
@@ -416,7 +413,7 @@ class Limits(_Model):
     )
 
 
-class StageParams(_Model):
+class StageParams(StrictModel):
     """The parameters of a stage that takes none."""
 
 
@@ -497,7 +494,7 @@ def stage_params_model(name: str) -> type[StageParams]:
     return STAGE_PARAMS.get(name, StageParams)
 
 
-class StageSpec(_Model):
+class StageSpec(StrictModel):
     """One stage of the plan: its name and optional parameters for it."""
 
     name: StageName = Field(description="The stage to run.")
@@ -556,93 +553,3 @@ _STAGE_SCHEMA = {
     ]
 }
 Stage = Annotated[StageSpec, WithJsonSchema(_STAGE_SCHEMA)]
-
-
-def default_state_dir(stem: object, metadata: object) -> str:
-    """``.confplan/<file stem>[.<name>]``: one folder per plan, so two plans beside each other never share
-    a checkpoint, a VMM socket or a guest (falls back to the name, then to ``state``, without a file)."""
-    name = metadata.get("name") if isinstance(metadata, dict) else None
-    parts = [str(part) for part in (stem, name) if isinstance(part, str) and part]
-    if len(parts) == 2 and parts[0] == parts[1]:
-        parts.pop()
-    safe = ".".join(re.sub(r"[^A-Za-z0-9_.-]", "_", part) for part in parts)
-    return f".confplan/{safe or 'state'}"
-
-
-class Checkpoint(_Model):
-    """Where `confplan apply` records finished stages, so a rerun resumes."""
-
-    dir: Path = Field(
-        Path(".confplan/state"),
-        strict=False,
-        validate_default=True,
-        description=(
-            "Checkpoint folder (also the plan's VMM sockets, logs and owner keys); relative paths are "
-            "taken from the plan file's folder. Default: .confplan/<plan file stem>, plus .<metadata.name> "
-            "when the name differs, so every plan has its own."
-        ),
-    )
-
-    @field_validator("dir")
-    @classmethod
-    def _relative_to_plan(cls, value: Path, info: ValidationInfo) -> Path:
-        base = (info.context or {}).get("base_dir")
-        if value.is_absolute() or base is None:
-            return value
-        return Path(base) / value
-
-
-class Plan(_Model):
-    """A confidential-VM live-migration plan."""
-
-    api_version: Literal["confplan/v1"] = Field(
-        API_VERSION, alias="apiVersion", description="Schema version of this plan: confplan/v1."
-    )
-    kind: Literal["MigrationPlan"] = Field(KIND, description="Document kind: MigrationPlan.")
-    metadata: Metadata = Field(default_factory=Metadata, description="Name and description of the plan.")
-    guest: Guest = Field(description="The guest: memory, vCPUs and workload.")
-    helper: Helper = Field(default_factory=Helper, description="The migration helper inside the guest.")
-    sev: Sev = Field(default_factory=Sev, description="Generation and policy of the confidential guest.")
-    source: Endpoint = Field(default_factory=Endpoint, description="Where the guest runs now.")
-    target: Endpoint = Field(default_factory=Endpoint, description="Where the guest will run.")
-    limits: Limits = Field(default_factory=Limits, description="Downtime, timeout and bandwidth limits.")
-    stages: list[Stage] = Field(
-        default_factory=lambda: [StageSpec(name=name) for name in STAGE_NAMES],
-        min_length=1,
-        description="Stages in the order they run: names, or {name: {params}} mappings.",
-    )
-    checkpoint: Checkpoint = Field(default_factory=Checkpoint, description="Where progress is recorded.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _defaults_from_file(cls, data: Any, info: ValidationInfo) -> Any:
-        # Defaults that depend on the plan file: the name (its stem) and the checkpoint folder (beside it).
-        if not isinstance(data, dict):
-            return data
-        data = {"checkpoint": {}, **data}
-        stem = (info.context or {}).get("file_stem")
-        metadata = data.get("metadata", {})
-        if isinstance(stem, str) and re.match(NAME_PATTERN, stem) and isinstance(metadata, dict):
-            data["metadata"] = {"name": stem, **metadata}
-        checkpoint = data["checkpoint"]
-        if isinstance(checkpoint, dict) and "dir" not in checkpoint:
-            data["checkpoint"] = {**checkpoint, "dir": default_state_dir(stem, data.get("metadata"))}
-        return data
-
-    def with_checkpoint_dir(self, directory: Path | str | None) -> Plan:
-        """This plan with its checkpoint folder moved (``--checkpoint-dir``; relative to the current
-        folder, as a command-line path is); the plan hash does not change."""
-        if directory is None:
-            return self
-        moved = Checkpoint(dir=Path(directory).absolute())
-        return self.model_copy(update={"checkpoint": moved})
-
-    def stage_names(self) -> list[str]:
-        return [stage.name for stage in self.stages]
-
-    def plan_hash(self) -> str:
-        """Hex SHA-256 of the normalised plan: units parsed, policy as its word, checkpoint left out."""
-        normal = self.model_dump(mode="json", by_alias=True, exclude={"checkpoint"})
-        normal["sev"]["policy"] = self.sev.policy_int
-        text = json.dumps(normal, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()

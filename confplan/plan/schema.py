@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from confplan.plan.models import API_VERSION, Plan
+from confplan.plan.migration_plan import API_VERSION, Plan
 
 SCHEMA_PATH = Path(__file__).with_name("schema.json")
 
