@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from confplan.migration import mailbox_layout as mbx
 from confplan.migration.host_mh import FIRMWARE_DIR, HOST_BUILD_DIR, HostGuest, MhConfigC, build_host_library
+from confplan.migration.mailbox import MailboxError
 from confplan.sev.secret_table import (
     CONFPLAN_TRANSPORT_KEY_GUID,
     SecretTableError,
@@ -64,7 +65,7 @@ int main(void) {
     C(CP_MB_OP_MAC_RANGE) C(CP_MB_OP_MAC_LIST) C(CP_MB_OP_FOLD) C(CP_MB_MAC_BYTES)
     C(CP_MB_OP_SEAL_MANIFEST) C(CP_MB_OP_CHECK_MANIFEST) C(CP_MB_OP_SEAL_STATE) C(CP_MB_OP_OPEN_STATE)
     C(CP_MB_OP_VERIFIED) C(CP_MB_OP_KEY_REQUEST) C(CP_MB_OP_KEY_REPORT) C(CP_MB_OP_KEY_RELEASE)
-    C(CP_MB_OP_PREPARE_MANIFEST)
+    C(CP_MB_OP_PREPARE_MANIFEST) C(CP_MB_OP_WARM)
     C(CP_MBS_OK) C(CP_MBS_BAD_OP) C(CP_MBS_NO_KEY) C(CP_MBS_COUNT) C(CP_MBS_PARTIAL) C(CP_MBS_GPA_ALIGN)
     C(CP_MBS_GPA_RANGE) C(CP_MBS_GPA_MH) C(CP_MBS_GEN_INVALID) C(CP_MBS_GEN_STALE) C(CP_MBS_AUTH)
     C(CP_MBS_KEY_ID) C(CP_MBS_RESERVED) C(CP_MBS_NONCE) C(CP_MBS_SECRET_HEADER) C(CP_MBS_SECRET_LENGTH)
@@ -161,7 +162,7 @@ def test_ops_and_statuses_match_the_c_header(c_values: dict[str, int]) -> None:
     assert c_ops.pop("LAST") == max(mbx.Op)
     assert {op.name: op.value for op in mbx.Op} == c_ops
     c_status = {k.removeprefix("CP_MBS_"): v for k, v in c_values.items() if k.startswith("CP_MBS_")}
-    assert c_values["CP_MB_PROTO_VERSION"] == mbx.PROTO_VERSION == 7
+    assert c_values["CP_MB_PROTO_VERSION"] == mbx.PROTO_VERSION == 8
     assert c_status.pop("LAST") == max(mbx.MhStatus)
     assert {st.name: st.value for st in mbx.MhStatus} == c_status
     assert all(st.meaning for st in mbx.MhStatus)
@@ -354,6 +355,23 @@ def test_init_derivation_and_digest_match_a_python_reference(lib: ctypes.CDLL) -
         for start, npages in ((0x180000, 600), (0x400000, 512), (0x5FF000, 1)):
             got = guest.mailboxes.mailboxes[0].digest(start, npages)
             assert got == _reference_digest(key, ram, start, npages, mh), (start, npages)
+
+
+def test_warm_reads_every_page_but_the_helpers_own_and_needs_no_key(lib: ctypes.CDLL) -> None:
+    """WARM (v8) before INIT: it reads the range's pages (counted), skips the MH area, refuses a range
+    past RAM; it changes no page of the guest's."""
+    with HostGuest(lib, ram_size=6 << 20, secret=build_secret_table({})) as guest:
+        guest.ram[0x400000:0x600000] = os.urandom(0x200000)
+        before = bytes(guest.ram)
+        mb = guest.mailboxes.mailboxes[0]
+        mh_pages = guest.mh_size // PAGE
+        assert mb.finish_warm(mb.post_warm(0, (6 << 20) // PAGE)) == (6 << 20) // PAGE - mh_pages
+        assert guest.mailboxes.warm(0x400000, 512) == 512
+        with pytest.raises(MailboxError, match="GPA_RANGE"):
+            mb.finish_warm(mb.post_warm(0x400000, 513))
+        mh = guest.mh_base
+        after = bytes(guest.ram)  # the mailbox's own counters change; the guest's pages do not
+        assert after[:mh] == before[:mh] and after[mh + guest.mh_size :] == before[mh + guest.mh_size :]
 
 
 def test_owner_supplied_migration_id_is_used(lib: ctypes.CDLL) -> None:

@@ -30,7 +30,7 @@ class DirtyTracker:
 
     def reset(self) -> None:
         """A new stream: everything is pending again (the target starts from nothing)."""
-        self._machine.dirty_log.fetch()  # drop KVM's log: those pages are covered by the full set
+        self._machine.dirty_log.clear()  # logging on if it was off; what it held is covered by the full set
         self._machine.enc_bitmap.take_converted()  # and the conversions: the full set covers them too
         self.pending = self.migratable
 

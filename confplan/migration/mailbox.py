@@ -332,6 +332,18 @@ class Mailbox:
         """RESET: the helper forgets the transport key (nonce counters and anti-replay table stay)."""
         self.run(Op.RESET)
 
+    def post_warm(self, start: int, npages: int) -> int:
+        """Post WARM (v8): the helper reads a byte of every page of the range (MH area skipped), which maps
+        them into its view of guest RAM. Needs no key."""
+        return self.post(Op.WARM, arg0=start, arg1=npages)
+
+    def finish_warm(self, seq: int) -> int:
+        """Wait for a posted WARM; the pages it read. Anything but OK raises."""
+        status = self.wait(Op.WARM, seq)
+        if status != MhStatus.OK:
+            self._fail(Op.WARM, status)
+        return self._get("digest_pages", "<Q")
+
     # ---- the per-page MAC table (v3) ----
     @property
     def mac_list_capacity(self) -> int:

@@ -17,7 +17,7 @@ from confplan.guest.abi import MAX_VCPUS
 
 PAGE_SIZE = 4096
 PROTO_MAGIC = 0x504D4243  # "CBMP"
-PROTO_VERSION = 7
+PROTO_VERSION = 8
 PROTO_OFFSET = 0x40
 SLOTS_OFFSET = 0x1000
 RING_OFFSET = 0x400
@@ -128,6 +128,7 @@ class Op(enum.IntEnum):
     KEY_REPORT = 15
     KEY_RELEASE = 16
     PREPARE_MANIFEST = 17
+    WARM = 18
 
 
 class MhStatus(enum.IntEnum):

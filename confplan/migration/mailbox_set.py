@@ -55,6 +55,13 @@ class MailboxSet:
                 )  # fmt: skip
         return first
 
+    def warm(self, start: int, npages: int) -> int:
+        """WARM on every helper at once: each maps the range into its view (docs/mailbox.md, "WARM"). They
+        share page tables, so on a shadow MMU the first to touch a page maps it for all; the others only
+        read. Returns the pages each read."""
+        seqs = [mb.post_warm(start, npages) for mb in self.mailboxes]
+        return min(mb.finish_warm(seq) for mb, seq in zip(self.mailboxes, seqs, strict=True))
+
     def reset(self) -> None:
         for mb in self.mailboxes:
             mb.reset()

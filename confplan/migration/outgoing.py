@@ -108,10 +108,14 @@ class OutgoingMigration(MigrationSide):
         sock = sockets.dial_tcp(host, port, timeout=10.0, what="the target's migration port")
         if self.tracker is None:
             self.tracker = DirtyTracker(machine)
-        self.tracker.reset()
+        mailboxes = self.helper()
+        if mailboxes is not None and not machine.dirty_log.started:
+            # while KVM still maps guest RAM 2 MiB at a time: once the log is on, each 4 KiB (docs/mailbox.md)
+            mailboxes.warm(0, self.tracker.npages)
+        self.tracker.reset()  # the dirty log on from here
         self.shared_table = None
         self.stream = Outgoing(
-            machine, sock, hello=self.hello(migration_id), stream_key=stream_key, mailboxes=self.helper(),
+            machine, sock, hello=self.hello(migration_id), stream_key=stream_key, mailboxes=mailboxes,
             tracker=self.tracker, next_generation=self.next_generation, bandwidth=bandwidth,
             peer=f"the target at {host}:{port}", progress_timeout=progress_timeout, channels=channels,
             dial=lambda: sockets.dial_tcp(host, port, timeout=10.0, what="the target's migration port"),

@@ -1,4 +1,6 @@
-"""KVM's dirty log over every memslot, merged into one GPA-indexed ``PageBitmap`` (bit i = page i) and
+"""KVM's dirty log over every memslot, off until ``start`` (or the first ``clear``): a source turns it on
+when a migration begins, as QEMU does, so the guest runs on 2 MiB mappings until then, and its helper can map
+RAM the same way first (mailbox WARM). Then merged into one GPA-indexed ``PageBitmap`` (bit i = page i) and
 filled in place by KVM_GET_DIRTY_LOG: each slot's log is written at its first page's word, so RAM above
 4 GiB needs no copy (a slot starts on a multiple of 64 pages: 2 MiB-aligned RAM, the hole at 4 GiB).
 
@@ -30,7 +32,9 @@ class Memslot:
 class DirtyLog:
     """Each ``fetch`` overwrites the bitmap with the pages written since the previous fetch."""
 
-    def __init__(self, vm: Vm, slots: list[Memslot], *, keep_writable: range | None = None) -> None:
+    def __init__(
+        self, vm: Vm, slots: list[Memslot], host_address: int, *, keep_writable: range | None = None
+    ) -> None:
         if any(m.gpa % (64 * PAGE) or m.size % (64 * PAGE) for m in slots):
             raise ValueError(f"memslots must start and end on a 64-page boundary: {slots}")
         self._vm = vm
@@ -38,6 +42,17 @@ class DirtyLog:
         self.bitmap = PageBitmap(max(m.gpa + m.size for m in slots) // PAGE)
         self._keep = keep_writable
         self.manual = keep_writable is not None and self._enable_manual()
+        self._host = host_address
+        self.started = False
+
+    def start(self) -> None:
+        """Turn logging on (KVM_MEM_LOG_DIRTY_PAGES on every slot, a flags-only change): KVM write-protects
+        what is mapped, so the next write to each page is logged, and from then on maps RAM 4 KiB at a
+        time (it must see each write). Until then the guest runs on 2 MiB mappings, as QEMU's do."""
+        flags = s.KVM_MEM_LOG_DIRTY_PAGES
+        for m in self.slots:
+            self._vm.set_user_memory_region(m.slot, m.gpa, m.size, self._host + m.gpa, flags)
+        self.started = True
 
     def _enable_manual(self) -> bool:
         """Manual protection (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, bit 0 only: pages start write-protected as
@@ -54,6 +69,8 @@ class DirtyLog:
         """KVM_GET_DIRTY_LOG of every slot into its part of the bitmap (zero copy); KVM clears its own
         copy (with manual protection: of every page it reported but those kept writable). The bits between
         slots (the hole) are never set."""
+        if not self.started:
+            raise RuntimeError("the dirty log is off: clear() turns it on and starts the first round")
         for m in self.slots:
             self._vm.get_dirty_log(m.slot, self.bitmap.address + m.gpa // PAGE // 8)
         if self.manual:
@@ -72,5 +89,7 @@ class DirtyLog:
             self._vm.clear_dirty_log(m.slot, 0, m.size // PAGE, self.bitmap.address + m.gpa // PAGE // 8)
 
     def clear(self) -> None:
-        """Start a new round: fetch and drop what was dirty so far."""
+        """Start a new round: fetch and drop what was dirty so far (logging turned on if it was off)."""
+        if not self.started:
+            self.start()
         self.fetch()

@@ -24,7 +24,7 @@
 #include "cp_sealed_page.h"
 
 #define CP_MB_PROTO_MAGIC 0x504d4243u /* "CBMP" */
-#define CP_MB_PROTO_VERSION 7u
+#define CP_MB_PROTO_VERSION 8u
 #define CP_MB_PROTO_OFFSET 0x40u
 #define CP_MB_SLOTS_OFFSET 0x1000u
 #define CP_MB_RING_OFFSET 0x400u
@@ -67,7 +67,11 @@
  * computed while the rest of the pause goes on; the next SEAL_MANIFEST / CHECK_MANIFEST on this MH vCPU uses
  * them only if nothing changed the tables since and it is given the same range and bitmap. */
 #define CP_MB_OP_PREPARE_MANIFEST 17u /* either side: SEAL/CHECK's request (its bitmap), arg0/arg1/count alike */
-#define CP_MB_OP_LAST CP_MB_OP_PREPARE_MANIFEST
+/* v8: the helper's view of guest RAM mapped while the host still maps it 2 MiB at a time: once the source's
+ * dirty log is on, KVM maps each new access 4 KiB at a time, and a shadow MMU (kvm_pvm) would fault the
+ * helper once per 32 KiB it SAVEs (docs/mailbox.md, "WARM"). Reads only; needs no key. */
+#define CP_MB_OP_WARM 18u /* read a byte of each of npages = arg1 pages from GPA arg0, MH area skipped */
+#define CP_MB_OP_LAST CP_MB_OP_WARM
 
 /*
  * Statuses: cp_mb_proto.status for the op, cp_sealed_page.status per slot. 0 is success everywhere; the

@@ -227,6 +227,22 @@ uint32_t cp_mh_mac_page(struct cp_mh_ctx *ctx, uint64_t gpa)
     return CP_MBS_OK;
 }
 
+uint32_t cp_mh_warm(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages, uint64_t *read, uint64_t *skipped)
+{
+    *read = *skipped = 0;
+    uint32_t rc = check_range(&ctx->cfg, start, npages);
+    for (uint64_t p = 0; rc == CP_MBS_OK && p < npages; p++) {
+        uint64_t gpa = start + p * CP_MH_PAGE;
+        if (cp_mh_skips(&ctx->cfg, gpa)) {
+            ++*skipped;
+            continue;
+        }
+        (void)*(volatile const uint8_t *)(ctx->cfg.ram + gpa); /* the access is the point: it maps the page */
+        ++*read;
+    }
+    return rc;
+}
+
 uint32_t cp_mh_mac_range(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages, uint64_t *hashed,
                          uint64_t *skipped)
 {

@@ -330,6 +330,16 @@ static uint32_t op_mac_range(struct cp_mh_ctx *ctx, volatile struct cp_mb_proto 
     return rc;
 }
 
+/* v8 WARM: map the range into this helper's view (its pages are read, not sealed: no key needed). */
+static uint32_t op_warm(struct cp_mh_ctx *ctx, volatile struct cp_mb_proto *p, uint64_t start, uint64_t n)
+{
+    uint64_t read = 0, skipped = 0;
+    uint32_t rc = cp_mh_warm(ctx, start, n, &read, &skipped);
+    p->digest_pages = read;
+    p->digest_skipped = skipped;
+    return rc;
+}
+
 /* FOLD: the range in chunks of `chunk` pages, one digest per chunk written (32 bytes each, in order) into
  * the data area from slot `first` on, so one op answers for a whole range of chunks. */
 static uint32_t op_fold(struct cp_mh_ctx *ctx, volatile struct cp_mb_proto *p, uint8_t *out, uint64_t room,
@@ -455,6 +465,8 @@ uint32_t cp_mh_handle(struct cp_mh_ctx *ctx, volatile uint8_t *ctl, uint8_t *slo
         /* v6: before INIT, which reads what they release */
         rc = cp_mh_key_op(ctx, c, slots + (size_t)(first < ctx->cfg.batch_pages ? first : 0) * CP_MB_SLOT_SIZE,
                           data_room(ctx, first), op, arg1);
+    } else if (op == CP_MB_OP_WARM) {
+        rc = op_warm(ctx, p, arg0, arg1);
     } else if (!ctx->keyed) {
         rc = CP_MBS_NO_KEY;
     } else if (op >= CP_MB_OP_SEAL_MANIFEST) {

@@ -1,0 +1,70 @@
+"""The source's dirty log goes on when a migration begins, after its helper has read guest RAM once
+(mailbox WARM, v8): KVM write-protects what is mapped but keeps it mapped, so the helper reads RAM under
+the log with almost no page faults. A helper that first reads RAM under the log faults about once per page
+(KVM maps 4 KiB at a time while it logs; on kvm_pvm's shadow MMU each fault is a VM exit). Counted by KVM's
+own statistics (``pf_fixed`` of the helper vCPUs), not by time; and the log still sees every write."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from confplan.migration.helper import helper_mailboxes
+from confplan.migration.mailbox_set import MailboxSet
+from confplan.vmm import Machine, MachineConfig, abi
+
+pytestmark = pytest.mark.kvm
+
+
+@pytest.fixture
+def source() -> Iterator[tuple[Machine, MailboxSet]]:
+    with Machine(MachineConfig(memory=64 * abi.MIB, workload_kind="quiet", aux_vcpus=2)) as m:
+        m.start()
+        m.wait_workload(abi.EV_WL_FILLED, timeout=20)
+        m.wait_helpers_ready()
+        mailboxes = helper_mailboxes(m)
+        assert mailboxes is not None
+        yield m, mailboxes
+
+
+def helper_faults(m: Machine) -> int:
+    total = 0
+    for helper in m.helpers:
+        with helper.runner.vcpu.stats() as stats:
+            total += stats.read("pf_fixed")["pf_fixed"]
+    return total
+
+
+def faults_reading_ram(m: Machine, mailboxes: MailboxSet) -> int:
+    before = helper_faults(m)
+    assert mailboxes.warm(0, m.layout.npages) > m.layout.npages // 2
+    return helper_faults(m) - before
+
+
+def test_the_log_is_off_until_a_migration_turns_it_on(source: tuple[Machine, MailboxSet]) -> None:
+    m, _ = source
+    assert not m.dirty_log.started
+    with pytest.raises(RuntimeError, match="dirty log is off"):
+        m.dirty_log.fetch()
+
+
+def test_a_helper_that_read_ram_before_the_log_reads_it_under_the_log_without_faults(
+    source: tuple[Machine, MailboxSet],
+) -> None:
+    m, mailboxes = source
+    faults_reading_ram(m, mailboxes)  # WARM, as a migration's start does
+    m.dirty_log.clear()  # the log on
+    assert faults_reading_ram(m, mailboxes) < m.layout.npages // 64
+    # the pages the workload wrote before (mapped writable then) are write-protected: every write is seen
+    first = m.layout.wl_data_gpa // abi.PAGE
+    m.workload.write_pages([0, 7, 300])
+    assert m.dirty_log.fetch().pages(first, m.layout.npages) == [first, first + 7, first + 300]
+
+
+def test_a_helper_that_reads_ram_first_under_the_log_faults_about_once_a_page(
+    source: tuple[Machine, MailboxSet],
+) -> None:
+    m, mailboxes = source
+    m.dirty_log.clear()
+    assert faults_reading_ram(m, mailboxes) > m.layout.npages // 8
