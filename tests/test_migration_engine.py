@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from relay import CorruptingRelay, CuttingRelay
+from waiting import until
 
 from confplan.core.streamauth import StreamAuthError, client_handshake, key_schedule
 from confplan.core.wire import DeviceState, Hello, HelperMode
@@ -144,15 +145,11 @@ def test_migrate_resume_ledger_ok(pairs: list[Pair], mode: str) -> None:
     assert pair.dst.workload.wait_clock_read()
     seen = pair.dst.workload.clock()
     assert seen.monotonic and seen.max_gap_seconds is not None and 0 < seen.max_gap_seconds < 60
-    deadline = time.monotonic() + 5
-    while pair.dst.workload.clock().ticks <= ticks and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert pair.dst.workload.clock().ticks > ticks  # the LAPIC timer (restored with the LAPIC) ticks there
+    assert until(lambda: pair.dst.workload.clock().ticks > ticks)  # the LAPIC timer (restored with it) ticks
     if pair.dst.host.features & abi.FEATURE_BITS["avx"]:
         assert check.vector == "intact"  # the upper YMM halves crossed with the vCPU's XSAVE area
     written = pair.dst.workload.progress().pages_written
-    time.sleep(0.2)
-    assert pair.dst.workload.progress().pages_written > written  # it goes on writing on the target
+    assert until(lambda: pair.dst.workload.progress().pages_written > written)  # it goes on writing there
     pair.src.resume_all_vcpus_except_aux()
     assert pair.src.workload.check().ok
 
@@ -205,13 +202,9 @@ def test_a_guest_paused_inside_its_timer_handler_resumes_on_the_target(pairs: li
     assert pair.dst.workload.check().ok
     assert pair.dst.workload.wait_clock_read()
     assert pair.dst.workload.clock().monotonic
-    deadline = time.monotonic() + 5
-    while pair.dst.workload.clock().ticks <= ticks + 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert pair.dst.workload.clock().ticks > ticks + 1  # the interrupted tick counted, and later ones
+    assert until(lambda: pair.dst.workload.clock().ticks > ticks + 1)  # the interrupted tick, and later ones
     written = pair.dst.workload.progress().pages_written
-    time.sleep(0.2)
-    assert pair.dst.workload.progress().pages_written > written  # back at CPL3, writing on the target
+    assert until(lambda: pair.dst.workload.progress().pages_written > written)  # back at CPL3, writing there
     pair.dst.check()
 
 
@@ -249,10 +242,7 @@ def test_pages_converted_while_the_guest_migrates_arrive_as_their_final_kind(pai
     pair.dst.resume_all_vcpus_except_aux()
     assert pair.dst.workload.check().ok
     done = pair.dst.workload.progress().conversions
-    deadline = time.monotonic() + 5
-    while pair.dst.workload.progress().conversions == done and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert pair.dst.workload.progress().conversions > done  # it goes on converting on the target
+    assert until(lambda: pair.dst.workload.progress().conversions > done)  # it goes on converting there
 
 
 def test_a_page_converted_after_the_scan_is_held_back_and_sent_next_round(pairs: list[Pair]) -> None:
@@ -372,9 +362,7 @@ def test_replayed_records_are_refused_by_the_target_helper(pairs: list[Pair]) ->
     pair = Pair("aux-vcpu")
     pairs.append(pair)
     pair.out.send_round()
-    deadline = time.monotonic() + 30
-    while pair.incoming.status.rounds < 1 and time.monotonic() < deadline:  # every LOAD of it done
-        time.sleep(0.01)
+    until(lambda: pair.incoming.status.rounds >= 1, 30)  # every LOAD of it done
     assert pair.incoming.status.rounds == 1, pair.incoming.status.error
     pair.incoming.close()
     again = Machine(_config("aux-vcpu"))

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from waiting import until
 
 from confplan.kvm import structs as s
 from confplan.vmm import Machine, MachineConfig, abi
@@ -30,10 +31,7 @@ def quiet() -> Iterator[Machine]:
 
 
 def wait_error(m: Machine, timeout: float = 10.0) -> BaseException:
-    deadline = time.monotonic() + timeout
-    while m.error is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert m.error is not None, "the guest should have stopped with an error"
+    assert until(lambda: m.error is not None, timeout), "the guest should have stopped with an error"
     return m.error
 
 
@@ -156,10 +154,7 @@ def test_pause_all_vcpus_except_aux() -> None:
         helper = dirty.pages(m.layout.mailbox_gpa(0) // abi.PAGE, m.layout.mh_end // abi.PAGE)
         assert bool(helper) is not m.dirty_log.manual  # the pong, unless the helper's area is kept writable
         m.resume_all_vcpus_except_aux()
-        deadline = time.monotonic() + 5
-        while m.workload.progress().pages_written == before and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert m.workload.progress().pages_written > before
+        assert until(lambda: m.workload.progress().pages_written > before)
         assert m.workload.check().ok
 
 

@@ -7,6 +7,7 @@ import errno
 import time
 
 import pytest
+from waiting import until
 
 from confplan.errors import ConfplanError
 from confplan.vmm import Machine, MachineConfig, abi
@@ -73,10 +74,7 @@ def test_pausing_the_guest_leaves_the_mirror_vm_running() -> None:
         assert m.workload.progress().pages_written == before
         assert m.dirty_log.fetch().pages(m.layout.wl_base // abi.PAGE, m.layout.npages) == []
         m.resume_all_vcpus_except_aux()
-        deadline = time.monotonic() + 5
-        while m.workload.progress().pages_written == before and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert m.workload.progress().pages_written > before
+        assert until(lambda: m.workload.progress().pages_written > before)
         assert m.workload.check().ok
 
 
