@@ -1,7 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make demo   create the venv, build the firmware and the C core, run the quickstart plan
-#   make test   the same set-up, then ruff, mypy --strict on confplan/, and pytest (installing Debian's
-#               chromium first, when root and it is missing, for the HTML report's browser tests)
+#   make test   the same set-up, then ruff, mypy --strict on confplan/, and pytest (installing first, when
+#               root and they are missing, the Debian packages some tests need: see test-deps)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.confplan-installed
 BUILD_INPUTS := pyproject.toml setup.py $(wildcard firmware/Makefile firmware/*.ld firmware/*.c firmware/*.h \
                 firmware/*/*.c firmware/*/*.h firmware/*/*.S firmware/*.S) $(wildcard confplan/core/*.c confplan/core/*.h)
 
-.PHONY: demo test install lint browser clean
+.PHONY: demo test install lint test-deps clean
 
 install: $(STAMP)
 
@@ -23,17 +23,22 @@ lint: $(STAMP)
 	$(BIN)/ruff check confplan tests bench
 	$(BIN)/mypy --strict confplan
 
-test: lint browser
+test: lint test-deps
 	$(BIN)/pytest -q
 
-# The HTML report's tests render it in a real browser: Debian's chromium, installed here when it is missing
-# and we are root (quietly; without it those tests skip and say why).
-browser:
-	@test -x /usr/bin/chromium || test "$$(id -u)" != 0 || ! command -v apt-get >/dev/null || { \
-	  echo "installing Debian's chromium for the HTML report's browser tests (apt-get, once)"; \
-	  export DEBIAN_FRONTEND=noninteractive; \
-	  { apt-get install -y -qq chromium || { apt-get update -qq && apt-get install -y -qq chromium; }; } \
-	    >/dev/null 2>&1 || echo "could not install chromium: the browser tests will skip"; }
+# Debian packages some tests need, installed here when missing and we are root (quietly; without one, its
+# tests skip and say why): chromium renders the HTML report in a real browser; libsimde-dev runs the 512-bit
+# crypto path's logic on a CPU without AVX-512 (firmware/crypto/emul512.h). Each entry: a file it provides,
+# then the package.
+TEST_DEBS := /usr/bin/chromium:chromium /usr/include/simde/x86/avx512.h:libsimde-dev
+test-deps:
+	@for dep in $(TEST_DEBS); do file=$${dep%%:*}; pkg=$${dep#*:}; \
+	  test -e $$file || test "$$(id -u)" != 0 || ! command -v apt-get >/dev/null || { \
+	    echo "installing Debian's $$pkg for the tests (apt-get, once)"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    { apt-get install -y -qq $$pkg || { apt-get update -qq && apt-get install -y -qq $$pkg; }; } \
+	      >/dev/null 2>&1 || echo "could not install $$pkg: the tests that need it will skip"; }; \
+	done
 
 # The demo migrates afresh each time (--restart), shows the checkpoint, then stops the migrated guest.
 demo: $(STAMP)

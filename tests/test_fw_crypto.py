@@ -42,6 +42,19 @@ def _host_has_vaes512() -> bool:
     return _host_has_vaes() and {"avx512f", "avx512bw", "avx512vl"} <= _host_flags()
 
 
+SIMDE_HEADER = Path("/usr/include/simde/x86/avx512.h")  # Debian libsimde-dev (make test installs it)
+
+
+def _vaes512_emulated() -> bool:
+    """Where the CPU lacks AVX-512, the 512-bit path's logic still runs: its intrinsics from SIMDe
+    (firmware/crypto/emul512.h) on AVX2 and AES-NI. Its own instructions run only where the CPU has them."""
+    return not _host_has_vaes512() and _host_has_aesni() and "avx2" in _host_flags() and SIMDE_HEADER.exists()
+
+
+def _vaes512_runs() -> bool:
+    return _host_has_vaes512() or _vaes512_emulated()
+
+
 IMPL_PARAMS = [
     pytest.param(PORTABLE, id="portable"),
     pytest.param(AESNI, id="aesni",
@@ -49,8 +62,9 @@ IMPL_PARAMS = [
     pytest.param(VAES, id="vaes",
                  marks=pytest.mark.skipif(not _host_has_vaes(), reason="host CPU lacks VAES/VPCLMUL/AVX2")),
     pytest.param(VAES512, id="vaes512",
-                 marks=pytest.mark.skipif(not _host_has_vaes512(),
-                                          reason="host CPU lacks AVX-512F/BW/VL: 512-bit path cannot run")),
+                 marks=pytest.mark.skipif(not _vaes512_runs(),
+                                          reason="host CPU lacks AVX-512F/BW/VL and SIMDe (libsimde-dev) is "
+                                                 "not installed: the 512-bit path cannot run")),
 ]
 # Lengths around the fused paths' 256-byte chunks and the 16-byte blocks.
 SHARED_LENGTHS = [0, 1, 15, 16, 17, 255, 256, 257, 511, 1000, 4095, 4096, 4097, 8191]
@@ -60,6 +74,11 @@ SHARED_LENGTHS = [0, 1, 15, 16, 17, 255, 256, 257, 511, 1000, 4095, 4096, 4097, 
 class Build:
     out: Path
     lib: ctypes.CDLL
+    emu512: ctypes.CDLL | None = None  # the same library with the 512-bit path's intrinsics from SIMDe
+
+    def lib_for(self, impl: int) -> ctypes.CDLL:
+        """The library that runs ``impl`` here: the emulated 512-bit path where the CPU has no AVX-512."""
+        return self.emu512 if impl == VAES512 and self.emu512 is not None else self.lib
 
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -92,16 +111,19 @@ def build(tmp_path_factory: pytest.TempPathFactory) -> Build:
     if shutil.which("gcc") is None or shutil.which("make") is None:
         pytest.fail("building firmware/crypto needs gcc and make on PATH")
     out = tmp_path_factory.mktemp("cpgcm")
-    subprocess.run(["make", "-s", "-C", str(CRYPTO_DIR), f"O={out}", "objs", "lib", f"{out}/test_gcm"],
-                   check=True, capture_output=True, text=True)
-    return Build(out, _declare(ctypes.CDLL(str(out / "libcpgcm.so"))))
+    emulated = ["lib-emu512", f"{out}/test_gcm_emu512"] if _vaes512_emulated() else []
+    targets = ["objs", "lib", f"{out}/test_gcm", *emulated]
+    make = ["make", "-s", "-C", str(CRYPTO_DIR), f"O={out}", *targets]
+    subprocess.run(make, check=True, capture_output=True, text=True)
+    emu512 = _declare(ctypes.CDLL(str(out / "libcpgcm_emu512.so"))) if emulated else None
+    return Build(out, _declare(ctypes.CDLL(str(out / "libcpgcm.so"))), emu512)
 
 
 class Gcm:
     """One key in one implementation, driven through the library's C API."""
 
     def __init__(self, build: Build, key: bytes, impl: int) -> None:
-        self.lib = build.lib
+        self.lib = build.lib_for(impl)
         self.ctx = ctypes.create_string_buffer(self.lib.cp_gcm_ctx_size())
         assert self.lib.cp_gcm_init(self.ctx, key, impl) == 0
 
@@ -122,6 +144,19 @@ def test_nist_known_answers_program(build: Build) -> None:
     assert run.stdout.splitlines()[-1].startswith("ok:"), run.stdout
     expected = 1 + _host_has_aesni() + _host_has_vaes() + _host_has_vaes512()
     assert f"x {expected} implementation(s)" in run.stdout, run.stdout
+
+
+@pytest.mark.skipif(not _vaes512_emulated(), reason="the CPU runs the 512-bit path natively (tested above), "
+                    "or SIMDe (libsimde-dev) is not installed")
+def test_nist_known_answers_program_with_the_512_bit_path_emulated(build: Build) -> None:
+    """The same program with the 512-bit path's intrinsics from SIMDe: its logic against every known answer,
+    and against the portable path on random lengths, on a CPU without AVX-512."""
+    run = subprocess.run([str(build.out / "test_gcm_emu512")], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "tested vaes512" in run.stdout and run.stdout.splitlines()[-1].startswith("ok:"), run.stdout
+    emulated = build.out / "emu512" / "gcm_vaes512.o"
+    disassembly = subprocess.run(["objdump", "-d", str(emulated)], capture_output=True, text=True, check=True)
+    assert "zmm" not in disassembly.stdout  # nothing of it needs AVX-512 to run
 
 
 def test_firmware_objects_need_nothing_from_libc(build: Build) -> None:
@@ -214,7 +249,7 @@ def _seq(lib: ctypes.CDLL, sender: int, first: int) -> ctypes.Array[ctypes.c_cha
 
 @pytest.mark.parametrize("impl", IMPL_PARAMS)
 def test_page_batches_round_trip_and_refuse_page_by_page(build: Build, impl: int) -> None:
-    lib, n, aad_len = build.lib, 6, 28
+    lib, n, aad_len = build.lib_for(impl), 6, 28
     key = os.urandom(32)
     gcm = Gcm(build, key, impl)
     plain, aad = os.urandom(n * PAGE), os.urandom(n * aad_len)
@@ -292,7 +327,7 @@ class Shared:
 
 def _runnable_impls() -> list[int]:
     return [PORTABLE] + [impl for impl, ok in ((AESNI, _host_has_aesni()), (VAES, _host_has_vaes()),
-                                                (VAES512, _host_has_vaes512())) if ok]  # fmt: skip
+                                                (VAES512, _vaes512_runs())) if ok]  # fmt: skip
 
 
 def test_every_implementation_gives_the_same_bytes_every_way(build: Build) -> None:
@@ -311,7 +346,7 @@ def test_every_implementation_gives_the_same_bytes_every_way(build: Build) -> No
             where = f"impl {impl} length {length} aad {len(aad)}"
             assert gcm.seal(iv, aad, plain) == want, where
             buf, tag = ctypes.create_string_buffer(plain, max(length, 1)), ctypes.create_string_buffer(16)
-            assert build.lib.cp_gcm_seal(gcm.ctx, iv, aad, len(aad), buf, buf, length, tag) == 0
+            assert gcm.lib.cp_gcm_seal(gcm.ctx, iv, aad, len(aad), buf, buf, length, tag) == 0
             assert buf.raw[:length] + tag.raw == want, f"in place: {where}"
             shared = Shared(build, key, impl, length)
             assert shared.seal(iv, aad, plain) == want, f"seal_shared: {where}"

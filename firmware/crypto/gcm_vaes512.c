@@ -4,12 +4,18 @@
  * The same design as gcm_vaes.c (read that first) with four blocks per register: a chunk of 16 blocks is 4
  * zmm registers, hashed as 4 quads times (H^16..H^13)..(H^4..H^1) with one reduction per chunk. Picked only
  * when the VMM's feature word says the CPU has AVX-512F/BW/VL, VAES and VPCLMULQDQ and XCR0 enables the
- * opmask, ZMM_Hi256 and Hi16_ZMM states (cp_gcm_pick_impl). NOT RUN on the machines this was written on
- * (AMD EPYC without AVX-512): compiled and dispatch-tested only; docs/crypto.md says so.
+ * opmask, ZMM_Hi256 and Hi16_ZMM states (cp_gcm_pick_impl). Its instructions never ran on the machines this
+ * was written on (AMD EPYC without AVX-512); its logic does, in the tests, with the intrinsics from SIMDe
+ * (CP_EMULATE_AVX512, emul512.h): docs/crypto.md, "Tests".
  */
 #include "ghash_x86.h"
 
+#ifdef CP_EMULATE_AVX512 /* test builds only: the intrinsics from SIMDe on any AVX2 CPU (emul512.h) */
+#include "emul512.h"
+#define CP_VAES_TARGET
+#else
 #define CP_VAES_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,vaes,vpclmulqdq")))
+#endif
 #define VAES_FN(name) cp_vaes512_##name
 #define CHUNK 256u /* bytes per fused step: 16 blocks */
 #define VREGS 4    /* zmm registers per chunk */
