@@ -9,6 +9,7 @@ import yaml
 
 from confplan.plan import STAGE_NAMES, Endpoint, PlanError, Sev, load_plan, load_plan_text
 from confplan.sev.policy import SNP_RESERVED_ONE, SevPolicyFlag, SnpPolicyFlag
+from confplan.stages.machines import machine_config
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "plans").glob("*.yaml"))
@@ -137,6 +138,19 @@ def test_many_errors_are_reported_together() -> None:
         "helper.batch_pages",
     ]
     assert caught.value.exit_code == 2
+
+
+def test_the_helpers_batch_defaults_by_guest_size() -> None:
+    """Unset, batch_pages is 1024 for a guest of 1 GiB or more (faster), else 256 (a smaller helper area);
+    a plan that sets it keeps it; the plan itself records only what was written."""
+    small = load_plan_text("guest: {memory: 64MiB}\n", "p.yaml")
+    big = load_plan_text("guest: {memory: 1GiB}\n", "p.yaml")
+    assert small.helper.batch_pages is None and small.helper.batch_for(small.guest.memory) == 256
+    assert big.helper.batch_for(big.guest.memory) == 1024
+    assert big.helper.batch_for(big.guest.memory - (2 << 20)) == 256
+    chosen = load_plan_text("guest: {memory: 1GiB}\nhelper: {batch_pages: 64}\n", "p.yaml")
+    assert chosen.helper.batch_for(chosen.guest.memory) == 64
+    assert machine_config(big).batch_pages == 1024 and machine_config(small).batch_pages == 256
 
 
 def test_every_plan_gets_its_own_state_folder(tmp_path: Path) -> None:

@@ -174,6 +174,10 @@ class Guest(StrictModel):
     workload: Workload = Field(default_factory=Workload, description="The workload the guest runs.")
 
 
+BIG_GUEST = 1 << 30  # from this guest size on, the helper's default batch is BIG_GUEST_BATCH
+BIG_GUEST_BATCH, SMALL_GUEST_BATCH = 1024, 256
+
+
 class Helper(StrictModel):
     """The in-guest migration helper (MH) that seals and opens private pages."""
 
@@ -189,9 +193,23 @@ class Helper(StrictModel):
         ge=0,
         description="MH vCPUs: aux vCPUs of the guest (aux-vcpu) or the mirror VM's vCPUs (mirror-vm).",
     )
-    batch_pages: int = Field(
-        256, ge=1, le=4096, description="Pages the MH seals or opens per mailbox request (1 to 4096)."
+    batch_pages: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description=(
+            "Pages the MH seals or opens per mailbox request (1 to 4096). Default: "
+            f"{BIG_GUEST_BATCH} for a guest of {BIG_GUEST >> 30} GiB or more (fewer, larger requests move it "
+            f"faster), else {SMALL_GUEST_BATCH} (a smaller helper area in guest RAM)."
+        ),
     )
+
+    def batch_for(self, memory: int) -> int:
+        """``batch_pages``, or its default for a guest of ``memory`` bytes. (Measured on 1 GiB: 1024 moved it
+        in ~0.6 s where 256 took ~0.75 s; 2048 and 4096 were no faster. docs/migration.md, "Session 8".)"""
+        if self.batch_pages is not None:
+            return self.batch_pages
+        return BIG_GUEST_BATCH if memory >= BIG_GUEST else SMALL_GUEST_BATCH
 
     @property
     def mh_vcpus(self) -> int:

@@ -122,12 +122,13 @@ def memory_holds_the_guest(guest: Guest, helper: Helper) -> Iterator[Finding]:
     # The helper's area (mailboxes, per-page tables, VMSA slots) comes first; the workload needs room after.
     if guest.memory % HUGE_PAGE or guest.memory > abi.MAX_RAM or helper.mh_vcpus > abi.MAX_MH_VCPUS:
         return  # the rules above speak
-    minimum = minimum_memory(guest.vcpus, helper.mh_vcpus, helper.batch_pages)
+    batch = helper.batch_for(guest.memory)
+    minimum = minimum_memory(guest.vcpus, helper.mh_vcpus, batch)
     if guest.memory < minimum:
         yield (
             ("guest", "memory"),
             f"{format_size(guest.memory)} is too small for {_count(guest.vcpus, 'vCPU')} with "
-            f"{_count(helper.mh_vcpus, 'helper vCPU')} and batch_pages {helper.batch_pages}: the helper's "
+            f"{_count(helper.mh_vcpus, 'helper vCPU')} and batch_pages {batch}: the helper's "
             f"area and the workload need {format_size(minimum)}; use at least {format_size(minimum)}",
         )
 

@@ -24,7 +24,7 @@ def machine_config(
         aux_vcpus=0 if mirror else helper.aux_vcpus,
         mirror_vcpus=helper.mh_vcpus if mirror else 1,
         helper_mode=helper.mode,
-        batch_pages=helper.batch_pages,
+        batch_pages=helper.batch_for(int(guest.memory)),
         workload_kind=guest.workload.kind,
         dirty_rate=guest.workload.dirty_rate,
         shared_fraction=guest.workload.shared_fraction,
