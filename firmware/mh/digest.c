@@ -227,9 +227,11 @@ uint32_t cp_mh_mac_page(struct cp_mh_ctx *ctx, uint64_t gpa)
     return CP_MBS_OK;
 }
 
-uint32_t cp_mh_warm(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages, uint64_t *read, uint64_t *skipped)
+/* fn on every page of the range but the helper's own (counted in skipped); stops at the first refusal. */
+static uint32_t each_page(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages,
+                          uint32_t (*fn)(struct cp_mh_ctx *, uint64_t), uint64_t *done, uint64_t *skipped)
 {
-    *read = *skipped = 0;
+    *done = *skipped = 0;
     uint32_t rc = check_range(&ctx->cfg, start, npages);
     for (uint64_t p = 0; rc == CP_MBS_OK && p < npages; p++) {
         uint64_t gpa = start + p * CP_MH_PAGE;
@@ -237,27 +239,27 @@ uint32_t cp_mh_warm(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages, uint
             ++*skipped;
             continue;
         }
-        (void)*(volatile const uint8_t *)(ctx->cfg.ram + gpa); /* the access is the point: it maps the page */
-        ++*read;
+        rc = fn(ctx, gpa);
+        *done += rc == CP_MBS_OK;
     }
     return rc;
+}
+
+static uint32_t warm_page(struct cp_mh_ctx *ctx, uint64_t gpa)
+{
+    (void)*(volatile const uint8_t *)(ctx->cfg.ram + gpa); /* the access is the point: it maps the page */
+    return CP_MBS_OK;
+}
+
+uint32_t cp_mh_warm(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages, uint64_t *read, uint64_t *skipped)
+{
+    return each_page(ctx, start, npages, warm_page, read, skipped);
 }
 
 uint32_t cp_mh_mac_range(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages, uint64_t *hashed,
                          uint64_t *skipped)
 {
-    *hashed = *skipped = 0;
-    uint32_t rc = check_range(&ctx->cfg, start, npages);
-    for (uint64_t p = 0; rc == CP_MBS_OK && p < npages; p++) {
-        uint64_t gpa = start + p * CP_MH_PAGE;
-        if (cp_mh_skips(&ctx->cfg, gpa)) {
-            ++*skipped;
-            continue;
-        }
-        rc = cp_mh_mac_page(ctx, gpa);
-        *hashed += rc == CP_MBS_OK;
-    }
-    return rc;
+    return each_page(ctx, start, npages, cp_mh_mac_page, hashed, skipped);
 }
 
 /* v5: the manifest's generation digest of one chunk. Entry of page p: its generation-table entry if the
