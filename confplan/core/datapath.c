@@ -118,6 +118,7 @@ struct pending {
 struct mbq {            /* one mailbox's ops in flight, oldest first (they finish in order) */
     struct pending q[CP_MB_RING];
     uint32_t head, n;
+    uint32_t next_bank; /* target: the bank the next frame for this mailbox fills (freed in order too) */
 };
 
 struct loop {
@@ -563,6 +564,31 @@ static int32_t finish_oldest(struct loop *L, uint32_t i)
     return finish(L, i, &op);
 }
 
+/* A mailbox with a bank free for the next frame, looking from `from` on (round robin); when every bank is in
+ * flight, the first mailbox whose oldest LOAD is done (checked). So a helper the host has not scheduled yet
+ * (two cores, six busy threads) does not hold up the stream while another helper could take the frame.
+ * UINT32_MAX: the loop stopped. */
+static uint32_t free_mailbox(struct loop *L, uint32_t from)
+{
+    uint32_t n = L->s->n_mailboxes;
+    for (;;) {
+        for (uint32_t k = 0; k < n; k++) {
+            uint32_t i = (from + k) % n;
+            if (L->mq[i].n < L->s->mailboxes[i].banks)
+                return i;
+        }
+        for (uint32_t k = 0; k < n; k++) {
+            uint32_t i = (from + k) % n;
+            const struct mbq *m = &L->mq[i];
+            if (done_of(&L->s->mailboxes[i]) >= m->q[m->head].seq)
+                return finish_oldest(L, i) ? UINT32_MAX : i;
+        }
+        if (look(L, now_s()))
+            return UINT32_MAX;
+        nap(IDLE_NS);
+    }
+}
+
 /* The frame after `h` is SEALED_PAGES of this stream, whole banks: else Python reads it (and refuses it). */
 static bool ours(const struct loop *L, const struct cp_frame_header *h, uint32_t bank_slots, uint32_t *count)
 {
@@ -639,31 +665,26 @@ int32_t cp_dp_recv_sealed(struct cp_dp_stream *s, cp_dp_poke_fn poke)
     struct loop L;
     if (loop_open(&L, s, poke))
         return loop_close(&L);
-    uint32_t bank = 0, i = 0; /* the next bank to fill: round robin over mailboxes, then banks */
+    uint32_t i = 0; /* where the search for a free bank starts: round robin over the mailboxes */
     for (;;) {
         struct cp_frame_header h;
         if (recv_exact(&L, s->next_header, CP_HEADER_SIZE))
             break;
-        struct cp_dp_mailbox *mb = &s->mailboxes[i];
         uint32_t count;
         struct cp_error ignored;
+        if (cp_header_check(s->next_header, CP_HEADER_SIZE, &h, &ignored) != CP_OK)
+            break;
+        uint32_t pick = free_mailbox(&L, i);
         /* anything but a well-formed sealed frame of this stream is Python's (FrameReader refuses it with
          * the message it always gave); every LOAD finishes first */
-        if (cp_header_check(s->next_header, CP_HEADER_SIZE, &h, &ignored) != CP_OK ||
-            !ours(&L, &h, mb->bank_slots, &count))
+        if (pick == UINT32_MAX || !ours(&L, &h, s->mailboxes[pick].bank_slots, &count))
             break;
-        struct mbq *m = &L.mq[i];
-        if (m->n == mb->banks && finish_oldest(&L, i))
-            break;
+        struct mbq *m = &L.mq[pick];
         memcpy(L.aad, s->next_header, CP_HEADER_SIZE);
-        if (recv_bank(&L, i, bank * mb->bank_slots, &h, count) || look(&L, now_s()))
+        if (recv_bank(&L, pick, m->next_bank * s->mailboxes[pick].bank_slots, &h, count) || look(&L, now_s()))
             break;
-        if (++i == s->n_mailboxes) {
-            i = 0;
-            bank++;
-        }
-        if (bank >= s->mailboxes[i].banks)
-            bank = 0;
+        m->next_bank = (m->next_bank + 1) % s->mailboxes[pick].banks;
+        i = (pick + 1) % s->n_mailboxes;
     }
     /* every LOAD must be done and checked before the frame that ends them is applied */
     for (uint32_t k = 0; k < s->n_mailboxes && !s->stop; k++)
