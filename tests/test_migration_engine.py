@@ -16,6 +16,7 @@ import pytest
 from relay import CorruptingRelay, CuttingRelay
 from waiting import until
 
+from confplan.core.datapath import DataLoop, LoopResult
 from confplan.core.streamauth import StreamAuthError, client_handshake, key_schedule
 from confplan.core.wire import DeviceState, Hello, HelperMode
 from confplan.errors import ConfplanError
@@ -23,6 +24,7 @@ from confplan.kvm import structs as kvm_structs
 from confplan.migration.dirty import DirtyTracker
 from confplan.migration.helper import open_mailboxes
 from confplan.migration.precopy import RoundStats
+from confplan.migration.sealed_path import SealedPath
 from confplan.migration.session import ENC_BITMAP_DEVICE, ENC_BITMAP_FORMAT, resynced_tsc
 from confplan.migration.source import Outgoing
 from confplan.migration.target import Incoming, IncomingState, IncomingStatus, apply_clock
@@ -552,3 +554,36 @@ def test_a_second_encryption_bitmap_is_refused(pairs: list[Pair]) -> None:
         pair.out._control(DeviceState(ENC_BITMAP_DEVICE, ENC_BITMAP_FORMAT, bitmap))
     status = pair.incoming.wait(10)
     assert status.state is IncomingState.FAILED and "second encryption bitmap" in (status.error or "")
+
+
+def test_the_core_loops_wake_parked_helpers_through_their_eventfd(
+    pairs: list[Pair], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A helper that caught up parks on its vCPU thread's eventfd; the core's loops wake it by writing
+    there (no GIL, no Python), never through the poke: the round's kicks all went that way."""
+    pokes: list[int] = []
+    results: list[LoopResult] = []
+    poke, send, receive = SealedPath.poke, DataLoop.send, DataLoop.receive
+
+    def recording_poke(self: SealedPath, mh: int) -> int:
+        pokes.append(mh)
+        return poke(self, mh)
+
+    def recording(fn: Callable[..., LoopResult]) -> Callable[..., LoopResult]:
+        def run(*args: object, **kwargs: object) -> LoopResult:
+            results.append(fn(*args, **kwargs))
+            return results[-1]
+
+        return run
+
+    monkeypatch.setattr(SealedPath, "poke", recording_poke)
+    monkeypatch.setattr(DataLoop, "send", recording(send))
+    monkeypatch.setattr(DataLoop, "receive", recording(receive))
+    pair = Pair("aux-vcpu", memory=64 * abi.MIB)
+    pairs.append(pair)
+    assert all(mb.kick_fd >= 0 for mb in (*pair.src_mb.mailboxes, *pair.dst_mb.mailboxes))
+    pair.out.send_round()
+    _, status = pair.finish()
+    assert status.state is IncomingState.COMPLETE
+    assert results and sum(r.kicks for r in results) > 0  # helpers parked between ops, and were woken
+    assert all(mh < 0 for mh in pokes)  # only the periodic looks went through Python

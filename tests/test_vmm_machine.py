@@ -4,6 +4,7 @@ self-check and vCPU state. Small guests (32 MiB) keep the whole file to a few se
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Iterator
 
@@ -14,6 +15,7 @@ from confplan.kvm import structs as s
 from confplan.vmm import Machine, MachineConfig, abi
 from confplan.vmm.exits import GuestError, GuestFault
 from confplan.vmm.state import state_blob, state_from_blob
+from confplan.vmm.vcpu_thread import RunState
 from confplan.vmm.workload import page_csum, page_fill
 
 pytestmark = pytest.mark.kvm
@@ -318,3 +320,17 @@ def test_the_guest_measures_its_pause_and_sees_a_clock_set_back() -> None:
         m.resume_all_vcpus_except_aux()
         assert m.workload.wait_clock_read()
         assert not m.workload.clock().monotonic
+
+
+def test_a_parked_helper_wakes_on_a_raw_write_to_its_eventfd() -> None:
+    """What the core's data loops do (no GIL, no Python): write 1 to the vCPU thread's eventfd. A helper
+    parked at its doorbell runs again (its heartbeat moves) and parks again."""
+    with Machine(MachineConfig(memory=MEM, workload_kind="quiet", aux_vcpus=1)) as m:
+        m.start()
+        m.wait_helpers_ready()
+        runner = m.helpers[0].runner
+        assert until(lambda: runner.state is RunState.PARKED)
+        beats = m.helpers[0].header.heartbeat
+        os.eventfd_write(runner.waker.fd, 1)
+        assert until(lambda: m.helpers[0].header.heartbeat > beats)
+        assert until(lambda: runner.state is RunState.PARKED)

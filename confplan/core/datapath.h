@@ -21,9 +21,12 @@ struct cp_dp_mailbox {
     uint32_t bank_slots;  /* slots per bank */
     uint32_t banks;       /* banks used: banks * bank_slots <= batch_pages, banks <= CP_MB_RING */
     uint32_t mh_index;
+    int32_t kick_fd;      /* >= 0: an eventfd; a helper to wake gets a write of 1 there, not the poke (no GIL) */
+    uint32_t reserved;
 };
 
-/* Called from the loop (it takes the GIL: rare). mh >= 0: kick that helper (it had caught up and parks);
+/* Called from the loop (it takes the GIL: rare). mh >= 0: kick that helper (it had caught up and parks;
+ * only for a mailbox without a kick_fd);
  * mh == -1: the periodic look (every ~10 ms, and while waiting): return 0 to go on, CP_DP_CANCELLED when the
  * round was cancelled, CP_DP_MACHINE when the guest died. */
 typedef int32_t (*cp_dp_poke_fn)(int32_t mh);

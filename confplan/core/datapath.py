@@ -51,6 +51,8 @@ class _MailboxC(ctypes.Structure):
         ("bank_slots", ctypes.c_uint32),
         ("banks", ctypes.c_uint32),
         ("mh_index", ctypes.c_uint32),
+        ("kick_fd", ctypes.c_int32),
+        ("reserved", ctypes.c_uint32),
     )
 
 
@@ -102,6 +104,7 @@ class LoopMailbox:
     bank_slots: int
     banks: int
     mh_index: int
+    kick_fd: int = -1  # an eventfd the loop writes 1 to when the helper must wake (-1: the poke kicks it)
 
 
 @dataclass(frozen=True)
@@ -175,7 +178,7 @@ class DataLoop:
                 c.ctl = pins.enter_context(pinned(mb.control, writable=True, what="mailbox control page"))[0]
                 c.slots = pins.enter_context(pinned(mb.slots, writable=True, what="mailbox slots"))[0]
                 c.batch_pages, c.bank_slots, c.banks = mb.batch_pages, mb.bank_slots, mb.banks
-                c.mh_index = mb.mh_index
+                c.mh_index, c.kick_fd = mb.mh_index, mb.kick_fd
             s.mailboxes = boxes
             s.gpas = pins.enter_context(pinned(gpas, writable=writable, what="GPA list"))[0]
             s.count = count

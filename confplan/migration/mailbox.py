@@ -18,6 +18,7 @@ import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from confplan.migration.mailbox_layout import (
     CMD_ARGS,
@@ -87,6 +88,13 @@ class BatchResult:
         return [(i, MhStatus(s)) for i, s in enumerate(self.statuses) if s]
 
 
+class KickFd(Protocol):
+    """What wakes a parked helper from C: an open eventfd (``vmm.vcpu_thread.Waker``)."""
+
+    @property
+    def fd(self) -> int: ...
+
+
 class Mailbox:
     """One MH vCPU's mailbox over ``view`` (control page + slots), with ``kick`` to wake the vCPU.
 
@@ -102,6 +110,7 @@ class Mailbox:
     def __init__(
         self, view: memoryview, *, mh_index: int, batch_pages: int, kick: Callable[[], None],
         wait: Waiter = sleeping_waiter, timeout: float = 30.0, poll: float = 0.00005, tsc_khz: int = 0,
+        kick_fd: KickFd | None = None,
     ) -> None:  # fmt: skip
         need = SLOTS_OFFSET + batch_pages * SLOT_SIZE
         if batch_pages < 1 or len(view) < need or view.readonly:
@@ -110,6 +119,7 @@ class Mailbox:
             )
         self.mh_index, self.batch_pages = mh_index, batch_pages
         self._kick, self._wait, self.timeout, self.poll = kick, wait, timeout, poll
+        self._kick_fd = kick_fd  # held: its descriptor stays open while this mailbox lives
         self.tsc_khz = tsc_khz
         self.page_seconds = 1e-6  # the helper's time per page, a running average (TSC stamps)
         self.op_seconds = 0.0  # the helper's own time in the SAVE/LOAD ops finished so far (TSC stamps)
@@ -131,6 +141,12 @@ class Mailbox:
     def kick(self) -> None:
         """Wake the helper if it parked (the core's data loops post ops themselves)."""
         self._kick()
+
+    @property
+    def kick_fd(self) -> int:
+        """An eventfd a write of 1 to wakes the helper with (the core's data loops, without the GIL); -1:
+        none, kick() only."""
+        return -1 if self._kick_fd is None else self._kick_fd.fd
 
     def check(self) -> None:
         """Raise the machine's error if the guest died (a zero wait on the doorbell)."""

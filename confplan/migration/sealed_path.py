@@ -35,7 +35,7 @@ class SealedPath:
         for mb, size in zip(mailboxes.mailboxes, mailboxes.bank_sizes(banks), strict=True):
             used = min(banks, RING, mb.batch_pages // size)  # whole banks only, as save_stream
             self.loop_mailboxes.append(
-                LoopMailbox(mb.control, mb.slots, mb.batch_pages, size, used, mb.mh_index)
+                LoopMailbox(mb.control, mb.slots, mb.batch_pages, size, used, mb.mh_index, mb.kick_fd)
             )
 
     @property

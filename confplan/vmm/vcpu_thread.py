@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import enum
 import errno
+import os
+import select
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Callable
 
 from confplan.kvm import KvmError, Vcpu
@@ -32,6 +35,34 @@ def install_kick_handler() -> bool:
         return False
     signal.signal(KICK_SIGNAL, _on_kick)
     return True
+
+
+class Waker:
+    """The eventfd a parked vCPU thread waits on: ``wake`` from any thread, or a write of 1 to ``fd`` from C
+    (the core's data loops kick a helper that way, without taking the GIL). Closed only once nothing refers
+    to it, so a loop that holds the number never writes into a reused descriptor."""
+
+    def __init__(self) -> None:
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._poll = select.poll()
+        self._poll.register(self.fd, select.POLLIN)
+        weakref.finalize(self, os.close, self.fd)
+
+    def wake(self) -> None:
+        os.eventfd_write(self.fd, 1)
+
+    def wait(self, timeout: float | None) -> bool:
+        """Block until woken or ``timeout`` seconds passed; True if woken (the wake is consumed)."""
+        if not self._poll.poll(None if timeout is None else max(0.0, timeout * 1000.0)):
+            return False
+        return self.drain()
+
+    def drain(self) -> bool:
+        """Consume any wake without waiting; True if there was one."""
+        try:
+            return os.eventfd_read(self.fd) > 0
+        except BlockingIOError:
+            return False
 
 
 class RunState(enum.Enum):
@@ -73,6 +104,7 @@ class VcpuRunner:
         self._pause_req = False
         self._stop_req = False
         self._kicked = False
+        self.waker = Waker()  # what park waits on: kick, pause and stop wake it
         self._stuck_for: float | None = None
         self._pending_io = False
         self._signal_ok = install_kick_handler()
@@ -96,6 +128,7 @@ class VcpuRunner:
         with self._cond:
             self._pause_req = True
             self._cond.notify_all()
+        self.waker.wake()
         self._interrupt()
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -111,15 +144,15 @@ class VcpuRunner:
             self._cond.notify_all()
 
     def kick(self) -> None:
-        """Wake the vCPU if it is parked on an idle/sleep doorbell."""
-        with self._cond:
-            self._kicked = True
-            self._cond.notify_all()
+        """Wake the vCPU if it is parked on an idle/sleep doorbell (latched: a park after it returns)."""
+        self._kicked = True
+        self.waker.wake()
 
     def stop(self) -> None:
         with self._cond:
             self._stop_req = True
             self._cond.notify_all()
+        self.waker.wake()
         self._interrupt()
 
     def join(self, timeout: float) -> bool:
@@ -145,16 +178,19 @@ class VcpuRunner:
     def park(self, timeout: float | None) -> None:
         """Block until kicked, paused, stopped or ``timeout`` seconds passed (idle/sleep doorbells)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            self.state = RunState.PARKED
-            while not (self._kicked or self._pause_req or self._stop_req):
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    break
-                self._cond.wait(left)
-            self._kicked = False
-            self.state = RunState.RUNNING
-            self.last_progress = time.monotonic()
+        self.state = RunState.PARKED
+        while not (self._kicked or self._pause_req or self._stop_req):
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            if self.waker.wait(left):  # kick() sets _kicked too; the core's loops only write the fd
+                break
+        # Whatever woke it, the guest runs now and sees every post made so far: a wake still pending would
+        # only make its next park return at once.
+        self.waker.drain()
+        self._kicked = False
+        self.state = RunState.RUNNING
+        self.last_progress = time.monotonic()
 
     # ---- the loop ----
     def _main(self) -> None:
