@@ -145,7 +145,8 @@ def test_idle_guest_is_verified_from_the_mac_tables(cli: typer.Typer, plan_dir: 
 def test_a_pause_that_cannot_fit_is_throttled_then_refused(
     plan_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """on_timeout: throttle: a guest dirtying as fast as it can never fits 1 ms; it is slowed down, and when
+    """on_timeout: throttle: a guest dirtying as fast as it can never fits 10 us (1 ms did once: a round of
+    a few ms on a loaded host where its vCPU barely ran); it is slowed down, and when
     the rounds run out the migration fails (max_downtime is a promise) with the source still running. The
     failure's report is the same v1 report as a success's."""
     from confplan.cli import main
@@ -153,7 +154,7 @@ def test_a_pause_that_cannot_fit_is_throttled_then_refused(
     plan = _plan(plan_dir, "aux-vcpu")
     plan.write_text(plan.read_text().replace("dirty_rate: 32MiB/s", "dirty_rate: unlimited").replace(
         "limits: {max_downtime: 100ms, max_precopy_rounds: 10}",
-        "limits: {max_downtime: 1ms, max_precopy_rounds: 4, on_timeout: throttle}",
+        "limits: {max_downtime: 10us, max_precopy_rounds: 4, on_timeout: throttle}",
     ))  # fmt: skip
     code = main(["apply", str(plan), "-o", "json"])
     report = check_report(capsys.readouterr().out)
@@ -176,16 +177,21 @@ def test_a_pause_that_cannot_fit_is_throttled_then_refused(
 
 
 def test_force_complete_accepts_the_longer_pause_and_says_so(cli: typer.Typer, plan_dir: Path) -> None:
+    # 10 us: only a round in which the dirtying vCPU wrote (almost) nothing would fit
     plan = _plan(plan_dir, "aux-vcpu")
     plan.write_text(plan.read_text().replace("dirty_rate: 32MiB/s", "dirty_rate: unlimited").replace(
         "limits: {max_downtime: 100ms, max_precopy_rounds: 10}",
-        "limits: {max_downtime: 1ms, max_precopy_rounds: 4, on_timeout: force-complete}",
+        "limits: {max_downtime: 10us, max_precopy_rounds: 4, on_timeout: force-complete}",
     ))  # fmt: skip
     result = CliRunner().invoke(cli, ["apply", str(plan), "--output", "json"])
     assert result.exit_code == 0, result.output
     report = check_report(result.stdout)
     precopy = next(stage for stage in report["stages"] if stage["name"] == "precopy")["result"]
-    assert precopy["forced"] and precopy["limit"] == "max_precopy_rounds"
+    if not precopy["forced"]:  # a loaded host left the dirtying vCPU no CPU for a whole (ms-long) round:
+        # it wrote nothing, so the pause honestly fits (seen once in ~40 runs beside a CPU hog)
+        assert precopy["decision"].startswith("converged") and precopy["rounds"][-1]["dirty_after"] <= 1
+    else:
+        assert precopy["limit"] == "max_precopy_rounds"
     assert len(precopy["rounds"]) <= 4  # max_precopy_rounds is never exceeded
     target = vmm_handle.find_local(plan_dir / "state", "target")
     assert target is not None
