@@ -14,27 +14,18 @@ sends them: they are not the guest's).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from confplan.kvm import KvmError, Vm
 from confplan.kvm import structs as s
 from confplan.vmm.abi import PAGE
 from confplan.vmm.bitmap import PageBitmap
-
-
-@dataclass(frozen=True)
-class Memslot:
-    slot: int
-    gpa: int
-    size: int
+from confplan.vmm.memory import GuestRam
 
 
 class DirtyLog:
     """Each ``fetch`` overwrites the bitmap with the pages written since the previous fetch."""
 
-    def __init__(
-        self, vm: Vm, slots: list[Memslot], host_address: int, *, keep_writable: range | None = None
-    ) -> None:
+    def __init__(self, vm: Vm, ram: GuestRam, *, keep_writable: range | None = None) -> None:
+        slots = ram.memslots()
         if any(m.gpa % (64 * PAGE) or m.size % (64 * PAGE) for m in slots):
             raise ValueError(f"memslots must start and end on a 64-page boundary: {slots}")
         self._vm = vm
@@ -42,16 +33,14 @@ class DirtyLog:
         self.bitmap = PageBitmap(max(m.gpa + m.size for m in slots) // PAGE)
         self._keep = keep_writable
         self.manual = keep_writable is not None and self._enable_manual()
-        self._host = host_address
+        self._ram = ram
         self.started = False
 
     def start(self) -> None:
         """Turn logging on (KVM_MEM_LOG_DIRTY_PAGES on every slot, a flags-only change): KVM write-protects
         what is mapped, so the next write to each page is logged, and from then on maps RAM 4 KiB at a
         time (it must see each write). Until then the guest runs on 2 MiB mappings, as QEMU's do."""
-        flags = s.KVM_MEM_LOG_DIRTY_PAGES
-        for m in self.slots:
-            self._vm.set_user_memory_region(m.slot, m.gpa, m.size, self._host + m.gpa, flags)
+        self._ram.map_into(self._vm, s.KVM_MEM_LOG_DIRTY_PAGES)
         self.started = True
 
     def _enable_manual(self) -> bool:

@@ -116,12 +116,10 @@ class Machine:
             began = time.perf_counter()
             self.ram.prefault()
             self.prefault_seconds = time.perf_counter() - began
-        slots = self.ram.memslots()
-        for m in slots:  # no dirty log yet: DirtyLog.start turns it on when a migration begins
-            self.vm.set_user_memory_region(m.slot, m.gpa, m.size, self.ram.address + m.gpa)
+        self.ram.map_into(self.vm)  # no dirty log yet: DirtyLog.start turns it on when a migration begins
         # the helper's area is never write-protected again (vmm/dirty_log.py: a fault per slot page a round)
         helper_pages = range(abi.MH_BASE // abi.PAGE, lay.mh_end // abi.PAGE) if cfg.dirty_logging else None
-        self.dirty_log = DirtyLog(self.vm, slots, self.ram.address, keep_writable=helper_pages)
+        self.dirty_log = DirtyLog(self.vm, self.ram, keep_writable=helper_pages)
         self.enc_bitmap = EncBitmap(lay.npages)
         self._cpuid = self.kvm.supported_cpuid()
         self.cpu = cpu_setup.cpu_info(self._cpuid)

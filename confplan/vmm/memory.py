@@ -16,7 +16,7 @@ from typing import TypeVar
 
 from confplan.errors import ConfplanError
 from confplan.guest.layout import ram_ranges
-from confplan.vmm.dirty_log import Memslot
+from confplan.kvm import Vm
 
 _T = TypeVar("_T", bound=ctypes.Structure)
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+; the mmap module of Python 3.11 has no name for it
@@ -75,6 +75,13 @@ def smaps(pid: int | str = "self") -> Iterator[Mapping]:
                 yield Mapping(*head, kib, frozenset(value.split()))
             elif value.strip().endswith("kB"):
                 kib[key] = int(value.split()[0])
+
+
+@dataclass(frozen=True)
+class Memslot:
+    slot: int
+    gpa: int
+    size: int
 
 
 class GuestRam:
@@ -137,6 +144,12 @@ class GuestRam:
     def memslots(self) -> list[Memslot]:
         """One KVM memslot per RAM range (slot numbers from 0): the same for the guest's VM and a mirror."""
         return [Memslot(i, start, end - start) for i, (start, end) in enumerate(self.ranges)]
+
+    def map_into(self, vm: Vm, flags: int = 0) -> None:
+        """Set every memslot of this RAM in ``vm`` (KVM_SET_USER_MEMORY_REGION); again with other ``flags``
+        is a flags-only change (the dirty log turned on)."""
+        for m in self.memslots():
+            vm.set_user_memory_region(m.slot, m.gpa, m.size, self.address + m.gpa, flags)
 
     def _populate(self, start: int, length: int) -> int | None:
         """MADV_POPULATE_WRITE over [start, start+length) through ctypes (the call runs without the GIL);

@@ -44,8 +44,7 @@ class MirrorVm:
             self.vm.set_tss_addr(MIRROR_TSS_ADDR)
             # No dirty logging: the MH writes only its own area (never migrated as a guest page) and,
             # on a target, pages it places before the guest runs.
-            for m in ram.memslots():
-                self.vm.set_user_memory_region(m.slot, m.gpa, m.size, ram.address + m.gpa, 0)
+            ram.map_into(self.vm)
             for i in range(count):
                 vcpu = self.vm.create_vcpu(first_id + i)
                 self.vcpus.append(vcpu)
