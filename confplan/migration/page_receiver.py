@@ -3,9 +3,9 @@
 Shared pages are scattered by the core straight into guest RAM above the helper's area (a shared page aimed
 anywhere lower is refused: the host path must never write the helper or the firmware); sealed frames are
 received by the core's data loop into a free bank of an MH vCPU's mailbox slots and opened there by the MH
-(LOAD) while the next frames arrive, banks round robin over the helpers so they work in parallel; a sealed
-frame the loop hands back is refused (or taken) on the Python path, ``MailboxSet.load_stream``. The
-receiver keeps which GPAs the frames wrote: verify's tables follow them.
+(LOAD) while the next frames arrive, each frame to the first helper with a free bank so they work in
+parallel; a sealed frame the loop hands back is refused (or taken) on the Python path,
+``MailboxSet.load_stream``. The receiver keeps which GPAs the frames wrote: verify's tables follow them.
 """
 
 from __future__ import annotations
