@@ -69,7 +69,7 @@ def _mailbox(machine: Machine, helper: HelperVcpu, timeout: float) -> Mailbox:
     return Mailbox(
         machine.view(helper.control_gpa, machine.layout.mailbox_stride), mh_index=index,
         batch_pages=machine.config.batch_pages, kick=helper.kick, wait=wait, timeout=timeout,
-        tsc_khz=machine.host.tsc_khz, kick_fd=helper.runner.waker,
+        tsc_khz=machine.host.tsc_khz, waker=helper.runner.waker,
     )  # fmt: skip
 
 

@@ -110,7 +110,7 @@ class Mailbox:
     def __init__(
         self, view: memoryview, *, mh_index: int, batch_pages: int, kick: Callable[[], None],
         wait: Waiter = sleeping_waiter, timeout: float = 30.0, poll: float = 0.00005, tsc_khz: int = 0,
-        kick_fd: KickFd | None = None,
+        waker: KickFd | None = None,
     ) -> None:  # fmt: skip
         need = SLOTS_OFFSET + batch_pages * SLOT_SIZE
         if batch_pages < 1 or len(view) < need or view.readonly:
@@ -119,7 +119,7 @@ class Mailbox:
             )
         self.mh_index, self.batch_pages = mh_index, batch_pages
         self._kick, self._wait, self.timeout, self.poll = kick, wait, timeout, poll
-        self._kick_fd = kick_fd  # held: its descriptor stays open while this mailbox lives
+        self._waker = waker  # held: its descriptor stays open while this mailbox lives
         self.tsc_khz = tsc_khz
         self.page_seconds = 1e-6  # the helper's time per page, a running average (TSC stamps)
         self.op_seconds = 0.0  # the helper's own time in the SAVE/LOAD ops finished so far (TSC stamps)
@@ -146,7 +146,7 @@ class Mailbox:
     def kick_fd(self) -> int:
         """An eventfd a write of 1 to wakes the helper with (the core's data loops, without the GIL); -1:
         none, kick() only."""
-        return -1 if self._kick_fd is None else self._kick_fd.fd
+        return -1 if self._waker is None else self._waker.fd
 
     def check(self) -> None:
         """Raise the machine's error if the guest died (a zero wait on the doorbell)."""
