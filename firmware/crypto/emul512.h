@@ -6,8 +6,8 @@
  * OpenSSL. What it cannot: that the CPU's own AVX-512 instructions, as gcc emits them, behave the same
  * (they are specified to; only a CPU with AVX-512 runs them, where the native tests do).
  *
- * SIMDe 0.7.4 lacks four of them (and the alias of a fifth); they are built here from its 128-bit lanes: the AES rounds on each lane
- * with the host's AES-NI, the dword shuffle on each lane, and the zero-extension.
+ * SIMDe 0.7.4 lacks four of them (and the alias of a fifth); they are built here from its 128-bit lanes:
+ * the AES rounds on each lane with the host's AES-NI, the dword shuffle on each lane, the zero-extension.
  */
 #ifndef CP_EMUL512_H
 #define CP_EMUL512_H
@@ -20,7 +20,8 @@ static inline simde__m512i cp_emu_aes_lanes(simde__m512i a, simde__m512i k, int 
 {
     simde__m512i_private r = simde__m512i_to_private(a), rk = simde__m512i_to_private(k);
     for (int i = 0; i < 4; i++)
-        r.m128i[i] = last ? _mm_aesenclast_si128(r.m128i[i], rk.m128i[i]) : _mm_aesenc_si128(r.m128i[i], rk.m128i[i]);
+        r.m128i[i] = last ? _mm_aesenclast_si128(r.m128i[i], rk.m128i[i])
+                          : _mm_aesenc_si128(r.m128i[i], rk.m128i[i]);
     return simde__m512i_from_private(r);
 }
 
