@@ -10,6 +10,7 @@ from __future__ import annotations
 import array
 import contextlib
 import ctypes
+import errno
 import os
 import socket
 import threading
@@ -21,8 +22,10 @@ from hostpair import PRIVATE, RAM, host_pair
 from confplan.core import CoreStatus, PageCoreError
 from confplan.core.datapath import DataLoop, LoopResult, Stop
 from confplan.core.frameauth import Direction, FrameKey
+from confplan.core.rearm import Memslot, Rearm
 from confplan.core.stream import FrameReader
 from confplan.core.wire import FrameType, RoundEnd, encode
+from confplan.errors import ConfplanError
 from confplan.migration.host_mh import HostGuest, build_host_library
 from confplan.migration.mailbox_layout import MailboxError, Op
 from confplan.migration.sealed_path import SealedPath
@@ -99,6 +102,27 @@ def test_a_cancel_stops_the_source_loop_at_its_next_look(lib: ctypes.CDLL) -> No
         # nobody reads the other end: the socket fills and the loop waits in poll, looking every 10 ms
         result = _loop(a, path, 2).send(array.array("Q", PRIVATE), generation=1)
         assert result.stop is Stop.CANCELLED and result.pages < len(PRIVATE)
+        assert src.mailboxes.mailboxes[0].queued == 0
+
+
+def test_a_dirty_log_kvm_refuses_to_rearm_stops_the_source_loop_before_any_save(lib: ctypes.CDLL) -> None:
+    """The loop re-arms the source's dirty log before its helpers read a page; when KVM refuses (here the
+    descriptor is a pipe's, not a VM's), no page is read or sent and the error says what to do."""
+    with host_pair(lib, 1) as (src, _dst), _socketpair() as (a, _b):
+        read_end, write_end = os.pipe()
+        try:
+            path = SealedPath(src.mailboxes, 4)
+            loop = DataLoop(a.fileno(), path.loop_mailboxes, key=KEY.for_core(), seq=2, op_timeout=10,
+                            io_timeout=10, poke=path.poke, ram_size=RAM,
+                            rearm=Rearm(write_end, [Memslot(0, 0, RAM)]))  # fmt: skip
+            result = loop.send(array.array("Q", PRIVATE), generation=1)
+        finally:
+            os.close(read_end)
+            os.close(write_end)
+        assert result.stop is Stop.DIRTY_LOG and result.sys_errno == errno.ENOTTY
+        assert result.pages == result.ops == 0 and result.bad_gpa == PRIVATE.start
+        with pytest.raises(ConfplanError, match=r"refused to re-arm the source's dirty log at GPA 0x400000"):
+            path.raise_for(result, Op.SAVE, frame_what="")
         assert src.mailboxes.mailboxes[0].queued == 0
 
 

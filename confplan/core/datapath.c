@@ -27,6 +27,7 @@
 #define CP_E_AUTH_TAG (-65) /* CoreStatus.AUTH_TAG in Python */
 #define LOOK_EVERY 0.01     /* seconds between pokes (cancel, a dead guest) and op-timeout checks */
 #define IDLE_NS 20000       /* sleep between looks at the helpers' done counters when nothing is ready */
+#define REARM_AHEAD 8192     /* pages the source re-arms at a time, ahead of the SAVEs (32 MiB) */
 #define AAD_MAX (CP_HEADER_SIZE + CP_PAGES_PREFIX_SIZE + CP_MAX_FRAME_PAGES * CP_SEALED_HEADER_SIZE)
 
 _Static_assert(CP_MB_SLOT_SIZE == CP_SEALED_PAGE_SIZE, "a mailbox slot is one wire record");
@@ -129,6 +130,7 @@ struct loop {
     void *ctx;          /* libcrypto cipher context */
     uint8_t *aad;       /* AAD_MAX bytes */
     double next_look;
+    uint64_t rearmed;   /* source: gpas[0..rearmed) are re-armed in the dirty log */
 };
 
 static double now_s(void)
@@ -475,16 +477,39 @@ static int32_t send_bank(struct loop *L, const struct cp_dp_mailbox *mb, const s
     return pace(L);
 }
 
-static void post_save(struct loop *L, uint32_t i, uint32_t first, uint64_t *pos)
+/* The dirty log re-armed for gpas[..end) and REARM_AHEAD pages beyond, before a helper reads any of them:
+ * a page written from here on is in the next round's log. Pages further on stay writable meanwhile, so the
+ * guest's writes there cost no fault and are sent with this round (docs/migration.md, "Session 9"). */
+static int32_t rearm_to(struct loop *L, uint64_t end)
+{
+    struct cp_dp_stream *s = L->s;
+    if (!s->rearm || end <= L->rearmed)
+        return CP_DP_DONE;
+    uint64_t to = L->rearmed + REARM_AHEAD > end ? L->rearmed + REARM_AHEAD : end;
+    if (to > s->count)
+        to = s->count;
+    if (cp_rearm_pages(s->rearm, s->gpas + L->rearmed, to - L->rearmed)) {
+        s->sys_errno = s->rearm->sys_errno;
+        s->bad_gpa = s->rearm->bad_gpa;
+        return stop_with(L, CP_DP_DIRTY_LOG);
+    }
+    L->rearmed = to;
+    return CP_DP_DONE;
+}
+
+static int32_t post_save(struct loop *L, uint32_t i, uint32_t first, uint64_t *pos)
 {
     struct cp_dp_stream *s = L->s;
     struct cp_dp_mailbox *mb = &s->mailboxes[i];
     uint64_t left = s->count - *pos;
     uint32_t n = left < mb->bank_slots ? (uint32_t)left : mb->bank_slots;
+    if (rearm_to(L, *pos + n))
+        return s->stop;
     for (uint32_t k = 0; k < n; k++)
         ((struct cp_sealed_page *)(mb->slots + (size_t)(first + k) * CP_MB_SLOT_SIZE))->gpa = s->gpas[*pos + k];
     post(L, i, CP_MB_OP_SAVE, n, first, *pos);
     *pos += n;
+    return CP_DP_DONE;
 }
 
 int32_t cp_dp_send_sealed(struct cp_dp_stream *s, cp_dp_poke_fn poke)
@@ -493,8 +518,8 @@ int32_t cp_dp_send_sealed(struct cp_dp_stream *s, cp_dp_poke_fn poke)
     if (loop_open(&L, s, poke))
         return loop_close(&L);
     uint64_t pos = 0;
-    for (uint32_t b = 0; b < CP_MB_RING && pos < s->count; b++)
-        for (uint32_t i = 0; i < s->n_mailboxes && pos < s->count; i++)
+    for (uint32_t b = 0; b < CP_MB_RING && pos < s->count && !s->stop; b++)
+        for (uint32_t i = 0; i < s->n_mailboxes && pos < s->count && !s->stop; i++)
             if (b < s->mailboxes[i].banks)
                 post_save(&L, i, b * s->mailboxes[i].bank_slots, &pos);
     for (;;) {
@@ -512,8 +537,8 @@ int32_t cp_dp_send_sealed(struct cp_dp_stream *s, cp_dp_poke_fn poke)
             m->n--;
             if (finish(&L, i, &op) || send_bank(&L, &s->mailboxes[i], &op))
                 break;
-            if (pos < s->count)
-                post_save(&L, i, op.first, &pos);
+            if (pos < s->count && post_save(&L, i, op.first, &pos))
+                break;
         }
         if (s->stop || !busy || look(&L, now_s())) /* a cancel is seen within LOOK_EVERY, busy or not */
             break;

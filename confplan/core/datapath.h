@@ -12,6 +12,7 @@
 #include <stdint.h>
 
 #include "pagecore.h"
+#include "rearm.h"
 
 /* One helper's mailbox as a loop drives it: its control page, its data slots, and the banks it may use. */
 struct cp_dp_mailbox {
@@ -45,6 +46,7 @@ enum cp_dp_stop {
     CP_DP_FRAME = 9,       /* a frame or record failed a check: err (cp_status, index, values) */
     CP_DP_CRYPTO = 10,     /* libcrypto could not be loaded or failed */
     CP_DP_ARG = 11,        /* bad arguments */
+    CP_DP_DIRTY_LOG = 12,  /* source: re-arming the dirty log failed (rearm->sys_errno, rearm->bad_gpa) */
 };
 
 /* One call's arguments and results. Progress fields are read by other threads while the loop runs. */
@@ -66,6 +68,7 @@ struct cp_dp_stream {
     double bandwidth;        /* source: bytes/s cap (0: none), counted with pace_sent from pace_t0 */
     double pace_t0;          /* CLOCK_MONOTONIC seconds the stream's pacing started */
     uint64_t pace_sent;      /* stream bytes sent before this call */
+    struct cp_rearm *rearm;  /* source: re-arm the dirty log of the pages ahead of each SAVE (NULL: none) */
     /* in/out */
     uint64_t seq;            /* the next frame's seq (source: sent; target: expected) */
     /* out */

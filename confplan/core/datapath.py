@@ -1,7 +1,8 @@
 """The core's data loops (``datapath.c``): a round's sealed pages in one call per side, the GIL released.
 
 ``send_sealed`` (source) posts SAVE ops into the helpers' mailboxes, sends each done bank's records from
-the slots as a SEALED_PAGES frame (checked, authenticated like ``FrameKey.protect``) and reposts;
+the slots as a SEALED_PAGES frame (checked, authenticated like ``FrameKey.protect``) and reposts, re-arming
+the dirty log of the pages ahead first where it is given a ``Rearm`` (docs/migration.md, "Session 9");
 ``recv_sealed`` (target) receives SEALED_PAGES frames straight into free banks, checks each (tag, CRC,
 records) and posts LOAD, and returns at the first other frame with its header. Python is called back only
 to kick a parked helper and every ~10 ms to ask whether to stop (``Poke``). Design: docs/migration.md,
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 from confplan.core._buffers import Memory, pinned
 from confplan.core._lib import POKE_C, ErrorC, lib
+from confplan.core.rearm import Rearm, RearmC
 from confplan.core.wire import HEADER_SIZE
 
 # mh >= 0: kick that helper; mh == -1: 0 to go on, Stop.CANCELLED or Stop.MACHINE to stop.
@@ -41,6 +43,7 @@ class Stop(enum.IntEnum):
     FRAME = 9
     CRYPTO = 10
     ARG = 11
+    DIRTY_LOG = 12
 
 
 class _MailboxC(ctypes.Structure):
@@ -76,6 +79,7 @@ class StreamC(ctypes.Structure):
         ("bandwidth", ctypes.c_double),
         ("pace_t0", ctypes.c_double),
         ("pace_sent", ctypes.c_uint64),
+        ("rearm", ctypes.POINTER(RearmC)),
         ("seq", ctypes.c_uint64),
         ("pages", ctypes.c_uint64),
         ("bytes", ctypes.c_uint64),
@@ -140,15 +144,18 @@ class DataLoop:
 
     def __init__(
         self, fd: int, mailboxes: Sequence[LoopMailbox], *, key: LoopKey | None, seq: int, op_timeout: float,
-        io_timeout: float | None, poke: Poke, gpa_base: int = 0, ram_size: int,
+        io_timeout: float | None, poke: Poke, gpa_base: int = 0, ram_size: int, rearm: Rearm | None = None,
     ) -> None:  # fmt: skip
         self._mailboxes = list(mailboxes)
+        self.rearm = rearm  # source: the dirty log re-armed ahead of the SAVEs (kept: the loop points at it)
         self._poke = poke
         self._error: BaseException | None = None
         s = self.stream = StreamC()
         s.fd, s.n_mailboxes, s.seq = fd, len(self._mailboxes), seq
         s.gpa_base, s.ram_size = gpa_base, ram_size
         s.op_timeout, s.io_timeout = op_timeout, io_timeout or 0.0
+        if rearm is not None:
+            s.rearm = ctypes.pointer(rearm.c)
         if key is not None:
             s.protect = 1
             ctypes.memmove(s.key, key.key, 32)

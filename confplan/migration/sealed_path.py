@@ -15,6 +15,7 @@ import threading
 from confplan.core.datapath import LoopMailbox, LoopResult, Stop
 from confplan.core.status import raise_for
 from confplan.errors import ConfplanError
+from confplan.migration.dirty import rearm_error
 from confplan.migration.mailbox import no_answer, refusal_error
 from confplan.migration.mailbox_layout import RING, MailboxError, Op, status_name
 from confplan.migration.mailbox_set import MailboxSet
@@ -79,6 +80,8 @@ class SealedPath:
                 "the C core could not load OpenSSL's libcrypto for the frame authentication",
                 hint="install libssl3 (Debian) or run with the stream unprotected (tests only)",
             )
+        if stop is Stop.DIRTY_LOG:
+            raise rearm_error(result.sys_errno, result.bad_gpa)
         if stop is Stop.ARG:
             raise ConfplanError(
                 f"the core's data loop refused its arguments ({op.name}): ops were still queued in a mailbox "

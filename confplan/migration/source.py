@@ -261,6 +261,7 @@ class Outgoing:
         shared, private = scan_dirty(dirty, self.tracker.shared_bitmap(), self.tracker.npages)
         self._round = RoundInFlight(generation, len(shared) + len(private), 0, started, sent_before)
         self._changed += (shared, private)  # kept as scanned: taking them is a concatenation, no rescan
+        self.tracker.rearm_pages(shared)  # just before they are read (the data loops re-arm their own)
         shared, zero = self._send_shared(shared, scanned)
         if len(shared):
             self._shared_sent.append(shared)
@@ -335,7 +336,7 @@ class Outgoing:
             DataLoop(
                 sock.fileno(), path.loop_mailboxes, key=w.key.for_core() if w.key is not None else None,
                 seq=w.seq, op_timeout=path.op_timeout, io_timeout=sock.gettimeout(), poke=path.poke,
-                ram_size=self.machine.ram.top,
+                ram_size=self.machine.ram.top, rearm=self.tracker.rearm(),
             )
             for (sock, w), path in zip(lanes, paths, strict=True)
         ]

@@ -10,10 +10,16 @@ protection: a fetch then clears (and write-protects) only the other pages it fou
 write-protect fault costs ~20 us: re-protecting the slots each round made the pause's final round of
 ~1600 pages take ~38 ms (docs/migration.md, "Session 5"). The bitmap never reports those pages (nobody
 sends them: they are not the guest's).
+
+With manual protection a migration re-arms each page just before it reads it instead (``rearm``, given to
+the readers; ``fetch(rearm=False)``): a page keeps its mapping and its bit until then, so a guest write to
+a page not yet sent costs no fault and is sent with the round; where KVM also offers
+KVM_DIRTY_LOG_INITIALLY_SET, turning the log on write-protects nothing (every bit starts set).
 """
 
 from __future__ import annotations
 
+from confplan.core.rearm import Rearm
 from confplan.kvm import KvmError, Vm
 from confplan.kvm import structs as s
 from confplan.vmm.abi import PAGE
@@ -32,6 +38,7 @@ class DirtyLog:
         self.slots = slots
         self.bitmap = PageBitmap(max(m.gpa + m.size for m in slots) // PAGE)
         self._keep = keep_writable
+        self.initially_set = False  # KVM_DIRTY_LOG_INITIALLY_SET: the log goes on with every bit set
         self.manual = keep_writable is not None and self._enable_manual()
         self._ram = ram
         self.started = False
@@ -44,38 +51,54 @@ class DirtyLog:
         self.started = True
 
     def _enable_manual(self) -> bool:
-        """Manual protection (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, bit 0 only: pages start write-protected as
-        without it); False where KVM does not offer it (then every fetch re-protects everything)."""
+        """Manual protection (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 bit 0), with bit 1 (initially set) where
+        offered; False where KVM offers neither (then every fetch re-protects everything)."""
         try:
-            if not self._vm.check_extension(s.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) & 1:
+            offered = self._vm.check_extension(s.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)
+            if not offered & s.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
                 return False
-            self._vm.enable_cap(s.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, 1)
+            flags = offered & (s.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | s.KVM_DIRTY_LOG_INITIALLY_SET)
+            self._vm.enable_cap(s.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, flags)
         except KvmError:
             return False
+        self.initially_set = bool(flags & s.KVM_DIRTY_LOG_INITIALLY_SET)
         return True
 
-    def fetch(self) -> PageBitmap:
+    def rearm(self) -> Rearm | None:
+        """What a reader needs to re-arm pages just before it reads them (None without manual protection:
+        then only a fetch re-arms, everything it reports)."""
+        if not self.manual:
+            return None
+        return Rearm(self._vm.fd, self.slots)
+
+    def fetch(self, *, rearm: bool = True) -> PageBitmap:
         """KVM_GET_DIRTY_LOG of every slot into its part of the bitmap (zero copy); KVM clears its own
-        copy (with manual protection: of every page it reported but those kept writable). The bits between
-        slots (the hole) are never set."""
+        copy (with manual protection: of every page it reported but those kept writable; with ``rearm``
+        False, of none: the readers re-arm what they read). The bits between slots (the hole) are never
+        set."""
         if not self.started:
             raise RuntimeError("the dirty log is off: clear() turns it on and starts the first round")
         for m in self.slots:
             self._vm.get_dirty_log(m.slot, self.bitmap.address + m.gpa // PAGE // 8)
-        if self.manual:
+        if self.manual and rearm:
             self._rearm()
+        elif self._keep is not None:
+            self._drop_kept()
         return self.bitmap
 
     def _rearm(self) -> None:
         """Clear in KVM (and write-protect again) what the fetch reported, but the pages kept writable,
         which the bitmap then never reports (nothing sends them: they are not the guest's)."""
+        self._drop_kept()
+        for m in self.slots:
+            self._vm.clear_dirty_log(m.slot, 0, m.size // PAGE, self.bitmap.address + m.gpa // PAGE // 8)
+
+    def _drop_kept(self) -> None:
         keep = self._keep
         if keep is not None:  # the helper's area is 2 MiB aligned: whole bytes of the bitmap
             raw = self.bitmap.view()
             first, end = keep.start // 8, min(-(-keep.stop // 8), len(raw))
             raw[first:end] = bytes(end - first)
-        for m in self.slots:
-            self._vm.clear_dirty_log(m.slot, 0, m.size // PAGE, self.bitmap.address + m.gpa // PAGE // 8)
 
     def clear(self) -> None:
         """Start a new round: fetch and drop what was dirty so far (logging turned on if it was off)."""

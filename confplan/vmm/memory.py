@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
+from confplan.core.rearm import Memslot
 from confplan.errors import ConfplanError
 from confplan.guest.layout import ram_ranges
 from confplan.kvm import Vm
@@ -75,13 +76,6 @@ def smaps(pid: int | str = "self") -> Iterator[Mapping]:
                 yield Mapping(*head, kib, frozenset(value.split()))
             elif value.strip().endswith("kB"):
                 kib[key] = int(value.split()[0])
-
-
-@dataclass(frozen=True)
-class Memslot:
-    slot: int
-    gpa: int
-    size: int
 
 
 class GuestRam:
