@@ -7,7 +7,7 @@ Where KVM offers manual dirty-log protection the tracker's fetches leave the log
 re-arm each page just before they read it (``rearm_pages`` for the shared pages, the core's data loop
 ahead of its SAVEs): a page written before it is read costs no fault and goes with the round, one written
 after is logged for the next. The invariant the stream's tables rely on: a page's log is cleared only
-when it is in the round about to read it (docs/migration.md, "Session 9").
+when it is in the round about to read it (docs/dirty-log.md: the argument, and the model checked).
 """
 
 from __future__ import annotations

@@ -73,9 +73,9 @@ class DirtyLog:
 
     def fetch(self, *, rearm: bool = True) -> PageBitmap:
         """KVM_GET_DIRTY_LOG of every slot into its part of the bitmap (zero copy); KVM clears its own
-        copy (with manual protection: of every page it reported but those kept writable; with ``rearm``
-        False, of none: the readers re-arm what they read). The bits between slots (the hole) are never
-        set."""
+        copy (with manual protection: of every page it reported but those kept writable, or with ``rearm``
+        False of none: the readers re-arm what they read, docs/dirty-log.md). The bits between slots (the
+        hole) are never set."""
         if not self.started:
             raise RuntimeError("the dirty log is off: clear() turns it on and starts the first round")
         for m in self.slots:
