@@ -319,24 +319,24 @@ static uint32_t op_digest(struct cp_mh_ctx *ctx, volatile struct cp_mb_proto *p,
     return rc;
 }
 
-static uint32_t op_mac_range(struct cp_mh_ctx *ctx, volatile struct cp_mb_proto *p, uint64_t start, uint64_t n)
+/* A per-page op over a range (MAC_RANGE, v8 WARM), its counts published as DIGEST's are. */
+typedef uint32_t (*range_fn)(struct cp_mh_ctx *, uint64_t, uint64_t, uint64_t *, uint64_t *);
+
+static uint32_t op_range(struct cp_mh_ctx *ctx, volatile struct cp_mb_proto *p, uint64_t start, uint64_t n,
+                         range_fn fn)
 {
-    uint64_t hashed = 0, skipped = 0;
-    cp_mh_tables_changed(ctx);
-    uint32_t rc = cp_mh_mac_range(ctx, start, n, &hashed, &skipped);
-    cp_mh_tables_changed(ctx);
-    p->digest_pages = hashed;
+    uint64_t done = 0, skipped = 0;
+    uint32_t rc = fn(ctx, start, n, &done, &skipped);
+    p->digest_pages = done;
     p->digest_skipped = skipped;
     return rc;
 }
 
-/* v8 WARM: map the range into this helper's view (its pages are read, not sealed: no key needed). */
-static uint32_t op_warm(struct cp_mh_ctx *ctx, volatile struct cp_mb_proto *p, uint64_t start, uint64_t n)
+static uint32_t op_mac_range(struct cp_mh_ctx *ctx, volatile struct cp_mb_proto *p, uint64_t start, uint64_t n)
 {
-    uint64_t read = 0, skipped = 0;
-    uint32_t rc = cp_mh_warm(ctx, start, n, &read, &skipped);
-    p->digest_pages = read;
-    p->digest_skipped = skipped;
+    cp_mh_tables_changed(ctx);
+    uint32_t rc = op_range(ctx, p, start, n, cp_mh_mac_range);
+    cp_mh_tables_changed(ctx);
     return rc;
 }
 
@@ -466,7 +466,7 @@ uint32_t cp_mh_handle(struct cp_mh_ctx *ctx, volatile uint8_t *ctl, uint8_t *slo
         rc = cp_mh_key_op(ctx, c, slots + (size_t)(first < ctx->cfg.batch_pages ? first : 0) * CP_MB_SLOT_SIZE,
                           data_room(ctx, first), op, arg1);
     } else if (op == CP_MB_OP_WARM) {
-        rc = op_warm(ctx, p, arg0, arg1);
+        rc = op_range(ctx, p, arg0, arg1, cp_mh_warm); /* v8: maps the range into its view; no key */
     } else if (!ctx->keyed) {
         rc = CP_MBS_NO_KEY;
     } else if (op >= CP_MB_OP_SEAL_MANIFEST) {
