@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -77,11 +77,12 @@ def initial(d: Design) -> State:
     return State((0,) * n, (-1,) * n, bit, wp, frozenset(range(n)), "idle", 0, (), (), d.writes, d.aborts)
 
 
-def _set(t: tuple[bool, ...], pages: Iterator[int] | frozenset[int], value: bool) -> tuple[bool, ...]:
-    out = list(t)
+def _mark(s: State, pages: Iterable[int], logged: bool) -> State:
+    """KVM's two moves: a write fault (logged, writable) or a clear (not logged, protected)."""
+    bit, wp = list(s.bit), list(s.wp)
     for p in pages:
-        out[p] = value
-    return tuple(out)
+        bit[p], wp[p] = logged, not logged
+    return s._replace(bit=tuple(bit), wp=tuple(wp))
 
 
 def _fetch(d: Design, s: State) -> State:
@@ -89,7 +90,7 @@ def _fetch(d: Design, s: State) -> State:
     logged = frozenset(p for p in range(d.pages) if s.bit[p])
     s = s._replace(pending=s.pending | logged)
     if not d.rearm:
-        s = s._replace(bit=_set(s.bit, logged, False), wp=_set(s.wp, logged, True))
+        s = _mark(s, logged, False)
     return s
 
 
@@ -108,7 +109,7 @@ def _clear(d: Design, s: State, page: int) -> tuple[State, str | None]:
     unread = {s.work[i] for lane in s.lanes for i in range(lane.read, lane.end)}
     broken = next((f"cleared page {p}, which the round does not read after it" for p in cleared
                    if p not in unread), None)  # fmt: skip
-    return s._replace(bit=_set(s.bit, iter(cleared), False), wp=_set(s.wp, iter(cleared), True)), broken
+    return _mark(s, cleared, False), broken
 
 
 def _lane(s: State, k: int, lane: Lane) -> State:
@@ -140,7 +141,7 @@ def steps(d: Design, s: State) -> Iterator[tuple[str, State, str | None]]:
             version[p] += 1
             t = s._replace(version=tuple(version), writes=s.writes - 1)
             if s.wp[p]:
-                t = t._replace(bit=_set(t.bit, iter([p]), True), wp=_set(t.wp, iter([p]), False))
+                t = _mark(t, [p], True)
             yield f"guest writes page {p}", t, None
     if s.phase == "idle":
         if s.rounds < d.rounds:
