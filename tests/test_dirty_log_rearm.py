@@ -60,9 +60,9 @@ def test_a_rearm_clears_exactly_the_pages_it_lists(quiet: Machine) -> None:
     m.workload.write_pages([3, 4, 70, far, far + 1])
     assert written(m) == [3, 4, 70, far, far + 1]
     assert written(m) == [3, 4, 70, far, far + 1]  # a fetch without re-arm leaves the log as it was
-    calls = rearm.calls
+    calls, pages = rearm.calls, rearm.pages
     rearm.rearm(gpas(m, [3, 70, far]))  # 4 shares page 3's 64-page word, far + 1 far's
-    assert rearm.calls == calls + 2
+    assert rearm.calls == calls + 2 and rearm.pages == pages + 3
     assert written(m) == [4, far + 1]
     m.workload.write_pages([3])  # re-armed: its next write is logged again
     assert written(m) == [3, 4, far + 1]

@@ -479,7 +479,7 @@ static int32_t send_bank(struct loop *L, const struct cp_dp_mailbox *mb, const s
 
 /* The dirty log re-armed for gpas[..end) and REARM_AHEAD pages beyond, before a helper reads any of them:
  * a page written from here on is in the next round's log. Pages further on stay writable meanwhile, so the
- * guest's writes there cost no fault and are sent with this round (docs/migration.md, "Session 9"). */
+ * guest's writes there cost no fault and are sent with this round (docs/dirty-log.md). */
 static int32_t rearm_to(struct loop *L, uint64_t end)
 {
     struct cp_dp_stream *s = L->s;

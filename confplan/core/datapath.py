@@ -2,7 +2,7 @@
 
 ``send_sealed`` (source) posts SAVE ops into the helpers' mailboxes, sends each done bank's records from
 the slots as a SEALED_PAGES frame (checked, authenticated like ``FrameKey.protect``) and reposts, re-arming
-the dirty log of the pages ahead first where it is given a ``Rearm`` (docs/migration.md, "Session 9");
+the dirty log of the pages ahead first where it is given a ``Rearm`` (docs/dirty-log.md);
 ``recv_sealed`` (target) receives SEALED_PAGES frames straight into free banks, checks each (tag, CRC,
 records) and posts LOAD, and returns at the first other frame with its header. Python is called back only
 to kick a parked helper and every ~10 ms to ask whether to stop (``Poke``). Design: docs/migration.md,

@@ -1,5 +1,5 @@
 /*
- * The source's dirty log re-armed just before pages are read (rearm.c; docs/migration.md, "Session 9").
+ * The source's dirty log re-armed just before pages are read (rearm.c; docs/dirty-log.md).
  *
  * With KVM's manual dirty-log protection a fetch (KVM_GET_DIRTY_LOG) leaves the log as it is; a page is
  * write-protected again, and its bit cleared, only by KVM_CLEAR_DIRTY_LOG. The reader clears exactly the

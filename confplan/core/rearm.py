@@ -1,4 +1,4 @@
-"""The source's dirty log re-armed just before pages are read (``rearm.c``; docs/migration.md, "Session 9").
+"""The source's dirty log re-armed just before pages are read (``rearm.c``; docs/dirty-log.md).
 
 With KVM's manual dirty-log protection a fetch leaves the log alone; ``Rearm.pages`` clears (and
 write-protects again) exactly the pages listed, in as few KVM_CLEAR_DIRTY_LOG calls as their runs allow.
