@@ -48,7 +48,8 @@ class BuildFirmwareAndCore(build_ext):
 
 pagecore = Extension(
     "confplan.core._pagecore",
-    sources=["confplan/core/pagecore.c", "confplan/core/datapath.c", "confplan/core/rearm.c"],
+    sources=["confplan/core/pagecore.c", "confplan/core/datapath.c", "confplan/core/rearm.c",
+             "confplan/core/helper_run.c"],
     extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra", "-Werror", "-fvisibility=default"],
 )
 

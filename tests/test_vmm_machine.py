@@ -324,13 +324,19 @@ def test_the_guest_measures_its_pause_and_sees_a_clock_set_back() -> None:
 
 def test_a_parked_helper_wakes_on_a_raw_write_to_its_eventfd() -> None:
     """What the core's data loops do (no GIL, no Python): write 1 to the vCPU thread's eventfd. A helper
-    parked at its doorbell runs again (its heartbeat moves) and parks again."""
+    parked at its doorbell runs again (its heartbeat moves) and parks again. It parks in its C loop
+    (core/helper_run.c): the vCPU thread's Python loop sees none of those exits."""
     with Machine(MachineConfig(memory=MEM, workload_kind="quiet", aux_vcpus=1)) as m:
         m.start()
         m.wait_helpers_ready()
         runner = m.helpers[0].runner
-        assert until(lambda: runner.state is RunState.PARKED)
-        beats = m.helpers[0].header.heartbeat
+        assert until(lambda: runner.parked)
+        beats, exits = m.helpers[0].header.heartbeat, runner.exits
         os.eventfd_write(runner.waker.fd, 1)
         assert until(lambda: m.helpers[0].header.heartbeat > beats)
-        assert until(lambda: runner.state is RunState.PARKED)
+        assert until(lambda: runner.parked and runner.exits > exits)
+        assert runner.state is RunState.RUNNING  # the Python loop is still inside the C loop's call
+        m.pause([runner])  # a park in C is cut short by pause, as one in Python is
+        assert runner.state is RunState.PAUSED and not runner.parked
+        m.resume([runner])
+        assert until(lambda: runner.parked)

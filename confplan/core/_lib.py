@@ -15,7 +15,7 @@ from typing import Any
 
 from confplan.errors import EnvironmentProblem
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 _REBUILD_HINT = "rebuild the C core: run 'make install' (or 'pip install -e .') in the confplan checkout"
 
 
@@ -117,6 +117,7 @@ PROTOTYPES: dict[str, tuple[Any, tuple[Any, ...]]] = {
     "cp_dp_send_sealed": (ctypes.c_int32, (_vp, POKE_C)),
     "cp_dp_recv_sealed": (ctypes.c_int32, (_vp, POKE_C)),
     "cp_rearm_pages": (ctypes.c_int32, (_vp, _vp, _u64)),
+    "cp_helper_run": (ctypes.c_int32, (_vp,)),
     "cp_crc_table": (_int, (_vp, _u64, _u64, _vp, _u64, _vp, _vp, _u64, ctypes.POINTER(_u32), _pu64, _perr)),
     "cp_forget_pages": (_int, (_vp, _u64, _u64, _vp, _u64, _perr)),
 }

@@ -27,7 +27,7 @@
 #define CP_RAM_HOLE_START 0xE0000000ULL
 #define CP_RAM_HOLE_END 0x100000000ULL
 
-#define CP_ABI_VERSION 4
+#define CP_ABI_VERSION 5
 
 #define CP_WIRE_MAGIC 0x4c504643u   /* the bytes "CFPL" */
 #define CP_WIRE_VERSION 4u

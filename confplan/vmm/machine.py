@@ -4,12 +4,14 @@ Set-up registers its tear-down; ``close`` runs it in reverse."""
 
 from __future__ import annotations
 
+import ctypes
 import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Protocol, TextIO
 
+from confplan.core.helper_run import HelperRun
 from confplan.errors import ConfplanError, EnvironmentProblem
 from confplan.kvm import Kvm, Vcpu
 from confplan.kvm import structs as s
@@ -23,7 +25,7 @@ from confplan.vmm.devices.console import Console
 from confplan.vmm.devices.doorbell import Doorbell
 from confplan.vmm.devices.encstatus import EncStatusDoorbell
 from confplan.vmm.devices.fault import FaultReporter
-from confplan.vmm.devices.mailbox_doorbell import MailboxDoorbells
+from confplan.vmm.devices.mailbox_doorbell import DOORBELL_STRIDE, MailboxDoorbells
 from confplan.vmm.dirty_log import DirtyLog
 from confplan.vmm.enc_bitmap import EncBitmap, EncStatusError
 from confplan.vmm.events import EventLog
@@ -219,8 +221,19 @@ class Machine:
     def _add_helper(self, vcpu: Vcpu, mh_index: int, mode: HelperHost) -> None:
         label = f"mirror VM vCPU {vcpu.id}" if mode == "mirror-vm" else f"aux vCPU {vcpu.id}"
         runner = self._runner(vcpu, aux=True, label=label)
+        runner.use_c_loop(self._helper_loop(vcpu, runner, mh_index))
         self.runners.append(runner)
         self.helpers.append(HelperVcpu(runner, self.ram, self.layout, mh_index, mode))
+
+    def _helper_loop(self, vcpu: Vcpu, runner: VcpuRunner, mh_index: int) -> HelperRun:
+        """The helper's doorbell stores and parks in C (core/helper_run.py): the same words and eventfds
+        the Python devices use, so a waiter cannot tell which one rang."""
+        cell = self.mailbox_doorbells.cell(mh_index)
+        return HelperRun(
+            vcpu_fd=vcpu.fd, run_addr=ctypes.addressof(vcpu.run), wake_fd=runner.waker.fd,
+            bell_gpa=abi.MMIO_MAILBOX + DOORBELL_STRIDE * mh_index, idle_gpa=abi.MMIO_DOORBELL + abi.DB_IDLE,
+            rung_addr=cell.rung_addr, rings_addr=cell.rings_addr, rung_fd=cell.fd,
+        )  # fmt: skip
 
     def _runner(self, vcpu: Vcpu, *, aux: bool, label: str | None = None) -> VcpuRunner:
         return VcpuRunner(
@@ -487,13 +500,16 @@ class Machine:
 
     def _watchdog(self) -> None:
         limit = float(self.config.watchdog_s or 0)
-        seen: dict[int, int] = {}
+        seen: dict[int, tuple[int, int]] = {}
         while not self._closed.wait(min(0.25, limit / 4)):
             now = time.monotonic()
             for r in self.runners:
                 if r.state is not RunState.RUNNING:
                     continue
-                beat = r.heartbeat() if r.heartbeat else 0
+                if r.parked:  # in the C loop's park: no progress is due; none is owed on waking either
+                    r.last_progress = now
+                    continue
+                beat = (r.heartbeat() if r.heartbeat else 0, r.exits)
                 if seen.get(r.index) != beat:
                     seen[r.index] = beat
                     r.last_progress = now

@@ -17,6 +17,8 @@ import time
 import weakref
 from collections.abc import Callable
 
+from confplan.core import helper_run
+from confplan.core.helper_run import HelperRun
 from confplan.kvm import KvmError, Vcpu
 from confplan.vmm.exits import GuestError, VcpuExit, decode
 
@@ -98,7 +100,8 @@ class VcpuRunner:
         self._on_error = on_error
         self.heartbeat = heartbeat
         self.state = RunState.CREATED
-        self.exits = 0
+        self._exits = 0
+        self._c_loop: HelperRun | None = None
         self.last_progress = time.monotonic()
         self._cond = threading.Condition()
         self._pause_req = False
@@ -109,6 +112,23 @@ class VcpuRunner:
         self._pending_io = False
         self._signal_ok = install_kick_handler()
         self._thread = threading.Thread(target=self._main, name=self.label.replace(" ", "-"), daemon=True)
+
+    def use_c_loop(self, loop: HelperRun) -> None:
+        """Run through ``loop`` (a helper vCPU's doorbells and parks in C, core/helper_run.py), before
+        ``start``. It parks on this runner's ``waker``, so kick, pause and stop reach it as they reach
+        ``park``; every other exit still comes to ``dispatch``."""
+        assert self.state is RunState.CREATED, "the loop is chosen before the thread starts"
+        self._c_loop = loop
+
+    @property
+    def exits(self) -> int:
+        """Exits so far: those dispatched here and those the C loop handled."""
+        return self._exits + (self._c_loop.exits if self._c_loop else 0)
+
+    @property
+    def parked(self) -> bool:
+        """Waiting for a kick (on a doorbell, here or in the C loop)."""
+        return self.state is RunState.PARKED or bool(self._c_loop and self._c_loop.parked)
 
     @property
     def active(self) -> bool:
@@ -213,15 +233,18 @@ class VcpuRunner:
                 self._wait_paused()
                 continue
             self.state = RunState.RUNNING
-            ret = self.vcpu.run_once()
+            ret = self._c_loop.run() if self._c_loop else self.vcpu.run_once()
             self.last_progress = time.monotonic()
             if ret < 0:
                 run.immediate_exit = 0
                 if ret in (-errno.EINTR, -errno.EAGAIN):
                     self._check_stuck()
                     continue
-                raise KvmError(-ret, f"{self.label}: KVM_RUN")
-            self.exits += 1
+                raise KvmError(-ret, f"{self.label}: KVM_RUN" + (" (or its park)" if self._c_loop else ""))
+            if self._c_loop and ret == helper_run.INTERRUPTED:  # a park cut short: pause or stop, above
+                self._pending_io = True
+                continue
+            self._exits += 1
             self._pending_io = True
             self._dispatch(self, decode(run))
 

@@ -1,12 +1,21 @@
 """The migration helper's mailbox doorbells: MH vCPU ``i`` stores the ``seq`` it just answered at
 ``abi.MMIO_MAILBOX + 8 * i`` (one exit per op, docs/mailbox.md). The device remembers the highest seq rung
-per mailbox and wakes whoever waits for it, so the VMM sleeps until the answer instead of polling."""
+per mailbox and wakes whoever waits for it, so the VMM sleeps until the answer instead of polling.
+
+A helper vCPU's own C loop (``core.helper_run``) handles its doorbell itself, without the GIL: it writes the
+same two words (``cell``) and the same eventfd. So the state is plain memory, one writer per mailbox (its
+helper's thread), and a waiter polls the mailbox's eventfd rather than a Python condition."""
 
 from __future__ import annotations
 
-import threading
+import contextlib
+import ctypes
+import os
+import select
 import time
+import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from confplan.errors import ConfplanError
@@ -16,6 +25,19 @@ if TYPE_CHECKING:
     from confplan.vmm.vcpu_thread import VcpuRunner
 
 DOORBELL_STRIDE = 8
+# A waiter re-reads the rung seq at least this often: a second waiter on the same mailbox may have taken
+# the wake meant for both (the eventfd is consumed by whoever reads it first).
+RECHECK_S = 0.02
+
+
+@dataclass(frozen=True)
+class DoorbellCell:
+    """Where mailbox ``index``'s doorbell is recorded, for a C loop that rings it: the addresses of its
+    highest seq and its count (uint64 each), and the eventfd to write after."""
+
+    rung_addr: int
+    rings_addr: int
+    fd: int
 
 
 class MailboxDoorbells:
@@ -23,14 +45,29 @@ class MailboxDoorbells:
 
     def __init__(self, count: int) -> None:
         self.count = count
-        self.rings = [0] * count  # doorbell exits per mailbox (for tests and the bench)
-        self._rung = [0] * count
-        self._cond = threading.Condition()
+        n = max(count, 1)
+        self._rung = (ctypes.c_uint64 * n)()
+        self._rings = (ctypes.c_uint64 * n)()
+        self._fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(n)]
+        for fd in self._fds:  # closed only once nothing refers to the device (a C loop holds the numbers)
+            weakref.finalize(self, os.close, fd)
         self._stopped = False
 
     @property
     def size(self) -> int:
         return DOORBELL_STRIDE * max(self.count, 1)
+
+    @property
+    def rings(self) -> list[int]:
+        """Doorbell stores per mailbox (for tests and the bench)."""
+        return [int(v) for v in self._rings[: self.count]]
+
+    def cell(self, index: int) -> DoorbellCell:
+        size = ctypes.sizeof(ctypes.c_uint64)
+        return DoorbellCell(
+            ctypes.addressof(self._rung) + size * index, ctypes.addressof(self._rings) + size * index,
+            self._fds[index],
+        )  # fmt: skip
 
     def mmio_write(self, vcpu: VcpuRunner, offset: int, size: int, value: int) -> None:
         index = offset // DOORBELL_STRIDE
@@ -40,10 +77,9 @@ class MailboxDoorbells:
                 f"has {self.count} mailboxes, one 8-byte doorbell each",
                 vcpu=vcpu.index,
             )
-        with self._cond:
-            self.rings[index] += 1
-            self._rung[index] = max(self._rung[index], value)
-            self._cond.notify_all()
+        self._rung[index] = max(int(self._rung[index]), value)
+        self._rings[index] += 1
+        os.eventfd_write(self._fds[index], 1)
         # The helper answered and has nothing else until the VMM posts again, which always kicks it: park
         # it here rather than at its IDLE store right after, one exit per op instead of two. The kick is
         # latched, so a post that races this park still wakes it; ping() kicks too.
@@ -51,22 +87,23 @@ class MailboxDoorbells:
 
     def mmio_read(self, vcpu: VcpuRunner, offset: int, size: int) -> int:
         index = offset // DOORBELL_STRIDE
-        with self._cond:
-            return self._rung[index] if index < self.count else 0
+        return int(self._rung[index]) if index < self.count else 0
 
     def wait(self, index: int, seq: int, seconds: float, check: Callable[[], None]) -> None:
         """Sleep until mailbox ``index`` rang ``seq`` (or later), the machine stopped, or ``seconds``
         passed; then ``check()`` (which raises the machine's error, if it has one)."""
         deadline = time.monotonic() + seconds
-        with self._cond:
-            while self._rung[index] < seq and not self._stopped:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cond.wait(left)
-            stopped = self._stopped
+        poller = select.poll()
+        poller.register(self._fds[index], select.POLLIN)
+        while self._rung[index] < seq and not self._stopped:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            if poller.poll(min(left, RECHECK_S) * 1000.0):
+                with contextlib.suppress(BlockingIOError):  # another waiter took it
+                    os.eventfd_read(self._fds[index])
         check()
-        if stopped:
+        if self._stopped:
             raise ConfplanError(
                 f"the machine stopped while the VMM waited for mailbox {index} (seq {seq})",
                 hint="the guest was shut down; nothing can answer this mailbox any more",
@@ -74,6 +111,6 @@ class MailboxDoorbells:
 
     def stop(self) -> None:
         """The machine failed or is closing: wake every waiter (they then see the machine's error)."""
-        with self._cond:
-            self._stopped = True
-            self._cond.notify_all()
+        self._stopped = True
+        for fd in self._fds:
+            os.eventfd_write(fd, 1)
