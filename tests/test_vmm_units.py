@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 from pathlib import Path
@@ -220,6 +221,24 @@ def test_mailbox_doorbell_wakes_the_waiter_of_its_mailbox() -> None:
     bells.stop()
     with pytest.raises(ConfplanError, match="machine stopped"):
         bells.wait(0, 99, 5.0, lambda: None)
+
+
+def test_two_waiters_on_one_mailbox_both_wake_and_a_c_loop_rings_like_the_device() -> None:
+    """The doorbell's eventfd is consumed by whichever waiter reads it first; the other still wakes (it
+    re-reads the seq). A helper's C loop rings through ``cell``: the same words and the same eventfd."""
+    bells = MailboxDoorbells(2)
+    woke: list[int] = []
+    waiters = [threading.Thread(target=lambda: (bells.wait(1, 5, 5.0, lambda: None), woke.append(1)))
+               for _ in range(2)]  # fmt: skip
+    for t in waiters:
+        t.start()
+    cell = bells.cell(1)
+    ctypes.c_uint64.from_address(cell.rung_addr).value = 5  # what helper_run.c's ring() stores
+    ctypes.c_uint64.from_address(cell.rings_addr).value += 1
+    os.eventfd_write(cell.fd, 1)
+    for t in waiters:
+        t.join(5)
+    assert woke == [1, 1] and bells.rings == [0, 1] and bells.mmio_read(_runner(), 8, 8) == 5
 
 
 def test_the_doorbell_parks_the_helper_until_the_next_kick() -> None:
