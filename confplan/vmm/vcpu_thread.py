@@ -40,22 +40,24 @@ def install_kick_handler() -> bool:
 
 
 class Waker:
-    """The eventfd a parked vCPU thread waits on: ``wake`` from any thread, or a write of 1 to ``fd`` from C
-    (the core's data loops kick a helper that way, without taking the GIL). Closed only once nothing refers
-    to it, so a loop that holds the number never writes into a reused descriptor."""
+    """The eventfd a parked vCPU thread (or a mailbox doorbell's waiter) waits on: ``wake`` from any thread,
+    or a write of 1 to ``fd`` from C (the core's data loops kick a helper that way, a helper's C loop rings
+    its doorbell that way, without taking the GIL). Closed only once nothing refers to it, so a loop that
+    holds the number never writes into a reused descriptor."""
 
     def __init__(self) -> None:
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._poll = select.poll()
-        self._poll.register(self.fd, select.POLLIN)
         weakref.finalize(self, os.close, self.fd)
 
     def wake(self) -> None:
         os.eventfd_write(self.fd, 1)
 
     def wait(self, timeout: float | None) -> bool:
-        """Block until woken or ``timeout`` seconds passed; True if woken (the wake is consumed)."""
-        if not self._poll.poll(None if timeout is None else max(0.0, timeout * 1000.0)):
+        """Block until woken or ``timeout`` seconds passed; True if woken (the wake is consumed: with
+        several waiters, one of them). A poll object per call: several threads may wait at once."""
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        if not poller.poll(None if timeout is None else max(0.0, timeout * 1000.0)):
             return False
         return self.drain()
 

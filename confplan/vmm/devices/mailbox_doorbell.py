@@ -8,18 +8,15 @@ helper's thread), and a waiter polls the mailbox's eventfd rather than a Python 
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import os
-import select
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from confplan.errors import ConfplanError
 from confplan.vmm.exits import GuestError
+from confplan.vmm.vcpu_thread import Waker
 
 if TYPE_CHECKING:
     from confplan.vmm.vcpu_thread import VcpuRunner
@@ -48,9 +45,7 @@ class MailboxDoorbells:
         n = max(count, 1)
         self._rung = (ctypes.c_uint64 * n)()
         self._rings = (ctypes.c_uint64 * n)()
-        self._fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(n)]
-        for fd in self._fds:  # closed only once nothing refers to the device (a C loop holds the numbers)
-            weakref.finalize(self, os.close, fd)
+        self._wakers = [Waker() for _ in range(n)]  # a waiter's eventfd per mailbox (a C loop holds the fd)
         self._stopped = False
 
     @property
@@ -66,7 +61,7 @@ class MailboxDoorbells:
         size = ctypes.sizeof(ctypes.c_uint64)
         return DoorbellCell(
             ctypes.addressof(self._rung) + size * index, ctypes.addressof(self._rings) + size * index,
-            self._fds[index],
+            self._wakers[index].fd,
         )  # fmt: skip
 
     def mmio_write(self, vcpu: VcpuRunner, offset: int, size: int, value: int) -> None:
@@ -79,7 +74,7 @@ class MailboxDoorbells:
             )
         self._rung[index] = max(int(self._rung[index]), value)
         self._rings[index] += 1
-        os.eventfd_write(self._fds[index], 1)
+        self._wakers[index].wake()
         # The helper answered and has nothing else until the VMM posts again, which always kicks it: park
         # it here rather than at its IDLE store right after, one exit per op instead of two. The kick is
         # latched, so a post that races this park still wakes it; ping() kicks too.
@@ -93,15 +88,11 @@ class MailboxDoorbells:
         """Sleep until mailbox ``index`` rang ``seq`` (or later), the machine stopped, or ``seconds``
         passed; then ``check()`` (which raises the machine's error, if it has one)."""
         deadline = time.monotonic() + seconds
-        poller = select.poll()
-        poller.register(self._fds[index], select.POLLIN)
         while self._rung[index] < seq and not self._stopped:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            if poller.poll(min(left, RECHECK_S) * 1000.0):
-                with contextlib.suppress(BlockingIOError):  # another waiter took it
-                    os.eventfd_read(self._fds[index])
+            self._wakers[index].wait(min(left, RECHECK_S))  # another waiter may consume the wake first
         check()
         if self._stopped:
             raise ConfplanError(
@@ -112,5 +103,5 @@ class MailboxDoorbells:
     def stop(self) -> None:
         """The machine failed or is closing: wake every waiter (they then see the machine's error)."""
         self._stopped = True
-        for fd in self._fds:
-            os.eventfd_write(fd, 1)
+        for waker in self._wakers:
+            waker.wake()
