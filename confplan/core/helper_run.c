@@ -48,14 +48,11 @@ static int32_t park(struct cp_helper_run *h, volatile struct kvm_run *run)
         int r = poll(&pfd, 1, -1);
         if (r > 0) {
             uint64_t n;
-            if (read(h->wake_fd, &n, sizeof(n)) < 0 && errno != EAGAIN) {
-                h->sys_errno = errno;
+            if (read(h->wake_fd, &n, sizeof(n)) < 0 && errno != EAGAIN)
                 rc = -errno;
-            }
             break;
         }
         if (r < 0 && errno != EINTR) {
-            h->sys_errno = errno;
             rc = -errno;
             break;
         }

@@ -32,7 +32,7 @@ struct cp_helper_run {
     /* out */
     uint64_t exits;          /* exits handled here (each one parked) */
     uint32_t parked;         /* 1 while waiting on wake_fd */
-    int32_t sys_errno;       /* poll or read of wake_fd failed (the loop returned -errno) */
+    uint32_t reserved2;
 };
 
 /* KVM_RUN until an exit this loop does not handle: CP_HR_EXIT or CP_HR_INTERRUPTED, or -errno when

@@ -31,7 +31,7 @@ class HelperRunC(ctypes.Structure):
         ("rings", ctypes.c_void_p),
         ("exits", ctypes.c_uint64),
         ("parked", ctypes.c_uint32),
-        ("sys_errno", ctypes.c_int32),
+        ("reserved2", ctypes.c_uint32),
     )
 
 
