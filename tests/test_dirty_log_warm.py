@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from confplan.migration.helper import helper_mailboxes
+from confplan.migration.mailbox_layout import MhStatus, Op
 from confplan.migration.mailbox_set import MailboxSet
 from confplan.vmm import Machine, MachineConfig, abi
 
@@ -68,3 +69,24 @@ def test_a_helper_that_reads_ram_first_under_the_log_faults_about_once_a_page(
     m, mailboxes = source
     m.dirty_log.clear()
     assert faults_reading_ram(m, mailboxes) > m.layout.npages // 8
+
+
+def test_a_huge_warm_reads_a_page_per_2_mib_and_maps_them_all(source: tuple[Machine, MailboxSet]) -> None:
+    """(v9) Where the host holds guest RAM on huge pages, WARM reads one page per 2 MiB page of the helper's
+    view (the low 2 MiB, mapped 4 KiB at a time, page by page) and the helper then reads all of RAM under
+    the log with as few faults as after a WARM of every page."""
+    m, mailboxes = source
+    if not m.ram.on_huge_pages():
+        pytest.skip("the host holds this guest's RAM on 4 KiB pages (or cannot say): WARM reads every page")
+    before = helper_faults(m)
+    read = mailboxes.warm(0, m.layout.npages, huge=True)
+    assert 0 < read <= 512 + m.layout.npages // 512
+    assert helper_faults(m) - before > (m.layout.npages - 512) // 512 // 2  # it did map 2 MiB pages
+    m.dirty_log.clear()  # the log on
+    assert faults_reading_ram(m, mailboxes) < m.layout.npages // 64
+
+
+def test_warm_refuses_flags_it_does_not_know(source: tuple[Machine, MailboxSet]) -> None:
+    _, mailboxes = source
+    mb = mailboxes.mailboxes[0]
+    assert mb.wait(Op.WARM, mb.post(Op.WARM, count=2, arg0=0, arg1=16)) == MhStatus.COUNT

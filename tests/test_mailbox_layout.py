@@ -60,7 +60,7 @@ int main(void) {
     printf("sizeof.cp_mh_config %zu\n", sizeof(struct cp_mh_config));
     C(CP_MB_PROTO_MAGIC) C(CP_MB_PROTO_VERSION) C(CP_MB_PROTO_OFFSET) C(CP_MB_SLOTS_OFFSET) C(CP_MB_SLOT_SIZE)
     C(CP_MB_SLOT_HEADER) C(CP_MB_DIGEST_BYTES) C(CP_MB_NO_INDEX) C(CP_MB_RING_OFFSET) C(CP_MB_RING)
-    C(CP_MB_CMD_SIZE)
+    C(CP_MB_CMD_SIZE) C(CP_MB_WARM_HUGE)
     C(CP_MB_OP_INIT) C(CP_MB_OP_SAVE) C(CP_MB_OP_LOAD) C(CP_MB_OP_DIGEST) C(CP_MB_OP_RESET)
     C(CP_MB_OP_MAC_RANGE) C(CP_MB_OP_MAC_LIST) C(CP_MB_OP_FOLD) C(CP_MB_MAC_BYTES)
     C(CP_MB_OP_SEAL_MANIFEST) C(CP_MB_OP_CHECK_MANIFEST) C(CP_MB_OP_SEAL_STATE) C(CP_MB_OP_OPEN_STATE)
@@ -153,6 +153,7 @@ def test_control_page_offsets_match_the_c_header(c_values: dict[str, int]) -> No
     assert c_values["CP_MB_DIGEST_BYTES"] == mbx.DIGEST_BYTES
     assert c_values["CP_MB_MAC_BYTES"] == mbx.MAC_BYTES == abi.MH_MAC_ENTRY
     assert c_values["CP_MB_NO_INDEX"] == mbx.NO_INDEX
+    assert c_values["CP_MB_WARM_HUGE"] == mbx.WARM_HUGE
     # the VMM engineer's header must end before the protocol block
     assert ctypes.sizeof(abi.MailboxHeader) <= mbx.PROTO_OFFSET
 
@@ -162,7 +163,7 @@ def test_ops_and_statuses_match_the_c_header(c_values: dict[str, int]) -> None:
     assert c_ops.pop("LAST") == max(mbx.Op)
     assert {op.name: op.value for op in mbx.Op} == c_ops
     c_status = {k.removeprefix("CP_MBS_"): v for k, v in c_values.items() if k.startswith("CP_MBS_")}
-    assert c_values["CP_MB_PROTO_VERSION"] == mbx.PROTO_VERSION == 8
+    assert c_values["CP_MB_PROTO_VERSION"] == mbx.PROTO_VERSION == 9
     assert c_status.pop("LAST") == max(mbx.MhStatus)
     assert {st.name: st.value for st in mbx.MhStatus} == c_status
     assert all(st.meaning for st in mbx.MhStatus)

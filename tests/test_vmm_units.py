@@ -274,6 +274,38 @@ def test_guest_ram_is_on_huge_pages_where_the_host_allows_them() -> None:
         ram.close()
 
 
+def test_guest_ram_says_whether_it_is_all_on_huge_pages() -> None:
+    """What the source's WARM asks before it reads one page per 2 MiB (v9): RAM allocated on huge pages
+    says yes; RAM with a span the host holds on 4 KiB pages (MADV_NOHUGEPAGE there) says no, by the
+    kernel's PAGEMAP_SCAN over the RAM alone."""
+    from confplan.vmm import memory
+    from confplan.vmm.pagemap import present_bytes
+
+    ram = memory.GuestRam(64 * abi.MIB)
+    try:
+        if present_bytes(ram.address, ram.top) is None:
+            pytest.skip("this kernel has no PAGEMAP_SCAN (Linux 6.7+): WARM reads every page there")
+        assert present_bytes(ram.address, ram.top) == (0, 0)  # nothing allocated yet
+        assert not ram.on_huge_pages()
+        ram.prefault()
+        if ram.huge_pages() == 0:
+            pytest.skip("the host gave this RAM no transparent huge pages: nothing to tell apart")
+        assert present_bytes(ram.address, ram.top) == (ram.huge_pages(), 0)
+        assert ram.on_huge_pages()
+    finally:
+        ram.close()
+    ram = memory.GuestRam(64 * abi.MIB)
+    try:
+        span = 8 * abi.MIB
+        assert memory._libc.madvise(ram.address + 16 * abi.MIB, span, 15) == 0  # MADV_NOHUGEPAGE
+        ram.prefault()
+        huge, small = present_bytes(ram.address, ram.top) or (0, 0)
+        assert small == span and huge == ram.huge_pages() and huge + small == ram.size
+        assert not ram.on_huge_pages()
+    finally:
+        ram.close()
+
+
 def test_prefault_allocates_all_guest_ram_up_front() -> None:
     from confplan.vmm.memory import GuestRam
 

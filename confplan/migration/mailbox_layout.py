@@ -17,7 +17,7 @@ from confplan.guest.abi import MAX_VCPUS
 
 PAGE_SIZE = 4096
 PROTO_MAGIC = 0x504D4243  # "CBMP"
-PROTO_VERSION = 8
+PROTO_VERSION = 9
 PROTO_OFFSET = 0x40
 SLOTS_OFFSET = 0x1000
 RING_OFFSET = 0x400
@@ -28,6 +28,7 @@ SLOT_HEADER = 64
 DIGEST_BYTES = 32
 MAC_BYTES = 16  # one MAC table entry (CP_MB_MAC_BYTES)
 NO_INDEX = 0xFFFFFFFF
+WARM_HUGE = 1  # (v9) WARM's count flag: one read per 2 MiB page of the view (CP_MB_WARM_HUGE)
 MAX_GENERATION = 0xFFFFFFFE
 
 # Byte offsets inside the control page (CP_MB_PROTO_OFFSET + offsetof(struct cp_mb_proto, field)).

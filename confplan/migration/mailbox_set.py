@@ -26,6 +26,7 @@ from confplan.migration.manifest import ManifestResult
 Consume = Callable[[Mailbox, BatchResult], None]
 # Streaming LOAD: (mailbox, a free bank of its slots) -> records written there, 0 when there are no more.
 Fill = Callable[[Mailbox, memoryview], int]
+_HUGE_PAGES = 512  # pages in a 2 MiB page of the helper's view: WARM's parts start on one
 DEFAULT_BANKS = 2  # slot banks per mailbox in save_stream/load_stream (docs/mailbox.md, "Pipelining")
 
 
@@ -55,12 +56,16 @@ class MailboxSet:
                 )  # fmt: skip
         return first
 
-    def warm(self, start: int, npages: int) -> int:
-        """WARM on every helper at once: each maps the range into its view (docs/mailbox.md, "WARM"). They
-        share page tables, so on a shadow MMU the first to touch a page maps it for all; the others only
-        read. Returns the pages each read."""
-        seqs = [mb.post_warm(start, npages) for mb in self.mailboxes]
-        return min(mb.finish_warm(seq) for mb, seq in zip(self.mailboxes, seqs, strict=True))
+    def warm(self, start: int, npages: int, *, huge: bool = False) -> int:
+        """WARM over the range, shared out among the helpers in 2 MiB-aligned parts, all at once
+        (docs/mailbox.md, "WARM"). They share page tables, so on a shadow MMU the page one maps is mapped
+        for all. ``huge``: the host backs guest RAM with 2 MiB pages (one read per 2 MiB page). Returns the
+        pages read."""
+        per = max(1, -(-npages // len(self.mailboxes) // _HUGE_PAGES)) * _HUGE_PAGES
+        parts = [(at, min(per, npages - at)) for at in range(0, npages, per)]
+        seqs = [mb.post_warm(start + at * PAGE_SIZE, n, huge=huge)
+                for mb, (at, n) in zip(self.mailboxes, parts, strict=False)]  # fmt: skip
+        return sum(mb.finish_warm(seq) for mb, seq in zip(self.mailboxes, seqs, strict=False))
 
     def reset(self) -> None:
         for mb in self.mailboxes:

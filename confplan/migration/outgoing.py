@@ -111,7 +111,7 @@ class OutgoingMigration(MigrationSide):
         mailboxes = self.helper()
         if mailboxes is not None and not machine.dirty_log.started:
             # while KVM still maps guest RAM 2 MiB at a time: once the log is on, each 4 KiB (docs/mailbox.md)
-            mailboxes.warm(0, self.tracker.npages)
+            mailboxes.warm(0, self.tracker.npages, huge=machine.ram.on_huge_pages())
         self.tracker.reset()  # the dirty log on from here
         self.shared_table = None
         self.stream = Outgoing(

@@ -18,6 +18,7 @@ from confplan.core.rearm import Memslot
 from confplan.errors import ConfplanError
 from confplan.guest.layout import ram_ranges
 from confplan.kvm import Vm
+from confplan.vmm.pagemap import present_bytes
 
 _T = TypeVar("_T", bound=ctypes.Structure)
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+; the mmap module of Python 3.11 has no name for it
@@ -25,6 +26,7 @@ _MADV_HUGEPAGE = 14  # THP for this range also where the host's policy is "madvi
 _MADV_DONTFORK = 10  # a child the VMM forks neither copies the guest's page tables nor makes its RAM COW
 _MAP_NORESERVE = 0x4000  # sparse like a file: no commit charge for RAM the guest never touches
 _HUGE_PAGE = 2 << 20
+_HUGE_SLACK = 4 << 20  # RAM off huge pages that still counts as "on huge pages": the low 2 MiB, a few more
 _PREFAULT_MIN = 64 << 20  # no thread for less than this
 _PROT_NONE = 0  # mmap has no name for it
 # mmap.madvise holds the GIL for the whole call: libc's, through ctypes, lets the threads fault in parallel
@@ -129,6 +131,13 @@ class GuestRam:
     def huge_pages(self) -> int:
         """Bytes of guest RAM on transparent huge pages now (0 where the host gives none)."""
         return self._smaps_kib("AnonHugePages") * 1024
+
+    def on_huge_pages(self) -> bool:
+        """Whether the host holds all of this RAM it has allocated on huge pages, but for at most the low
+        2 MiB and a few pages: then the helper's WARM maps a 2 MiB page per read (docs/mailbox.md, "WARM").
+        False where the host gives none, or where the kernel cannot say quickly (``pagemap``)."""
+        found = present_bytes(self.address, self.top)
+        return found is not None and found[0] > 0 and found[1] <= _HUGE_SLACK
 
     def _smaps_kib(self, field: str) -> int:
         """Sum of one smaps field over this mapping's pieces (the hole splits it)."""

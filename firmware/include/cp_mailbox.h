@@ -24,7 +24,7 @@
 #include "cp_sealed_page.h"
 
 #define CP_MB_PROTO_MAGIC 0x504d4243u /* "CBMP" */
-#define CP_MB_PROTO_VERSION 8u
+#define CP_MB_PROTO_VERSION 9u
 #define CP_MB_PROTO_OFFSET 0x40u
 #define CP_MB_SLOTS_OFFSET 0x1000u
 #define CP_MB_RING_OFFSET 0x400u
@@ -71,6 +71,10 @@
  * dirty log is on, KVM maps each new access 4 KiB at a time, and a shadow MMU (kvm_pvm) would fault the
  * helper once per 32 KiB it SAVEs (docs/mailbox.md, "WARM"). Reads only; needs no key. */
 #define CP_MB_OP_WARM 18u /* read a byte of each of npages = arg1 pages from GPA arg0, MH area skipped */
+/* v9: WARM's `count` holds flags (others refused with COUNT). HUGE: the host backs guest RAM with 2 MiB pages,
+ * so above the low 2 MiB one read per 2 MiB page of the helper's view maps it all (the VMM says so only when
+ * its RAM mapping is all on huge pages; a wrong "yes" costs faults in round 0, never a wrong page). */
+#define CP_MB_WARM_HUGE 1u
 #define CP_MB_OP_LAST CP_MB_OP_WARM
 
 /*

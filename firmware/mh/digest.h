@@ -10,8 +10,11 @@
 uint32_t cp_mh_derive(struct cp_mh_ctx *ctx, const uint8_t key[CP_MH_KEY_BYTES], const uint8_t *owner_id);
 uint32_t cp_mh_digest(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages, uint8_t out[CP_MB_DIGEST_BYTES],
                       uint64_t *hashed, uint64_t *skipped);
-/* WARM: one byte of every page of the range read (MH area and hole skipped); counts as MAC_RANGE's do. */
-uint32_t cp_mh_warm(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages, uint64_t *read, uint64_t *skipped);
+/* WARM: one byte of every page of the range read (MH area and hole skipped); counts as MAC_RANGE's do. (v9)
+ * `huge`: the host backs guest RAM with 2 MiB pages, so above the low 2 MiB (where the helper's own tables
+ * map 4 KiB pages) one read per 2 MiB page of the view maps all of it: the first page not skipped is read. */
+uint32_t cp_mh_warm(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages, int huge, uint64_t *read,
+                    uint64_t *skipped);
 /* The per-page MAC table (v3): MAC_RANGE/MAC_LIST store h(gpa) of the page as it is now; FOLD runs DIGEST's
  * chain over the stored MACs instead of the pages (so a current table folds to the range's DIGEST). */
 uint32_t cp_mh_mac_range(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages, uint64_t *hashed,

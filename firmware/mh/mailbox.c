@@ -332,6 +332,19 @@ static uint32_t op_range(struct cp_mh_ctx *ctx, volatile struct cp_mb_proto *p, 
     return rc;
 }
 
+/* WARM (v8); v9: `count` bit CP_MB_WARM_HUGE reads one page per 2 MiB page of the view (digest.h). */
+static uint32_t op_warm(struct cp_mh_ctx *ctx, volatile struct cp_mb_proto *p, uint64_t start, uint64_t n,
+                        uint32_t flags)
+{
+    uint64_t done = 0, skipped = 0;
+    if (flags & ~CP_MB_WARM_HUGE)
+        return CP_MBS_COUNT;
+    uint32_t rc = cp_mh_warm(ctx, start, n, (flags & CP_MB_WARM_HUGE) != 0, &done, &skipped);
+    p->digest_pages = done;
+    p->digest_skipped = skipped;
+    return rc;
+}
+
 static uint32_t op_mac_range(struct cp_mh_ctx *ctx, volatile struct cp_mb_proto *p, uint64_t start, uint64_t n)
 {
     cp_mh_tables_changed(ctx);
@@ -466,7 +479,7 @@ uint32_t cp_mh_handle(struct cp_mh_ctx *ctx, volatile uint8_t *ctl, uint8_t *slo
         rc = cp_mh_key_op(ctx, c, slots + (size_t)(first < ctx->cfg.batch_pages ? first : 0) * CP_MB_SLOT_SIZE,
                           data_room(ctx, first), op, arg1);
     } else if (op == CP_MB_OP_WARM) {
-        rc = op_range(ctx, p, arg0, arg1, cp_mh_warm); /* v8: maps the range into its view; no key */
+        rc = op_warm(ctx, p, arg0, arg1, count); /* v8: maps the range into its view; no key */
     } else if (!ctx->keyed) {
         rc = CP_MBS_NO_KEY;
     } else if (op >= CP_MB_OP_SEAL_MANIFEST) {
