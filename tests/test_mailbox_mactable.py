@@ -73,6 +73,27 @@ def test_the_table_follows_memory_only_where_mac_list_is_asked(lib: ctypes.CDLL,
         assert [i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a != b] == [0, 2]
 
 
+def test_a_posted_mac_list_is_the_mac_list_once_finished(lib: ctypes.CDLL, secret: bytes) -> None:
+    """What the pause and the MAC fill use: the MACs posted over the helpers, the caller's own work
+    meanwhile, then the wait; and a list longer than one MAC_LIST per helper holds, MAC'd at once."""
+    content = os.urandom(RAM - WORK)
+    with _guest(lib, secret, mh_vcpus=2) as posted, _guest(lib, secret, mh_vcpus=1) as plain:
+        for guest in (posted, plain):
+            _fill(guest, content)
+            guest.mailboxes.mac_range(WORK, NPAGES, chunk_pages=CHUNK)
+            guest.ram[WORK + 9 * PAGE] ^= 1
+        moved = array.array("Q", [WORK + p * PAGE for p in (9, 10, 500, NPAGES - 1)])
+        finish = posted.mailboxes.post_mac_list(moved)
+        assert plain.mailboxes.mac_list(moved) == 4
+        assert finish() == 4
+        assert posted.mailboxes.fold(WORK, NPAGES, chunk_pages=CHUNK) == plain.mailboxes.fold(
+            WORK, NPAGES, chunk_pages=CHUNK
+        )
+        many = array.array("Q", [WORK] * (2 * posted.mailboxes.mailboxes[0].mac_list_capacity + 1))
+        assert posted.mailboxes.post_mac_list(many)() == len(many)
+        assert posted.mailboxes.post_mac_list(array.array("Q"))() == 0
+
+
 def test_two_sides_agree_exactly_when_their_pages_do(lib: ctypes.CDLL, secret: bytes) -> None:
     content = os.urandom(RAM - WORK)
     with _guest(lib, secret, mh_vcpus=2) as src, _guest(lib, secret, mh_vcpus=1, side=SIDE_TARGET) as dst:

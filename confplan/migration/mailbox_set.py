@@ -220,6 +220,17 @@ class MailboxSet:
         ]
         return sum(mb.finish_mac(Op.MAC_RANGE, seq) for mb, seq in posted)
 
+    def post_mac_list(self, gpas: array.array[int]) -> Callable[[], int]:
+        """Post ``mac_list`` and return the call that waits for it (the pages MAC'd), so the caller works
+        meanwhile; more pages than one MAC_LIST per helper holds are MAC'd before this returns."""
+        share = -(-len(gpas) // len(self.mailboxes))
+        if not gpas or share > min(mb.mac_list_capacity for mb in self.mailboxes):
+            done = self.mac_list(gpas)
+            return lambda: done
+        posted = [(mb, mb.post_mac_list(gpas[at : at + share]))
+                  for mb, at in zip(self.mailboxes, range(0, len(gpas), share), strict=False)]  # fmt: skip
+        return lambda: sum(mb.finish_mac(Op.MAC_LIST, seq) for mb, seq in posted)
+
     def mac_list(self, gpas: array.array[int]) -> int:
         """MAC the pages at ``gpas`` (any number; duplicates cost time only), spread over the helpers."""
         done, pos = 0, 0
@@ -292,10 +303,21 @@ class MailboxSet:
         self, gpas: array.array[int], start: int, npages: int, *, enc_bitmap: bytes | memoryview,
         chunk_pages: int | None = None,
     ) -> tuple[int, bool]:  # fmt: skip
-        """MAC the pages at ``gpas``, then ``prepare_manifest``: (pages MAC'd, prepared). In the pause the
-        two go to the helper that prepares, queued back to back (its MAC_LIST's GPAs in the slots after the
-        request), so one wake-up serves both: spreading a few hundred MACs over the helpers cost a wake-up
-        of each, ~1-3 ms apiece on a loaded 2-core host, for ~0.2 ms of MACs."""
+        """MAC the pages at ``gpas``, then ``prepare_manifest``: (pages MAC'd, prepared)."""
+        return self.post_mac_and_prepare(
+            gpas, start, npages, enc_bitmap=enc_bitmap, chunk_pages=chunk_pages
+        )()
+
+    def post_mac_and_prepare(
+        self, gpas: array.array[int], start: int, npages: int, *, enc_bitmap: bytes | memoryview,
+        chunk_pages: int | None = None,
+    ) -> Callable[[], tuple[int, bool]]:  # fmt: skip
+        """Post what ``mac_and_prepare`` does and return the call that waits for it, so the caller works
+        meanwhile (the pause: the host's shared CRCs while the helper prepares). The two go to the helper
+        that prepares, queued back to back (its MAC_LIST's GPAs in the slots after the request), so one
+        wake-up serves both: spreading a few hundred MACs over the helpers cost a wake-up of each, ~1-3 ms
+        apiece on a loaded 2-core host, for ~0.2 ms of MACs. (Too many to fit: MAC'd over all helpers before
+        this returns.)"""
         chunk = chunk_pages or manifest_chunk_pages(npages)
         request = manifest.request(
             start, npages, chunk, enc_bitmap=enc_bitmap, state_hash=bytes(32), rounds=0
@@ -306,9 +328,13 @@ class MailboxSet:
         maced = self.mac_list(gpas) if len(gpas) and not fits else 0
         macs = mb.post_mac_list(gpas, first=after) if len(gpas) and fits else None
         prepare = mb.post_prepare_manifest(start, npages, chunk, request)
-        if macs is not None:
-            maced = mb.finish_mac(Op.MAC_LIST, macs)  # raises on a refused page, as mac_list does
-        return maced, mb.wait(Op.PREPARE_MANIFEST, prepare) == MhStatus.OK
+
+        def finish() -> tuple[int, bool]:
+            # raises on a refused page, as mac_list does
+            done = mb.finish_mac(Op.MAC_LIST, macs) if macs is not None else maced
+            return done, mb.wait(Op.PREPARE_MANIFEST, prepare) == MhStatus.OK
+
+        return finish
 
     def check_manifest(
         self, sealed: bytes, start: int, npages: int, *, enc_bitmap: bytes | memoryview, state_hash: bytes,

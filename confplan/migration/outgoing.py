@@ -7,11 +7,11 @@ an undo), so the throttle can never resume a guest that stop-and-copy just pause
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -22,7 +22,7 @@ from confplan.migration.handover import Do, Input, Msg, Role, SourceHandover, So
 from confplan.migration.handover_io import RECEIVE_CODES, SEND_CODES, Driver
 from confplan.migration.helper import require_helper
 from confplan.migration.manifest import state_hash
-from confplan.migration.side import Log, MigrationSide, StreamSide
+from confplan.migration.side import Log, MigrationSide, PauseTables, StreamSide
 from confplan.migration.source import Outgoing
 from confplan.transport import sockets
 from confplan.vmm import Machine
@@ -74,7 +74,7 @@ class OutgoingMigration(MigrationSide):
         self._final: dict[str, Any] | None = None  # what the pause's copy sent (stop_and_copy's answer)
         self._final_error: BaseException | None = None
         # the pause's table work, started when the final round ended (then), while the state is sent
-        self._early_tables: tuple[Future[dict[str, Any]] | None, float] = (None, 0.0)
+        self._early_tables: tuple[PauseTables | None, float] = (None, 0.0)
         self._pause_in_cpl0 = 0  # stop_and_copy: pause until a vCPU is in a CPL0 service (a test), at most
         self.stream: Outgoing | None = None
         self.next_generation = 1  # the source MH refuses to seal a page twice under one generation
@@ -269,24 +269,22 @@ class OutgoingMigration(MigrationSide):
         assert isinstance(self.handover, Driver) and isinstance(self.handover.machine, SourceHandover)
         # A stall in the pause must not outlast the source's deadline: the guest runs again by then.
         stream.bound_sends(self.handover.machine.verdict_timeout)
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pause-tables")
-        states_sealed = threading.Event()
         try:
             stats = stream.send_round(final=True)
             sent = time.monotonic()
             seal = self._seal_state if self.sealed_state else None
-            # The helpers' MACs and PREPARE and the shared CRCs while the vCPU and device state is saved
-            # (sealed: SEV-ES/SNP) and sent.
-            self._early_tables = (pool.submit(self._tables_in_pause, states_sealed), sent)
+            # Once the bitmap is on its way (the target's table work starts with it), the helpers' MACs and
+            # PREPARE are posted, to run while the vCPU and device state is saved (sealed: SEV-ES/SNP) and
+            # sent; the shared CRCs and the wait for the helper come with the manifest.
+            self._early_tables = (None, sent)
             stream.send_state(
-                self._paused_wall, seal=seal, manifest=self._manifest, states_sent=states_sealed.set
+                self._paused_wall, seal=seal, manifest=self._manifest, bitmap_sent=self._start_tables_in_pause
             )
         except BaseException as err:
             self._final_error = err
             raise
         finally:
-            states_sealed.set()  # a failed send must not leave the tables waiting for it
-            pool.shutdown(wait=True)
+            self._drain_early_tables()
             self.next_generation = stream.generation
         done = time.monotonic()
         self.log(f"source: stop-and-copy sent {stats.pages} pages, the state and the manifest; guest paused")
@@ -301,16 +299,29 @@ class OutgoingMigration(MigrationSide):
                       "vcpu_and_device_state": done - sent},
         }  # fmt: skip
 
-    def _tables_in_pause(self, states_sealed: threading.Event) -> dict[str, Any]:
-        """The pause's table work (``pause_tables`` with PREPARE), in a thread while the state is sent. A
-        sealed state (SEV-ES/SNP) is sealed by the helpers other than the preparing one, so the PREPARE runs
-        beside it; with one helper the PREPARE waits until the states are sealed (a SEAL_STATE on the
-        preparing helper would drop it, and the SEAL_MANIFEST would compute everything again)."""
+    def _start_tables_in_pause(self) -> None:
+        """The pause's table work posted to the helpers (``start_pause_tables`` with PREPARE), to run while
+        the state is sent. A sealed state (SEV-ES/SNP) is sealed by the helpers other than the preparing
+        one, so the PREPARE runs beside it; with one helper none is posted: the manifest does it all once
+        the states are sealed (a SEAL_STATE on the preparing helper would drop a PREPARE made before, and
+        the SEAL_MANIFEST would compute everything again)."""
         if not self.sealed_state:
-            return self.prepared_tables()
-        preparing, sealing = require_helper(self.helper(), "source", 0).apart()
-        ready = states_sealed.wait if sealing is preparing else (lambda: None)
-        return self.pause_tables(prepare=True, helpers=preparing, ready=ready)
+            work = self.start_pause_tables(prepare=True)
+        else:
+            preparing, sealing = require_helper(self.helper(), "source", 0).apart()
+            if sealing is preparing:
+                return
+            work = self.start_pause_tables(prepare=True, helpers=preparing)
+        self._early_tables = (work, self._early_tables[1])
+
+    def _drain_early_tables(self) -> None:
+        """A pause that failed before its manifest: the table work it posted ends before anything else may
+        post into those helpers' slots (its GPA list and request are there)."""
+        early, since = self._early_tables
+        self._early_tables = (None, since)
+        if early is not None:
+            with contextlib.suppress(ConfplanError):
+                early.helper()
 
     def _seal_state(self, vcpu: int, blob: bytes) -> bytes:
         """SEV-ES/SNP: the vCPU's register state sealed by the source helper, so no host reads or edits it;
@@ -325,7 +336,7 @@ class OutgoingMigration(MigrationSide):
         state_sent = time.monotonic()
         early, since = self._early_tables
         self._early_tables = (None, state_sent)
-        tables = early.result() if early is not None else self.pause_tables()
+        tables = self.finish_pause_tables(early) if early is not None else self.pause_tables(prepare=True)
         tables_done = time.monotonic()
         stream = self.need_stream()
         mailboxes = require_helper(self.helper(), "source", 0)

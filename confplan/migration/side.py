@@ -10,7 +10,7 @@ import array
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -198,54 +198,56 @@ class MigrationSide:
         self._changed_gpas()  # the shared CRC table forgets these pages (the fill starts it afresh)
         moved = self.stream_side().take_shared_gpas()
         self.shared_table = SharedTable(machine)
-        with ThreadPoolExecutor(max_workers=1) as pool:  # host CRCs while the MHs MAC
-            shared = pool.submit(self.shared_table.fill, self.shared_for_fill())
-            pages = mailboxes.mac_list(moved) if len(moved) else 0
-            shared_pages = shared.result()
+        macs = mailboxes.post_mac_list(moved) if len(moved) else (lambda: 0)
+        shared_pages = self.shared_table.fill(self.shared_for_fill())  # host CRCs while the MHs MAC
+        pages = macs()
         return {"pages": pages, "shared_pages": shared_pages, "seconds": time.monotonic() - started}
 
-    def pause_tables(
-        self, enc_bitmap: bytes | None = None, *, prepare: bool = False, helpers: MailboxSet | None = None,
-        ready: Callable[[], object] | None = None,
-    ) -> dict[str, Any]:  # fmt: skip
-        """In the pause, before a manifest is sealed or checked: the helpers MAC the pages moved as shared
-        since their tables were last brought up to date (SAVE and LOAD keep the private pages' entries), so
-        every page has its MAC; meanwhile the host CRCs the shared pages (from its table where precopy
-        filled one; by ``enc_bitmap``, a target's received one, if given: the table's only). ``prepare``:
-        and the helper's own manifest fields (mailbox v7 PREPARE_MANIFEST) for that bitmap, queued behind
-        the MACs, so the SEAL_MANIFEST or CHECK_MANIFEST that follows is short: nothing may change the
-        tables after it. ``helpers``: the only helpers it may use (default: all; another thread uses the
-        rest). ``ready`` (SEV-ES/SNP) runs before the helpers' ops, while the CRCs go on: it waits until
-        the helpers may take them (the vCPU states sealed, where the same helper seals them). Returns the
-        shared digest and what it cost."""
+    def start_pause_tables(
+        self, enc_bitmap: bytes | None = None, *, prepare: bool = False, helpers: MailboxSet | None = None
+    ) -> PauseTables:
+        """In the pause, before a manifest is sealed or checked, the first half of the table work: the
+        helpers are given the MACs of the pages moved as shared since their tables were last brought up to
+        date (SAVE and LOAD keep the private pages' entries), so every page has its MAC, and with
+        ``prepare`` the helper's own manifest fields (mailbox v7 PREPARE_MANIFEST) for that bitmap, queued
+        behind the MACs, so the SEAL_MANIFEST or CHECK_MANIFEST that follows is short: nothing may change
+        the tables after it. Posted, not waited for: ``finish_pause_tables`` then computes the host's
+        shared CRCs in the caller's thread while the helper works (from its table where precopy filled one;
+        by ``enc_bitmap``, a target's received one, if given: the table's only). No thread of its own: a
+        second Python thread here only competed for the GIL with the state being sent. ``helpers``: the
+        only helpers it may use (default: all; another thread uses the rest)."""
         machine = self.need_machine()
         mailboxes = self.helper() if helpers is None else helpers
         started = time.monotonic()
         crc_table = self.shared_table
         self._changed_gpas()  # before the shared digest, which must not use these pages' old CRCs
         gpas = self.stream_side().take_shared_gpas()
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            crc = partial(shared_digest, machine)
-            if crc_table is not None:
-                crc = partial(crc_table.digest, enc_bitmap)
-            future = pool.submit(_timed, crc)
-            waited = time.monotonic()
-            if ready is not None:
-                ready()
-            waited = time.monotonic() - waited
-            prepared = None
-            if mailboxes is not None and prepare:
-                bitmap = bytes(machine.enc_bitmap.bitmap.view()) if enc_bitmap is None else enc_bitmap
-                maced, prepared = mailboxes.mac_and_prepare(gpas, 0, machine.layout.npages, enc_bitmap=bitmap)
-            else:
-                maced = mailboxes.mac_list(gpas) if mailboxes is not None and len(gpas) else 0
-            shared, crc_seconds = future.result()
-        seconds = {"shared": crc_seconds, "tables": time.monotonic() - started}
-        if ready is not None:
-            seconds["states_wait"] = waited  # the sealing or opening of the vCPU states, in the helpers' turn
-        return {"table": crc_table is not None, "shared": shared, "pages_maced": maced, "prepared": prepared,
-                "shared_pages_crcd": crc_table.computed if crc_table is not None else None,
+        crc: Callable[[], dict[str, int]] = partial(shared_digest, machine)
+        if crc_table is not None:
+            crc = partial(crc_table.digest, enc_bitmap)
+        if mailboxes is not None and prepare:
+            bitmap = bytes(machine.enc_bitmap.bitmap.view()) if enc_bitmap is None else enc_bitmap
+            helper = mailboxes.post_mac_and_prepare(gpas, 0, machine.layout.npages, enc_bitmap=bitmap)
+            return PauseTables(started, crc, helper, crc_table)
+        maced = mailboxes.mac_list(gpas) if mailboxes is not None and len(gpas) else 0
+        return PauseTables(started, crc, lambda: (maced, None), crc_table)
+
+    def finish_pause_tables(self, work: PauseTables) -> dict[str, Any]:
+        """The second half: the host's shared CRCs, then the helper's answer. Returns the shared digest and
+        what it cost."""
+        shared, crc_seconds = _timed(work.crc)
+        maced, prepared = work.helper()
+        seconds = {"shared": crc_seconds, "tables": time.monotonic() - work.started}
+        return {"table": work.crc_table is not None, "shared": shared, "pages_maced": maced,
+                "prepared": prepared,
+                "shared_pages_crcd": work.crc_table.computed if work.crc_table is not None else None,
                 "seconds": seconds}  # fmt: skip
+
+    def pause_tables(
+        self, enc_bitmap: bytes | None = None, *, prepare: bool = False, helpers: MailboxSet | None = None
+    ) -> dict[str, Any]:
+        """Both halves of the pause's table work (``start_pause_tables``), in this thread."""
+        return self.finish_pause_tables(self.start_pause_tables(enc_bitmap, prepare=prepare, helpers=helpers))
 
     def prepared_tables(self, enc_bitmap: bytes | None = None) -> dict[str, Any]:
         """``pause_tables`` with PREPARE_MANIFEST: run it while the rest of the pause goes on."""
@@ -289,6 +291,18 @@ class MigrationSide:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+@dataclass(frozen=True)
+class PauseTables:
+    """The pause's table work, posted to the helpers (``Side.start_pause_tables``): when it started, the
+    host's shared CRCs still to compute, the call that waits for the helper's (pages MAC'd, prepared or
+    None), the shared CRC table it reads (None: every shared page is computed)."""
+
+    started: float
+    crc: Callable[[], dict[str, int]]
+    helper: Callable[[], tuple[int, bool | None]]
+    crc_table: SharedTable | None
 
 
 def _timed(fn: Callable[[], dict[str, int]]) -> tuple[dict[str, int], float]:

@@ -439,16 +439,19 @@ class Outgoing:
     def send_state(
         self, paused_wall: float, *, seal: Callable[[int, bytes], bytes] | None = None,
         manifest: Callable[[list[bytes]], list[Manifest]] | None = None,
-        states_sent: Callable[[], None] | None = None,
+        bitmap_sent: Callable[[], None] | None = None,
     ) -> None:  # fmt: skip
-        """The encryption bitmap, the guest's vCPU states (each sealed by the source helper with ``seal``:
-        SEV-ES/SNP; ``states_sent`` is called once the last is sent), the VM's kvm-clock, then the
+        """The encryption bitmap (then ``bitmap_sent`` is called: the target's table work starts with it, the
+        source's may too), the guest's vCPU states (each sealed by the source helper with ``seal``:
+        SEV-ES/SNP), the VM's kvm-clock, then the
         ``manifest`` frames made from the state blobs as sent (after the state is on its way, so the target
         applies it while this side seals), then DONE (the guest is paused)."""
         # The bitmap first (it is final once the guest paused): with it and the final round the target has
         # all its verify needs but the manifest, and starts while the vCPU states are read and sent.
         bitmap = bytes(self.machine.enc_bitmap.bitmap.view())
         self._control(DeviceState(ENC_BITMAP_DEVICE, ENC_BITMAP_FORMAT, bitmap))
+        if bitmap_sent is not None:
+            bitmap_sent()
         parts: list[bytes] = [bitmap]
         for state in self.machine.save_vcpu_states():
             blob = vcpu_blob(state, paused_wall)
@@ -456,8 +459,6 @@ class Outgoing:
                 state.vcpu_id, VCPU_SEALED_FORMAT, seal(state.vcpu_id, blob))  # fmt: skip
             self._control(frame)
             parts.append(frame.blob)
-        if states_sent is not None:
-            states_sent()
         clock = clock_blob(self.machine.save_clock())
         self._control(DeviceState(KVM_CLOCK_DEVICE, KVM_CLOCK_FORMAT, clock))
         parts.append(clock)
