@@ -82,7 +82,7 @@ class DirtyLog:
             self._vm.get_dirty_log(m.slot, self.bitmap.address + m.gpa // PAGE // 8)
         if self.manual and rearm:
             self._rearm()
-        elif self._keep is not None:
+        else:
             self._drop_kept()
         return self.bitmap
 
