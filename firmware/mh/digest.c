@@ -227,8 +227,11 @@ uint32_t cp_mh_mac_page(struct cp_mh_ctx *ctx, uint64_t gpa)
     return CP_MBS_OK;
 }
 
-/* fn on every page of the range but the helper's own (counted in skipped); stops at the first refusal. */
-static uint32_t each_page(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages,
+#define HUGE_PAGE (512u * CP_MH_PAGE) /* a 2 MiB page of the helper's view (confplan_abi.h: PDs above the low 2 MiB) */
+
+/* fn on every page of the range but the helper's own (counted in skipped); stops at the first refusal. With
+ * `huge`, above the low 2 MiB only on the first page not skipped of each 2 MiB page (v9 WARM). */
+static uint32_t each_page(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages, int huge,
                           uint32_t (*fn)(struct cp_mh_ctx *, uint64_t), uint64_t *done, uint64_t *skipped)
 {
     *done = *skipped = 0;
@@ -241,35 +244,28 @@ static uint32_t each_page(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages
         }
         rc = fn(ctx, gpa);
         *done += rc == CP_MBS_OK;
-    }
-    return rc;
-}
-
-#define HUGE_PAGE (512u * CP_MH_PAGE) /* a 2 MiB page of the helper's view (confplan_abi.h: PDs above the low 2 MiB) */
-
-uint32_t cp_mh_warm(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages, int huge, uint64_t *read,
-                    uint64_t *skipped)
-{
-    *read = *skipped = 0;
-    uint32_t rc = check_range(&ctx->cfg, start, npages);
-    for (uint64_t p = 0; rc == CP_MBS_OK && p < npages; p++) {
-        uint64_t gpa = start + p * CP_MH_PAGE;
-        if (cp_mh_skips(&ctx->cfg, gpa)) {
-            ++*skipped;
-            continue;
-        }
-        (void)*(volatile const uint8_t *)(ctx->cfg.ram + gpa); /* the access is the point: it maps the page */
-        ++*read;
-        if (huge && gpa >= HUGE_PAGE) /* the rest of this 2 MiB page is mapped with it: on to the next one */
+        if (huge && gpa >= HUGE_PAGE) /* the rest of this 2 MiB page went with it: on to the next one */
             p += (HUGE_PAGE - gpa % HUGE_PAGE) / CP_MH_PAGE - 1;
     }
     return rc;
 }
 
+static uint32_t warm_page(struct cp_mh_ctx *ctx, uint64_t gpa)
+{
+    (void)*(volatile const uint8_t *)(ctx->cfg.ram + gpa); /* the access is the point: it maps the page */
+    return CP_MBS_OK;
+}
+
+uint32_t cp_mh_warm(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages, int huge, uint64_t *read,
+                    uint64_t *skipped)
+{
+    return each_page(ctx, start, npages, huge, warm_page, read, skipped);
+}
+
 uint32_t cp_mh_mac_range(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages, uint64_t *hashed,
                          uint64_t *skipped)
 {
-    return each_page(ctx, start, npages, cp_mh_mac_page, hashed, skipped);
+    return each_page(ctx, start, npages, 0, cp_mh_mac_page, hashed, skipped);
 }
 
 /* v5: the manifest's generation digest of one chunk. Entry of page p: its generation-table entry if the
