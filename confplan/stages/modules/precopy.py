@@ -147,10 +147,11 @@ class Precopy(Stage):
                     judge = limits  # the rounds after the fill count against the whole max_precopy_rounds
                     continue  # one more round: what the guest wrote while the tables filled
                 break
-        if tables and len(rounds) < limits.max_rounds:
+        if tables and len(rounds) < limits.max_rounds and (rounds[-1].pages or rounds[-1].dirty_after):
             # One more short round: the pause then sends only what the guest writes during it, not what it
-            # wrote during the fill and the round after. No MAC update in between (mailbox v4): SAVE and
-            # LOAD keep the sealed pages' entries, and the pause MACs the few pages moved as shared since.
+            # wrote during the fill and the round after (none if that round had nothing to send and nothing
+            # was written meanwhile). No MAC update in between (mailbox v4): SAVE and LOAD keep the sealed
+            # pages' entries, and the pause MACs the few pages moved as shared since.
             rounds.append(self._round(ctx, source, target, watch))
         ctx.mac_tables = bool(tables)
         return StageResult(
@@ -183,20 +184,20 @@ class Precopy(Stage):
 
     @staticmethod
     def _fill_mac_tables(source: VmmHandle, target: VmmHandle, rounds: int) -> dict[str, Any]:
-        """Once the target has applied every round, both sides fill their MAC tables (the pages moved as
-        shared so far) and shared CRC tables at once, while the guest still runs. {} if a side has no
-        helper."""
-        deadline = time.monotonic() + APPLY_TIMEOUT
-        while (status := target.call("incoming_status"))["rounds"] < rounds:
-            if status["state"] == "failed" or time.monotonic() > deadline:
-                raise ConfplanError(
-                    f"the target did not apply the precopy rounds: {status['error'] or status}"
-                )
-            time.sleep(0.002)
+        """Both sides fill their MAC tables (the pages moved as shared so far) and shared CRC tables while
+        the guest still runs: the source's at once, the target's once it has applied every round (the
+        source's needs nothing of the target's). {} if a side has no helper."""
         with ThreadPoolExecutor(max_workers=1) as pool:
-            theirs = pool.submit(target.call, "mac_table", {"action": "fill"}, timeout=common.DIGEST_TIMEOUT)
-            here = source.call("mac_table", {"action": "fill"}, timeout=common.DIGEST_TIMEOUT)
-            there = theirs.result()
+            ours = pool.submit(source.call, "mac_table", {"action": "fill"}, timeout=common.DIGEST_TIMEOUT)
+            deadline = time.monotonic() + APPLY_TIMEOUT
+            while (status := target.call("incoming_status"))["rounds"] < rounds:
+                if status["state"] == "failed" or time.monotonic() > deadline:
+                    raise ConfplanError(
+                        f"the target did not apply the precopy rounds: {status['error'] or status}"
+                    )
+                time.sleep(0.002)
+            there = target.call("mac_table", {"action": "fill"}, timeout=common.DIGEST_TIMEOUT)
+            here = ours.result()
         if here["pages"] is None or there["pages"] is None:
             return {}
         return {"fill_pages": [here["pages"], there["pages"]],
