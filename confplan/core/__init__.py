@@ -8,7 +8,7 @@ Importing this package does not load the library: the first call does, and a mis
 
 from __future__ import annotations
 
-from confplan.core._buffers import HostMemory
+from confplan.core._buffers import HostMemory, zeroed
 from confplan.core.pages import (
     FrameInfo,
     crc32c,
@@ -39,4 +39,5 @@ __all__ = [
     "scan_dirty",
     "unframe_sealed_pages",
     "unframe_shared_pages",
+    "zeroed",
 ]

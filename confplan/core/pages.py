@@ -12,7 +12,7 @@ import array
 import ctypes
 from dataclasses import dataclass
 
-from confplan.core._buffers import Memory, pinned, pinned_optional
+from confplan.core._buffers import Memory, pinned, pinned_optional, zeroed
 from confplan.core._lib import Q_CRC_HW, ErrorC, FrameInfoC, lib
 from confplan.core.status import CoreStatus, PageCoreError, raise_for
 from confplan.core.wire import MAX_FRAME_PAGES, PAGE_SIZE, SEALED_PAGE_SIZE, FrameType
@@ -123,8 +123,7 @@ def scan_dirty(
             _need_bitmap(slen, npages, "shared")
         rc = dll.cp_scan_count(d, s, npages, ctypes.byref(n_shared), ctypes.byref(n_private))
         raise_for(rc, err, "scanning the dirty bitmap")
-        shared_out = array.array("Q", bytes(8 * n_shared.value))
-        private_out = array.array("Q", bytes(8 * n_private.value))
+        shared_out, private_out = zeroed("Q", n_shared.value), zeroed("Q", n_private.value)
         with (
             pinned(shared_out, writable=True, what="shared GPAs") as (so, _),
             pinned(private_out, writable=True, what="private GPAs") as (po, _),

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from confplan.core import zeroed
 from confplan.core.datapath import DataLoop, Stop
 from confplan.core.stream import FrameReader, FrameWriter
 from confplan.core.streamauth import AuthFailure, SessionKeys, StreamAuthError, client_handshake
@@ -156,7 +157,7 @@ class ChannelReceiver:
         self._ram_size, self._on_fail = ram_size, on_fail
         self._stop = threading.Event()
         self._path = SealedPath(mailboxes, banks, sibling=self._stop)
-        self._gpas = array.array("Q", bytes(8 * (ram_size // PAGE_SIZE)))
+        self._gpas = zeroed("Q", ram_size // PAGE_SIZE)
         self._go = threading.Semaphore(1)  # the first round may start at once
         self._rounds: queue.Queue[ChannelRound | None] = queue.Queue()
         self.error: ConfplanError | None = None

@@ -15,7 +15,14 @@ import socket
 from collections.abc import Callable
 from typing import Protocol
 
-from confplan.core import CoreStatus, HostMemory, PageCoreError, unframe_sealed_pages, unframe_shared_pages
+from confplan.core import (
+    CoreStatus,
+    HostMemory,
+    PageCoreError,
+    unframe_sealed_pages,
+    unframe_shared_pages,
+    zeroed,
+)
 from confplan.core.datapath import DataLoop, Stop
 from confplan.core.stream import Frame, FrameReader
 from confplan.core.wire import MAX_FRAME_PAGES, FrameType
@@ -45,7 +52,7 @@ class PageReceiver:
 
     def __init__(self, machine: Machine, status: PageCounts, control: Callable[[Frame], object]) -> None:
         self.machine, self.status, self._control = machine, status, control
-        self._gpas = array.array("Q", bytes(8 * MAX_FRAME_PAGES))
+        self._gpas = zeroed("Q", MAX_FRAME_PAGES)
         # GPAs written since take_changed_gpas() began tracking (the shared CRC table drops them)
         self._written: list[array.array[int]] | None = None
         self._shared_written: list[array.array[int]] = []  # GPAs of every shared-page frame (see below)
@@ -97,7 +104,7 @@ class PageReceiver:
     def _sealed_path(self, mailboxes: MailboxSet) -> SealedPath:
         if self._path is None:
             self._path = SealedPath(mailboxes, BANKS)
-            self._loop_gpas = array.array("Q", bytes(8 * (self.machine.config.memory // PAGE_SIZE)))
+            self._loop_gpas = zeroed("Q", self.machine.config.memory // PAGE_SIZE)
         return self._path
 
     def _receive_sealed(self, reader: FrameReader, path: SealedPath, conn: socket.socket | None) -> None:

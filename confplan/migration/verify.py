@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import array
 
-from confplan.core import HostMemory, crc32c, crc_table, forget_pages, frame_shared_pages, scan_dirty
+from confplan.core import HostMemory, crc32c, crc_table, forget_pages, frame_shared_pages, scan_dirty, zeroed
 from confplan.core.wire import HEADER_SIZE, MAX_FRAME_PAGES, shared_frame_capacity
 from confplan.migration.dirty import DirtyTracker
 from confplan.migration.mailbox_set import MailboxSet
@@ -57,7 +57,7 @@ class SharedTable:
     def __init__(self, machine: Machine) -> None:
         self._machine = machine
         self._tracker = DirtyTracker(machine)  # only its bitmaps: building one does not touch the dirty log
-        self.crcs = array.array("I", bytes(4 * self._tracker.npages))
+        self.crcs = zeroed("I", self._tracker.npages)
         self.valid = bytearray(self._tracker.npages)  # 1: crcs[page] is the page's CRC as it is now
         self.computed = 0  # page CRCs computed by the last fill or digest
         self._scanned: tuple[bytes, array.array[int]] = (b"", array.array("Q"))
