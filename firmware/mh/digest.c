@@ -289,12 +289,13 @@ uint32_t cp_mh_gen_digest(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages
         if (run) { /* the same entries as the per-page path below, up to the chain step's end */
             uint64_t take = run < GEN_STEP - m ? run : GEN_STEP - m;
             const uint32_t *gens = ctx->cfg.gen_table + gpa / CP_MH_PAGE;
+            uint8_t *out = ctx->chain + 16 + 4 * m;
             uint32_t top = *max_gen;
-            for (uint64_t i = 0; i < take; i++) {
+            for (uint64_t i = 0; i < take; i++) { /* branch-free: the bits of a bitmap byte mix kinds */
                 uint64_t q = p + i;
-                uint32_t gen = (bits[q / 8] >> (q % 8) & 1u) ? __atomic_load_n(&gens[i], __ATOMIC_ACQUIRE) : 0;
+                uint32_t gen = __atomic_load_n(&gens[i], __ATOMIC_ACQUIRE) & -(uint32_t)(bits[q / 8] >> (q % 8) & 1u);
                 top = gen > top ? gen : top;
-                cp_mh_store_le32(ctx->chain + 16 + 4 * (m + i), gen);
+                __builtin_memcpy(out + 4 * i, &gen, 4); /* x86: little-endian, one store */
             }
             *max_gen = top;
             m += (uint32_t)take;
