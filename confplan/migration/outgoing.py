@@ -73,7 +73,7 @@ class OutgoingMigration(MigrationSide):
         self._paused_at = self._paused_wall = 0.0
         self._final: dict[str, Any] | None = None  # what the pause's copy sent (stop_and_copy's answer)
         self._final_error: BaseException | None = None
-        # the pause's table work, started when the final round ended (then), while the state is sent
+        # the pause's table work, posted once the bitmap is sent, and when the final round ended
         self._early_tables: tuple[PauseTables | None, float] = (None, 0.0)
         self._pause_in_cpl0 = 0  # stop_and_copy: pause until a vCPU is in a CPL0 service (a test), at most
         self.stream: Outgoing | None = None

@@ -295,9 +295,9 @@ class MigrationSide:
 
 @dataclass(frozen=True)
 class PauseTables:
-    """The pause's table work, posted to the helpers (``Side.start_pause_tables``): when it started, the
-    host's shared CRCs still to compute, the call that waits for the helper's (pages MAC'd, prepared or
-    None), the shared CRC table it reads (None: every shared page is computed)."""
+    """The pause's table work, posted to the helpers (``MigrationSide.start_pause_tables``): when it
+    started, the host's shared CRCs still to compute, the call that waits for the helper's (pages MAC'd,
+    prepared or None), the shared CRC table it reads (None: every shared page is computed)."""
 
     started: float
     crc: Callable[[], dict[str, int]]
