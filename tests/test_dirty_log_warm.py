@@ -6,11 +6,17 @@ own statistics (``pf_fixed`` of the helper vCPUs), not by time; and the log stil
 
 from __future__ import annotations
 
+import array
+import dataclasses
+import os
 from collections.abc import Iterator
 
 import pytest
+from launcher import Launcher
 
-from confplan.migration.helper import helper_mailboxes
+from confplan.core import frame_sealed_pages, unframe_sealed_pages
+from confplan.core.wire import sealed_frame_size
+from confplan.migration.helper import helper_mailboxes, open_mailboxes
 from confplan.migration.mailbox_layout import MhStatus, Op
 from confplan.migration.mailbox_set import MailboxSet
 from confplan.vmm import Machine, MachineConfig, abi
@@ -89,4 +95,51 @@ def test_a_huge_warm_reads_a_page_per_2_mib_and_maps_them_all(source: tuple[Mach
 def test_warm_refuses_flags_it_does_not_know(source: tuple[Machine, MailboxSet]) -> None:
     _, mailboxes = source
     mb = mailboxes.mailboxes[0]
-    assert mb.wait(Op.WARM, mb.post(Op.WARM, count=2, arg0=0, arg1=16)) == MhStatus.COUNT
+    assert mb.wait(Op.WARM, mb.post(Op.WARM, count=4, arg0=0, arg1=16)) == MhStatus.COUNT
+
+
+def _move_all(src: Machine, dst: Machine) -> int:
+    """SAVE every guest page on the source, frame and unframe it into the target's slots, LOAD; returns the
+    target helpers' page faults meanwhile."""
+    smb, dmb = open_mailboxes(src), open_mailboxes(dst)
+    smb.init()
+    dmb.init()
+    mask, ram = src.layout.guest_page_mask(), src.ram.top
+    gpas = array.array("Q", (i * abi.PAGE for i in range(src.layout.npages) if mask >> i & 1))
+    before = helper_faults(dst)
+    for first in range(0, len(gpas), smb.capacity):
+        chunk, offset, counts = gpas[first : first + smb.capacity], 0, [0] * len(dmb.mailboxes)
+        for i, (_, result) in enumerate(smb.save(chunk, 1)):
+            n = len(result.statuses)
+            frame = bytearray(sealed_frame_size(n))
+            frame_sealed_pages(result.records, n, frame, seq=0, ram_size=ram, expected_gpas=chunk[offset:])
+            unframe_sealed_pages(frame, dmb.mailboxes[i].slots, ram_size=ram)
+            offset, counts[i] = offset + n, n
+        assert all(r.n_refused == 0 for r in dmb.load(counts))
+    return helper_faults(dst) - before
+
+
+@pytest.mark.parametrize("write", [False, True])
+def test_a_target_that_warmed_for_writing_loads_without_faults(launcher: Launcher, write: bool) -> None:
+    """(v9) A read WARM maps a target's view read-only, so its LOADs still fault once per 2 MiB page; a WARM
+    with WRITE (a locked OR of zero: the bytes stay) maps it for writing, and they do not."""
+    key, mig = bytes(range(32)), os.urandom(16)
+    cfg = MachineConfig(memory=64 * abi.MIB, workload_kind="quiet", aux_vcpus=2, batch_pages=256,
+                        measured_launch=True)  # fmt: skip
+    src = launcher.boot(cfg, key, mig)
+    dst = launcher.boot(dataclasses.replace(cfg, mh_only=True), key, mig)
+    src.wait_workload(abi.EV_WL_FILLED)
+    src.pause_all_vcpus_except_aux()
+    gpa = dst.layout.wl_data_gpa + 5 * abi.PAGE
+    dst.ram.write(gpa, b"kept")
+    mailboxes = open_mailboxes(dst)
+    assert mailboxes.warm(0, dst.layout.npages, huge=dst.ram.on_huge_pages(), write=write) > 0
+    assert dst.ram.read(gpa, 4) == b"kept"
+    faults = _move_all(src, dst)
+    assert (faults < 8) if write else (faults > (dst.layout.npages - 512) // 512 // 2)
+
+
+def test_only_a_target_warms_for_writing(source: tuple[Machine, MailboxSet]) -> None:
+    _, mailboxes = source
+    mb = mailboxes.mailboxes[0]
+    assert mb.wait(Op.WARM, mb.post_warm(0, 16, write=True)) == MhStatus.SIDE

@@ -60,7 +60,7 @@ int main(void) {
     printf("sizeof.cp_mh_config %zu\n", sizeof(struct cp_mh_config));
     C(CP_MB_PROTO_MAGIC) C(CP_MB_PROTO_VERSION) C(CP_MB_PROTO_OFFSET) C(CP_MB_SLOTS_OFFSET) C(CP_MB_SLOT_SIZE)
     C(CP_MB_SLOT_HEADER) C(CP_MB_DIGEST_BYTES) C(CP_MB_NO_INDEX) C(CP_MB_RING_OFFSET) C(CP_MB_RING)
-    C(CP_MB_CMD_SIZE) C(CP_MB_WARM_HUGE)
+    C(CP_MB_CMD_SIZE) C(CP_MB_WARM_HUGE) C(CP_MB_WARM_WRITE)
     C(CP_MB_OP_INIT) C(CP_MB_OP_SAVE) C(CP_MB_OP_LOAD) C(CP_MB_OP_DIGEST) C(CP_MB_OP_RESET)
     C(CP_MB_OP_MAC_RANGE) C(CP_MB_OP_MAC_LIST) C(CP_MB_OP_FOLD) C(CP_MB_MAC_BYTES)
     C(CP_MB_OP_SEAL_MANIFEST) C(CP_MB_OP_CHECK_MANIFEST) C(CP_MB_OP_SEAL_STATE) C(CP_MB_OP_OPEN_STATE)
@@ -153,7 +153,7 @@ def test_control_page_offsets_match_the_c_header(c_values: dict[str, int]) -> No
     assert c_values["CP_MB_DIGEST_BYTES"] == mbx.DIGEST_BYTES
     assert c_values["CP_MB_MAC_BYTES"] == mbx.MAC_BYTES == abi.MH_MAC_ENTRY
     assert c_values["CP_MB_NO_INDEX"] == mbx.NO_INDEX
-    assert c_values["CP_MB_WARM_HUGE"] == mbx.WARM_HUGE
+    assert (c_values["CP_MB_WARM_HUGE"], c_values["CP_MB_WARM_WRITE"]) == (mbx.WARM_HUGE, mbx.WARM_WRITE)
     # the VMM engineer's header must end before the protocol block
     assert ctypes.sizeof(abi.MailboxHeader) <= mbx.PROTO_OFFSET
 

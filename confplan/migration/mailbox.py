@@ -38,6 +38,7 @@ from confplan.migration.mailbox_layout import (
     SLOT_STATUS,
     SLOTS_OFFSET,
     WARM_HUGE,
+    WARM_WRITE,
     MailboxError,
     MhStatus,
     Op,
@@ -349,11 +350,13 @@ class Mailbox:
         """RESET: the helper forgets the transport key (nonce counters and anti-replay table stay)."""
         self.run(Op.RESET)
 
-    def post_warm(self, start: int, npages: int, *, huge: bool = False) -> int:
+    def post_warm(self, start: int, npages: int, *, huge: bool = False, write: bool = False) -> int:
         """Post WARM (v8): the helper reads a byte of every page of the range (MH area skipped), which maps
         them into its view of guest RAM. ``huge`` (v9): the host backs that RAM with 2 MiB pages, so one
-        read per 2 MiB page of the view does it (above the low 2 MiB). Needs no key."""
-        return self.post(Op.WARM, count=WARM_HUGE if huge else 0, arg0=start, arg1=npages)
+        read per 2 MiB page of the view does it (above the low 2 MiB). ``write`` (v9, a target's helper
+        only): each touch a locked OR of zero, which maps for writing. Needs no key."""
+        flags = (WARM_HUGE if huge else 0) | (WARM_WRITE if write else 0)
+        return self.post(Op.WARM, count=flags, arg0=start, arg1=npages)
 
     def finish_warm(self, seq: int) -> int:
         """Wait for a posted WARM; the pages it read. Anything but OK raises."""

@@ -29,6 +29,7 @@ DIGEST_BYTES = 32
 MAC_BYTES = 16  # one MAC table entry (CP_MB_MAC_BYTES)
 NO_INDEX = 0xFFFFFFFF
 WARM_HUGE = 1  # (v9) WARM's count flag: one read per 2 MiB page of the view (CP_MB_WARM_HUGE)
+WARM_WRITE = 2  # (v9) WARM's count flag, a target's helper only: touch for writing (CP_MB_WARM_WRITE)
 MAX_GENERATION = 0xFFFFFFFE
 
 # Byte offsets inside the control page (CP_MB_PROTO_OFFSET + offsetof(struct cp_mb_proto, field)).

@@ -56,14 +56,14 @@ class MailboxSet:
                 )  # fmt: skip
         return first
 
-    def warm(self, start: int, npages: int, *, huge: bool = False) -> int:
+    def warm(self, start: int, npages: int, *, huge: bool = False, write: bool = False) -> int:
         """WARM over the range, shared out among the helpers in 2 MiB-aligned parts, all at once
         (docs/mailbox.md, "WARM"). They share page tables, so on a shadow MMU the page one maps is mapped
-        for all. ``huge``: the host backs guest RAM with 2 MiB pages (one read per 2 MiB page). Returns the
-        pages read."""
+        for all. ``huge``: the host backs guest RAM with 2 MiB pages (one read per 2 MiB page); ``write``:
+        a target's, mapped for writing. Returns the pages read."""
         per = max(1, -(-npages // len(self.mailboxes) // _HUGE_PAGES)) * _HUGE_PAGES
         parts = [(at, min(per, npages - at)) for at in range(0, npages, per)]
-        seqs = [mb.post_warm(start + at * PAGE_SIZE, n, huge=huge)
+        seqs = [mb.post_warm(start + at * PAGE_SIZE, n, huge=huge, write=write)
                 for mb, (at, n) in zip(self.mailboxes, parts, strict=False)]  # fmt: skip
         return sum(mb.finish_warm(seq) for mb, seq in zip(self.mailboxes, seqs, strict=False))
 

@@ -75,6 +75,9 @@
  * so above the low 2 MiB one read per 2 MiB page of the helper's view maps it all (the VMM says so only when
  * its RAM mapping is all on huge pages; a wrong "yes" costs faults in round 0, never a wrong page). */
 #define CP_MB_WARM_HUGE 1u
+/* v9: WRITE (a target's helper only, else SIDE): each touch is a locked OR of zero, which leaves the byte and
+ * maps the page writable, so the LOADs that follow do not fault (a read maps it read-only). */
+#define CP_MB_WARM_WRITE 2u
 #define CP_MB_OP_LAST CP_MB_OP_WARM
 
 /*

@@ -256,10 +256,19 @@ static uint32_t warm_page(struct cp_mh_ctx *ctx, uint64_t gpa)
     return CP_MBS_OK;
 }
 
-uint32_t cp_mh_warm(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages, int huge, uint64_t *read,
+/* v9 WRITE: a locked OR of zero, so the byte is unchanged even beside another writer, and the page is
+ * mapped writable (a read maps it read-only where LOAD then writes). In asm: a compiler may turn an
+ * idempotent atomic into a plain load. */
+static uint32_t warm_page_write(struct cp_mh_ctx *ctx, uint64_t gpa)
+{
+    __asm__ volatile("lock orb $0, %0" : "+m"(*(volatile uint8_t *)(ctx->cfg.ram + gpa)));
+    return CP_MBS_OK;
+}
+
+uint32_t cp_mh_warm(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages, int huge, int write, uint64_t *read,
                     uint64_t *skipped)
 {
-    return each_page(ctx, start, npages, huge, warm_page, read, skipped);
+    return each_page(ctx, start, npages, huge, write ? warm_page_write : warm_page, read, skipped);
 }
 
 uint32_t cp_mh_mac_range(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages, uint64_t *hashed,

@@ -12,8 +12,9 @@ uint32_t cp_mh_digest(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages, ui
                       uint64_t *hashed, uint64_t *skipped);
 /* WARM: one byte of every page of the range read (MH area and hole skipped); counts as MAC_RANGE's do. (v9)
  * `huge`: the host backs guest RAM with 2 MiB pages, so above the low 2 MiB (where the helper's own tables
- * map 4 KiB pages) one read per 2 MiB page of the view maps all of it: the first page not skipped is read. */
-uint32_t cp_mh_warm(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages, int huge, uint64_t *read,
+ * map 4 KiB pages) one read per 2 MiB page of the view maps all of it: the first page not skipped is read.
+ * `write` (target only): each read is a locked OR of zero instead, which maps the page for writing. */
+uint32_t cp_mh_warm(struct cp_mh_ctx *ctx, uint64_t start, uint64_t npages, int huge, int write, uint64_t *read,
                     uint64_t *skipped);
 /* The per-page MAC table (v3): MAC_RANGE/MAC_LIST store h(gpa) of the page as it is now; FOLD runs DIGEST's
  * chain over the stored MACs instead of the pages (so a current table folds to the range's DIGEST). */

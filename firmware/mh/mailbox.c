@@ -332,14 +332,18 @@ static uint32_t op_range(struct cp_mh_ctx *ctx, volatile struct cp_mb_proto *p, 
     return rc;
 }
 
-/* WARM (v8); v9: `count` bit CP_MB_WARM_HUGE reads one page per 2 MiB page of the view (digest.h). */
+/* WARM (v8); v9: `count` bit CP_MB_WARM_HUGE reads one page per 2 MiB page of the view, CP_MB_WARM_WRITE
+ * (a target's helper only) touches for writing (digest.h). */
 static uint32_t op_warm(struct cp_mh_ctx *ctx, volatile struct cp_mb_proto *p, uint64_t start, uint64_t n,
                         uint32_t flags)
 {
     uint64_t done = 0, skipped = 0;
-    if (flags & ~CP_MB_WARM_HUGE)
+    if (flags & ~(CP_MB_WARM_HUGE | CP_MB_WARM_WRITE))
         return CP_MBS_COUNT;
-    uint32_t rc = cp_mh_warm(ctx, start, n, (flags & CP_MB_WARM_HUGE) != 0, &done, &skipped);
+    if ((flags & CP_MB_WARM_WRITE) && ctx->cfg.side != CP_MH_SIDE_TARGET)
+        return CP_MBS_SIDE; /* a source's guest runs and writes: no write of the helper's beside it */
+    uint32_t rc = cp_mh_warm(ctx, start, n, (flags & CP_MB_WARM_HUGE) != 0, (flags & CP_MB_WARM_WRITE) != 0,
+                             &done, &skipped);
     p->digest_pages = done;
     p->digest_skipped = skipped;
     return rc;
