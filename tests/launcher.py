@@ -1,10 +1,16 @@
 """Measured launches for tests of the helper in booted guests: each machine launched through the emulated
-secure processor, the owner's broker allowing exactly its launch digest and releasing the given key."""
+secure processor, the owner's broker allowing exactly its launch digest and releasing the given key; and
+``move_sealed``, the pages of one such guest moved into another through the real helpers and C core."""
 
 from __future__ import annotations
 
+import array
 from pathlib import Path
 
+from confplan.core import frame_sealed_pages, unframe_sealed_pages
+from confplan.core.wire import sealed_frame_size
+from confplan.migration import mailbox_layout as mbx
+from confplan.migration.mailbox_set import MailboxSet
 from confplan.sev import EmulatedSecureProcessor, KeyBroker, OwnerPolicy
 from confplan.sev.policy import encode_sev_policy
 from confplan.vmm import Machine, MachineConfig
@@ -38,3 +44,29 @@ class Launcher:
     def close(self) -> None:
         for m in reversed(self.machines):
             m.close()
+
+
+def move_sealed(
+    src: MailboxSet, dst: MailboxSet, gpas: array.array[int], generation: int, ram_size: int, *,
+    skip: int | None = None,
+) -> None:  # fmt: skip
+    """SAVE on the source, frame with the C core, unframe into the target's slots, LOAD (each refusal fails
+    the test); the record of GPA ``skip`` is dropped on the way."""
+    for first in range(0, len(gpas), src.capacity):
+        chunk = gpas[first : first + src.capacity]
+        counts = [0] * len(dst.mailboxes)
+        offset = 0
+        for i, (_, result) in enumerate(src.save(chunk, generation)):
+            n = len(result.statuses)
+            mine = chunk[offset : offset + n]
+            offset += n
+            frame = bytearray(sealed_frame_size(n))
+            frame_sealed_pages(result.records, n, frame, seq=0, ram_size=ram_size, expected_gpas=mine)
+            keep = [j for j, gpa in enumerate(mine) if gpa != skip]
+            scratch = bytearray(n * mbx.SLOT_SIZE)
+            unframe_sealed_pages(frame, scratch, ram_size=ram_size)
+            packed = b"".join(scratch[j * mbx.SLOT_SIZE : (j + 1) * mbx.SLOT_SIZE] for j in keep)
+            dst.mailboxes[i].slots[: len(packed)] = packed
+            counts[i] = len(keep)
+        for result in dst.load(counts):
+            assert result.n_refused == 0, result.refused()[:3]

@@ -12,10 +12,8 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from launcher import Launcher
+from launcher import Launcher, move_sealed
 
-from confplan.core import frame_sealed_pages, unframe_sealed_pages
-from confplan.core.wire import sealed_frame_size
 from confplan.migration.helper import helper_mailboxes, open_mailboxes
 from confplan.migration.mailbox_layout import MhStatus, Op
 from confplan.migration.mailbox_set import MailboxSet
@@ -99,23 +97,15 @@ def test_warm_refuses_flags_it_does_not_know(source: tuple[Machine, MailboxSet])
 
 
 def _move_all(src: Machine, dst: Machine) -> int:
-    """SAVE every guest page on the source, frame and unframe it into the target's slots, LOAD; returns the
-    target helpers' page faults meanwhile."""
+    """Every guest page moved from the source to the target (``move_sealed``); the target helpers' page
+    faults meanwhile."""
     smb, dmb = open_mailboxes(src), open_mailboxes(dst)
     smb.init()
     dmb.init()
-    mask, ram = src.layout.guest_page_mask(), src.ram.top
+    mask = src.layout.guest_page_mask()
     gpas = array.array("Q", (i * abi.PAGE for i in range(src.layout.npages) if mask >> i & 1))
     before = helper_faults(dst)
-    for first in range(0, len(gpas), smb.capacity):
-        chunk, offset, counts = gpas[first : first + smb.capacity], 0, [0] * len(dmb.mailboxes)
-        for i, (_, result) in enumerate(smb.save(chunk, 1)):
-            n = len(result.statuses)
-            frame = bytearray(sealed_frame_size(n))
-            frame_sealed_pages(result.records, n, frame, seq=0, ram_size=ram, expected_gpas=chunk[offset:])
-            unframe_sealed_pages(frame, dmb.mailboxes[i].slots, ram_size=ram)
-            offset, counts[i] = offset + n, n
-        assert all(r.n_refused == 0 for r in dmb.load(counts))
+    move_sealed(smb, dmb, gpas, 1, src.ram.top)
     return helper_faults(dst) - before
 
 

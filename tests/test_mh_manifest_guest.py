@@ -15,10 +15,8 @@ import time
 from dataclasses import dataclass
 
 import pytest
-from launcher import Launcher
+from launcher import Launcher, move_sealed
 
-from confplan.core import frame_sealed_pages, unframe_sealed_pages
-from confplan.core.wire import sealed_frame_size
 from confplan.errors import ConfplanError
 from confplan.migration import mailbox_layout as mbx
 from confplan.migration.helper import open_mailboxes
@@ -59,25 +57,7 @@ class Migrated:
     def move(self, gpas: array.array[int], generation: int, *, skip: int | None = None) -> None:
         """SAVE on the source, frame with the C core, unframe into the target's slots, LOAD; the record of
         GPA ``skip`` is dropped on the way."""
-        for first in range(0, len(gpas), self.src_mb.capacity):
-            chunk = gpas[first : first + self.src_mb.capacity]
-            counts = [0] * len(self.dst_mb.mailboxes)
-            offset = 0
-            for i, (_, result) in enumerate(self.src_mb.save(chunk, generation)):
-                n = len(result.statuses)
-                mine = chunk[offset : offset + n]
-                offset += n
-                frame = bytearray(sealed_frame_size(n))
-                frame_sealed_pages(result.records, n, frame, seq=0, ram_size=MEM, expected_gpas=mine)
-                keep = [j for j, gpa in enumerate(mine) if gpa != skip]
-                slots = self.dst_mb.mailboxes[i].slots
-                scratch = bytearray(n * mbx.SLOT_SIZE)
-                unframe_sealed_pages(frame, scratch, ram_size=MEM)
-                packed = b"".join(scratch[j * mbx.SLOT_SIZE : (j + 1) * mbx.SLOT_SIZE] for j in keep)
-                slots[: len(packed)] = packed
-                counts[i] = len(keep)
-            for result in self.dst_mb.load(counts):
-                assert result.n_refused == 0, result.refused()[:3]
+        move_sealed(self.src_mb, self.dst_mb, gpas, generation, MEM, skip=skip)
 
     def seal(self, **kwargs: object) -> bytes:
         args: dict[str, object] = {"enc_bitmap": self.bitmap, "state_hash": self.state_hash, "rounds": 1}

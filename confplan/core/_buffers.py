@@ -14,14 +14,13 @@ from dataclasses import dataclass
 from typing import Any
 
 _PYBUF_SIMPLE = 0
+_PYBUF_WRITABLE = 1
 
 
 def zeroed(typecode: str, n: int) -> array.array[int]:
     """An array of ``n`` zeros, for the core to fill: repeating one element is ~6x faster than converting
     ``bytes(size * n)`` (0.1 against 0.6 ms for 2 MiB here), and rounds and the pause make such lists."""
     return array.array(typecode, [0]) * n
-
-_PYBUF_WRITABLE = 1
 
 
 @dataclass(frozen=True)

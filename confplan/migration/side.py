@@ -108,12 +108,11 @@ class MigrationSide:
     def _snp(self) -> tuple[SnpLaunch, Mailbox]:
         if not isinstance(self.launch, SnpLaunch) or not self.launch.finished:
             raise ConfplanError("no finished SEV-SNP launch on this VMM", hint="call 'snp_launch' first")
-        if self._mailboxes is None:
-            self._mailboxes = helper_mailboxes(self.need_machine())
-        if self._mailboxes is None:
+        mailboxes = self._opened_helper()
+        if mailboxes is None:
             raise ConfplanError("this SNP guest has no migration helper to release the key to",
                                 hint="give the guest helper vCPUs")  # fmt: skip
-        return self.launch, self._mailboxes.mailboxes[0]
+        return self.launch, mailboxes.mailboxes[0]
 
     def snp_chain(self) -> tuple[bytes, bytes, bytes]:
         return self._snp()[0].cert_chain()
@@ -138,7 +137,7 @@ class MigrationSide:
             machine.wait_helpers_ready()
         if machine.config.mh_only:
             self._warm_for_loads(machine)
-        if not machine.config.mh_only:  # running = filled (its shared pages are reported after the fill)
+        else:  # running = filled (its shared pages are reported after the fill)
             # The guest writes every data page once: ~3-9 s a GiB here (its page faults under kvm_pvm).
             gib = machine.config.memory / (1 << 30)
             machine.wait_workload(abi.EV_WL_FILLED, timeout=60.0 + 30.0 * gib)
@@ -148,11 +147,10 @@ class MigrationSide:
         """A target, before any stream: its helpers map their view of guest RAM for writing (WARM with
         WRITE, mailbox v9), so round 0's LOADs do not fault once per 2 MiB page each on a shadow MMU
         (~1,000 faults a GiB on the bottleneck side). No key needed; the guest does not run here yet."""
-        if self._mailboxes is None:
-            self._mailboxes = helper_mailboxes(machine)
-        if self._mailboxes is not None:
+        mailboxes = self._opened_helper()
+        if mailboxes is not None:
             started, huge = time.monotonic(), machine.ram.on_huge_pages()
-            pages = self._mailboxes.warm(0, machine.layout.npages, huge=huge, write=True)
+            pages = mailboxes.warm(0, machine.layout.npages, huge=huge, write=True)
             self.log(f"{self.role}: helpers mapped guest RAM for writing ({pages} pages touched, "
                      f"{(time.monotonic() - started) * 1e3:.1f} ms)")  # fmt: skip
 
@@ -167,14 +165,19 @@ class MigrationSide:
                 "timer_ticks": clock.ticks}  # fmt: skip
 
     # ---- the helper ----
-    def helper(self) -> MailboxSet | None:
-        """The MH's mailboxes, INIT done once (it reads the transport key from the secret page)."""
+    def _opened_helper(self) -> MailboxSet | None:
+        """The MH's mailboxes, opened once, without INIT (the SNP key release and WARM need no key)."""
         if self._mailboxes is None:
             self._mailboxes = helper_mailboxes(self.need_machine())
-        if self._mailboxes is not None and not self._mh_ready:
-            self._mailboxes.init()
-            self._mh_ready = True
         return self._mailboxes
+
+    def helper(self) -> MailboxSet | None:
+        """The MH's mailboxes, INIT done once (it reads the transport key from the secret page)."""
+        mailboxes = self._opened_helper()
+        if mailboxes is not None and not self._mh_ready:
+            mailboxes.init()
+            self._mh_ready = True
+        return mailboxes
 
     def hello(self, migration_id: bytes) -> Hello:
         cfg = self.need_machine().config
@@ -212,7 +215,7 @@ class MigrationSide:
         self._changed_gpas()  # the shared CRC table forgets these pages (the fill starts it afresh)
         moved = self.stream_side().take_shared_gpas()
         self.shared_table = SharedTable(machine)
-        macs = mailboxes.post_mac_list(moved) if len(moved) else (lambda: 0)
+        macs = mailboxes.post_mac_list(moved)
         shared_pages = self.shared_table.fill(self.shared_for_fill())  # host CRCs while the MHs MAC
         pages = macs()
         return {"pages": pages, "shared_pages": shared_pages, "seconds": time.monotonic() - started}

@@ -17,8 +17,7 @@ import time
 import weakref
 from collections.abc import Callable
 
-from confplan.core import helper_run
-from confplan.core.helper_run import HelperRun
+from confplan.core.helper_run import INTERRUPTED, HelperRun
 from confplan.kvm import KvmError, Vcpu
 from confplan.vmm.exits import GuestError, VcpuExit, decode
 
@@ -243,7 +242,7 @@ class VcpuRunner:
                     self._check_stuck()
                     continue
                 raise KvmError(-ret, f"{self.label}: KVM_RUN" + (" (or its park)" if self._c_loop else ""))
-            if self._c_loop and ret == helper_run.INTERRUPTED:  # a park cut short: pause or stop, above
+            if self._c_loop and ret == INTERRUPTED:  # a park cut short: pause or stop, above
                 self._pending_io = True
                 continue
             self._exits += 1

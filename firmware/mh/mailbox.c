@@ -307,6 +307,14 @@ static uint32_t run_batch(struct cp_mh_ctx *ctx, volatile struct cp_mb_proto *p,
     return refused ? CP_MBS_PARTIAL : CP_MBS_OK;
 }
 
+/* A range op's counts, where DIGEST, MAC_RANGE, FOLD and WARM publish them; returns rc. */
+static uint32_t published(volatile struct cp_mb_proto *p, uint32_t rc, uint64_t done, uint64_t skipped)
+{
+    p->digest_pages = done;
+    p->digest_skipped = skipped;
+    return rc;
+}
+
 static uint32_t op_digest(struct cp_mh_ctx *ctx, volatile struct cp_mb_proto *p, uint64_t start, uint64_t n)
 {
     uint8_t out[CP_MB_DIGEST_BYTES];
@@ -314,22 +322,7 @@ static uint32_t op_digest(struct cp_mh_ctx *ctx, volatile struct cp_mb_proto *p,
     uint32_t rc = cp_mh_digest(ctx, start, n, out, &hashed, &skipped);
     for (uint32_t i = 0; i < CP_MB_DIGEST_BYTES; i++)
         p->digest[i] = rc == CP_MBS_OK ? out[i] : 0;
-    p->digest_pages = hashed;
-    p->digest_skipped = skipped;
-    return rc;
-}
-
-/* A per-page op over a range (MAC_RANGE, v8 WARM), its counts published as DIGEST's are. */
-typedef uint32_t (*range_fn)(struct cp_mh_ctx *, uint64_t, uint64_t, uint64_t *, uint64_t *);
-
-static uint32_t op_range(struct cp_mh_ctx *ctx, volatile struct cp_mb_proto *p, uint64_t start, uint64_t n,
-                         range_fn fn)
-{
-    uint64_t done = 0, skipped = 0;
-    uint32_t rc = fn(ctx, start, n, &done, &skipped);
-    p->digest_pages = done;
-    p->digest_skipped = skipped;
-    return rc;
+    return published(p, rc, hashed, skipped);
 }
 
 /* WARM (v8); v9: `count` bit CP_MB_WARM_HUGE reads one page per 2 MiB page of the view, CP_MB_WARM_WRITE
@@ -337,24 +330,23 @@ static uint32_t op_range(struct cp_mh_ctx *ctx, volatile struct cp_mb_proto *p, 
 static uint32_t op_warm(struct cp_mh_ctx *ctx, volatile struct cp_mb_proto *p, uint64_t start, uint64_t n,
                         uint32_t flags)
 {
-    uint64_t done = 0, skipped = 0;
+    uint64_t read = 0, skipped = 0;
     if (flags & ~(CP_MB_WARM_HUGE | CP_MB_WARM_WRITE))
         return CP_MBS_COUNT;
     if ((flags & CP_MB_WARM_WRITE) && ctx->cfg.side != CP_MH_SIDE_TARGET)
         return CP_MBS_SIDE; /* a source's guest runs and writes: no write of the helper's beside it */
     uint32_t rc = cp_mh_warm(ctx, start, n, (flags & CP_MB_WARM_HUGE) != 0, (flags & CP_MB_WARM_WRITE) != 0,
-                             &done, &skipped);
-    p->digest_pages = done;
-    p->digest_skipped = skipped;
-    return rc;
+                             &read, &skipped);
+    return published(p, rc, read, skipped);
 }
 
 static uint32_t op_mac_range(struct cp_mh_ctx *ctx, volatile struct cp_mb_proto *p, uint64_t start, uint64_t n)
 {
+    uint64_t hashed = 0, skipped = 0;
     cp_mh_tables_changed(ctx);
-    uint32_t rc = op_range(ctx, p, start, n, cp_mh_mac_range);
+    uint32_t rc = cp_mh_mac_range(ctx, start, n, &hashed, &skipped);
     cp_mh_tables_changed(ctx);
-    return rc;
+    return published(p, rc, hashed, skipped);
 }
 
 /* FOLD: the range in chunks of `chunk` pages, one digest per chunk written (32 bytes each, in order) into
@@ -375,9 +367,7 @@ static uint32_t op_fold(struct cp_mh_ctx *ctx, volatile struct cp_mb_proto *p, u
         total += folded;
         total_skipped += skipped;
     }
-    p->digest_pages = total;
-    p->digest_skipped = total_skipped;
-    return rc;
+    return published(p, rc, total, total_skipped);
 }
 
 /* Bytes of the data area from slot `first` on (the v5 ops' requests and records live there). */
