@@ -49,9 +49,11 @@ class Launcher:
 def move_sealed(
     src: MailboxSet, dst: MailboxSet, gpas: array.array[int], generation: int, ram_size: int, *,
     skip: int | None = None,
-) -> None:  # fmt: skip
-    """SAVE on the source, frame with the C core, unframe into the target's slots, LOAD (each refusal fails
-    the test); the record of GPA ``skip`` is dropped on the way."""
+) -> list[bytes]:  # fmt: skip
+    """SAVE on the source in batches over all its MH vCPUs, frame each mailbox's records with the C core,
+    unframe each frame into one target mailbox's slots, LOAD (each refusal fails the test); the record of
+    GPA ``skip`` is dropped on the way. Returns the frames."""
+    frames: list[bytes] = []
     for first in range(0, len(gpas), src.capacity):
         chunk = gpas[first : first + src.capacity]
         counts = [0] * len(dst.mailboxes)
@@ -61,7 +63,9 @@ def move_sealed(
             mine = chunk[offset : offset + n]
             offset += n
             frame = bytearray(sealed_frame_size(n))
-            frame_sealed_pages(result.records, n, frame, seq=0, ram_size=ram_size, expected_gpas=mine)
+            frame_sealed_pages(result.records, n, frame, seq=len(frames), ram_size=ram_size,
+                               expected_gpas=mine)  # fmt: skip
+            frames.append(bytes(frame))
             keep = [j for j, gpa in enumerate(mine) if gpa != skip]
             scratch = bytearray(n * mbx.SLOT_SIZE)
             unframe_sealed_pages(frame, scratch, ram_size=ram_size)
@@ -70,3 +74,4 @@ def move_sealed(
             counts[i] = len(keep)
         for result in dst.load(counts):
             assert result.n_refused == 0, result.refused()[:3]
+    return frames

@@ -12,7 +12,7 @@ import os
 import struct
 
 import pytest
-from launcher import Launcher
+from launcher import Launcher, move_sealed
 
 from confplan.core import frame_sealed_pages, unframe_sealed_pages
 from confplan.core.wire import sealed_frame_size
@@ -85,24 +85,7 @@ def guest_bytes(m: Machine) -> bytes:
 
 
 def move(src: MailboxSet, dst: MailboxSet, gpas: array.array[int], generation: int) -> list[bytes]:
-    """SAVE on the source in batches over all its MH vCPUs, frame each mailbox's records with the C core,
-    unframe each frame into one target mailbox's slots, LOAD. Returns the frames."""
-    frames: list[bytes] = []
-    for first in range(0, len(gpas), src.capacity):
-        chunk = gpas[first : first + src.capacity]
-        counts = [0] * len(dst.mailboxes)
-        offset = 0
-        for i, (_, result) in enumerate(src.save(chunk, generation)):
-            n = len(result.statuses)
-            frame = bytearray(sealed_frame_size(n))
-            frame_sealed_pages(result.records, n, frame, seq=len(frames), ram_size=MEM,
-                               expected_gpas=chunk[offset : offset + n])  # fmt: skip
-            offset += n
-            frames.append(bytes(frame))
-            counts[i] = unframe_sealed_pages(frame, dst.mailboxes[i].slots, ram_size=MEM).count
-        for result in dst.load(counts):
-            assert result.n_refused == 0, result.refused()[:3]
-    return frames
+    return move_sealed(src, dst, gpas, generation, MEM)
 
 
 def gen_table(m: Machine) -> array.array[int]:
