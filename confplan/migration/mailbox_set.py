@@ -9,6 +9,7 @@ import array
 import collections
 from collections.abc import Callable, Sequence
 
+from confplan.guest.abi import HUGE
 from confplan.migration import manifest
 from confplan.migration.mailbox import BatchResult, InitInfo, Mailbox, raise_for_refusals
 from confplan.migration.mailbox_layout import (
@@ -26,7 +27,6 @@ from confplan.migration.manifest import ManifestResult
 Consume = Callable[[Mailbox, BatchResult], None]
 # Streaming LOAD: (mailbox, a free bank of its slots) -> records written there, 0 when there are no more.
 Fill = Callable[[Mailbox, memoryview], int]
-_HUGE_PAGES = 512  # pages in a 2 MiB page of the helper's view: WARM's parts start on one
 DEFAULT_BANKS = 2  # slot banks per mailbox in save_stream/load_stream (docs/mailbox.md, "Pipelining")
 
 
@@ -61,7 +61,8 @@ class MailboxSet:
         (docs/mailbox.md, "WARM"). They share page tables, so on a shadow MMU the page one maps is mapped
         for all. ``huge``: the host backs guest RAM with 2 MiB pages (one read per 2 MiB page); ``write``:
         a target's, mapped for writing. Returns the pages read."""
-        per = max(1, -(-npages // len(self.mailboxes) // _HUGE_PAGES)) * _HUGE_PAGES
+        step = HUGE // PAGE_SIZE  # pages in a 2 MiB page of the helper's view: each part starts on one
+        per = max(1, -(-npages // len(self.mailboxes) // step)) * step
         parts = [(at, min(per, npages - at)) for at in range(0, npages, per)]
         seqs = [mb.post_warm(start + at * PAGE_SIZE, n, huge=huge, write=write)
                 for mb, (at, n) in zip(self.mailboxes, parts, strict=False)]  # fmt: skip
