@@ -58,10 +58,11 @@ void cp_vaes_copy(uint8_t *dst, const uint8_t *src, size_t n);
 void cp_vaes512_ctr(const cp_gcm_ctx *ctx, const uint8_t j0[16], const uint8_t *in, uint8_t *out, size_t len);
 void cp_vaes512_ghash(const cp_gcm_ctx *ctx, const uint8_t *aad, size_t aad_len, const uint8_t *c,
                       size_t c_len, uint8_t s[16]);
+/* The 512-bit seal and open write the whole tag T = E(K, J0) xor S (its 14 rounds overlap the bulk). */
 void cp_vaes512_seal(const cp_gcm_ctx *ctx, const uint8_t j0[16], const uint8_t *aad, size_t aad_len,
-                     const uint8_t *in, uint8_t *out, size_t len, uint8_t s[16]);
+                     const uint8_t *in, uint8_t *out, size_t len, uint8_t tag[16]);
 void cp_vaes512_open(const cp_gcm_ctx *ctx, const uint8_t j0[16], const uint8_t *aad, size_t aad_len,
-                     const uint8_t *in, uint8_t *out, size_t len, uint8_t s[16]);
+                     const uint8_t *in, uint8_t *out, size_t len, uint8_t tag[16]);
 
 /* Our own byte helpers: there is no libc in the firmware. Lengths here are small (at most 16). */
 static inline void cp_copy_bytes(uint8_t *dst, const uint8_t *src, size_t n)

@@ -6,8 +6,9 @@
  * OpenSSL. What it cannot: that the CPU's own AVX-512 instructions, as gcc emits them, behave the same
  * (they are specified to; only a CPU with AVX-512 runs them, where the native tests do).
  *
- * SIMDe 0.7.4 lacks four of them (and the alias of a fifth); they are built here from its 128-bit lanes:
- * the AES rounds on each lane with the host's AES-NI, the dword shuffle on each lane, the zero-extension.
+ * SIMDe 0.7.4 lacks five of them (and the alias of a sixth); they are built here from its 128-bit lanes or
+ * bytes: the AES rounds on each lane with the host's AES-NI, the dword shuffle on each lane, the
+ * zero-extension, the zero-masked byte load.
  */
 #ifndef CP_EMUL512_H
 #define CP_EMUL512_H
@@ -41,10 +42,20 @@ static inline simde__m512i cp_emu_zext128(simde__m128i a)
     return simde__m512i_from_private(r);
 }
 
+/* Bytes whose mask bit is clear are not read (as the instruction guarantees), and read as zero. */
+static inline simde__m512i cp_emu_maskz_loadu_epi8(uint64_t mask, const void *p)
+{
+    uint8_t bytes[64];
+    for (int i = 0; i < 64; i++)
+        bytes[i] = (mask >> i & 1u) ? ((const uint8_t *)p)[i] : 0;
+    return simde_mm512_loadu_si512(bytes);
+}
+
 #define _mm512_aesenc_epi128(a, k) cp_emu_aes_lanes((a), (k), 0)
 #define _mm512_aesenclast_epi128(a, k) cp_emu_aes_lanes((a), (k), 1)
 #define _mm512_shuffle_epi32(a, imm) cp_emu_shuffle_lanes((a), (int)(imm))
 #define _mm512_zextsi128_si512(a) cp_emu_zext128(a)
+#define _mm512_maskz_loadu_epi8(k, p) cp_emu_maskz_loadu_epi8((k), (p))
 #define _mm512_shuffle_i64x2(a, b, imm) simde_mm512_shuffle_i64x2((a), (b), (imm)) /* SIMDe has no alias */
 
 #endif

@@ -132,9 +132,11 @@ static void fused_seal(const cp_gcm_ctx *ctx, const uint8_t j0[16], const uint8_
                        const uint8_t *in, uint8_t *out, size_t len, uint8_t tag[16])
 {
     uint8_t s[16];
-    if (ctx->impl == CP_GCM_IMPL_VAES512)
-        cp_vaes512_seal(ctx, j0, aad, aad_len, in, out, len, s);
-    else if (ctx->impl == CP_GCM_IMPL_VAES)
+    if (ctx->impl == CP_GCM_IMPL_VAES512) { /* the whole tag: E(K, J0) overlaps the bulk */
+        cp_vaes512_seal(ctx, j0, aad, aad_len, in, out, len, tag);
+        return;
+    }
+    if (ctx->impl == CP_GCM_IMPL_VAES)
         cp_vaes_seal(ctx, j0, aad, aad_len, in, out, len, s);
     else
         cp_aesni_seal(ctx, j0, aad, aad_len, in, out, len, s);
@@ -155,13 +157,15 @@ static int fused_open_shared(const cp_gcm_ctx *ctx, const uint8_t j0[16], const 
 {
     uint8_t s[16], got[16];
     int one_pass = ctx->impl == CP_GCM_IMPL_VAES512;
-    if (one_pass)
-        cp_vaes512_open(ctx, j0, aad, aad_len, in, scratch, len, s);
-    else if (ctx->impl == CP_GCM_IMPL_AESNI)
-        cp_aesni_ghash_copy(ctx, aad, aad_len, in, scratch, len, s);
-    else
-        cp_vaes_ghash_copy(ctx, aad, aad_len, in, scratch, len, s);
-    finish_tag(ctx, j0, s, got);
+    if (one_pass) {
+        cp_vaes512_open(ctx, j0, aad, aad_len, in, scratch, len, got);
+    } else {
+        if (ctx->impl == CP_GCM_IMPL_AESNI)
+            cp_aesni_ghash_copy(ctx, aad, aad_len, in, scratch, len, s);
+        else
+            cp_vaes_ghash_copy(ctx, aad, aad_len, in, scratch, len, s);
+        finish_tag(ctx, j0, s, got);
+    }
     int ok = tags_equal(got, want);
     cp_wipe_bytes(got, sizeof(got));
     if (!ok) {

@@ -1,6 +1,7 @@
-/* The width-free half of the VAES paths: included by gcm_vaes.c (256-bit) and gcm_vaes512.c (512-bit)
- * after each defined its vector helpers (struct vkeys, vkeys_init, vkeys_counters, ghash_chunks,
- * seal_chunks), CP_VAES_TARGET, CHUNK and VAES_FN(name), the name of this width's entry point. */
+/* The entry points of the 256-bit VAES path around its vector helpers: included by gcm_vaes.c after it
+ * defined struct vkeys, vkeys_init, vkeys_counters, ghash_chunks, seal_chunks, CP_VAES_TARGET, CHUNK and
+ * VAES_FN(name), the name of its entry points. (gcm_vaes512.c runs the whole GCM itself: AAD, tails and
+ * tag on its own reduction.) */
 #ifndef VAES_FN
 #error "define VAES_FN before including gcm_vaes_glue.h"
 #endif
