@@ -333,14 +333,13 @@ CP_VAES_TARGET static __m128i tag_mask(const struct vkeys *k, const uint8_t j0[1
     return _mm_aesenclast_si128(b, _mm512_castsi512_si128(k->rk[14]));
 }
 
-/* Key stream for the (< CHUNK) tail into the private buf, xored with the zero-padded input copied there. */
+/* Key stream for the (< CHUNK) tail into the private buf, xored with the zero-padded input copied there
+ * (in may be buf itself). */
 CP_VAES_TARGET static void tail_xor(struct vkeys *k, uint8_t buf[CHUNK], const uint8_t *in, size_t len)
 {
     __m512i b[VREGS], x[VREGS];
-#pragma GCC unroll 4
-    for (int j = 0; j < VREGS; j++)
-        store64(buf + 64 * j, _mm512_setzero_si512());
     cp_copy_bytes(buf, in, len);
+    cp_zero_bytes(buf + len, CHUNK - len);
     aes_rounds(k, b);
     load_chunk(x, buf);
     aes_finish(k, b, x);
@@ -383,11 +382,10 @@ CP_VAES_TARGET void cp_vaes512_open(const cp_gcm_ctx *ctx, const uint8_t j0[16],
     setup(&k, ctx, j0);
     __m128i mask = tag_mask(&k, j0);
     __m128i y = open_chunks(&k, absorb(&k, _mm_setzero_si128(), aad, aad_len), in, out, n);
-    if (rest > 0) { /* the input tail read once into private memory; hashed and decrypted from there */
-        uint8_t ct[CHUNK];
-        cp_copy_bytes(ct, in + n * CHUNK, rest);
-        y = ghash_partial(&k, y, ct, rest);
-        tail_xor(&k, tail, ct, rest);
+    if (rest > 0) { /* the input tail read once into private memory; hashed and decrypted there */
+        cp_copy_bytes(tail, in + n * CHUNK, rest);
+        y = ghash_partial(&k, y, tail, rest);
+        tail_xor(&k, tail, tail, rest);
         cp_copy_bytes(out + n * CHUNK, tail, rest);
         cp_wipe_bytes(tail, sizeof(tail));
     }
