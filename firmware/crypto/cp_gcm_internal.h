@@ -53,22 +53,30 @@ void cp_vaes_seal(const cp_gcm_ctx *ctx, const uint8_t j0[16], const uint8_t *aa
 /* GHASH (S, as *_ghash) over `in` while copying it to `out`: every input byte is read once. */
 void cp_vaes_ghash_copy(const cp_gcm_ctx *ctx, const uint8_t *aad, size_t aad_len, const uint8_t *in,
                         uint8_t *out, size_t len, uint8_t s[16]);
-/* Copies n bytes (AVX2: for the VAES implementations only). */
-void cp_vaes_copy(uint8_t *dst, const uint8_t *src, size_t n);
 void cp_vaes512_ctr(const cp_gcm_ctx *ctx, const uint8_t j0[16], const uint8_t *in, uint8_t *out, size_t len);
 void cp_vaes512_ghash(const cp_gcm_ctx *ctx, const uint8_t *aad, size_t aad_len, const uint8_t *c,
                       size_t c_len, uint8_t s[16]);
 /* The 512-bit seal and open write the whole tag T = E(K, J0) xor S (its 14 rounds overlap the bulk). */
 void cp_vaes512_seal(const cp_gcm_ctx *ctx, const uint8_t j0[16], const uint8_t *aad, size_t aad_len,
                      const uint8_t *in, uint8_t *out, size_t len, uint8_t tag[16]);
+/* open decrypts into out (private scratch) and, as it goes, fetches the lines of `place` (where the caller
+ * copies the plaintext once the tag matched) for writing: a prefetch only, place is never read or written. */
 void cp_vaes512_open(const cp_gcm_ctx *ctx, const uint8_t j0[16], const uint8_t *aad, size_t aad_len,
-                     const uint8_t *in, uint8_t *out, size_t len, uint8_t tag[16]);
+                     const uint8_t *in, uint8_t *out, size_t len, uint8_t tag[16], const uint8_t *place);
 
-/* Our own byte helpers: there is no libc in the firmware. Lengths here are small (at most 16). */
+/* Our own byte helpers: there is no libc in the firmware. Lengths here are small (at most 16) but for
+ * cp_copy_string's. */
 static inline void cp_copy_bytes(uint8_t *dst, const uint8_t *src, size_t n)
 {
     for (size_t i = 0; i < n; i++)
         dst[i] = src[i];
+}
+
+/* The CPU's string copy (rep movsb): for pages. Measured in the guest for the open's copy into place
+ * (docs/crypto.md, session 12): faster than an AVX2 loop into guest RAM the cache does not hold. */
+static inline void cp_copy_string(uint8_t *dst, const uint8_t *src, size_t n)
+{
+    __asm__ volatile("rep movsb" : "+D"(dst), "+S"(src), "+c"(n) : : "memory");
 }
 
 static inline void cp_zero_bytes(uint8_t *dst, size_t n)

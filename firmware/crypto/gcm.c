@@ -147,8 +147,8 @@ static void fused_seal(const cp_gcm_ctx *ctx, const uint8_t j0[16], const uint8_
  * The helper's open from shared memory on the fused paths; each byte of `in` is read once. VAES and AES-NI:
  * GHASH while copying the ciphertext into scratch, then (tag matched) CTR from scratch into out: on AMD
  * Zen 3 AES and carry-less multiplies hardly overlap, so this costs what a fused pass costs and no
- * plaintext exists before the tag matched (docs/crypto.md has the figures). VAES512 (Intel, where they run
- * on separate ports): one fused pass into scratch, then (tag matched) the copy into out. Returns 0, or -1
+ * plaintext exists before the tag matched (docs/crypto.md has the figures). VAES512 (AMD Zen 4, where AES
+ * and GHASH overlap): one fused pass into scratch, then (tag matched) the copy into out. Returns 0, or -1
  * with out untouched and no plaintext left in scratch.
  */
 static int fused_open_shared(const cp_gcm_ctx *ctx, const uint8_t j0[16], const uint8_t *aad, size_t aad_len,
@@ -158,7 +158,7 @@ static int fused_open_shared(const cp_gcm_ctx *ctx, const uint8_t j0[16], const 
     uint8_t s[16], got[16];
     int one_pass = ctx->impl == CP_GCM_IMPL_VAES512;
     if (one_pass) {
-        cp_vaes512_open(ctx, j0, aad, aad_len, in, scratch, len, got);
+        cp_vaes512_open(ctx, j0, aad, aad_len, in, scratch, len, got, out);
     } else {
         if (ctx->impl == CP_GCM_IMPL_AESNI)
             cp_aesni_ghash_copy(ctx, aad, aad_len, in, scratch, len, s);
@@ -174,7 +174,7 @@ static int fused_open_shared(const cp_gcm_ctx *ctx, const uint8_t j0[16], const 
         return -1;
     }
     if (one_pass)
-        cp_vaes_copy(out, scratch, len);
+        cp_copy_string(out, scratch, len);
     else
         impl_ctr(ctx, j0, scratch, out, len);
     return 0;

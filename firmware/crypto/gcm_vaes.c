@@ -176,20 +176,6 @@ CP_VAES_TARGET void cp_vaes_ctr(const cp_gcm_ctx *ctx, const uint8_t j0[16], con
     }
 }
 
-/* A copy 128 bytes a step (the 512-bit open's plaintext from its private scratch to its place). */
-CP_VAES_TARGET void cp_vaes_copy(uint8_t *dst, const uint8_t *src, size_t n)
-{
-    size_t i = 0;
-    for (; i + 128 <= n; i += 128) {
-        __m256i a = load32(src + i), b = load32(src + i + 32), c = load32(src + i + 64), d = load32(src + i + 96);
-        store32(dst + i, a);
-        store32(dst + i + 32, b);
-        store32(dst + i + 64, c);
-        store32(dst + i + 96, d);
-    }
-    cp_copy_bytes(dst + i, src + i, n - i);
-}
-
 /*
  * GHASH over `in` while copying it to `out`, each block loaded once: the first half of the helper's open
  * on this path. On AMD Zen 3 the AES and carry-less-multiply work do not overlap (fused open = CTR + GHASH
