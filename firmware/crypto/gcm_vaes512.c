@@ -203,6 +203,18 @@ CP_VAES_TARGET static inline void load_chunk(__m512i x[VREGS], const uint8_t *p)
         x[j] = load64(p + 64 * j);
 }
 
+/* One chunk of CTR: the next 16 key-stream blocks xor in (read once), into c and out. */
+CP_VAES_TARGET static inline void ctr_chunk(struct vkeys *k, const uint8_t *in, uint8_t *out, __m512i c[VREGS])
+{
+    __m512i x[VREGS];
+    aes_rounds(k, c);
+    load_chunk(x, in);
+    aes_finish(k, c, x);
+#pragma GCC unroll 4
+    for (int j = 0; j < VREGS; j++)
+        store64(out + 64 * j, c[j]);
+}
+
 /*
  * Stitched: chunk i's AES rounds run interleaved with the GHASH of chunk i-1's ciphertext (still in
  * registers, never read back from out), so the AES and carry-less-multiply units work side by side.
@@ -212,12 +224,7 @@ CP_VAES_TARGET static __m128i seal_chunks(struct vkeys *k, __m128i y, const uint
     __m512i c[VREGS], b[VREGS], x[VREGS];
     if (n == 0)
         return y;
-    aes_rounds(k, c);
-    load_chunk(x, in);
-    aes_finish(k, c, x);
-#pragma GCC unroll 4
-    for (int j = 0; j < VREGS; j++)
-        store64(out + 64 * j, c[j]);
+    ctr_chunk(k, in, out, c);
     for (n--; n > 0; n--) {
         struct vacc a = vacc_zero();
         in += CHUNK;
@@ -344,17 +351,11 @@ CP_VAES_TARGET static __m128i tag_mask(const struct vkeys *k, const uint8_t j0[1
  * (in may be buf itself). */
 CP_VAES_TARGET static void tail_xor(struct vkeys *k, uint8_t buf[CHUNK], const uint8_t *in, size_t len)
 {
-    __m512i b[VREGS], x[VREGS];
+    __m512i c[VREGS];
     cp_copy_bytes(buf, in, len);
     cp_zero_bytes(buf + len, CHUNK - len);
-    aes_rounds(k, b);
-    load_chunk(x, buf);
-    aes_finish(k, b, x);
-#pragma GCC unroll 4
-    for (int j = 0; j < VREGS; j++)
-        store64(buf + 64 * j, b[j]);
-    for (size_t i = len; i < CHUNK; i++) /* key stream beyond the data: never hashed, never kept */
-        buf[i] = 0;
+    ctr_chunk(k, buf, buf, c);
+    cp_zero_bytes(buf + len, CHUNK - len); /* key stream beyond the data: never hashed, never kept */
 }
 
 CP_VAES_TARGET static void setup(struct vkeys *k, const cp_gcm_ctx *ctx, const uint8_t j0[16])
@@ -418,13 +419,8 @@ CP_VAES_TARGET void cp_vaes512_ctr(const cp_gcm_ctx *ctx, const uint8_t j0[16], 
     size_t n = len / CHUNK, rest = len - n * CHUNK;
     setup(&k, ctx, j0);
     for (size_t c = 0; c < n; c++, in += CHUNK, out += CHUNK) {
-        __m512i b[VREGS], x[VREGS];
-        aes_rounds(&k, b);
-        load_chunk(x, in);
-        aes_finish(&k, b, x);
-#pragma GCC unroll 4
-        for (int j = 0; j < VREGS; j++)
-            store64(out + 64 * j, b[j]);
+        __m512i b[VREGS];
+        ctr_chunk(&k, in, out, b);
     }
     if (rest > 0) {
         tail_xor(&k, tail, in, rest);
@@ -432,5 +428,3 @@ CP_VAES_TARGET void cp_vaes512_ctr(const cp_gcm_ctx *ctx, const uint8_t j0[16], 
         cp_wipe_bytes(tail, sizeof(tail));
     }
 }
-
-
