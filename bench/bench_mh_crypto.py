@@ -152,13 +152,13 @@ def main() -> int:
     parser.add_argument("--impl", help="comma-separated subset of vaes512,vaes,aesni (default: all runnable)")
     args = parser.parse_args()
     impls = runnable_impls()
+    if "vaes512" not in impls:
+        print("vaes512 not run: this CPU lacks AVX-512F/BW/VL (or VAES/VPCLMULQDQ)")
     if args.impl:
         wanted = args.impl.split(",")
         if not set(wanted) <= set(impls) | {"portable"}:
             parser.error(f"--impl: this CPU runs {', '.join([*impls, 'portable'])}")
         impls = [name for name in impls if name in wanted]
-    if "vaes512" not in impls:
-        print("vaes512 not run: this CPU lacks AVX-512F/BW/VL (or VAES/VPCLMULQDQ)")
     with tempfile.TemporaryDirectory(prefix="cpgcm-bench-") as tmp:
         libs = {"cp_gcm": build_library(Path(tmp) / "now")}
         if args.before:

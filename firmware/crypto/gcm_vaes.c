@@ -1,13 +1,14 @@
 /*
  * AES-256-GCM on 256-bit registers: VAES + VPCLMULQDQ with AVX2 (CP_GCM_IMPL_VAES).
  *
- * The bulk works in chunks of 16 blocks (256 bytes, 8 ymm registers of two blocks each). Seal is fused:
- * each chunk's 16 counter blocks go through the 14 rounds side by side, and the fresh ciphertext is hashed
- * while it is in registers, so `out` is only written. The helper's open hashes each input block as it
- * copies it into private memory (every input byte read once), checks the tag, and only then runs CTR from
- * the private copy (cp_vaes_ghash_copy, cp_vaes_ctr). GHASH aggregates the 16 blocks of a chunk as 8 ymm
- * pairs times (H^16,H^15)..(H^2,H^1) and reduces once per chunk (ghash_x86.h). Tails shorter than a chunk
- * go through the AES-NI code via a private stack buffer.
+ * The bulk works in chunks of 16 blocks (256 bytes, 8 ymm registers of two blocks each). Seal is fused and
+ * stitched: each chunk's 16 counter blocks go through the 14 rounds side by side, with the GHASH of the
+ * previous chunk's ciphertext (still in registers) between the rounds, so `out` is only written. The
+ * helper's open hashes each input block as it copies it into private memory (every input byte read once),
+ * checks the tag, and only then runs CTR from the private copy (cp_vaes_ghash_copy, cp_vaes_ctr). GHASH
+ * aggregates the 16 blocks of a chunk as 8 ymm pairs times (H^16,H^15)..(H^2,H^1), the powers carrying
+ * x^-1 so that each chunk reduces with two carry-less multiplies (session 12; gcm_vaes512.c's vreduce has
+ * the argument). Tails shorter than a chunk go through the AES-NI code via a private stack buffer.
  *
  * Compiled for those extensions per function, so the file builds with the base firmware flags. Needs XCR0
  * to enable YMM state (the VMM sets it) and CPL3 or a native CPL0. Designs consulted, not copied: OpenSSL's
@@ -46,12 +47,21 @@ CP_VAES_TARGET static inline __m256i rev32(__m256i v)
     return _mm256_shuffle_epi8(v, rev);
 }
 
+/* Each lane times x^-1 (GHASH's bit order), as gcm_vaes512.c's mul_x_inv: the form vreduce's powers take. */
+CP_VAES_TARGET static inline __m256i mul_x_inv(__m256i h)
+{
+    const __m256i poly_hi = _mm256_broadcastsi128_si256(_mm_set_epi64x((long long)0xc200000000000000ull, 0));
+    __m256i top = _mm256_srli_epi64(h, 63);
+    __m256i out = _mm256_and_si256(_mm256_sub_epi64(_mm256_setzero_si256(), top), poly_hi);
+    return _mm256_xor_si256(_mm256_xor_si256(_mm256_add_epi64(h, h), _mm256_shuffle_epi32(top, 0x4e)), out);
+}
+
 CP_VAES_TARGET static void vkeys_init(struct vkeys *k, const cp_gcm_ctx *ctx)
 {
     for (int i = 0; i < 15; i++)
         k->rk[i] = _mm256_broadcastsi128_si256(load16(ctx->round_keys[i]));
     for (int j = 0; j < VREGS; j++) /* memory order is H^(15-2j), H^(16-2j): swap the lanes */
-        k->hp[j] = _mm256_permute4x64_epi64(load32(ctx->h_powers[14 - 2 * j]), 0x4e);
+        k->hp[j] = mul_x_inv(_mm256_permute4x64_epi64(load32(ctx->h_powers[14 - 2 * j]), 0x4e));
     for (int j = 0; j < VREGS; j++)
         k->hk[j] = _mm256_xor_si256(k->hp[j], _mm256_shuffle_epi32(k->hp[j], 0x4e));
     k->ctrs = _mm256_setzero_si256();
@@ -66,8 +76,8 @@ CP_VAES_TARGET static void vkeys_counters(struct vkeys *k, const uint8_t j0[16],
     k->ctrs = _mm256_add_epi32(_mm256_broadcastsi128_si256(c), _mm256_set_epi32(1, 0, 0, 0, 0, 0, 0, 0));
 }
 
-/* 16 counter blocks through rounds 0..13 (the last round is the caller's, fused with its xor). */
-CP_VAES_TARGET static inline void aes_rounds(struct vkeys *k, __m256i b[VREGS])
+/* The chunk's counter blocks after round 0, and one middle round. */
+CP_VAES_TARGET static inline void aes_begin(struct vkeys *k, __m256i b[VREGS])
 {
     const __m256i swap = _mm256_broadcastsi128_si256(
         _mm_set_epi8(12, 13, 14, 15, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0));
@@ -77,11 +87,22 @@ CP_VAES_TARGET static inline void aes_rounds(struct vkeys *k, __m256i b[VREGS])
         b[i] = _mm256_xor_si256(_mm256_shuffle_epi8(k->ctrs, swap), k->rk[0]);
         k->ctrs = _mm256_add_epi32(k->ctrs, step);
     }
-    for (int r = 1; r < 14; r++) {
+}
+
+CP_VAES_TARGET static inline void aes_round(const struct vkeys *k, __m256i b[VREGS], int r)
+{
 #pragma GCC unroll 8
-        for (int i = 0; i < VREGS; i++)
-            b[i] = _mm256_aesenc_epi128(b[i], k->rk[r]);
-    }
+    for (int i = 0; i < VREGS; i++)
+        b[i] = _mm256_aesenc_epi128(b[i], k->rk[r]);
+}
+
+/* 16 counter blocks through rounds 0..13 (the last round is the caller's, fused with its xor). */
+CP_VAES_TARGET static inline void aes_rounds(struct vkeys *k, __m256i b[VREGS])
+{
+    aes_begin(k, b);
+#pragma GCC unroll 13
+    for (int r = 1; r < 14; r++)
+        aes_round(k, b, r);
 }
 
 /* Unreduced sum of products (Karatsuba terms), two blocks per register. */
@@ -99,15 +120,15 @@ CP_VAES_TARGET static inline void vmul_add(struct vacc *a, __m256i x, __m256i h,
     a->mid = _mm256_xor_si256(a->mid, _mm256_clmulepi64_epi128(_mm256_xor_si256(x, _mm256_shuffle_epi32(x, 0x4e)), hk, 0x00));
 }
 
+/* The Montgomery-style reduction of each lane (gcm_vaes512.c's vreduce has the argument), then the lanes
+ * summed. */
 CP_VAES_TARGET static inline __m128i vreduce(struct vacc a)
 {
-    a.mid = _mm256_xor_si256(a.mid, _mm256_xor_si256(a.lo, a.hi));
-    clmul_acc c = {
-        _mm_xor_si128(_mm256_castsi256_si128(a.lo), _mm256_extracti128_si256(a.lo, 1)),
-        _mm_xor_si128(_mm256_castsi256_si128(a.hi), _mm256_extracti128_si256(a.hi, 1)),
-        _mm_xor_si128(_mm256_castsi256_si128(a.mid), _mm256_extracti128_si256(a.mid, 1)),
-    };
-    return reduce(c);
+    const __m256i poly = _mm256_broadcastsi128_si256(_mm_set_epi64x((long long)0xc200000000000000ull, 1));
+    __m256i mid = _mm256_xor_si256(a.mid, _mm256_xor_si256(a.lo, a.hi));
+    mid = _mm256_xor_si256(mid, _mm256_xor_si256(_mm256_shuffle_epi32(a.lo, 0x4e), _mm256_clmulepi64_epi128(poly, a.lo, 0x01)));
+    __m256i hi = _mm256_xor_si256(a.hi, _mm256_xor_si256(_mm256_shuffle_epi32(mid, 0x4e), _mm256_clmulepi64_epi128(poly, mid, 0x01)));
+    return _mm_xor_si128(_mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1));
 }
 
 /* Block pair j of a chunk (GCM byte order) into the accumulator; pair 0 carries the running Y. */
@@ -133,21 +154,47 @@ CP_VAES_TARGET static __m128i ghash_chunks(const struct vkeys *k, __m128i y, con
     return y;
 }
 
+/* The last round and the xor with the input, read once: the chunk's ciphertext into c and out. */
+CP_VAES_TARGET static inline void aes_finish(const struct vkeys *k, __m256i b[VREGS], const uint8_t *in,
+                                             uint8_t *out, __m256i c[VREGS])
+{
+#pragma GCC unroll 8
+    for (int j = 0; j < VREGS; j++) {
+        c[j] = _mm256_xor_si256(_mm256_aesenclast_epi128(b[j], k->rk[14]), load32(in + 32 * j));
+        store32(out + 32 * j, c[j]);
+    }
+}
+
+/* Stitched as in gcm_vaes512.c: chunk i's rounds with the GHASH of chunk i-1's ciphertext (registers)
+ * between them, one pair per round 1..8 and the reduction after round 10. */
 CP_VAES_TARGET static __m128i seal_chunks(struct vkeys *k, __m128i y, const uint8_t *in, uint8_t *out, size_t n)
 {
-    for (; n > 0; n--, in += CHUNK, out += CHUNK) {
-        __m256i b[VREGS];
-        struct vacc a = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
-        aes_rounds(k, b);
-#pragma GCC unroll 8
-        for (int j = 0; j < VREGS; j++) {
-            __m256i c = _mm256_xor_si256(_mm256_aesenclast_epi128(b[j], k->rk[14]), load32(in + 32 * j));
-            store32(out + 32 * j, c);
-            absorb_pair(&a, k, j, c, y);
+    __m256i b[VREGS], c[VREGS];
+    struct vacc a = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+    if (n == 0)
+        return y;
+    aes_rounds(k, b);
+    aes_finish(k, b, in, out, c);
+    for (n--; n > 0; n--) {
+        in += CHUNK;
+        out += CHUNK;
+        a.lo = a.hi = a.mid = _mm256_setzero_si256();
+        aes_begin(k, b);
+#pragma GCC unroll 13
+        for (int r = 1; r < 14; r++) {
+            aes_round(k, b, r);
+            if (r <= VREGS)
+                absorb_pair(&a, k, r - 1, c[r - 1], y);
+            if (r == 10)
+                y = vreduce(a);
         }
-        y = vreduce(a);
+        aes_finish(k, b, in, out, c);
     }
-    return y;
+    a.lo = a.hi = a.mid = _mm256_setzero_si256();
+#pragma GCC unroll 8
+    for (int j = 0; j < VREGS; j++)
+        absorb_pair(&a, k, j, c[j], y);
+    return vreduce(a);
 }
 
 #include "gcm_vaes_glue.h"
@@ -163,12 +210,9 @@ CP_VAES_TARGET void cp_vaes_ctr(const cp_gcm_ctx *ctx, const uint8_t j0[16], con
     vkeys_init(&k, ctx);
     vkeys_counters(&k, j0, ctr);
     for (size_t c = 0; c < n; c++, in += CHUNK, out += CHUNK) {
-        __m256i b[VREGS];
+        __m256i b[VREGS], x[VREGS];
         aes_rounds(&k, b);
-#pragma GCC unroll 8
-        for (int j = 0; j < VREGS; j++)
-            store32(out + 32 * j,
-                    _mm256_xor_si256(_mm256_aesenclast_epi128(b[j], k.rk[14]), load32(in + 32 * j)));
+        aes_finish(&k, b, in, out, x);
     }
     if (len > n * CHUNK) {
         tail_j0(rest_j0, j0, ctr + (uint32_t)(16 * n));
