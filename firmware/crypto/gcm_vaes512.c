@@ -106,21 +106,9 @@ CP_VAES_TARGET static inline void aes_begin(struct vkeys *k, __m512i b[VREGS])
     }
 }
 
-CP_VAES_TARGET static inline void aes_round(const struct vkeys *k, __m512i b[VREGS], int r)
-{
-#pragma GCC unroll 4
-    for (int i = 0; i < VREGS; i++)
-        b[i] = _mm512_aesenc_epi128(b[i], k->rk[r]);
-}
-
-/* 16 counter blocks through rounds 0..13 (the last round is the caller's, fused with its xor). */
-CP_VAES_TARGET static inline void aes_rounds(struct vkeys *k, __m512i b[VREGS])
-{
-    aes_begin(k, b);
-#pragma GCC unroll 13
-    for (int r = 1; r < 14; r++)
-        aes_round(k, b, r);
-}
+typedef __m512i vec;
+#define vec_aesenc _mm512_aesenc_epi128
+#include "gcm_vaes_rounds.h"
 
 /* Unreduced sum of products (Karatsuba terms), four blocks per register. */
 struct vacc {
