@@ -105,7 +105,8 @@ CP_VAES_TARGET static inline void vmul_add(struct vacc *a, __m256i x, __m256i h,
 {
     a->lo = _mm256_xor_si256(a->lo, _mm256_clmulepi64_epi128(x, h, 0x00));
     a->hi = _mm256_xor_si256(a->hi, _mm256_clmulepi64_epi128(x, h, 0x11));
-    a->mid = _mm256_xor_si256(a->mid, _mm256_clmulepi64_epi128(_mm256_xor_si256(x, _mm256_shuffle_epi32(x, 0x4e)), hk, 0x00));
+    __m256i halves = _mm256_xor_si256(x, _mm256_shuffle_epi32(x, 0x4e));
+    a->mid = _mm256_xor_si256(a->mid, _mm256_clmulepi64_epi128(halves, hk, 0x00));
 }
 
 /* The Montgomery-style reduction of each lane (gcm_vaes512.c's vreduce has the argument), then the lanes
@@ -114,8 +115,10 @@ CP_VAES_TARGET static inline __m128i vreduce(struct vacc a)
 {
     const __m256i poly = _mm256_broadcastsi128_si256(_mm_set_epi64x((long long)0xc200000000000000ull, 1));
     __m256i mid = _mm256_xor_si256(a.mid, _mm256_xor_si256(a.lo, a.hi));
-    mid = _mm256_xor_si256(mid, _mm256_xor_si256(_mm256_shuffle_epi32(a.lo, 0x4e), _mm256_clmulepi64_epi128(poly, a.lo, 0x01)));
-    __m256i hi = _mm256_xor_si256(a.hi, _mm256_xor_si256(_mm256_shuffle_epi32(mid, 0x4e), _mm256_clmulepi64_epi128(poly, mid, 0x01)));
+    __m256i lo_fold = _mm256_clmulepi64_epi128(poly, a.lo, 0x01);
+    mid = _mm256_xor_si256(mid, _mm256_xor_si256(_mm256_shuffle_epi32(a.lo, 0x4e), lo_fold));
+    __m256i mid_fold = _mm256_clmulepi64_epi128(poly, mid, 0x01);
+    __m256i hi = _mm256_xor_si256(a.hi, _mm256_xor_si256(_mm256_shuffle_epi32(mid, 0x4e), mid_fold));
     return _mm_xor_si128(_mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1));
 }
 
