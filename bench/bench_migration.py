@@ -15,7 +15,7 @@ per GiB of guest RAM. Beside the totals: the crypto floor, measured in the same 
 confidentiality must cost on this CPU; total/floor says how much of the rest is overhead. Real VMM
 processes, real in-guest helpers, measured launches: the same path as `confplan apply`. Then, per repeat,
 the stream with its wire v2 protection against the previous unprotected path, same engines
-(stream_protection.py).
+(stream_protection.py), the order of the two alternating between repeats.
 
 ``--scaling`` (issue 14, parallel streams) adds, per repeat and scenario, interleaved: 1 helper vCPU with
 1 stream channel, 2 helper vCPUs with 1 channel (the default plan) and 2 helper vCPUs with 2 channels (one
@@ -325,7 +325,7 @@ def main() -> int:
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in scenarios}
     if not args.skip_protection:
         runs["stream protection"] = []
-    for _ in range(max(1, args.repeat)):
+    for repeat in range(max(1, args.repeat)):
         baselines = {} if args.skip_qemu else qemu_baselines(args.ram_mib, args.channels)
         floor_s, floor_cpu_s = crypto_floor_s(args.ram_mib)
         print(f"crypto floor: {floor_s:.2f} s (OpenSSL AES-256-GCM, {args.ram_mib} MiB sealed then opened in "
@@ -342,7 +342,8 @@ def main() -> int:
         if not args.skip_protection:
             from stream_protection import compare
 
-            runs["stream protection"].append(compare(args.ram_mib, args.batch_pages))
+            first = repeat % 2 == 1  # alternate which of the two goes second
+            runs["stream protection"].append(compare(args.ram_mib, args.batch_pages, protected_first=first))
         if args.scaling:
             run_scaling(args, scenarios, runs)
     if args.repeat > 1:
