@@ -76,7 +76,7 @@ CP_VAES_TARGET static void vkeys_counters(struct vkeys *k, const uint8_t j0[16],
     k->ctrs = _mm256_add_epi32(_mm256_broadcastsi128_si256(c), _mm256_set_epi32(1, 0, 0, 0, 0, 0, 0, 0));
 }
 
-/* The chunk's counter blocks after round 0, and one middle round. */
+/* The chunk's 16 counter blocks, after round 0 (gcm_vaes_rounds.h runs the rest). */
 CP_VAES_TARGET static inline void aes_begin(struct vkeys *k, __m256i b[VREGS])
 {
     const __m256i swap = _mm256_broadcastsi128_si256(

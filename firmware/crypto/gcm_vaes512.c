@@ -203,10 +203,27 @@ CP_VAES_TARGET static inline void ctr_chunk(struct vkeys *k, const uint8_t *in, 
         store64(out + 64 * j, c[j]);
 }
 
-/*
- * Stitched: chunk i's AES rounds run interleaved with the GHASH of chunk i-1's ciphertext (still in
- * registers, never read back from out), so the AES and carry-less-multiply units work side by side.
- */
+/* A chunk's 13 rounds from aes_begin on, with the GHASH of the four quads c between them (rounds 1, 4, 7,
+ * 10: one quad each; the reduction after round 12), so the AES and carry-less-multiply units work side by
+ * side. Returns the new Y; the last round is the caller's. */
+CP_VAES_TARGET static inline __m128i rounds_with_ghash(struct vkeys *k, __m512i b[VREGS], const __m512i c[VREGS],
+                                                       __m128i y)
+{
+    struct vacc a = vacc_zero();
+    aes_begin(k, b);
+#pragma GCC unroll 13
+    for (int r = 1; r < 14; r++) {
+        aes_round(k, b, r);
+        if (r % 3 == 1 && r < 12)
+            absorb_quad(&a, k, r / 3, c[r / 3], y);
+        if (r == 12)
+            y = vreduce(a);
+    }
+    return y;
+}
+
+/* Stitched: chunk i's AES rounds run interleaved with the GHASH of chunk i-1's ciphertext (still in
+ * registers, never read back from out). */
 CP_VAES_TARGET static __m128i seal_chunks(struct vkeys *k, __m128i y, const uint8_t *in, uint8_t *out, size_t n)
 {
     __m512i c[VREGS], b[VREGS], x[VREGS];
@@ -214,18 +231,9 @@ CP_VAES_TARGET static __m128i seal_chunks(struct vkeys *k, __m128i y, const uint
         return y;
     ctr_chunk(k, in, out, c);
     for (n--; n > 0; n--) {
-        struct vacc a = vacc_zero();
         in += CHUNK;
         out += CHUNK;
-        aes_begin(k, b);
-#pragma GCC unroll 13
-        for (int r = 1; r < 14; r++) {
-            aes_round(k, b, r);
-            if (r % 3 == 1 && r < 12) /* rounds 1, 4, 7, 10: one quad of the previous chunk each */
-                absorb_quad(&a, k, r / 3, c[r / 3], y);
-            if (r == 12)
-                y = vreduce(a);
-        }
+        y = rounds_with_ghash(k, b, c, y); /* the previous chunk's ciphertext */
         load_chunk(x, in);
         aes_finish(k, b, x);
 #pragma GCC unroll 4
@@ -249,20 +257,11 @@ CP_VAES_TARGET static __m128i open_chunks(struct vkeys *k, __m128i y, const uint
 {
     for (; n > 0; n--, in += CHUNK, out += CHUNK, place += CHUNK) {
         __m512i b[VREGS], c[VREGS];
-        struct vacc a = vacc_zero();
 #pragma GCC unroll 4
         for (int j = 0; j < VREGS; j++)
             __asm__ volatile("prefetchw %0" : : "m"(place[64 * j]));
         load_chunk(c, in); /* the one read of these input bytes: hashed and decrypted from registers */
-        aes_begin(k, b);
-#pragma GCC unroll 13
-        for (int r = 1; r < 14; r++) {
-            aes_round(k, b, r);
-            if (r % 3 == 1 && r < 12) /* rounds 1, 4, 7, 10: one quad each */
-                absorb_quad(&a, k, r / 3, c[r / 3], y);
-            if (r == 12)
-                y = vreduce(a);
-        }
+        y = rounds_with_ghash(k, b, c, y);
         aes_finish(k, b, c);
 #pragma GCC unroll 4
         for (int j = 0; j < VREGS; j++)
